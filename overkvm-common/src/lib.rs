@@ -1,0 +1,501 @@
+//! The contract between overkvm's kernel programs (`overkvm-ebpf`) and its userspace (`overkvm`).
+//!
+//! Everything both sides must agree on lives here and nowhere else: map names and their key and
+//! value layouts, the operation classes, the latency histogram's bucket layout, the health counter
+//! slots, and the kernel structure offsets userspace resolves from BTF and hands to the programs.
+//! The few pure functions here (op classification, log2 bucketing, in-flight slot hashing) run in
+//! the kernel and are unit-tested in userspace, so both sides compute them the same way.
+#![no_std]
+
+/// Names of the maps in the eBPF object, as userspace looks them up.
+pub mod maps {
+    /// Requests (or, in the fallback mode, new requests from `block_getrq`) counted at submission:
+    /// `IoKey -> IoCounters`, per-CPU hash.
+    pub const IO_STATS: &str = "IO_STATS";
+    /// Bios counted at `block_bio_queue`, on every device including bio-based and stacked ones:
+    /// `IoKey -> IoCounters`, per-CPU hash.
+    pub const BIO_STATS: &str = "BIO_STATS";
+    /// Latency histogram: `LatKey -> LatValue`, per-CPU hash, one entry per used bucket.
+    pub const LATENCY: &str = "LATENCY";
+    /// Requests in flight, indexed by `inflight_slot(request pointer)`: `u32 -> Inflight`.
+    pub const INFLIGHT: &str = "INFLIGHT";
+    /// Fallback mode: bios that allocated a request, by `inflight_slot(bio pointer)`.
+    pub const BIO_INFLIGHT: &str = "BIO_INFLIGHT";
+    /// Health counters, per-CPU array indexed by `Health`.
+    pub const HEALTH: &str = "HEALTH";
+}
+
+/// Names of the programs in the eBPF object and the tracepoint each one attaches to.
+pub mod programs {
+    /// `block:block_io_start` (Linux 6.5+): request accounting starts, in the submitter's context.
+    pub const IO_START: &str = "io_start";
+    /// `block:block_io_done` (Linux 6.5+): request accounting ends, once per request.
+    pub const IO_DONE: &str = "io_done";
+    /// `block:block_bio_queue`: every bio entering the block layer, once per bio.
+    pub const BIO_QUEUE: &str = "bio_queue";
+    /// Fallback: `block:block_getrq`, a bio allocated a new request (submitter's context).
+    pub const RQ_GETRQ: &str = "rq_getrq";
+    /// Fallback: `block:block_rq_issue`, a request goes to the driver.
+    pub const RQ_ISSUE: &str = "rq_issue";
+    /// Fallback: `block:block_rq_complete`, (part of) a request completed.
+    pub const RQ_COMPLETE: &str = "rq_complete";
+    /// Name of the global holding `KernelLayout`.
+    pub const LAYOUT_GLOBAL: &str = "LAYOUT";
+}
+
+/// The operation class of a block I/O. Flush and discard are never folded into read.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Op {
+    Read = 0,
+    Write = 1,
+    Discard = 2,
+    Flush = 3,
+    /// Zone management, driver-private and anything newer than this code.
+    Other = 4,
+}
+
+/// Number of `Op` values.
+pub const OP_COUNT: usize = 5;
+
+impl Op {
+    pub const ALL: [Op; OP_COUNT] = [Op::Read, Op::Write, Op::Discard, Op::Flush, Op::Other];
+
+    /// The op for a raw key byte; unknown values map to `Other` rather than failing.
+    pub const fn from_u8(v: u8) -> Op {
+        match v {
+            0 => Op::Read,
+            1 => Op::Write,
+            2 => Op::Discard,
+            3 => Op::Flush,
+            _ => Op::Other,
+        }
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Op::Read => "read",
+            Op::Write => "write",
+            Op::Discard => "discard",
+            Op::Flush => "flush",
+            Op::Other => "other",
+        }
+    }
+}
+
+/// The kernel's `REQ_OP_*` values and the `REQ_PREFLUSH` flag, read from BTF (`enum req_op`,
+/// `enum req_flag_bits`) so that a kernel renumbering them is followed, not mis-counted.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OpCodes {
+    pub op_mask: u32,
+    pub read: u32,
+    pub write: u32,
+    pub flush: u32,
+    pub discard: u32,
+    pub secure_erase: u32,
+    pub write_zeroes: u32,
+    /// `REQ_PREFLUSH` as a mask (1 << __REQ_PREFLUSH).
+    pub preflush: u32,
+}
+
+impl OpCodes {
+    /// Values of Linux 4.10 to 6.18; used when BTF does not say otherwise.
+    pub const LINUX_DEFAULT: OpCodes = OpCodes {
+        op_mask: 0xff,
+        read: 0,
+        write: 1,
+        flush: 2,
+        discard: 3,
+        secure_erase: 5,
+        write_zeroes: 9,
+        preflush: 1 << 18,
+    };
+}
+
+/// Classifies a request or bio from its `cmd_flags` / `bi_opf` and its length.
+///
+/// An empty write carrying `REQ_PREFLUSH` is how filesystems send a cache flush (fsync), so it
+/// counts as a flush, not as a zero-byte write. `WRITE_ZEROES` is a write, as the kernel's own
+/// disk statistics count it (`op_stat_group`); secure erase is a discard.
+#[inline(always)]
+pub fn classify_op(opf: u32, bytes: u32, codes: &OpCodes) -> Op {
+    let op = opf & codes.op_mask;
+    if op == codes.read {
+        Op::Read
+    } else if op == codes.write {
+        if bytes == 0 && opf & codes.preflush != 0 {
+            Op::Flush
+        } else {
+            Op::Write
+        }
+    } else if op == codes.flush {
+        Op::Flush
+    } else if op == codes.discard || op == codes.secure_erase {
+        Op::Discard
+    } else if op == codes.write_zeroes {
+        Op::Write
+    } else {
+        Op::Other
+    }
+}
+
+/// Who did which I/O where: the aggregation key of `IO_STATS` and `BIO_STATS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IoKey {
+    /// Process (thread group) id of the submitter.
+    pub tgid: u32,
+    /// Kernel `dev_t` (major << 20 | minor) of the device the I/O was submitted to; a partition
+    /// keeps its own number, userspace folds it into its disk.
+    pub dev: u32,
+    /// Kernfs id of the cgroup that owns the I/O for the block controller (the bio's blkcg):
+    /// the cgroup `io.max` / `blkio.throttle.*` act on. 0 when unknown.
+    pub cgroup_id: u64,
+    /// `Op` as u8.
+    pub op: u8,
+    pub _pad: [u8; 7],
+}
+
+impl IoKey {
+    pub fn op(&self) -> Op {
+        Op::from_u8(self.op)
+    }
+}
+
+/// Per-CPU counters for one `IoKey`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IoCounters {
+    pub ops: u64,
+    pub bytes: u64,
+    /// `comm` of the submitting thread when the entry was created, so that a process that has
+    /// already exited when userspace reads still has a name. Only the CPU that created the
+    /// entry has it; the others read zeroes.
+    pub comm: [u8; 16],
+}
+
+/// Latency histogram key: one entry per (IoKey, log2 bucket) in use.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LatKey {
+    pub io: IoKey,
+    pub bucket: u32,
+    pub _pad: u32,
+}
+
+/// Per-CPU latency bucket: count and exact sum, so averages are exact and percentiles come
+/// from the buckets.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LatValue {
+    pub count: u64,
+    pub sum_ns: u64,
+}
+
+/// Number of latency buckets. Bucket `i` holds latencies in `[2^i, 2^(i+1))` ns (bucket 0 also
+/// holds 0); the last bucket holds everything from 2^39 ns (~9 minutes) up.
+pub const LAT_BUCKETS: u32 = 40;
+
+/// Log2 bucket of a latency in ns, without a count-leading-zeros instruction (BPF has none).
+#[inline(always)]
+pub fn lat_bucket(ns: u64) -> u32 {
+    let mut v = ns;
+    let mut r: u32 = 0;
+    if v >= 1 << 32 {
+        v >>= 32;
+        r += 32;
+    }
+    if v >= 1 << 16 {
+        v >>= 16;
+        r += 16;
+    }
+    if v >= 1 << 8 {
+        v >>= 8;
+        r += 8;
+    }
+    if v >= 1 << 4 {
+        v >>= 4;
+        r += 4;
+    }
+    if v >= 1 << 2 {
+        v >>= 2;
+        r += 2;
+    }
+    if v >= 1 << 1 {
+        r += 1;
+    }
+    if r >= LAT_BUCKETS {
+        LAT_BUCKETS - 1
+    } else {
+        r
+    }
+}
+
+/// Lower bound in ns of a latency bucket.
+pub const fn bucket_lower_ns(bucket: u32) -> u64 {
+    if bucket == 0 { 0 } else { 1u64 << bucket }
+}
+
+/// Upper bound (exclusive) in ns of a latency bucket; `u64::MAX` for the last one.
+pub const fn bucket_upper_ns(bucket: u32) -> u64 {
+    if bucket + 1 >= LAT_BUCKETS {
+        u64::MAX
+    } else {
+        1u64 << (bucket + 1)
+    }
+}
+
+/// Slots of `INFLIGHT` and `BIO_INFLIGHT`: a power of two.
+pub const INFLIGHT_SLOTS: u32 = 1 << 14;
+
+/// The slot of a request (or bio) pointer in the in-flight arrays.
+///
+/// Requests come from per-queue tag sets allocated once, so their addresses are stable and few;
+/// a multiplicative hash spreads them. Two live requests can still share a slot: the later one
+/// wins, the earlier one's completion then finds another pointer there and is counted in
+/// `Health::InflightMiss`, never mis-attributed.
+#[inline(always)]
+pub fn inflight_slot(ptr: u64) -> u32 {
+    let h = (ptr >> 6).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (h >> 50) as u32 & (INFLIGHT_SLOTS - 1)
+}
+
+/// A request in flight: who started it and when.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Inflight {
+    /// The request (or bio) pointer owning this slot; 0 when free.
+    pub ptr: u64,
+    /// `bpf_ktime_get_ns()` at the start hook.
+    pub start_ns: u64,
+    pub key: IoKey,
+}
+
+/// Slots of the `HEALTH` per-CPU array: what the kernel side could not do, counted, never silent.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Health {
+    /// `IO_STATS` was full: a request was not counted.
+    StatsFull = 0,
+    /// `BIO_STATS` was full: a bio was not counted.
+    BioStatsFull = 1,
+    /// `LATENCY` was full: a completion's latency was not recorded.
+    LatencyFull = 2,
+    /// A start found its in-flight slot taken by another live request and overwrote it.
+    InflightCollision = 3,
+    /// A completion found no matching start (started before attach, or overwritten).
+    InflightMiss = 4,
+    /// A kernel memory read failed; the event was skipped.
+    ReadFault = 5,
+    /// Partial completions seen by the fallback completion hook (informational).
+    PartialCompletion = 6,
+}
+
+pub const HEALTH_SLOTS: u32 = 8;
+
+impl Health {
+    pub const ALL: [Health; 7] = [
+        Health::StatsFull,
+        Health::BioStatsFull,
+        Health::LatencyFull,
+        Health::InflightCollision,
+        Health::InflightMiss,
+        Health::ReadFault,
+        Health::PartialCompletion,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Health::StatsFull => "stats_map_full",
+            Health::BioStatsFull => "bio_stats_map_full",
+            Health::LatencyFull => "latency_map_full",
+            Health::InflightCollision => "inflight_collision",
+            Health::InflightMiss => "inflight_miss",
+            Health::ReadFault => "read_fault",
+            Health::PartialCompletion => "partial_completion",
+        }
+    }
+
+    /// True when the slot counts lost data (as opposed to information).
+    pub const fn is_loss(self) -> bool {
+        !matches!(self, Health::PartialCompletion)
+    }
+}
+
+/// Marks an offset the running kernel does not have (for example no `bi_blkg` without
+/// CONFIG_BLK_CGROUP); the programs skip what depends on it.
+pub const ABSENT: u32 = u32::MAX;
+
+/// Byte offsets of the kernel structure fields the programs read, resolved by userspace from
+/// the running kernel's BTF (Rust eBPF has no CO-RE relocations) and passed as a global.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelLayout {
+    /// `struct request`
+    pub rq_cmd_flags: u32,
+    pub rq_data_len: u32,
+    pub rq_part: u32,
+    pub rq_bio: u32,
+    /// `struct bio`
+    pub bio_opf: u32,
+    pub bio_bdev: u32,
+    /// `bio.bi_iter.bi_size`, both offsets added.
+    pub bio_size: u32,
+    pub bio_blkg: u32,
+    /// `struct block_device.bd_dev`
+    pub bdev_dev: u32,
+    /// `struct blkcg_gq.blkcg`
+    pub blkg_blkcg: u32,
+    /// `struct blkcg.css.cgroup`, both offsets added.
+    pub blkcg_cgroup: u32,
+    /// `struct cgroup.kn`
+    pub cgroup_kn: u32,
+    /// `struct kernfs_node.id`
+    pub kn_id: u32,
+    pub _pad: u32,
+    pub ops: OpCodes,
+}
+
+impl KernelLayout {
+    /// Offsets of Linux 6.18 x86_64 as seen on the development machine. Only a placeholder so the
+    /// global has a value at compile time: userspace always overrides it from BTF.
+    pub const PLACEHOLDER: KernelLayout = KernelLayout {
+        rq_cmd_flags: ABSENT,
+        rq_data_len: ABSENT,
+        rq_part: ABSENT,
+        rq_bio: ABSENT,
+        bio_opf: ABSENT,
+        bio_bdev: ABSENT,
+        bio_size: ABSENT,
+        bio_blkg: ABSENT,
+        bdev_dev: ABSENT,
+        blkg_blkcg: ABSENT,
+        blkcg_cgroup: ABSENT,
+        cgroup_kn: ABSENT,
+        kn_id: ABSENT,
+        _pad: 0,
+        ops: OpCodes::LINUX_DEFAULT,
+    };
+}
+
+/// Default capacities; userspace may scale them at load time.
+pub mod capacity {
+    /// Distinct (process, device, cgroup, op) keys with request counters.
+    pub const IO_STATS: u32 = 16384;
+    /// Distinct keys with bio counters.
+    pub const BIO_STATS: u32 = 16384;
+    /// Distinct (key, bucket) latency entries.
+    pub const LATENCY: u32 = 65536;
+}
+
+/// Major number of a kernel `dev_t` (MINORBITS = 20; not glibc's encoding).
+pub const fn dev_major(dev: u32) -> u32 {
+    dev >> 20
+}
+
+/// Minor number of a kernel `dev_t`.
+pub const fn dev_minor(dev: u32) -> u32 {
+    dev & 0xfffff
+}
+
+/// Kernel `dev_t` from major and minor.
+pub const fn make_dev(major: u32, minor: u32) -> u32 {
+    (major << 20) | (minor & 0xfffff)
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are repr(C), Copy, with explicit padding and no pointers.
+    unsafe impl aya::Pod for IoKey {}
+    unsafe impl aya::Pod for IoCounters {}
+    unsafe impl aya::Pod for LatKey {}
+    unsafe impl aya::Pod for LatValue {}
+    unsafe impl aya::Pod for Inflight {}
+    unsafe impl aya::Pod for KernelLayout {}
+    unsafe impl aya::Pod for OpCodes {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classify_never_counts_flush_or_discard_as_read() {
+        let c = OpCodes::LINUX_DEFAULT;
+        assert_eq!(classify_op(0, 4096, &c), Op::Read);
+        assert_eq!(classify_op(1, 4096, &c), Op::Write);
+        assert_eq!(classify_op(2, 0, &c), Op::Flush);
+        assert_eq!(classify_op(3, 1 << 20, &c), Op::Discard);
+        assert_eq!(classify_op(5, 1 << 20, &c), Op::Discard);
+        assert_eq!(classify_op(9, 1 << 20, &c), Op::Write);
+        // An empty preflush write is a cache flush; with data it is a write.
+        assert_eq!(classify_op(1 | c.preflush, 0, &c), Op::Flush);
+        assert_eq!(classify_op(1 | c.preflush, 4096, &c), Op::Write);
+        // Flags above the op bits do not change the op.
+        assert_eq!(classify_op(0 | (1 << 11), 4096, &c), Op::Read);
+        assert_eq!(classify_op(34, 0, &c), Op::Other);
+    }
+
+    #[test]
+    fn classify_follows_renumbered_codes() {
+        let c = OpCodes {
+            read: 7,
+            write: 8,
+            ..OpCodes::LINUX_DEFAULT
+        };
+        assert_eq!(classify_op(7, 1, &c), Op::Read);
+        assert_eq!(classify_op(8, 1, &c), Op::Write);
+        assert_eq!(classify_op(0, 1, &c), Op::Other);
+    }
+
+    #[test]
+    fn lat_bucket_is_floor_log2() {
+        assert_eq!(lat_bucket(0), 0);
+        assert_eq!(lat_bucket(1), 0);
+        assert_eq!(lat_bucket(2), 1);
+        assert_eq!(lat_bucket(3), 1);
+        assert_eq!(lat_bucket(1023), 9);
+        assert_eq!(lat_bucket(1024), 10);
+        for shift in 0..LAT_BUCKETS {
+            let v = 1u64 << shift;
+            assert_eq!(lat_bucket(v), shift, "2^{shift}");
+            assert!(bucket_lower_ns(shift) <= v && v < bucket_upper_ns(shift));
+        }
+        assert_eq!(lat_bucket(u64::MAX), LAT_BUCKETS - 1);
+    }
+
+    #[test]
+    fn inflight_slot_is_in_range_and_spreads_request_arrays() {
+        // Requests of one tag set sit at a fixed stride; count distinct slots for 1024 of them.
+        let base = 0xffff_8880_1234_0000u64;
+        let mut seen = [false; INFLIGHT_SLOTS as usize];
+        let mut distinct = 0;
+        for i in 0..1024u64 {
+            let s = inflight_slot(base + i * 384);
+            assert!(s < INFLIGHT_SLOTS);
+            if !seen[s as usize] {
+                seen[s as usize] = true;
+                distinct += 1;
+            }
+        }
+        assert!(distinct > 950, "only {distinct} distinct slots for 1024 requests");
+    }
+
+    #[test]
+    fn dev_t_round_trip() {
+        let d = make_dev(259, 3);
+        assert_eq!((dev_major(d), dev_minor(d)), (259, 3));
+        assert_eq!(make_dev(7, 0), 7 << 20);
+    }
+
+    #[test]
+    fn struct_sizes_are_stable() {
+        assert_eq!(core::mem::size_of::<IoKey>(), 24);
+        assert_eq!(core::mem::size_of::<IoCounters>(), 32);
+        assert_eq!(core::mem::size_of::<LatKey>(), 32);
+        assert_eq!(core::mem::size_of::<LatValue>(), 16);
+        assert_eq!(core::mem::size_of::<Inflight>(), 40);
+    }
+}
