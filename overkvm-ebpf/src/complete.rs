@@ -2,9 +2,7 @@
 //! histogram of the key recorded at start. The completing context (often an interrupt) is never
 //! used for attribution.
 
-use aya_ebpf::{
-    helpers::bpf_ktime_get_ns, macros::btf_tracepoint, programs::BtfTracePointContext,
-};
+use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::raw_tracepoint, programs::RawTracePointContext};
 use overkvm_common::{Health, inflight_slot};
 
 use crate::{
@@ -22,22 +20,22 @@ fn finish(rq: u64) {
 
 /// `block_io_done(struct request *rq)`, Linux 6.5+: called once per request when its
 /// accounting ends, after all of its parts completed.
-#[btf_tracepoint(function = "block_io_done")]
-pub fn io_done(ctx: BtfTracePointContext) -> i32 {
-    finish(ctx.arg::<*const u8>(0) as u64);
+#[raw_tracepoint(tracepoint = "block_io_done")]
+pub fn io_done(ctx: RawTracePointContext) -> i32 {
+    finish(ctx.arg::<u64>(0));
     0
 }
 
 /// `block_rq_issue(struct request *rq)`, fallback: the request goes to the driver. Moves the
 /// start record of its head bio (from `rq_getrq`) to the request, so the completion can find it
 /// by request pointer. A requeued request is issued again and keeps its first record.
-#[btf_tracepoint(function = "block_rq_issue")]
-pub fn rq_issue(ctx: BtfTracePointContext) -> i32 {
-    let rq = ctx.arg::<*const u8>(0) as u64;
-    if let Some(slot) = INFLIGHT.get(inflight_slot(rq)) {
-        if slot.ptr == rq {
-            return 0;
-        }
+#[raw_tracepoint(tracepoint = "block_rq_issue")]
+pub fn rq_issue(ctx: RawTracePointContext) -> i32 {
+    let rq = ctx.arg::<u64>(0);
+    if let Some(slot) = INFLIGHT.get(inflight_slot(rq))
+        && slot.ptr == rq
+    {
+        return 0;
     }
     let head: u64 = read(rq, off!(rq_bio)).unwrap_or(0);
     if head == 0 {
@@ -53,9 +51,9 @@ pub fn rq_issue(ctx: BtfTracePointContext) -> i32 {
 /// `block_rq_complete(struct request *rq, blk_status_t error, unsigned int nr_bytes)`,
 /// fallback: fires for every part of a request. Only the part that completes what remains
 /// (`nr_bytes >= __data_len`, read before the kernel subtracts it) ends the request.
-#[btf_tracepoint(function = "block_rq_complete")]
-pub fn rq_complete(ctx: BtfTracePointContext) -> i32 {
-    let rq = ctx.arg::<*const u8>(0) as u64;
+#[raw_tracepoint(tracepoint = "block_rq_complete")]
+pub fn rq_complete(ctx: RawTracePointContext) -> i32 {
+    let rq = ctx.arg::<u64>(0);
     let nr_bytes = ctx.arg::<u32>(2);
     let remaining: u32 = read(rq, off!(rq_data_len)).unwrap_or(0);
     if nr_bytes < remaining {

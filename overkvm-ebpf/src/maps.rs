@@ -59,7 +59,7 @@ pub fn count_io(map: &PerCpuHashMap<IoKey, IoCounters>, key: &IoKey, bytes: u64,
         bytes,
         comm,
     };
-    if map.insert(key, &fresh, BPF_NOEXIST as u64).is_ok() {
+    if map.insert(key, fresh, BPF_NOEXIST as u64).is_ok() {
         return;
     }
     // Another CPU created the entry in between, or the map is full.
@@ -80,7 +80,7 @@ pub fn count_latency(key: &IoKey, latency_ns: u64) {
         bucket: lat_bucket(latency_ns),
         _pad: 0,
     };
-    if let Some(v) = LATENCY.get_ptr_mut(&lk) {
+    if let Some(v) = LATENCY.get_ptr_mut(lk) {
         unsafe {
             (*v).count += 1;
             (*v).sum_ns += latency_ns;
@@ -91,10 +91,10 @@ pub fn count_latency(key: &IoKey, latency_ns: u64) {
         count: 1,
         sum_ns: latency_ns,
     };
-    if LATENCY.insert(&lk, &fresh, BPF_NOEXIST as u64).is_ok() {
+    if LATENCY.insert(lk, fresh, BPF_NOEXIST as u64).is_ok() {
         return;
     }
-    match LATENCY.get_ptr_mut(&lk) {
+    match LATENCY.get_ptr_mut(lk) {
         Some(v) => unsafe {
             (*v).count += 1;
             (*v).sum_ns += latency_ns;

@@ -3,10 +3,9 @@
 //! Bytes are taken here because a request's length is already zero when it completes.
 
 use aya_ebpf::{
-    EbpfContext,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
-    macros::btf_tracepoint,
-    programs::BtfTracePointContext,
+    macros::raw_tracepoint,
+    programs::RawTracePointContext,
 };
 use overkvm_common::{Health, IoKey, OpCodes, classify_op};
 
@@ -43,35 +42,39 @@ pub fn bio_key(bio: u64) -> Option<(IoKey, u32)> {
 
 /// `block_io_start(struct request *rq)`, Linux 6.5+: request accounting starts. Runs in the
 /// submitter's context (blk_mq_submit_bio), once per request, merged bios excluded.
-#[btf_tracepoint(function = "block_io_start")]
-pub fn io_start(ctx: BtfTracePointContext) -> i32 {
-    let rq = ctx.arg::<*const u8>(0) as u64;
+#[raw_tracepoint(tracepoint = "block_io_start")]
+pub fn io_start(ctx: RawTracePointContext) -> i32 {
+    let rq = ctx.arg::<u64>(0);
     let Some(opf) = read::<u32>(rq, off!(rq_cmd_flags)) else {
         health(Health::ReadFault);
         return 0;
     };
     let bytes: u32 = read(rq, off!(rq_data_len)).unwrap_or(0);
-    let part: u64 = read(rq, off!(rq_part)).unwrap_or(0);
     let bio: u64 = read(rq, off!(rq_bio)).unwrap_or(0);
+    // The kernel sets rq->part only after this tracepoint: take the device from the head bio,
+    // and fall back to rq->part for the rare bio-less request (a cloned flush).
+    let bdev: u64 = match read(bio, off!(bio_bdev)) {
+        Some(b) => b,
+        None => read(rq, off!(rq_part)).unwrap_or(0),
+    };
     let key = IoKey {
         tgid: tgid(),
-        dev: bdev_dev(part),
+        dev: bdev_dev(bdev),
         cgroup_id: bio_cgroup(bio),
         op: classify_op(opf, bytes, &op_codes()) as u8,
         _pad: [0; 7],
     };
     count_io(&IO_STATS, &key, bytes as u64, Health::StatsFull);
     inflight_put(&INFLIGHT, rq, unsafe { bpf_ktime_get_ns() }, &key);
-    let _ = ctx.as_ptr();
     0
 }
 
 /// `block_getrq(struct bio *bio)`, fallback for kernels before 6.5: a bio allocated a new
 /// request, in the submitter's context. The bio is remembered until `rq_issue` finds it as the
 /// request's head.
-#[btf_tracepoint(function = "block_getrq")]
-pub fn rq_getrq(ctx: BtfTracePointContext) -> i32 {
-    let bio = ctx.arg::<*const u8>(0) as u64;
+#[raw_tracepoint(tracepoint = "block_getrq")]
+pub fn rq_getrq(ctx: RawTracePointContext) -> i32 {
+    let bio = ctx.arg::<u64>(0);
     let Some((key, bytes)) = bio_key(bio) else {
         health(Health::ReadFault);
         return 0;

@@ -1,7 +1,17 @@
 //! overkvm: per-VM block I/O accounting and control for KVM hosts.
 //!
 //! The binary `overkvm-io` is a thin front-end over this library; integration tests drive the
-//! same code.
+//! same code. Data flows one way: `bpf` loads the kernel programs, `sample` turns their maps into
+//! snapshots and deltas, `report` joins deltas with `identity`, `devices` and `cgroupfs`, and
+//! the front-ends (`top`, later the exporter and the throttle) consume reports.
 
 pub mod bpf;
+pub mod cgroupfs;
+pub mod check;
+pub mod cli;
+pub mod devices;
 pub mod identity;
+pub mod report;
+pub mod sample;
+pub mod stats;
+pub mod top;

@@ -1,1 +1,43 @@
-fn main() {}
+//! `overkvm-io`: argument parsing and dispatch only.
+
+use clap::Parser as _;
+use overkvm::{
+    check,
+    cli::{Cli, Command},
+    top,
+};
+
+fn main() {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
+        .format_timestamp(None)
+        .init();
+    let result = match &cli.command {
+        Command::Top(args) => top::run(args),
+        Command::Check(args) => {
+            let report = check::run_checks();
+            if args.json {
+                match serde_json::to_string(&report) {
+                    Ok(s) => println!("{s}"),
+                    Err(e) => eprintln!("overkvm-io: encoding JSON: {e}"),
+                }
+            } else {
+                check::print_human(&report);
+            }
+            if report.ok() {
+                Ok(())
+            } else {
+                std::process::exit(1)
+            }
+        }
+    };
+    if let Err(e) = result {
+        eprintln!("overkvm-io: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,1 +1,189 @@
-fn main() {}
+//! Developer tasks. `cargo xtask run -- top` and `cargo xtask test` are the two commands of the
+//! README: each installs what it needs first (and says so), then does its job.
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "overkvm developer tasks")]
+struct Xtask {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building needs (rust-src for nightly, bpf-linker), and with --test-deps the
+    /// Debian packages the tests use. Idempotent: prints only what it changes.
+    Setup {
+        #[arg(long)]
+        test_deps: bool,
+    },
+    /// Build `overkvm-io` (release) with its eBPF programs.
+    Build,
+    /// Build, then run `overkvm-io` as root (through sudo when not root) with these arguments.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run every test: unit tests, then the integration tests that load the real programs
+    /// (as root, one at a time: they share the kernel).
+    Test {
+        /// Only tests whose name contains this.
+        filter: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Xtask::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(x: Xtask) -> anyhow::Result<()> {
+    match x.task {
+        Task::Setup { test_deps } => {
+            setup::toolchain()?;
+            if test_deps {
+                setup::test_packages()?;
+            }
+            Ok(())
+        }
+        Task::Build => {
+            setup::toolchain()?;
+            build()
+        }
+        Task::Run { args } => {
+            setup::toolchain()?;
+            build()?;
+            let bin = workspace_root().join("target/release/overkvm-io");
+            let mut cmd = as_root(&bin);
+            cmd.args(&args);
+            let status = cmd
+                .status()
+                .with_context(|| format!("starting {}", bin.display()))?;
+            if !status.success() {
+                std::process::exit(status.code().unwrap_or(1));
+            }
+            Ok(())
+        }
+        Task::Test { filter } => {
+            setup::toolchain()?;
+            setup::test_packages()?;
+            test(filter.as_deref())
+        }
+    }
+}
+
+/// The workspace root (xtask lives one level below it).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A command run as root: directly when we are root, else through `sudo -E`.
+fn as_root(program: &Path) -> Command {
+    if is_root() {
+        Command::new(program)
+    } else {
+        eprintln!("==> overkvm needs root to load eBPF programs: running through sudo");
+        let mut c = Command::new("sudo");
+        c.arg("-E").arg(program);
+        c
+    }
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(workspace_root());
+    c
+}
+
+fn check(mut cmd: Command, what: &str) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("starting {what}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+fn build() -> anyhow::Result<()> {
+    eprintln!("==> building overkvm-io and its eBPF programs (release)");
+    let mut c = cargo();
+    c.args(["build", "--release", "-p", "overkvm", "--bin", "overkvm-io"]);
+    check(c, "cargo build")
+}
+
+fn test(filter: Option<&str>) -> anyhow::Result<()> {
+    eprintln!("==> unit tests");
+    let mut c = cargo();
+    c.args([
+        "test",
+        "--release",
+        "-p",
+        "overkvm-common",
+        "-p",
+        "overkvm",
+        "-p",
+        "overkvm-tests",
+        "--lib",
+        "--bins",
+    ]);
+    if let Some(f) = filter {
+        c.args(["--", f]);
+    }
+    check(c, "unit tests")?;
+
+    eprintln!("==> integration tests (real kernel: programs, loop devices, zram, qemu guests)");
+    if !is_root() {
+        eprintln!("==> they need root: running them through sudo");
+    }
+    // Build first as the invoking user, then run the test binaries as root one test at a time.
+    let mut c = cargo();
+    c.args(["build", "--release", "-p", "overkvm", "--bin", "overkvm-io"]);
+    check(c, "cargo build")?;
+    let mut c = if is_root() {
+        cargo()
+    } else {
+        let mut s = Command::new("sudo");
+        s.args(["-E", "env"])
+            .arg(format!(
+                "PATH={}",
+                std::env::var("PATH").unwrap_or_default()
+            ))
+            .arg(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(workspace_root());
+        s
+    };
+    c.args([
+        "test",
+        "--release",
+        "-p",
+        "overkvm-tests",
+        "--tests",
+        "--",
+        "--test-threads=1",
+    ]);
+    if let Some(f) = filter {
+        c.arg(f);
+    }
+    check(c, "integration tests")
+}

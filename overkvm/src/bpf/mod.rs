@@ -1,5 +1,253 @@
 //! Loading and attaching the kernel programs.
+//!
+//! The hook family is chosen from what the running kernel has (its BTF names every tracepoint),
+//! the structure offsets the programs need are resolved from the same BTF and passed as a global,
+//! and every precondition that can fail gets a message that says what to do.
 
 pub mod btf;
 pub mod layout;
 pub mod tracefs;
+
+use std::fmt;
+
+use anyhow::{Context as _, anyhow, bail};
+use aya::{Ebpf, EbpfLoader, programs::RawTracePoint};
+use overkvm_common::{capacity, maps, programs};
+
+use self::{btf::Btf, layout::HookSupport};
+
+/// The eBPF object built by build.rs (empty when built with AYA_BUILD_SKIP=1).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/overkvm"));
+
+/// Which tracepoints count and time requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum HookMode {
+    /// `block_io_start` / `block_io_done` (Linux 6.5+): one hook at each end of a request.
+    IoStartDone,
+    /// `block_getrq` / `block_rq_issue` / `block_rq_complete`, for kernels before 6.5.
+    RequestFallback,
+}
+
+impl HookMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            HookMode::IoStartDone => "io-start-done",
+            HookMode::RequestFallback => "request-fallback",
+        }
+    }
+
+    /// (program name, tracepoint) pairs of this mode.
+    fn hooks(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            HookMode::IoStartDone => &[
+                (programs::IO_START, "block_io_start"),
+                (programs::IO_DONE, "block_io_done"),
+            ],
+            HookMode::RequestFallback => &[
+                (programs::RQ_GETRQ, "block_getrq"),
+                (programs::RQ_ISSUE, "block_rq_issue"),
+                (programs::RQ_COMPLETE, "block_rq_complete"),
+            ],
+        }
+    }
+
+    /// The best mode the kernel supports, if any.
+    pub fn pick(support: &HookSupport) -> Option<HookMode> {
+        if support.io_start_done {
+            Some(HookMode::IoStartDone)
+        } else if support.rq_fallback {
+            Some(HookMode::RequestFallback)
+        } else {
+            None
+        }
+    }
+}
+
+impl fmt::Display for HookMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What to load.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Force a hook family instead of the best available one.
+    pub mode: Option<HookMode>,
+    /// Attach the per-bio counter (needed for bio-based and stacked devices).
+    pub bio: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            mode: None,
+            bio: true,
+        }
+    }
+}
+
+/// The loaded, attached programs and their maps. Dropping it detaches everything.
+pub struct Programs {
+    ebpf: Ebpf,
+    pub mode: HookMode,
+    /// Tracepoints attached, in order.
+    pub attached: Vec<&'static str>,
+    /// What the layout resolution had to say (missing optional fields).
+    pub notes: Vec<String>,
+}
+
+impl fmt::Debug for Programs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Programs")
+            .field("mode", &self.mode)
+            .field("attached", &self.attached)
+            .finish()
+    }
+}
+
+/// True when the object was built without the eBPF programs.
+pub fn object_is_stub() -> bool {
+    OBJECT.is_empty()
+}
+
+/// Checks what loading needs and explains what is missing.
+pub fn preflight() -> anyhow::Result<()> {
+    if object_is_stub() {
+        bail!(
+            "this overkvm-io was built without its eBPF programs (AYA_BUILD_SKIP): rebuild with \
+             `cargo xtask run` or after `cargo xtask setup`"
+        );
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "loading eBPF programs needs root (CAP_BPF, CAP_PERFMON and CAP_SYS_RESOURCE): \
+             run it with sudo"
+        );
+    }
+    if !std::path::Path::new(Btf::SYSFS_PATH).exists() {
+        bail!(
+            "this kernel has no BTF at {} (CONFIG_DEBUG_INFO_BTF): overkvm reads structure \
+             offsets and tracepoint types from it",
+            Btf::SYSFS_PATH
+        );
+    }
+    Ok(())
+}
+
+impl Programs {
+    /// Loads and attaches the programs for this kernel.
+    pub fn load(opts: &LoadOptions) -> anyhow::Result<Programs> {
+        preflight()?;
+        raise_memlock_limit();
+        let kernel_btf = Btf::from_sys_fs().context("reading the kernel's BTF")?;
+        let support = layout::hooks_available(&kernel_btf);
+        let mode = match opts.mode {
+            Some(m) => {
+                let ok = match m {
+                    HookMode::IoStartDone => support.io_start_done,
+                    HookMode::RequestFallback => support.rq_fallback,
+                };
+                if !ok {
+                    bail!("this kernel has no tracepoints for hook mode {m}");
+                }
+                m
+            }
+            None => HookMode::pick(&support).ok_or_else(|| {
+                anyhow!(
+                    "this kernel has neither block_io_start/block_io_done nor \
+                     block_getrq/block_rq_issue/block_rq_complete tracepoints"
+                )
+            })?,
+        };
+        let report = layout::kernel_layout(&kernel_btf)?;
+
+        // Maps of the mode not in use are shrunk to one entry: no memory for nothing.
+        let mut loader = EbpfLoader::new();
+        loader.override_global(programs::LAYOUT_GLOBAL, &report.layout, true);
+        if mode != HookMode::RequestFallback {
+            loader.map_max_entries(maps::BIO_INFLIGHT, 1);
+        }
+        if !opts.bio {
+            loader.map_max_entries(maps::BIO_STATS, 1);
+        }
+        loader.map_max_entries(maps::IO_STATS, capacity::IO_STATS);
+        let mut ebpf = loader
+            .load(OBJECT)
+            .context("loading the eBPF object into the kernel")?;
+
+        let mut attached = Vec::new();
+        let mut hooks: Vec<(&'static str, &'static str)> = mode.hooks().to_vec();
+        if opts.bio {
+            if !support.bio_queue {
+                bail!("this kernel has no block_bio_queue tracepoint (use --no-bio)");
+            }
+            hooks.push((programs::BIO_QUEUE, "block_bio_queue"));
+        }
+        for (prog_name, tracepoint) in hooks {
+            let prog: &mut RawTracePoint = ebpf
+                .program_mut(prog_name)
+                .ok_or_else(|| anyhow!("program {prog_name} missing from the eBPF object"))?
+                .try_into()?;
+            prog.load()
+                .with_context(|| format!("verifying program {prog_name} for {tracepoint}"))?;
+            prog.attach(tracepoint)
+                .with_context(|| format!("attaching {prog_name} to tracepoint {tracepoint}"))?;
+            attached.push(tracepoint);
+        }
+        Ok(Programs {
+            ebpf,
+            mode,
+            attached,
+            notes: report.notes,
+        })
+    }
+
+    /// The loaded object, for reading maps.
+    pub fn ebpf(&self) -> &Ebpf {
+        &self.ebpf
+    }
+
+    /// Mutable access, for deleting harvested map entries.
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    /// Kernel run statistics of each attached program: (name, run count, run time in ns).
+    /// Zero unless `kernel.bpf_stats_enabled` is on (see `enable_run_stats`).
+    pub fn run_stats(&self) -> Vec<(String, u64, u64)> {
+        self.ebpf
+            .programs()
+            .filter_map(|(name, prog)| {
+                let info = prog.info().ok()?;
+                Some((
+                    name.to_string(),
+                    info.run_count(),
+                    info.run_time().as_nanos() as u64,
+                ))
+            })
+            .collect()
+    }
+}
+
+/// Turns on the kernel's per-program run-time statistics while the returned fd lives.
+pub fn enable_run_stats() -> anyhow::Result<std::os::fd::OwnedFd> {
+    aya::sys::enable_stats(aya::sys::Stats::RunTime).context("enabling BPF run-time statistics")
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lift it so large maps load there.
+fn raise_memlock_limit() {
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain syscall on a valid struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
+        log::debug!(
+            "setrlimit(RLIMIT_MEMLOCK) failed: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}

@@ -1,0 +1,242 @@
+//! `overkvm-io check`: what this host supports, and what will not work and why.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::{
+    bpf::{self, HookMode, LoadOptions, Programs, btf::Btf, layout, tracefs},
+    cgroupfs,
+};
+
+#[derive(Debug, Default, Serialize)]
+pub struct Tracepoints {
+    pub block_io_start_done: bool,
+    pub block_getrq_rq_issue_rq_complete: bool,
+    pub block_bio_queue: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CgroupSupport {
+    /// "v2", "v1" or null when no block controller is mounted.
+    pub io_controller: Option<cgroupfs::IoController>,
+    pub io_mount: Option<String>,
+    pub cgroup2_mount: Option<String>,
+    /// cgroup2 is mounted but its io controller is bound to v1 (hybrid host).
+    pub hybrid: bool,
+}
+
+/// Everything `check` found.
+#[derive(Debug, Serialize)]
+pub struct CheckReport {
+    pub kernel: String,
+    pub root: bool,
+    pub btf: bool,
+    pub tracefs: Option<String>,
+    pub tracepoints: Tracepoints,
+    pub hook_mode: Option<HookMode>,
+    pub layout_notes: Vec<String>,
+    pub cgroups: CgroupSupport,
+    pub bpf_stats_enabled: bool,
+    /// Result of actually loading and attaching the programs (root only).
+    pub load: Option<Result<Vec<&'static str>, String>>,
+    /// Problems that stop overkvm from running.
+    pub errors: Vec<String>,
+    /// Things that work in a reduced way.
+    pub warnings: Vec<String>,
+}
+
+impl CheckReport {
+    pub fn ok(&self) -> bool {
+        self.errors.is_empty()
+    }
+}
+
+fn read_trim(p: &str) -> Option<String> {
+    std::fs::read_to_string(p)
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// Runs every check. Loading the programs is attempted only as root.
+pub fn run_checks() -> CheckReport {
+    let mut errors = Vec::new();
+    let mut warnings = Vec::new();
+    let kernel = read_trim("/proc/sys/kernel/osrelease").unwrap_or_else(|| "unknown".into());
+    // SAFETY: no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        errors.push("not root: loading eBPF programs needs root (run with sudo)".into());
+    }
+    if bpf::object_is_stub() {
+        errors.push(
+            "built without the eBPF programs (AYA_BUILD_SKIP); rebuild with `cargo xtask run`"
+                .into(),
+        );
+    }
+    let btf_present = Path::new(Btf::SYSFS_PATH).exists();
+    let mut tracepoints = Tracepoints::default();
+    let mut hook_mode = None;
+    let mut layout_notes = Vec::new();
+    if !btf_present {
+        errors.push(format!(
+            "no kernel BTF at {} (CONFIG_DEBUG_INFO_BTF=y is needed for structure offsets and tp_btf hooks)",
+            Btf::SYSFS_PATH
+        ));
+    } else {
+        match Btf::from_sys_fs() {
+            Ok(btf) => {
+                let s = layout::hooks_available(&btf);
+                tracepoints = Tracepoints {
+                    block_io_start_done: s.io_start_done,
+                    block_getrq_rq_issue_rq_complete: s.rq_fallback,
+                    block_bio_queue: s.bio_queue,
+                };
+                hook_mode = HookMode::pick(&s);
+                match hook_mode {
+                    None => errors.push("no usable block tracepoints (need block_io_start/done, or block_getrq + block_rq_issue + block_rq_complete)".into()),
+                    Some(HookMode::RequestFallback) => warnings.push("no block_io_start/block_io_done (Linux < 6.5): using the block_getrq/block_rq_issue/block_rq_complete fallback".into()),
+                    Some(HookMode::IoStartDone) => {}
+                }
+                if !s.bio_queue {
+                    warnings.push(
+                        "no block_bio_queue: bio-based devices (zram, md, dm) cannot be measured"
+                            .into(),
+                    );
+                }
+                match layout::kernel_layout(&btf) {
+                    Ok(r) => {
+                        for n in &r.notes {
+                            warnings.push(n.clone());
+                        }
+                        layout_notes = r.notes;
+                    }
+                    Err(e) => errors.push(format!("kernel structure offsets: {e:#}")),
+                }
+            }
+            Err(e) => errors.push(format!("reading {}: {e}", Btf::SYSFS_PATH)),
+        }
+    }
+    let tracefs_path = tracefs::find_tracefs();
+    if tracefs_path.is_none() {
+        warnings.push("tracefs is not mounted (not needed: overkvm attaches through BTF; `mount -t tracefs nodev /sys/kernel/tracing` to inspect events)".into());
+    }
+
+    let mounts = cgroupfs::host_mounts();
+    let io = cgroupfs::find_io_hierarchy(&mounts);
+    let cgroup2 = mounts.iter().find(|m| m.fs_type == "cgroup2");
+    let cgroups = CgroupSupport {
+        io_controller: io.as_ref().map(|h| h.controller),
+        io_mount: io.as_ref().map(|h| h.mount_point.display().to_string()),
+        cgroup2_mount: cgroup2.map(|m| m.mount_point.display().to_string()),
+        hybrid: cgroup2.is_some()
+            && io
+                .as_ref()
+                .is_some_and(|h| h.controller == cgroupfs::IoController::V1),
+    };
+    match cgroups.io_controller {
+        None => warnings.push("no block cgroup controller mounted: throttling is not possible".into()),
+        Some(cgroupfs::IoController::V1) => warnings.push(
+            "block controller is cgroup v1 blkio: throttling uses blkio.throttle.* (effective on direct I/O only; buffered writeback is not limited by v1)".into(),
+        ),
+        Some(cgroupfs::IoController::V2) => {}
+    }
+    let bpf_stats_enabled = read_trim("/proc/sys/kernel/bpf_stats_enabled").as_deref() == Some("1");
+
+    let load = (root && errors.is_empty()).then(|| {
+        Programs::load(&LoadOptions::default())
+            .map(|p| p.attached.clone())
+            .map_err(|e| format!("{e:#}"))
+    });
+    if let Some(Err(e)) = &load {
+        errors.push(format!("loading the programs failed: {e}"));
+    }
+    CheckReport {
+        kernel,
+        root,
+        btf: btf_present,
+        tracefs: tracefs_path.map(|p| p.display().to_string()),
+        tracepoints,
+        hook_mode,
+        layout_notes,
+        cgroups,
+        bpf_stats_enabled,
+        load,
+        errors,
+        warnings,
+    }
+}
+
+fn yes(b: bool) -> &'static str {
+    if b { "yes" } else { "no" }
+}
+
+/// Human-readable findings.
+pub fn print_human(r: &CheckReport) {
+    println!("kernel              {}", r.kernel);
+    println!("running as root     {}", yes(r.root));
+    println!("kernel BTF          {}", yes(r.btf));
+    println!(
+        "tracefs             {}",
+        r.tracefs.as_deref().unwrap_or("not mounted")
+    );
+    println!(
+        "block_io_start/done {}",
+        yes(r.tracepoints.block_io_start_done)
+    );
+    println!(
+        "block_getrq/rq_*    {}",
+        yes(r.tracepoints.block_getrq_rq_issue_rq_complete)
+    );
+    println!("block_bio_queue     {}", yes(r.tracepoints.block_bio_queue));
+    println!(
+        "hook mode           {}",
+        r.hook_mode.map(|m| m.name()).unwrap_or("none")
+    );
+    let ctl = match r.cgroups.io_controller {
+        Some(cgroupfs::IoController::V2) => "cgroup v2 io (io.max)",
+        Some(cgroupfs::IoController::V1) => "cgroup v1 blkio (blkio.throttle.*)",
+        None => "none",
+    };
+    println!(
+        "block cgroups       {ctl}{}",
+        r.cgroups
+            .io_mount
+            .as_ref()
+            .map(|m| format!(" at {m}"))
+            .unwrap_or_default()
+    );
+    if r.cgroups.hybrid {
+        println!(
+            "                    hybrid host: cgroup2 at {} has no io controller",
+            r.cgroups.cgroup2_mount.as_deref().unwrap_or("?")
+        );
+    }
+    println!(
+        "bpf run-time stats  {}",
+        if r.bpf_stats_enabled {
+            "on"
+        } else {
+            "off (overkvm turns them on while it measures itself)"
+        }
+    );
+    match &r.load {
+        Some(Ok(tps)) => println!("load and attach     ok ({})", tps.join(", ")),
+        Some(Err(_)) => println!("load and attach     FAILED"),
+        None => println!("load and attach     not tried"),
+    }
+    for w in &r.warnings {
+        println!("warning: {w}");
+    }
+    for e in &r.errors {
+        println!("error: {e}");
+    }
+    println!(
+        "{}",
+        if r.ok() {
+            "overkvm can run on this host"
+        } else {
+            "overkvm cannot run on this host as it is"
+        }
+    );
+}

@@ -1,0 +1,480 @@
+//! One interval's view of who did I/O: rows per process and device, per device, per cgroup.
+//!
+//! `Report` is what `top -b --json` prints, what the interactive view renders, and what later
+//! consumers read. Building it is the only place deltas meet identities.
+
+use std::{collections::BTreeMap, collections::HashMap, sync::Arc, time::SystemTime};
+
+use overkvm_common::{Health, IoKey, Op};
+use serde::Serialize;
+
+use crate::{
+    cgroupfs::CgroupNames,
+    devices::{DeviceInfo, DeviceTable},
+    identity::{Manager, ProcessIdentity, Resolver},
+    sample::{Counters, Delta, Histogram},
+    stats,
+};
+
+/// Ops and bytes split by operation, exact counts within the interval.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct OpCounts {
+    pub read_ops: u64,
+    pub write_ops: u64,
+    pub discard_ops: u64,
+    pub flush_ops: u64,
+    pub other_ops: u64,
+    pub read_bytes: u64,
+    pub write_bytes: u64,
+    pub discard_bytes: u64,
+}
+
+impl OpCounts {
+    pub fn add(&mut self, op: Op, c: Counters) {
+        match op {
+            Op::Read => {
+                self.read_ops += c.ops;
+                self.read_bytes += c.bytes;
+            }
+            Op::Write => {
+                self.write_ops += c.ops;
+                self.write_bytes += c.bytes;
+            }
+            Op::Discard => {
+                self.discard_ops += c.ops;
+                self.discard_bytes += c.bytes;
+            }
+            Op::Flush => self.flush_ops += c.ops,
+            Op::Other => self.other_ops += c.ops,
+        }
+    }
+
+    pub fn merge(&mut self, o: &OpCounts) {
+        self.read_ops += o.read_ops;
+        self.write_ops += o.write_ops;
+        self.discard_ops += o.discard_ops;
+        self.flush_ops += o.flush_ops;
+        self.other_ops += o.other_ops;
+        self.read_bytes += o.read_bytes;
+        self.write_bytes += o.write_bytes;
+        self.discard_bytes += o.discard_bytes;
+    }
+
+    pub fn total_ops(&self) -> u64 {
+        self.read_ops + self.write_ops + self.discard_ops + self.flush_ops + self.other_ops
+    }
+}
+
+/// Where a row's op counts come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CountSource {
+    /// Requests (blk-mq devices), as iostat counts them.
+    Request,
+    /// Bios (bio-based devices such as zram, md, dm), as io.max counts them.
+    Bio,
+}
+
+/// The VM a row belongs to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct VmRef {
+    pub name: String,
+    pub uuid: Option<String>,
+    pub manager: Manager,
+}
+
+/// Per device totals (the numbers iostat would give, for the traced interval).
+#[derive(Clone, Debug, Serialize)]
+pub struct DeviceRow {
+    pub device: String,
+    pub major: u32,
+    pub minor: u32,
+    pub disk: String,
+    pub source: CountSource,
+    #[serde(flatten)]
+    pub counts: OpCounts,
+}
+
+/// One process on one device.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProcessRow {
+    pub pid: u32,
+    pub comm: String,
+    pub vm: Option<VmRef>,
+    /// The process's own cgroup (v2 path, or the v1 blkio path on v1 hosts); "" if unknown.
+    pub cgroup: String,
+    pub device: String,
+    pub major: u32,
+    pub minor: u32,
+    pub source: CountSource,
+    #[serde(flatten)]
+    pub counts: OpCounts,
+    /// Bios submitted, whatever the device type (one request can carry several).
+    pub read_bios: u64,
+    pub write_bios: u64,
+    pub lat_avg_us: Option<f64>,
+    pub lat_p99_us: Option<f64>,
+    /// Completions measured in the interval.
+    pub completions: u64,
+    /// The process had exited when the interval was read.
+    pub exited: bool,
+}
+
+impl ProcessRow {
+    pub fn is_vm(&self) -> bool {
+        self.vm.is_some()
+    }
+}
+
+/// The cgroup that owns I/O on one device (the block controller's view: what io.max limits,
+/// and where cgroup writeback puts a flusher's writes).
+#[derive(Clone, Debug, Serialize)]
+pub struct CgroupRow {
+    pub cgroup: String,
+    pub cgroup_id: u64,
+    pub device: String,
+    pub source: CountSource,
+    #[serde(flatten)]
+    pub counts: OpCounts,
+}
+
+/// Kernel-side losses and map use during the interval.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct HealthReport {
+    /// Health counter deltas by name (only non-zero ones).
+    pub events: BTreeMap<&'static str, u64>,
+    /// Map entries that vanished while being read.
+    pub read_errors: u64,
+}
+
+/// Everything one interval says.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub timestamp: String,
+    pub interval_s: f64,
+    pub mode: String,
+    pub devices: Vec<DeviceRow>,
+    pub processes: Vec<ProcessRow>,
+    pub cgroups: Vec<CgroupRow>,
+    pub health: HealthReport,
+}
+
+impl Report {
+    pub fn vm_count(&self) -> usize {
+        let mut names: Vec<&str> = self
+            .processes
+            .iter()
+            .filter_map(|p| p.vm.as_ref().map(|v| v.name.as_str()))
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        names.len()
+    }
+
+    pub fn process_count(&self) -> usize {
+        let mut pids: Vec<u32> = self.processes.iter().map(|p| p.pid).collect();
+        pids.sort_unstable();
+        pids.dedup();
+        pids.len()
+    }
+}
+
+/// Formats a wall-clock time as RFC 3339 UTC with milliseconds.
+pub fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// Turns deltas into reports, resolving processes, devices and cgroups (all cached).
+pub struct ReportBuilder {
+    pub resolver: Resolver,
+    pub devices: DeviceTable,
+    pub cgroups: CgroupNames,
+    /// Names the kernel recorded, for processes gone before /proc could be read.
+    kernel_comms: HashMap<u32, String>,
+}
+
+impl Default for ReportBuilder {
+    fn default() -> Self {
+        ReportBuilder::new()
+    }
+}
+
+impl ReportBuilder {
+    pub fn new() -> ReportBuilder {
+        ReportBuilder {
+            resolver: Resolver::new(),
+            devices: DeviceTable::new(),
+            cgroups: CgroupNames::for_host(),
+            kernel_comms: HashMap::new(),
+        }
+    }
+
+    /// Remembers the kernel's comms from the latest snapshot.
+    pub fn note_comms(&mut self, comms: &HashMap<u32, String>) {
+        for (k, v) in comms {
+            self.kernel_comms.entry(*k).or_insert_with(|| v.clone());
+        }
+    }
+
+    pub fn build(&mut self, delta: &Delta, mode: &str, read_errors: u64) -> Report {
+        struct Acc {
+            counts: OpCounts,
+            bio_counts: OpCounts,
+            hist: Histogram,
+        }
+        // (tgid, dev) -> accumulators; the request/bio choice is made per device below.
+        let mut per_proc: BTreeMap<(u32, u32), Acc> = BTreeMap::new();
+        let mut per_cgroup: BTreeMap<(u64, u32), (OpCounts, OpCounts)> = BTreeMap::new();
+        let new_acc = || Acc {
+            counts: OpCounts::default(),
+            bio_counts: OpCounts::default(),
+            hist: Histogram::default(),
+        };
+        for (k, c) in &delta.requests {
+            per_proc
+                .entry((k.tgid, k.dev))
+                .or_insert_with(new_acc)
+                .counts
+                .add(k.op(), *c);
+            per_cgroup
+                .entry((k.cgroup_id, k.dev))
+                .or_default()
+                .0
+                .add(k.op(), *c);
+        }
+        for (k, c) in &delta.bios {
+            per_proc
+                .entry((k.tgid, k.dev))
+                .or_insert_with(new_acc)
+                .bio_counts
+                .add(k.op(), *c);
+            per_cgroup
+                .entry((k.cgroup_id, k.dev))
+                .or_default()
+                .1
+                .add(k.op(), *c);
+        }
+        for (k, h) in &delta.latency {
+            per_proc
+                .entry((k.tgid, k.dev))
+                .or_insert_with(new_acc)
+                .hist
+                .merge(h);
+        }
+
+        let mut devices: BTreeMap<u32, (Arc<DeviceInfo>, OpCounts)> = BTreeMap::new();
+        let mut processes = Vec::with_capacity(per_proc.len());
+        for ((tgid, dev), acc) in per_proc {
+            let info = self.devices.get(dev);
+            let (source, counts) = pick(&info, &acc.counts, &acc.bio_counts);
+            devices
+                .entry(dev)
+                .or_insert_with(|| (info.clone(), OpCounts::default()))
+                .1
+                .merge(&counts);
+            let ident = if tgid == 0 {
+                None
+            } else {
+                self.resolver.resolve(tgid)
+            };
+            processes.push(self.process_row(
+                tgid,
+                &info,
+                ident,
+                source,
+                counts,
+                &acc.bio_counts,
+                &acc.hist,
+            ));
+        }
+        processes.sort_by(row_order);
+
+        let mut cgroups = Vec::with_capacity(per_cgroup.len());
+        for ((id, dev), (req, bio)) in per_cgroup {
+            let info = self.devices.get(dev);
+            let (source, counts) = pick(&info, &req, &bio);
+            if counts.total_ops() == 0 {
+                continue;
+            }
+            cgroups.push(CgroupRow {
+                cgroup: self.cgroups.path(id).unwrap_or_else(|| {
+                    if id == 0 {
+                        "(none)".into()
+                    } else {
+                        format!("(id {id})")
+                    }
+                }),
+                cgroup_id: id,
+                device: info.name.clone(),
+                source,
+                counts,
+            });
+        }
+        cgroups.sort_by_key(|c| std::cmp::Reverse(c.counts.total_ops()));
+
+        let devices = devices
+            .into_values()
+            .map(|(info, counts)| DeviceRow {
+                device: info.name.clone(),
+                major: info.major,
+                minor: info.minor,
+                disk: info.disk.clone(),
+                source: if info.request_based {
+                    CountSource::Request
+                } else {
+                    CountSource::Bio
+                },
+                counts,
+            })
+            .collect();
+
+        let mut health = HealthReport {
+            events: BTreeMap::new(),
+            read_errors,
+        };
+        for h in Health::ALL {
+            let v = delta.health[h as usize];
+            if v != 0 {
+                health.events.insert(h.name(), v);
+            }
+        }
+        self.resolver
+            .retain(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
+        Report {
+            timestamp: rfc3339(delta.wall.unwrap_or_else(SystemTime::now)),
+            interval_s: delta.interval.as_secs_f64(),
+            mode: mode.to_string(),
+            devices,
+            processes,
+            cgroups,
+            health,
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn process_row(
+        &self,
+        tgid: u32,
+        info: &DeviceInfo,
+        ident: Option<Arc<ProcessIdentity>>,
+        source: CountSource,
+        counts: OpCounts,
+        bios: &OpCounts,
+        hist: &Histogram,
+    ) -> ProcessRow {
+        let comm = match (&ident, tgid) {
+            (_, 0) => "[kernel]".to_string(),
+            (Some(p), _) => p.comm.clone(),
+            (None, _) => self
+                .kernel_comms
+                .get(&tgid)
+                .cloned()
+                .unwrap_or_else(|| "?".into()),
+        };
+        ProcessRow {
+            pid: tgid,
+            comm,
+            vm: ident.as_ref().and_then(|p| {
+                p.vm.as_ref().map(|v| VmRef {
+                    name: v.name.clone(),
+                    uuid: v.uuid.clone(),
+                    manager: v.manager,
+                })
+            }),
+            cgroup: ident.as_ref().map(|p| p.cgroup.clone()).unwrap_or_default(),
+            device: info.name.clone(),
+            major: info.major,
+            minor: info.minor,
+            source,
+            counts,
+            read_bios: bios.read_ops,
+            write_bios: bios.write_ops,
+            lat_avg_us: stats::mean_us(hist).map(round2),
+            lat_p99_us: stats::quantile_us(hist, 0.99).map(round2),
+            completions: hist.count(),
+            exited: tgid != 0 && ident.is_none(),
+        }
+    }
+}
+
+fn round2(v: f64) -> f64 {
+    (v * 100.0).round() / 100.0
+}
+
+/// Request counts on blk-mq devices, bio counts on bio-based ones.
+fn pick(info: &DeviceInfo, req: &OpCounts, bio: &OpCounts) -> (CountSource, OpCounts) {
+    if info.request_based {
+        (CountSource::Request, *req)
+    } else {
+        (CountSource::Bio, *bio)
+    }
+}
+
+/// VMs first (by name), then other processes by total ops, busiest first.
+fn row_order(a: &ProcessRow, b: &ProcessRow) -> std::cmp::Ordering {
+    match (&a.vm, &b.vm) {
+        (Some(x), Some(y)) => x.name.cmp(&y.name).then(a.device.cmp(&b.device)),
+        (Some(_), None) => std::cmp::Ordering::Less,
+        (None, Some(_)) => std::cmp::Ordering::Greater,
+        (None, None) => b
+            .counts
+            .total_ops()
+            .cmp(&a.counts.total_ops())
+            .then(a.pid.cmp(&b.pid)),
+    }
+}
+
+/// Key helper for tests and consumers.
+pub fn key(tgid: u32, dev: u32, cgroup_id: u64, op: Op) -> IoKey {
+    IoKey {
+        tgid,
+        dev,
+        cgroup_id,
+        op: op as u8,
+        _pad: [0; 7],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn op_counts_keep_flush_and_discard_apart_from_reads() {
+        let mut c = OpCounts::default();
+        c.add(
+            Op::Read,
+            Counters {
+                ops: 3,
+                bytes: 12288,
+            },
+        );
+        c.add(Op::Flush, Counters { ops: 2, bytes: 0 });
+        c.add(
+            Op::Discard,
+            Counters {
+                ops: 1,
+                bytes: 1 << 20,
+            },
+        );
+        c.add(
+            Op::Write,
+            Counters {
+                ops: 4,
+                bytes: 16384,
+            },
+        );
+        assert_eq!(
+            (c.read_ops, c.write_ops, c.flush_ops, c.discard_ops),
+            (3, 4, 2, 1)
+        );
+        assert_eq!(c.read_bytes, 12288);
+        assert_eq!(c.total_ops(), 10);
+    }
+
+    #[test]
+    fn rfc3339_format() {
+        let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_123);
+        assert_eq!(rfc3339(t), "2023-11-14T22:13:20.123Z");
+    }
+}

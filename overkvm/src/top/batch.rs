@@ -1,0 +1,152 @@
+//! Batch output: one plain-text table per interval, like `top -b`.
+
+use std::io::{self, Write};
+
+use crate::{report::Report, stats};
+
+/// Makes untrusted text (process and VM names) safe for a terminal: control characters,
+/// escape sequences and invalid characters are shown as `\xNN` / `\u{..}`, never emitted raw.
+pub fn sanitize(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for ch in s.chars() {
+        match ch {
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => {
+                let v = c as u32;
+                if v < 0x100 {
+                    out.push_str(&format!("\\x{v:02x}"));
+                } else {
+                    out.push_str(&format!("\\u{{{v:x}}}"));
+                }
+            }
+            // Bidi overrides and zero-width characters can disguise a name.
+            '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' => {
+                out.push_str(&format!("\\u{{{:x}}}", ch as u32));
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Cuts to at most `width` characters, marking the cut with '+'.
+pub fn fit(s: &str, width: usize) -> String {
+    if s.chars().count() <= width {
+        s.to_string()
+    } else {
+        let mut t: String = s.chars().take(width.saturating_sub(1)).collect();
+        t.push('+');
+        t
+    }
+}
+
+fn mb(bytes: u64, secs: f64) -> f64 {
+    if secs <= 0.0 {
+        0.0
+    } else {
+        bytes as f64 / secs / 1e6
+    }
+}
+
+fn opt(v: Option<f64>) -> String {
+    v.map(|v| format!("{v:.0}")).unwrap_or_else(|| "-".into())
+}
+
+/// Writes one interval as text.
+pub fn write_table(out: &mut impl Write, r: &Report) -> io::Result<()> {
+    let secs = r.interval_s;
+    let iv = std::time::Duration::from_secs_f64(secs.max(0.0));
+    writeln!(
+        out,
+        "overkvm-io top - {}  interval {:.2}s  hooks {}  VMs {}  processes {}",
+        r.timestamp,
+        secs,
+        r.mode,
+        r.vm_count(),
+        r.process_count()
+    )?;
+    if !r.health.events.is_empty() || r.health.read_errors > 0 {
+        let parts: Vec<String> = r
+            .health
+            .events
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        writeln!(
+            out,
+            "kernel: {} read_errors={}",
+            parts.join(" "),
+            r.health.read_errors
+        )?;
+    }
+    writeln!(
+        out,
+        "{:<12} {:>9} {:>9} {:>8} {:>8}  {:<7}",
+        "DEVICE", "R/s", "W/s", "RMB/s", "WMB/s", "COUNTS"
+    )?;
+    for d in &r.devices {
+        writeln!(
+            out,
+            "{:<12} {:>9.0} {:>9.0} {:>8.1} {:>8.1}  {:<7}",
+            fit(&sanitize(&d.device), 12),
+            stats::rate(d.counts.read_ops, iv),
+            stats::rate(d.counts.write_ops, iv),
+            mb(d.counts.read_bytes, secs),
+            mb(d.counts.write_bytes, secs),
+            match d.source {
+                crate::report::CountSource::Request => "request",
+                crate::report::CountSource::Bio => "bio",
+            }
+        )?;
+    }
+    writeln!(out)?;
+    writeln!(
+        out,
+        "{:<20} {:>8} {:<10} {:>8} {:>8} {:>7} {:>7} {:>8} {:>8}  CGROUP",
+        "VM/COMM", "PID", "DEVICE", "R/s", "W/s", "RMB/s", "WMB/s", "AVG(us)", "P99(us)"
+    )?;
+    for p in &r.processes {
+        let who = match &p.vm {
+            Some(vm) => format!("vm:{}", vm.name),
+            None if p.exited => format!("({})", p.comm),
+            None => p.comm.clone(),
+        };
+        writeln!(
+            out,
+            "{:<20} {:>8} {:<10} {:>8.0} {:>8.0} {:>7.1} {:>7.1} {:>8} {:>8}  {}",
+            fit(&sanitize(&who), 20),
+            p.pid,
+            fit(&sanitize(&p.device), 10),
+            stats::rate(p.counts.read_ops, iv),
+            stats::rate(p.counts.write_ops, iv),
+            mb(p.counts.read_bytes, secs),
+            mb(p.counts.write_bytes, secs),
+            opt(p.lat_avg_us),
+            opt(p.lat_p99_us),
+            fit(&sanitize(&p.cgroup), 60),
+        )?;
+    }
+    writeln!(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sanitize_neutralises_escapes_and_controls() {
+        assert_eq!(sanitize("qemu\x1b[2Jx"), "qemu\\x1b[2Jx");
+        assert_eq!(sanitize("a\nb\rc\td"), "a\\x0ab\\x0dc\\x09d");
+        assert_eq!(sanitize("\u{9b}31m"), "\\x9b31m");
+        assert_eq!(sanitize("evil\u{202e}gpj.exe"), "evil\\u{202e}gpj.exe");
+        assert_eq!(sanitize("back\\slash"), "back\\\\slash");
+        assert_eq!(sanitize("vm-ünïcode"), "vm-ünïcode");
+        assert!(!sanitize("\x07\x08\x7f").chars().any(|c| c.is_control()));
+    }
+
+    #[test]
+    fn fit_marks_cuts() {
+        assert_eq!(fit("abc", 5), "abc");
+        assert_eq!(fit("abcdef", 4), "abc+");
+    }
+}
