@@ -5,14 +5,14 @@
 
 use std::{collections::BTreeMap, collections::HashMap, sync::Arc, time::SystemTime};
 
-use overkvm_common::{Health, IoKey, Op};
+use overkvm_common::{Health, IoKey, OP_COUNT, Op};
 use serde::Serialize;
 
 use crate::{
     cgroupfs::CgroupNames,
     devices::{DeviceInfo, DeviceTable},
     identity::{Manager, ProcessIdentity, Resolver},
-    sample::{Counters, Delta, Histogram},
+    sample::{Counters, Delta, Histogram, MapFill, Snapshot},
     stats,
 };
 
@@ -118,6 +118,9 @@ pub struct ProcessRow {
     pub completions: u64,
     /// The process had exited when the interval was read.
     pub exited: bool,
+    /// Latency histograms of the interval by `Op` (for the exporter; not in JSON).
+    #[serde(skip)]
+    pub latency: Box<[Histogram; OP_COUNT]>,
 }
 
 impl ProcessRow {
@@ -145,6 +148,8 @@ pub struct HealthReport {
     pub events: BTreeMap<&'static str, u64>,
     /// Map entries that vanished while being read.
     pub read_errors: u64,
+    /// Entries and capacity of each kernel map at the end of the interval.
+    pub maps: BTreeMap<&'static str, MapFill>,
 }
 
 /// Everything one interval says.
@@ -177,6 +182,11 @@ impl Report {
         pids.dedup();
         pids.len()
     }
+}
+
+/// True while /proc has the process (host PID namespace).
+pub fn pid_alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
 /// Formats a wall-clock time as RFC 3339 UTC with milliseconds.
@@ -216,11 +226,13 @@ impl ReportBuilder {
         }
     }
 
-    pub fn build(&mut self, delta: &Delta, mode: &str, read_errors: u64) -> Report {
+    /// Builds the report of `delta`, whose end is `snap`.
+    pub fn build(&mut self, delta: &Delta, mode: &str, snap: &Snapshot) -> Report {
         struct Acc {
             counts: OpCounts,
             bio_counts: OpCounts,
             hist: Histogram,
+            by_op: Box<[Histogram; OP_COUNT]>,
         }
         // (tgid, dev) -> accumulators; the request/bio choice is made per device below.
         let mut per_proc: BTreeMap<(u32, u32), Acc> = BTreeMap::new();
@@ -229,6 +241,7 @@ impl ReportBuilder {
             counts: OpCounts::default(),
             bio_counts: OpCounts::default(),
             hist: Histogram::default(),
+            by_op: Box::default(),
         };
         for (k, c) in &delta.requests {
             per_proc
@@ -277,7 +290,7 @@ impl ReportBuilder {
             } else {
                 self.resolver.resolve(tgid)
             };
-            processes.push(self.process_row(
+            let mut row = self.process_row(
                 tgid,
                 &info,
                 ident,
@@ -285,7 +298,9 @@ impl ReportBuilder {
                 counts,
                 &acc.bio_counts,
                 &acc.hist,
-            ));
+            );
+            row.latency = acc.by_op;
+            processes.push(row);
         }
         processes.sort_by(row_order);
 
@@ -330,7 +345,12 @@ impl ReportBuilder {
 
         let mut health = HealthReport {
             events: BTreeMap::new(),
-            read_errors,
+            read_errors: snap.read_errors,
+            maps: BTreeMap::from([
+                ("io_stats", snap.fill[0]),
+                ("bio_stats", snap.fill[1]),
+                ("latency", snap.fill[2]),
+            ]),
         };
         for h in Health::ALL {
             let v = delta.health[h as usize];
@@ -338,8 +358,8 @@ impl ReportBuilder {
                 health.events.insert(h.name(), v);
             }
         }
-        self.resolver
-            .retain(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
+        self.resolver.retain(pid_alive);
+        self.kernel_comms.retain(|pid, _| pid_alive(*pid));
         Report {
             timestamp: rfc3339(delta.wall.unwrap_or_else(SystemTime::now)),
             interval_s: delta.interval.as_secs_f64(),
@@ -393,6 +413,7 @@ impl ReportBuilder {
             lat_p99_us: stats::quantile_us(hist, 0.99).map(round2),
             completions: hist.count(),
             exited: tgid != 0 && ident.is_none(),
+            latency: Box::default(),
         }
     }
 }

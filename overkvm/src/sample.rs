@@ -197,6 +197,62 @@ impl Sampler {
         &self.programs
     }
 
+    /// Deletes the map entries of processes that have exited, once a snapshot holding their
+    /// final values has been taken (`snap`), so the maps do not fill up with the dead on a
+    /// host that starts many short-lived processes. Deltas stay right: a key missing from the
+    /// next snapshot contributes nothing. Returns how many entries were deleted.
+    ///
+    /// An entry whose value changed since `snap` is kept (a new process reusing the PID).
+    pub fn prune(&mut self, snap: &Snapshot, alive: impl Fn(u32) -> bool) -> usize {
+        let dead = |k: &IoKey| k.tgid != 0 && !alive(k.tgid);
+        let mut deleted = 0;
+        let ebpf = self.programs.ebpf_mut();
+        for (name, values) in [
+            (maps::IO_STATS, &snap.requests),
+            (maps::BIO_STATS, &snap.bios),
+        ] {
+            let Some(map) = ebpf.map_mut(name) else {
+                continue;
+            };
+            let Ok(mut table) = PerCpuHashMap::<&mut MapData, IoKey, IoCounters>::try_from(map)
+            else {
+                continue;
+            };
+            for (key, seen) in values.iter().filter(|(k, _)| dead(k)) {
+                let unchanged = table.get(key, 0).is_ok_and(|per_cpu| {
+                    let ops: u64 = per_cpu.iter().map(|v| v.ops).sum();
+                    ops == seen.ops
+                });
+                if unchanged && table.remove(key).is_ok() {
+                    deleted += 1;
+                }
+            }
+        }
+        if let Some(map) = ebpf.map_mut(maps::LATENCY) {
+            if let Ok(mut table) = PerCpuHashMap::<&mut MapData, LatKey, LatValue>::try_from(map) {
+                for (io, hist) in snap.latency.iter().filter(|(k, _)| dead(k)) {
+                    for (bucket, seen) in hist.buckets.iter().enumerate() {
+                        if seen.count == 0 {
+                            continue;
+                        }
+                        let lk = LatKey {
+                            io: *io,
+                            bucket: bucket as u32,
+                            _pad: 0,
+                        };
+                        let unchanged = table.get(&lk, 0).is_ok_and(|per_cpu| {
+                            per_cpu.iter().map(|v| v.count).sum::<u64>() == seen.count
+                        });
+                        if unchanged && table.remove(&lk).is_ok() {
+                            deleted += 1;
+                        }
+                    }
+                }
+            }
+        }
+        deleted
+    }
+
     /// Reads every map once.
     pub fn snapshot(&self) -> anyhow::Result<Snapshot> {
         let ebpf = self.programs.ebpf();

@@ -5,7 +5,7 @@ use std::{collections::HashMap, process::Command, time::Duration};
 
 use overkvm::{
     bpf::{HookMode, LoadOptions, Programs},
-    sample::{Delta, Sampler, delta},
+    sample::{Delta, Sampler, Snapshot, delta},
 };
 use overkvm_common::{Health, Op};
 use overkvm_tests::{
@@ -62,7 +62,11 @@ fn losses(d: &Delta) -> Vec<(&'static str, u64)> {
 }
 
 /// Runs `plans` concurrently against `target`, between two snapshots.
-fn run_plans(sampler: &Sampler, target: &std::path::Path, plans: &[IoPlan]) -> (Delta, Vec<u32>) {
+fn run_plans(
+    sampler: &Sampler,
+    target: &std::path::Path,
+    plans: &[IoPlan],
+) -> (Delta, Vec<u32>, Snapshot) {
     let before = sampler.snapshot().expect("snapshot");
     let children: Vec<_> = plans
         .iter()
@@ -75,7 +79,7 @@ fn run_plans(sampler: &Sampler, target: &std::path::Path, plans: &[IoPlan]) -> (
         assert!(st.success(), "iogen failed: {st}");
     }
     let after = sampler.snapshot().expect("snapshot");
-    (delta(&before, &after), pids)
+    (delta(&before, &after), pids, after)
 }
 
 fn plans(n: u64, region: u64) -> Vec<IoPlan> {
@@ -103,7 +107,7 @@ fn exact_on_loop(mode: HookMode) {
     assert_eq!(programs.mode, mode);
     let sampler = Sampler::new(programs);
     let plans = plans(4, 16 << 20);
-    let (d, pids) = run_plans(&sampler, &lo.path, &plans);
+    let (d, pids, after) = run_plans(&sampler, &lo.path, &plans);
     for (pid, plan) in pids.iter().zip(&plans) {
         let req = seen(&d, *pid, lo.dev(), false);
         eprintln!(
@@ -167,7 +171,7 @@ fn bio_based_zram_counts_match() {
     };
     let sampler = Sampler::new(Programs::load(&LoadOptions::default()).expect("load"));
     let plans = plans(3, 16 << 20);
-    let (d, pids) = run_plans(&sampler, &z.path, &plans);
+    let (d, pids, after) = run_plans(&sampler, &z.path, &plans);
     for (pid, plan) in pids.iter().zip(&plans) {
         let bio = seen(&d, *pid, z.dev(), true);
         eprintln!(
@@ -186,7 +190,7 @@ fn bio_based_zram_counts_match() {
     }
     // And the report picks bios as the source for this device.
     let mut builder = overkvm::report::ReportBuilder::new();
-    let report = builder.build(&d, "test", 0);
+    let report = builder.build(&d, "test", &after);
     let dev = report
         .devices
         .iter()

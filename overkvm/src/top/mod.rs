@@ -27,7 +27,7 @@ pub fn run(args: &TopArgs) -> anyhow::Result<()> {
         log::warn!("{note}");
     }
     let mode = programs.mode.name().to_string();
-    let sampler = Sampler::new(programs);
+    let mut sampler = Sampler::new(programs);
     let mut builder = ReportBuilder::new();
     let mut prev = sampler.snapshot()?;
     let mut done = 0u64;
@@ -40,7 +40,7 @@ pub fn run(args: &TopArgs) -> anyhow::Result<()> {
         let cur = sampler.snapshot()?;
         builder.note_comms(&cur.comms);
         let d = delta(&prev, &cur);
-        let mut report = builder.build(&d, &mode, cur.read_errors);
+        let mut report = builder.build(&d, &mode, &cur);
         if args.vms_only {
             report.processes.retain(|p| p.vm.is_some());
         }
@@ -59,6 +59,7 @@ pub fn run(args: &TopArgs) -> anyhow::Result<()> {
             }
             return Err(e);
         }
+        sampler.prune(&cur, crate::report::pid_alive);
         prev = cur;
         done += 1;
     }
