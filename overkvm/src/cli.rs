@@ -29,6 +29,9 @@ pub enum Command {
     /// Report what this host supports (BTF, tracepoints, hook mode, cgroups, permissions) and
     /// what will not work, and why. Exits non-zero when overkvm cannot run here.
     Check(CheckArgs),
+    /// Run the daemon: Prometheus metrics on /metrics, and automatic IOPS throttling when the
+    /// config file sets device budgets. Stops on SIGTERM/SIGINT, removing every limit it set.
+    Serve(ServeArgs),
 }
 
 /// Options of the kernel programs.
@@ -60,6 +63,33 @@ pub struct TopArgs {
     /// Show only VMs (qemu processes).
     #[arg(long)]
     pub vms_only: bool,
+    #[command(flatten)]
+    pub hooks: HookArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address of the metrics endpoint (loopback by default: put a proxy or firewall rule in
+    /// front before exposing it).
+    #[arg(long, default_value = crate::serve::DEFAULT_LISTEN)]
+    pub listen: std::net::SocketAddr,
+    /// TOML config: device budgets, VM rules, policy knobs (see README, "Throttling").
+    #[arg(short, long)]
+    pub config: Option<std::path::PathBuf>,
+    /// Sampling and control interval in seconds (default 1, or [policy] interval).
+    #[arg(short = 'i', long, value_parser = parse_interval)]
+    pub interval: Option<Duration>,
+    /// Decide and report limits, but write nothing to cgroups.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Also export non-VM processes (by comm), at most --per-process-cap of them.
+    #[arg(long)]
+    pub per_process: bool,
+    #[arg(long, default_value = "100")]
+    pub per_process_cap: usize,
+    /// How long the series of a VM that exited stay exported, in seconds.
+    #[arg(long, default_value = "300", value_parser = parse_interval)]
+    pub grace: Duration,
     #[command(flatten)]
     pub hooks: HookArgs,
 }

@@ -4,7 +4,7 @@ use clap::Parser as _;
 use overkvm::{
     check,
     cli::{Cli, Command},
-    top,
+    serve, top,
 };
 
 fn main() {
@@ -19,6 +19,7 @@ fn main() {
         .init();
     let result = match &cli.command {
         Command::Top(args) => top::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Check(args) => {
             let report = check::run_checks();
             if args.json {

@@ -228,24 +228,24 @@ impl Sampler {
                 }
             }
         }
-        if let Some(map) = ebpf.map_mut(maps::LATENCY) {
-            if let Ok(mut table) = PerCpuHashMap::<&mut MapData, LatKey, LatValue>::try_from(map) {
-                for (io, hist) in snap.latency.iter().filter(|(k, _)| dead(k)) {
-                    for (bucket, seen) in hist.buckets.iter().enumerate() {
-                        if seen.count == 0 {
-                            continue;
-                        }
-                        let lk = LatKey {
-                            io: *io,
-                            bucket: bucket as u32,
-                            _pad: 0,
-                        };
-                        let unchanged = table.get(&lk, 0).is_ok_and(|per_cpu| {
-                            per_cpu.iter().map(|v| v.count).sum::<u64>() == seen.count
-                        });
-                        if unchanged && table.remove(&lk).is_ok() {
-                            deleted += 1;
-                        }
+        if let Some(map) = ebpf.map_mut(maps::LATENCY)
+            && let Ok(mut table) = PerCpuHashMap::<&mut MapData, LatKey, LatValue>::try_from(map)
+        {
+            for (io, hist) in snap.latency.iter().filter(|(k, _)| dead(k)) {
+                for (bucket, seen) in hist.buckets.iter().enumerate() {
+                    if seen.count == 0 {
+                        continue;
+                    }
+                    let lk = LatKey {
+                        io: *io,
+                        bucket: bucket as u32,
+                        _pad: 0,
+                    };
+                    let unchanged = table.get(&lk, 0).is_ok_and(|per_cpu| {
+                        per_cpu.iter().map(|v| v.count).sum::<u64>() == seen.count
+                    });
+                    if unchanged && table.remove(&lk).is_ok() {
+                        deleted += 1;
                     }
                 }
             }

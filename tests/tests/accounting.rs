@@ -139,6 +139,22 @@ fn exact_on_loop(mode: HookMode) {
         "kernel-side losses: {:?}",
         losses(&d)
     );
+
+    // The generators have exited: their entries are harvested, then deleted from the maps.
+    let mut sampler = sampler;
+    let deleted = sampler.prune(&after, overkvm::report::pid_alive);
+    assert!(deleted >= pids.len() * 2, "deleted only {deleted} entries");
+    let later = sampler.snapshot().unwrap();
+    for pid in &pids {
+        assert!(
+            !later.requests.keys().any(|k| k.tgid == *pid),
+            "entries of {pid} left"
+        );
+        assert!(!later.latency.keys().any(|k| k.tgid == *pid));
+    }
+    // Nothing is counted twice or lost across the deletion.
+    let d2 = delta(&after, &later);
+    assert!(!d2.requests.keys().any(|k| pids.contains(&k.tgid)));
 }
 
 #[test]

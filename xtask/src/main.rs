@@ -1,6 +1,7 @@
 //! Developer tasks. `cargo xtask run -- top` and `cargo xtask test` are the two commands of the
 //! README: each installs what it needs first (and says so), then does its job.
 
+mod bench;
 mod setup;
 
 use std::{
@@ -39,6 +40,9 @@ enum Task {
         /// Only tests whose name contains this.
         filter: Option<String>,
     },
+    /// Benchmarks: cost per I/O against a peer, IOPS kept under tracing, the daemon at scale.
+    /// Prints figures and writes them into BENCHMARKS.md.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -77,6 +81,12 @@ fn run(x: Xtask) -> anyhow::Result<()> {
                 std::process::exit(status.code().unwrap_or(1));
             }
             Ok(())
+        }
+        Task::Bench(args) => {
+            setup::toolchain()?;
+            setup::test_packages()?;
+            build()?;
+            bench::run(&args)
         }
         Task::Test { filter } => {
             setup::toolchain()?;

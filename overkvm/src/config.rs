@@ -1,0 +1,351 @@
+//! The TOML configuration: device budgets, per-VM rules and policy knobs, validated as a whole
+//! before anything is applied. Errors name the line and say what is wrong.
+//!
+//! The smallest useful file:
+//! ```toml
+//! [[device]]
+//! device = "loop0"
+//! iops = 3000
+//! ```
+
+use std::{path::Path, time::Duration};
+
+use anyhow::Context as _;
+use serde::{Deserialize, Deserializer};
+use toml::Spanned;
+
+/// A duration written as seconds (`1`, `0.5`) or with a unit (`"1s"`, `"500ms"`, `"2m"`).
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Secs(f64),
+        Text(String),
+    }
+    let raw = Option::<Raw>::deserialize(d)?;
+    let dur = match raw {
+        None => return Ok(None),
+        Some(Raw::Secs(s)) if s.is_finite() && s > 0.0 && s <= 86_400.0 => {
+            Duration::from_secs_f64(s)
+        }
+        Some(Raw::Secs(s)) => {
+            return Err(serde::de::Error::custom(format!(
+                "{s} s is not a duration between 0 and 86400 s"
+            )));
+        }
+        Some(Raw::Text(t)) => humantime::parse_duration(t.trim())
+            .map_err(|e| serde::de::Error::custom(format!("{t:?} is not a duration: {e}")))?,
+    };
+    if dur.is_zero() {
+        return Err(serde::de::Error::custom("a duration must be positive"));
+    }
+    Ok(Some(dur))
+}
+
+/// Control-loop knobs. Every one has a default that works without configuration.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// Control loop period (default 1 s).
+    #[serde(default, deserialize_with = "de_duration")]
+    pub interval: Option<Duration>,
+    /// Ticks a device must be over `engage_above` × budget before limits are set (default 2).
+    pub engage_ticks: Option<u32>,
+    /// Fraction of the budget above which a device counts as over (default 1.0).
+    pub engage_above: Option<f64>,
+    /// Fraction of the budget below which demand counts as low (default 0.7).
+    pub release_below: Option<f64>,
+    /// Ticks of low demand before every limit on a device is removed (default 10).
+    pub release_ticks: Option<u32>,
+    /// No guest is limited below this many IOPS per direction (default 20).
+    pub floor_iops: Option<u64>,
+    /// Relative change below which a limit is not rewritten (default 0.1): each write restarts
+    /// the kernel's throttle slice.
+    pub deadband: Option<f64>,
+    /// Largest relative increase of a limit per tick while relaxing (default 0.25).
+    pub relax_step: Option<f64>,
+    /// Move a VM's qemu (all threads) into its own cgroup under `overkvm/` when it shares one.
+    pub manage_cgroups: Option<bool>,
+    /// Where the record of written limits is kept (default /run/overkvm/throttle.json).
+    pub state_file: Option<String>,
+}
+
+/// One device's budget. Budgets apply to whole disks, by name, /dev path or "MAJ:MIN".
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceBudgetSpec {
+    pub device: String,
+    /// Total (read + write) IOPS budget.
+    pub iops: Option<u64>,
+    pub read_iops: Option<u64>,
+    pub write_iops: Option<u64>,
+    /// Optional bandwidth budget (bytes per second), total or per direction.
+    pub bps: Option<u64>,
+    pub read_bps: Option<u64>,
+    pub write_bps: Option<u64>,
+}
+
+/// How a VM rule picks VMs.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VmRule {
+    /// Match on the VM name.
+    pub name: Option<String>,
+    /// Match on the VM UUID.
+    pub uuid: Option<String>,
+    /// Match every VM of a manager: qemu, libvirt, nova, proxmox.
+    pub manager: Option<String>,
+    /// Share weight relative to others (default 1).
+    pub weight: Option<f64>,
+    /// IOPS guaranteed before anyone else's share (per device).
+    pub reservation_iops: Option<u64>,
+    /// Never limit this VM.
+    #[serde(default)]
+    pub exempt: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    policy: Policy,
+    #[serde(default)]
+    device: Vec<Spanned<DeviceBudgetSpec>>,
+    #[serde(default)]
+    vm: Vec<Spanned<VmRule>>,
+}
+
+/// A validated configuration.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Config {
+    pub policy: Policy,
+    pub devices: Vec<DeviceBudgetSpec>,
+    pub vms: Vec<VmRule>,
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+impl Config {
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config {}", path.display()))?;
+        Config::parse(&text).with_context(|| format!("invalid config {}", path.display()))
+    }
+
+    /// Parses and validates config text; the error names the line and the reason.
+    pub fn parse(text: &str) -> anyhow::Result<Config> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|s| line_of(text, s.start));
+            match line {
+                Some(l) => anyhow::anyhow!("line {l}: {}", e.message()),
+                None => anyhow::anyhow!("{}", e.message()),
+            }
+        })?;
+        let p = &raw.policy;
+        let check_frac = |v: Option<f64>, name: &str, lo: f64, hi: f64| -> anyhow::Result<()> {
+            if let Some(v) = v
+                && !(v.is_finite() && v >= lo && v <= hi)
+            {
+                anyhow::bail!("[policy] {name} = {v} is out of range ({lo} to {hi})");
+            }
+            Ok(())
+        };
+        check_frac(p.engage_above, "engage_above", 0.1, 10.0)?;
+        check_frac(p.release_below, "release_below", 0.0, 1.0)?;
+        check_frac(p.deadband, "deadband", 0.0, 0.9)?;
+        check_frac(p.relax_step, "relax_step", 0.01, 10.0)?;
+        if let (Some(e), Some(r)) = (p.engage_above, p.release_below)
+            && r >= e
+        {
+            anyhow::bail!("[policy] release_below ({r}) must be below engage_above ({e})");
+        }
+        if p.engage_ticks == Some(0) || p.release_ticks == Some(0) {
+            anyhow::bail!("[policy] engage_ticks and release_ticks must be at least 1");
+        }
+        if p.floor_iops == Some(0) {
+            anyhow::bail!(
+                "[policy] floor_iops must be at least 1 (a limit of 0 is refused by the kernel)"
+            );
+        }
+
+        let mut devices = Vec::new();
+        for d in &raw.device {
+            let line = line_of(text, d.span().start);
+            let v = d.get_ref();
+            let fail =
+                |msg: String| anyhow::anyhow!("line {line}: [[device]] {:?}: {msg}", v.device);
+            if v.device.trim().is_empty() {
+                return Err(fail("device is empty".into()));
+            }
+            let has_iops = v.iops.is_some() || v.read_iops.is_some() || v.write_iops.is_some();
+            let has_bps = v.bps.is_some() || v.read_bps.is_some() || v.write_bps.is_some();
+            if !has_iops && !has_bps {
+                return Err(fail(
+                    "needs a budget: iops (or read_iops/write_iops) or bps".into(),
+                ));
+            }
+            if v.iops.is_some() && (v.read_iops.is_some() || v.write_iops.is_some()) {
+                return Err(fail(
+                    "give either iops (total) or read_iops/write_iops, not both".into(),
+                ));
+            }
+            if v.bps.is_some() && (v.read_bps.is_some() || v.write_bps.is_some()) {
+                return Err(fail(
+                    "give either bps (total) or read_bps/write_bps, not both".into(),
+                ));
+            }
+            for (name, val) in [
+                ("iops", v.iops),
+                ("read_iops", v.read_iops),
+                ("write_iops", v.write_iops),
+                ("bps", v.bps),
+                ("read_bps", v.read_bps),
+                ("write_bps", v.write_bps),
+            ] {
+                if val == Some(0) {
+                    return Err(fail(format!("{name} must be positive")));
+                }
+            }
+            if devices
+                .iter()
+                .any(|o: &DeviceBudgetSpec| o.device.trim() == v.device.trim())
+            {
+                return Err(fail("the same device has two budgets".into()));
+            }
+            devices.push(v.clone());
+        }
+        let mut vms = Vec::new();
+        for r in &raw.vm {
+            let line = line_of(text, r.span().start);
+            let v = r.get_ref();
+            let sel = [v.name.is_some(), v.uuid.is_some(), v.manager.is_some()]
+                .iter()
+                .filter(|b| **b)
+                .count();
+            if sel != 1 {
+                anyhow::bail!("line {line}: [[vm]] needs exactly one of name, uuid or manager");
+            }
+            if let Some(m) = &v.manager
+                && !matches!(m.as_str(), "qemu" | "libvirt" | "nova" | "proxmox")
+            {
+                anyhow::bail!(
+                    "line {line}: [[vm]] manager {m:?} is not one of qemu, libvirt, nova, proxmox"
+                );
+            }
+            if let Some(w) = v.weight
+                && !(w.is_finite() && w > 0.0 && w <= 1000.0)
+            {
+                anyhow::bail!("line {line}: [[vm]] weight {w} must be between 0 and 1000");
+            }
+            vms.push(v.clone());
+        }
+        Ok(Config {
+            policy: raw.policy,
+            devices,
+            vms,
+        })
+    }
+
+    /// The rule that applies to a VM: name and uuid rules before manager rules.
+    pub fn rule_for(&self, name: &str, uuid: Option<&str>, manager: &str) -> Option<&VmRule> {
+        self.vms
+            .iter()
+            .find(|r| r.name.as_deref() == Some(name))
+            .or_else(|| {
+                uuid.and_then(|u| {
+                    self.vms
+                        .iter()
+                        .find(|r| r.uuid.as_deref().is_some_and(|x| x.eq_ignore_ascii_case(u)))
+                })
+            })
+            .or_else(|| {
+                self.vms
+                    .iter()
+                    .find(|r| r.manager.as_deref() == Some(manager))
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimal_file_works() {
+        let c = Config::parse("[[device]]\ndevice = \"loop0\"\niops = 3000\n").unwrap();
+        assert_eq!(c.devices.len(), 1);
+        assert_eq!(c.devices[0].iops, Some(3000));
+        assert_eq!(c.policy, Policy::default());
+    }
+
+    #[test]
+    fn full_file_parses() {
+        let c = Config::parse(
+            r#"
+[policy]
+interval = "500ms"
+engage_ticks = 3
+engage_above = 1.0
+release_below = 0.6
+floor_iops = 30
+deadband = 0.05
+
+[[device]]
+device = "7:0"
+read_iops = 2000
+write_iops = 1000
+write_bps = 100000000
+
+[[vm]]
+name = "db1"
+weight = 3
+reservation_iops = 200
+
+[[vm]]
+manager = "proxmox"
+exempt = true
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.policy.interval, Some(Duration::from_millis(500)));
+        assert_eq!(c.vms.len(), 2);
+        assert_eq!(c.rule_for("db1", None, "qemu").unwrap().weight, Some(3.0));
+        assert!(c.rule_for("x", None, "proxmox").unwrap().exempt);
+        assert!(c.rule_for("x", None, "nova").is_none());
+    }
+
+    fn err(text: &str) -> String {
+        format!("{:#}", Config::parse(text).unwrap_err())
+    }
+
+    #[test]
+    fn errors_name_the_line_and_reason() {
+        let e = err("[[device]]\ndevice = \"loop0\"\niops = \"many\"\n");
+        assert!(e.contains("line 3"), "{e}");
+        let e = err("\n\n[[device]]\ndevice = \"loop0\"\n");
+        assert!(e.contains("line 3") && e.contains("needs a budget"), "{e}");
+        let e = err("[[device]]\ndevice = \"loop0\"\niops = 0\n");
+        assert!(e.contains("positive"), "{e}");
+        let e = err("[[device]]\ndevice = \"loop0\"\niops = 10\nread_iops = 5\n");
+        assert!(e.contains("not both"), "{e}");
+        let e = err("[[device]]\ndevice = \"loop0\"\niops = 10\nbogus = 1\n");
+        assert!(e.contains("line 4") && e.contains("bogus"), "{e}");
+        let e = err("[[device]]\ndevice = \"a\"\niops = 1\n[[device]]\ndevice = \"a\"\niops = 2\n");
+        assert!(e.contains("line 4") && e.contains("two budgets"), "{e}");
+        let e = err("[[vm]]\nname = \"a\"\nuuid = \"b\"\n");
+        assert!(e.contains("exactly one"), "{e}");
+        let e = err("[[vm]]\nmanager = \"vmware\"\n");
+        assert!(e.contains("vmware"), "{e}");
+        let e = err("[policy]\ninterval = \"soon\"\n");
+        assert!(e.contains("line 2") && e.contains("not a duration"), "{e}");
+        let e = err("[policy]\nrelease_below = 0.9\nengage_above = 0.8\n");
+        assert!(e.contains("must be below"), "{e}");
+        let e = err("[[device]\n");
+        assert!(e.contains("line 1"), "{e}");
+        let e = err("[[device]]\ndevice = \"loop0\"\niops = -5\n");
+        assert!(e.contains("line 3"), "{e}");
+    }
+}

@@ -1,0 +1,140 @@
+//! `overkvm-io serve`: the daemon. One sampler ticks; each tick's report goes to the throttle
+//! (when budgets are configured) and then to the exporter, which serves `/metrics`. Signals
+//! stop it cleanly: the throttle removes every limit it set before the process exits.
+
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::{
+    bpf::{self, LoadOptions, Programs},
+    cli::ServeArgs,
+    config::Config,
+    export::{ExportOptions, Exporter},
+    report::{ReportBuilder, pid_alive},
+    sample::{Sampler, delta},
+    throttle::ThrottleService,
+    tick::{ProgramStat, Tick},
+};
+
+/// Default address of `/metrics`: loopback only, port 9746.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9746";
+
+pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
+    // Validate everything the operator wrote before touching the kernel.
+    let config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    bpf::preflight()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(serve(args, config))
+}
+
+async fn serve(args: &ServeArgs, config: Config) -> anyhow::Result<()> {
+    let interval = args
+        .interval
+        .or(config.policy.interval)
+        .unwrap_or(Duration::from_secs(1));
+    let programs = Programs::load(&LoadOptions {
+        mode: args.hooks.hooks,
+        bio: !args.hooks.no_bio,
+    })?;
+    for note in &programs.notes {
+        log::warn!("{note}");
+    }
+    // The kernel's per-program run time, for the exporter's self-metrics; off again on exit.
+    let _stats = bpf::enable_run_stats()
+        .inspect_err(|e| log::warn!("no BPF run-time statistics: {e:#}"))
+        .ok();
+    let mode = programs.mode.name().to_string();
+    log::info!("attached {:?} ({mode})", programs.attached);
+
+    let listen: SocketAddr = args.listen;
+    let exporter = Arc::new(Exporter::new(ExportOptions {
+        per_process: args.per_process,
+        per_process_cap: args.per_process_cap,
+        grace: args.grace,
+    }));
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("listening on {listen}"))?;
+    eprintln!("overkvm-io serve: metrics on http://{listen}/metrics");
+    let server = tokio::spawn(exporter.clone().serve(listener));
+
+    let mut throttle = if config.devices.is_empty() {
+        None
+    } else {
+        Some(ThrottleService::start(&config, args.dry_run)?)
+    };
+
+    let mut sampler = Sampler::new(programs);
+    let mut builder = ReportBuilder::new();
+    let mut prev = sampler.snapshot()?;
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let result = loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = term.recv() => break Ok(()),
+            _ = int.recv() => break Ok(()),
+        }
+        let started = Instant::now();
+        let cur = match sampler.snapshot() {
+            Ok(s) => s,
+            Err(e) => break Err(e),
+        };
+        builder.note_comms(&cur.comms);
+        let d = delta(&prev, &cur);
+        let report = Arc::new(builder.build(&d, &mode, &cur));
+        let mut tick = Tick {
+            at: started,
+            report,
+            health_total: cur.health,
+            maps: vec![
+                ("io_stats", cur.fill[0]),
+                ("bio_stats", cur.fill[1]),
+                ("latency", cur.fill[2]),
+            ],
+            programs: sampler
+                .programs()
+                .run_stats()
+                .into_iter()
+                .map(|(name, run_count, run_time_ns)| ProgramStat {
+                    name,
+                    run_count,
+                    run_time_ns,
+                })
+                .collect(),
+            sample_seconds: 0.0,
+            throttle: None,
+        };
+        if let Some(t) = throttle.as_mut() {
+            tick.throttle = Some(t.on_tick(&tick.report));
+        }
+        tick.sample_seconds = started.elapsed().as_secs_f64();
+        exporter.update(&tick);
+        sampler.prune(&cur, pid_alive);
+        prev = cur;
+        if server.is_finished() {
+            break Err(anyhow::anyhow!("the metrics server stopped"));
+        }
+    };
+    if let Some(mut t) = throttle {
+        t.shutdown();
+    }
+    server.abort();
+    result
+}
