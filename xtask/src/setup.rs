@@ -90,6 +90,9 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("cpio", "cpio"),
     ("e2fsprogs", "mkfs.ext4"),
     ("fio", "fio"),
+    ("tmux", "tmux"),
+    ("prometheus", "prometheus"),
+    ("bpftrace", "bpftrace"),
 ];
 
 fn installed(pkg: &str) -> bool {
