@@ -1,4 +1,6 @@
-//! Automatic IOPS throttling (being written).
+//! Automatic IOPS throttling: device budgets enforced through cgroup io.max / blkio.throttle.
+
+pub mod policy;
 
 use crate::{config::Config, report::Report, tick::ThrottleView};
 
