@@ -32,6 +32,28 @@ pub enum Command {
     /// Run the daemon: Prometheus metrics on /metrics, and automatic IOPS throttling when the
     /// config file sets device budgets. Stops on SIGTERM/SIGINT, removing every limit it set.
     Serve(ServeArgs),
+    /// Inspect or undo the throttle's limits without the daemon.
+    #[command(subcommand)]
+    Throttle(ThrottleCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ThrottleCommand {
+    /// Remove every limit, cgroup move and cgroup a (stopped or crashed) daemon left, as
+    /// recorded in its state file. For ExecStopPost= of the systemd unit.
+    Reset {
+        /// The daemon's config (for a non-default state_file).
+        #[arg(short, long)]
+        config: Option<std::path::PathBuf>,
+    },
+    /// Show budgets, current use and every active limit (from the running daemon's status
+    /// file and the state file).
+    Status {
+        #[arg(short, long)]
+        config: Option<std::path::PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Options of the kernel programs.

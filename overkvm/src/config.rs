@@ -59,7 +59,7 @@ pub struct Policy {
     pub release_ticks: Option<u32>,
     /// No guest is limited below this many IOPS per direction (default 20).
     pub floor_iops: Option<u64>,
-    /// Relative change below which a limit is not rewritten (default 0.1): each write restarts
+    /// Relative change below which a limit is not rewritten (default 0.04): each write restarts
     /// the kernel's throttle slice.
     pub deadband: Option<f64>,
     /// Largest relative increase of a limit per tick while relaxing (default 0.25).
@@ -71,7 +71,7 @@ pub struct Policy {
 }
 
 /// One device's budget. Budgets apply to whole disks, by name, /dev path or "MAJ:MIN".
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceBudgetSpec {
     pub device: String,

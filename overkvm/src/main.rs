@@ -4,7 +4,7 @@ use clap::Parser as _;
 use overkvm::{
     check,
     cli::{Cli, Command},
-    serve, top,
+    serve, throttle, top,
 };
 
 fn main() {
@@ -20,6 +20,7 @@ fn main() {
     let result = match &cli.command {
         Command::Top(args) => top::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Throttle(cmd) => throttle::command::run(cmd),
         Command::Check(args) => {
             let report = check::run_checks();
             if args.json {

@@ -103,6 +103,9 @@ pub struct ProcessRow {
     pub vm: Option<VmRef>,
     /// The process's own cgroup (v2 path, or the v1 blkio path on v1 hosts); "" if unknown.
     pub cgroup: String,
+    /// The cgroup the kernel charged this I/O to (the bios' blkcg, relative to the block
+    /// controller's hierarchy): the one io.max / blkio.throttle limits act on.
+    pub io_cgroup: Option<String>,
     pub device: String,
     pub major: u32,
     pub minor: u32,
@@ -229,6 +232,8 @@ impl ReportBuilder {
     /// Builds the report of `delta`, whose end is `snap`.
     pub fn build(&mut self, delta: &Delta, mode: &str, snap: &Snapshot) -> Report {
         struct Acc {
+            /// Ops per owning cgroup id, to name the main one.
+            owners: BTreeMap<u64, u64>,
             counts: OpCounts,
             bio_counts: OpCounts,
             hist: Histogram,
@@ -238,17 +243,16 @@ impl ReportBuilder {
         let mut per_proc: BTreeMap<(u32, u32), Acc> = BTreeMap::new();
         let mut per_cgroup: BTreeMap<(u64, u32), (OpCounts, OpCounts)> = BTreeMap::new();
         let new_acc = || Acc {
+            owners: BTreeMap::new(),
             counts: OpCounts::default(),
             bio_counts: OpCounts::default(),
             hist: Histogram::default(),
             by_op: Box::default(),
         };
         for (k, c) in &delta.requests {
-            per_proc
-                .entry((k.tgid, k.dev))
-                .or_insert_with(new_acc)
-                .counts
-                .add(k.op(), *c);
+            let acc = per_proc.entry((k.tgid, k.dev)).or_insert_with(new_acc);
+            acc.counts.add(k.op(), *c);
+            *acc.owners.entry(k.cgroup_id).or_default() += c.ops;
             per_cgroup
                 .entry((k.cgroup_id, k.dev))
                 .or_default()
@@ -256,11 +260,9 @@ impl ReportBuilder {
                 .add(k.op(), *c);
         }
         for (k, c) in &delta.bios {
-            per_proc
-                .entry((k.tgid, k.dev))
-                .or_insert_with(new_acc)
-                .bio_counts
-                .add(k.op(), *c);
+            let acc = per_proc.entry((k.tgid, k.dev)).or_insert_with(new_acc);
+            acc.bio_counts.add(k.op(), *c);
+            *acc.owners.entry(k.cgroup_id).or_default() += c.ops;
             per_cgroup
                 .entry((k.cgroup_id, k.dev))
                 .or_default()
@@ -300,6 +302,11 @@ impl ReportBuilder {
                 &acc.hist,
             );
             row.latency = acc.by_op;
+            row.io_cgroup = acc
+                .owners
+                .iter()
+                .max_by_key(|(_, ops)| **ops)
+                .and_then(|(id, _)| self.cgroups.path(*id));
             processes.push(row);
         }
         processes.sort_by(row_order);
@@ -402,6 +409,7 @@ impl ReportBuilder {
                 })
             }),
             cgroup: ident.as_ref().map(|p| p.cgroup.clone()).unwrap_or_default(),
+            io_cgroup: None,
             device: info.name.clone(),
             major: info.major,
             minor: info.minor,

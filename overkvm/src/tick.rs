@@ -5,7 +5,7 @@
 use std::{sync::Arc, time::Instant};
 
 use overkvm_common::HEALTH_SLOTS;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{report::Report, sample::MapFill};
 
@@ -18,7 +18,7 @@ pub struct ProgramStat {
 }
 
 /// A limit the throttle has in place on one VM and device.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ActiveLimit {
     pub vm: String,
     pub cgroup: String,
@@ -32,7 +32,7 @@ pub struct ActiveLimit {
 }
 
 /// A device budget and how much of it the last interval used.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct BudgetUse {
     pub device: String,
     pub iops_budget: Option<u64>,
@@ -42,7 +42,7 @@ pub struct BudgetUse {
 }
 
 /// The throttle's state after a tick, for display and metrics.
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct ThrottleView {
     pub dry_run: bool,
     pub budgets: Vec<BudgetUse>,

@@ -1,24 +1,630 @@
-//! Automatic IOPS throttling: device budgets enforced through cgroup io.max / blkio.throttle.
+//! Automatic IOPS throttling: keep each budgeted device under its budget by limiting the VMs
+//! responsible through cgroup `io.max` (v2) or `blkio.throttle.*` (v1), then let go.
+//!
+//! `policy` decides (pure), `actuator` writes cgroup files, `state` records every change so a
+//! crash can be undone. `ThrottleService` is the thin layer joining them to the daemon's ticks.
 
+pub mod actuator;
+pub mod command;
 pub mod policy;
+pub mod state;
 
-use crate::{config::Config, report::Report, tick::ThrottleView};
+use std::{
+    collections::{BTreeMap, HashSet, VecDeque},
+    path::PathBuf,
+    sync::Arc,
+    time::Instant,
+};
 
+use anyhow::{Context as _, bail};
+use overkvm_common::make_dev;
+
+use self::{
+    actuator::{Actuator, Limits},
+    policy::{Budget, DeviceController, DirLimits, GuestUse, Knobs},
+    state::{MovedProcess, STATE_DIR, ThrottleState},
+};
+use crate::{
+    config::{Config, DeviceBudgetSpec},
+    devices::{DeviceInfo, DeviceTable},
+    report::Report,
+    tick::{ActiveLimit, BudgetUse, ThrottleView},
+};
+
+/// Policy knobs from the config, defaults where unset.
+pub fn knobs(config: &Config) -> Knobs {
+    let p = &config.policy;
+    let d = Knobs::default();
+    Knobs {
+        engage_ticks: p.engage_ticks.unwrap_or(d.engage_ticks),
+        engage_above: p.engage_above.unwrap_or(d.engage_above),
+        release_below: p.release_below.unwrap_or(d.release_below),
+        release_ticks: p.release_ticks.unwrap_or(d.release_ticks),
+        floor: p.floor_iops.map(|f| f as f64).unwrap_or(d.floor),
+        deadband: p.deadband.unwrap_or(d.deadband),
+        relax_step: p.relax_step.unwrap_or(d.relax_step),
+        ..d
+    }
+}
+
+/// Path of the state file for a config.
+pub fn state_path(config: &Config) -> PathBuf {
+    config
+        .policy
+        .state_file
+        .as_ref()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(STATE_DIR).join("throttle.json"))
+}
+
+/// Path of the status file the daemon rewrites each tick (read by `throttle status`).
+pub fn status_path(config: &Config) -> PathBuf {
+    state_path(config).with_file_name("status.json")
+}
+
+fn iops_budget(s: &DeviceBudgetSpec) -> Option<Budget> {
+    match (s.iops, s.read_iops, s.write_iops) {
+        (Some(t), _, _) => Some(Budget::Total(t as f64)),
+        (None, None, None) => None,
+        (None, r, w) => Some(Budget::PerDirection {
+            read: r.map(|v| v as f64),
+            write: w.map(|v| v as f64),
+        }),
+    }
+}
+
+fn bps_budget(s: &DeviceBudgetSpec) -> Option<Budget> {
+    match (s.bps, s.read_bps, s.write_bps) {
+        (Some(t), _, _) => Some(Budget::Total(t as f64)),
+        (None, None, None) => None,
+        (None, r, w) => Some(Budget::PerDirection {
+            read: r.map(|v| v as f64),
+            write: w.map(|v| v as f64),
+        }),
+    }
+}
+
+/// Resolves a budget's device, refusing partitions and unknown devices.
+pub fn resolve_device(table: &mut DeviceTable, spec: &str) -> anyhow::Result<Arc<DeviceInfo>> {
+    let info = table.resolve(spec)?;
+    if info.dev != info.disk_dev {
+        bail!(
+            "{spec} ({}) is a partition of {}: budgets and limits apply to whole disks (use \"{}\")",
+            info.name,
+            info.disk,
+            info.disk
+        );
+    }
+    Ok(info)
+}
+
+struct Managed {
+    info: Arc<DeviceInfo>,
+    iops: Option<Budget>,
+    bps: Option<Budget>,
+    ctl_iops: DeviceController,
+    ctl_bps: DeviceController,
+    used_iops: f64,
+}
+
+struct Applied {
+    cgroup: String,
+    limits: Limits,
+    since: Instant,
+}
+
+/// One VM's use of a device in a tick.
+#[derive(Default)]
+struct VmUse {
+    iops: (f64, f64),
+    bps: (f64, f64),
+    cgroup: Option<String>,
+    pid: u32,
+    uuid: Option<String>,
+    manager: String,
+}
+
+/// The throttle inside `overkvm-io serve`.
 pub struct ThrottleService {
+    config: Config,
+    knobs: Knobs,
     dry_run: bool,
+    manage_cgroups: bool,
+    act: Option<Actuator>,
+    state_path: PathBuf,
+    status_path: PathBuf,
+    state: ThrottleState,
+    devices: Vec<Managed>,
+    table: DeviceTable,
+    applied: BTreeMap<(String, u32), Applied>,
+    decisions_total: u64,
+    throttled_seconds: f64,
+    problems: VecDeque<String>,
+    warned: HashSet<String>,
+}
+
+fn limits_of(iops: Option<&DirLimits>, bps: Option<&DirLimits>) -> Limits {
+    let dir = |v: u64| (v != u64::MAX).then_some(v);
+    Limits {
+        riops: iops.and_then(|l| dir(l.read)),
+        wiops: iops.and_then(|l| dir(l.write)),
+        rbps: bps.and_then(|l| dir(l.read)),
+        wbps: bps.and_then(|l| dir(l.write)),
+    }
 }
 
 impl ThrottleService {
-    pub fn start(_config: &Config, dry_run: bool) -> anyhow::Result<ThrottleService> {
-        Ok(ThrottleService { dry_run })
+    /// Validates devices, removes leftovers of a crashed run, and starts with no limits.
+    pub fn start(config: &Config, dry_run: bool) -> anyhow::Result<ThrottleService> {
+        let mut table = DeviceTable::new();
+        let mut devices = Vec::new();
+        for spec in &config.devices {
+            let info = resolve_device(&mut table, &spec.device)
+                .with_context(|| format!("budget for device {:?}", spec.device))?;
+            devices.push(Managed {
+                info,
+                iops: iops_budget(spec),
+                bps: bps_budget(spec),
+                ctl_iops: DeviceController::default(),
+                ctl_bps: DeviceController::default(),
+                used_iops: 0.0,
+            });
+        }
+        let act = match Actuator::for_host() {
+            Ok(a) => Some(a),
+            Err(e) if dry_run => {
+                log::warn!("{e:#} (dry run: deciding only)");
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        let state_path = state_path(config);
+        let status_path = status_path(config);
+        let mut svc = ThrottleService {
+            knobs: knobs(config),
+            config: config.clone(),
+            dry_run,
+            manage_cgroups: config.policy.manage_cgroups.unwrap_or(false),
+            act,
+            state: ThrottleState::default(),
+            state_path,
+            status_path,
+            devices,
+            table,
+            applied: BTreeMap::new(),
+            decisions_total: 0,
+            throttled_seconds: 0.0,
+            problems: VecDeque::new(),
+            warned: HashSet::new(),
+        };
+        if !dry_run {
+            svc.reconcile()?;
+            if let Some(act) = &svc.act {
+                svc.state.root = act.root.clone();
+            }
+        }
+        log::info!(
+            "throttling {} device(s){}",
+            svc.devices.len(),
+            if dry_run { " (dry run)" } else { "" }
+        );
+        Ok(svc)
     }
 
-    pub fn on_tick(&mut self, _report: &Report) -> ThrottleView {
-        ThrottleView {
-            dry_run: self.dry_run,
-            ..ThrottleView::default()
+    /// Removes what a previous run left (after a crash or kill -9).
+    fn reconcile(&mut self) -> anyhow::Result<()> {
+        let old = ThrottleState::load(&self.state_path)?;
+        if old.is_empty() {
+            return Ok(());
+        }
+        let act = self
+            .act
+            .as_ref()
+            .context("no cgroup controller to undo old limits")?;
+        log::warn!(
+            "removing {} limit(s) left by a previous run ({})",
+            old.limits.len(),
+            self.state_path.display()
+        );
+        for f in state::undo(&old, act) {
+            log::warn!("could not undo: {f}");
+        }
+        ThrottleState::default().save(&self.state_path)
+    }
+
+    fn problem(&mut self, key: &str, msg: String) {
+        if self.warned.insert(key.to_string()) {
+            log::warn!("{msg}");
+        }
+        self.problems.retain(|p| p != &msg);
+        self.problems.push_front(msg);
+        self.problems.truncate(20);
+    }
+
+    fn save_state(&mut self) {
+        if self.dry_run {
+            return;
+        }
+        if let Err(e) = self.state.save(&self.state_path) {
+            self.problem("state-save", format!("cannot save throttle state: {e:#}"));
         }
     }
 
-    pub fn shutdown(&mut self) {}
+    /// One control step over the interval's report.
+    pub fn on_tick(&mut self, report: &Report) -> ThrottleView {
+        let secs = report.interval_s.max(1e-3);
+        for i in 0..self.devices.len() {
+            self.step_device(i, report, secs);
+        }
+        self.throttled_seconds += secs * self.applied.len() as f64;
+        let view = self.view();
+        if !self.dry_run
+            && let Ok(json) = serde_json::to_vec(&view)
+            && let Err(e) = state::write_atomic(&self.status_path, &json)
+        {
+            self.problem(
+                "status",
+                format!("cannot write {}: {e:#}", self.status_path.display()),
+            );
+        }
+        view
+    }
+
+    fn step_device(&mut self, i: usize, report: &Report, secs: f64) {
+        let disk = self.devices[i].info.dev;
+        let mut vms: BTreeMap<String, VmUse> = BTreeMap::new();
+        let mut bg_iops = (0.0, 0.0);
+        let mut bg_bps = (0.0, 0.0);
+        for row in &report.processes {
+            if self.table.get(make_dev(row.major, row.minor)).disk_dev != disk {
+                continue;
+            }
+            let c = &row.counts;
+            let iops = (c.read_ops as f64 / secs, c.write_ops as f64 / secs);
+            let bps = (c.read_bytes as f64 / secs, c.write_bytes as f64 / secs);
+            match &row.vm {
+                Some(vm) => {
+                    let u = vms.entry(vm.name.clone()).or_default();
+                    u.iops.0 += iops.0;
+                    u.iops.1 += iops.1;
+                    u.bps.0 += bps.0;
+                    u.bps.1 += bps.1;
+                    u.pid = row.pid;
+                    u.uuid = vm.uuid.clone();
+                    u.manager = serde_json::to_value(vm.manager)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_default();
+                    if row.io_cgroup.is_some() {
+                        u.cgroup = row.io_cgroup.clone();
+                    }
+                }
+                None => {
+                    bg_iops.0 += iops.0;
+                    bg_iops.1 += iops.1;
+                    bg_bps.0 += bps.0;
+                    bg_bps.1 += bps.1;
+                }
+            }
+        }
+        let guest = |u: &VmUse, name: &str, bytes: bool| -> GuestUse {
+            let rule = self.config.rule_for(name, u.uuid.as_deref(), &u.manager);
+            let (r, w) = if bytes { u.bps } else { u.iops };
+            GuestUse {
+                read: r,
+                write: w,
+                weight: rule.and_then(|r| r.weight).unwrap_or(1.0),
+                reservation: if bytes {
+                    0.0
+                } else {
+                    rule.and_then(|r| r.reservation_iops).unwrap_or(0) as f64
+                },
+                exempt: rule.is_some_and(|r| r.exempt),
+            }
+        };
+        let iops_guests: BTreeMap<String, GuestUse> = vms
+            .iter()
+            .map(|(n, u)| (n.clone(), guest(u, n, false)))
+            .collect();
+        let bps_guests: BTreeMap<String, GuestUse> = vms
+            .iter()
+            .map(|(n, u)| (n.clone(), guest(u, n, true)))
+            .collect();
+
+        let knobs = self.knobs.clone();
+        let byte_knobs = Knobs {
+            // The floor is in IOPS; for bandwidth keep guests above ~1 MB/s so they never
+            // time out (QEMU's guidance is about 2 MB/s per disk).
+            floor: 1_000_000.0,
+            ..knobs.clone()
+        };
+        let m = &mut self.devices[i];
+        m.used_iops =
+            iops_guests.values().map(|g| g.read + g.write).sum::<f64>() + bg_iops.0 + bg_iops.1;
+        let mut touched: Vec<String> = Vec::new();
+        if let Some(b) = m.iops {
+            let d = m.ctl_iops.step(b, &iops_guests, bg_iops, &knobs);
+            touched.extend(d.set.into_keys());
+            touched.extend(d.clear);
+        }
+        if let Some(b) = m.bps {
+            let d = m.ctl_bps.step(b, &bps_guests, bg_bps, &byte_knobs);
+            touched.extend(d.set.into_keys());
+            touched.extend(d.clear);
+        }
+        touched.sort();
+        touched.dedup();
+        for vm in touched {
+            let m = &self.devices[i];
+            let want = limits_of(m.ctl_iops.limits.get(&vm), m.ctl_bps.limits.get(&vm));
+            let usage = vms.get(&vm);
+            self.enforce(i, &vm, usage, want, report);
+        }
+    }
+
+    /// Makes the limits of `vm` on device `i` what the controllers want.
+    fn enforce(
+        &mut self,
+        i: usize,
+        vm: &str,
+        usage: Option<&VmUse>,
+        want: Limits,
+        report: &Report,
+    ) {
+        let info = self.devices[i].info.clone();
+        let key = (vm.to_string(), info.dev);
+        let (major, minor) = (info.major, info.minor);
+        if want.is_unlimited() {
+            if let Some(a) = self.applied.remove(&key) {
+                self.decisions_total += 1;
+                if let Some(act) = self.act.as_ref().filter(|_| !self.dry_run) {
+                    if let Err(e) = act.clear(&a.cgroup, major, minor) {
+                        self.problem(
+                            &format!("clear-{vm}"),
+                            format!("removing the limit of VM {vm} on {}: {e:#}", info.name),
+                        );
+                    }
+                    self.state.forget_limit(&a.cgroup, major, minor);
+                    self.save_state();
+                }
+                log::info!("VM {vm} on {}: limit removed", info.name);
+            }
+            return;
+        }
+        // Where to write: the cgroup the kernel charges this VM's I/O to.
+        let mut cgroup = match (usage.and_then(|u| u.cgroup.clone()), self.applied.get(&key)) {
+            (Some(c), _) => c,
+            (None, Some(a)) => a.cgroup.clone(),
+            (None, None) => {
+                self.problem(
+                    &format!("nocg-{vm}"),
+                    format!("VM {vm}: its I/O cgroup is unknown, cannot limit it"),
+                );
+                return;
+            }
+        };
+        let pid = usage.map(|u| u.pid).unwrap_or(0);
+        let shared_with: Vec<String> = report
+            .processes
+            .iter()
+            .filter(|r| r.pid != pid && r.io_cgroup.as_deref() == Some(cgroup.as_str()))
+            .map(|r| match &r.vm {
+                Some(v) => format!("VM {}", v.name),
+                None => format!("{} ({})", r.comm, r.pid),
+            })
+            .collect();
+        if cgroup == "/" || !shared_with.is_empty() {
+            let others = if cgroup == "/" {
+                "the whole host (root cgroup)".to_string()
+            } else {
+                shared_with.join(", ")
+            };
+            if !self.manage_cgroups || pid == 0 || self.dry_run {
+                self.problem(
+                    &format!("shared-{vm}"),
+                    format!(
+                        "VM {vm} shares cgroup {cgroup} with {others}: it cannot be limited alone \
+                         (set [policy] manage_cgroups = true to move it into a cgroup of its own)"
+                    ),
+                );
+                return;
+            }
+            match self.adopt(vm, pid, &cgroup) {
+                Ok(c) => cgroup = c,
+                Err(e) => {
+                    self.problem(
+                        &format!("adopt-{vm}"),
+                        format!("moving VM {vm} into its own cgroup: {e:#}"),
+                    );
+                    return;
+                }
+            }
+        }
+        if self
+            .applied
+            .get(&key)
+            .is_some_and(|a| a.limits == want && a.cgroup == cgroup)
+        {
+            return;
+        }
+        self.decisions_total += 1;
+        if let Some(act) = self.act.clone().filter(|_| !self.dry_run) {
+            if self.state.note_limit(&cgroup, major, minor) {
+                self.save_state();
+            }
+            if let Err(e) = act.apply(&cgroup, major, minor, &want) {
+                self.problem(
+                    &format!("apply-{vm}-{cgroup}"),
+                    format!("limiting VM {vm} ({cgroup}) on {}: {e:#}", info.name),
+                );
+                let gone = e.chain().any(|c| {
+                    c.downcast_ref::<std::io::Error>()
+                        .is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound)
+                });
+                if gone {
+                    // The cgroup vanished under us (VM stopped): nothing to keep.
+                    self.state.forget_limit(&cgroup, major, minor);
+                    self.save_state();
+                    self.applied.remove(&key);
+                }
+                return;
+            }
+        }
+        log::info!(
+            "VM {vm} on {}: {want:?}{}",
+            info.name,
+            if self.dry_run { " (dry run)" } else { "" }
+        );
+        let since = self
+            .applied
+            .get(&key)
+            .map(|a| a.since)
+            .unwrap_or_else(Instant::now);
+        self.applied.insert(
+            key,
+            Applied {
+                cgroup,
+                limits: want,
+                since,
+            },
+        );
+    }
+
+    /// Moves a VM's qemu into `/overkvm/<name>`, recording how to undo it.
+    fn adopt(&mut self, vm: &str, pid: u32, from: &str) -> anyhow::Result<String> {
+        let act = self.act.clone().context("no cgroup controller")?;
+        let start_time = state::process_start_time(pid).context("the VM's process is gone")?;
+        let to = act.adopt(vm, pid)?;
+        if !self.state.created.contains(&"/overkvm".to_string()) {
+            self.state.created.push("/overkvm".into());
+        }
+        if !self.state.created.contains(&to) {
+            self.state.created.push(to.clone());
+        }
+        self.state.moved.push(MovedProcess {
+            pid,
+            start_time,
+            from: from.to_string(),
+            to: to.clone(),
+        });
+        self.save_state();
+        log::info!("moved VM {vm} (pid {pid}) from {from} into {to}");
+        Ok(to)
+    }
+
+    fn view(&self) -> ThrottleView {
+        ThrottleView {
+            dry_run: self.dry_run,
+            budgets: self
+                .devices
+                .iter()
+                .map(|m| BudgetUse {
+                    device: m.info.name.clone(),
+                    iops_budget: match m.iops {
+                        Some(Budget::Total(b)) => Some(b as u64),
+                        Some(Budget::PerDirection { read, write }) => {
+                            Some((read.unwrap_or(0.0) + write.unwrap_or(0.0)) as u64)
+                        }
+                        None => None,
+                    },
+                    iops_used: m.used_iops,
+                    engaged: m.ctl_iops.engaged || m.ctl_bps.engaged,
+                })
+                .collect(),
+            limits: self
+                .applied
+                .iter()
+                .map(|((vm, dev), a)| ActiveLimit {
+                    vm: vm.clone(),
+                    cgroup: a.cgroup.clone(),
+                    device: self
+                        .devices
+                        .iter()
+                        .find(|m| m.info.dev == *dev)
+                        .map(|m| m.info.name.clone())
+                        .unwrap_or_default(),
+                    riops: a.limits.riops,
+                    wiops: a.limits.wiops,
+                    rbps: a.limits.rbps,
+                    wbps: a.limits.wbps,
+                    since_s: a.since.elapsed().as_secs_f64(),
+                })
+                .collect(),
+            decisions_total: self.decisions_total,
+            throttled_seconds_total: self.throttled_seconds,
+            problems: self.problems.iter().cloned().collect(),
+        }
+    }
+
+    /// Removes every limit this service set, moves adopted VMs back, removes its cgroups.
+    pub fn shutdown(&mut self) {
+        if self.dry_run {
+            return;
+        }
+        let Some(act) = self.act.clone() else {
+            return;
+        };
+        let failed = state::undo(&self.state, &act);
+        for f in &failed {
+            log::error!("could not undo on exit: {f}");
+        }
+        if failed.is_empty() {
+            self.state = ThrottleState {
+                root: act.root.clone(),
+                ..ThrottleState::default()
+            };
+            let _ = std::fs::remove_file(&self.state_path);
+        } else {
+            self.save_state();
+        }
+        let _ = std::fs::remove_file(&self.status_path);
+        self.applied.clear();
+        log::info!("throttle stopped: limits removed");
+    }
+}
+
+/// `overkvm-io throttle reset`: undo what a (stopped or crashed) daemon left, without it.
+pub fn reset(config: &Config) -> anyhow::Result<String> {
+    let path = state_path(config);
+    let old = ThrottleState::load(&path)?;
+    if old.is_empty() {
+        let _ = std::fs::remove_file(&path);
+        return Ok(format!(
+            "nothing to undo ({} is empty or absent)",
+            path.display()
+        ));
+    }
+    let act = Actuator::for_host()?;
+    let failed = state::undo(&old, &act);
+    if !failed.is_empty() {
+        bail!("could not undo everything:\n  {}", failed.join("\n  "));
+    }
+    std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+    Ok(format!(
+        "removed {} limit(s), moved back {} process(es), removed {} cgroup(s)",
+        old.limits.len(),
+        old.moved.len(),
+        old.created.len()
+    ))
+}
+
+/// What `throttle status` shows.
+#[derive(Debug, serde::Serialize)]
+pub struct Status {
+    pub budgets: Vec<DeviceBudgetSpec>,
+    /// Last tick of a running daemon (None when no daemon has written one).
+    pub daemon: Option<ThrottleView>,
+    /// Limits recorded as written (what `reset` would remove).
+    pub recorded: ThrottleState,
+}
+
+pub fn status(config: &Config) -> anyhow::Result<Status> {
+    let daemon = std::fs::read(status_path(config))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    Ok(Status {
+        budgets: config.devices.clone(),
+        daemon,
+        recorded: ThrottleState::load(&state_path(config))?,
+    })
 }

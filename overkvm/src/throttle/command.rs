@@ -1,0 +1,73 @@
+//! `overkvm-io throttle reset|status`: the throttle without the daemon.
+
+use crate::{cli::ThrottleCommand, config::Config, top::batch::sanitize};
+
+fn load_config(path: &Option<std::path::PathBuf>) -> anyhow::Result<Config> {
+    match path {
+        Some(p) => Config::load(p),
+        None => Ok(Config::default()),
+    }
+}
+
+/// Runs `overkvm-io throttle reset|status`.
+pub fn run(cmd: &ThrottleCommand) -> anyhow::Result<()> {
+    match cmd {
+        ThrottleCommand::Reset { config } => {
+            let msg = super::reset(&load_config(config)?)?;
+            println!("{msg}");
+            Ok(())
+        }
+        ThrottleCommand::Status { config, json } => {
+            let st = super::status(&load_config(config)?)?;
+            if *json {
+                println!("{}", serde_json::to_string(&st)?);
+                return Ok(());
+            }
+            match &st.daemon {
+                None => println!("no running daemon has reported (no status file)"),
+                Some(v) => {
+                    for b in &v.budgets {
+                        println!(
+                            "device {:<10} budget {:>8} IOPS  used {:>8.0} IOPS  {}",
+                            b.device,
+                            b.iops_budget
+                                .map(|v| v.to_string())
+                                .unwrap_or_else(|| "-".into()),
+                            b.iops_used,
+                            if b.engaged { "ENGAGED" } else { "" }
+                        );
+                    }
+                    for l in &v.limits {
+                        let f = |v: Option<u64>| {
+                            v.map(|v| v.to_string()).unwrap_or_else(|| "max".into())
+                        };
+                        println!(
+                            "limit  vm {:<20} {:<10} riops={} wiops={} rbps={} wbps={}  for {:.0}s  ({})",
+                            sanitize(&l.vm),
+                            l.device,
+                            f(l.riops),
+                            f(l.wiops),
+                            f(l.rbps),
+                            f(l.wbps),
+                            l.since_s,
+                            sanitize(&l.cgroup)
+                        );
+                    }
+                    for p in &v.problems {
+                        println!("problem: {}", sanitize(p));
+                    }
+                }
+            }
+            if st.daemon.is_none() && !st.budgets.is_empty() {
+                for b in &st.budgets {
+                    println!("budget {} iops={:?}", b.device, b.iops);
+                }
+            }
+            println!(
+                "recorded limits (undone by `throttle reset`): {}",
+                st.recorded.limits.len()
+            );
+            Ok(())
+        }
+    }
+}

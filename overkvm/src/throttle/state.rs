@@ -1,0 +1,198 @@
+//! The record of everything the throttle changed on the host: limits written, processes moved,
+//! cgroups created. It is saved before each change is made, so that after a crash (`kill -9`)
+//! the next start, or `overkvm-io throttle reset`, can undo exactly that and nothing else.
+
+use std::{
+    fs::{self, OpenOptions},
+    io::Write as _,
+    os::unix::fs::OpenOptionsExt as _,
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+
+use super::actuator::Actuator;
+
+/// Default directory of the state and status files.
+pub const STATE_DIR: &str = "/run/overkvm";
+
+/// A limit this service wrote.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WrittenLimit {
+    pub cgroup: String,
+    pub major: u32,
+    pub minor: u32,
+}
+
+/// A process this service moved into a cgroup of its own.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MovedProcess {
+    pub pid: u32,
+    /// Start time (clock ticks) of the process, so a reused PID is never moved back.
+    pub start_time: u64,
+    pub from: String,
+    pub to: String,
+}
+
+/// Everything to undo.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThrottleState {
+    /// Hierarchy these paths belong to (v1 blkio or v2 mount point).
+    pub root: PathBuf,
+    pub limits: Vec<WrittenLimit>,
+    pub moved: Vec<MovedProcess>,
+    pub created: Vec<String>,
+}
+
+impl ThrottleState {
+    pub fn is_empty(&self) -> bool {
+        self.limits.is_empty() && self.moved.is_empty() && self.created.is_empty()
+    }
+
+    /// Loads a state file; a missing file is an empty state.
+    pub fn load(path: &Path) -> anyhow::Result<ThrottleState> {
+        match fs::read_to_string(path) {
+            Ok(text) => serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a valid throttle state file", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ThrottleState::default()),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    /// Saves atomically (write a new file, then rename over), never through a symlink.
+    pub fn save(&self, path: &Path) -> anyhow::Result<()> {
+        write_atomic(path, &serde_json::to_vec_pretty(self)?)
+    }
+
+    pub fn note_limit(&mut self, cgroup: &str, major: u32, minor: u32) -> bool {
+        let w = WrittenLimit {
+            cgroup: cgroup.to_string(),
+            major,
+            minor,
+        };
+        if self.limits.contains(&w) {
+            return false;
+        }
+        self.limits.push(w);
+        true
+    }
+
+    pub fn forget_limit(&mut self, cgroup: &str, major: u32, minor: u32) {
+        self.limits
+            .retain(|w| !(w.cgroup == cgroup && w.major == major && w.minor == minor));
+    }
+}
+
+/// Writes a file in its directory atomically; creates the directory (0700) if needed.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    if !dir.exists() {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let _ = fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700));
+    }
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
+        std::process::id()
+    ));
+    let _ = fs::remove_file(&tmp);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
+}
+
+/// Start time of a live process (field 22 of /proc/PID/stat), if it exists.
+pub fn process_start_time(pid: u32) -> Option<u64> {
+    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &text[text.rfind(')')? + 1..];
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Undoes everything in `state`: removes limits, moves processes back, removes created
+/// cgroups. Goes on past failures (a cgroup already gone is fine) and returns what it could not
+/// undo, one line each.
+pub fn undo(state: &ThrottleState, act: &Actuator) -> Vec<String> {
+    let mut failed = Vec::new();
+    for w in &state.limits {
+        if let Err(e) = act.clear(&w.cgroup, w.major, w.minor) {
+            let gone = e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>().is_some_and(|io| {
+                    matches!(io.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENODEV))
+                })
+            });
+            if !gone {
+                failed.push(format!(
+                    "limit of {} on {}:{}: {e:#}",
+                    w.cgroup, w.major, w.minor
+                ));
+            }
+        }
+    }
+    for m in &state.moved {
+        if process_start_time(m.pid) == Some(m.start_time)
+            && let Err(e) = act.move_process(&m.from, m.pid)
+        {
+            failed.push(format!("moving pid {} back to {}: {e:#}", m.pid, m.from));
+        }
+    }
+    for c in state.created.iter().rev() {
+        if let Err(e) = act.remove_cgroup(c) {
+            let gone = e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound)
+            });
+            if !gone {
+                failed.push(format!("removing cgroup {c}: {e:#}"));
+            }
+        }
+    }
+    failed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_round_trips_and_dedups() {
+        let dir = std::env::temp_dir().join(format!("overkvm-state-{}", std::process::id()));
+        let path = dir.join("throttle.json");
+        let mut s = ThrottleState::default();
+        assert!(s.note_limit("/a", 7, 0));
+        assert!(!s.note_limit("/a", 7, 0));
+        s.moved.push(MovedProcess {
+            pid: 1,
+            start_time: 2,
+            from: "/".into(),
+            to: "/overkvm/x".into(),
+        });
+        s.save(&path).unwrap();
+        assert_eq!(ThrottleState::load(&path).unwrap(), s);
+        s.forget_limit("/a", 7, 0);
+        assert!(s.limits.is_empty());
+        assert!(
+            ThrottleState::load(&dir.join("missing.json"))
+                .unwrap()
+                .is_empty()
+        );
+        fs::write(&path, "{not json").unwrap();
+        assert!(ThrottleState::load(&path).is_err());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn own_start_time_is_readable() {
+        assert!(process_start_time(std::process::id()).is_some());
+    }
+}
