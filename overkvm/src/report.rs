@@ -121,6 +121,11 @@ pub struct ProcessRow {
     pub completions: u64,
     /// The process had exited when the interval was read.
     pub exited: bool,
+    /// A kernel thread submitted this I/O (writeback, throttle dispatch, loop worker).
+    pub kernel_thread: bool,
+    /// Of this VM row's ops, how many kernel threads submitted on its behalf (charged to the
+    /// VM's cgroup: cgroup writeback, or bios the throttle queued and dispatched later).
+    pub kernel_submitted_ops: u64,
     /// Latency histograms of the interval by `Op` (for the exporter; not in JSON).
     #[serde(skip)]
     pub latency: Box<[Histogram; OP_COUNT]>,
@@ -204,6 +209,8 @@ pub struct ReportBuilder {
     pub cgroups: CgroupNames,
     /// Names the kernel recorded, for processes gone before /proc could be read.
     kernel_comms: HashMap<u32, String>,
+    /// Which VM owns which cgroup, learned across intervals.
+    cgroup_owners: HashMap<String, Option<CgroupOwner>>,
 }
 
 impl Default for ReportBuilder {
@@ -219,6 +226,7 @@ impl ReportBuilder {
             devices: DeviceTable::new(),
             cgroups: CgroupNames::for_host(),
             kernel_comms: HashMap::new(),
+            cgroup_owners: HashMap::new(),
         }
     }
 
@@ -309,6 +317,8 @@ impl ReportBuilder {
                 .and_then(|(id, _)| self.cgroups.path(*id));
             processes.push(row);
         }
+        learn_cgroup_owners(&mut self.cgroup_owners, &processes, pid_alive);
+        let mut processes = fold_kernel_rows_into_vms(processes, &self.cgroup_owners);
         processes.sort_by(row_order);
 
         let mut cgroups = Vec::with_capacity(per_cgroup.len());
@@ -421,6 +431,8 @@ impl ReportBuilder {
             lat_p99_us: stats::quantile_us(hist, 0.99).map(round2),
             completions: hist.count(),
             exited: tgid != 0 && ident.is_none(),
+            kernel_thread: tgid == 0 || ident.as_ref().is_some_and(|p| p.kernel_thread),
+            kernel_submitted_ops: 0,
             latency: Box::default(),
         }
     }
@@ -428,6 +440,109 @@ impl ReportBuilder {
 
 fn round2(v: f64) -> f64 {
     (v * 100.0).round() / 100.0
+}
+
+/// The VM whose process was last seen charging I/O to a cgroup.
+#[derive(Clone, Debug)]
+pub struct CgroupOwner {
+    pub pid: u32,
+    pub comm: String,
+    pub vm: VmRef,
+    pub cgroup: String,
+}
+
+/// Learns which VM owns which cgroup from this interval's VM rows (a cgroup holding two VMs
+/// owns nobody), keeping earlier owners whose process is still alive.
+pub fn learn_cgroup_owners(
+    owners: &mut HashMap<String, Option<CgroupOwner>>,
+    rows: &[ProcessRow],
+    alive: impl Fn(u32) -> bool,
+) {
+    owners.retain(|_, o| o.as_ref().is_some_and(|o| alive(o.pid)));
+    for r in rows {
+        let (Some(vm), Some(cg)) = (&r.vm, &r.io_cgroup) else {
+            continue;
+        };
+        if cg == "/" {
+            continue;
+        }
+        let new = CgroupOwner {
+            pid: r.pid,
+            comm: r.comm.clone(),
+            vm: vm.clone(),
+            cgroup: cg.clone(),
+        };
+        match owners.get(cg) {
+            Some(Some(o)) if o.vm.name != vm.name && alive(o.pid) => {
+                owners.insert(cg.clone(), None);
+            }
+            Some(None) => {}
+            _ => {
+                owners.insert(cg.clone(), Some(new));
+            }
+        }
+    }
+}
+
+/// Moves I/O that kernel threads submitted on behalf of a VM's cgroup into that VM's row.
+///
+/// The block layer charges such I/O to the VM's cgroup (cgroup writeback; bios that
+/// blk-throttle queued and a kthrotld worker dispatched later), but the submitting context is
+/// the kernel thread. Without this a throttled VM's I/O would show up under `kworker`. Only a
+/// cgroup that holds exactly one VM is attributed this way.
+pub fn fold_kernel_rows_into_vms(
+    rows: Vec<ProcessRow>,
+    owners: &HashMap<String, Option<CgroupOwner>>,
+) -> Vec<ProcessRow> {
+    let mut rows: Vec<Option<ProcessRow>> = rows.into_iter().map(Some).collect();
+    for i in 0..rows.len() {
+        let Some(r) = rows[i].as_ref() else {
+            continue;
+        };
+        if !r.kernel_thread {
+            continue;
+        }
+        let Some(Some(owner)) = r.io_cgroup.as_ref().and_then(|cg| owners.get(cg)) else {
+            continue;
+        };
+        let (major, minor) = (r.major, r.minor);
+        let target = rows.iter().position(|x| {
+            x.as_ref().is_some_and(|x| {
+                x.pid == owner.pid && x.major == major && x.minor == minor && x.vm.is_some()
+            })
+        });
+        let k = rows[i].take().expect("present");
+        let Some(j) = target else {
+            // The VM submitted nothing itself on this device this interval: the row becomes
+            // the VM's.
+            rows[i] = Some(ProcessRow {
+                pid: owner.pid,
+                comm: owner.comm.clone(),
+                vm: Some(owner.vm.clone()),
+                kernel_thread: false,
+                kernel_submitted_ops: k.counts.total_ops(),
+                exited: false,
+                ..k
+            });
+            continue;
+        };
+        let vm = rows[j].as_mut().expect("VM rows are never folded");
+        vm.counts.merge(&k.counts);
+        vm.read_bios += k.read_bios;
+        vm.write_bios += k.write_bios;
+        vm.completions += k.completions;
+        vm.kernel_submitted_ops += k.counts.total_ops();
+        for (a, b) in vm.latency.iter_mut().zip(k.latency.iter()) {
+            a.merge(b);
+        }
+        let mut all = Histogram::default();
+        for h in vm.latency.iter() {
+            all.merge(h);
+        }
+        vm.lat_avg_us = stats::mean_us(&all).map(round2);
+        vm.lat_p99_us = stats::quantile_us(&all, 0.99).map(round2);
+    }
+    rows.into_iter().flatten().collect()
 }
 
 /// Request counts on blk-mq devices, bio counts on bio-based ones.
@@ -499,6 +614,92 @@ mod tests {
         );
         assert_eq!(c.read_bytes, 12288);
         assert_eq!(c.total_ops(), 10);
+    }
+
+    fn row(
+        pid: u32,
+        comm: &str,
+        vm: Option<&str>,
+        cg: &str,
+        reads: u64,
+        kernel: bool,
+    ) -> ProcessRow {
+        ProcessRow {
+            pid,
+            comm: comm.into(),
+            vm: vm.map(|n| VmRef {
+                name: n.into(),
+                uuid: None,
+                manager: Manager::Qemu,
+            }),
+            cgroup: String::new(),
+            io_cgroup: Some(cg.into()),
+            device: "loop0".into(),
+            major: 7,
+            minor: 0,
+            source: CountSource::Request,
+            counts: OpCounts {
+                read_ops: reads,
+                read_bytes: reads * 4096,
+                ..OpCounts::default()
+            },
+            read_bios: reads,
+            write_bios: 0,
+            lat_avg_us: None,
+            lat_p99_us: None,
+            completions: 0,
+            exited: false,
+            kernel_thread: kernel,
+            kernel_submitted_ops: 0,
+            latency: Box::default(),
+        }
+    }
+
+    #[test]
+    fn throttled_and_written_back_io_is_folded_into_the_owning_vm() {
+        let rows = vec![
+            row(100, "qemu", Some("a"), "/vm/a", 500, false),
+            row(11, "kworker/0:1-kthrotld", None, "/vm/a", 300, true),
+            row(12, "kworker/u8:2", None, "/", 50, true),
+            row(200, "bash", None, "/vm/a2", 5, false),
+        ];
+        let mut owners = HashMap::new();
+        learn_cgroup_owners(&mut owners, &rows, |_| true);
+        let out = fold_kernel_rows_into_vms(rows, &owners);
+        assert_eq!(out.len(), 3);
+        let a = out.iter().find(|r| r.pid == 100).unwrap();
+        assert_eq!(a.counts.read_ops, 800);
+        assert_eq!(a.kernel_submitted_ops, 300);
+        assert!(
+            out.iter().any(|r| r.pid == 12),
+            "root-cgroup kernel I/O stays with the kernel"
+        );
+
+        // Next interval the VM itself did nothing: the kernel row becomes the VM's.
+        let rows = vec![row(11, "kworker/0:1-kthrotld", None, "/vm/a", 70, true)];
+        learn_cgroup_owners(&mut owners, &rows, |_| true);
+        let out = fold_kernel_rows_into_vms(rows, &owners);
+        assert_eq!(out[0].vm.as_ref().unwrap().name, "a");
+        assert_eq!((out[0].pid, out[0].kernel_submitted_ops), (100, 70));
+
+        // Once the VM's process is gone, nothing is attributed to it any more.
+        learn_cgroup_owners(&mut owners, &[], |_| false);
+        let rows = vec![row(11, "kworker/0:1-kthrotld", None, "/vm/a", 7, true)];
+        let out = fold_kernel_rows_into_vms(rows, &owners);
+        assert!(out[0].vm.is_none());
+    }
+
+    #[test]
+    fn a_cgroup_shared_by_two_vms_owns_nobody() {
+        let rows = vec![
+            row(1, "qemu", Some("a"), "/shared", 5, false),
+            row(2, "qemu", Some("b"), "/shared", 5, false),
+            row(11, "kworker", None, "/shared", 9, true),
+        ];
+        let mut owners = HashMap::new();
+        learn_cgroup_owners(&mut owners, &rows, |_| true);
+        let out = fold_kernel_rows_into_vms(rows, &owners);
+        assert_eq!(out.len(), 3);
     }
 
     #[test]

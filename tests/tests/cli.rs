@@ -104,3 +104,39 @@ fn hostile_process_names_are_escaped() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Invalid configuration is refused at start, naming the line; an unknown device likewise.
+/// Nothing is loaded or written.
+#[test]
+fn serve_refuses_bad_config_and_unknown_devices() {
+    skip_unless_kernel!();
+    let dir = std::env::temp_dir().join(format!("overkvm-badcfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cases = [
+        (
+            "[[device]]\ndevice = \"loop0\"\niops = \"lots\"\n",
+            "line 3",
+        ),
+        (
+            "[[device]]\ndevice = \"nosuchdisk\"\niops = 100\n",
+            "no block device named",
+        ),
+        ("[policy]\nfloor_iops = 0\n", "floor_iops"),
+    ];
+    for (text, expect) in cases {
+        let cfg = dir.join("bad.toml");
+        std::fs::write(&cfg, text).unwrap();
+        let out = Command::new(workspace_bin("overkvm-io"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "accepted {text:?}");
+        assert!(
+            err.contains(expect),
+            "for {text:?} expected {expect:?} in: {err}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -245,6 +245,17 @@ fn v1_budget_is_held_with_weighted_fair_shares_and_released() {
         "weight-2 guest got {ratio:.2}x, not ~2x: {rates:?}"
     );
 
+    // A VM vanishes and its cgroup is removed under the service: it carries on.
+    let mut victim = cgs.kids.pop().unwrap();
+    let _ = victim.kill();
+    let _ = victim.wait();
+    let _ = fs::remove_dir(&dirs[2]);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        any_limit(&dirs[..2], major, minor),
+        "the remaining VMs stay limited after one vanished"
+    );
+
     // Load stops: every limit goes.
     cgs.stop_all();
     let stopped = Instant::now();
@@ -276,6 +287,7 @@ fn v1_budget_is_held_with_weighted_fair_shares_and_released() {
     }
 
     // Engage again, kill -9 the daemon, stop the load, restart: nothing stale may remain.
+    fs::create_dir_all(&dirs[2]).unwrap();
     start_vms(&mut cgs);
     assert!(wait_until(Duration::from_secs(10), || any_limit(
         &dirs, major, minor

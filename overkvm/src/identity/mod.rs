@@ -59,6 +59,9 @@ pub struct ProcessIdentity {
     /// else "" (also when the file is malformed, see [`procfs::parse_cgroup`]).
     pub cgroup: String,
     pub vm: Option<VmIdentity>,
+    /// A kernel thread (PF_KTHREAD): it submits I/O on behalf of others (writeback,
+    /// blk-throttle dispatch, loop workers), never a VM.
+    pub kernel_thread: bool,
 }
 
 /// Default bound on cached processes. PIDs go up to 4M, so the cache needs a bound of its own
@@ -227,6 +230,7 @@ impl Resolver {
         Some(ProcessIdentity {
             pid,
             start_time: stat.start_time,
+            kernel_thread: stat.is_kernel_thread(),
             comm: stat.comm,
             cgroup,
             vm,

@@ -407,7 +407,9 @@ impl ThrottleService {
         let shared_with: Vec<String> = report
             .processes
             .iter()
-            .filter(|r| r.pid != pid && r.io_cgroup.as_deref() == Some(cgroup.as_str()))
+            .filter(|r| {
+                r.pid != pid && !r.kernel_thread && r.io_cgroup.as_deref() == Some(cgroup.as_str())
+            })
             .map(|r| match &r.vm {
                 Some(v) => format!("VM {}", v.name),
                 None => format!("{} ({})", r.comm, r.pid),
@@ -627,4 +629,87 @@ pub fn status(config: &Config) -> anyhow::Result<Status> {
         daemon,
         recorded: ThrottleState::load(&state_path(config))?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+
+    use super::*;
+
+    #[test]
+    fn partitions_and_unknown_devices_are_refused_with_a_reason() {
+        let root = std::env::temp_dir().join(format!("overkvm-thr-sys-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let vda = root.join("devices/virtual/block/vda");
+        fs::create_dir_all(vda.join("mq")).unwrap();
+        fs::write(vda.join("dev"), "254:0\n").unwrap();
+        fs::create_dir_all(vda.join("vda1")).unwrap();
+        fs::write(vda.join("vda1/partition"), "1\n").unwrap();
+        fs::write(vda.join("vda1/dev"), "254:1\n").unwrap();
+        fs::create_dir_all(root.join("dev/block")).unwrap();
+        fs::create_dir_all(root.join("class/block")).unwrap();
+        std::os::unix::fs::symlink(&vda, root.join("dev/block/254:0")).unwrap();
+        std::os::unix::fs::symlink(vda.join("vda1"), root.join("dev/block/254:1")).unwrap();
+        std::os::unix::fs::symlink(&vda, root.join("class/block/vda")).unwrap();
+        std::os::unix::fs::symlink(vda.join("vda1"), root.join("class/block/vda1")).unwrap();
+        let mut t = DeviceTable::with_sysfs(&root);
+        assert_eq!(resolve_device(&mut t, "vda").unwrap().name, "vda");
+        let e = format!("{:#}", resolve_device(&mut t, "vda1").unwrap_err());
+        assert!(
+            e.contains("partition of vda") && e.contains("whole disks"),
+            "{e}"
+        );
+        let e = format!("{:#}", resolve_device(&mut t, "254:1").unwrap_err());
+        assert!(e.contains("partition"), "{e}");
+        let e = format!("{:#}", resolve_device(&mut t, "nvme9n9").unwrap_err());
+        assert!(e.contains("no block device named"), "{e}");
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn budgets_from_specs() {
+        let spec = |iops, r, w| DeviceBudgetSpec {
+            device: "x".into(),
+            iops,
+            read_iops: r,
+            write_iops: w,
+            bps: None,
+            read_bps: None,
+            write_bps: None,
+        };
+        assert_eq!(
+            iops_budget(&spec(Some(10), None, None)),
+            Some(Budget::Total(10.0))
+        );
+        assert_eq!(
+            iops_budget(&spec(None, Some(5), None)),
+            Some(Budget::PerDirection {
+                read: Some(5.0),
+                write: None
+            })
+        );
+        assert_eq!(iops_budget(&spec(None, None, None)), None);
+    }
+
+    #[test]
+    fn limits_map_unlimited_directions_to_none() {
+        let l = limits_of(
+            Some(&DirLimits {
+                read: 100,
+                write: u64::MAX,
+            }),
+            None,
+        );
+        assert_eq!(
+            l,
+            Limits {
+                riops: Some(100),
+                wiops: None,
+                rbps: None,
+                wbps: None
+            }
+        );
+        assert!(limits_of(None, None).is_unlimited());
+    }
 }
