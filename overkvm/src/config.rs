@@ -274,6 +274,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn shipped_example_is_valid() {
+        let text = include_str!("../../examples/overkvm.toml");
+        let c = Config::parse(text).unwrap();
+        assert_eq!(c.devices.len(), 1);
+        assert_eq!(c.vms.len(), 3);
+    }
+
+    #[test]
     fn minimal_file_works() {
         let c = Config::parse("[[device]]\ndevice = \"loop0\"\niops = 3000\n").unwrap();
         assert_eq!(c.devices.len(), 1);
