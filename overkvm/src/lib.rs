@@ -14,6 +14,8 @@ pub mod devices;
 pub mod export;
 pub mod identity;
 pub mod report;
+#[cfg(test)]
+mod robustness;
 pub mod sample;
 pub mod serve;
 pub mod stats;

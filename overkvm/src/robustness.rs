@@ -1,0 +1,133 @@
+//! Property tests: every parser of input overkvm does not control (/proc files, qemu command
+//! lines, cgroup paths and mount tables, tracefs formats, BTF blobs, the config file, cgroup
+//! limit files) is fed arbitrary and mutated input and must return a value or an error, never
+//! panic, and terminal output must never carry a control character.
+//!
+//! `PROPTEST_CASES` sets the executions per property (256 by default; `cargo xtask fuzz` runs
+//! many more).
+
+use proptest::prelude::*;
+
+use crate::{
+    bpf::{btf::Btf, tracefs},
+    cgroupfs,
+    config::Config,
+    devices,
+    identity::{cgroup, procfs, qemu::QemuArgs},
+    throttle::actuator,
+    top::batch::sanitize,
+};
+
+/// Bytes biased towards what these parsers look for.
+fn hostile_bytes() -> impl Strategy<Value = Vec<u8>> {
+    let alphabet = prop_oneof![
+        any::<u8>(),
+        Just(b'('),
+        Just(b')'),
+        Just(b' '),
+        Just(b'\n'),
+        Just(0u8),
+        Just(b':'),
+        Just(b'='),
+        Just(b','),
+        Just(b'/'),
+        Just(0x1b),
+        Just(b'\\'),
+        Just(b'"'),
+        Just(0xff),
+        (b'0'..=b'9'),
+    ];
+    prop::collection::vec(alphabet, 0..512)
+}
+
+fn hostile_text() -> impl Strategy<Value = String> {
+    hostile_bytes().prop_map(|b| String::from_utf8_lossy(&b).into_owned())
+}
+
+const STAT: &str = "4242 (qemu-system-x86) S 1 4242 4242 0 -1 4194560 100 0 0 0 5 3 0 0 20 0 9 0 123456 1000000 2000 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0\n";
+const CMDLINE: &[u8] = b"/usr/bin/qemu-system-x86_64\0-name\0guest=vm1,debug-threads=on\0-uuid\05b1f9c3e-7d0a-4c2e-9f4b-1a2b3c4d5e6f\0-id\0100\0-smbios\0type=1,product=OpenStack Nova,uuid=5b1f9c3e-7d0a-4c2e-9f4b-1a2b3c4d5e6f\0";
+const FORMAT: &str = "name: block_rq_complete\nID: 1234\nformat:\n\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n\tfield:dev_t dev;\toffset:8;\tsize:4;\tsigned:0;\n\tfield:char rwbs[8];\toffset:32;\tsize:8;\tsigned:0;\n\tfield:__data_loc char[] cmd;\toffset:40;\tsize:4;\tsigned:0;\n\nprint fmt: \"%d\", REC->dev\n";
+
+/// `base` with a few bytes overwritten, inserted or cut at random places.
+fn mutated(base: &'static [u8]) -> impl Strategy<Value = Vec<u8>> {
+    prop::collection::vec((any::<usize>(), any::<u8>(), 0u8..3), 0..16).prop_map(move |edits| {
+        let mut v = base.to_vec();
+        for (pos, byte, kind) in edits {
+            if v.is_empty() {
+                v.push(byte);
+                continue;
+            }
+            let p = pos % v.len();
+            match kind {
+                0 => v[p] = byte,
+                1 => v.insert(p, byte),
+                _ => v.truncate(p),
+            }
+        }
+        v
+    })
+}
+
+proptest! {
+    #[test]
+    fn proc_stat_never_panics(b in prop_oneof![hostile_bytes(), mutated(STAT.as_bytes())]) {
+        let _ = procfs::parse_stat(&b);
+    }
+
+    #[test]
+    fn cmdline_and_qemu_args_never_panic(b in prop_oneof![hostile_bytes(), mutated(CMDLINE)]) {
+        let argv = procfs::parse_cmdline(&b);
+        let _ = QemuArgs::parse(&argv);
+        let _ = procfs::parse_comm(&b);
+    }
+
+    #[test]
+    fn proc_cgroup_and_cgroup_paths_never_panic(t in hostile_text()) {
+        let _ = procfs::parse_cgroup(t.as_bytes());
+        let _ = cgroup::libvirt_machine(&t);
+        let _ = cgroup::proxmox_vmid(&t);
+        let _ = cgroup::unescape_systemd(&t);
+        let _ = cgroupfs::parse_mountinfo(&t);
+        let _ = actuator::check_cgroup_path(&t);
+    }
+
+    #[test]
+    fn tracefs_formats_never_panic(b in prop_oneof![hostile_bytes(), mutated(FORMAT.as_bytes())]) {
+        let _ = tracefs::parse_format(&String::from_utf8_lossy(&b));
+    }
+
+    #[test]
+    fn btf_blobs_never_panic(b in prop::collection::vec(any::<u8>(), 0..256)) {
+        // A valid header followed by garbage, and pure garbage.
+        let mut blob = vec![0x9f, 0xeb, 1, 0, 24, 0, 0, 0, 0, 0, 0, 0];
+        let n = b.len() as u32;
+        blob.extend_from_slice(&n.to_le_bytes());
+        blob.extend_from_slice(&0u32.to_le_bytes());
+        blob.extend_from_slice(&n.to_le_bytes());
+        blob.extend_from_slice(&b);
+        if let Ok(btf) = Btf::parse(&blob) {
+            let _ = btf.field_offset("request", "cmd_flags");
+            let _ = btf.enum_value("REQ_OP_WRITE");
+        }
+        let _ = Btf::parse(&b);
+    }
+
+    #[test]
+    fn config_never_panics(t in hostile_text()) {
+        let _ = Config::parse(&t);
+        let _ = Config::parse(&format!("[[device]]\ndevice = \"{t}\"\niops = 1\n"));
+    }
+
+    #[test]
+    fn limit_files_and_device_numbers_never_panic(t in hostile_text()) {
+        let _ = actuator::parse_io_max(&t, 7, 0);
+        let _ = actuator::parse_v1(&t, 7, 0);
+        let _ = devices::parse_maj_min(&t);
+    }
+
+    #[test]
+    fn sanitized_text_has_no_control_characters(t in hostile_text()) {
+        let s = sanitize(&t);
+        prop_assert!(!s.chars().any(|c| c.is_control()), "{s:?}");
+    }
+}
