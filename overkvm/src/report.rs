@@ -278,11 +278,9 @@ impl ReportBuilder {
                 .add(k.op(), *c);
         }
         for (k, h) in &delta.latency {
-            per_proc
-                .entry((k.tgid, k.dev))
-                .or_insert_with(new_acc)
-                .hist
-                .merge(h);
+            let acc = per_proc.entry((k.tgid, k.dev)).or_insert_with(new_acc);
+            acc.hist.merge(h);
+            acc.by_op[k.op() as usize].merge(h);
         }
 
         let mut devices: BTreeMap<u32, (Arc<DeviceInfo>, OpCounts)> = BTreeMap::new();

@@ -45,7 +45,7 @@ fn hostile_text() -> impl Strategy<Value = String> {
 }
 
 const STAT: &str = "4242 (qemu-system-x86) S 1 4242 4242 0 -1 4194560 100 0 0 0 5 3 0 0 20 0 9 0 123456 1000000 2000 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0\n";
-const CMDLINE: &[u8] = b"/usr/bin/qemu-system-x86_64\0-name\0guest=vm1,debug-threads=on\0-uuid\05b1f9c3e-7d0a-4c2e-9f4b-1a2b3c4d5e6f\0-id\0100\0-smbios\0type=1,product=OpenStack Nova,uuid=5b1f9c3e-7d0a-4c2e-9f4b-1a2b3c4d5e6f\0";
+const CMDLINE: &[u8] = b"/usr/bin/qemu-system-x86_64\0-name\0guest=vm1,debug-threads=on\0-uuid\x005b1f9c3e-7d0a-4c2e-9f4b-1a2b3c4d5e6f\0-id\x00100\0-smbios\0type=1,product=OpenStack Nova,uuid=5b1f9c3e-7d0a-4c2e-9f4b-1a2b3c4d5e6f\0";
 const FORMAT: &str = "name: block_rq_complete\nID: 1234\nformat:\n\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n\tfield:dev_t dev;\toffset:8;\tsize:4;\tsigned:0;\n\tfield:char rwbs[8];\toffset:32;\tsize:8;\tsigned:0;\n\tfield:__data_loc char[] cmd;\toffset:40;\tsize:4;\tsigned:0;\n\nprint fmt: \"%d\", REC->dev\n";
 
 /// `base` with a few bytes overwritten, inserted or cut at random places.

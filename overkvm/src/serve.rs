@@ -41,6 +41,9 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
 }
 
 async fn serve(args: &ServeArgs, config: Config) -> anyhow::Result<()> {
+    // Handlers first: a SIGTERM during start-up must still end in a clean exit.
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let interval = args
         .interval
         .or(config.policy.interval)
@@ -83,8 +86,6 @@ async fn serve(args: &ServeArgs, config: Config) -> anyhow::Result<()> {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
-    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let result = loop {
         tokio::select! {
             _ = ticker.tick() => {}

@@ -39,7 +39,7 @@ fn fork_storm(fd: i32, buf: *mut u8, n: usize, width: usize) -> usize {
     let mut live = std::collections::VecDeque::new();
     let mut done = 0;
     let mut failed = 0;
-    let mut reap = |pid: i32, done: &mut usize, failed: &mut usize| {
+    let reap = |pid: i32, done: &mut usize, failed: &mut usize| {
         let mut st = 0;
         // SAFETY: waiting for a child we forked.
         if unsafe { libc::waitpid(pid, &mut st, 0) } == pid {
@@ -88,7 +88,14 @@ fn fork_storm_is_bounded_counted_and_spares_long_lived_vms() {
 
     let mut prev = sampler.snapshot().unwrap();
     let rss_before = rss_kib();
-    let plan = IoPlan { reads: 20_000, writes: 0, block: 4096, start: 64 << 20, len: 32 << 20, seed: 3 };
+    let plan = IoPlan {
+        reads: 20_000,
+        writes: 0,
+        block: 4096,
+        start: 64 << 20,
+        len: 32 << 20,
+        seed: 3,
+    };
     let mut vm = iogen::spawn(&lo.path, &plan).unwrap();
     let vm_pid = vm.id();
 
@@ -98,7 +105,7 @@ fn fork_storm_is_bounded_counted_and_spares_long_lived_vms() {
     let started = Instant::now();
     let storm = std::thread::spawn(move || fork_storm(fd, buf_addr as *mut u8, STORM, 64));
     let (mut storm_reads, mut vm_reads, mut dropped, mut peak_entries) = (0u64, 0u64, 0u64, 0u64);
-    let mut capacity = 0;
+    let mut capacity;
     let mut ticks = 0;
     loop {
         std::thread::sleep(Duration::from_millis(500));
@@ -124,7 +131,10 @@ fn fork_storm_is_bounded_counted_and_spares_long_lived_vms() {
         if finished {
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(300), "storm did not finish");
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "storm did not finish"
+        );
     }
     let forked = storm.join().unwrap();
     assert!(vm.wait().unwrap().success());
@@ -151,8 +161,18 @@ fn fork_storm_is_bounded_counted_and_spares_long_lived_vms() {
         plan.reads
     );
     assert_eq!(forked, STORM);
-    assert_eq!(vm_reads, plan.reads, "the long-lived process is counted exactly");
-    assert_eq!(storm_reads + dropped, STORM as u64, "every storm I/O is counted or counted as dropped");
+    assert_eq!(
+        vm_reads, plan.reads,
+        "the long-lived process is counted exactly"
+    );
+    assert_eq!(
+        storm_reads + dropped,
+        STORM as u64,
+        "every storm I/O is counted or counted as dropped"
+    );
     assert!(peak_entries <= capacity, "map within its bound");
-    assert!(rss_after < rss_before + 32 * 1024, "sampler memory grew {rss_before} -> {rss_after} KiB");
+    assert!(
+        rss_after < rss_before + 32 * 1024,
+        "sampler memory grew {rss_before} -> {rss_after} KiB"
+    );
 }

@@ -109,7 +109,21 @@ fn any_limit(dirs: &[PathBuf], major: u32, minor: u32) -> bool {
 struct Daemon(Child);
 
 impl Daemon {
-    fn start(config: &Path, log: &Path) -> Daemon {
+    /// Starts the daemon and waits until its throttle is up (leftovers reconciled).
+    fn start(config: &Path, log_path: &Path) -> Daemon {
+        let d = Daemon::spawn(config, log_path);
+        let ready = wait_until(Duration::from_secs(20), || {
+            fs::read_to_string(log_path).is_ok_and(|l| l.contains("throttling 1 device"))
+        });
+        assert!(
+            ready,
+            "daemon not ready:\n{}",
+            fs::read_to_string(log_path).unwrap_or_default()
+        );
+        d
+    }
+
+    fn spawn(config: &Path, log: &Path) -> Daemon {
         let log = fs::File::create(log).unwrap();
         Daemon(
             Command::new(workspace_bin("overkvm-io"))
@@ -312,6 +326,77 @@ fn v1_budget_is_held_with_weighted_fair_shares_and_released() {
             || fs::read_to_string(&state)
                 .unwrap()
                 .contains("\"limits\": []")
+    );
+    drop(cgs);
+    let _ = fs::remove_dir_all(&tmp);
+}
+
+/// `kill -9` of the daemon at random moments while it throttles, 20 times: after each restart no
+/// stale limit remains.
+#[test]
+fn v1_kill9_at_random_moments_leaves_nothing_stale() {
+    skip_unless_kernel!();
+    let Some(h) = cgroupfs::find_io_hierarchy(&cgroupfs::host_mounts()) else {
+        eprintln!("SKIPPED: no block cgroup controller mounted");
+        return;
+    };
+    if h.controller != cgroupfs::IoController::V1 {
+        eprintln!(
+            "SKIPPED: this host's block controller is cgroup v2 (io.max is tested in the guest test)"
+        );
+        return;
+    }
+    let lo = LoopDevice::new(128).unwrap();
+    let (major, minor) = (lo.dev() >> 20, lo.dev() & 0xfffff);
+    let names = ["vmA", "vmB"];
+    let mut cgs = TestCgroups::new(&h.mount_point, &names);
+    let dirs: Vec<PathBuf> = names.iter().map(|n| cgs.root.join(n)).collect();
+    let tmp = std::env::temp_dir().join(format!("overkvm-kill9-{}", std::process::id()));
+    fs::create_dir_all(&tmp).unwrap();
+    let state = tmp.join("state/throttle.json");
+    let config = tmp.join("overkvm.toml");
+    fs::write(
+        &config,
+        format!(
+            "[policy]\nstate_file = \"{}\"\nengage_ticks = 1\n\n[[device]]\ndevice = \"{}\"\niops = 1000\n",
+            state.display(),
+            lo.name()
+        ),
+    )
+    .unwrap();
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut engaged_kills = 0;
+    for round in 0..20 {
+        for (i, n) in names.iter().enumerate() {
+            let child = greedy_vm(&tmp, &lo.path, n, &dirs[i], i as u64);
+            cgs.kids.push(child);
+        }
+        let daemon = Daemon::start(&config, &tmp.join("daemon.log"));
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        // Somewhere between start-up and well into throttling.
+        std::thread::sleep(Duration::from_millis(300 + seed % 2500));
+        if any_limit(&dirs, major, minor) {
+            engaged_kills += 1;
+        }
+        daemon.kill9();
+        cgs.stop_all();
+        let restarted = Daemon::start(&config, &tmp.join("daemon-restart.log"));
+        let clean = wait_until(Duration::from_secs(5), || !any_limit(&dirs, major, minor));
+        assert!(
+            clean,
+            "round {round}: stale limits after restart:\n{}",
+            fs::read_to_string(tmp.join("daemon-restart.log")).unwrap_or_default()
+        );
+        assert!(restarted.terminate().success());
+    }
+    eprintln!(
+        "20 kill -9 rounds, {engaged_kills} while limits were in place: no stale limit after any restart"
+    );
+    assert!(
+        engaged_kills >= 5,
+        "too few kills hit an engaged throttle to mean anything"
     );
     drop(cgs);
     let _ = fs::remove_dir_all(&tmp);
