@@ -1,0 +1,582 @@
+//! The interactive view's state: the latest report as rows, the selection, sort, filter and
+//! mode. Pure: reports and keys go in, the rows to draw and the effects on the sampler come
+//! out; nothing here touches the terminal.
+
+use std::{cmp::Ordering, collections::HashSet, time::Duration};
+
+use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
+
+use super::{
+    columns::{Column, compare_keys},
+    rows::{self, RowGroup, RowKey, RowKind, TopRow},
+};
+use crate::{report::Report, tick::ThrottleView};
+
+/// The keys, for the help screen and the README (one list, so they cannot disagree).
+pub const KEYS: &[(&str, &str)] = &[
+    ("q  Esc  Ctrl-C", "quit (Esc first clears a filter)"),
+    ("↑ ↓ j k PgUp PgDn Home End", "select a row"),
+    ("< >", "sort by the previous / next column"),
+    ("r", "reverse the sort"),
+    ("v", "VMs only / all processes"),
+    ("/", "filter by name: type, Enter applies, Esc clears"),
+    ("Enter  e", "expand / collapse the selected row per device"),
+    ("Space  p", "pause / resume sampling"),
+    ("+ -", "longer / shorter interval"),
+    ("h  ?", "this help (any key closes it)"),
+];
+
+/// The intervals `+` and `-` step through, in seconds.
+pub const INTERVAL_STEPS: [f64; 10] = [0.1, 0.2, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0];
+
+/// The next interval up (`longer`) or down the steps; unchanged at either end.
+pub fn next_interval(current: Duration, longer: bool) -> Duration {
+    let cur = current.as_secs_f64();
+    // A millisecond of slack, so 1.0000001 s counts as the 1 s step.
+    let step = if longer {
+        INTERVAL_STEPS.iter().copied().find(|s| *s > cur + 1e-3)
+    } else {
+        INTERVAL_STEPS
+            .iter()
+            .copied()
+            .rev()
+            .find(|s| *s < cur - 1e-3)
+    };
+    step.map_or(current, Duration::from_secs_f64)
+}
+
+/// What a key asks of the run loop besides redrawing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Effect {
+    None,
+    Quit,
+    /// Pause (true) or resume the sampler.
+    Pause(bool),
+    /// Sample at this interval from now on.
+    Interval(Duration),
+}
+
+/// The sort column and whether the user flipped its natural direction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SortOrder {
+    pub column: Column,
+    pub reversed: bool,
+}
+
+impl SortOrder {
+    pub fn descending(self) -> bool {
+        self.column.descending_first() != self.reversed
+    }
+}
+
+/// Identifies the selected line across refreshes: a process, or one of its devices.
+type RowId = (RowKey, Option<String>);
+
+/// State of the interactive view.
+#[derive(Debug)]
+pub struct App {
+    report: Option<Report>,
+    throttle: Option<ThrottleView>,
+    groups: Vec<RowGroup>,
+    rows: Vec<TopRow>,
+    sort: SortOrder,
+    vms_only: bool,
+    filter: String,
+    /// The filter being typed, when the filter prompt is open.
+    filter_input: Option<String>,
+    expanded: HashSet<RowKey>,
+    selected: Option<usize>,
+    selected_id: Option<RowId>,
+    paused: bool,
+    interval: Duration,
+    help: bool,
+    /// Rows the table shows at once, for PgUp/PgDn (set by the drawing code).
+    page: usize,
+}
+
+impl App {
+    pub fn new(interval: Duration, vms_only: bool) -> App {
+        App {
+            report: None,
+            throttle: None,
+            groups: Vec::new(),
+            rows: Vec::new(),
+            sort: SortOrder {
+                column: Column::Name,
+                reversed: false,
+            },
+            vms_only,
+            filter: String::new(),
+            filter_input: None,
+            expanded: HashSet::new(),
+            selected: None,
+            selected_id: None,
+            paused: false,
+            interval,
+            help: false,
+            page: 10,
+        }
+    }
+
+    /// Shows a new interval; ignored (false) while paused.
+    pub fn set_report(&mut self, report: Report) -> bool {
+        if self.paused {
+            return false;
+        }
+        self.groups = rows::groups(&report, self.throttle.as_ref());
+        let live: HashSet<&RowKey> = self.groups.iter().map(|g| &g.merged.key).collect();
+        self.expanded.retain(|k| live.contains(k));
+        self.report = Some(report);
+        self.rebuild();
+        true
+    }
+
+    /// The throttle's latest state (None until the throttle exists or when it is off).
+    pub fn set_throttle(&mut self, throttle: Option<ThrottleView>) {
+        self.throttle = throttle;
+        if let Some(r) = &self.report {
+            self.groups = rows::groups(r, self.throttle.as_ref());
+            self.rebuild();
+        }
+    }
+
+    pub fn report(&self) -> Option<&Report> {
+        self.report.as_ref()
+    }
+
+    pub fn throttle(&self) -> Option<&ThrottleView> {
+        self.throttle.as_ref()
+    }
+
+    /// The lines to show, in order.
+    pub fn rows(&self) -> &[TopRow] {
+        &self.rows
+    }
+
+    pub fn selected(&self) -> Option<usize> {
+        self.selected
+    }
+
+    pub fn sort(&self) -> SortOrder {
+        self.sort
+    }
+
+    pub fn vms_only(&self) -> bool {
+        self.vms_only
+    }
+
+    /// The applied filter ("" for none).
+    pub fn filter(&self) -> &str {
+        &self.filter
+    }
+
+    /// The filter being typed, while the prompt is open.
+    pub fn filter_input(&self) -> Option<&str> {
+        self.filter_input.as_deref()
+    }
+
+    pub fn paused(&self) -> bool {
+        self.paused
+    }
+
+    pub fn interval(&self) -> Duration {
+        self.interval
+    }
+
+    pub fn help_open(&self) -> bool {
+        self.help
+    }
+
+    /// Processes that did I/O in the interval, before the VMs-only toggle and the filter.
+    pub fn process_total(&self) -> usize {
+        self.groups.len()
+    }
+
+    pub fn set_page(&mut self, rows: usize) {
+        self.page = rows.max(1);
+    }
+
+    /// Applies a key; returns what the run loop must do besides redrawing.
+    pub fn handle_key(&mut self, key: KeyEvent) -> Effect {
+        let ctrl = key.modifiers.contains(KeyModifiers::CONTROL);
+        let code = match key.code {
+            KeyCode::Char('c') if ctrl => return Effect::Quit,
+            // A line feed (Ctrl-J) is Enter typed before raw mode, or sent by some terminals.
+            KeyCode::Char('j') if ctrl => KeyCode::Enter,
+            code => code,
+        };
+        if self.help {
+            self.help = false;
+            return Effect::None;
+        }
+        if let Some(input) = &mut self.filter_input {
+            match code {
+                KeyCode::Enter => {
+                    self.filter = self.filter_input.take().unwrap_or_default();
+                    self.rebuild();
+                }
+                KeyCode::Esc => {
+                    self.filter_input = None;
+                    self.filter.clear();
+                    self.rebuild();
+                }
+                KeyCode::Backspace => {
+                    input.pop();
+                }
+                KeyCode::Char(c) if !ctrl && !c.is_control() => input.push(c),
+                _ => {}
+            }
+            return Effect::None;
+        }
+        match code {
+            KeyCode::Char('q') => return Effect::Quit,
+            KeyCode::Esc if self.filter.is_empty() => return Effect::Quit,
+            KeyCode::Esc => {
+                self.filter.clear();
+                self.rebuild();
+            }
+            KeyCode::Char('h' | '?') => self.help = true,
+            KeyCode::Char('/') => self.filter_input = Some(self.filter.clone()),
+            KeyCode::Char('<' | ',') => self.sort_by(self.sort.column.prev()),
+            KeyCode::Char('>' | '.') => self.sort_by(self.sort.column.next()),
+            KeyCode::Char('r') => {
+                self.sort.reversed = !self.sort.reversed;
+                self.rebuild();
+            }
+            KeyCode::Char('v') => {
+                self.vms_only = !self.vms_only;
+                self.rebuild();
+            }
+            KeyCode::Enter | KeyCode::Char('e') => self.toggle_expanded(),
+            KeyCode::Up | KeyCode::Char('k') => self.move_selection(-1),
+            KeyCode::Down | KeyCode::Char('j') => self.move_selection(1),
+            KeyCode::PageUp => self.move_selection(-(self.page as isize)),
+            KeyCode::PageDown => self.move_selection(self.page as isize),
+            KeyCode::Home | KeyCode::Char('g') => self.move_selection(isize::MIN / 2),
+            KeyCode::End | KeyCode::Char('G') => self.move_selection(isize::MAX / 2),
+            KeyCode::Char(' ' | 'p') => {
+                self.paused = !self.paused;
+                return Effect::Pause(self.paused);
+            }
+            KeyCode::Char(c @ ('+' | '=' | '-' | '_')) => {
+                let next = next_interval(self.interval, matches!(c, '+' | '='));
+                if next != self.interval {
+                    self.interval = next;
+                    return Effect::Interval(next);
+                }
+            }
+            _ => {}
+        }
+        Effect::None
+    }
+
+    fn sort_by(&mut self, column: Column) {
+        self.sort = SortOrder {
+            column,
+            reversed: false,
+        };
+        self.rebuild();
+    }
+
+    fn toggle_expanded(&mut self) {
+        let Some(row) = self.selected.and_then(|i| self.rows.get(i)) else {
+            return;
+        };
+        let key = row.key.clone();
+        match row.kind {
+            RowKind::Merged { .. } if row.devices.len() < 2 => return,
+            RowKind::Merged { expanded: false } => {
+                self.expanded.insert(key);
+            }
+            RowKind::Merged { expanded: true } => {
+                self.expanded.remove(&key);
+            }
+            RowKind::Device { .. } => {
+                // Collapsing from a device line selects its process.
+                self.expanded.remove(&key);
+                self.selected_id = Some((key, None));
+            }
+        }
+        self.rebuild();
+    }
+
+    fn move_selection(&mut self, by: isize) {
+        if self.rows.is_empty() {
+            return;
+        }
+        let cur = self.selected.unwrap_or(0) as isize;
+        let last = self.rows.len() as isize - 1;
+        self.select(cur.saturating_add(by).clamp(0, last) as usize);
+    }
+
+    fn select(&mut self, i: usize) {
+        self.selected = Some(i);
+        self.selected_id = self.rows.get(i).map(row_id);
+    }
+
+    /// Recomputes the visible lines from the groups, keeping the selection on the same line.
+    fn rebuild(&mut self) {
+        let needle = self.filter.to_lowercase();
+        let sort = self.sort;
+        let mut shown: Vec<&RowGroup> = self
+            .groups
+            .iter()
+            .filter(|g| (!self.vms_only || g.merged.vm) && g.merged.matches(&needle))
+            .collect();
+        shown.sort_by(|a, b| row_order(&a.merged, &b.merged, sort));
+        let mut rows = Vec::with_capacity(shown.len());
+        for g in shown {
+            let expanded = g.per_device.len() > 1 && self.expanded.contains(&g.merged.key);
+            let mut merged = g.merged.clone();
+            merged.kind = RowKind::Merged { expanded };
+            rows.push(merged);
+            if expanded {
+                let mut devices = g.per_device.clone();
+                devices.sort_by(|a, b| row_order(a, b, sort));
+                let n = devices.len();
+                for (i, mut d) in devices.into_iter().enumerate() {
+                    d.kind = RowKind::Device { last: i + 1 == n };
+                    rows.push(d);
+                }
+            }
+        }
+        self.rows = rows;
+        let found = self
+            .selected_id
+            .as_ref()
+            .and_then(|id| self.rows.iter().position(|r| row_id(r) == *id));
+        match (found, self.selected) {
+            _ if self.rows.is_empty() => {
+                self.selected = None;
+            }
+            (Some(i), _) => self.selected = Some(i),
+            (None, old) => self.select(old.unwrap_or(0).min(self.rows.len() - 1)),
+        }
+    }
+}
+
+fn row_id(r: &TopRow) -> RowId {
+    let device = match r.kind {
+        RowKind::Merged { .. } => None,
+        RowKind::Device { .. } => r.devices.first().cloned(),
+    };
+    (r.key.clone(), device)
+}
+
+/// VMs before other processes whatever the sort; then the sort column; then name, PID and
+/// device so equal keys keep a stable order.
+fn row_order(a: &TopRow, b: &TopRow, sort: SortOrder) -> Ordering {
+    b.vm.cmp(&a.vm)
+        .then_with(|| {
+            compare_keys(
+                &sort.column.sort_key(a),
+                &sort.column.sort_key(b),
+                sort.descending(),
+            )
+        })
+        .then_with(|| a.label.cmp(&b.label))
+        .then_with(|| a.pid.cmp(&b.pid))
+        .then_with(|| a.devices.cmp(&b.devices))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::top::testdata::{process, report_with, sample_report, vm_process};
+
+    fn key(code: KeyCode) -> KeyEvent {
+        KeyEvent::new(code, KeyModifiers::NONE)
+    }
+
+    fn press(app: &mut App, keys: &str) {
+        for c in keys.chars() {
+            app.handle_key(key(KeyCode::Char(c)));
+        }
+    }
+
+    fn labels(app: &App) -> Vec<String> {
+        app.rows()
+            .iter()
+            .map(|r| match r.kind {
+                RowKind::Merged { .. } => r.label.clone(),
+                RowKind::Device { .. } => format!("  {}", r.devices[0]),
+            })
+            .collect()
+    }
+
+    fn app() -> App {
+        let mut app = App::new(Duration::from_secs(1), false);
+        app.set_report(sample_report());
+        app
+    }
+
+    #[test]
+    fn vms_first_by_name_then_processes() {
+        let app = app();
+        assert_eq!(
+            labels(&app),
+            ["vm:db02", "vm:web01", "ev\\x1b[2J\\x0ail", "fio"]
+        );
+        assert_eq!(app.selected(), Some(0));
+    }
+
+    #[test]
+    fn sorting_by_a_column_keeps_vms_first_and_reverses() {
+        let mut app = app();
+        // Name -> PID -> DEVICE -> R/s -> W/s
+        press(&mut app, ">>>>");
+        assert_eq!(app.sort().column, Column::WriteIops);
+        assert!(app.sort().descending());
+        assert_eq!(
+            labels(&app),
+            ["vm:db02", "vm:web01", "fio", "ev\\x1b[2J\\x0ail"]
+        );
+        press(&mut app, "r");
+        assert!(!app.sort().descending());
+        assert_eq!(
+            labels(&app),
+            ["vm:web01", "vm:db02", "ev\\x1b[2J\\x0ail", "fio"]
+        );
+        press(&mut app, "<");
+        assert_eq!(app.sort().column, Column::ReadIops);
+        assert!(!app.sort().reversed);
+        assert_eq!(
+            labels(&app),
+            ["vm:web01", "vm:db02", "fio", "ev\\x1b[2J\\x0ail"]
+        );
+    }
+
+    #[test]
+    fn vms_only_and_filter() {
+        let mut app = app();
+        press(&mut app, "v");
+        assert_eq!(labels(&app), ["vm:db02", "vm:web01"]);
+        press(&mut app, "v/WEB");
+        assert_eq!(app.filter_input(), Some("WEB"));
+        // Typing does not filter yet; Enter applies.
+        assert_eq!(app.rows().len(), 4);
+        app.handle_key(key(KeyCode::Enter));
+        assert_eq!(labels(&app), ["vm:web01"]);
+        // The comm matches too: qemu-system-x86 is every VM's.
+        press(&mut app, "/");
+        for _ in 0..3 {
+            app.handle_key(key(KeyCode::Backspace));
+        }
+        press(&mut app, "qemu");
+        app.handle_key(key(KeyCode::Enter));
+        assert_eq!(labels(&app), ["vm:db02", "vm:web01"]);
+        // Esc in the prompt clears the filter; Esc outside it clears it first, then quits.
+        press(&mut app, "/x");
+        assert_eq!(app.handle_key(key(KeyCode::Esc)), Effect::None);
+        assert_eq!((app.filter(), app.rows().len()), ("", 4));
+        press(&mut app, "/fio");
+        app.handle_key(key(KeyCode::Enter));
+        assert_eq!(labels(&app), ["fio"]);
+        assert_eq!(app.handle_key(key(KeyCode::Esc)), Effect::None);
+        assert_eq!(app.rows().len(), 4);
+        assert_eq!(app.handle_key(key(KeyCode::Esc)), Effect::Quit);
+    }
+
+    #[test]
+    fn expand_per_device_and_collapse_from_a_device_line() {
+        let mut app = app();
+        press(&mut app, "j");
+        assert_eq!(app.rows()[1].label, "vm:web01");
+        app.handle_key(key(KeyCode::Enter));
+        assert_eq!(
+            labels(&app),
+            [
+                "vm:db02",
+                "vm:web01",
+                "  vda",
+                "  vdb",
+                "ev\\x1b[2J\\x0ail",
+                "fio"
+            ]
+        );
+        assert_eq!(app.rows()[3].kind, RowKind::Device { last: true });
+        // The expansion and the selection survive a refresh.
+        press(&mut app, "j");
+        app.set_report(sample_report());
+        assert_eq!(app.rows().len(), 6);
+        assert_eq!(app.selected(), Some(2));
+        press(&mut app, "e");
+        assert_eq!(labels(&app).len(), 4);
+        assert_eq!(app.selected(), Some(1));
+        // A single-device row has nothing to expand.
+        press(&mut app, "k");
+        app.handle_key(key(KeyCode::Enter));
+        assert_eq!(app.rows().len(), 4);
+    }
+
+    #[test]
+    fn selection_moves_within_bounds_and_follows_its_row() {
+        let mut app = app();
+        app.set_page(2);
+        app.handle_key(key(KeyCode::PageDown));
+        assert_eq!(app.selected(), Some(2));
+        app.handle_key(key(KeyCode::End));
+        assert_eq!(app.selected(), Some(3));
+        press(&mut app, "j");
+        assert_eq!(app.selected(), Some(3));
+        app.handle_key(key(KeyCode::Home));
+        press(&mut app, "jk");
+        assert_eq!(app.selected(), Some(0));
+        press(&mut app, "j");
+        // db02 leaves: the selection stays on web01, now first.
+        app.set_report(report_with(vec![
+            vm_process("web01", 4242, "vda", 1, 0),
+            process("fio", 777, "vda", 1, 0),
+        ]));
+        assert_eq!(app.selected(), Some(0));
+        app.set_report(report_with(Vec::new()));
+        assert_eq!(app.selected(), None);
+        app.handle_key(key(KeyCode::Down));
+        assert_eq!(app.selected(), None);
+    }
+
+    #[test]
+    fn pause_interval_help_and_quit() {
+        let mut app = app();
+        assert_eq!(app.handle_key(key(KeyCode::Char(' '))), Effect::Pause(true));
+        assert!(!app.set_report(report_with(Vec::new())), "paused");
+        assert_eq!(app.rows().len(), 4);
+        assert_eq!(
+            app.handle_key(key(KeyCode::Char('p'))),
+            Effect::Pause(false)
+        );
+        assert_eq!(
+            app.handle_key(key(KeyCode::Char('+'))),
+            Effect::Interval(Duration::from_secs(2))
+        );
+        assert_eq!(
+            app.handle_key(key(KeyCode::Char('-'))),
+            Effect::Interval(Duration::from_secs(1))
+        );
+        press(&mut app, "?");
+        assert!(app.help_open());
+        // Any key closes the help, even q.
+        assert_eq!(app.handle_key(key(KeyCode::Char('q'))), Effect::None);
+        assert!(!app.help_open());
+        assert_eq!(app.handle_key(key(KeyCode::Char('q'))), Effect::Quit);
+        let line_feed = KeyEvent::new(KeyCode::Char('j'), KeyModifiers::CONTROL);
+        press(&mut app, "/fio");
+        assert_eq!(app.handle_key(line_feed), Effect::None);
+        assert_eq!((app.filter(), app.filter_input()), ("fio", None));
+        let ctrl_c = KeyEvent::new(KeyCode::Char('c'), KeyModifiers::CONTROL);
+        press(&mut app, "/ab");
+        assert_eq!(app.handle_key(ctrl_c), Effect::Quit);
+    }
+
+    #[test]
+    fn interval_steps() {
+        let s = Duration::from_secs_f64;
+        assert_eq!(next_interval(s(1.0), true), s(2.0));
+        assert_eq!(next_interval(s(1.0), false), s(0.5));
+        assert_eq!(next_interval(s(0.7), true), s(1.0));
+        assert_eq!(next_interval(s(0.7), false), s(0.5));
+        assert_eq!(next_interval(s(60.0), true), s(60.0));
+        assert_eq!(next_interval(s(0.05), false), s(0.05));
+        assert_eq!(next_interval(s(3600.0), false), s(60.0));
+    }
+}
