@@ -1,0 +1,454 @@
+//! Every metric the exporter exposes, in one place: name, type, unit, labels and help.
+//!
+//! Names follow the Prometheus conventions: one `overkvm_` prefix, base units (seconds, bytes)
+//! as a suffix, `_total` on counters. The OpenMetrics encoder appends the unit and `_total`
+//! itself, so `name` here carries neither; [`Metric::exposed`] gives the name Prometheus stores.
+//! Label sets are bounded: VM names, devices, ops, program and map names, and (only with
+//! `--per-process`, capped) process names. A PID appears in one label only, on `vm_info`.
+
+use prometheus_client::{metrics::MetricType, registry::Unit};
+
+/// Prefix of every metric name.
+pub const PREFIX: &str = "overkvm";
+
+/// How Prometheus treats a metric.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// The base unit a metric name ends with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BaseUnit {
+    Seconds,
+    Bytes,
+}
+
+/// One metric family.
+#[derive(Clone, Copy, Debug)]
+pub struct Metric {
+    /// Without prefix, unit and `_total`.
+    pub name: &'static str,
+    pub kind: Kind,
+    pub unit: Option<BaseUnit>,
+    pub labels: &'static [&'static str],
+    pub help: &'static str,
+}
+
+static SECONDS: Unit = Unit::Seconds;
+static BYTES: Unit = Unit::Bytes;
+
+impl Metric {
+    /// The family name as Prometheus stores it: `overkvm_vm_io_bytes_total`,
+    /// `overkvm_vm_io_latency_seconds` (whose series add `_bucket`, `_sum` and `_count`).
+    pub fn exposed(&self) -> String {
+        let mut s = format!("{PREFIX}_{}", self.name);
+        match self.unit {
+            Some(BaseUnit::Seconds) => s.push_str("_seconds"),
+            Some(BaseUnit::Bytes) => s.push_str("_bytes"),
+            None => {}
+        }
+        if self.kind == Kind::Counter {
+            s.push_str("_total");
+        }
+        s
+    }
+
+    pub(crate) fn metric_type(&self) -> MetricType {
+        match self.kind {
+            Kind::Counter => MetricType::Counter,
+            Kind::Gauge => MetricType::Gauge,
+            Kind::Histogram => MetricType::Histogram,
+        }
+    }
+
+    pub(crate) fn unit(&self) -> Option<&'static Unit> {
+        match self.unit {
+            Some(BaseUnit::Seconds) => Some(&SECONDS),
+            Some(BaseUnit::Bytes) => Some(&BYTES),
+            None => None,
+        }
+    }
+}
+
+/// Label names.
+pub mod label {
+    /// The VM's name (qemu `-name`), made unique when two VMs share one (see README).
+    pub const VM: &str = "vm";
+    pub const UUID: &str = "uuid";
+    pub const MANAGER: &str = "manager";
+    pub const PID: &str = "pid";
+    pub const CGROUP: &str = "cgroup";
+    /// Kernel block device name (`nvme0n1`, `loop3`).
+    pub const DEVICE: &str = "device";
+    /// read, write, discard, flush, other (`overkvm_common::Op::name`).
+    pub const OP: &str = "op";
+    pub const COMM: &str = "comm";
+    pub const PROGRAM: &str = "program";
+    pub const MAP: &str = "map";
+    /// `overkvm_common::Health::name`.
+    pub const EVENT: &str = "event";
+    /// read or write.
+    pub const DIRECTION: &str = "direction";
+    pub const VERSION: &str = "version";
+    pub const HOOK_MODE: &str = "hook_mode";
+}
+
+use label::*;
+
+const VM_DEV_OP: &[&str] = &[VM, DEVICE, OP];
+
+/// Latency histogram buckets: the kernel's log2 buckets `FIRST..=LAST` become `le` bounds of
+/// 2^(i+1) ns, from 2^10 ns (1.024 µs) to 2^35 ns (34.4 s); faster I/O is counted in the
+/// first bucket and slower I/O in `+Inf`, so counts and sums stay exact.
+pub const LATENCY_FIRST_BUCKET: u32 = 9;
+pub const LATENCY_LAST_BUCKET: u32 = 34;
+
+pub const VM_IO_OPERATIONS: Metric = Metric {
+    name: "vm_io_operations",
+    kind: Kind::Counter,
+    unit: None,
+    labels: VM_DEV_OP,
+    help: "Block I/O operations submitted by a VM's qemu process (requests on blk-mq devices, bios on bio-based ones).",
+};
+
+pub const VM_IO_BYTES: Metric = Metric {
+    name: "vm_io",
+    kind: Kind::Counter,
+    unit: Some(BaseUnit::Bytes),
+    labels: VM_DEV_OP,
+    help: "Bytes of block I/O submitted by a VM's qemu process (read, write and discard).",
+};
+
+pub const VM_IO_LATENCY: Metric = Metric {
+    name: "vm_io_latency",
+    kind: Kind::Histogram,
+    unit: Some(BaseUnit::Seconds),
+    labels: VM_DEV_OP,
+    help: "Block I/O latency of a VM's requests from submission to completion, in log2 buckets.",
+};
+
+pub const VM_INFO: Metric = Metric {
+    name: "vm_info",
+    kind: Kind::Gauge,
+    unit: None,
+    labels: &[VM, UUID, MANAGER, PID, CGROUP],
+    help: "A VM known to the exporter (1), with its UUID, manager, qemu PID and cgroup.",
+};
+
+pub const DEVICE_IO_OPERATIONS: Metric = Metric {
+    name: "device_io_operations",
+    kind: Kind::Counter,
+    unit: None,
+    labels: &[DEVICE, OP],
+    help: "Block I/O operations on a device, every process included.",
+};
+
+pub const DEVICE_IO_BYTES: Metric = Metric {
+    name: "device_io",
+    kind: Kind::Counter,
+    unit: Some(BaseUnit::Bytes),
+    labels: &[DEVICE, OP],
+    help: "Bytes of block I/O on a device, every process included.",
+};
+
+pub const PROCESS_IO_OPERATIONS: Metric = Metric {
+    name: "process_io_operations",
+    kind: Kind::Counter,
+    unit: None,
+    labels: &[COMM, DEVICE, OP],
+    help: "Block I/O operations of non-VM processes by name (with --per-process).",
+};
+
+pub const PROCESS_IO_BYTES: Metric = Metric {
+    name: "process_io",
+    kind: Kind::Counter,
+    unit: Some(BaseUnit::Bytes),
+    labels: &[COMM, DEVICE, OP],
+    help: "Bytes of block I/O of non-VM processes by name (with --per-process).",
+};
+
+pub const PROCESS_IO_DROPPED: Metric = Metric {
+    name: "process_io_dropped_operations",
+    kind: Kind::Counter,
+    unit: None,
+    labels: &[],
+    help: "Block I/O operations of non-VM processes left out because --per-process-cap names were already exported.",
+};
+
+pub const BPF_PROGRAM_RUNS: Metric = Metric {
+    name: "bpf_program_runs",
+    kind: Kind::Counter,
+    unit: None,
+    labels: &[PROGRAM],
+    help: "Times the kernel ran an overkvm eBPF program since it was loaded.",
+};
+
+pub const BPF_PROGRAM_RUN_TIME: Metric = Metric {
+    name: "bpf_program_run",
+    kind: Kind::Counter,
+    unit: Some(BaseUnit::Seconds),
+    labels: &[PROGRAM],
+    help: "CPU time the kernel spent in an overkvm eBPF program since it was loaded.",
+};
+
+pub const BPF_MAP_ENTRIES: Metric = Metric {
+    name: "bpf_map_entries",
+    kind: Kind::Gauge,
+    unit: None,
+    labels: &[MAP],
+    help: "Entries in a kernel map at the last sample.",
+};
+
+pub const BPF_MAP_CAPACITY: Metric = Metric {
+    name: "bpf_map_capacity",
+    kind: Kind::Gauge,
+    unit: None,
+    labels: &[MAP],
+    help: "Maximum entries of a kernel map; a full map drops what it cannot hold and counts it in overkvm_kernel_events_total.",
+};
+
+pub const KERNEL_EVENTS: Metric = Metric {
+    name: "kernel_events",
+    kind: Kind::Counter,
+    unit: None,
+    labels: &[EVENT],
+    help: "Events the kernel side counted instead of recording: full maps, in-flight slot collisions and misses, read faults (losses), partial completions (not a loss).",
+};
+
+pub const MAP_READ_ERRORS: Metric = Metric {
+    name: "map_read_errors",
+    kind: Kind::Counter,
+    unit: None,
+    labels: &[],
+    help: "Map entries that vanished while being read.",
+};
+
+pub const SAMPLE_DURATION: Metric = Metric {
+    name: "sample_duration",
+    kind: Kind::Gauge,
+    unit: Some(BaseUnit::Seconds),
+    labels: &[],
+    help: "Time the last tick took to read the kernel maps and build its report.",
+};
+
+pub const RENDER_DURATION: Metric = Metric {
+    name: "exporter_render_duration",
+    kind: Kind::Gauge,
+    unit: Some(BaseUnit::Seconds),
+    labels: &[],
+    help: "Time the previous rendering of /metrics took (rendered once per tick; scrapes send the cached text).",
+};
+
+pub const TICKS: Metric = Metric {
+    name: "ticks",
+    kind: Kind::Counter,
+    unit: None,
+    labels: &[],
+    help: "Sampling intervals folded into these metrics.",
+};
+
+pub const EXPORTER_INFO: Metric = Metric {
+    name: "exporter_info",
+    kind: Kind::Gauge,
+    unit: None,
+    labels: &[VERSION, HOOK_MODE],
+    help: "overkvm version and the block-layer hooks in use (1).",
+};
+
+pub const THROTTLE_LIMIT_IOPS: Metric = Metric {
+    name: "throttle_limit_iops",
+    kind: Kind::Gauge,
+    unit: None,
+    labels: &[VM, DEVICE, DIRECTION],
+    help: "IOPS limit the throttle has in place on a VM and device (cgroup io.max riops/wiops).",
+};
+
+pub const THROTTLE_LIMIT_BPS: Metric = Metric {
+    name: "throttle_limit_bytes_per_second",
+    kind: Kind::Gauge,
+    unit: None,
+    labels: &[VM, DEVICE, DIRECTION],
+    help: "Bandwidth limit the throttle has in place on a VM and device (cgroup io.max rbps/wbps).",
+};
+
+pub const THROTTLE_LIMIT_AGE: Metric = Metric {
+    name: "throttle_limit_age",
+    kind: Kind::Gauge,
+    unit: Some(BaseUnit::Seconds),
+    labels: &[VM, DEVICE],
+    help: "Time since the throttle first limited a VM on a device (this engagement).",
+};
+
+pub const THROTTLE_BUDGET_IOPS: Metric = Metric {
+    name: "throttle_budget_iops",
+    kind: Kind::Gauge,
+    unit: None,
+    labels: &[DEVICE],
+    help: "IOPS budget configured for a device.",
+};
+
+pub const THROTTLE_USED_IOPS: Metric = Metric {
+    name: "throttle_used_iops",
+    kind: Kind::Gauge,
+    unit: None,
+    labels: &[DEVICE],
+    help: "IOPS the VMs used on a device in the last interval, as the throttle counts them.",
+};
+
+pub const THROTTLE_ENGAGED: Metric = Metric {
+    name: "throttle_engaged",
+    kind: Kind::Gauge,
+    unit: None,
+    labels: &[DEVICE],
+    help: "1 while the throttle holds the VMs on a device to its budget.",
+};
+
+pub const THROTTLE_DECISIONS: Metric = Metric {
+    name: "throttle_decisions",
+    kind: Kind::Counter,
+    unit: None,
+    labels: &[],
+    help: "Limits the throttle wrote or removed.",
+};
+
+pub const THROTTLE_THROTTLED: Metric = Metric {
+    name: "throttle_throttled",
+    kind: Kind::Counter,
+    unit: Some(BaseUnit::Seconds),
+    labels: &[],
+    help: "Time VMs spent limited, summed over VMs and devices.",
+};
+
+pub const THROTTLE_DRY_RUN: Metric = Metric {
+    name: "throttle_dry_run",
+    kind: Kind::Gauge,
+    unit: None,
+    labels: &[],
+    help: "1 when the throttle only decides and reports (--dry-run) and writes no limits.",
+};
+
+pub const THROTTLE_PROBLEMS: Metric = Metric {
+    name: "throttle_problems",
+    kind: Kind::Gauge,
+    unit: None,
+    labels: &[],
+    help: "Problems that degrade throttling right now (a VM sharing a cgroup, a vanished device).",
+};
+
+/// Every family, in the order they are rendered.
+pub const ALL: &[Metric] = &[
+    VM_IO_OPERATIONS,
+    VM_IO_BYTES,
+    VM_IO_LATENCY,
+    VM_INFO,
+    DEVICE_IO_OPERATIONS,
+    DEVICE_IO_BYTES,
+    PROCESS_IO_OPERATIONS,
+    PROCESS_IO_BYTES,
+    PROCESS_IO_DROPPED,
+    BPF_PROGRAM_RUNS,
+    BPF_PROGRAM_RUN_TIME,
+    BPF_MAP_ENTRIES,
+    BPF_MAP_CAPACITY,
+    KERNEL_EVENTS,
+    MAP_READ_ERRORS,
+    SAMPLE_DURATION,
+    RENDER_DURATION,
+    TICKS,
+    EXPORTER_INFO,
+    THROTTLE_LIMIT_IOPS,
+    THROTTLE_LIMIT_BPS,
+    THROTTLE_LIMIT_AGE,
+    THROTTLE_BUDGET_IOPS,
+    THROTTLE_USED_IOPS,
+    THROTTLE_ENGAGED,
+    THROTTLE_DECISIONS,
+    THROTTLE_THROTTLED,
+    THROTTLE_DRY_RUN,
+    THROTTLE_PROBLEMS,
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_conventions() {
+        let mut seen = std::collections::HashSet::new();
+        for m in ALL {
+            let exposed = m.exposed();
+            assert!(seen.insert(exposed.clone()), "{exposed} twice");
+            assert!(
+                m.name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b == b'_' || b.is_ascii_digit()),
+                "{exposed}"
+            );
+            assert!(
+                !m.name.ends_with("_total"),
+                "{exposed}: the encoder adds _total"
+            );
+            assert_eq!(
+                m.kind == Kind::Counter,
+                exposed.ends_with("_total"),
+                "{exposed}"
+            );
+            assert!(
+                !m.labels.contains(&label::PID) || m.name == "vm_info",
+                "{exposed}"
+            );
+            assert!(
+                !m.help.contains(['\n', '\\']),
+                "{exposed}: help is written raw"
+            );
+        }
+        assert_eq!(VM_IO_BYTES.exposed(), "overkvm_vm_io_bytes_total");
+        assert_eq!(VM_IO_LATENCY.exposed(), "overkvm_vm_io_latency_seconds");
+        assert_eq!(
+            BPF_PROGRAM_RUN_TIME.exposed(),
+            "overkvm_bpf_program_run_seconds_total"
+        );
+    }
+
+    /// The alert rules and the dashboard name only metrics that exist.
+    #[test]
+    fn packaging_uses_only_exported_names() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging");
+        let mut known: Vec<String> = Vec::new();
+        for m in ALL {
+            let e = m.exposed();
+            if m.kind == Kind::Histogram {
+                for s in ["_bucket", "_sum", "_count"] {
+                    known.push(format!("{e}{s}"));
+                }
+            }
+            known.push(e);
+        }
+        for file in [
+            "prometheus/overkvm-alerts.yml",
+            "prometheus/overkvm-alerts.test.yml",
+            "grafana/overkvm.json",
+        ] {
+            let path = root.join(file);
+            let Ok(text) = std::fs::read_to_string(&path) else {
+                panic!("{} is missing", path.display());
+            };
+            let mut rest = text.as_str();
+            while let Some(at) = rest.find("overkvm_") {
+                let tail = &rest[at..];
+                let end = tail
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(tail.len());
+                let name = &tail[..end];
+                assert!(
+                    known.iter().any(|k| k == name),
+                    "{file} uses {name}, which the exporter does not expose"
+                );
+                rest = &tail[end..];
+            }
+        }
+    }
+}
