@@ -35,6 +35,15 @@ pub enum Command {
     /// Inspect or undo the throttle's limits without the daemon.
     #[command(subcommand)]
     Throttle(ThrottleCommand),
+    /// Create, start, stop, list and destroy VMs on thin qcow2 overlays of a shared base
+    /// image. Every VM overkvm starts uses direct I/O and its own block cgroup, so its I/O is
+    /// attributed to it and a limit acts on it alone.
+    #[command(subcommand)]
+    Vm(VmCommand),
+    /// The host's over-commit in one view: vCPUs vs host CPUs, guest RAM vs physical RAM
+    /// (and what KSM saves), virtual disk size vs space allocated in overlays and bases, and
+    /// device IOPS budgets vs what guests use (when the throttle daemon runs).
+    Overcommit(OvercommitArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -123,6 +132,179 @@ pub struct CheckArgs {
     pub json: bool,
 }
 
+/// Where VMs live.
+#[derive(Debug, Args, Clone, Default)]
+pub struct StateDirArgs {
+    /// Directory with one sub-directory per VM (definition, overlay, pidfile, QMP socket,
+    /// serial log) [default: $OVERKVM_STATE_DIR, else /var/lib/overkvm/vms].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VmCommand {
+    /// Create a VM: a qcow2 overlay on a base image (`qemu-img create -f qcow2 -b BASE -F
+    /// FMT`, the base's format detected) and a definition file (vm.toml) with a new UUID.
+    ///
+    /// The name (1-64 characters of A-Z a-z 0-9 - _) becomes qemu's -name, the directory and
+    /// the cgroup overkvm/vm-NAME. Nothing is left behind when any step fails.
+    Create(VmCreateArgs),
+    /// Start VMs with qemu (daemonized), each in its own block cgroup, with direct I/O on its
+    /// overlay, a QMP socket, a pidfile and a serial log. Returns when each VM's QMP answers.
+    ///
+    /// With several VMs, --stagger starts them one at a time at that interval, --admit starts
+    /// the next one only when the device's measured IOPS leave room under --budget (a boot
+    /// storm of many guests needs thousands of IOPS). Uses KVM only when it really works on
+    /// this host (not on PVM hosts), else TCG; --accel overrides.
+    Start(VmStartArgs),
+    /// Stop VMs: ACPI power button over QMP, `quit` after --timeout, SIGKILL as the last
+    /// resort; then removes the pidfile, QMP socket and cgroup.
+    Stop(VmStopArgs),
+    /// List VMs: state (running, stopped, crashed), pid, uptime, UUID, current IOPS (from the
+    /// VM's cgroup counters over one second; no root needed) and the throttle's active limits.
+    List(VmListArgs),
+    /// Remove VMs: their directory and overlay (the base image stays). Refuses a running VM.
+    Destroy(VmDestroyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct VmCreateArgs {
+    /// VM name: 1-64 characters of A-Z a-z 0-9 - _ (no dots, slashes or spaces).
+    pub name: String,
+    /// Base image (raw, qcow2, ...), shared read-only by every overlay on it. Keep it
+    /// unchanged while overlays use it.
+    #[arg(long, value_name = "IMAGE")]
+    pub base: std::path::PathBuf,
+    /// Guest RAM in MiB.
+    #[arg(long, value_name = "MiB", default_value = "512")]
+    pub memory: u64,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value = "1")]
+    pub vcpus: u32,
+    /// Virtual disk size (e.g. 20G), at least the base's [default: the base's size].
+    #[arg(long, value_name = "SIZE", value_parser = parse_disk_size)]
+    pub disk_size: Option<u64>,
+    /// Boot this kernel directly instead of from the disk.
+    #[arg(long, value_name = "FILE")]
+    pub kernel: Option<std::path::PathBuf>,
+    /// Initial ramdisk for --kernel.
+    #[arg(long, value_name = "FILE", requires = "kernel")]
+    pub initrd: Option<std::path::PathBuf>,
+    /// Kernel command line for --kernel (e.g. "console=ttyS0 root=/dev/vda").
+    #[arg(long, value_name = "ARGS", requires = "kernel")]
+    pub append: Option<String>,
+    #[command(flatten)]
+    pub state: StateDirArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct VmStartArgs {
+    /// VMs to start, in this order.
+    #[arg(required = true, value_name = "NAME")]
+    pub names: Vec<String>,
+    /// Start the VMs one at a time, this long apart (e.g. 1s, 500ms, 2m).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, conflicts_with = "admit")]
+    pub stagger: Option<Duration>,
+    /// Start the next VM only when --device measures at most --budget minus --boot-iops IOPS
+    /// (over one-second windows, with overkvm's kernel programs: needs root).
+    #[arg(long, requires_all = ["device", "budget"])]
+    pub admit: bool,
+    /// Device whose IOPS --admit watches (loop0, /dev/nvme0n1 or 8:0; a whole disk).
+    #[arg(long, value_name = "DEV", requires = "admit")]
+    pub device: Option<String>,
+    /// IOPS the device may carry (reads + writes).
+    #[arg(long, value_name = "IOPS", requires = "admit", value_parser = clap::value_parser!(u64).range(1..))]
+    pub budget: Option<u64>,
+    /// IOPS room one booting guest needs [default: a tenth of --budget].
+    #[arg(long, value_name = "IOPS", requires = "admit")]
+    pub boot_iops: Option<u64>,
+    /// Give up when the device has no room for this long.
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
+    pub admit_timeout: Duration,
+    /// Accelerator [default: kvm if it really works here, else tcg].
+    #[arg(long, value_enum)]
+    pub accel: Option<crate::lifecycle::qemu::Accel>,
+    /// Run the VMs without their own cgroup (e.g. without root). Their I/O is still attributed
+    /// per process, but cgroup limits cannot target them alone.
+    #[arg(long)]
+    pub no_cgroup: bool,
+    /// How long each VM may take until its QMP answers.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    #[command(flatten)]
+    pub state: StateDirArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct VmStopArgs {
+    #[arg(required = true, value_name = "NAME")]
+    pub names: Vec<String>,
+    /// How long the guest may take to power off after the ACPI button before qemu is told to
+    /// quit (guests without ACPI handling, e.g. busybox, ignore the button).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    #[command(flatten)]
+    pub state: StateDirArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct VmListArgs {
+    /// One JSON array of VMs.
+    #[arg(long)]
+    pub json: bool,
+    /// Do not measure IOPS (otherwise `list` takes one second when VMs run).
+    #[arg(long)]
+    pub no_iops: bool,
+    /// The throttle daemon's config, to find its status file (active limits).
+    #[arg(short, long)]
+    pub config: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub state: StateDirArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct VmDestroyArgs {
+    #[arg(required = true, value_name = "NAME")]
+    pub names: Vec<String>,
+    #[command(flatten)]
+    pub state: StateDirArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct OvercommitArgs {
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    /// Config with [[device]] IOPS budgets (and the daemon's status file location).
+    #[arg(short, long)]
+    pub config: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub state: StateDirArgs,
+}
+
+/// Parses a duration: seconds ("1", "0.5") or with a unit ("1s", "500ms", "2m"), positive
+/// and at most a day.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let d = match t.parse::<f64>() {
+        Ok(v) if v.is_finite() && (0.0..=86_400.0).contains(&v) => Duration::from_secs_f64(v),
+        Ok(_) => return Err(format!("{s:?} is out of range (0 to 86400 s)")),
+        Err(_) => humantime::parse_duration(t)
+            .map_err(|e| format!("{s:?} is not a duration (e.g. 1s, 500ms, 2m): {e}"))?,
+    };
+    if d.is_zero() || d > Duration::from_secs(86_400) {
+        return Err(format!(
+            "{s:?} is out of range (more than 0, at most a day)"
+        ));
+    }
+    Ok(d)
+}
+
+/// Parses a disk size (20G, 512M, bytes).
+pub fn parse_disk_size(s: &str) -> Result<u64, String> {
+    crate::lifecycle::definition::parse_size(s).map_err(|e| e.to_string())
+}
+
 /// Parses an interval in seconds ("1", "0.5"): positive and at most a day.
 pub fn parse_interval(s: &str) -> Result<Duration, String> {
     let v: f64 = s
@@ -144,6 +326,71 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("1s").unwrap(), Duration::from_secs(1));
+        assert_eq!(parse_duration("1").unwrap(), Duration::from_secs(1));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        for bad in ["0", "0s", "-1", "x", "2d", "nan", ""] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn vm_commands_parse() {
+        let c = Cli::try_parse_from(["overkvm-io", "vm", "start", "a", "b", "--stagger", "1s"])
+            .unwrap();
+        match c.command {
+            Command::Vm(VmCommand::Start(a)) => {
+                assert_eq!(a.names, ["a", "b"]);
+                assert_eq!(a.stagger, Some(Duration::from_secs(1)));
+            }
+            other => panic!("{other:?}"),
+        }
+        for bad in [
+            &[
+                "overkvm-io",
+                "vm",
+                "start",
+                "a",
+                "--stagger",
+                "1s",
+                "--admit",
+                "--device",
+                "x",
+                "--budget",
+                "1",
+            ][..],
+            &["overkvm-io", "vm", "start", "a", "--admit"],
+            &["overkvm-io", "vm", "start", "a", "--device", "loop0"],
+            &["overkvm-io", "vm", "start"],
+            &["overkvm-io", "vm", "create", "a"],
+            &[
+                "overkvm-io",
+                "vm",
+                "create",
+                "a",
+                "--base",
+                "b",
+                "--initrd",
+                "i",
+            ],
+            &[
+                "overkvm-io",
+                "vm",
+                "create",
+                "a",
+                "--base",
+                "b",
+                "--disk-size",
+                "10X",
+            ],
+        ] {
+            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod config;
 pub mod devices;
 pub mod export;
 pub mod identity;
+pub mod lifecycle;
 pub mod report;
 #[cfg(test)]
 mod robustness;

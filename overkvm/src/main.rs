@@ -4,7 +4,7 @@ use clap::Parser as _;
 use overkvm::{
     check,
     cli::{Cli, Command},
-    serve, throttle, top,
+    lifecycle, serve, throttle, top,
 };
 
 fn main() {
@@ -21,6 +21,8 @@ fn main() {
         Command::Top(args) => top::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Throttle(cmd) => throttle::command::run(cmd),
+        Command::Vm(cmd) => lifecycle::run(cmd),
+        Command::Overcommit(args) => lifecycle::overcommit::run(args),
         Command::Check(args) => {
             let report = check::run_checks();
             if args.json {

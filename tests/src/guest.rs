@@ -430,6 +430,26 @@ fn base_initramfs(kernel: &GuestKernel) -> Result<Base> {
     })
 }
 
+/// Writes the initramfs [`Guest::boot`] would boot `spec` with (the cached base plus /init,
+/// the script and the spec's files) to `path`, for guests started by other means, such as
+/// `overkvm-io vm start`. `spec.disk` only decides whether /init waits for /dev/vda; the
+/// script should not return if the guest must keep running (/init powers off after it).
+/// Returns the kernel to boot it with.
+pub fn write_initramfs(spec: &GuestSpec, path: &Path) -> Result<GuestKernel> {
+    let kernel = guest_kernel()?;
+    let base = base_initramfs(&kernel)?;
+    let mut initrd =
+        fs::read(&base.path).with_context(|| format!("reading {}", base.path.display()))?;
+    initrd.extend_from_slice(&overlay_initramfs(spec, &base)?);
+    fs::write(path, &initrd).with_context(|| format!("writing {}", path.display()))?;
+    Ok(kernel)
+}
+
+/// The kernel command line [`Guest::boot`] uses (serial console, quiet, reboot on panic).
+pub fn kernel_args() -> &'static str {
+    KERNEL_ARGS
+}
+
 /// The per-boot archive: /init, the script and the spec's files.
 fn overlay_initramfs(spec: &GuestSpec, base: &Base) -> Result<Vec<u8>> {
     let flag = |b: bool| if b { "1" } else { "0" };

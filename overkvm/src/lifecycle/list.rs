@@ -1,0 +1,299 @@
+//! `vm list`: each VM's state, pid, uptime, current IOPS and active limits.
+//!
+//! IOPS come from the counters the kernel keeps per cgroup (v1 `blkio.throttle.io_serviced`,
+//! v2 `io.stat`): every VM has its own cgroup, the files are world-readable, and two reads a
+//! second apart cost nothing, so no root and no eBPF are needed. They count bios, as the
+//! cgroup limits do.
+
+use std::{collections::BTreeMap, thread::sleep, time::Duration};
+
+use serde::Serialize;
+
+use super::{
+    cgroup::{IoOps, VmCgroup},
+    definition::{VmDefinition, VmPaths},
+    state::{self, VmState},
+};
+use crate::{cli::VmListArgs, config::Config, tick::ActiveLimit, top::batch::sanitize};
+
+/// Window over which `vm list` measures IOPS.
+const IOPS_WINDOW: Duration = Duration::from_secs(1);
+
+/// Read and write IOPS over the window.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct Iops {
+    pub read: f64,
+    pub write: f64,
+    pub total: f64,
+}
+
+/// One row of `vm list`.
+#[derive(Clone, Debug, Serialize)]
+pub struct VmRow {
+    pub name: String,
+    pub state: VmState,
+    pub pid: Option<u32>,
+    pub uuid: String,
+    pub uptime_s: Option<f64>,
+    pub accel: Option<String>,
+    pub cgroup: Option<String>,
+    pub memory_mib: u64,
+    pub vcpus: u32,
+    pub overlay: String,
+    /// None when not running, not measured (`--no-iops`) or the VM has no cgroup.
+    pub iops: Option<Iops>,
+    /// Limits the throttle daemon has on this VM (from its status file).
+    pub limits: Vec<ActiveLimit>,
+}
+
+/// IOPS between two readings of a cgroup's counters, summed over devices.
+pub fn iops_between(
+    before: &BTreeMap<(u32, u32), IoOps>,
+    after: &BTreeMap<(u32, u32), IoOps>,
+    secs: f64,
+) -> Iops {
+    let secs = secs.max(1e-3);
+    let (mut r, mut w) = (0u64, 0u64);
+    for (dev, a) in after {
+        let b = before.get(dev).copied().unwrap_or_default();
+        r += a.read.saturating_sub(b.read);
+        w += a.write.saturating_sub(b.write);
+    }
+    Iops {
+        read: r as f64 / secs,
+        write: w as f64 / secs,
+        total: (r + w) as f64 / secs,
+    }
+}
+
+/// Formats seconds as `3d4h`, `2h05m`, `4m07s` or `12s`.
+pub fn human_duration(s: f64) -> String {
+    let s = s.max(0.0) as u64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..86400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
+fn limit_text(l: &ActiveLimit) -> String {
+    let v = |x: Option<u64>| x.map_or("max".to_string(), |n| n.to_string());
+    format!("{} r={} w={} iops", l.device, v(l.riops), v(l.wiops))
+}
+
+/// Builds the rows (measuring IOPS over one second unless `measure` is false).
+pub fn rows(vms: &[(VmDefinition, VmPaths)], limits: &[ActiveLimit], measure: bool) -> Vec<VmRow> {
+    let mut rows = Vec::new();
+    let mut cgroups: Vec<Option<VmCgroup>> = Vec::new();
+    for (def, paths) in vms {
+        let found = state::inspect(def, paths);
+        let record = found
+            .record
+            .as_ref()
+            .filter(|_| found.state == VmState::Running);
+        let cg = record.and_then(|r| {
+            Some(VmCgroup {
+                api: crate::throttle::actuator::Actuator::for_host().ok()?.api,
+                root: r.cgroup_root.clone()?,
+                path: r.cgroup.clone()?,
+            })
+        });
+        cgroups.push(cg);
+        rows.push(VmRow {
+            name: def.name.clone(),
+            state: found.state,
+            pid: found.pid,
+            uuid: def.uuid.clone(),
+            uptime_s: record.and_then(|r| state::uptime_s(r.start_time)),
+            accel: record.map(|r| r.accel.clone()),
+            cgroup: record.and_then(|r| r.cgroup.clone()),
+            memory_mib: def.memory_mib,
+            vcpus: def.vcpus,
+            overlay: def.overlay.display().to_string(),
+            iops: None,
+            limits: limits
+                .iter()
+                .filter(|l| l.vm == def.name)
+                .cloned()
+                .collect(),
+        });
+    }
+    if measure && cgroups.iter().any(Option::is_some) {
+        let before: Vec<_> = cgroups
+            .iter()
+            .map(|c| c.as_ref().and_then(|c| c.io_ops().ok()))
+            .collect();
+        let t = std::time::Instant::now();
+        sleep(IOPS_WINDOW);
+        let secs = t.elapsed().as_secs_f64();
+        for (i, cg) in cgroups.iter().enumerate() {
+            if let (Some(cg), Some(b)) = (cg, &before[i])
+                && let Ok(a) = cg.io_ops()
+            {
+                rows[i].iops = Some(iops_between(b, &a, secs));
+            }
+        }
+    }
+    rows
+}
+
+/// Writes the text table.
+pub fn write_table(rows: &[VmRow], out: &mut impl std::io::Write) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "{:<20} {:<8} {:>8} {:>8} {:>5} {:>7} {:>7} {:<36} LIMITS",
+        "NAME", "STATE", "PID", "UPTIME", "VCPUS", "MEM", "IOPS", "UUID"
+    )?;
+    for r in rows {
+        let limits: Vec<String> = r.limits.iter().map(limit_text).collect();
+        writeln!(
+            out,
+            "{:<20} {:<8} {:>8} {:>8} {:>5} {:>7} {:>7} {:<36} {}",
+            r.name,
+            r.state.name(),
+            r.pid.map_or("-".into(), |p| p.to_string()),
+            r.uptime_s.map_or("-".into(), human_duration),
+            r.vcpus,
+            format!("{}M", r.memory_mib),
+            r.iops.map_or("-".into(), |i| format!("{:.0}", i.total)),
+            r.uuid,
+            if limits.is_empty() {
+                "-".to_string()
+            } else {
+                sanitize(&limits.join(", "))
+            }
+        )?;
+    }
+    Ok(())
+}
+
+/// `vm list`.
+pub fn run(args: &VmListArgs) -> anyhow::Result<()> {
+    let state_dir = super::state_dir(args.state.state_dir.as_deref())?;
+    let (vms, problems) = super::load_all(&state_dir)?;
+    let config = match &args.config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    let limits = crate::throttle::status(&config)
+        .ok()
+        .and_then(|s| s.daemon)
+        .map(|d| d.limits)
+        .unwrap_or_default();
+    let rows = rows(&vms, &limits, !args.no_iops);
+    if args.json {
+        println!("{}", serde_json::to_string(&rows)?);
+    } else {
+        if rows.is_empty() {
+            println!("no VMs in {}", state_dir.display());
+        } else {
+            write_table(&rows, &mut std::io::stdout().lock())?;
+        }
+        if rows.iter().any(|r| r.state == VmState::Running) && args.no_iops {
+            println!("(IOPS not measured: --no-iops)");
+        }
+    }
+    for p in problems {
+        eprintln!("overkvm-io: skipped {}", sanitize(&p));
+    }
+    Ok(())
+}
+
+/// Names of running VMs in a state directory (for `overcommit`).
+pub fn running(vms: &[(VmDefinition, VmPaths)]) -> Vec<(String, u32)> {
+    vms.iter()
+        .filter_map(|(d, p)| {
+            let f = state::inspect(d, p);
+            (f.state == VmState::Running).then(|| (d.name.clone(), f.pid.unwrap_or(0)))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iops_maths() {
+        let mut a = BTreeMap::new();
+        let mut b = BTreeMap::new();
+        a.insert(
+            (7, 0),
+            IoOps {
+                read: 100,
+                write: 50,
+            },
+        );
+        b.insert(
+            (7, 0),
+            IoOps {
+                read: 300,
+                write: 150,
+            },
+        );
+        b.insert((8, 0), IoOps { read: 10, write: 0 });
+        let i = iops_between(&a, &b, 2.0);
+        assert_eq!(
+            i,
+            Iops {
+                read: 105.0,
+                write: 50.0,
+                total: 155.0
+            }
+        );
+        // A counter that went backwards (cgroup re-created) counts nothing.
+        let i = iops_between(&b, &a, 1.0);
+        assert_eq!(i.total, 0.0);
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(human_duration(0.4), "0s");
+        assert_eq!(human_duration(59.9), "59s");
+        assert_eq!(human_duration(61.0), "1m01s");
+        assert_eq!(human_duration(7500.0), "2h05m");
+        assert_eq!(human_duration(3.0 * 86400.0 + 4.0 * 3600.0), "3d4h");
+        assert_eq!(human_duration(-5.0), "0s");
+    }
+
+    #[test]
+    fn table() {
+        let row = VmRow {
+            name: "web01".into(),
+            state: VmState::Crashed,
+            pid: None,
+            uuid: "0fa82997-3c4d-4e5f-8a9b-0c1d2e3f4a5b".into(),
+            uptime_s: None,
+            accel: None,
+            cgroup: None,
+            memory_mib: 512,
+            vcpus: 2,
+            overlay: "/v/web01/disk.qcow2".into(),
+            iops: Some(Iops {
+                read: 1.0,
+                write: 2.0,
+                total: 3.0,
+            }),
+            limits: vec![ActiveLimit {
+                vm: "web01".into(),
+                cgroup: "/overkvm/vm-web01".into(),
+                device: "loop0".into(),
+                riops: Some(200),
+                wiops: None,
+                rbps: None,
+                wbps: None,
+                since_s: 3.0,
+            }],
+        };
+        let mut out = Vec::new();
+        write_table(std::slice::from_ref(&row), &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("crashed"), "{text}");
+        assert!(text.contains("loop0 r=200 w=max iops"), "{text}");
+        let json = serde_json::to_value(&row).unwrap();
+        assert_eq!(json["state"], "crashed");
+        assert_eq!(json["iops"]["total"], 3.0);
+        assert!(json["pid"].is_null());
+    }
+}

@@ -1,0 +1,361 @@
+//! A small blocking QMP client: line-delimited JSON on a unix socket.
+//!
+//! Why not the `qapi` crate: its typed schema (qapi-qmp 0.15) follows a newer QEMU than the
+//! 7.2 that Debian ships, and `query-blockstats` fails to decode there (the `zone_append_*`
+//! counters are mandatory in its schema and absent from 7.2's replies). overkvm drives
+//! whichever qemu the host has and needs four commands, so replies stay `serde_json::Value`.
+//!
+//! Protocol: the server greets with `{"QMP": ...}`, the client sends `qmp_capabilities`, then
+//! commands; each reply is `{"return": ...}` or `{"error": {"class", "desc"}}`, echoing the
+//! command's `id`; `{"event": ...}` lines may arrive at any time and are kept aside. A monitor
+//! serves one client at a time, so connections here are short.
+
+use std::{
+    fmt,
+    io::{self, BufRead as _, BufReader, Read as _, Write as _},
+    os::unix::net::UnixStream,
+    path::Path,
+    time::Duration,
+};
+
+use serde_json::{Value, json};
+
+/// Longest reply line accepted (query-blockstats of many disks stays far below).
+const MAX_LINE: u64 = 16 << 20;
+/// Events kept for the caller; older ones are dropped.
+const MAX_EVENTS: usize = 64;
+
+/// Why a QMP exchange failed. Callers branch on `Closed` (qemu exited, e.g. after `quit`)
+/// and `Command` (qemu refused the command).
+#[derive(Debug)]
+pub enum QmpError {
+    Io(io::Error),
+    /// qemu closed the connection.
+    Closed,
+    /// Something that is not QMP.
+    Protocol(String),
+    /// qemu answered with an error.
+    Command {
+        class: String,
+        desc: String,
+    },
+}
+
+impl fmt::Display for QmpError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            QmpError::Io(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                write!(
+                    f,
+                    "QMP did not answer in time (another client may hold the monitor)"
+                )
+            }
+            QmpError::Io(e) => write!(f, "QMP I/O: {e}"),
+            QmpError::Closed => f.write_str("qemu closed the QMP connection"),
+            QmpError::Protocol(m) => write!(f, "QMP protocol: {m}"),
+            QmpError::Command { class, desc } => write!(f, "qemu refused: {class}: {desc}"),
+        }
+    }
+}
+
+impl std::error::Error for QmpError {}
+
+impl From<io::Error> for QmpError {
+    fn from(e: io::Error) -> Self {
+        QmpError::Io(e)
+    }
+}
+
+/// One line from the server.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Message {
+    Greeting(Value),
+    Return {
+        id: Option<Value>,
+        value: Value,
+    },
+    Error {
+        id: Option<Value>,
+        class: String,
+        desc: String,
+    },
+    Event {
+        name: String,
+        data: Value,
+    },
+}
+
+/// Classifies one line of QMP output.
+pub fn parse_message(line: &str) -> Result<Message, QmpError> {
+    let v: Value = serde_json::from_str(line.trim())
+        .map_err(|e| QmpError::Protocol(format!("not JSON ({e}): {:.200}", line.trim())))?;
+    let Some(obj) = v.as_object() else {
+        return Err(QmpError::Protocol(format!("not an object: {v:.200}")));
+    };
+    let id = obj.get("id").cloned();
+    if let Some(g) = obj.get("QMP") {
+        Ok(Message::Greeting(g.clone()))
+    } else if let Some(r) = obj.get("return") {
+        Ok(Message::Return {
+            id,
+            value: r.clone(),
+        })
+    } else if let Some(e) = obj.get("error") {
+        let s = |k: &str| e.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+        Ok(Message::Error {
+            id,
+            class: s("class"),
+            desc: s("desc"),
+        })
+    } else if let Some(name) = obj.get("event").and_then(Value::as_str) {
+        Ok(Message::Event {
+            name: name.to_string(),
+            data: obj.get("data").cloned().unwrap_or(Value::Null),
+        })
+    } else {
+        Err(QmpError::Protocol(format!("unknown message: {v:.200}")))
+    }
+}
+
+/// A negotiated QMP connection.
+pub struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    next_id: u64,
+    /// The greeting's `QMP` object (version, capabilities).
+    pub greeting: Value,
+    /// Names of the events seen so far (e.g. `POWERDOWN`, `SHUTDOWN`), oldest first.
+    pub events: Vec<String>,
+}
+
+impl Qmp {
+    /// Connects, reads the greeting and leaves capabilities negotiation. `timeout` bounds
+    /// each read and write.
+    pub fn connect(path: &Path, timeout: Duration) -> Result<Qmp, QmpError> {
+        let stream = UnixStream::connect(path)?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        let writer = stream.try_clone()?;
+        let mut qmp = Qmp {
+            reader: BufReader::new(stream),
+            writer,
+            next_id: 1,
+            greeting: Value::Null,
+            events: Vec::new(),
+        };
+        match qmp.read()? {
+            Message::Greeting(g) => qmp.greeting = g,
+            other => {
+                return Err(QmpError::Protocol(format!(
+                    "expected a greeting, got {other:?}"
+                )));
+            }
+        }
+        qmp.execute("qmp_capabilities", None)?;
+        Ok(qmp)
+    }
+
+    fn read(&mut self) -> Result<Message, QmpError> {
+        let mut line = String::new();
+        let n = (&mut self.reader).take(MAX_LINE).read_line(&mut line)?;
+        if n == 0 {
+            return Err(QmpError::Closed);
+        }
+        if !line.ends_with('\n') && n as u64 >= MAX_LINE {
+            return Err(QmpError::Protocol(format!(
+                "reply longer than {MAX_LINE} bytes"
+            )));
+        }
+        parse_message(&line)
+    }
+
+    /// Runs one command and returns its `return` value. Events that arrive meanwhile are
+    /// recorded in [`Qmp::events`]; replies to other ids are ignored.
+    pub fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut msg = json!({"execute": command, "id": id});
+        if let Some(a) = arguments {
+            msg["arguments"] = a;
+        }
+        let mut line = msg.to_string();
+        line.push('\n');
+        match self.writer.write_all(line.as_bytes()) {
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Err(QmpError::Closed),
+            r => r?,
+        }
+        let ours = |m: &Option<Value>| m.as_ref().and_then(Value::as_u64) == Some(id);
+        loop {
+            match self.read()? {
+                Message::Return { id: rid, value } if ours(&rid) => return Ok(value),
+                Message::Error {
+                    id: rid,
+                    class,
+                    desc,
+                } if ours(&rid) => return Err(QmpError::Command { class, desc }),
+                Message::Event { name, .. } => {
+                    if self.events.len() == MAX_EVENTS {
+                        self.events.remove(0);
+                    }
+                    self.events.push(name);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// `query-status`: the run state (`running`, `paused`, `shutdown`, ...).
+    pub fn status(&mut self) -> Result<String, QmpError> {
+        let v = self.execute("query-status", None)?;
+        v.get("status")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| QmpError::Protocol(format!("query-status returned {v}")))
+    }
+}
+
+/// Guest-side operation counts of one disk from `query-blockstats` (`stats`, the device's
+/// view: what the guest asked for; the `parent` protocol node adds qcow2 metadata and COW).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct GuestDiskOps {
+    pub rd_operations: u64,
+    pub wr_operations: u64,
+    pub flush_operations: u64,
+    pub unmap_operations: u64,
+}
+
+impl GuestDiskOps {
+    pub fn total(&self) -> u64 {
+        self.rd_operations + self.wr_operations + self.flush_operations + self.unmap_operations
+    }
+}
+
+/// The counters of the entry whose `device` is `device` in a `query-blockstats` reply.
+pub fn disk_ops(blockstats: &Value, device: &str) -> Option<GuestDiskOps> {
+    let entry = blockstats
+        .as_array()?
+        .iter()
+        .find(|e| e.get("device").and_then(Value::as_str) == Some(device))?;
+    let s = entry.get("stats")?;
+    let n = |k: &str| s.get(k).and_then(Value::as_u64).unwrap_or(0);
+    Some(GuestDiskOps {
+        rd_operations: n("rd_operations"),
+        wr_operations: n("wr_operations"),
+        flush_operations: n("flush_operations"),
+        unmap_operations: n("unmap_operations"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::{os::unix::net::UnixListener, thread};
+
+    #[test]
+    fn messages() {
+        let g = r#"{"QMP": {"version": {"qemu": {"micro": 22, "minor": 2, "major": 7}, "package": ""}, "capabilities": ["oob"]}}"#;
+        assert!(
+            matches!(parse_message(g).unwrap(), Message::Greeting(v) if v["version"]["qemu"]["major"] == 7)
+        );
+        assert_eq!(
+            parse_message(r#"{"return": {}, "id": 3}"#).unwrap(),
+            Message::Return {
+                id: Some(json!(3)),
+                value: json!({})
+            }
+        );
+        assert_eq!(
+            parse_message(r#"{"error": {"class": "CommandNotFound", "desc": "no"}}"#).unwrap(),
+            Message::Error {
+                id: None,
+                class: "CommandNotFound".into(),
+                desc: "no".into()
+            }
+        );
+        let ev = r#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "SHUTDOWN", "data": {"guest": false, "reason": "host-qmp-quit"}}"#;
+        assert!(
+            matches!(parse_message(ev).unwrap(), Message::Event { name, data } if name == "SHUTDOWN" && data["guest"] == false)
+        );
+        for bad in ["", "[]", "{}", "{\"event\": 1}", "nope", "\"x\""] {
+            assert!(
+                matches!(parse_message(bad), Err(QmpError::Protocol(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    /// A fake qemu monitor: greeting, then answers by script, with events in between.
+    #[test]
+    fn client_against_fake_server() {
+        let dir = std::env::temp_dir().join(format!("overkvm-qmp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("q.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        let server = thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            let mut w = s.try_clone().unwrap();
+            let mut r = std::io::BufReader::new(s);
+            writeln!(w, r#"{{"QMP": {{"version": {{}}, "capabilities": []}}}}"#).unwrap();
+            let mut seen = Vec::new();
+            let mut line = String::new();
+            while r.read_line(&mut line).unwrap() > 0 {
+                let v: Value = serde_json::from_str(&line).unwrap();
+                line.clear();
+                let id = v["id"].clone();
+                seen.push(v["execute"].as_str().unwrap().to_string());
+                match v["execute"].as_str().unwrap() {
+                    "qmp_capabilities" => writeln!(w, "{}", json!({"return": {}, "id": id})),
+                    "query-status" => {
+                        writeln!(w, r#"{{"event": "RESUME", "timestamp": {{}}}}"#).unwrap();
+                        writeln!(w, "{}", json!({"return": {}, "id": 999})).unwrap();
+                        writeln!(w, "{}", json!({"return": {"status": "running", "running": true}, "id": id}))
+                    }
+                    "quit" => {
+                        // qemu may close before replying.
+                        break;
+                    }
+                    _ => writeln!(w, "{}", json!({"error": {"class": "CommandNotFound", "desc": "The command x has not been found"}, "id": id})),
+                }
+                .unwrap();
+            }
+            seen
+        });
+        let mut q = Qmp::connect(&sock, Duration::from_secs(5)).unwrap();
+        assert_eq!(q.status().unwrap(), "running");
+        assert_eq!(q.events, vec!["RESUME".to_string()]);
+        match q.execute("x", None) {
+            Err(QmpError::Command { class, desc }) => {
+                assert_eq!(class, "CommandNotFound");
+                assert!(desc.contains("has not been found"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(q.execute("quit", None), Err(QmpError::Closed)));
+        assert_eq!(
+            server.join().unwrap(),
+            ["qmp_capabilities", "query-status", "x", "quit"]
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn blockstats_of_a_device() {
+        let v = json!([
+            {"device": "disk0", "stats": {"rd_operations": 300, "wr_operations": 301, "flush_operations": 2}},
+            {"device": "", "stats": {"rd_operations": 1}}
+        ]);
+        let d = disk_ops(&v, "disk0").unwrap();
+        assert_eq!(
+            (d.rd_operations, d.wr_operations, d.total()),
+            (300, 301, 603)
+        );
+        assert_eq!(disk_ops(&v, "nope"), None);
+        assert_eq!(disk_ops(&json!({}), "disk0"), None);
+    }
+}
