@@ -71,7 +71,8 @@ async fn serve(args: &ServeArgs, config: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("listening on {listen}"))?;
-    eprintln!("overkvm-io serve: metrics on http://{listen}/metrics");
+    let bound = listener.local_addr().unwrap_or(listen);
+    eprintln!("overkvm-io serve: metrics on http://{bound}/metrics");
     let server = tokio::spawn(exporter.clone().serve(listener));
 
     let mut throttle = if config.devices.is_empty() {

@@ -610,6 +610,22 @@ pub fn reset(config: &Config) -> anyhow::Result<String> {
     ))
 }
 
+/// The running daemon's throttle view from its status file, if it was written within
+/// `max_age` (a stale file from a stopped daemon is ignored). For `top`.
+pub fn live_view(config: &Config, max_age: std::time::Duration) -> Option<ThrottleView> {
+    let path = status_path(config);
+    let age = std::fs::metadata(&path)
+        .ok()?
+        .modified()
+        .ok()?
+        .elapsed()
+        .ok()?;
+    if age > max_age {
+        return None;
+    }
+    serde_json::from_slice(&std::fs::read(&path).ok()?).ok()
+}
+
 /// What `throttle status` shows.
 #[derive(Debug, serde::Serialize)]
 pub struct Status {

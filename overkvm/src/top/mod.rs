@@ -114,6 +114,8 @@ enum ViewEvent {
     /// The programs are loaded and attached; the loader's warnings.
     Ready(Vec<String>),
     Report(Report),
+    /// The throttle daemon's latest state (None when no daemon runs).
+    Throttle(Option<crate::tick::ThrottleView>),
     /// The sampler stopped on this error (or panicked).
     SamplerFailed(anyhow::Error),
     Key(KeyEvent),
@@ -233,6 +235,14 @@ fn sample_loop(
             if events.send(ViewEvent::Report(report)).is_err() {
                 return Ok(());
             }
+            // The daemon (`overkvm-io serve`) publishes its throttle state each tick.
+            let throttle = crate::throttle::live_view(
+                &crate::config::Config::default(),
+                Duration::from_secs(5),
+            );
+            if events.send(ViewEvent::Throttle(throttle)).is_err() {
+                return Ok(());
+            }
         }
         sampler.prune(&cur, crate::report::pid_alive);
         prev = cur;
@@ -297,6 +307,12 @@ fn view_loop(
             Err(RecvTimeoutError::Disconnected) => bail!("the sampler and input threads stopped"),
         };
         match ev {
+            ViewEvent::Throttle(t) => {
+                if app.throttle() != t.as_ref() {
+                    app.set_throttle(t);
+                    dirty = true;
+                }
+            }
             ViewEvent::Report(r) => {
                 if app.set_report(r) {
                     shown += 1;
