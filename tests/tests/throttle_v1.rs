@@ -7,167 +7,18 @@
 
 use std::{
     fs,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
 use overkvm::{cgroupfs, throttle::policy::jain_index};
-use overkvm_tests::{devices::LoopDevice, skip_unless_kernel, workspace_bin};
+use overkvm_tests::{
+    devices::LoopDevice,
+    skip_unless_kernel,
+    throttling::{Daemon, TestCgroups, any_limit, greedy_vm, serviced, wait_until},
+};
 
 const BUDGET: f64 = 3000.0;
-
-/// Test cgroups under the v1 blkio root, removed (with their processes killed) on drop.
-struct TestCgroups {
-    root: PathBuf,
-    kids: Vec<Child>,
-}
-
-impl TestCgroups {
-    fn new(blkio: &Path, names: &[&str]) -> TestCgroups {
-        let root = blkio.join(format!("overkvm-test-{}", std::process::id()));
-        for n in names {
-            fs::create_dir_all(root.join(n)).unwrap();
-        }
-        TestCgroups {
-            root,
-            kids: Vec::new(),
-        }
-    }
-
-    fn stop_all(&mut self) {
-        for k in &mut self.kids {
-            let _ = k.kill();
-            let _ = k.wait();
-        }
-        self.kids.clear();
-    }
-}
-
-impl Drop for TestCgroups {
-    fn drop(&mut self) {
-        self.stop_all();
-        if let Ok(entries) = fs::read_dir(&self.root) {
-            for e in entries.flatten() {
-                if e.file_type().is_ok_and(|t| t.is_dir()) {
-                    let _ = fs::remove_dir(e.path());
-                }
-            }
-        }
-        let _ = fs::remove_dir(&self.root);
-    }
-}
-
-/// Starts a greedy direct-read generator that looks like a qemu VM named `name`, in `cgroup`.
-fn greedy_vm(bin_dir: &Path, dev: &Path, name: &str, cgroup_dir: &Path, region: u64) -> Child {
-    let qemu = bin_dir.join("qemu-system-x86_64");
-    if !qemu.exists() {
-        fs::copy(workspace_bin("iogen"), &qemu).unwrap();
-    }
-    // iogen reads its first 7 arguments and ignores the rest: the qemu-style ones are for
-    // overkvm's identity code.
-    let child = Command::new(&qemu)
-        .arg(dev)
-        .args(["100000000", "0", "4096"])
-        .arg((region * (16 << 20)).to_string())
-        .arg((16u64 << 20).to_string())
-        .arg((region + 1).to_string())
-        .args(["-name", &format!("guest={name},debug-threads=on"), "-uuid"])
-        .arg(format!("00000000-0000-4000-8000-00000000000{region}"))
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    fs::write(cgroup_dir.join("cgroup.procs"), child.id().to_string()).unwrap();
-    child
-}
-
-/// Read ops of a v1 cgroup on a device, as blkio counts them.
-fn serviced(cgroup_dir: &Path, major: u32, minor: u32) -> u64 {
-    let text =
-        fs::read_to_string(cgroup_dir.join("blkio.throttle.io_serviced")).unwrap_or_default();
-    let want = format!("{major}:{minor} Total ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&want).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or(0)
-}
-
-/// True when any of the cgroups has a limit line for the device.
-fn any_limit(dirs: &[PathBuf], major: u32, minor: u32) -> bool {
-    let want = format!("{major}:{minor} ");
-    dirs.iter().any(|d| {
-        ["read_iops", "write_iops", "read_bps", "write_bps"]
-            .iter()
-            .any(|f| {
-                fs::read_to_string(d.join(format!("blkio.throttle.{f}_device")))
-                    .unwrap_or_default()
-                    .lines()
-                    .any(|l| l.starts_with(&want))
-            })
-    })
-}
-
-struct Daemon(Child);
-
-impl Daemon {
-    /// Starts the daemon and waits until its throttle is up (leftovers reconciled).
-    fn start(config: &Path, log_path: &Path) -> Daemon {
-        let d = Daemon::spawn(config, log_path);
-        let ready = wait_until(Duration::from_secs(20), || {
-            fs::read_to_string(log_path).is_ok_and(|l| l.contains("throttling 1 device"))
-        });
-        assert!(
-            ready,
-            "daemon not ready:\n{}",
-            fs::read_to_string(log_path).unwrap_or_default()
-        );
-        d
-    }
-
-    fn spawn(config: &Path, log: &Path) -> Daemon {
-        let log = fs::File::create(log).unwrap();
-        Daemon(
-            Command::new(workspace_bin("overkvm-io"))
-                .args(["serve", "--listen", "127.0.0.1:0", "-i", "0.5", "--config"])
-                .arg(config)
-                .env("RUST_LOG", "info")
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .unwrap(),
-        )
-    }
-
-    fn kill9(mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-        std::mem::forget(self);
-    }
-
-    fn terminate(mut self) -> std::process::ExitStatus {
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let st = self.0.wait().unwrap();
-        std::mem::forget(self);
-        st
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let _ = self.0.wait();
-    }
-}
-
-fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + timeout;
-    while Instant::now() < end {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    f()
-}
 
 #[test]
 fn v1_budget_is_held_with_weighted_fair_shares_and_released() {

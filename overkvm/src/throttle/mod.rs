@@ -213,7 +213,15 @@ impl ThrottleService {
 
     /// Removes what a previous run left (after a crash or kill -9).
     fn reconcile(&mut self) -> anyhow::Result<()> {
-        let old = ThrottleState::load(&self.state_path)?;
+        let old = match ThrottleState::load(&self.state_path) {
+            Ok(o) => o,
+            Err(e) => {
+                // Unreadable state: nothing to undo that we know of; no limit is written
+                // until the state can be saved (see `enforce`).
+                self.problem("state-load", format!("{e:#}"));
+                return Ok(());
+            }
+        };
         if old.is_empty() {
             return Ok(());
         }
@@ -241,12 +249,23 @@ impl ThrottleService {
         self.problems.truncate(20);
     }
 
-    fn save_state(&mut self) {
+    /// Saves the record of changes; false (logged once, shown in status) when it cannot.
+    fn save_state(&mut self) -> bool {
         if self.dry_run {
-            return;
+            return true;
         }
-        if let Err(e) = self.state.save(&self.state_path) {
-            self.problem("state-save", format!("cannot save throttle state: {e:#}"));
+        match self.state.save(&self.state_path) {
+            Ok(()) => true,
+            Err(e) => {
+                self.problem(
+                    "state-save",
+                    format!(
+                        "cannot save throttle state {}: {e:#}; no new limit is written until it can be",
+                        self.state_path.display()
+                    ),
+                );
+                false
+            }
         }
     }
 
@@ -451,8 +470,11 @@ impl ThrottleService {
         }
         self.decisions_total += 1;
         if let Some(act) = self.act.clone().filter(|_| !self.dry_run) {
-            if self.state.note_limit(&cgroup, major, minor) {
-                self.save_state();
+            // A limit is written only once it is on record: a crash must never leave a
+            // limit nobody knows to remove.
+            if self.state.note_limit(&cgroup, major, minor) && !self.save_state() {
+                self.state.forget_limit(&cgroup, major, minor);
+                return;
             }
             if let Err(e) = act.apply(&cgroup, major, minor, &want) {
                 self.problem(
