@@ -93,6 +93,7 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("tmux", "tmux"),
     ("prometheus", "prometheus"),
     ("bpftrace", "bpftrace"),
+    ("bpftool", "bpftool"),
 ];
 
 fn installed(pkg: &str) -> bool {

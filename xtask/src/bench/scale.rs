@@ -1,0 +1,566 @@
+//! The daemon at scale: 300 processes that look like VMs, each trickling direct I/O, plus 10
+//! busy ones (CPU and RSS of `overkvm-io serve -i 1`); then 1000 VMs on 2 devices that did a
+//! few I/Os and sit idle, while `/metrics` is scraped sequentially (latency p50/p99); and the
+//! kernel memory of overkvm's maps.
+
+use std::{
+    collections::BTreeSet,
+    fmt::Write as _,
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+
+use super::{
+    BenchArgs, Ctx, Section, Target,
+    stats::{self, MapInfo, median, percentile},
+    sys::{self, Daemon, LoopDev, Procs, progress},
+};
+
+const QEMU: &str = "qemu-system-x86_64";
+const WARMUP: Duration = Duration::from_secs(10);
+
+/// Copies iogen under the name qemu's processes have, so the identity layer takes it for a VM.
+fn fake_qemu(ctx: &Ctx, dir: &Path) -> anyhow::Result<PathBuf> {
+    let qemu = dir.join(QEMU);
+    fs::copy(&ctx.iogen, &qemu)
+        .with_context(|| format!("copying {} (built?)", ctx.iogen.display()))?;
+    Ok(qemu)
+}
+
+/// One VM stand-in: `iogen DEV READS 0 4096 0 SIZE SEED [--rate R] [--hold] -name guest=NAME
+/// -uuid U`.
+fn vm_command(
+    qemu: &Path,
+    dev: &Path,
+    size: u64,
+    name: &str,
+    index: usize,
+    reads: u64,
+    extra: &[String],
+) -> Command {
+    let mut c = Command::new(qemu);
+    c.arg(dev)
+        .args([
+            reads.to_string(),
+            "0".into(),
+            "4096".into(),
+            "0".into(),
+            size.to_string(),
+            (index + 1).to_string(),
+        ])
+        .args(extra)
+        .args(["-name", &format!("guest={name},debug-threads=on"), "-uuid"])
+        .arg(format!("00000000-0000-4000-8000-{index:012}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    c
+}
+
+/// A command as one would type it (for the report).
+fn shell_line(c: &Command) -> String {
+    std::iter::once(c.get_program())
+        .chain(c.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn spawn_all(procs: &mut Procs, cmds: Vec<Command>) -> anyhow::Result<()> {
+    for mut c in cmds {
+        sys::check_interrupt()?;
+        procs.0.push(c.spawn().context("starting a VM stand-in")?);
+    }
+    Ok(())
+}
+
+/// The daemon's maps (the ids it holds open) as bpftool lists them.
+fn daemon_maps(pid: u32) -> anyhow::Result<Vec<MapInfo>> {
+    let ids = sys::owned_bpf_ids(pid).1;
+    Ok(sys::bpftool_maps()?
+        .into_iter()
+        .filter(|m| ids.contains(&m.id))
+        .collect())
+}
+
+/// How many of `expected` `/metrics` shows now, and the exposition; None when it does not
+/// answer 200.
+fn exported(d: &Daemon, expected: &BTreeSet<String>) -> Option<(usize, String)> {
+    match sys::http_get(
+        d.addr,
+        "/metrics",
+        sys::ACCEPT_OPENMETRICS,
+        Duration::from_secs(10),
+    ) {
+        Ok((200, body, _)) => {
+            let text = String::from_utf8_lossy(&body).into_owned();
+            let n = stats::exported_vms(&text).intersection(expected).count();
+            Some((n, text))
+        }
+        _ => None,
+    }
+}
+
+/// The daemon's own figures from its exposition (time per tick spent sampling and rendering).
+const SELF_METRICS: [&str; 4] = [
+    "overkvm_sample_duration",
+    "overkvm_exporter_render_duration",
+    "overkvm_ticks",
+    "overkvm_bpf_map_entries",
+];
+
+struct DaemonUse {
+    cpu_pct: Option<f64>,
+    /// % of one core per thread name.
+    threads: Vec<(String, f64)>,
+    rss_max_kib: u64,
+    rss_samples: Vec<u64>,
+    hwm_kib: Option<u64>,
+    wall_s: f64,
+}
+
+/// Samples the daemon's CPU (utime+stime) and RSS every second for `window`.
+fn measure(d: &mut Daemon, window: Duration) -> anyhow::Result<DaemonUse> {
+    let pid = d.pid();
+    let t0 = Instant::now();
+    let c0 = sys::cpu_ticks(pid).context("reading the daemon's /proc stat")?;
+    let th0 = sys::thread_ticks(pid);
+    let mut rss = Vec::new();
+    while t0.elapsed() < window {
+        sys::sleep(Duration::from_secs(1).min(window.saturating_sub(t0.elapsed())))?;
+        if !d.alive() {
+            anyhow::bail!("overkvm-io serve died:\n{}", d.log_tail());
+        }
+        rss.extend(sys::status_kib(pid, "VmRSS"));
+    }
+    let c1 = sys::cpu_ticks(pid).context("reading the daemon's /proc stat")?;
+    let th1 = sys::thread_ticks(pid);
+    let wall_s = t0.elapsed().as_secs_f64();
+    let hz = sys::clock_ticks_per_second();
+    let threads = th1
+        .iter()
+        .map(|(name, t)| {
+            let d = t.saturating_sub(th0.get(name).copied().unwrap_or(0));
+            (
+                name.clone(),
+                stats::cpu_percent(d, hz, wall_s).unwrap_or(0.0),
+            )
+        })
+        .collect();
+    Ok(DaemonUse {
+        cpu_pct: stats::cpu_percent(c1 - c0, hz, wall_s),
+        threads,
+        rss_max_kib: rss.iter().copied().max().unwrap_or(0),
+        rss_samples: rss,
+        hwm_kib: sys::status_kib(pid, "VmHWM"),
+        wall_s,
+    })
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+fn maps_table(md: &mut String, maps: &[MapInfo]) {
+    let mut maps = maps.to_vec();
+    maps.sort_by(|a, b| a.name.cmp(&b.name));
+    let _ = writeln!(
+        md,
+        "| map | type | max entries | kernel memory (bytes_memlock) |\n|---|---|---|---|"
+    );
+    for m in &maps {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {:.2} MiB |",
+            m.name,
+            m.kind,
+            m.max_entries,
+            m.bytes as f64 / (1 << 20) as f64
+        );
+    }
+    let total: u64 = maps.iter().map(|m| m.bytes).sum();
+    let _ = writeln!(
+        md,
+        "| **total** ({} maps) | | | **{:.2} MiB** |\n",
+        maps.len(),
+        total as f64 / (1 << 20) as f64
+    );
+}
+
+pub fn run(ctx: &Ctx, args: &BenchArgs) -> anyhow::Result<Section> {
+    sys::require_tools(&["bpftool", "losetup"])?;
+    let load_start = sys::loadavg();
+    let started = sys::utc_now();
+    let tmp = sys::TempDir::new("scale")?;
+    let qemu = fake_qemu(ctx, &tmp.0)?;
+    let mut md = String::new();
+    let mut targets = Vec::new();
+    let _ = writeln!(md, "## 2. The daemon at scale\n");
+
+    // Part 1: 300 trickling VMs + 10 busy ones, the daemon at -i 1.
+    let size_mib = 256;
+    let dev = LoopDev::new(size_mib, "scale")?;
+    let size = size_mib << 20;
+    let log = tmp.0.join("daemon-300.log");
+    progress(format!(
+        "scale: overkvm-io serve -i 1 with {} VMs at {} IOPS and {} at {} IOPS on {}",
+        args.vms,
+        args.trickle_iops,
+        args.busy,
+        args.busy_iops,
+        dev.name()
+    ));
+    let mut daemon = Daemon::start(&ctx.overkvm, "1", &log)?;
+    let metrics_up = daemon.wait_metrics(Duration::from_secs(10))?;
+    let mut procs = Procs::default();
+    let trickle_extra = vec!["--rate".to_string(), args.trickle_iops.to_string()];
+    let busy_extra = vec!["--rate".to_string(), args.busy_iops.to_string()];
+    let mut cmds: Vec<Command> = (0..args.vms)
+        .map(|i| {
+            vm_command(
+                &qemu,
+                &dev.path,
+                size,
+                &format!("vm{i:03}"),
+                i,
+                1 << 40,
+                &trickle_extra,
+            )
+        })
+        .collect();
+    cmds.extend((0..args.busy).map(|i| {
+        vm_command(
+            &qemu,
+            &dev.path,
+            size,
+            &format!("busy{i:02}"),
+            5000 + i,
+            1 << 40,
+            &busy_extra,
+        )
+    }));
+    let example = cmds.first().map(shell_line).unwrap_or_default();
+    let expected: BTreeSet<String> = (0..args.vms)
+        .map(|i| format!("vm{i:03}"))
+        .chain((0..args.busy).map(|i| format!("busy{i:02}")))
+        .collect();
+    spawn_all(&mut procs, cmds)?;
+    progress(format!(
+        "scale: {} VM stand-ins running; {} s warm-up, then {} s of measurement",
+        procs.0.len(),
+        WARMUP.as_secs(),
+        args.window
+    ));
+    sys::sleep(WARMUP)?;
+    let disk0 = sys::diskstats();
+    let use300 = measure(&mut daemon, Duration::from_secs(args.window))?;
+    let disk1 = sys::diskstats();
+    let dev_iops = stats::diskstats_delta(
+        &disk0,
+        &disk1,
+        &std::collections::BTreeSet::from([dev.name()]),
+    ) as f64
+        / use300.wall_s;
+    let (exited, bad) = procs.exited();
+    let (seen300, self300) = match metrics_up.then(|| exported(&daemon, &expected)).flatten() {
+        Some((n, text)) => (Some(n), stats::metric_lines(&text, &SELF_METRICS)),
+        None => (None, Vec::new()),
+    };
+    let maps300 = daemon_maps(daemon.pid())?;
+    let daemon_cmd = daemon.command.clone();
+    daemon.stop();
+    drop(procs);
+    drop(dev);
+    progress(format!(
+        "scale: daemon {} of a core, RSS max {:.1} MiB (VmHWM {}), device {dev_iops:.0} IOPS, VMs exported {}",
+        use300.cpu_pct.map_or("n/a".into(), |c| format!("{c:.2}%")),
+        mib(use300.rss_max_kib),
+        use300
+            .hwm_kib
+            .map_or("n/a".into(), |h| format!("{:.1} MiB", mib(h))),
+        seen300.map_or("n/a".into(), |n| n.to_string())
+    ));
+    let _ = writeln!(
+        md,
+        "{}",
+        ctx.run_facts(&started, &load_start, "(see below)")
+    );
+    let _ = writeln!(
+        md,
+        "### {} trickling VMs + {} busy ones, daemon at -i 1\n",
+        args.vms, args.busy
+    );
+    let _ = writeln!(
+        md,
+        "- daemon: `{daemon_cmd}`\n\
+         - VM stand-ins: copies of `iogen` named `{QEMU}`, one process each, O_DIRECT 4 KiB \
+         reads on one loop device over /dev/shm ({size_mib} MiB): {} at {} IOPS, {} at {} IOPS. \
+         First one: `{}`\n\
+         - measured after a {} s warm-up over {:.1} s: CPU = Δ(utime+stime) of /proc/PID/stat, \
+         RSS = VmRSS sampled every second (max), VmHWM at the end\n",
+        args.vms,
+        args.trickle_iops,
+        args.busy,
+        args.busy_iops,
+        example,
+        WARMUP.as_secs(),
+        use300.wall_s
+    );
+    let _ = writeln!(
+        md,
+        "| daemon CPU (% of one core) | RSS max | RSS median | VmHWM | device IOPS | VM stand-ins exited early | of them on /metrics |\n|---|---|---|---|---|---|---|"
+    );
+    let _ = writeln!(
+        md,
+        "| {} | {:.1} MiB | {:.1} MiB | {} | {dev_iops:.0} | {exited}{} | {} |\n",
+        use300.cpu_pct.map_or("n/a".into(), |c| format!("{c:.2}%")),
+        mib(use300.rss_max_kib),
+        mib(median(
+            &use300
+                .rss_samples
+                .iter()
+                .map(|v| *v as f64)
+                .collect::<Vec<_>>()
+        )
+        .unwrap_or(0.0) as u64),
+        use300
+            .hwm_kib
+            .map_or("n/a".into(), |h| format!("{:.1} MiB", mib(h))),
+        bad.map_or(String::new(), |st| format!(" (first: {st})")),
+        seen300.map_or("not available".into(), |n| n.to_string()),
+    );
+    let _ = writeln!(
+        md,
+        "Daemon CPU by thread: {}.\n",
+        use300
+            .threads
+            .iter()
+            .map(|(n, c)| format!("`{n}` {c:.2}%"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    if !self300.is_empty() {
+        let _ = writeln!(
+            md,
+            "Its own figures at the end of the window (from /metrics):\n\n```\n{}\n```\n",
+            self300.join("\n")
+        );
+    }
+    let _ = writeln!(md, "Kernel memory of overkvm's maps:\n");
+    maps_table(&mut md, &maps300);
+    targets.push(Target::new(
+        "scale: daemon CPU with 300 VMs <= 2% of a core",
+        "<= 2%",
+        use300.cpu_pct.map_or("n/a".into(), |c| format!("{c:.2}%")),
+        use300.cpu_pct.map(|c| c <= 2.0),
+    ));
+    targets.push(Target::new(
+        "scale: daemon RSS with 300 VMs <= 64 MiB",
+        "<= 64 MiB",
+        format!("{:.1} MiB", mib(use300.rss_max_kib)),
+        (use300.rss_max_kib > 0).then_some(use300.rss_max_kib <= 64 * 1024),
+    ));
+
+    // Part 2: 1000 idle VMs on 2 devices; scrape latency.
+    sys::check_interrupt()?;
+    scrape_part(ctx, args, &qemu, &tmp.0, &mut md, &mut targets)?;
+    let load_end = sys::loadavg();
+    let _ = writeln!(md, "Load average at the end of the section: {load_end}\n");
+    md.push_str(&Target::table(&targets));
+    Ok(Section {
+        name: "scale",
+        markdown: md,
+        targets,
+    })
+}
+
+fn scrape_part(
+    ctx: &Ctx,
+    args: &BenchArgs,
+    qemu: &Path,
+    tmp: &Path,
+    md: &mut String,
+    targets: &mut Vec<Target>,
+) -> anyhow::Result<()> {
+    let n = args.scrape_vms;
+    let size_mib = 128;
+    let devs = [
+        LoopDev::new(size_mib, "scrape0")?,
+        LoopDev::new(size_mib, "scrape1")?,
+    ];
+    let daemon = Daemon::start(&ctx.overkvm, "1", &tmp.join("daemon-scrape.log"))?;
+    let _ = writeln!(
+        md,
+        "### /metrics with {n} VMs on 2 devices\n\n\
+         - daemon: `{}`\n\
+         - {n} VM stand-ins (`{QEMU} DEV 4 0 4096 0 {} SEED --hold -name guest=vmNNNN,... -uuid ...`, \
+         half on {}, half on {}): 4 O_DIRECT reads each, then idle (alive) during the scrapes\n",
+        daemon.command,
+        size_mib << 20,
+        devs[0].name(),
+        devs[1].name()
+    );
+    progress(format!("scale: /metrics with {n} VMs on 2 devices"));
+    if !daemon.wait_metrics(Duration::from_secs(10))? {
+        progress("scale: /metrics does not answer: scrape latency not available");
+        let _ = writeln!(
+            md,
+            "Scrape latency: **not available** (`/metrics` did not answer 200 within 10 s: \
+             exporter not built).\n"
+        );
+        targets.push(Target::new(
+            "scale: scrape p99 with 1000 VMs <= 50 ms",
+            "<= 50 ms",
+            "not available (exporter not built)".into(),
+            None,
+        ));
+        daemon.stop();
+        return Ok(());
+    }
+    let mut procs = Procs::default();
+    let hold = vec!["--hold".to_string()];
+    let cmds = (0..n)
+        .map(|i| {
+            vm_command(
+                qemu,
+                &devs[i % 2].path,
+                size_mib << 20,
+                &format!("vm{i:04}"),
+                i,
+                4,
+                &hold,
+            )
+        })
+        .collect();
+    spawn_all(&mut procs, cmds)?;
+    // Wait until the exporter shows them all (identities resolve over a few ticks).
+    let expected: BTreeSet<String> = (0..n).map(|i| format!("vm{i:04}")).collect();
+    let t0 = Instant::now();
+    let mut seen = 0;
+    while t0.elapsed() < Duration::from_secs(120) {
+        sys::sleep(Duration::from_secs(2))?;
+        seen = exported(&daemon, &expected).map_or(0, |(n, _)| n);
+        if seen >= n {
+            break;
+        }
+    }
+    let visible_after = t0.elapsed().as_secs_f64();
+    progress(format!(
+        "scale: {seen} VMs on /metrics after {visible_after:.0} s; {} scrapes",
+        args.scrapes
+    ));
+    let (exited, bad) = procs.exited();
+    let cpu0 = sys::cpu_ticks(daemon.pid()).unwrap_or(0);
+    let phase = Instant::now();
+    let mut rows = Vec::new();
+    for (format, accept) in [
+        (
+            "OpenMetrics (Prometheus's Accept header)",
+            sys::ACCEPT_OPENMETRICS,
+        ),
+        ("classic text (Accept: text/plain)", sys::ACCEPT_TEXT),
+    ] {
+        // One scrape first, so a format rendered on first request is not all in the figures.
+        let _ = sys::http_get(daemon.addr, "/metrics", accept, Duration::from_secs(10));
+        let mut lat_ms = Vec::new();
+        let mut bytes = 0;
+        let mut errors = 0;
+        for _ in 0..args.scrapes {
+            sys::check_interrupt()?;
+            match sys::http_get(daemon.addr, "/metrics", accept, Duration::from_secs(10)) {
+                Ok((200, body, took)) => {
+                    lat_ms.push(took.as_secs_f64() * 1000.0);
+                    bytes = body.len();
+                }
+                _ => errors += 1,
+            }
+        }
+        rows.push((format, lat_ms, bytes, errors));
+    }
+    let cpu1 = sys::cpu_ticks(daemon.pid()).unwrap_or(cpu0);
+    let cpu_pct = stats::cpu_percent(
+        cpu1 - cpu0,
+        sys::clock_ticks_per_second(),
+        phase.elapsed().as_secs_f64(),
+    );
+    let self_lines = exported(&daemon, &expected)
+        .map(|(_, text)| stats::metric_lines(&text, &SELF_METRICS))
+        .unwrap_or_default();
+    let rss = sys::status_kib(daemon.pid(), "VmRSS").unwrap_or(0);
+    let hwm = sys::status_kib(daemon.pid(), "VmHWM").unwrap_or(0);
+    let maps = daemon_maps(daemon.pid())?;
+    daemon.stop();
+    drop(procs);
+    drop(devs);
+
+    let _ = writeln!(
+        md,
+        "{seen} of {n} VMs were on /metrics {visible_after:.0} s after they started; {exited} stand-ins \
+         had exited{}. Each scrape: a new TCP connection, `GET /metrics`, read to the end; \
+         {} sequential scrapes per format, after one unmeasured scrape.\n",
+        bad.map_or(String::new(), |st| format!(" (first failure: {st})")),
+        args.scrapes
+    );
+    let _ = writeln!(
+        md,
+        "| format | scrapes ok | errors | body | p50 | p99 | max |\n|---|---|---|---|---|---|---|"
+    );
+    let mut p99_om = None;
+    for (format, lat, bytes, errors) in &rows {
+        let p50 = percentile(lat, 50.0);
+        let p99 = percentile(lat, 99.0);
+        let max = percentile(lat, 100.0);
+        if p99_om.is_none() {
+            p99_om = Some(p99);
+        }
+        let f = |v: Option<f64>| v.map_or("n/a".into(), |v| format!("{v:.2} ms"));
+        let _ = writeln!(
+            md,
+            "| {format} | {} | {errors} | {:.0} KiB | {} | {} | {} |",
+            lat.len(),
+            *bytes as f64 / 1024.0,
+            f(p50),
+            f(p99),
+            f(max)
+        );
+        progress(format!(
+            "scale: {format}: p50 {} p99 {} ({} KiB)",
+            f(p50),
+            f(p99),
+            bytes / 1024
+        ));
+    }
+    let _ = writeln!(
+        md,
+        "\nDaemon while scraped with {seen} VMs: {} of a core, VmRSS {:.1} MiB, VmHWM {:.1} MiB.\n",
+        cpu_pct.map_or("n/a".into(), |c| format!("{c:.1}%")),
+        mib(rss),
+        mib(hwm)
+    );
+    if !self_lines.is_empty() {
+        let _ = writeln!(
+            md,
+            "Its own figures after the scrapes:\n\n```\n{}\n```\n",
+            self_lines.join("\n")
+        );
+    }
+    let _ = writeln!(md, "Kernel memory of overkvm's maps with {seen} VMs:\n");
+    maps_table(md, &maps);
+    let p99 = p99_om.flatten();
+    let complete = seen >= n;
+    targets.push(Target::new(
+        "scale: scrape p99 with 1000 VMs <= 50 ms",
+        "<= 50 ms",
+        match p99 {
+            Some(v) if complete => format!("{v:.2} ms"),
+            Some(v) => format!("{v:.2} ms (only {seen} of {n} VMs exported)"),
+            None => "no successful scrape".into(),
+        },
+        p99.map(|v| v <= 50.0 && complete),
+    ));
+    Ok(())
+}
