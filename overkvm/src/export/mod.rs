@@ -66,6 +66,8 @@ pub struct Exporter {
     totals: Arc<Mutex<Totals>>,
     registry: Registry,
     published: Mutex<Arc<Exposition>>,
+    /// A tick arrived since the last rendering.
+    stale: std::sync::atomic::AtomicBool,
 }
 
 /// Locks a mutex whose data stays consistent even if a holder panicked (every update is
@@ -87,6 +89,7 @@ impl Exporter {
             totals,
             registry,
             published: Mutex::new(Arc::new(Exposition::new(String::new()))),
+            stale: std::sync::atomic::AtomicBool::new(true),
         };
         exporter.publish();
         exporter
@@ -99,7 +102,9 @@ impl Exporter {
 
     fn update_with(&self, tick: &Tick, procs: &impl ProcessTable) {
         lock(&self.totals).apply(tick, procs);
-        self.publish();
+        // Rendered on the first scrape after this tick, not here: an unscraped daemon (or one
+        // scraped every 15 s) does not pay for a rendering each second.
+        self.stale.store(true, std::sync::atomic::Ordering::Release);
     }
 
     /// Renders the totals and makes the result what scrapes get.
@@ -115,8 +120,11 @@ impl Exporter {
         *lock(&self.published) = Arc::new(Exposition::new(text));
     }
 
-    /// The latest rendering.
+    /// The rendering of the latest tick (rendered now if no scrape has asked since the tick).
     pub fn published(&self) -> Arc<Exposition> {
+        if self.stale.swap(false, std::sync::atomic::Ordering::AcqRel) {
+            self.publish();
+        }
         lock(&self.published).clone()
     }
 
