@@ -7,7 +7,10 @@ use overkvm_common::{Health, inflight_slot};
 
 use crate::{
     kernel::{off, read},
-    maps::{BIO_INFLIGHT, INFLIGHT, count_latency, health, inflight_put, inflight_take},
+    maps::{
+        BIO_INFLIGHT, INFLIGHT, IO_STATS, add_bytes, count_latency, health, inflight_put,
+        inflight_take,
+    },
 };
 
 #[inline(always)]
@@ -43,6 +46,14 @@ pub fn rq_issue(ctx: RawTracePointContext) -> i32 {
         return 0;
     }
     if let Some(entry) = inflight_take(&BIO_INFLIGHT, head) {
+        // `rq_getrq` counted the head bio's bytes; bios merged into the request since then
+        // (plug and elevator back merges, e.g. writeback) are in its length now, and the
+        // request only reaches here once.
+        let len: u32 = read(rq, off!(rq_data_len)).unwrap_or(0);
+        let head_len: u32 = read(head, off!(bio_size)).unwrap_or(0);
+        if len > head_len {
+            add_bytes(&IO_STATS, &entry.key, (len - head_len) as u64);
+        }
         inflight_put(&INFLIGHT, rq, entry.start_ns, &entry.key);
     }
     0

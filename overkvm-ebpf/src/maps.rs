@@ -72,6 +72,15 @@ pub fn count_io(map: &PerCpuHashMap<IoKey, IoCounters>, key: &IoKey, bytes: u64,
     }
 }
 
+/// Adds `bytes` (no op) to `key` in `map`, on this CPU's slot of the entry its op created.
+/// Nothing is added when the entry is gone (its process exited and was pruned in between).
+#[inline(always)]
+pub fn add_bytes(map: &PerCpuHashMap<IoKey, IoCounters>, key: &IoKey, bytes: u64) {
+    if let Some(c) = map.get_ptr_mut(key) {
+        unsafe { (*c).bytes += bytes };
+    }
+}
+
 /// Adds one completion of `latency_ns` to the histogram of `key`.
 #[inline(always)]
 pub fn count_latency(key: &IoKey, latency_ns: u64) {
