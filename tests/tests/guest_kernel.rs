@@ -827,13 +827,11 @@ okvm_section serve-log /tmp/serve.log
         assert!(l.contains(" riops="), "read IOPS limit: {l}");
         assert!(!l.contains(" riops=max"), "read IOPS limited: {l}");
     }
-    // Issue 5 targets 5%. Here the kernel holds every VM at its io.max, but the controller's
-    // limits sit ~4% above the fair share (its delivered/limit efficiency estimate is clamped
-    // at 1 per tick, so tick-to-tick noise biases it low) and noise-triggered relax steps
-    // (+25% for a tick) add bursts: 105-107% measured. 10% catches a broken path (an unlimited
-    // VM alone is several times the budget) without failing on that known bias.
+    // Issue 5's target: steady state within 5% of the budget (the kernel holds each VM at its
+    // io.max exactly on 6.1; the controller learns the delivered/limit ratio without bias and
+    // does not relax a cap on one quiet tick).
     assert!(
-        total <= BUDGET * 1.10,
+        total <= BUDGET * 1.05,
         "aggregate {total:.0} over budget {BUDGET}"
     );
     assert!(

@@ -168,7 +168,14 @@ pub struct DeviceController {
     /// What fraction of a limit a saturated guest really gets (the kernel's throttle slices
     /// deliver a little less than the limit): learned, and compensated in the allocation.
     efficiency: Option<f64>,
+    efficiency_sums: (f64, f64),
+    /// Consecutive ticks each capped guest has used less than its share.
+    under_ticks: BTreeMap<String, u32>,
 }
+
+/// Ticks a capped guest must stay under its share before its cap is relaxed or dropped: one
+/// quiet tick (blk-throttle catching up after a burst) is not a drop in demand.
+const RELAX_AFTER_TICKS: u32 = 3;
 
 fn round_limit(v: f64, floor: f64) -> u64 {
     v.max(floor).max(1.0).round() as u64
@@ -217,6 +224,7 @@ impl DeviceController {
         } else if self.low_ticks >= k.release_ticks {
             self.engaged = false;
             decision.clear = std::mem::take(&mut self.limits).into_keys().collect();
+            self.under_ticks.clear();
             return decision;
         }
         decision.engaged = true;
@@ -238,8 +246,13 @@ impl DeviceController {
             match (self.limits.get(&name).copied(), want) {
                 (None, None) => {}
                 (Some(cur), None) => {
-                    // Under its share now. Far above its use: drop the cap; otherwise let it
-                    // grow by the relax step (cut fast, relax slowly).
+                    // Under its share now. After a few such ticks: far above its use, drop
+                    // the cap; otherwise let it grow by the relax step (cut fast, relax slowly).
+                    let under = self.under_ticks.entry(name.clone()).or_insert(0);
+                    *under += 1;
+                    if *under < RELAX_AFTER_TICKS {
+                        continue;
+                    }
                     let g = &guests[&name];
                     let used = g.read + g.write;
                     if (cur.read.saturating_add(cur.write)) as f64 >= 2.0 * used.max(k.floor) {
@@ -256,10 +269,12 @@ impl DeviceController {
                     }
                 }
                 (None, Some(new)) => {
+                    self.under_ticks.remove(&name);
                     self.limits.insert(name.clone(), new);
                     decision.set.insert(name, new);
                 }
                 (Some(cur), Some(new)) => {
+                    self.under_ticks.remove(&name);
                     // Tighten at once; relax by at most relax_step per tick. With a total
                     // budget the bound is on the total, so the read/write split can follow
                     // the guest's mix at once without loosening the cap.
@@ -316,14 +331,17 @@ impl DeviceController {
             }
         }
         if lim > 0.0 {
-            let now = (got / lim).clamp(0.8, 1.0);
-            let e = self.efficiency.map_or(now, |e| 0.7 * e + 0.3 * now);
-            self.efficiency = Some(e);
+            // Decayed sums, clamped only when used: clamping each tick's noisy ratio at 1.0
+            // before averaging would bias the estimate low and the limits high.
+            let (g0, l0) = self.efficiency_sums;
+            self.efficiency_sums = (0.8 * g0 + got, 0.8 * l0 + lim);
+            let (g, l) = self.efficiency_sums;
+            self.efficiency = Some(g / l);
         }
     }
 
     fn capacity(&self, raw: f64) -> f64 {
-        raw / self.efficiency.unwrap_or(1.0)
+        raw / self.efficiency.unwrap_or(1.0).clamp(0.85, 1.0)
     }
 
     /// Per-guest limits the allocation calls for (None: under its share, no cap needed).
@@ -702,6 +720,29 @@ mod tests {
         assert_eq!(w.read, u64::MAX);
         assert!(w.write <= 1000);
         assert!(!d.set.contains_key("r"));
+    }
+
+    #[test]
+    fn one_quiet_tick_does_not_drop_a_cap() {
+        let k = Knobs::default();
+        let mut c = DeviceController::default();
+        let busy = guests(&[("a", greedy(3000.0, 0.0)), ("b", greedy(3000.0, 0.0))]);
+        c.step(Budget::Total(1000.0), &busy, (0.0, 0.0), &k);
+        c.step(Budget::Total(1000.0), &busy, (0.0, 0.0), &k);
+        let capped = c.limits.clone();
+        // One tick where "a" did nothing (the throttle released a burst late): keep its cap.
+        let quiet = guests(&[("a", greedy(0.0, 0.0)), ("b", greedy(500.0, 0.0))]);
+        let d = c.step(Budget::Total(1000.0), &quiet, (0.0, 0.0), &k);
+        assert!(
+            !d.clear.contains(&"a".to_string()) && !d.set.contains_key("a"),
+            "{d:?}"
+        );
+        assert_eq!(c.limits.get("a"), capped.get("a"));
+        // Several quiet ticks: now it is relaxed or dropped.
+        for _ in 0..RELAX_AFTER_TICKS {
+            c.step(Budget::Total(1000.0), &quiet, (0.0, 0.0), &k);
+        }
+        assert_ne!(c.limits.get("a"), capped.get("a"));
     }
 
     #[test]
