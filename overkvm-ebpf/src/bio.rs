@@ -2,7 +2,7 @@
 //! devices (zram, md, dm) have no requests, and cgroup `io.max` throttles bios, so a budget on
 //! a logical device is enforced on these numbers.
 
-use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
+use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
 use overkvm_common::Health;
 
 use crate::{
@@ -12,9 +12,9 @@ use crate::{
 
 /// `block_bio_queue(struct bio *bio)`: fired once per bio (the kernel flags it as traced, so a
 /// resubmitted remainder of a split is not counted twice).
-#[raw_tracepoint(tracepoint = "block_bio_queue")]
-pub fn bio_queue(ctx: RawTracePointContext) -> i32 {
-    let bio = ctx.arg::<u64>(0);
+#[btf_tracepoint(function = "block_bio_queue")]
+pub fn bio_queue(ctx: BtfTracePointContext) -> i32 {
+    let bio: crate::kernel::KPtr = ctx.arg(0);
     match bio_key(bio) {
         Some((key, bytes)) => count_io(&BIO_STATS, &key, bytes as u64, Health::BioStatsFull),
         None => health(Health::ReadFault),

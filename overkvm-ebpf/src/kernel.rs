@@ -1,6 +1,6 @@
 //! Reading kernel structures at offsets userspace resolved from BTF.
 
-use aya_ebpf::helpers::bpf_probe_read_kernel;
+use aya_ebpf::{EbpfContext as _, helpers::bpf_probe_read_kernel, programs::BtfTracePointContext};
 use overkvm_common::{ABSENT, KernelLayout};
 
 /// Field offsets of the running kernel, written by userspace at load time. It lives in
@@ -16,42 +16,59 @@ macro_rules! off {
 }
 pub(crate) use off;
 
-/// Reads a `T` at `base + offset` of kernel memory; `None` for a null base, an absent field or
-/// a fault.
+/// A typed kernel pointer: a `tp_btf` argument or a pointer field read through one. Fields are
+/// read with plain loads (the verifier checks each against BTF and the JIT makes a faulting
+/// load safe), which costs a fraction of a `bpf_probe_read_kernel` call.
+pub type KPtr = *const u8;
+
+/// Reads a `T` at `base + offset`; `None` for a null base or an absent field.
 #[inline(always)]
-pub fn read<T>(base: u64, offset: u32) -> Option<T> {
-    if base == 0 || offset == ABSENT {
+pub fn read<T: Copy>(base: KPtr, offset: u32) -> Option<T> {
+    if base.is_null() || offset == ABSENT {
         return None;
     }
-    unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T).ok() }
+    Some(unsafe { core::ptr::read_volatile(base.add(offset as usize) as *const T) })
+}
+
+/// The numeric value of tracepoint argument `n`. The verifier forbids arithmetic on typed
+/// pointers, and the in-flight slots hash the request's address, so the address is copied out
+/// once as a plain number.
+#[inline(always)]
+pub fn arg_addr(ctx: &BtfTracePointContext, n: usize) -> u64 {
+    unsafe { bpf_probe_read_kernel((ctx.as_ptr() as *const u64).add(n)) }.unwrap_or(0)
+}
+
+/// The numeric value of a pointer field (see `arg_addr`).
+#[inline(always)]
+pub fn read_addr(base: KPtr, offset: u32) -> u64 {
+    if base.is_null() || offset == ABSENT {
+        return 0;
+    }
+    unsafe { bpf_probe_read_kernel(base.add(offset as usize) as *const u64) }.unwrap_or(0)
 }
 
 /// The block cgroup owning a bio: `bio->bi_blkg->blkcg->css.cgroup->kn->id`. This is the cgroup
 /// `io.max` and `blkio.throttle.*` charge, and the one cgroup writeback assigns to a flusher's
 /// bios; 0 when the kernel has no block cgroups or the bio has none.
 #[inline(always)]
-pub fn bio_cgroup(bio: u64) -> u64 {
-    let blkg: u64 = match read(bio, off!(bio_blkg)) {
-        Some(p) => p,
-        None => return 0,
+pub fn bio_cgroup(bio: KPtr) -> u64 {
+    let Some(blkg) = read::<KPtr>(bio, off!(bio_blkg)) else {
+        return 0;
     };
-    let blkcg: u64 = match read(blkg, off!(blkg_blkcg)) {
-        Some(p) => p,
-        None => return 0,
+    let Some(blkcg) = read::<KPtr>(blkg, off!(blkg_blkcg)) else {
+        return 0;
     };
-    let cgroup: u64 = match read(blkcg, off!(blkcg_cgroup)) {
-        Some(p) => p,
-        None => return 0,
+    let Some(cgroup) = read::<KPtr>(blkcg, off!(blkcg_cgroup)) else {
+        return 0;
     };
-    let kn: u64 = match read(cgroup, off!(cgroup_kn)) {
-        Some(p) => p,
-        None => return 0,
+    let Some(kn) = read::<KPtr>(cgroup, off!(cgroup_kn)) else {
+        return 0;
     };
     read(kn, off!(kn_id)).unwrap_or(0)
 }
 
 /// `dev_t` of a `struct block_device *`; 0 when unknown.
 #[inline(always)]
-pub fn bdev_dev(bdev: u64) -> u32 {
+pub fn bdev_dev(bdev: KPtr) -> u32 {
     read(bdev, off!(bdev_dev)).unwrap_or(0)
 }

@@ -8,9 +8,10 @@
 //! - `io_start` / `io_done` on `block_io_start` / `block_io_done` (Linux 6.5+);
 //! - `rq_getrq` / `rq_issue` / `rq_complete` on older kernels.
 //!
-//! They are raw tracepoints: the arguments are the tracepoint's `TP_PROTO` values as plain
-//! numbers (tp_btf would type the request pointer, and the verifier then refuses to hash it),
-//! and fields are read with `bpf_probe_read_kernel` at offsets from BTF.
+//! They are BTF tracepoints (`tp_btf`): the arguments are typed pointers, so fields at the
+//! offsets userspace resolved from BTF are read with plain loads the verifier checks. The
+//! verifier forbids arithmetic on typed pointers, so where a request's address is hashed (the
+//! in-flight slots) it is copied out once as a number.
 //!
 //! `bio_queue` counts bios on every device, including bio-based and stacked ones (zram, md, dm),
 //! the way the cgroup throttler sees them.

@@ -4,13 +4,13 @@
 
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
-    macros::raw_tracepoint,
-    programs::RawTracePointContext,
+    macros::btf_tracepoint,
+    programs::BtfTracePointContext,
 };
 use overkvm_common::{Health, IoKey, OpCodes, classify_op};
 
 use crate::{
-    kernel::{LAYOUT, bdev_dev, bio_cgroup, off, read},
+    kernel::{KPtr, LAYOUT, arg_addr, bdev_dev, bio_cgroup, off, read},
     maps::{BIO_INFLIGHT, INFLIGHT, IO_STATS, count_io, health, inflight_put},
 };
 
@@ -26,10 +26,10 @@ fn op_codes() -> OpCodes {
 
 /// The key and byte count of a bio, as its submitter sees it.
 #[inline(always)]
-pub fn bio_key(bio: u64) -> Option<(IoKey, u32)> {
+pub fn bio_key(bio: KPtr) -> Option<(IoKey, u32)> {
     let opf: u32 = read(bio, off!(bio_opf))?;
     let bytes: u32 = read(bio, off!(bio_size)).unwrap_or(0);
-    let bdev: u64 = read(bio, off!(bio_bdev)).unwrap_or(0);
+    let bdev: KPtr = read(bio, off!(bio_bdev)).unwrap_or(core::ptr::null());
     let key = IoKey {
         tgid: tgid(),
         dev: bdev_dev(bdev),
@@ -42,20 +42,20 @@ pub fn bio_key(bio: u64) -> Option<(IoKey, u32)> {
 
 /// `block_io_start(struct request *rq)`, Linux 6.5+: request accounting starts. Runs in the
 /// submitter's context (blk_mq_submit_bio), once per request, merged bios excluded.
-#[raw_tracepoint(tracepoint = "block_io_start")]
-pub fn io_start(ctx: RawTracePointContext) -> i32 {
-    let rq = ctx.arg::<u64>(0);
+#[btf_tracepoint(function = "block_io_start")]
+pub fn io_start(ctx: BtfTracePointContext) -> i32 {
+    let rq: KPtr = ctx.arg(0);
     let Some(opf) = read::<u32>(rq, off!(rq_cmd_flags)) else {
         health(Health::ReadFault);
         return 0;
     };
     let bytes: u32 = read(rq, off!(rq_data_len)).unwrap_or(0);
-    let bio: u64 = read(rq, off!(rq_bio)).unwrap_or(0);
+    let bio: KPtr = read(rq, off!(rq_bio)).unwrap_or(core::ptr::null());
     // The kernel sets rq->part only after this tracepoint: take the device from the head bio,
     // and fall back to rq->part for the rare bio-less request (a cloned flush).
-    let bdev: u64 = match read(bio, off!(bio_bdev)) {
+    let bdev: KPtr = match read(bio, off!(bio_bdev)) {
         Some(b) => b,
-        None => read(rq, off!(rq_part)).unwrap_or(0),
+        None => read(rq, off!(rq_part)).unwrap_or(core::ptr::null()),
     };
     let key = IoKey {
         tgid: tgid(),
@@ -65,21 +65,31 @@ pub fn io_start(ctx: RawTracePointContext) -> i32 {
         _pad: [0; 7],
     };
     count_io(&IO_STATS, &key, bytes as u64, Health::StatsFull);
-    inflight_put(&INFLIGHT, rq, unsafe { bpf_ktime_get_ns() }, &key);
+    inflight_put(
+        &INFLIGHT,
+        arg_addr(&ctx, 0),
+        unsafe { bpf_ktime_get_ns() },
+        &key,
+    );
     0
 }
 
 /// `block_getrq(struct bio *bio)`, fallback for kernels before 6.5: a bio allocated a new
 /// request, in the submitter's context. The bio is remembered until `rq_issue` finds it as the
 /// request's head.
-#[raw_tracepoint(tracepoint = "block_getrq")]
-pub fn rq_getrq(ctx: RawTracePointContext) -> i32 {
-    let bio = ctx.arg::<u64>(0);
+#[btf_tracepoint(function = "block_getrq")]
+pub fn rq_getrq(ctx: BtfTracePointContext) -> i32 {
+    let bio: KPtr = ctx.arg(0);
     let Some((key, bytes)) = bio_key(bio) else {
         health(Health::ReadFault);
         return 0;
     };
     count_io(&IO_STATS, &key, bytes as u64, Health::StatsFull);
-    inflight_put(&BIO_INFLIGHT, bio, unsafe { bpf_ktime_get_ns() }, &key);
+    inflight_put(
+        &BIO_INFLIGHT,
+        arg_addr(&ctx, 0),
+        unsafe { bpf_ktime_get_ns() },
+        &key,
+    );
     0
 }

@@ -11,7 +11,7 @@ pub mod tracefs;
 use std::fmt;
 
 use anyhow::{Context as _, anyhow, bail};
-use aya::{Ebpf, EbpfLoader, programs::RawTracePoint};
+use aya::{Ebpf, EbpfLoader, programs::BtfTracePoint};
 use overkvm_common::{capacity, maps, programs};
 
 use self::{btf::Btf, layout::HookSupport};
@@ -178,6 +178,7 @@ impl Programs {
             .load(OBJECT)
             .context("loading the eBPF object into the kernel")?;
 
+        let aya_btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF for aya")?;
         let mut attached = Vec::new();
         let mut hooks: Vec<(&'static str, &'static str)> = mode.hooks().to_vec();
         if opts.bio {
@@ -187,13 +188,13 @@ impl Programs {
             hooks.push((programs::BIO_QUEUE, "block_bio_queue"));
         }
         for (prog_name, tracepoint) in hooks {
-            let prog: &mut RawTracePoint = ebpf
+            let prog: &mut BtfTracePoint = ebpf
                 .program_mut(prog_name)
                 .ok_or_else(|| anyhow!("program {prog_name} missing from the eBPF object"))?
                 .try_into()?;
-            prog.load()
+            prog.load(tracepoint, &aya_btf)
                 .with_context(|| format!("verifying program {prog_name} for {tracepoint}"))?;
-            prog.attach(tracepoint)
+            prog.attach()
                 .with_context(|| format!("attaching {prog_name} to tracepoint {tracepoint}"))?;
             attached.push(tracepoint);
         }
