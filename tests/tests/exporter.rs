@@ -766,3 +766,70 @@ fn packaged_alert_rules_pass_promtool() {
     let v: Value = serde_json::from_str(&dash).expect("the dashboard is JSON");
     assert!(v["panels"].as_array().is_some_and(|p| !p.is_empty()));
 }
+
+/// A real qemu guest under TCG does known direct I/O on a qcow2 overlay: its counts, read back
+/// through Prometheus by VM name, are at least what the guest issued.
+#[test]
+fn a_real_guest_is_exported_by_name_through_prometheus() {
+    skip_unless_kernel!();
+    if !have_tools(&["prometheus"]) {
+        return;
+    }
+    if let Some(reason) = overkvm_tests::guest::missing_tools() {
+        eprintln!("SKIPPED: {reason}");
+        return;
+    }
+    let dir = TempDir::new("exporter-guest");
+    let fs_ = overkvm_tests::devices::MountedFs::new(256, "ext4", &[]).expect("ext4 on loop");
+    let disk = fs_.dir.join("g.qcow2");
+    let st = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&disk)
+        .arg("64M")
+        .status()
+        .expect("qemu-img");
+    assert!(st.success());
+    let exporter = Exporter::start(&dir.0, &["--grace", "60"]);
+    let prom = Prometheus::start(&dir.0, exporter.addr);
+    let name = format!("okvm-guest-{}", std::process::id());
+    let (writes, reads) = (200u64, 200u64);
+    let spec = overkvm_tests::guest::GuestSpec {
+        name: name.clone(),
+        disk: Some(disk.clone()),
+        script: format!(
+            "dd if=/dev/urandom of=/dev/vda bs=4096 count={writes} oflag=direct 2>/dev/null || exit 3\n\
+             dd if=/dev/vda of=/dev/null bs=4096 count={reads} iflag=direct 2>/dev/null || exit 4\n"
+        ),
+        ..overkvm_tests::guest::GuestSpec::default()
+    };
+    let work = overkvm_tests::guest::TempDir::new("exporter-guest-vm").unwrap();
+    let mut vm = overkvm_tests::guest::Guest::boot(&spec, work.path()).expect("boot");
+    let out = vm.wait(Duration::from_secs(240)).expect("guest run");
+    assert_eq!(out.status, 0, "guest script failed:\n{}", out.console);
+    let dev = fs_.dev.name();
+    let q = |op: &str| {
+        format!("overkvm_vm_io_operations_total{{vm=\"{name}\",device=\"{dev}\",op=\"{op}\"}}")
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (mut w, mut r) = (None, None);
+    while Instant::now() < deadline {
+        w = prom.value(&q("write"));
+        r = prom.value(&q("read"));
+        if w.is_some_and(|v| v >= writes as f64) && r.is_some_and(|v| v >= reads as f64) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    eprintln!(
+        "guest issued r={reads} w={writes}; Prometheus has r={r:?} w={w:?} for vm {name} on {dev}"
+    );
+    assert!(
+        w.is_some_and(|v| v >= writes as f64),
+        "writes via Prometheus: {w:?}"
+    );
+    assert!(
+        r.is_some_and(|v| v >= reads as f64),
+        "reads via Prometheus: {r:?}"
+    );
+    drop(exporter);
+}
