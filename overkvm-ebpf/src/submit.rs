@@ -24,20 +24,26 @@ fn op_codes() -> OpCodes {
     unsafe { core::ptr::read_volatile(core::ptr::addr_of!(LAYOUT.ops)) }
 }
 
+/// The key of an I/O submitted by the current task: its op flags and length, the device it
+/// goes to, and the bio whose block cgroup owns it.
+#[inline(always)]
+fn submit_key(opf: u32, bytes: u32, bdev: KPtr, bio: KPtr) -> IoKey {
+    IoKey {
+        tgid: tgid(),
+        dev: bdev_dev(bdev),
+        cgroup_id: bio_cgroup(bio),
+        op: classify_op(opf, bytes, &op_codes()) as u8,
+        _pad: [0; 7],
+    }
+}
+
 /// The key and byte count of a bio, as its submitter sees it.
 #[inline(always)]
 pub fn bio_key(bio: KPtr) -> Option<(IoKey, u32)> {
     let opf: u32 = read(bio, off!(bio_opf))?;
     let bytes: u32 = read(bio, off!(bio_size)).unwrap_or(0);
     let bdev: KPtr = read(bio, off!(bio_bdev)).unwrap_or(core::ptr::null());
-    let key = IoKey {
-        tgid: tgid(),
-        dev: bdev_dev(bdev),
-        cgroup_id: bio_cgroup(bio),
-        op: classify_op(opf, bytes, &op_codes()) as u8,
-        _pad: [0; 7],
-    };
-    Some((key, bytes))
+    Some((submit_key(opf, bytes, bdev, bio), bytes))
 }
 
 /// `block_io_start(struct request *rq)`, Linux 6.5+: request accounting starts. Runs in the
@@ -57,13 +63,7 @@ pub fn io_start(ctx: BtfTracePointContext) -> i32 {
         Some(b) => b,
         None => read(rq, off!(rq_part)).unwrap_or(core::ptr::null()),
     };
-    let key = IoKey {
-        tgid: tgid(),
-        dev: bdev_dev(bdev),
-        cgroup_id: bio_cgroup(bio),
-        op: classify_op(opf, bytes, &op_codes()) as u8,
-        _pad: [0; 7],
-    };
+    let key = submit_key(opf, bytes, bdev, bio);
     count_io(&IO_STATS, &key, bytes as u64, Health::StatsFull);
     inflight_put(
         &INFLIGHT,
