@@ -349,6 +349,14 @@ pub struct KernelLayout {
     pub cgroup_kn: u32,
     /// `struct kernfs_node.id`
     pub kn_id: u32,
+    /// `struct block_device.bd_disk`, `struct gendisk.queue`, `struct request_queue.mq_ops`:
+    /// a device whose queue has `mq_ops` is request-based (blk-mq).
+    pub bdev_disk: u32,
+    pub disk_queue: u32,
+    pub queue_mq_ops: u32,
+    /// 1: count bios on every device; 0: only on bio-based devices (zram, md, dm), where
+    /// they are the only count. On blk-mq devices the request hooks already count the same I/O.
+    pub all_bios: u32,
     pub _pad: u32,
     pub ops: OpCodes,
 }
@@ -370,6 +378,10 @@ impl KernelLayout {
         blkcg_cgroup: ABSENT,
         cgroup_kn: ABSENT,
         kn_id: ABSENT,
+        bdev_disk: ABSENT,
+        disk_queue: ABSENT,
+        queue_mq_ops: ABSENT,
+        all_bios: 1,
         _pad: 0,
         ops: OpCodes::LINUX_DEFAULT,
     };

@@ -112,7 +112,8 @@ pub struct ProcessRow {
     pub source: CountSource,
     #[serde(flatten)]
     pub counts: OpCounts,
-    /// Bios submitted, whatever the device type (one request can carry several).
+    /// Bios submitted: on bio-based devices always, on blk-mq devices with `--all-bios` (one
+    /// request can carry several).
     pub read_bios: u64,
     pub write_bios: u64,
     pub lat_avg_us: Option<f64>,

@@ -51,6 +51,7 @@ async fn serve(args: &ServeArgs, config: Config) -> anyhow::Result<()> {
     let programs = Programs::load(&LoadOptions {
         mode: args.hooks.hooks,
         bio: !args.hooks.no_bio,
+        all_bios: args.hooks.all_bios,
     })?;
     for note in &programs.notes {
         log::warn!("{note}");

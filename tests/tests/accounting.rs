@@ -97,9 +97,11 @@ fn plans(n: u64, region: u64) -> Vec<IoPlan> {
 
 fn exact_on_loop(mode: HookMode) {
     let lo = LoopDevice::new(64).expect("loop device");
+    // Bios counted on this blk-mq device too, to check them against the requests.
     let programs = match Programs::load(&LoadOptions {
         mode: Some(mode),
         bio: true,
+        all_bios: true,
     }) {
         Ok(p) => p,
         Err(e) => panic!("loading programs in mode {mode}: {e:#}"),
@@ -284,4 +286,25 @@ fn buffered_writes_are_attributed_to_the_flusher() {
         flusher * 10 >= blocks * 4096 * 9,
         "at least 90% from the flusher kworker"
     );
+}
+
+/// By default bios are counted only where they are the only count (bio-based devices): on a
+/// blk-mq loop device the requests are counted and the bio hook does no map work.
+#[test]
+fn bios_on_blk_mq_devices_are_left_to_the_request_hooks_by_default() {
+    skip_unless_kernel!();
+    let lo = LoopDevice::new(64).expect("loop device");
+    let sampler = Sampler::new(Programs::load(&LoadOptions::default()).expect("load"));
+    let plans = plans(2, 16 << 20);
+    let (d, pids, _) = run_plans(&sampler, &lo.path, &plans);
+    for (pid, plan) in pids.iter().zip(&plans) {
+        let req = seen(&d, *pid, lo.dev(), false);
+        assert_eq!((req.reads, req.writes), (plan.reads, plan.writes));
+        let bio = seen(&d, *pid, lo.dev(), true);
+        assert_eq!(
+            (bio.reads, bio.writes),
+            (0, 0),
+            "no bio map entries on a blk-mq device"
+        );
+    }
 }

@@ -100,7 +100,7 @@ okvm_wait_idle() {
 }
 # Starts `overkvm-io top -b --json -d $1` writing /tmp/top.json; returns once it reported.
 okvm_start_top() {
-    overkvm-io top -b --json -d "$1" > /tmp/top.json 2> /tmp/top.err &
+    overkvm-io top -b --json --all-bios -d "$1" > /tmp/top.json 2> /tmp/top.err &
     TOP=$!
     okvm_wait_output /tmp/top.json "$TOP" || {
         okvm_section top-stderr /tmp/top.err

@@ -71,6 +71,22 @@ pub fn kernel_layout(btf: &Btf) -> anyhow::Result<LayoutReport> {
     layout.bio_bdev = offset(btf, "bio", "bi_bdev")?;
     layout.bio_size = offset(btf, "bio", "bi_iter.bi_size")?;
     layout.bdev_dev = offset(btf, "block_device", "bd_dev")?;
+    // Optional: without them bios are counted on every device.
+    match (
+        btf.field_offset("block_device", "bd_disk"),
+        btf.field_offset("gendisk", "queue"),
+        btf.field_offset("request_queue", "mq_ops"),
+    ) {
+        (Ok(d), Ok(q), Ok(m)) => {
+            layout.bdev_disk = d;
+            layout.disk_queue = q;
+            layout.queue_mq_ops = m;
+        }
+        _ => notes.push(
+            "cannot tell blk-mq from bio-based devices from BTF: bios are counted on every device"
+                .to_string(),
+        ),
+    }
 
     let chain = [
         ("bio", "bi_blkg"),
@@ -179,7 +195,13 @@ mod tests {
             (64, 40, 0, 288, 56)
         );
         assert_eq!(l.ops, OpCodes::LINUX_DEFAULT);
-        assert!(report.notes.is_empty(), "{:?}", report.notes);
+        // The synthetic BTF has no gendisk/request_queue: bios are then counted everywhere.
+        assert_eq!(l.bdev_disk, ABSENT);
+        assert!(
+            report.notes.iter().all(|n| n.contains("blk-mq")),
+            "{:?}",
+            report.notes
+        );
         let hooks = hooks_available(&btf);
         assert_eq!(
             hooks,
@@ -206,8 +228,13 @@ mod tests {
             assert_eq!(v, ABSENT);
         }
         assert_eq!(l.bio_size, 40, "required fields are still resolved");
+        let notes: Vec<&String> = report
+            .notes
+            .iter()
+            .filter(|n| !n.contains("blk-mq"))
+            .collect();
         assert_eq!(
-            report.notes,
+            notes,
             [
                 "no block cgroups in this kernel (bio.bi_blkg missing): I/O will not carry a \
               cgroup"

@@ -77,6 +77,9 @@ pub struct LoadOptions {
     pub mode: Option<HookMode>,
     /// Attach the per-bio counter (needed for bio-based and stacked devices).
     pub bio: bool,
+    /// Count bios on blk-mq devices too (by default only on bio-based ones, where they are the
+    /// only count; on blk-mq devices the request hooks count the same I/O).
+    pub all_bios: bool,
 }
 
 impl Default for LoadOptions {
@@ -84,6 +87,7 @@ impl Default for LoadOptions {
         LoadOptions {
             mode: None,
             bio: true,
+            all_bios: false,
         }
     }
 }
@@ -162,7 +166,8 @@ impl Programs {
                 )
             })?,
         };
-        let report = layout::kernel_layout(&kernel_btf)?;
+        let mut report = layout::kernel_layout(&kernel_btf)?;
+        report.layout.all_bios = u32::from(opts.all_bios);
 
         // Maps of the mode not in use are shrunk to one entry: no memory for nothing.
         let mut loader = EbpfLoader::new();

@@ -49,6 +49,7 @@ pub fn run(args: &TopArgs) -> anyhow::Result<()> {
     let opts = LoadOptions {
         mode: args.hooks.hooks,
         bio: !args.hooks.no_bio,
+        all_bios: args.hooks.all_bios,
     };
     if !args.batch && !args.json && std::io::stdout().is_terminal() {
         return run_interactive(args, opts);
