@@ -160,3 +160,54 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
     f()
 }
+
+/// The host's cgroup v1 blkio mount, or why a v1 throttling test cannot run here.
+pub fn v1_blkio() -> Result<PathBuf, &'static str> {
+    use overkvm::cgroupfs;
+    match cgroupfs::find_io_hierarchy(&cgroupfs::host_mounts()) {
+        None => Err("no block cgroup controller mounted"),
+        Some(h) if h.controller != cgroupfs::IoController::V1 => {
+            Err("this host's block controller is cgroup v2 (io.max is tested in the guest tests)")
+        }
+        Some(h) => Ok(h.mount_point),
+    }
+}
+
+/// What a v1 throttling scenario runs on: a loop device and one test cgroup per VM name.
+pub struct V1Scenario {
+    pub lo: crate::devices::LoopDevice,
+    pub major: u32,
+    pub minor: u32,
+    pub cgs: TestCgroups,
+    pub dirs: Vec<PathBuf>,
+}
+
+impl V1Scenario {
+    pub fn new(blkio: &Path, size_mb: u64, names: &[&str]) -> V1Scenario {
+        let lo = crate::devices::LoopDevice::new(size_mb).expect("loop device");
+        let (major, minor) = (lo.dev() >> 20, lo.dev() & 0xfffff);
+        let cgs = TestCgroups::new(blkio, names);
+        let dirs = names.iter().map(|n| cgs.root.join(n)).collect();
+        V1Scenario {
+            lo,
+            major,
+            minor,
+            cgs,
+            dirs,
+        }
+    }
+}
+
+/// Returns the v1 blkio mount, or prints why the test is skipped and returns from it.
+#[macro_export]
+macro_rules! v1_blkio_or_skip {
+    () => {
+        match $crate::throttling::v1_blkio() {
+            Ok(p) => p,
+            Err(reason) => {
+                eprintln!("SKIPPED {}: {reason}", module_path!());
+                return;
+            }
+        }
+    };
+}

@@ -1,19 +1,12 @@
 //! Faults under the throttling daemon: a state directory it cannot write, and a throttled device
 //! detached mid-run. Each is logged once, shown, and the daemon carries on.
 
-use std::{fs, io::Read as _, io::Write as _, path::PathBuf, process::Command, time::Duration};
+use std::{fs, io::Read as _, io::Write as _, process::Command, time::Duration};
 
-use overkvm::cgroupfs;
 use overkvm_tests::{
-    devices::LoopDevice,
     skip_unless_kernel,
-    throttling::{Daemon, TestCgroups, any_limit, greedy_vm, wait_until},
+    throttling::{Daemon, V1Scenario, any_limit, greedy_vm, wait_until},
 };
-
-fn v1_blkio() -> Option<PathBuf> {
-    let h = cgroupfs::find_io_hierarchy(&cgroupfs::host_mounts())?;
-    (h.controller == cgroupfs::IoController::V1).then_some(h.mount_point)
-}
 
 /// GET /metrics from the daemon's log-announced address; true on a 200 with a body.
 fn metrics_answer(log: &std::path::Path) -> bool {
@@ -38,14 +31,14 @@ fn metrics_answer(log: &std::path::Path) -> bool {
 #[test]
 fn unwritable_state_file_means_no_unrecorded_limit_and_one_log_line() {
     skip_unless_kernel!();
-    let Some(blkio) = v1_blkio() else {
-        eprintln!("SKIPPED: needs the host's cgroup v1 blkio (v2 is covered in the guest tests)");
-        return;
-    };
-    let lo = LoopDevice::new(64).unwrap();
-    let (major, minor) = (lo.dev() >> 20, lo.dev() & 0xfffff);
-    let mut cgs = TestCgroups::new(&blkio, &["vmA"]);
-    let dirs = vec![cgs.root.join("vmA")];
+    let blkio = overkvm_tests::v1_blkio_or_skip!();
+    let V1Scenario {
+        lo,
+        major,
+        minor,
+        mut cgs,
+        dirs,
+    } = V1Scenario::new(&blkio, 64, &["vmA"]);
     let tmp = std::env::temp_dir().join(format!("overkvm-faults-{}", std::process::id()));
     fs::create_dir_all(&tmp).unwrap();
     let config = tmp.join("c.toml");
@@ -84,14 +77,14 @@ fn unwritable_state_file_means_no_unrecorded_limit_and_one_log_line() {
 #[test]
 fn throttled_device_detached_mid_run() {
     skip_unless_kernel!();
-    let Some(blkio) = v1_blkio() else {
-        eprintln!("SKIPPED: needs the host's cgroup v1 blkio (v2 is covered in the guest tests)");
-        return;
-    };
-    let lo = LoopDevice::new(64).unwrap();
-    let (major, minor) = (lo.dev() >> 20, lo.dev() & 0xfffff);
-    let mut cgs = TestCgroups::new(&blkio, &["vmA", "vmB"]);
-    let dirs: Vec<PathBuf> = ["vmA", "vmB"].iter().map(|n| cgs.root.join(n)).collect();
+    let blkio = overkvm_tests::v1_blkio_or_skip!();
+    let V1Scenario {
+        lo,
+        major,
+        minor,
+        mut cgs,
+        dirs,
+    } = V1Scenario::new(&blkio, 64, &["vmA", "vmB"]);
     let tmp = std::env::temp_dir().join(format!("overkvm-detach-{}", std::process::id()));
     fs::create_dir_all(&tmp).unwrap();
     let config = tmp.join("c.toml");

@@ -7,15 +7,13 @@
 
 use std::{
     fs,
-    path::PathBuf,
     time::{Duration, Instant},
 };
 
-use overkvm::{cgroupfs, throttle::policy::jain_index};
+use overkvm::throttle::policy::jain_index;
 use overkvm_tests::{
-    devices::LoopDevice,
     skip_unless_kernel,
-    throttling::{Daemon, TestCgroups, any_limit, greedy_vm, serviced, wait_until},
+    throttling::{Daemon, TestCgroups, V1Scenario, any_limit, greedy_vm, serviced, wait_until},
 };
 
 const BUDGET: f64 = 3000.0;
@@ -23,21 +21,15 @@ const BUDGET: f64 = 3000.0;
 #[test]
 fn v1_budget_is_held_with_weighted_fair_shares_and_released() {
     skip_unless_kernel!();
-    let Some(h) = cgroupfs::find_io_hierarchy(&cgroupfs::host_mounts()) else {
-        eprintln!("SKIPPED: no block cgroup controller mounted");
-        return;
-    };
-    if h.controller != cgroupfs::IoController::V1 {
-        eprintln!(
-            "SKIPPED: this host's block controller is cgroup v2 (io.max is tested in the guest test)"
-        );
-        return;
-    }
-    let lo = LoopDevice::new(256).unwrap();
-    let (major, minor) = (lo.dev() >> 20, lo.dev() & 0xfffff);
+    let blkio = overkvm_tests::v1_blkio_or_skip!();
     let names = ["vmA", "vmB", "vmC"];
-    let mut cgs = TestCgroups::new(&h.mount_point, &names);
-    let dirs: Vec<PathBuf> = names.iter().map(|n| cgs.root.join(n)).collect();
+    let V1Scenario {
+        lo,
+        major,
+        minor,
+        mut cgs,
+        dirs,
+    } = V1Scenario::new(&blkio, 256, &names);
     let tmp = std::env::temp_dir().join(format!("overkvm-throttle-{}", std::process::id()));
     fs::create_dir_all(&tmp).unwrap();
     let state = tmp.join("state/throttle.json");
@@ -187,21 +179,15 @@ fn v1_budget_is_held_with_weighted_fair_shares_and_released() {
 #[test]
 fn v1_kill9_at_random_moments_leaves_nothing_stale() {
     skip_unless_kernel!();
-    let Some(h) = cgroupfs::find_io_hierarchy(&cgroupfs::host_mounts()) else {
-        eprintln!("SKIPPED: no block cgroup controller mounted");
-        return;
-    };
-    if h.controller != cgroupfs::IoController::V1 {
-        eprintln!(
-            "SKIPPED: this host's block controller is cgroup v2 (io.max is tested in the guest test)"
-        );
-        return;
-    }
-    let lo = LoopDevice::new(128).unwrap();
-    let (major, minor) = (lo.dev() >> 20, lo.dev() & 0xfffff);
+    let blkio = overkvm_tests::v1_blkio_or_skip!();
     let names = ["vmA", "vmB"];
-    let mut cgs = TestCgroups::new(&h.mount_point, &names);
-    let dirs: Vec<PathBuf> = names.iter().map(|n| cgs.root.join(n)).collect();
+    let V1Scenario {
+        lo,
+        major,
+        minor,
+        mut cgs,
+        dirs,
+    } = V1Scenario::new(&blkio, 128, &names);
     let tmp = std::env::temp_dir().join(format!("overkvm-kill9-{}", std::process::id()));
     fs::create_dir_all(&tmp).unwrap();
     let state = tmp.join("state/throttle.json");
