@@ -151,6 +151,34 @@ fn file_name(p: &Path) -> String {
         .unwrap_or_default()
 }
 
+/// A sysfs tree for tests: virtio disk `vda` (254:0, blk-mq) with partition `vda1` (254:1), and
+/// a bio-based `zram1` (251:1). Returns its root, under the temp dir; the caller removes it.
+#[cfg(test)]
+pub(crate) fn fake_sysfs(tag: &str) -> PathBuf {
+    let root = std::env::temp_dir().join(format!("overkvm-{tag}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&root);
+    let vda = root.join("devices/virtual/block/vda");
+    let zram = root.join("devices/virtual/block/zram1");
+    for d in [vda.join("mq"), vda.join("vda1"), zram.clone()] {
+        fs::create_dir_all(d).expect("fake sysfs");
+    }
+    fs::create_dir_all(root.join("dev/block")).expect("fake sysfs");
+    fs::create_dir_all(root.join("class/block")).expect("fake sysfs");
+    fs::write(vda.join("dev"), "254:0\n").expect("fake sysfs");
+    fs::write(vda.join("vda1/partition"), "1\n").expect("fake sysfs");
+    fs::write(vda.join("vda1/dev"), "254:1\n").expect("fake sysfs");
+    for (target, link) in [
+        (vda.clone(), "dev/block/254:0"),
+        (vda.join("vda1"), "dev/block/254:1"),
+        (zram, "dev/block/251:1"),
+        (vda.clone(), "class/block/vda"),
+        (vda.join("vda1"), "class/block/vda1"),
+    ] {
+        std::os::unix::fs::symlink(target, root.join(link)).expect("fake sysfs");
+    }
+    root
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,22 +204,7 @@ mod tests {
 
     #[test]
     fn fake_sysfs_disk_partition_and_bio_device() {
-        let root = std::env::temp_dir().join(format!("overkvm-devtest-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&root);
-        let vda = root.join("devices/virtual/block/vda");
-        fs::create_dir_all(vda.join("mq")).unwrap();
-        fs::write(vda.join("dev"), "254:0\n").unwrap();
-        fs::create_dir_all(vda.join("vda1")).unwrap();
-        fs::write(vda.join("vda1/partition"), "1\n").unwrap();
-        let zram = root.join("devices/virtual/block/zram1");
-        fs::create_dir_all(&zram).unwrap();
-        fs::create_dir_all(root.join("dev/block")).unwrap();
-        fs::create_dir_all(root.join("class/block")).unwrap();
-        std::os::unix::fs::symlink(&vda, root.join("dev/block/254:0")).unwrap();
-        std::os::unix::fs::symlink(vda.join("vda1"), root.join("dev/block/254:1")).unwrap();
-        std::os::unix::fs::symlink(&zram, root.join("dev/block/251:1")).unwrap();
-        std::os::unix::fs::symlink(&vda, root.join("class/block/vda")).unwrap();
-
+        let root = fake_sysfs("devtest");
         let mut t = DeviceTable::with_sysfs(&root);
         let d = t.get(make_dev(254, 0));
         assert_eq!(

@@ -677,20 +677,7 @@ mod tests {
 
     #[test]
     fn partitions_and_unknown_devices_are_refused_with_a_reason() {
-        let root = std::env::temp_dir().join(format!("overkvm-thr-sys-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&root);
-        let vda = root.join("devices/virtual/block/vda");
-        fs::create_dir_all(vda.join("mq")).unwrap();
-        fs::write(vda.join("dev"), "254:0\n").unwrap();
-        fs::create_dir_all(vda.join("vda1")).unwrap();
-        fs::write(vda.join("vda1/partition"), "1\n").unwrap();
-        fs::write(vda.join("vda1/dev"), "254:1\n").unwrap();
-        fs::create_dir_all(root.join("dev/block")).unwrap();
-        fs::create_dir_all(root.join("class/block")).unwrap();
-        std::os::unix::fs::symlink(&vda, root.join("dev/block/254:0")).unwrap();
-        std::os::unix::fs::symlink(vda.join("vda1"), root.join("dev/block/254:1")).unwrap();
-        std::os::unix::fs::symlink(&vda, root.join("class/block/vda")).unwrap();
-        std::os::unix::fs::symlink(vda.join("vda1"), root.join("class/block/vda1")).unwrap();
+        let root = crate::devices::fake_sysfs("thr-sys");
         let mut t = DeviceTable::with_sysfs(&root);
         assert_eq!(resolve_device(&mut t, "vda").unwrap().name, "vda");
         let e = format!("{:#}", resolve_device(&mut t, "vda1").unwrap_err());
