@@ -362,11 +362,7 @@ impl ReportBuilder {
         let mut health = HealthReport {
             events: BTreeMap::new(),
             read_errors: snap.read_errors,
-            maps: BTreeMap::from([
-                ("io_stats", snap.fill[0]),
-                ("bio_stats", snap.fill[1]),
-                ("latency", snap.fill[2]),
-            ]),
+            maps: snap.fill.iter().copied().collect(),
         };
         for h in Health::ALL {
             let v = delta.health[h as usize];

@@ -104,12 +104,22 @@ pub struct Snapshot {
     /// `comm` the kernel recorded for each tgid, for processes gone before we read /proc.
     pub comms: HashMap<u32, String>,
     pub health: [u64; HEALTH_SLOTS as usize],
-    pub fill: [MapFill; 3],
+    /// Entries and capacity of each counting map, by the name metrics and JSON show.
+    pub fill: Vec<(&'static str, MapFill)>,
     /// Map entries that could not be read (deleted while iterating); counted, not fatal.
     pub read_errors: u64,
 }
 
 impl Snapshot {
+    /// Fill of the map shown as `name` (zero when there is no such map).
+    pub fn map_fill(&self, name: &str) -> MapFill {
+        self.fill
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, f)| *f)
+            .unwrap_or_default()
+    }
+
     pub fn empty() -> Snapshot {
         Snapshot {
             at: Instant::now(),
@@ -119,7 +129,7 @@ impl Snapshot {
             latency: HashMap::new(),
             comms: HashMap::new(),
             health: [0; HEALTH_SLOTS as usize],
-            fill: [MapFill::default(); 3],
+            fill: Vec::new(),
             read_errors: 0,
         }
     }
@@ -291,13 +301,13 @@ impl Sampler {
                 capacity,
             })
         };
-        snap.fill[0] = read_counters(
+        let io_fill = read_counters(
             maps::IO_STATS,
             capacity::IO_STATS as u64,
             &mut snap.requests,
             &mut snap.comms,
         )?;
-        snap.fill[1] = read_counters(
+        let bio_fill = read_counters(
             maps::BIO_STATS,
             capacity::BIO_STATS as u64,
             &mut snap.bios,
@@ -322,7 +332,11 @@ impl Sampler {
                 h.buckets[bucket].sum_ns += v.sum_ns;
             }
         }
-        snap.fill[2] = MapFill { entries, capacity };
+        snap.fill = vec![
+            ("io_stats", io_fill),
+            ("bio_stats", bio_fill),
+            ("latency", MapFill { entries, capacity }),
+        ];
 
         let map = ebpf.map(maps::HEALTH).context("map HEALTH missing")?;
         let health: PerCpuArray<&MapData, u64> =

@@ -106,11 +106,7 @@ async fn serve(args: &ServeArgs, config: Config) -> anyhow::Result<()> {
             at: started,
             report,
             health_total: cur.health,
-            maps: vec![
-                ("io_stats", cur.fill[0]),
-                ("bio_stats", cur.fill[1]),
-                ("latency", cur.fill[2]),
-            ],
+            maps: cur.fill.clone(),
             programs: sampler
                 .programs()
                 .run_stats()

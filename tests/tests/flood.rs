@@ -123,8 +123,8 @@ fn fork_storm_is_bounded_counted_and_spares_long_lived_vms() {
             }
         }
         dropped += d.health[Health::StatsFull as usize];
-        peak_entries = peak_entries.max(cur.fill[0].entries);
-        capacity = cur.fill[0].capacity;
+        peak_entries = peak_entries.max(cur.map_fill("io_stats").entries);
+        capacity = cur.map_fill("io_stats").capacity;
         sampler.prune(&cur, pid_alive);
         prev = cur;
         ticks += 1;
