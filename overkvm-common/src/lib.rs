@@ -3,23 +3,21 @@
 //! Everything both sides must agree on lives here and nowhere else: map names and their key and
 //! value layouts, the operation classes, the latency histogram's bucket layout, the health counter
 //! slots, and the kernel structure offsets userspace resolves from BTF and hands to the programs.
-//! The few pure functions here (op classification, log2 bucketing, in-flight slot hashing) run in
+//! The few pure functions here (op classification, log2 bucketing, in-flight slot naming) run in
 //! the kernel and are unit-tested in userspace, so both sides compute them the same way.
 #![no_std]
 
 /// Names of the maps in the eBPF object, as userspace looks them up.
 pub mod maps {
-    /// Requests (or, in the fallback mode, new requests from `block_getrq`) counted at submission:
-    /// `IoKey -> IoCounters`, per-CPU hash.
+    /// Requests (or, in the fallback mode, new requests from `block_getrq`) counted at submission,
+    /// with the latency histogram of their completions: `IoKey -> IoStats`, per-CPU hash.
     pub const IO_STATS: &str = "IO_STATS";
     /// Bios counted at `block_bio_queue`, on every device including bio-based and stacked ones:
     /// `IoKey -> IoCounters`, per-CPU hash.
     pub const BIO_STATS: &str = "BIO_STATS";
-    /// Latency histogram: `LatKey -> LatValue`, per-CPU hash, one entry per used bucket.
-    pub const LATENCY: &str = "LATENCY";
-    /// Requests in flight, indexed by `inflight_slot(request pointer)`: `u32 -> Inflight`.
+    /// Requests in flight, indexed by `inflight_slot(queue id, hw_tag)`: `u32 -> Inflight`.
     pub const INFLIGHT: &str = "INFLIGHT";
-    /// Fallback mode: bios that allocated a request, by `inflight_slot(bio pointer)`.
+    /// Fallback mode: bios that allocated a request, by `bio_slot(bio pointer)`: `u32 -> BioInflight`.
     pub const BIO_INFLIGHT: &str = "BIO_INFLIGHT";
     /// Health counters, per-CPU array indexed by `Health`.
     pub const HEALTH: &str = "HEALTH";
@@ -163,7 +161,7 @@ impl IoKey {
     }
 }
 
-/// Per-CPU counters for one `IoKey`.
+/// Per-CPU counters for one `IoKey` of `BIO_STATS` (bios have no latency).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct IoCounters {
@@ -175,22 +173,31 @@ pub struct IoCounters {
     pub comm: [u8; 16],
 }
 
-/// Latency histogram key: one entry per (IoKey, log2 bucket) in use.
+/// Per-CPU value of `IO_STATS`: the key's counters and the latency histogram of its completed
+/// requests, in one entry, so a completion costs one lookup of an entry its start created.
+///
+/// Bucket counts are `u32` to keep the per-CPU value small (the map holds one copy per CPU):
+/// they wrap after 2^32 completions of one key in one bucket on one CPU, and userspace takes
+/// their differences modulo 2^32, which is exact as long as it reads them more often than that
+/// (hours at the highest rates).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct LatKey {
-    pub io: IoKey,
-    pub bucket: u32,
-    pub _pad: u32,
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IoStats {
+    pub io: IoCounters,
+    /// Sum of the latencies in `lat`, in ns: averages are exact.
+    pub lat_sum_ns: u64,
+    /// Completions per log2 bucket (see `lat_bucket`).
+    pub lat: [u32; LAT_BUCKETS as usize],
 }
 
-/// Per-CPU latency bucket: count and exact sum, so averages are exact and percentiles come
-/// from the buckets.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct LatValue {
-    pub count: u64,
-    pub sum_ns: u64,
+impl Default for IoStats {
+    fn default() -> Self {
+        IoStats {
+            io: IoCounters::default(),
+            lat_sum_ns: 0,
+            lat: [0; LAT_BUCKETS as usize],
+        }
+    }
 }
 
 /// Number of latency buckets. Bucket `i` holds latencies in `[2^i, 2^(i+1))` ns (bucket 0 also
@@ -245,26 +252,65 @@ pub const fn bucket_upper_ns(bucket: u32) -> u64 {
 /// Slots of `INFLIGHT` and `BIO_INFLIGHT`: a power of two.
 pub const INFLIGHT_SLOTS: u32 = 1 << 14;
 
-/// The slot of a request (or bio) pointer in the in-flight arrays.
+/// Which request of a queue a hardware tag names: `1 + (hctx << 20 | tag)`, never 0.
 ///
-/// Requests come from per-queue tag sets allocated once, so their addresses are stable and few;
-/// a multiplicative hash spreads them. Two live requests can still share a slot: the later one
-/// wins, the earlier one's completion then finds another pointer there and is counted in
-/// `Health::InflightMiss`, never mis-attributed.
+/// A request in flight holds a tag that no other request of its hardware queue holds until it
+/// completes: the scheduler tag when the queue has an I/O scheduler (`internal_tag`, assigned at
+/// allocation), else the driver tag (`tag`, assigned at allocation too). With the request
+/// queue's id (`request_queue.id`, unique per device) and the hardware queue number that names
+/// the request exactly from its allocation to its completion, read with plain loads (no copy of
+/// the request's address, which the verifier would demand for hashing a pointer). `None` for a
+/// request without a tag.
 #[inline(always)]
-pub fn inflight_slot(ptr: u64) -> u32 {
+pub fn hw_tag(hctx: u32, tag: i32, internal_tag: i32) -> Option<u32> {
+    let t = if internal_tag >= 0 { internal_tag } else { tag };
+    if t < 0 {
+        return None;
+    }
+    Some(1 + ((hctx & 0x7ff) << 20 | (t as u32 & 0xf_ffff)))
+}
+
+/// The slot of a request, named by its request queue's id and `hw_tag`, in `INFLIGHT`.
+///
+/// Queue ids and tags are small dense numbers; a full 64-bit mix of the pair spreads the requests
+/// of many devices. Two live requests can still share a slot: the later one wins, the earlier
+/// one's completion then finds another request there and is counted in `Health::InflightMiss`,
+/// never mis-attributed.
+#[inline(always)]
+pub fn inflight_slot(queue: u32, hw_tag: u32) -> u32 {
+    // splitmix64's finaliser: the pair is structured (small numbers in two halves), which a
+    // single multiply spreads poorly; a few more ALU operations cost nothing next to a load.
+    let mut x = ((queue as u64) << 32) | hw_tag as u64;
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^= x >> 31;
+    x as u32 & (INFLIGHT_SLOTS - 1)
+}
+
+/// The slot of a bio pointer in `BIO_INFLIGHT` (fallback mode).
+#[inline(always)]
+pub fn bio_slot(ptr: u64) -> u32 {
     let h = (ptr >> 6).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     (h >> 50) as u32 & (INFLIGHT_SLOTS - 1)
 }
 
-/// A request in flight: who started it and when.
+/// A request in flight: which one (queue id and `hw_tag`) and who started it. The start time is
+/// the kernel's own `rq->start_time_ns`, read at completion.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Inflight {
-    /// The request (or bio) pointer owning this slot; 0 when free.
+    pub queue: u32,
+    /// `hw_tag` of the request owning this slot; 0 when free.
+    pub tag: u32,
+    pub key: IoKey,
+}
+
+/// Fallback mode: a bio that allocated a request, until the request is issued.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BioInflight {
+    /// The bio's address; 0 when free.
     pub ptr: u64,
-    /// `bpf_ktime_get_ns()` at the start hook.
-    pub start_ns: u64,
     pub key: IoKey,
 }
 
@@ -276,8 +322,9 @@ pub enum Health {
     StatsFull = 0,
     /// `BIO_STATS` was full: a bio was not counted.
     BioStatsFull = 1,
-    /// `LATENCY` was full: a completion's latency was not recorded.
-    LatencyFull = 2,
+    /// A completion's latency was not recorded: its key's `IO_STATS` entry was gone (the map
+    /// was full at its start, or its process exited and was pruned while it was in flight).
+    LatencyLost = 2,
     /// A start found its in-flight slot taken by another live request and overwrote it.
     InflightCollision = 3,
     /// A completion found no matching start (started before attach, or overwritten).
@@ -286,30 +333,35 @@ pub enum Health {
     ReadFault = 5,
     /// Partial completions seen by the fallback completion hook (informational).
     PartialCompletion = 6,
+    /// A request completed without the kernel's start timestamp (`start_time_ns` is only taken
+    /// when the queue keeps I/O statistics or has a scheduler): its latency is unknown.
+    NoStartTime = 7,
 }
 
 pub const HEALTH_SLOTS: u32 = 8;
 
 impl Health {
-    pub const ALL: [Health; 7] = [
+    pub const ALL: [Health; 8] = [
         Health::StatsFull,
         Health::BioStatsFull,
-        Health::LatencyFull,
+        Health::LatencyLost,
         Health::InflightCollision,
         Health::InflightMiss,
         Health::ReadFault,
         Health::PartialCompletion,
+        Health::NoStartTime,
     ];
 
     pub const fn name(self) -> &'static str {
         match self {
             Health::StatsFull => "stats_map_full",
             Health::BioStatsFull => "bio_stats_map_full",
-            Health::LatencyFull => "latency_map_full",
+            Health::LatencyLost => "latency_lost",
             Health::InflightCollision => "inflight_collision",
             Health::InflightMiss => "inflight_miss",
             Health::ReadFault => "read_fault",
             Health::PartialCompletion => "partial_completion",
+            Health::NoStartTime => "no_start_time",
         }
     }
 
@@ -354,10 +406,20 @@ pub struct KernelLayout {
     pub bdev_disk: u32,
     pub disk_queue: u32,
     pub queue_mq_ops: u32,
+    /// What names a request in flight and when it started (see `hw_tag`): `request.q`,
+    /// `request_queue.id`, `request.mq_hctx`, `blk_mq_hw_ctx.queue_num`, `request.tag`,
+    /// `request.internal_tag` and `request.start_time_ns`. `ABSENT` together: then no latency
+    /// is recorded.
+    pub rq_q: u32,
+    pub queue_id: u32,
+    pub rq_mq_hctx: u32,
+    pub hctx_queue_num: u32,
+    pub rq_tag: u32,
+    pub rq_internal_tag: u32,
+    pub rq_start_time_ns: u32,
     /// 1: count bios on every device; 0: only on bio-based devices (zram, md, dm), where
     /// they are the only count. On blk-mq devices the request hooks already count the same I/O.
     pub all_bios: u32,
-    pub _pad: u32,
     pub ops: OpCodes,
 }
 
@@ -381,20 +443,25 @@ impl KernelLayout {
         bdev_disk: ABSENT,
         disk_queue: ABSENT,
         queue_mq_ops: ABSENT,
+        rq_q: ABSENT,
+        queue_id: ABSENT,
+        rq_mq_hctx: ABSENT,
+        hctx_queue_num: ABSENT,
+        rq_tag: ABSENT,
+        rq_internal_tag: ABSENT,
+        rq_start_time_ns: ABSENT,
         all_bios: 1,
-        _pad: 0,
         ops: OpCodes::LINUX_DEFAULT,
     };
 }
 
-/// Default capacities; userspace may scale them at load time.
+/// Largest capacities; userspace lowers them at load time on hosts with many CPUs (per-CPU
+/// maps hold one value per CPU) and reads the real ones back from the maps.
 pub mod capacity {
-    /// Distinct (process, device, cgroup, op) keys with request counters.
+    /// Distinct (process, device, cgroup, op) keys with request counters and latency.
     pub const IO_STATS: u32 = 16384;
     /// Distinct keys with bio counters.
     pub const BIO_STATS: u32 = 16384;
-    /// Distinct (key, bucket) latency entries.
-    pub const LATENCY: u32 = 65536;
 }
 
 /// Major number of a kernel `dev_t` (MINORBITS = 20; not glibc's encoding).
@@ -418,9 +485,9 @@ mod pod {
     // SAFETY: all of these are repr(C), Copy, with explicit padding and no pointers.
     unsafe impl aya::Pod for IoKey {}
     unsafe impl aya::Pod for IoCounters {}
-    unsafe impl aya::Pod for LatKey {}
-    unsafe impl aya::Pod for LatValue {}
+    unsafe impl aya::Pod for IoStats {}
     unsafe impl aya::Pod for Inflight {}
+    unsafe impl aya::Pod for BioInflight {}
     unsafe impl aya::Pod for KernelLayout {}
     unsafe impl aya::Pod for OpCodes {}
 }
@@ -475,23 +542,50 @@ mod tests {
     }
 
     #[test]
-    fn inflight_slot_is_in_range_and_spreads_request_arrays() {
-        // Requests of one tag set sit at a fixed stride; count distinct slots for 1024 of them.
+    fn hw_tag_prefers_the_scheduler_tag_and_is_never_zero() {
+        assert_eq!(hw_tag(0, 5, -1), Some(6));
+        assert_eq!(hw_tag(0, -1, 7), Some(8), "scheduler tag before a driver tag exists");
+        assert_eq!(hw_tag(0, 3, 7), Some(8), "the same request once it has a driver tag");
+        assert_eq!(hw_tag(2, 0, -1), Some(1 + (2 << 20)));
+        assert_eq!(hw_tag(0, -1, -1), None);
+        assert_ne!(hw_tag(1, 0, -1), hw_tag(0, 0, -1), "queues keep their tags apart");
+    }
+
+    #[test]
+    fn inflight_slot_spreads_the_tags_of_many_devices() {
+        // 16 devices with 2 hardware queues of 128 tags each: 4096 live requests.
+        let mut seen = [false; INFLIGHT_SLOTS as usize];
+        let mut distinct = 0;
+        for queue in 0..16 {
+            for q in 0..2 {
+                for t in 0..128 {
+                    let s = inflight_slot(queue, hw_tag(q, t, -1).unwrap());
+                    assert!(s < INFLIGHT_SLOTS);
+                    if !seen[s as usize] {
+                        seen[s as usize] = true;
+                        distinct += 1;
+                    }
+                }
+            }
+        }
+        // A uniform hash of 4096 keys into 16384 slots leaves about 3600 distinct.
+        assert!(distinct > 3400, "only {distinct} distinct slots for 4096 requests");
+    }
+
+    #[test]
+    fn bio_slot_is_in_range_and_spreads_bio_addresses() {
         let base = 0xffff_8880_1234_0000u64;
         let mut seen = [false; INFLIGHT_SLOTS as usize];
         let mut distinct = 0;
         for i in 0..1024u64 {
-            let s = inflight_slot(base + i * 384);
+            let s = bio_slot(base + i * 192);
             assert!(s < INFLIGHT_SLOTS);
             if !seen[s as usize] {
                 seen[s as usize] = true;
                 distinct += 1;
             }
         }
-        assert!(
-            distinct > 950,
-            "only {distinct} distinct slots for 1024 requests"
-        );
+        assert!(distinct > 950, "only {distinct} distinct slots for 1024 bios");
     }
 
     #[test]
@@ -505,8 +599,8 @@ mod tests {
     fn struct_sizes_are_stable() {
         assert_eq!(core::mem::size_of::<IoKey>(), 24);
         assert_eq!(core::mem::size_of::<IoCounters>(), 32);
-        assert_eq!(core::mem::size_of::<LatKey>(), 32);
-        assert_eq!(core::mem::size_of::<LatValue>(), 16);
-        assert_eq!(core::mem::size_of::<Inflight>(), 40);
+        assert_eq!(core::mem::size_of::<IoStats>(), 200);
+        assert_eq!(core::mem::size_of::<Inflight>(), 32);
+        assert_eq!(core::mem::size_of::<BioInflight>(), 32);
     }
 }

@@ -1,7 +1,7 @@
 //! Reading kernel structures at offsets userspace resolved from BTF.
 
 use aya_ebpf::{EbpfContext as _, helpers::bpf_probe_read_kernel, programs::BtfTracePointContext};
-use overkvm_common::{ABSENT, KernelLayout};
+use overkvm_common::{ABSENT, KernelLayout, hw_tag};
 
 /// Field offsets of the running kernel, written by userspace at load time. It lives in
 /// .rodata, so the verifier sees the values as constants and drops paths for absent fields.
@@ -31,8 +31,8 @@ pub fn read<T: Copy>(base: KPtr, offset: u32) -> Option<T> {
 }
 
 /// The numeric value of tracepoint argument `n`. The verifier forbids arithmetic on typed
-/// pointers, and the in-flight slots hash the request's address, so the address is copied out
-/// once as a plain number.
+/// pointers, and the fallback mode's bio slots hash a bio's address, so the address is copied
+/// out as a plain number (a helper call: requests are named by their tags instead).
 #[inline(always)]
 pub fn arg_addr(ctx: &BtfTracePointContext, n: usize) -> u64 {
     unsafe { bpf_probe_read_kernel((ctx.as_ptr() as *const u64).add(n)) }.unwrap_or(0)
@@ -71,4 +71,18 @@ pub fn bio_cgroup(bio: KPtr) -> u64 {
 #[inline(always)]
 pub fn bdev_dev(bdev: KPtr) -> u32 {
     read(bdev, off!(bdev_dev)).unwrap_or(0)
+}
+
+/// What names request `rq` while it is in flight: its request queue's id and `hw_tag`, from
+/// plain loads. `None` when the kernel lacks a field (then no latency is recorded) or the
+/// request has no tag.
+#[inline(always)]
+pub fn rq_ident(rq: KPtr) -> Option<(u32, u32)> {
+    let q: KPtr = read(rq, off!(rq_q))?;
+    let queue: u32 = read(q, off!(queue_id))?;
+    let hctx: KPtr = read(rq, off!(rq_mq_hctx))?;
+    let hw_queue: u32 = read(hctx, off!(hctx_queue_num))?;
+    let tag: i32 = read(rq, off!(rq_tag))?;
+    let internal_tag: i32 = read(rq, off!(rq_internal_tag))?;
+    Some((queue, hw_tag(hw_queue, tag, internal_tag)?))
 }

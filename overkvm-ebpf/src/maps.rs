@@ -7,21 +7,19 @@ use aya_ebpf::{
     maps::{Array, PerCpuArray, PerCpuHashMap},
 };
 use overkvm_common::{
-    HEALTH_SLOTS, Health, INFLIGHT_SLOTS, Inflight, IoCounters, IoKey, LatKey, LatValue, capacity,
-    lat_bucket,
+    BioInflight, HEALTH_SLOTS, Health, INFLIGHT_SLOTS, Inflight, IoCounters, IoKey, IoStats,
+    bio_slot, capacity, inflight_slot, lat_bucket,
 };
 
+/// Requests with their latency histograms (userspace lowers the capacity on hosts with many
+/// CPUs: each entry holds one value per CPU).
 #[map]
-pub static IO_STATS: PerCpuHashMap<IoKey, IoCounters> =
+pub static IO_STATS: PerCpuHashMap<IoKey, IoStats> =
     PerCpuHashMap::with_max_entries(capacity::IO_STATS, 0);
 
 #[map]
 pub static BIO_STATS: PerCpuHashMap<IoKey, IoCounters> =
     PerCpuHashMap::with_max_entries(capacity::BIO_STATS, 0);
-
-#[map]
-pub static LATENCY: PerCpuHashMap<LatKey, LatValue> =
-    PerCpuHashMap::with_max_entries(capacity::LATENCY, 0);
 
 // Shared (not per-CPU): a request often completes on another CPU than the one that started it.
 // An array lookup costs a fraction of a hash update, which matters twice per I/O.
@@ -29,7 +27,7 @@ pub static LATENCY: PerCpuHashMap<LatKey, LatValue> =
 pub static INFLIGHT: Array<Inflight> = Array::with_max_entries(INFLIGHT_SLOTS, 0);
 
 #[map]
-pub static BIO_INFLIGHT: Array<Inflight> = Array::with_max_entries(INFLIGHT_SLOTS, 0);
+pub static BIO_INFLIGHT: Array<BioInflight> = Array::with_max_entries(INFLIGHT_SLOTS, 0);
 
 #[map]
 pub static HEALTH: PerCpuArray<u64> = PerCpuArray::with_max_entries(HEALTH_SLOTS, 0);
@@ -42,104 +40,157 @@ pub fn health(slot: Health) {
     }
 }
 
+/// A map value that starts with the key's counters.
+pub trait Counted: Copy {
+    fn counters(&mut self) -> &mut IoCounters;
+    fn fresh(io: IoCounters) -> Self;
+}
+
+impl Counted for IoCounters {
+    #[inline(always)]
+    fn counters(&mut self) -> &mut IoCounters {
+        self
+    }
+    #[inline(always)]
+    fn fresh(io: IoCounters) -> Self {
+        io
+    }
+}
+
+impl Counted for IoStats {
+    #[inline(always)]
+    fn counters(&mut self) -> &mut IoCounters {
+        &mut self.io
+    }
+    #[inline(always)]
+    fn fresh(io: IoCounters) -> Self {
+        IoStats {
+            io,
+            ..IoStats::default()
+        }
+    }
+}
+
 /// Adds one op of `bytes` to `key` in `map`, creating the entry (with the submitter's comm) on
 /// first use. A full map is counted in `full`, never silently dropped.
 #[inline(always)]
-pub fn count_io(map: &PerCpuHashMap<IoKey, IoCounters>, key: &IoKey, bytes: u64, full: Health) {
-    if let Some(c) = map.get_ptr_mut(key) {
-        unsafe {
-            (*c).ops += 1;
-            (*c).bytes += bytes;
-        }
+pub fn count_io<V: Counted>(map: &PerCpuHashMap<IoKey, V>, key: &IoKey, bytes: u64, full: Health) {
+    if let Some(v) = map.get_ptr_mut(key) {
+        let c = unsafe { (*v).counters() };
+        c.ops += 1;
+        c.bytes += bytes;
         return;
     }
     let comm = bpf_get_current_comm().unwrap_or([0; 16]);
-    let fresh = IoCounters {
+    let fresh = V::fresh(IoCounters {
         ops: 1,
         bytes,
         comm,
-    };
+    });
     if map.insert(key, fresh, BPF_NOEXIST as u64).is_ok() {
         return;
     }
     // Another CPU created the entry in between, or the map is full.
     match map.get_ptr_mut(key) {
-        Some(c) => unsafe {
-            (*c).ops += 1;
-            (*c).bytes += bytes;
-        },
+        Some(v) => {
+            let c = unsafe { (*v).counters() };
+            c.ops += 1;
+            c.bytes += bytes;
+        }
         None => health(full),
     }
 }
 
-/// Adds `bytes` (no op) to `key` in `map`, on this CPU's slot of the entry its op created.
-/// Nothing is added when the entry is gone (its process exited and was pruned in between).
+/// Adds `bytes` (no op) to `key`'s request counters, on this CPU's slot of the entry its op
+/// created. Nothing is added when the entry is gone (its process exited and was pruned).
 #[inline(always)]
-pub fn add_bytes(map: &PerCpuHashMap<IoKey, IoCounters>, key: &IoKey, bytes: u64) {
-    if let Some(c) = map.get_ptr_mut(key) {
-        unsafe { (*c).bytes += bytes };
+pub fn add_bytes(key: &IoKey, bytes: u64) {
+    if let Some(v) = IO_STATS.get_ptr_mut(key) {
+        unsafe { (*v).io.bytes += bytes };
     }
 }
 
-/// Adds one completion of `latency_ns` to the histogram of `key`.
+/// Adds one completion of `latency_ns` to the histogram of `key`, in the entry its start
+/// created (a lookup, never an insert: completions run in interrupt context on any CPU).
 #[inline(always)]
 pub fn count_latency(key: &IoKey, latency_ns: u64) {
-    let lk = LatKey {
-        io: *key,
-        bucket: lat_bucket(latency_ns),
-        _pad: 0,
-    };
-    if let Some(v) = LATENCY.get_ptr_mut(lk) {
-        unsafe {
-            (*v).count += 1;
-            (*v).sum_ns += latency_ns;
-        }
-        return;
-    }
-    let fresh = LatValue {
-        count: 1,
-        sum_ns: latency_ns,
-    };
-    if LATENCY.insert(lk, fresh, BPF_NOEXIST as u64).is_ok() {
-        return;
-    }
-    match LATENCY.get_ptr_mut(lk) {
+    match IO_STATS.get_ptr_mut(key) {
         Some(v) => unsafe {
-            (*v).count += 1;
-            (*v).sum_ns += latency_ns;
+            (*v).lat_sum_ns += latency_ns;
+            let b = lat_bucket(latency_ns) as usize;
+            if let Some(n) = (*v).lat.get_mut(b) {
+                *n = n.wrapping_add(1);
+            }
         },
-        None => health(Health::LatencyFull),
+        None => health(Health::LatencyLost),
     }
 }
 
-/// Claims the in-flight slot of `ptr` in `table`; counts a collision when a different live
-/// entry is overwritten.
+/// Claims the in-flight slot of request (`queue`, `tag`); counts a collision when another live
+/// request's entry is overwritten. The same request again (a requeue, or a tag reused after a
+/// completion this never saw) just takes its slot back.
 #[inline(always)]
-pub fn inflight_put(table: &Array<Inflight>, ptr: u64, start_ns: u64, key: &IoKey) {
-    let Some(slot) = table.get_ptr_mut(overkvm_common::inflight_slot(ptr)) else {
+pub fn inflight_put(queue: u32, tag: u32, key: &IoKey) {
+    let Some(slot) = INFLIGHT.get_ptr_mut(inflight_slot(queue, tag)) else {
+        return;
+    };
+    unsafe {
+        if (*slot).tag != 0 && ((*slot).tag != tag || (*slot).queue != queue) {
+            health(Health::InflightCollision);
+        }
+        (*slot).queue = queue;
+        (*slot).key = *key;
+        (*slot).tag = tag;
+    }
+}
+
+/// True when request (`queue`, `tag`) holds its in-flight slot.
+#[inline(always)]
+pub fn inflight_holds(queue: u32, tag: u32) -> bool {
+    INFLIGHT
+        .get(inflight_slot(queue, tag))
+        .is_some_and(|s| s.tag == tag && s.queue == queue)
+}
+
+/// Takes the key of request (`queue`, `tag`) out of its slot, or counts a miss.
+#[inline(always)]
+pub fn inflight_take(queue: u32, tag: u32) -> Option<IoKey> {
+    let slot = INFLIGHT.get_ptr_mut(inflight_slot(queue, tag))?;
+    unsafe {
+        if (*slot).tag != tag || (*slot).queue != queue {
+            health(Health::InflightMiss);
+            return None;
+        }
+        (*slot).tag = 0;
+        Some((*slot).key)
+    }
+}
+
+/// Fallback mode: remembers who submitted the bio at `ptr` until its request is issued.
+#[inline(always)]
+pub fn bio_put(ptr: u64, key: &IoKey) {
+    let Some(slot) = BIO_INFLIGHT.get_ptr_mut(bio_slot(ptr)) else {
         return;
     };
     unsafe {
         if (*slot).ptr != 0 && (*slot).ptr != ptr {
             health(Health::InflightCollision);
         }
-        (*slot).start_ns = start_ns;
         (*slot).key = *key;
         (*slot).ptr = ptr;
     }
 }
 
-/// Takes the in-flight entry of `ptr` out of `table`, or counts a miss.
+/// Fallback mode: takes the submitter of the bio at `ptr`, or counts a miss.
 #[inline(always)]
-pub fn inflight_take(table: &Array<Inflight>, ptr: u64) -> Option<Inflight> {
-    let slot = table.get_ptr_mut(overkvm_common::inflight_slot(ptr))?;
+pub fn bio_take(ptr: u64) -> Option<IoKey> {
+    let slot = BIO_INFLIGHT.get_ptr_mut(bio_slot(ptr))?;
     unsafe {
         if (*slot).ptr != ptr {
             health(Health::InflightMiss);
             return None;
         }
-        let entry = *slot;
         (*slot).ptr = 0;
-        Some(entry)
+        Some((*slot).key)
     }
 }

@@ -2,16 +2,12 @@
 //! the task that submitted it, and remember who started each request for its completion.
 //! Bytes are taken here because a request's length is already zero when it completes.
 
-use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
-    macros::btf_tracepoint,
-    programs::BtfTracePointContext,
-};
+use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::btf_tracepoint, programs::BtfTracePointContext};
 use overkvm_common::{Health, IoKey, OpCodes, classify_op};
 
 use crate::{
-    kernel::{KPtr, LAYOUT, arg_addr, bdev_dev, bio_cgroup, off, read},
-    maps::{BIO_INFLIGHT, INFLIGHT, IO_STATS, count_io, health, inflight_put},
+    kernel::{KPtr, LAYOUT, arg_addr, bdev_dev, bio_cgroup, off, read, rq_ident},
+    maps::{IO_STATS, bio_put, count_io, health, inflight_put},
 };
 
 #[inline(always)]
@@ -65,12 +61,9 @@ pub fn io_start(ctx: BtfTracePointContext) -> i32 {
     };
     let key = submit_key(opf, bytes, bdev, bio);
     count_io(&IO_STATS, &key, bytes as u64, Health::StatsFull);
-    inflight_put(
-        &INFLIGHT,
-        arg_addr(&ctx, 0),
-        unsafe { bpf_ktime_get_ns() },
-        &key,
-    );
+    if let Some((queue, tag)) = rq_ident(rq) {
+        inflight_put(queue, tag, &key);
+    }
     0
 }
 
@@ -85,11 +78,6 @@ pub fn rq_getrq(ctx: BtfTracePointContext) -> i32 {
         return 0;
     };
     count_io(&IO_STATS, &key, bytes as u64, Health::StatsFull);
-    inflight_put(
-        &BIO_INFLIGHT,
-        arg_addr(&ctx, 0),
-        unsafe { bpf_ktime_get_ns() },
-        &key,
-    );
+    bio_put(arg_addr(&ctx, 0), &key);
     0
 }

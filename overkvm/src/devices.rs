@@ -151,6 +151,31 @@ fn file_name(p: &Path) -> String {
         .unwrap_or_default()
 }
 
+/// Whole disks under `sys`/class/block that are bio-based (no blk-mq `mq` directory: zram, md,
+/// dm, brd) and have a size, i.e. can carry I/O now. Only their bios show I/O the request hooks
+/// cannot see, so the bio hook is attached once one of them exists.
+pub fn bio_based_disks(sys: &Path) -> Vec<String> {
+    let Ok(entries) = fs::read_dir(sys.join("class/block")) else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> = entries
+        .flatten()
+        .filter_map(|e| {
+            let dir = e.path();
+            let whole_disk = !dir.join("partition").exists();
+            let bio_based = !dir.join("mq").is_dir();
+            let sectors: u64 = fs::read_to_string(dir.join("size"))
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(0);
+            (whole_disk && bio_based && sectors > 0)
+                .then(|| e.file_name().to_string_lossy().into_owned())
+        })
+        .collect();
+    out.sort();
+    out
+}
+
 /// A sysfs tree for tests: virtio disk `vda` (254:0, blk-mq) with partition `vda1` (254:1), and
 /// a bio-based `zram1` (251:1). Returns its root, under the temp dir; the caller removes it.
 #[cfg(test)]
@@ -167,12 +192,15 @@ pub(crate) fn fake_sysfs(tag: &str) -> PathBuf {
     fs::write(vda.join("dev"), "254:0\n").expect("fake sysfs");
     fs::write(vda.join("vda1/partition"), "1\n").expect("fake sysfs");
     fs::write(vda.join("vda1/dev"), "254:1\n").expect("fake sysfs");
+    fs::write(vda.join("size"), "2097152\n").expect("fake sysfs");
+    fs::write(zram.join("size"), "0\n").expect("fake sysfs");
     for (target, link) in [
         (vda.clone(), "dev/block/254:0"),
         (vda.join("vda1"), "dev/block/254:1"),
-        (zram, "dev/block/251:1"),
+        (zram.clone(), "dev/block/251:1"),
         (vda.clone(), "class/block/vda"),
         (vda.join("vda1"), "class/block/vda1"),
+        (zram.clone(), "class/block/zram1"),
     ] {
         std::os::unix::fs::symlink(target, root.join(link)).expect("fake sysfs");
     }
@@ -225,6 +253,17 @@ mod tests {
         assert!(t.resolve("nosuch").is_err());
         assert!(t.resolve("../etc").is_err());
         assert!(t.resolve("7:42").is_err());
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn bio_based_disks_are_the_sized_ones_without_mq() {
+        let root = fake_sysfs("biodisks");
+        assert!(bio_based_disks(&root).is_empty(), "zram1 has no size yet");
+        let zram = root.join("devices/virtual/block/zram1");
+        fs::write(zram.join("size"), "131072\n").unwrap();
+        assert_eq!(bio_based_disks(&root), ["zram1"]);
+        assert!(bio_based_disks(&root.join("nosuch")).is_empty());
         fs::remove_dir_all(&root).unwrap();
     }
 }

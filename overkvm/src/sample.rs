@@ -11,9 +11,7 @@ use std::{
 
 use anyhow::Context as _;
 use aya::maps::{MapData, PerCpuArray, PerCpuHashMap};
-use overkvm_common::{
-    HEALTH_SLOTS, IoCounters, IoKey, LAT_BUCKETS, LatKey, LatValue, capacity, maps,
-};
+use overkvm_common::{HEALTH_SLOTS, IoCounters, IoKey, IoStats, LAT_BUCKETS, maps};
 
 use crate::bpf::Programs;
 
@@ -38,49 +36,88 @@ impl Counters {
     }
 }
 
-/// A latency histogram: per log2 bucket, count and sum of ns.
+/// A latency histogram of one interval: completions per log2 bucket (`lat_bucket`) and the
+/// exact sum of their latencies.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Histogram {
-    pub buckets: [LatValue; LAT_BUCKETS as usize],
+    pub counts: [u64; LAT_BUCKETS as usize],
+    pub total_ns: u64,
 }
 
 impl Default for Histogram {
     fn default() -> Self {
         Histogram {
-            buckets: [LatValue::default(); LAT_BUCKETS as usize],
+            counts: [0; LAT_BUCKETS as usize],
+            total_ns: 0,
         }
     }
 }
 
 impl Histogram {
     pub fn count(&self) -> u64 {
-        self.buckets.iter().map(|b| b.count).sum()
+        self.counts.iter().sum()
     }
 
     pub fn sum_ns(&self) -> u64 {
-        self.buckets.iter().map(|b| b.sum_ns).sum()
+        self.total_ns
+    }
+
+    /// Adds `n` completions of `ns` each (tests and synthetic data).
+    pub fn record(&mut self, ns: u64, n: u64) {
+        self.counts[overkvm_common::lat_bucket(ns) as usize] += n;
+        self.total_ns += ns * n;
     }
 
     pub fn merge(&mut self, other: &Histogram) {
-        for (a, b) in self.buckets.iter_mut().zip(other.buckets.iter()) {
-            a.count += b.count;
-            a.sum_ns += b.sum_ns;
+        for (a, b) in self.counts.iter_mut().zip(other.counts.iter()) {
+            *a += b;
         }
-    }
-
-    fn saturating_sub(&self, older: &Histogram) -> Histogram {
-        let mut out = Histogram::default();
-        for (i, b) in out.buckets.iter_mut().enumerate() {
-            b.count = self.buckets[i].count.saturating_sub(older.buckets[i].count);
-            b.sum_ns = self.buckets[i]
-                .sum_ns
-                .saturating_sub(older.buckets[i].sum_ns);
-        }
-        out
+        self.total_ns += other.total_ns;
     }
 
     pub fn is_empty(&self) -> bool {
-        self.buckets.iter().all(|b| b.count == 0)
+        self.counts.iter().all(|&c| c == 0)
+    }
+}
+
+/// Cumulative latency of one key as the kernel keeps it: bucket counts summed over the CPUs
+/// modulo 2^32 (the kernel's per-CPU counters are `u32` and wrap), and the sum of ns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawLatency {
+    pub counts: [u32; LAT_BUCKETS as usize],
+    pub sum_ns: u64,
+}
+
+impl Default for RawLatency {
+    fn default() -> Self {
+        RawLatency {
+            counts: [0; LAT_BUCKETS as usize],
+            sum_ns: 0,
+        }
+    }
+}
+
+impl RawLatency {
+    fn add_cpu(&mut self, v: &IoStats) {
+        for (a, b) in self.counts.iter_mut().zip(v.lat.iter()) {
+            *a = a.wrapping_add(*b);
+        }
+        self.sum_ns = self.sum_ns.wrapping_add(v.lat_sum_ns);
+    }
+
+    fn total(&self) -> u64 {
+        self.counts.iter().map(|&c| u64::from(c)).sum()
+    }
+
+    /// What happened since `older`: counts modulo 2^32, exact while fewer than 2^32 completions
+    /// fall into one bucket of one key between two reads.
+    pub fn since(&self, older: &RawLatency) -> Histogram {
+        let mut out = Histogram::default();
+        for (i, c) in out.counts.iter_mut().enumerate() {
+            *c = u64::from(self.counts[i].wrapping_sub(older.counts[i]));
+        }
+        out.total_ns = self.sum_ns.wrapping_sub(older.sum_ns);
+        out
     }
 }
 
@@ -100,7 +137,7 @@ pub struct Snapshot {
     pub requests: HashMap<IoKey, Counters>,
     /// Bios at submission (every device).
     pub bios: HashMap<IoKey, Counters>,
-    pub latency: HashMap<IoKey, Histogram>,
+    pub latency: HashMap<IoKey, RawLatency>,
     /// `comm` the kernel recorded for each tgid, for processes gone before we read /proc.
     pub comms: HashMap<u32, String>,
     pub health: [u64; HEALTH_SLOTS as usize],
@@ -167,10 +204,7 @@ pub fn delta(prev: &Snapshot, cur: &Snapshot) -> Delta {
         .latency
         .iter()
         .filter_map(|(k, h)| {
-            let d = match prev.latency.get(k) {
-                Some(p) => h.saturating_sub(p),
-                None => h.clone(),
-            };
+            let d = h.since(prev.latency.get(k).unwrap_or(&RawLatency::default()));
             (!d.is_empty()).then_some((*k, d))
         })
         .collect();
@@ -207,6 +241,20 @@ impl Sampler {
         &self.programs
     }
 
+    /// Attaches the bio hook once a bio-based device exists (see `Programs::refresh_bio_hook`),
+    /// logging which devices made it so; call once per interval. A failure is logged, not fatal:
+    /// requests are still counted.
+    pub fn refresh_bio_hook(&mut self) {
+        match self.programs.refresh_bio_hook() {
+            Ok(Some(disks)) => log::info!(
+                "bio-based device(s) {} present: counting bios on block_bio_queue",
+                disks.join(", ")
+            ),
+            Ok(None) => {}
+            Err(e) => log::warn!("cannot attach the bio hook: {e:#}"),
+        }
+    }
+
     /// Deletes the map entries of processes that have exited, once a snapshot holding their
     /// final values has been taken (`snap`), so the maps do not fill up with the dead on a
     /// host that starts many short-lived processes. Deltas stay right: a key missing from the
@@ -217,46 +265,36 @@ impl Sampler {
         let dead = |k: &IoKey| k.tgid != 0 && !alive(k.tgid);
         let mut deleted = 0;
         let ebpf = self.programs.ebpf_mut();
-        for (name, values) in [
-            (maps::IO_STATS, &snap.requests),
-            (maps::BIO_STATS, &snap.bios),
-        ] {
-            let Some(map) = ebpf.map_mut(name) else {
-                continue;
-            };
-            let Ok(mut table) = PerCpuHashMap::<&mut MapData, IoKey, IoCounters>::try_from(map)
-            else {
-                continue;
-            };
-            for (key, seen) in values.iter().filter(|(k, _)| dead(k)) {
+        if let Some(map) = ebpf.map_mut(maps::IO_STATS)
+            && let Ok(mut table) = PerCpuHashMap::<&mut MapData, IoKey, IoStats>::try_from(map)
+        {
+            let no_latency = RawLatency::default();
+            for (key, seen) in snap.requests.iter().filter(|(k, _)| dead(k)) {
+                let seen_lat = snap.latency.get(key).unwrap_or(&no_latency);
+                // A completion that landed after the snapshot keeps the entry one more round.
                 let unchanged = table.get(key, 0).is_ok_and(|per_cpu| {
-                    let ops: u64 = per_cpu.iter().map(|v| v.ops).sum();
-                    ops == seen.ops
+                    let mut lat = RawLatency::default();
+                    let mut ops = 0;
+                    for v in per_cpu.iter() {
+                        ops += v.io.ops;
+                        lat.add_cpu(v);
+                    }
+                    ops == seen.ops && lat.total() == seen_lat.total()
                 });
                 if unchanged && table.remove(key).is_ok() {
                     deleted += 1;
                 }
             }
         }
-        if let Some(map) = ebpf.map_mut(maps::LATENCY)
-            && let Ok(mut table) = PerCpuHashMap::<&mut MapData, LatKey, LatValue>::try_from(map)
+        if let Some(map) = ebpf.map_mut(maps::BIO_STATS)
+            && let Ok(mut table) = PerCpuHashMap::<&mut MapData, IoKey, IoCounters>::try_from(map)
         {
-            for (io, hist) in snap.latency.iter().filter(|(k, _)| dead(k)) {
-                for (bucket, seen) in hist.buckets.iter().enumerate() {
-                    if seen.count == 0 {
-                        continue;
-                    }
-                    let lk = LatKey {
-                        io: *io,
-                        bucket: bucket as u32,
-                        _pad: 0,
-                    };
-                    let unchanged = table.get(&lk, 0).is_ok_and(|per_cpu| {
-                        per_cpu.iter().map(|v| v.count).sum::<u64>() == seen.count
-                    });
-                    if unchanged && table.remove(&lk).is_ok() {
-                        deleted += 1;
-                    }
+            for (key, seen) in snap.bios.iter().filter(|(k, _)| dead(k)) {
+                let unchanged = table.get(key, 0).is_ok_and(|per_cpu| {
+                    per_cpu.iter().map(|v| v.ops).sum::<u64>() == seen.ops
+                });
+                if unchanged && table.remove(key).is_ok() {
+                    deleted += 1;
                 }
             }
         }
@@ -269,73 +307,70 @@ impl Sampler {
         let mut snap = Snapshot::empty();
         let mut read_errors = 0u64;
 
-        let mut read_counters = |name: &str,
-                                 capacity: u64,
-                                 out: &mut HashMap<IoKey, Counters>,
-                                 comms: &mut HashMap<u32, String>|
-         -> anyhow::Result<MapFill> {
-            let map = ebpf
-                .map(name)
-                .with_context(|| format!("map {name} missing"))?;
-            let table: PerCpuHashMap<&MapData, IoKey, IoCounters> =
-                PerCpuHashMap::try_from(map).with_context(|| format!("opening map {name}"))?;
-            for item in table.iter() {
-                let Ok((key, per_cpu)) = item else {
-                    read_errors += 1;
-                    continue;
-                };
-                let mut c = Counters::default();
-                for v in per_cpu.iter() {
-                    c.ops += v.ops;
-                    c.bytes += v.bytes;
-                    if v.comm[0] != 0 {
-                        comms
-                            .entry(key.tgid)
-                            .or_insert_with(|| comm_string(&v.comm));
-                    }
+        /// Sums one key's per-CPU counters and keeps the comm its first CPU recorded.
+        fn fold<'a>(
+            key: &IoKey,
+            per_cpu: impl Iterator<Item = &'a IoCounters>,
+            comms: &mut HashMap<u32, String>,
+        ) -> Counters {
+            let mut c = Counters::default();
+            for v in per_cpu {
+                c.ops += v.ops;
+                c.bytes += v.bytes;
+                if v.comm[0] != 0 {
+                    comms
+                        .entry(key.tgid)
+                        .or_insert_with(|| comm_string(&v.comm));
                 }
-                out.insert(key, c);
             }
-            Ok(MapFill {
-                entries: out.len() as u64,
-                capacity,
-            })
-        };
-        let io_fill = read_counters(
-            maps::IO_STATS,
-            capacity::IO_STATS as u64,
-            &mut snap.requests,
-            &mut snap.comms,
-        )?;
-        let bio_fill = read_counters(
-            maps::BIO_STATS,
-            capacity::BIO_STATS as u64,
-            &mut snap.bios,
-            &mut snap.comms,
-        )?;
+            c
+        }
 
-        let map = ebpf.map(maps::LATENCY).context("map LATENCY missing")?;
-        let capacity = capacity::LATENCY as u64;
-        let table: PerCpuHashMap<&MapData, LatKey, LatValue> =
-            PerCpuHashMap::try_from(map).context("opening map LATENCY")?;
-        let mut entries = 0;
+        let map = ebpf.map(maps::IO_STATS).context("map IO_STATS missing")?;
+        let table: PerCpuHashMap<&MapData, IoKey, IoStats> =
+            PerCpuHashMap::try_from(map).context("opening map IO_STATS")?;
         for item in table.iter() {
             let Ok((key, per_cpu)) = item else {
                 read_errors += 1;
                 continue;
             };
-            entries += 1;
-            let bucket = (key.bucket as usize).min(LAT_BUCKETS as usize - 1);
-            let h = snap.latency.entry(key.io).or_default();
+            let c = fold(&key, per_cpu.iter().map(|v| &v.io), &mut snap.comms);
+            snap.requests.insert(key, c);
+            let mut lat = RawLatency::default();
             for v in per_cpu.iter() {
-                h.buckets[bucket].count += v.count;
-                h.buckets[bucket].sum_ns += v.sum_ns;
+                lat.add_cpu(v);
+            }
+            if lat.total() != 0 || lat.sum_ns != 0 {
+                snap.latency.insert(key, lat);
             }
         }
+        let map = ebpf.map(maps::BIO_STATS).context("map BIO_STATS missing")?;
+        let table: PerCpuHashMap<&MapData, IoKey, IoCounters> =
+            PerCpuHashMap::try_from(map).context("opening map BIO_STATS")?;
+        for item in table.iter() {
+            let Ok((key, per_cpu)) = item else {
+                read_errors += 1;
+                continue;
+            };
+            let c = fold(&key, per_cpu.iter(), &mut snap.comms);
+            snap.bios.insert(key, c);
+        }
+        let programs = &self.programs;
         snap.fill = vec![
-            ("io_stats", io_fill),
-            ("bio_stats", bio_fill),
-            ("latency", MapFill { entries, capacity }),
+            (
+                "io_stats",
+                MapFill {
+                    entries: snap.requests.len() as u64,
+                    capacity: programs.io_stats_capacity.into(),
+                },
+            ),
+            (
+                "bio_stats",
+                MapFill {
+                    entries: snap.bios.len() as u64,
+                    capacity: programs.bio_stats_capacity.into(),
+                },
+            ),
         ];
 
         let map = ebpf.map(maps::HEALTH).context("map HEALTH missing")?;
@@ -435,16 +470,13 @@ mod tests {
     fn histogram_delta_is_per_bucket() {
         let mut a = Snapshot::empty();
         let mut b = Snapshot::empty();
-        let mut h1 = Histogram::default();
-        h1.buckets[10] = LatValue {
-            count: 2,
-            sum_ns: 2500,
-        };
+        let mut h1 = RawLatency::default();
+        h1.counts[10] = 2;
+        h1.sum_ns = 2500;
         let mut h2 = h1.clone();
-        h2.buckets[10].count += 3;
-        h2.buckets[10].sum_ns += 3000;
-        h2.buckets[12].count = 1;
-        h2.buckets[12].sum_ns = 5000;
+        h2.counts[10] += 3;
+        h2.counts[12] = 1;
+        h2.sum_ns += 3000 + 5000;
         a.latency.insert(key(1, Op::Read), h1);
         b.latency.insert(key(1, Op::Read), h2);
         a.health[4] = 7;
@@ -452,7 +484,24 @@ mod tests {
         let d = delta(&a, &b);
         let h = &d.latency[&key(1, Op::Read)];
         assert_eq!(h.count(), 4);
+        assert_eq!((h.counts[10], h.counts[12]), (3, 1));
         assert_eq!(h.sum_ns(), 8000);
         assert_eq!(d.health[4], 2);
+    }
+
+    #[test]
+    fn histogram_delta_survives_wrapping_kernel_counters() {
+        // The kernel's per-CPU bucket counts are u32: across a wrap the difference is still
+        // the number of completions in between.
+        let mut a = Snapshot::empty();
+        let mut b = Snapshot::empty();
+        let mut h1 = RawLatency::default();
+        h1.counts[20] = u32::MAX - 1;
+        let mut h2 = RawLatency::default();
+        h2.counts[20] = 3;
+        a.latency.insert(key(1, Op::Write), h1);
+        b.latency.insert(key(1, Op::Write), h2);
+        let d = delta(&a, &b);
+        assert_eq!(d.latency[&key(1, Op::Write)].counts[20], 5);
     }
 }

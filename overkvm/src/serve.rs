@@ -126,6 +126,7 @@ async fn serve(args: &ServeArgs, config: Config) -> anyhow::Result<()> {
         tick.sample_seconds = started.elapsed().as_secs_f64();
         exporter.update(&tick);
         sampler.prune(&cur, pid_alive);
+        sampler.refresh_bio_hook();
         prev = cur;
         if server.is_finished() {
             break Err(anyhow::anyhow!("the metrics server stopped"));

@@ -22,9 +22,9 @@ pub fn mean_us(h: &Histogram) -> Option<f64> {
     (n > 0).then(|| h.sum_ns() as f64 / n as f64 / 1000.0)
 }
 
-/// The `q` quantile (0 < q <= 1) in microseconds, interpolated linearly inside its log2 bucket,
-/// so it is within a factor of two of the truth (and exact when all samples share a bucket's
-/// mean). Within one bucket the bucket's own mean bounds the estimate where that is tighter.
+/// The `q` quantile (0 < q <= 1) in microseconds, interpolated linearly inside its log2 bucket
+/// (as Prometheus' `histogram_quantile` does), so it is within a factor of two of the truth.
+/// In the open-ended last bucket (over 2^39 ns, ~9 minutes) it is that bucket's lower bound.
 pub fn quantile_us(h: &Histogram, q: f64) -> Option<f64> {
     let total = h.count();
     if total == 0 {
@@ -32,39 +32,33 @@ pub fn quantile_us(h: &Histogram, q: f64) -> Option<f64> {
     }
     let rank = (q.clamp(0.0, 1.0) * total as f64).ceil().max(1.0);
     let mut seen = 0u64;
-    for (i, b) in h.buckets.iter().enumerate() {
-        if b.count == 0 {
+    for (i, &count) in h.counts.iter().enumerate() {
+        if count == 0 {
             continue;
         }
-        if (seen + b.count) as f64 >= rank {
+        if (seen + count) as f64 >= rank {
             let i = i as u32;
             let lo = bucket_lower_ns(i) as f64;
-            let hi = if i + 1 >= LAT_BUCKETS {
-                // Open-ended last bucket: its mean is the best we know.
-                return Some(b.sum_ns as f64 / b.count as f64 / 1000.0);
-            } else {
-                bucket_upper_ns(i) as f64
-            };
-            let frac = (rank - seen as f64) / b.count as f64;
+            if i + 1 >= LAT_BUCKETS {
+                return Some(lo / 1000.0);
+            }
+            let hi = bucket_upper_ns(i) as f64;
+            let frac = (rank - seen as f64) / count as f64;
             return Some((lo + (hi - lo) * frac) / 1000.0);
         }
-        seen += b.count;
+        seen += count;
     }
     None
 }
 
 #[cfg(test)]
 mod tests {
-    use overkvm_common::{LatValue, lat_bucket};
-
     use super::*;
 
     fn hist(samples_ns: &[u64]) -> Histogram {
         let mut h = Histogram::default();
         for &s in samples_ns {
-            let b = &mut h.buckets[lat_bucket(s) as usize];
-            b.count += 1;
-            b.sum_ns += s;
+            h.record(s, 1);
         }
         h
     }
@@ -96,12 +90,13 @@ mod tests {
     }
 
     #[test]
-    fn quantile_of_open_ended_bucket_uses_its_mean() {
+    fn quantile_of_open_ended_bucket_is_its_lower_bound() {
         let mut h = Histogram::default();
-        h.buckets[(LAT_BUCKETS - 1) as usize] = LatValue {
-            count: 2,
-            sum_ns: 4_000_000_000_000,
-        };
-        assert_eq!(quantile_us(&h, 0.99), Some(2_000_000_000.0));
+        h.record(4_000_000_000_000, 2);
+        assert_eq!(
+            quantile_us(&h, 0.99),
+            Some(bucket_lower_ns(LAT_BUCKETS - 1) as f64 / 1000.0)
+        );
+        assert_eq!(mean_us(&h), Some(4_000_000_000.0), "the mean stays exact");
     }
 }

@@ -180,6 +180,10 @@ fn concurrent_direct_io_is_exact_per_process_request_fallback() {
 #[test]
 fn bio_based_zram_counts_match() {
     skip_unless_kernel!();
+    // Loaded before the device exists: the bio hook is attached when a bio-based device with a
+    // size appears (here through the refresh every consumer runs each interval).
+    let mut sampler = Sampler::new(Programs::load(&LoadOptions::default()).expect("load"));
+    let at_load = sampler.programs().attached.contains(&"block_bio_queue");
     let z = match Zram::new(64) {
         Ok(z) => z,
         Err(e) => {
@@ -187,7 +191,13 @@ fn bio_based_zram_counts_match() {
             return;
         }
     };
-    let sampler = Sampler::new(Programs::load(&LoadOptions::default()).expect("load"));
+    sampler.refresh_bio_hook();
+    eprintln!(
+        "bio hook: {} at load, attached after the refresh: {}",
+        if at_load { "attached" } else { "not attached" },
+        sampler.programs().attached.contains(&"block_bio_queue")
+    );
+    assert!(sampler.programs().attached.contains(&"block_bio_queue"));
     let plans = plans(3, 16 << 20);
     let (d, pids, after) = run_plans(&sampler, &z.path, &plans);
     for (pid, plan) in pids.iter().zip(&plans) {

@@ -88,6 +88,41 @@ pub fn kernel_layout(btf: &Btf) -> anyhow::Result<LayoutReport> {
         ),
     }
 
+    // Optional as a group: what names a request in flight and when it started. Without them
+    // ops and bytes are still counted, latency is not.
+    let ident = [
+        ("request", "q"),
+        ("request_queue", "id"),
+        ("request", "mq_hctx"),
+        ("blk_mq_hw_ctx", "queue_num"),
+        ("request", "tag"),
+        ("request", "internal_tag"),
+        ("request", "start_time_ns"),
+    ];
+    let found: Vec<u32> = ident
+        .iter()
+        .filter_map(|(ty, path)| btf.field_offset(ty, path).ok().filter(|&o| o != ABSENT))
+        .collect();
+    if let [q, id, hctx, qnum, tag, itag, start] = found[..] {
+        layout.rq_q = q;
+        layout.queue_id = id;
+        layout.rq_mq_hctx = hctx;
+        layout.hctx_queue_num = qnum;
+        layout.rq_tag = tag;
+        layout.rq_internal_tag = itag;
+        layout.rq_start_time_ns = start;
+    } else {
+        let missing: Vec<String> = ident
+            .iter()
+            .filter(|(ty, path)| btf.field_offset(ty, path).is_err())
+            .map(|(ty, path)| format!("{ty}.{path}"))
+            .collect();
+        notes.push(format!(
+            "no request latency on this kernel ({} missing from BTF): ops and bytes are counted",
+            missing.join(", ")
+        ));
+    }
+
     let chain = [
         ("bio", "bi_blkg"),
         ("blkcg_gq", "blkcg"),
@@ -197,8 +232,21 @@ mod tests {
         assert_eq!(l.ops, OpCodes::LINUX_DEFAULT);
         // The synthetic BTF has no gendisk/request_queue: bios are then counted everywhere.
         assert_eq!(l.bdev_disk, ABSENT);
+        // Nor request tags or queue ids: latency is then off as a whole, with a note naming them.
+        assert_eq!(l.rq_tag, ABSENT);
+        assert_eq!(l.rq_start_time_ns, ABSENT);
         assert!(
-            report.notes.iter().all(|n| n.contains("blk-mq")),
+            report.notes.iter().any(|n| n.contains("no request latency")
+                && n.contains("request.tag")
+                && n.contains("request_queue.id")),
+            "{:?}",
+            report.notes
+        );
+        assert!(
+            report
+                .notes
+                .iter()
+                .all(|n| n.contains("blk-mq") || n.contains("no request latency")),
             "{:?}",
             report.notes
         );
@@ -231,7 +279,7 @@ mod tests {
         let notes: Vec<&String> = report
             .notes
             .iter()
-            .filter(|n| !n.contains("blk-mq"))
+            .filter(|n| !n.contains("blk-mq") && !n.contains("no request latency"))
             .collect();
         assert_eq!(
             notes,
@@ -327,9 +375,20 @@ mod tests {
             l.bio_bdev,
             l.bio_size,
             l.bdev_dev,
+            l.rq_q,
+            l.rq_mq_hctx,
+            l.rq_tag,
+            l.rq_internal_tag,
+            l.rq_start_time_ns,
+            l.queue_id,
+            l.hctx_queue_num,
         ] {
             assert!(v < 4096, "{l:?}");
         }
+        // request: q, mq_ctx, mq_hctx, cmd_flags, rq_flags, tag, internal_tag, ... start_time_ns.
+        assert!(l.rq_q < l.rq_mq_hctx && l.rq_mq_hctx < l.rq_tag, "{l:?}");
+        assert!(l.rq_tag < l.rq_internal_tag, "{l:?}");
+        assert!(l.rq_part < l.rq_start_time_ns, "{l:?}");
         assert_eq!(l.ops.read, 0);
         assert_eq!(l.ops.write, 1);
     }

@@ -12,7 +12,7 @@ use std::fmt;
 
 use anyhow::{Context as _, anyhow, bail};
 use aya::{Ebpf, EbpfLoader, programs::BtfTracePoint};
-use overkvm_common::{capacity, maps, programs};
+use overkvm_common::{IoCounters, IoKey, IoStats, capacity, maps, programs};
 
 use self::{btf::Btf, layout::HookSupport};
 
@@ -75,7 +75,9 @@ impl fmt::Display for HookMode {
 pub struct LoadOptions {
     /// Force a hook family instead of the best available one.
     pub mode: Option<HookMode>,
-    /// Attach the per-bio counter (needed for bio-based and stacked devices).
+    /// Count bios on bio-based and stacked devices (zram, md, dm). The hook is attached once
+    /// such a device with a size exists (at load, or later through `refresh_bio_hook`): on a
+    /// host of blk-mq disks only it would cost a call per I/O for nothing.
     pub bio: bool,
     /// Count bios on blk-mq devices too (by default only on bio-based ones, where they are the
     /// only count; on blk-mq devices the request hooks count the same I/O).
@@ -92,6 +94,19 @@ impl Default for LoadOptions {
     }
 }
 
+/// Memory the per-CPU counting maps may take at most, each: their entries hold one value per
+/// possible CPU, so hosts with many CPUs get fewer entries (see `scaled_capacity`).
+pub const MAP_MEMORY_BUDGET: u64 = 64 << 20;
+
+/// Entries of a per-CPU map of `value_size`-byte values within `MAP_MEMORY_BUDGET` on `cpus`
+/// CPUs: at most `max`, at least 1024 (beyond the budget then, rather than too few keys to
+/// follow a few hundred VMs).
+pub fn scaled_capacity(max: u32, key_size: usize, value_size: usize, cpus: usize) -> u32 {
+    // Kernel per-element overhead of a hash map (struct htab_elem and the per-CPU pointer).
+    let per_entry = (value_size * cpus.max(1) + key_size + 64) as u64;
+    (MAP_MEMORY_BUDGET / per_entry).clamp(1024, u64::from(max)) as u32
+}
+
 /// The loaded, attached programs and their maps. Dropping it detaches everything.
 pub struct Programs {
     ebpf: Ebpf,
@@ -100,6 +115,11 @@ pub struct Programs {
     pub attached: Vec<&'static str>,
     /// What the layout resolution had to say (missing optional fields).
     pub notes: Vec<String>,
+    /// Entries of `IO_STATS` and `BIO_STATS` as loaded.
+    pub io_stats_capacity: u32,
+    pub bio_stats_capacity: u32,
+    /// The bio hook is wanted but not attached yet (no bio-based device so far).
+    bio_pending: bool,
 }
 
 impl fmt::Debug for Programs {
@@ -175,40 +195,95 @@ impl Programs {
         if mode != HookMode::RequestFallback {
             loader.map_max_entries(maps::BIO_INFLIGHT, 1);
         }
-        if !opts.bio {
-            loader.map_max_entries(maps::BIO_STATS, 1);
-        }
-        loader.map_max_entries(maps::IO_STATS, capacity::IO_STATS);
+        let cpus = aya::util::nr_cpus().map_err(|(path, e)| {
+            anyhow!("reading the number of possible CPUs from {path}: {e}")
+        })?;
+        let io_stats_capacity = scaled_capacity(
+            capacity::IO_STATS,
+            size_of::<IoKey>(),
+            size_of::<IoStats>(),
+            cpus,
+        );
+        let bio_stats_capacity = if opts.bio {
+            scaled_capacity(
+                capacity::BIO_STATS,
+                size_of::<IoKey>(),
+                size_of::<IoCounters>(),
+                cpus,
+            )
+        } else {
+            1
+        };
+        loader.map_max_entries(maps::IO_STATS, io_stats_capacity);
+        loader.map_max_entries(maps::BIO_STATS, bio_stats_capacity);
         let mut ebpf = loader
             .load(OBJECT)
             .context("loading the eBPF object into the kernel")?;
 
         let aya_btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF for aya")?;
-        let mut attached = Vec::new();
         let mut hooks: Vec<(&'static str, &'static str)> = mode.hooks().to_vec();
         if opts.bio {
             if !support.bio_queue {
                 bail!("this kernel has no block_bio_queue tracepoint (use --no-bio)");
             }
+            // Verified now, so a kernel that rejects it fails at start, not later.
             hooks.push((programs::BIO_QUEUE, "block_bio_queue"));
         }
-        for (prog_name, tracepoint) in hooks {
+        for (prog_name, tracepoint) in &hooks {
             let prog: &mut BtfTracePoint = ebpf
                 .program_mut(prog_name)
                 .ok_or_else(|| anyhow!("program {prog_name} missing from the eBPF object"))?
                 .try_into()?;
             prog.load(tracepoint, &aya_btf)
                 .with_context(|| format!("verifying program {prog_name} for {tracepoint}"))?;
-            prog.attach()
-                .with_context(|| format!("attaching {prog_name} to tracepoint {tracepoint}"))?;
-            attached.push(tracepoint);
         }
-        Ok(Programs {
+        let mut programs = Programs {
             ebpf,
             mode,
-            attached,
+            attached: Vec::new(),
             notes: report.notes,
-        })
+            io_stats_capacity,
+            bio_stats_capacity,
+            bio_pending: opts.bio,
+        };
+        for (prog_name, tracepoint) in mode.hooks() {
+            programs.attach(prog_name, tracepoint)?;
+        }
+        if opts.bio && opts.all_bios {
+            programs.attach(programs::BIO_QUEUE, "block_bio_queue")?;
+            programs.bio_pending = false;
+        } else {
+            programs.refresh_bio_hook()?;
+        }
+        Ok(programs)
+    }
+
+    fn attach(&mut self, prog_name: &str, tracepoint: &'static str) -> anyhow::Result<()> {
+        let prog: &mut BtfTracePoint = self
+            .ebpf
+            .program_mut(prog_name)
+            .ok_or_else(|| anyhow!("program {prog_name} missing from the eBPF object"))?
+            .try_into()?;
+        prog.attach()
+            .with_context(|| format!("attaching {prog_name} to tracepoint {tracepoint}"))?;
+        self.attached.push(tracepoint);
+        Ok(())
+    }
+
+    /// Attaches the bio hook once a bio-based device with a size exists (see
+    /// `LoadOptions::bio`); call it every interval. Returns the devices that made it attach.
+    /// Bios such a device carried before this call (at most one interval) are not counted.
+    pub fn refresh_bio_hook(&mut self) -> anyhow::Result<Option<Vec<String>>> {
+        if !self.bio_pending {
+            return Ok(None);
+        }
+        let disks = crate::devices::bio_based_disks(std::path::Path::new("/sys"));
+        if disks.is_empty() {
+            return Ok(None);
+        }
+        self.attach(programs::BIO_QUEUE, "block_bio_queue")?;
+        self.bio_pending = false;
+        Ok(Some(disks))
     }
 
     /// The loaded object, for reading maps.
@@ -255,5 +330,23 @@ fn raise_memlock_limit() {
             "setrlimit(RLIMIT_MEMLOCK) failed: {}",
             std::io::Error::last_os_error()
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capacity_shrinks_with_cpus_within_bounds() {
+        let full = |cpus| scaled_capacity(16384, 24, 200, cpus);
+        assert_eq!(full(2), 16384, "a small host gets the whole map");
+        let on_64 = full(64);
+        assert!(on_64 < 16384 && on_64 > 4096, "{on_64}");
+        let per_entry = (200 * 64 + 24 + 64) as u64;
+        assert!(u64::from(on_64) * per_entry <= MAP_MEMORY_BUDGET);
+        assert!(full(128) < on_64);
+        assert_eq!(full(100_000), 1024, "never below the floor");
+        assert_eq!(scaled_capacity(16384, 24, 32, 256), 7410);
     }
 }

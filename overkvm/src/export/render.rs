@@ -428,10 +428,8 @@ mod tests {
             grace: Duration::from_secs(60),
         });
         let mut r = row(100, Some("web\"01\\\nx"), "vda", 10, 4);
-        r.latency[Op::Read as usize].buckets[2].count = 1; // 4 ns: below the first bound
-        r.latency[Op::Read as usize].buckets[2].sum_ns = 5;
-        r.latency[Op::Read as usize].buckets[39].count = 1; // ~9 min
-        r.latency[Op::Read as usize].buckets[39].sum_ns = 600_000_000_000;
+        r.latency[Op::Read as usize].record(5, 1); // 5 ns: below the first bound
+        r.latency[Op::Read as usize].record(600_000_000_000, 1); // ~10 min: the last bucket
         let mut tk = tick(Instant::now(), vec![r, row(7, None, "vda", 3, 0)]);
         tk.throttle = Some(ThrottleView {
             dry_run: true,

@@ -89,10 +89,10 @@ impl LatencyTotals {
     }
 
     fn add(&mut self, h: &Histogram) {
-        for (t, b) in self.buckets.iter_mut().zip(h.buckets.iter()) {
-            *t += b.count;
-            self.sum_ns += u128::from(b.sum_ns);
+        for (t, c) in self.buckets.iter_mut().zip(h.counts.iter()) {
+            *t += c;
         }
+        self.sum_ns += u128::from(h.sum_ns());
     }
 }
 
@@ -419,8 +419,6 @@ impl Totals {
 pub(crate) mod tests {
     use std::{cell::RefCell, sync::Arc};
 
-    use overkvm_common::LatValue;
-
     use super::*;
     use crate::report::{CountSource, DeviceRow, HealthReport, Report};
 
@@ -446,14 +444,8 @@ pub(crate) mod tests {
     /// A row of `reads` 4 KiB reads and `writes` writes, each read taking ~3 µs (bucket 11).
     pub fn row(pid: u32, vm: Option<&str>, device: &str, reads: u64, writes: u64) -> ProcessRow {
         let mut latency: Box<[Histogram; OP_COUNT]> = Box::default();
-        latency[Op::Read as usize].buckets[11] = LatValue {
-            count: reads,
-            sum_ns: reads * 3000,
-        };
-        latency[Op::Write as usize].buckets[20] = LatValue {
-            count: writes,
-            sum_ns: writes * 1_500_000,
-        };
+        latency[Op::Read as usize].record(3000, reads);
+        latency[Op::Write as usize].record(1_500_000, writes);
         ProcessRow {
             pid,
             comm: if vm.is_some() {

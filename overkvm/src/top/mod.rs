@@ -97,6 +97,7 @@ fn run_batch(args: &TopArgs, opts: &LoadOptions) -> anyhow::Result<()> {
             return Err(e);
         }
         sampler.prune(&cur, crate::report::pid_alive);
+        sampler.refresh_bio_hook();
         prev = cur;
         done += 1;
     }
@@ -246,6 +247,7 @@ fn sample_loop(
             }
         }
         sampler.prune(&cur, crate::report::pid_alive);
+        sampler.refresh_bio_hook();
         prev = cur;
     }
 }

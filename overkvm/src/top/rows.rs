@@ -364,9 +364,7 @@ mod tests {
         let mut a = vm_process("a", 1, "vda", 100, 0);
         let mut b = vm_process("a", 1, "vdb", 100, 0);
         for (row, ns) in [(&mut a, 1_000u64), (&mut b, 1_000_000)] {
-            let bucket = overkvm_common::lat_bucket(ns) as usize;
-            row.latency[0].buckets[bucket].count = 100;
-            row.latency[0].buckets[bucket].sum_ns = 100 * ns;
+            row.latency[0].record(ns, 100);
             row.completions = 100;
             row.lat_avg_us = Some(ns as f64 / 1000.0);
         }
