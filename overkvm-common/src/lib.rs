@@ -9,9 +9,16 @@
 
 /// Names of the maps in the eBPF object, as userspace looks them up.
 pub mod maps {
+    /// Keys of request counting: `IoKey -> KeySlot`, a shared hash. Each key owns a slot of
+    /// `IO_STATS`; the hot path reads this map and never writes it after the key's first I/O.
+    pub const IO_KEYS: &str = "IO_KEYS";
     /// Requests (or, in the fallback mode, new requests from `block_getrq`) counted at submission,
-    /// with the latency histogram of their completions: `IoKey -> IoStats`, per-CPU hash.
+    /// with the latency histogram of their completions: `KeySlot.index -> IoStats`, a per-CPU
+    /// array. A completion finds its key's slot by index (no hash lookup on the completion path).
     pub const IO_STATS: &str = "IO_STATS";
+    /// Indexes of `IO_STATS` free for new keys: a queue of `u32` that userspace fills at load
+    /// and refills with the slots of pruned keys.
+    pub const FREE_SLOTS: &str = "FREE_SLOTS";
     /// Bios counted at `block_bio_queue`, on every device including bio-based and stacked ones:
     /// `IoKey -> IoCounters`, per-CPU hash.
     pub const BIO_STATS: &str = "BIO_STATS";
@@ -29,6 +36,10 @@ pub mod programs {
     pub const IO_START: &str = "io_start";
     /// `block:block_io_done` (Linux 6.5+): request accounting ends, once per request.
     pub const IO_DONE: &str = "io_done";
+    /// `block:block_bio_backmerge` / `block_bio_frontmerge` (Linux 6.5+ mode): a bio joined a
+    /// counted request; its bytes are added.
+    pub const BIO_BACKMERGE: &str = "bio_backmerge";
+    pub const BIO_FRONTMERGE: &str = "bio_frontmerge";
     /// `block:block_bio_queue`: every bio entering the block layer, once per bio.
     pub const BIO_QUEUE: &str = "bio_queue";
     /// Fallback: `block:block_getrq`, a bio allocated a new request (submitter's context).
@@ -173,8 +184,22 @@ pub struct IoCounters {
     pub comm: [u8; 16],
 }
 
+/// Which `IO_STATS` slot a key owns, and the slot's generation when the key took it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct KeySlot {
+    /// Index into `IO_STATS`; never 0 (slot 0 is not handed out).
+    pub index: u32,
+    pub generation: u32,
+}
+
 /// Per-CPU value of `IO_STATS`: the key's counters and the latency histogram of its completed
-/// requests, in one entry, so a completion costs one lookup of an entry its start created.
+/// requests, in one slot, which a completion reaches by index.
+///
+/// `generation` is written by userspace alone, in every CPU's copy, each time it recycles the
+/// slot for a new key. A completion records its latency only if the generation it carried since
+/// the start still matches, so an I/O that outlives its key's pruning is counted as lost
+/// (`Health::LatencyLost`) rather than charged to the slot's next owner.
 ///
 /// Bucket counts are `u32` to keep the per-CPU value small (the map holds one copy per CPU):
 /// they wrap after 2^32 completions of one key in one bucket on one CPU, and userspace takes
@@ -186,6 +211,8 @@ pub struct IoStats {
     pub io: IoCounters,
     /// Sum of the latencies in `lat`, in ns: averages are exact.
     pub lat_sum_ns: u64,
+    pub generation: u32,
+    pub _pad: u32,
     /// Completions per log2 bucket (see `lat_bucket`).
     pub lat: [u32; LAT_BUCKETS as usize],
 }
@@ -195,6 +222,8 @@ impl Default for IoStats {
         IoStats {
             io: IoCounters::default(),
             lat_sum_ns: 0,
+            generation: 0,
+            _pad: 0,
             lat: [0; LAT_BUCKETS as usize],
         }
     }
@@ -294,15 +323,15 @@ pub fn bio_slot(ptr: u64) -> u32 {
     (h >> 50) as u32 & (INFLIGHT_SLOTS - 1)
 }
 
-/// A request in flight: which one (queue id and `hw_tag`) and who started it. The start time is
-/// the kernel's own `rq->start_time_ns`, read at completion.
+/// A request in flight: which one (queue id and `hw_tag`) and the `IO_STATS` slot of the key
+/// that started it. The start time is the kernel's own `rq->start_time_ns`, read at completion.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Inflight {
     pub queue: u32,
     /// `hw_tag` of the request owning this slot; 0 when free.
     pub tag: u32,
-    pub key: IoKey,
+    pub slot: KeySlot,
 }
 
 /// Fallback mode: a bio that allocated a request, until the request is issued.
@@ -311,19 +340,19 @@ pub struct Inflight {
 pub struct BioInflight {
     /// The bio's address; 0 when free.
     pub ptr: u64,
-    pub key: IoKey,
+    pub slot: KeySlot,
 }
 
 /// Slots of the `HEALTH` per-CPU array: what the kernel side could not do, counted, never silent.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Health {
-    /// `IO_STATS` was full: a request was not counted.
+    /// `IO_KEYS` was full or `FREE_SLOTS` empty: a request of a new key was not counted.
     StatsFull = 0,
     /// `BIO_STATS` was full: a bio was not counted.
     BioStatsFull = 1,
-    /// A completion's latency was not recorded: its key's `IO_STATS` entry was gone (the map
-    /// was full at its start, or its process exited and was pruned while it was in flight).
+    /// A completion's latency was not recorded: its key's `IO_STATS` slot was recycled while
+    /// it was in flight (its process exited and was pruned).
     LatencyLost = 2,
     /// A start found its in-flight slot taken by another live request and overwrote it.
     InflightCollision = 3,
@@ -458,7 +487,8 @@ impl KernelLayout {
 /// Largest capacities; userspace lowers them at load time on hosts with many CPUs (per-CPU
 /// maps hold one value per CPU) and reads the real ones back from the maps.
 pub mod capacity {
-    /// Distinct (process, device, cgroup, op) keys with request counters and latency.
+    /// Distinct (process, device, cgroup, op) keys with request counters and latency (`IO_KEYS`
+    /// entries, `IO_STATS` slots and `FREE_SLOTS` capacity).
     pub const IO_STATS: u32 = 16384;
     /// Distinct keys with bio counters.
     pub const BIO_STATS: u32 = 16384;
@@ -486,6 +516,7 @@ mod pod {
     unsafe impl aya::Pod for IoKey {}
     unsafe impl aya::Pod for IoCounters {}
     unsafe impl aya::Pod for IoStats {}
+    unsafe impl aya::Pod for KeySlot {}
     unsafe impl aya::Pod for Inflight {}
     unsafe impl aya::Pod for BioInflight {}
     unsafe impl aya::Pod for KernelLayout {}
@@ -544,11 +575,23 @@ mod tests {
     #[test]
     fn hw_tag_prefers_the_scheduler_tag_and_is_never_zero() {
         assert_eq!(hw_tag(0, 5, -1), Some(6));
-        assert_eq!(hw_tag(0, -1, 7), Some(8), "scheduler tag before a driver tag exists");
-        assert_eq!(hw_tag(0, 3, 7), Some(8), "the same request once it has a driver tag");
+        assert_eq!(
+            hw_tag(0, -1, 7),
+            Some(8),
+            "scheduler tag before a driver tag exists"
+        );
+        assert_eq!(
+            hw_tag(0, 3, 7),
+            Some(8),
+            "the same request once it has a driver tag"
+        );
         assert_eq!(hw_tag(2, 0, -1), Some(1 + (2 << 20)));
         assert_eq!(hw_tag(0, -1, -1), None);
-        assert_ne!(hw_tag(1, 0, -1), hw_tag(0, 0, -1), "queues keep their tags apart");
+        assert_ne!(
+            hw_tag(1, 0, -1),
+            hw_tag(0, 0, -1),
+            "queues keep their tags apart"
+        );
     }
 
     #[test]
@@ -569,7 +612,10 @@ mod tests {
             }
         }
         // A uniform hash of 4096 keys into 16384 slots leaves about 3600 distinct.
-        assert!(distinct > 3400, "only {distinct} distinct slots for 4096 requests");
+        assert!(
+            distinct > 3400,
+            "only {distinct} distinct slots for 4096 requests"
+        );
     }
 
     #[test]
@@ -585,7 +631,10 @@ mod tests {
                 distinct += 1;
             }
         }
-        assert!(distinct > 950, "only {distinct} distinct slots for 1024 bios");
+        assert!(
+            distinct > 950,
+            "only {distinct} distinct slots for 1024 bios"
+        );
     }
 
     #[test]
@@ -599,8 +648,9 @@ mod tests {
     fn struct_sizes_are_stable() {
         assert_eq!(core::mem::size_of::<IoKey>(), 24);
         assert_eq!(core::mem::size_of::<IoCounters>(), 32);
-        assert_eq!(core::mem::size_of::<IoStats>(), 200);
-        assert_eq!(core::mem::size_of::<Inflight>(), 32);
-        assert_eq!(core::mem::size_of::<BioInflight>(), 32);
+        assert_eq!(core::mem::size_of::<IoStats>(), 208);
+        assert_eq!(core::mem::size_of::<KeySlot>(), 8);
+        assert_eq!(core::mem::size_of::<Inflight>(), 16);
+        assert_eq!(core::mem::size_of::<BioInflight>(), 16);
     }
 }

@@ -8,7 +8,7 @@ use overkvm_common::Health;
 
 use crate::{
     kernel::{KPtr, off, read},
-    maps::{BIO_STATS, count_io, health},
+    maps::{count_bio, health},
     submit::bio_key,
 };
 
@@ -32,7 +32,7 @@ pub fn bio_queue(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     match bio_key(bio) {
-        Some((key, bytes)) => count_io(&BIO_STATS, &key, bytes as u64, Health::BioStatsFull),
+        Some((key, bytes)) => count_bio(&key, bytes as u64),
         None => health(Health::ReadFault),
     }
     0

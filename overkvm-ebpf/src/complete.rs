@@ -8,7 +8,9 @@ use overkvm_common::Health;
 
 use crate::{
     kernel::{KPtr, off, read, read_addr, rq_ident},
-    maps::{add_bytes, bio_take, count_latency, health, inflight_holds, inflight_put, inflight_take},
+    maps::{
+        add_bytes, bio_take, count_latency, health, inflight_holds, inflight_put, inflight_take,
+    },
 };
 
 #[inline(always)]
@@ -16,7 +18,7 @@ fn finish(rq: KPtr) {
     let Some((queue, tag)) = rq_ident(rq) else {
         return;
     };
-    let Some(key) = inflight_take(queue, tag) else {
+    let Some(slot) = inflight_take(queue, tag) else {
         return;
     };
     let start: u64 = read(rq, off!(rq_start_time_ns)).unwrap_or(0);
@@ -25,7 +27,7 @@ fn finish(rq: KPtr) {
         return;
     }
     let now = unsafe { bpf_ktime_get_ns() };
-    count_latency(&key, now.saturating_sub(start));
+    count_latency(&slot, now.saturating_sub(start));
 }
 
 /// `block_io_done(struct request *rq)`, Linux 6.5+: called once per request when its
@@ -53,7 +55,7 @@ pub fn rq_issue(ctx: BtfTracePointContext) -> i32 {
         // Flush and passthrough requests carry no bio and were never counted at getrq.
         return 0;
     }
-    if let Some(key) = bio_take(head) {
+    if let Some(slot) = bio_take(head) {
         // `rq_getrq` counted the head bio's bytes; bios merged into the request since then
         // (plug and elevator back merges, e.g. writeback) are in its length now, and the
         // request only reaches here once.
@@ -61,9 +63,9 @@ pub fn rq_issue(ctx: BtfTracePointContext) -> i32 {
         let head_ptr: KPtr = read(rq, off!(rq_bio)).unwrap_or(core::ptr::null());
         let head_len: u32 = read(head_ptr, off!(bio_size)).unwrap_or(0);
         if len > head_len {
-            add_bytes(&key, (len - head_len) as u64);
+            add_bytes(&slot, (len - head_len) as u64);
         }
-        inflight_put(queue, tag, &key);
+        inflight_put(queue, tag, slot);
     }
     0
 }

@@ -1,28 +1,36 @@
 //! The maps, their bounds, and the counting primitives every hook shares.
+//!
+//! Requests: a key's first I/O takes a free slot of the per-CPU array `IO_STATS` and records it
+//! in the shared hash `IO_KEYS`. Starts look the key up there (a read-only hash lookup) and count
+//! into this CPU's copy of the slot; the slot travels with the request in its in-flight entry,
+//! so a completion reaches the histogram by index, without a second hash lookup.
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::bpf_get_current_comm,
     macros::map,
-    maps::{Array, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, Queue},
 };
 use overkvm_common::{
     BioInflight, HEALTH_SLOTS, Health, INFLIGHT_SLOTS, Inflight, IoCounters, IoKey, IoStats,
-    bio_slot, capacity, inflight_slot, lat_bucket,
+    KeySlot, bio_slot, capacity, inflight_slot, lat_bucket,
 };
 
-/// Requests with their latency histograms (userspace lowers the capacity on hosts with many
-/// CPUs: each entry holds one value per CPU).
 #[map]
-pub static IO_STATS: PerCpuHashMap<IoKey, IoStats> =
-    PerCpuHashMap::with_max_entries(capacity::IO_STATS, 0);
+pub static IO_KEYS: HashMap<IoKey, KeySlot> = HashMap::with_max_entries(capacity::IO_STATS, 0);
+
+/// One value per CPU per slot (userspace lowers the capacity on hosts with many CPUs).
+#[map]
+pub static IO_STATS: PerCpuArray<IoStats> = PerCpuArray::with_max_entries(capacity::IO_STATS, 0);
+
+#[map]
+pub static FREE_SLOTS: Queue<u32> = Queue::with_max_entries(capacity::IO_STATS, 0);
 
 #[map]
 pub static BIO_STATS: PerCpuHashMap<IoKey, IoCounters> =
     PerCpuHashMap::with_max_entries(capacity::BIO_STATS, 0);
 
 // Shared (not per-CPU): a request often completes on another CPU than the one that started it.
-// An array lookup costs a fraction of a hash update, which matters twice per I/O.
 #[map]
 pub static INFLIGHT: Array<Inflight> = Array::with_max_entries(INFLIGHT_SLOTS, 0);
 
@@ -40,81 +48,76 @@ pub fn health(slot: Health) {
     }
 }
 
-/// A map value that starts with the key's counters.
-pub trait Counted: Copy {
-    fn counters(&mut self) -> &mut IoCounters;
-    fn fresh(io: IoCounters) -> Self;
-}
-
-impl Counted for IoCounters {
-    #[inline(always)]
-    fn counters(&mut self) -> &mut IoCounters {
-        self
+/// The `IO_STATS` slot of `key`, taking a free one for a new key; `None` (counted in
+/// `Health::StatsFull`) when no key or slot is left.
+#[inline(always)]
+pub fn key_slot(key: &IoKey) -> Option<KeySlot> {
+    if let Some(s) = unsafe { IO_KEYS.get(key) } {
+        return Some(*s);
     }
-    #[inline(always)]
-    fn fresh(io: IoCounters) -> Self {
-        io
+    let Ok(Some(index)) = FREE_SLOTS.pop() else {
+        health(Health::StatsFull);
+        return None;
+    };
+    let Some(v) = IO_STATS.get_ptr_mut(index) else {
+        health(Health::StatsFull);
+        return None;
+    };
+    let slot = KeySlot {
+        index,
+        generation: unsafe { (*v).generation },
+    };
+    if IO_KEYS.insert(key, &slot, BPF_NOEXIST as u64).is_ok() {
+        // The name of the process, for when it has exited before userspace reads it. Only this
+        // CPU's copy has it; userspace takes the one that is set.
+        unsafe { (*v).io.comm = bpf_get_current_comm().unwrap_or([0; 16]) };
+        return Some(slot);
     }
-}
-
-impl Counted for IoStats {
-    #[inline(always)]
-    fn counters(&mut self) -> &mut IoCounters {
-        &mut self.io
-    }
-    #[inline(always)]
-    fn fresh(io: IoCounters) -> Self {
-        IoStats {
-            io,
-            ..IoStats::default()
+    // Another CPU added the key in between (or the hash is full): give the slot back.
+    let _ = FREE_SLOTS.push(index, 0);
+    match unsafe { IO_KEYS.get(key) } {
+        Some(s) => Some(*s),
+        None => {
+            health(Health::StatsFull);
+            None
         }
     }
 }
 
-/// Adds one op of `bytes` to `key` in `map`, creating the entry (with the submitter's comm) on
-/// first use. A full map is counted in `full`, never silently dropped.
+/// This CPU's copy of `slot`, if the slot still belongs to the key that took it.
 #[inline(always)]
-pub fn count_io<V: Counted>(map: &PerCpuHashMap<IoKey, V>, key: &IoKey, bytes: u64, full: Health) {
-    if let Some(v) = map.get_ptr_mut(key) {
-        let c = unsafe { (*v).counters() };
-        c.ops += 1;
-        c.bytes += bytes;
-        return;
-    }
-    let comm = bpf_get_current_comm().unwrap_or([0; 16]);
-    let fresh = V::fresh(IoCounters {
-        ops: 1,
-        bytes,
-        comm,
-    });
-    if map.insert(key, fresh, BPF_NOEXIST as u64).is_ok() {
-        return;
-    }
-    // Another CPU created the entry in between, or the map is full.
-    match map.get_ptr_mut(key) {
-        Some(v) => {
-            let c = unsafe { (*v).counters() };
-            c.ops += 1;
-            c.bytes += bytes;
-        }
-        None => health(full),
-    }
+fn stats(slot: &KeySlot) -> Option<*mut IoStats> {
+    let v = IO_STATS.get_ptr_mut(slot.index)?;
+    (unsafe { (*v).generation } == slot.generation).then_some(v)
 }
 
-/// Adds `bytes` (no op) to `key`'s request counters, on this CPU's slot of the entry its op
-/// created. Nothing is added when the entry is gone (its process exited and was pruned).
+/// Counts one request of `bytes` for `key`; returns the key's slot for its in-flight entry.
 #[inline(always)]
-pub fn add_bytes(key: &IoKey, bytes: u64) {
-    if let Some(v) = IO_STATS.get_ptr_mut(key) {
+pub fn count_request(key: &IoKey, bytes: u64) -> Option<KeySlot> {
+    let slot = key_slot(key)?;
+    if let Some(v) = stats(&slot) {
+        unsafe {
+            (*v).io.ops += 1;
+            (*v).io.bytes += bytes;
+        }
+    }
+    Some(slot)
+}
+
+/// Adds `bytes` (no op) to a key's request counters: bios merged into a request after it was
+/// counted.
+#[inline(always)]
+pub fn add_bytes(slot: &KeySlot, bytes: u64) {
+    if let Some(v) = stats(slot) {
         unsafe { (*v).io.bytes += bytes };
     }
 }
 
-/// Adds one completion of `latency_ns` to the histogram of `key`, in the entry its start
-/// created (a lookup, never an insert: completions run in interrupt context on any CPU).
+/// Adds one completion of `latency_ns` to the histogram of the key owning `slot`, or counts it
+/// lost when the slot was recycled while the request was in flight.
 #[inline(always)]
-pub fn count_latency(key: &IoKey, latency_ns: u64) {
-    match IO_STATS.get_ptr_mut(key) {
+pub fn count_latency(slot: &KeySlot, latency_ns: u64) {
+    match stats(slot) {
         Some(v) => unsafe {
             (*v).lat_sum_ns += latency_ns;
             let b = lat_bucket(latency_ns) as usize;
@@ -126,71 +129,100 @@ pub fn count_latency(key: &IoKey, latency_ns: u64) {
     }
 }
 
-/// Claims the in-flight slot of request (`queue`, `tag`); counts a collision when another live
-/// request's entry is overwritten. The same request again (a requeue, or a tag reused after a
-/// completion this never saw) just takes its slot back.
+/// Adds one bio of `bytes` to `key` in `BIO_STATS`, creating the entry (with the submitter's
+/// comm) on first use. A full map is counted, never silently dropped.
 #[inline(always)]
-pub fn inflight_put(queue: u32, tag: u32, key: &IoKey) {
-    let Some(slot) = INFLIGHT.get_ptr_mut(inflight_slot(queue, tag)) else {
-        return;
-    };
-    unsafe {
-        if (*slot).tag != 0 && ((*slot).tag != tag || (*slot).queue != queue) {
-            health(Health::InflightCollision);
+pub fn count_bio(key: &IoKey, bytes: u64) {
+    if let Some(c) = BIO_STATS.get_ptr_mut(key) {
+        unsafe {
+            (*c).ops += 1;
+            (*c).bytes += bytes;
         }
-        (*slot).queue = queue;
-        (*slot).key = *key;
-        (*slot).tag = tag;
+        return;
+    }
+    let fresh = IoCounters {
+        ops: 1,
+        bytes,
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    };
+    if BIO_STATS.insert(key, fresh, BPF_NOEXIST as u64).is_ok() {
+        return;
+    }
+    // Another CPU created the entry in between, or the map is full.
+    match BIO_STATS.get_ptr_mut(key) {
+        Some(c) => unsafe {
+            (*c).ops += 1;
+            (*c).bytes += bytes;
+        },
+        None => health(Health::BioStatsFull),
     }
 }
 
-/// True when request (`queue`, `tag`) holds its in-flight slot.
+/// Claims the in-flight entry of request (`queue`, `tag`); counts a collision when another live
+/// request's entry is overwritten. The same request again (a requeue, or a tag reused after a
+/// completion this never saw) just takes its entry back.
+#[inline(always)]
+pub fn inflight_put(queue: u32, tag: u32, slot: KeySlot) {
+    let Some(e) = INFLIGHT.get_ptr_mut(inflight_slot(queue, tag)) else {
+        return;
+    };
+    unsafe {
+        if (*e).tag != 0 && ((*e).tag != tag || (*e).queue != queue) {
+            health(Health::InflightCollision);
+        }
+        (*e).queue = queue;
+        (*e).slot = slot;
+        (*e).tag = tag;
+    }
+}
+
+/// True when request (`queue`, `tag`) holds its in-flight entry.
 #[inline(always)]
 pub fn inflight_holds(queue: u32, tag: u32) -> bool {
     INFLIGHT
         .get(inflight_slot(queue, tag))
-        .is_some_and(|s| s.tag == tag && s.queue == queue)
+        .is_some_and(|e| e.tag == tag && e.queue == queue)
 }
 
-/// Takes the key of request (`queue`, `tag`) out of its slot, or counts a miss.
+/// Takes the key slot of request (`queue`, `tag`) out of its entry, or counts a miss.
 #[inline(always)]
-pub fn inflight_take(queue: u32, tag: u32) -> Option<IoKey> {
-    let slot = INFLIGHT.get_ptr_mut(inflight_slot(queue, tag))?;
+pub fn inflight_take(queue: u32, tag: u32) -> Option<KeySlot> {
+    let e = INFLIGHT.get_ptr_mut(inflight_slot(queue, tag))?;
     unsafe {
-        if (*slot).tag != tag || (*slot).queue != queue {
+        if (*e).tag != tag || (*e).queue != queue {
             health(Health::InflightMiss);
             return None;
         }
-        (*slot).tag = 0;
-        Some((*slot).key)
+        (*e).tag = 0;
+        Some((*e).slot)
     }
 }
 
-/// Fallback mode: remembers who submitted the bio at `ptr` until its request is issued.
+/// Fallback mode: remembers the key slot of the bio at `ptr` until its request is issued.
 #[inline(always)]
-pub fn bio_put(ptr: u64, key: &IoKey) {
-    let Some(slot) = BIO_INFLIGHT.get_ptr_mut(bio_slot(ptr)) else {
+pub fn bio_put(ptr: u64, slot: KeySlot) {
+    let Some(e) = BIO_INFLIGHT.get_ptr_mut(bio_slot(ptr)) else {
         return;
     };
     unsafe {
-        if (*slot).ptr != 0 && (*slot).ptr != ptr {
+        if (*e).ptr != 0 && (*e).ptr != ptr {
             health(Health::InflightCollision);
         }
-        (*slot).key = *key;
-        (*slot).ptr = ptr;
+        (*e).slot = slot;
+        (*e).ptr = ptr;
     }
 }
 
-/// Fallback mode: takes the submitter of the bio at `ptr`, or counts a miss.
+/// Fallback mode: takes the key slot of the bio at `ptr`, or counts a miss.
 #[inline(always)]
-pub fn bio_take(ptr: u64) -> Option<IoKey> {
-    let slot = BIO_INFLIGHT.get_ptr_mut(bio_slot(ptr))?;
+pub fn bio_take(ptr: u64) -> Option<KeySlot> {
+    let e = BIO_INFLIGHT.get_ptr_mut(bio_slot(ptr))?;
     unsafe {
-        if (*slot).ptr != ptr {
+        if (*e).ptr != ptr {
             health(Health::InflightMiss);
             return None;
         }
-        (*slot).ptr = 0;
-        Some((*slot).key)
+        (*e).ptr = 0;
+        Some((*e).slot)
     }
 }

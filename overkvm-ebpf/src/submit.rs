@@ -2,12 +2,14 @@
 //! the task that submitted it, and remember who started each request for its completion.
 //! Bytes are taken here because a request's length is already zero when it completes.
 
-use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::btf_tracepoint, programs::BtfTracePointContext};
+use aya_ebpf::{
+    helpers::bpf_get_current_pid_tgid, macros::btf_tracepoint, programs::BtfTracePointContext,
+};
 use overkvm_common::{Health, IoKey, OpCodes, classify_op};
 
 use crate::{
     kernel::{KPtr, LAYOUT, arg_addr, bdev_dev, bio_cgroup, off, read, rq_ident},
-    maps::{IO_STATS, bio_put, count_io, health, inflight_put},
+    maps::{add_bytes, bio_put, count_request, health, inflight_put, key_slot},
 };
 
 #[inline(always)]
@@ -60,11 +62,36 @@ pub fn io_start(ctx: BtfTracePointContext) -> i32 {
         None => read(rq, off!(rq_part)).unwrap_or(core::ptr::null()),
     };
     let key = submit_key(opf, bytes, bdev, bio);
-    count_io(&IO_STATS, &key, bytes as u64, Health::StatsFull);
+    let Some(slot) = count_request(&key, bytes as u64) else {
+        return 0;
+    };
     if let Some((queue, tag)) = rq_ident(rq) {
-        inflight_put(queue, tag, &key);
+        inflight_put(queue, tag, slot);
     }
     0
+}
+
+/// `block_bio_backmerge(struct bio *bio)` / `block_bio_frontmerge`, Linux 6.5+: a bio joined a
+/// request that `io_start` already counted (plug and scheduler merges: sequential I/O). Its
+/// bytes go to its own submitter, in whose context this runs; it adds no request.
+#[inline(always)]
+fn bio_merged(bio: KPtr) -> i32 {
+    if let Some((key, bytes)) = bio_key(bio)
+        && let Some(slot) = key_slot(&key)
+    {
+        add_bytes(&slot, bytes as u64);
+    }
+    0
+}
+
+#[btf_tracepoint(function = "block_bio_backmerge")]
+pub fn bio_backmerge(ctx: BtfTracePointContext) -> i32 {
+    bio_merged(ctx.arg(0))
+}
+
+#[btf_tracepoint(function = "block_bio_frontmerge")]
+pub fn bio_frontmerge(ctx: BtfTracePointContext) -> i32 {
+    bio_merged(ctx.arg(0))
 }
 
 /// `block_getrq(struct bio *bio)`, fallback for kernels before 6.5: a bio allocated a new
@@ -77,7 +104,8 @@ pub fn rq_getrq(ctx: BtfTracePointContext) -> i32 {
         health(Health::ReadFault);
         return 0;
     };
-    count_io(&IO_STATS, &key, bytes as u64, Health::StatsFull);
-    bio_put(arg_addr(&ctx, 0), &key);
+    if let Some(slot) = count_request(&key, bytes as u64) {
+        bio_put(arg_addr(&ctx, 0), slot);
+    }
     0
 }

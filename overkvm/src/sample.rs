@@ -10,8 +10,8 @@ use std::{
 };
 
 use anyhow::Context as _;
-use aya::maps::{MapData, PerCpuArray, PerCpuHashMap};
-use overkvm_common::{HEALTH_SLOTS, IoCounters, IoKey, IoStats, LAT_BUCKETS, maps};
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, Queue};
+use overkvm_common::{HEALTH_SLOTS, IoCounters, IoKey, IoStats, KeySlot, LAT_BUCKETS, maps};
 
 use crate::bpf::Programs;
 
@@ -138,6 +138,8 @@ pub struct Snapshot {
     /// Bios at submission (every device).
     pub bios: HashMap<IoKey, Counters>,
     pub latency: HashMap<IoKey, RawLatency>,
+    /// The `IO_STATS` slot of each request key (for pruning).
+    pub slots: HashMap<IoKey, KeySlot>,
     /// `comm` the kernel recorded for each tgid, for processes gone before we read /proc.
     pub comms: HashMap<u32, String>,
     pub health: [u64; HEALTH_SLOTS as usize],
@@ -164,6 +166,7 @@ impl Snapshot {
             requests: HashMap::new(),
             bios: HashMap::new(),
             latency: HashMap::new(),
+            slots: HashMap::new(),
             comms: HashMap::new(),
             health: [0; HEALTH_SLOTS as usize],
             fill: Vec::new(),
@@ -222,9 +225,27 @@ pub fn delta(prev: &Snapshot, cur: &Snapshot) -> Delta {
     }
 }
 
+/// Sums one slot's per-CPU copies: counters and latency.
+fn fold_stats<'a>(per_cpu: impl Iterator<Item = &'a IoStats>) -> (Counters, RawLatency) {
+    let mut c = Counters::default();
+    let mut lat = RawLatency::default();
+    for v in per_cpu {
+        c.ops += v.io.ops;
+        c.bytes += v.io.bytes;
+        lat.add_cpu(v);
+    }
+    (c, lat)
+}
+
 /// Reads snapshots from the loaded programs.
 pub struct Sampler {
     programs: Programs,
+    /// `IO_STATS` slots of keys pruned last round: recycled next round, so that requests still
+    /// in flight when their key was pruned have completed (and are counted lost by generation
+    /// if not).
+    quarantine: Vec<KeySlot>,
+    /// Slots that could not be handed back (a failed map write); retried each round.
+    pub recycle_errors: u64,
 }
 
 fn comm_string(raw: &[u8; 16]) -> String {
@@ -234,7 +255,11 @@ fn comm_string(raw: &[u8; 16]) -> String {
 
 impl Sampler {
     pub fn new(programs: Programs) -> Sampler {
-        Sampler { programs }
+        Sampler {
+            programs,
+            quarantine: Vec::new(),
+            recycle_errors: 0,
+        }
     }
 
     pub fn programs(&self) -> &Programs {
@@ -264,25 +289,35 @@ impl Sampler {
     pub fn prune(&mut self, snap: &Snapshot, alive: impl Fn(u32) -> bool) -> usize {
         let dead = |k: &IoKey| k.tgid != 0 && !alive(k.tgid);
         let mut deleted = 0;
+        self.recycle_quarantined();
         let ebpf = self.programs.ebpf_mut();
-        if let Some(map) = ebpf.map_mut(maps::IO_STATS)
-            && let Ok(mut table) = PerCpuHashMap::<&mut MapData, IoKey, IoStats>::try_from(map)
+        let mut freed = Vec::new();
+        if let Some(stats) = ebpf.map(maps::IO_STATS)
+            && let Ok(stats) = PerCpuArray::<&MapData, IoStats>::try_from(stats)
         {
+            // Keys whose slot still holds exactly what `snap` saw: nothing counted since.
             let no_latency = RawLatency::default();
             for (key, seen) in snap.requests.iter().filter(|(k, _)| dead(k)) {
+                let Some(slot) = snap.slots.get(key) else {
+                    continue;
+                };
                 let seen_lat = snap.latency.get(key).unwrap_or(&no_latency);
-                // A completion that landed after the snapshot keeps the entry one more round.
-                let unchanged = table.get(key, 0).is_ok_and(|per_cpu| {
-                    let mut lat = RawLatency::default();
-                    let mut ops = 0;
-                    for v in per_cpu.iter() {
-                        ops += v.io.ops;
-                        lat.add_cpu(v);
-                    }
-                    ops == seen.ops && lat.total() == seen_lat.total()
+                let unchanged = stats.get(&slot.index, 0).is_ok_and(|per_cpu| {
+                    let (c, lat) = fold_stats(per_cpu.iter());
+                    c.ops == seen.ops && lat.total() == seen_lat.total()
                 });
-                if unchanged && table.remove(key).is_ok() {
+                if unchanged {
+                    freed.push((*key, *slot));
+                }
+            }
+        }
+        if let Some(keys) = ebpf.map_mut(maps::IO_KEYS)
+            && let Ok(mut keys) = BpfHashMap::<&mut MapData, IoKey, KeySlot>::try_from(keys)
+        {
+            for (key, slot) in freed {
+                if keys.remove(&key).is_ok() {
                     deleted += 1;
+                    self.quarantine.push(slot);
                 }
             }
         }
@@ -290,15 +325,51 @@ impl Sampler {
             && let Ok(mut table) = PerCpuHashMap::<&mut MapData, IoKey, IoCounters>::try_from(map)
         {
             for (key, seen) in snap.bios.iter().filter(|(k, _)| dead(k)) {
-                let unchanged = table.get(key, 0).is_ok_and(|per_cpu| {
-                    per_cpu.iter().map(|v| v.ops).sum::<u64>() == seen.ops
-                });
+                let unchanged = table
+                    .get(key, 0)
+                    .is_ok_and(|per_cpu| per_cpu.iter().map(|v| v.ops).sum::<u64>() == seen.ops);
                 if unchanged && table.remove(key).is_ok() {
                     deleted += 1;
                 }
             }
         }
         deleted
+    }
+
+    /// Hands the slots pruned last round back to the kernel: each CPU's copy zeroed with the
+    /// next generation, then the index queued as free.
+    fn recycle_quarantined(&mut self) {
+        if self.quarantine.is_empty() {
+            return;
+        }
+        let ebpf = self.programs.ebpf_mut();
+        let cpus = aya::util::nr_cpus().unwrap_or(1);
+        let mut done = Vec::new();
+        if let Some(stats) = ebpf.map_mut(maps::IO_STATS)
+            && let Ok(mut stats) = PerCpuArray::<&mut MapData, IoStats>::try_from(stats)
+        {
+            for slot in &self.quarantine {
+                let fresh = IoStats {
+                    generation: slot.generation.wrapping_add(1),
+                    ..IoStats::default()
+                };
+                let values = PerCpuValues::try_from(vec![fresh; cpus]);
+                match values.map(|v| stats.set(slot.index, v, 0)) {
+                    Ok(Ok(())) => done.push(slot.index),
+                    _ => self.recycle_errors += 1,
+                }
+            }
+        }
+        if let Some(free) = ebpf.map_mut(maps::FREE_SLOTS)
+            && let Ok(mut free) = Queue::<&mut MapData, u32>::try_from(free)
+        {
+            for index in &done {
+                if free.push(index, 0).is_err() {
+                    self.recycle_errors += 1;
+                }
+            }
+        }
+        self.quarantine.retain(|s| !done.contains(&s.index));
     }
 
     /// Reads every map once.
@@ -326,20 +397,29 @@ impl Sampler {
             c
         }
 
-        let map = ebpf.map(maps::IO_STATS).context("map IO_STATS missing")?;
-        let table: PerCpuHashMap<&MapData, IoKey, IoStats> =
-            PerCpuHashMap::try_from(map).context("opening map IO_STATS")?;
-        for item in table.iter() {
-            let Ok((key, per_cpu)) = item else {
+        let keys = ebpf.map(maps::IO_KEYS).context("map IO_KEYS missing")?;
+        let keys: BpfHashMap<&MapData, IoKey, KeySlot> =
+            BpfHashMap::try_from(keys).context("opening map IO_KEYS")?;
+        let stats = ebpf.map(maps::IO_STATS).context("map IO_STATS missing")?;
+        let stats: PerCpuArray<&MapData, IoStats> =
+            PerCpuArray::try_from(stats).context("opening map IO_STATS")?;
+        for item in keys.iter() {
+            let Ok((key, slot)) = item else {
                 read_errors += 1;
                 continue;
             };
-            let c = fold(&key, per_cpu.iter().map(|v| &v.io), &mut snap.comms);
-            snap.requests.insert(key, c);
-            let mut lat = RawLatency::default();
-            for v in per_cpu.iter() {
-                lat.add_cpu(v);
+            let Ok(per_cpu) = stats.get(&slot.index, 0) else {
+                read_errors += 1;
+                continue;
+            };
+            let (c, lat) = fold_stats(per_cpu.iter());
+            if let Some(comm) = per_cpu.iter().find(|v| v.io.comm[0] != 0) {
+                snap.comms
+                    .entry(key.tgid)
+                    .or_insert_with(|| comm_string(&comm.io.comm));
             }
+            snap.requests.insert(key, c);
+            snap.slots.insert(key, slot);
             if lat.total() != 0 || lat.sum_ns != 0 {
                 snap.latency.insert(key, lat);
             }

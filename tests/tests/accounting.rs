@@ -318,3 +318,61 @@ fn bios_on_blk_mq_devices_are_left_to_the_request_hooks_by_default() {
         );
     }
 }
+
+/// Sequential direct writes submitted in batches merge in the submitter's plug: the kernel
+/// counts one request for several bios. The request count drops, and every byte must still be
+/// on the writer: the bytes of bios merged into a counted request are added by the merge hooks.
+#[test]
+fn merged_bios_keep_their_bytes_on_the_writer() {
+    skip_unless_kernel!();
+    if Command::new("fio").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: fio is not installed (cargo xtask setup --test-deps installs it)");
+        return;
+    }
+    let lo = LoopDevice::new(64).expect("loop device");
+    let sampler = Sampler::new(Programs::load(&LoadOptions::default()).expect("load"));
+    let size: u64 = 16 << 20;
+    let before = sampler.snapshot().expect("snapshot");
+    let mut fio = Command::new("fio")
+        .args([
+            "--name=seqwrite",
+            &format!("--filename={}", lo.path.display()),
+            "--rw=write",
+            "--bs=4k",
+            "--direct=1",
+            "--ioengine=io_uring",
+            "--iodepth=64",
+            "--iodepth_batch_submit=64",
+            "--iodepth_batch_complete_min=64",
+            &format!("--size={size}"),
+            // A thread of fio's own process, so the tgid is the one spawned here.
+            "--thread",
+            "--output=/dev/null",
+        ])
+        .spawn()
+        .expect("starting fio");
+    let pid = fio.id();
+    assert!(fio.wait().expect("fio").success(), "fio failed");
+    let after = sampler.snapshot().expect("snapshot");
+    let d = delta(&before, &after);
+    let s = seen(&d, pid, lo.dev(), false);
+    let blocks = size / 4096;
+    eprintln!(
+        "fio pid {pid}: {blocks} sequential 4 KiB writes -> {} requests, {} bytes (want {size}); \
+         merged {:.1} bios per request; losses {:?}",
+        s.writes,
+        s.write_bytes,
+        blocks as f64 / s.writes.max(1) as f64,
+        losses(&d)
+    );
+    assert!(
+        s.writes < blocks,
+        "no merges happened ({} requests for {blocks} writes): this test proves nothing here",
+        s.writes
+    );
+    assert_eq!(
+        s.write_bytes, size,
+        "bytes of merged bios belong to the writer"
+    );
+    assert_eq!(s.completions, s.writes, "one latency sample per request");
+}

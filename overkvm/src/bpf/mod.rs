@@ -12,7 +12,7 @@ use std::fmt;
 
 use anyhow::{Context as _, anyhow, bail};
 use aya::{Ebpf, EbpfLoader, programs::BtfTracePoint};
-use overkvm_common::{IoCounters, IoKey, IoStats, capacity, maps, programs};
+use overkvm_common::{IoCounters, IoKey, IoStats, KeySlot, capacity, maps, programs};
 
 use self::{btf::Btf, layout::HookSupport};
 
@@ -43,6 +43,8 @@ impl HookMode {
             HookMode::IoStartDone => &[
                 (programs::IO_START, "block_io_start"),
                 (programs::IO_DONE, "block_io_done"),
+                (programs::BIO_BACKMERGE, "block_bio_backmerge"),
+                (programs::BIO_FRONTMERGE, "block_bio_frontmerge"),
             ],
             HookMode::RequestFallback => &[
                 (programs::RQ_GETRQ, "block_getrq"),
@@ -195,12 +197,11 @@ impl Programs {
         if mode != HookMode::RequestFallback {
             loader.map_max_entries(maps::BIO_INFLIGHT, 1);
         }
-        let cpus = aya::util::nr_cpus().map_err(|(path, e)| {
-            anyhow!("reading the number of possible CPUs from {path}: {e}")
-        })?;
+        let cpus = aya::util::nr_cpus()
+            .map_err(|(path, e)| anyhow!("reading the number of possible CPUs from {path}: {e}"))?;
         let io_stats_capacity = scaled_capacity(
             capacity::IO_STATS,
-            size_of::<IoKey>(),
+            size_of::<IoKey>() + size_of::<KeySlot>(),
             size_of::<IoStats>(),
             cpus,
         );
@@ -214,11 +215,23 @@ impl Programs {
         } else {
             1
         };
-        loader.map_max_entries(maps::IO_STATS, io_stats_capacity);
+        for map in [maps::IO_KEYS, maps::IO_STATS, maps::FREE_SLOTS] {
+            loader.map_max_entries(map, io_stats_capacity);
+        }
         loader.map_max_entries(maps::BIO_STATS, bio_stats_capacity);
         let mut ebpf = loader
             .load(OBJECT)
             .context("loading the eBPF object into the kernel")?;
+
+        // Hand out every slot but 0 (an unset in-flight entry names slot 0).
+        let mut free: aya::maps::Queue<_, u32> = ebpf
+            .map_mut(maps::FREE_SLOTS)
+            .context("map FREE_SLOTS missing")?
+            .try_into()
+            .context("opening map FREE_SLOTS")?;
+        for index in 1..io_stats_capacity {
+            free.push(index, 0).context("filling FREE_SLOTS")?;
+        }
 
         let aya_btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF for aya")?;
         let mut hooks: Vec<(&'static str, &'static str)> = mode.hooks().to_vec();
@@ -347,6 +360,10 @@ mod tests {
         assert!(u64::from(on_64) * per_entry <= MAP_MEMORY_BUDGET);
         assert!(full(128) < on_64);
         assert_eq!(full(100_000), 1024, "never below the floor");
-        assert_eq!(scaled_capacity(16384, 24, 32, 256), 7410);
+        // Small values on many CPUs: the most entries that fit the budget.
+        let bio = scaled_capacity(16384, 24, 32, 256);
+        let per_entry = (32 * 256 + 24 + 64) as u64;
+        assert!(u64::from(bio) * per_entry <= MAP_MEMORY_BUDGET);
+        assert!(u64::from(bio + 1) * per_entry > MAP_MEMORY_BUDGET);
     }
 }
