@@ -40,6 +40,8 @@ pub struct CheckReport {
     pub bpf_stats_enabled: bool,
     /// Result of actually loading and attaching the programs (root only).
     pub load: Option<Result<Vec<&'static str>, String>>,
+    /// The bio hook after loading: attached, on-demand (no bio-based device yet) or off.
+    pub bio_hook: Option<&'static str>,
     /// Problems that stop overkvm from running.
     pub errors: Vec<String>,
     /// Things that work in a reduced way.
@@ -143,9 +145,13 @@ pub fn run_checks() -> CheckReport {
     }
     let bpf_stats_enabled = read_trim("/proc/sys/kernel/bpf_stats_enabled").as_deref() == Some("1");
 
+    let mut bio_hook = None;
     let load = (root && errors.is_empty()).then(|| {
         Programs::load(&LoadOptions::default())
-            .map(|p| p.attached.clone())
+            .map(|p| {
+                bio_hook = Some(p.bio_hook());
+                p.attached.clone()
+            })
             .map_err(|e| format!("{e:#}"))
     });
     if let Some(Err(e)) = &load {
@@ -162,6 +168,7 @@ pub fn run_checks() -> CheckReport {
         cgroups,
         bpf_stats_enabled,
         load,
+        bio_hook,
         errors,
         warnings,
     }
@@ -221,7 +228,14 @@ pub fn print_human(r: &CheckReport) {
         }
     );
     match &r.load {
-        Some(Ok(tps)) => println!("load and attach     ok ({})", tps.join(", ")),
+        Some(Ok(tps)) => {
+            println!("load and attach     ok ({})", tps.join(", "));
+            if r.bio_hook == Some("on-demand") {
+                println!(
+                    "bio hook            verified; attached once a bio-based device (zram, md, dm) has a size"
+                );
+            }
+        }
         Some(Err(_)) => println!("load and attach     FAILED"),
         None => println!("load and attach     not tried"),
     }

@@ -299,6 +299,18 @@ impl Programs {
         Ok(Some(disks))
     }
 
+    /// The bio hook's state: "attached", "on-demand" (verified, attached once a bio-based
+    /// device appears) or "off" (`--no-bio`).
+    pub fn bio_hook(&self) -> &'static str {
+        if self.attached.contains(&"block_bio_queue") {
+            "attached"
+        } else if self.bio_pending {
+            "on-demand"
+        } else {
+            "off"
+        }
+    }
+
     /// The loaded object, for reading maps.
     pub fn ebpf(&self) -> &Ebpf {
         &self.ebpf
