@@ -125,6 +125,12 @@ pub struct ServeArgs {
     /// How long the series of a VM that exited stay exported, in seconds.
     #[arg(long, default_value = "300", value_parser = parse_interval)]
     pub grace: Duration,
+    /// Turn on the kernel's BPF run-time statistics while serving, for
+    /// overkvm_bpf_program_run_seconds_total. They make every BPF program on the host pay two
+    /// clock reads per run, so they are off by default (the metric then stays 0 unless
+    /// kernel.bpf_stats_enabled is already on).
+    #[arg(long)]
+    pub bpf_stats: bool,
     #[command(flatten)]
     pub hooks: HookArgs,
 }

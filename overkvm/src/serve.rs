@@ -56,10 +56,16 @@ async fn serve(args: &ServeArgs, config: Config) -> anyhow::Result<()> {
     for note in &programs.notes {
         log::warn!("{note}");
     }
-    // The kernel's per-program run time, for the exporter's self-metrics; off again on exit.
-    let _stats = bpf::enable_run_stats()
-        .inspect_err(|e| log::warn!("no BPF run-time statistics: {e:#}"))
-        .ok();
+    // The kernel's per-program run time, for the exporter's self-metrics, only when asked: it
+    // costs every BPF program on the host. Off again on exit.
+    let _stats = args
+        .bpf_stats
+        .then(|| {
+            bpf::enable_run_stats()
+                .inspect_err(|e| log::warn!("no BPF run-time statistics: {e:#}"))
+                .ok()
+        })
+        .flatten();
     let mode = programs.mode.name().to_string();
     log::info!("attached {:?} ({mode})", programs.attached);
 
