@@ -67,7 +67,7 @@ pub fn key_slot(key: &IoKey) -> Option<KeySlot> {
         index,
         generation: unsafe { (*v).generation },
     };
-    if IO_KEYS.insert(key, &slot, BPF_NOEXIST as u64).is_ok() {
+    if IO_KEYS.insert(key, slot, BPF_NOEXIST as u64).is_ok() {
         // The name of the process, for when it has exited before userspace reads it. Only this
         // CPU's copy has it; userspace takes the one that is set.
         unsafe { (*v).io.comm = bpf_get_current_comm().unwrap_or([0; 16]) };
