@@ -19,7 +19,7 @@ use crate::{
     report::{ReportBuilder, pid_alive},
     sample::{Sampler, delta},
     throttle::ThrottleService,
-    tick::{ProgramStat, Tick},
+    tick::{ProgramStat, Tick, TickTiming},
 };
 
 /// Default address of `/metrics`: loopback only, port 9746.
@@ -88,13 +88,17 @@ async fn serve(args: &ServeArgs, config: Config) -> anyhow::Result<()> {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
+    let mut timing = TickTiming::default();
     let result = loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
+        // The instant the tick was due: how late it starts is the daemon's own health figure
+        // (a loaded runtime or a slow previous tick shows here first).
+        let scheduled = tokio::select! {
+            at = ticker.tick() => at.into_std(),
             _ = term.recv() => break Ok(()),
             _ = int.recv() => break Ok(()),
-        }
+        };
         let started = Instant::now();
+        timing.started(scheduled, started);
         let cur = match sampler.snapshot() {
             Ok(s) => s,
             Err(e) => break Err(e),
@@ -124,9 +128,10 @@ async fn serve(args: &ServeArgs, config: Config) -> anyhow::Result<()> {
             tick.throttle = Some(t.on_tick(&tick.report));
         }
         tick.sample_seconds = started.elapsed().as_secs_f64();
-        exporter.update(&tick);
+        exporter.update(&tick, timing);
         sampler.prune(&cur, pid_alive);
         prev = cur;
+        timing.finished(started.elapsed());
         if server.is_finished() {
             break Err(anyhow::anyhow!("the metrics server stopped"));
         }
