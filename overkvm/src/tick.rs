@@ -2,7 +2,10 @@
 //! counters only a long-running consumer needs. The exporter and the throttle both read ticks
 //! and never each other.
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use overkvm_common::HEALTH_SLOTS;
 use serde::{Deserialize, Serialize};
@@ -67,4 +70,76 @@ pub struct Tick {
     /// Time this tick took to sample and build, in seconds.
     pub sample_seconds: f64,
     pub throttle: Option<ThrottleView>,
+}
+
+/// When the control ticks ran against their schedule: how late the last one started, how long
+/// the last complete one worked, and the worst of each since start. Pure: the daemon passes in
+/// the times.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct TickTiming {
+    /// Ticks started.
+    pub ticks: u64,
+    /// How late the last tick started after its scheduled instant, in seconds.
+    pub lateness_seconds: f64,
+    /// The worst lateness since start, in seconds.
+    pub lateness_max_seconds: f64,
+    /// How long the last complete tick's work took (sample, throttle, export), in seconds.
+    pub duration_seconds: f64,
+    /// The longest tick since start, in seconds.
+    pub duration_max_seconds: f64,
+}
+
+impl TickTiming {
+    /// A tick scheduled for `scheduled` starts at `now` (never counted early).
+    pub fn started(&mut self, scheduled: Instant, now: Instant) {
+        let late = now.saturating_duration_since(scheduled).as_secs_f64();
+        self.ticks += 1;
+        self.lateness_seconds = late;
+        self.lateness_max_seconds = self.lateness_max_seconds.max(late);
+    }
+
+    /// The tick's work is done; it took `work`.
+    pub fn finished(&mut self, work: Duration) {
+        let s = work.as_secs_f64();
+        self.duration_seconds = s;
+        self.duration_max_seconds = self.duration_max_seconds.max(s);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lateness_is_kept_last_and_worst() {
+        let t0 = Instant::now();
+        let mut t = TickTiming::default();
+        t.started(t0, t0 + Duration::from_millis(3));
+        t.finished(Duration::from_millis(20));
+        assert_eq!(t.ticks, 1);
+        assert!((t.lateness_seconds - 0.003).abs() < 1e-9);
+        t.started(
+            t0 + Duration::from_secs(1),
+            t0 + Duration::from_millis(1250),
+        );
+        t.finished(Duration::from_millis(5));
+        t.started(
+            t0 + Duration::from_secs(2),
+            t0 + Duration::from_millis(2001),
+        );
+        assert_eq!(t.ticks, 3);
+        assert!((t.lateness_seconds - 0.001).abs() < 1e-9);
+        assert!((t.lateness_max_seconds - 0.25).abs() < 1e-9);
+        assert!((t.duration_seconds - 0.005).abs() < 1e-9);
+        assert!((t.duration_max_seconds - 0.020).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_tick_that_fires_early_is_not_late() {
+        let t0 = Instant::now() + Duration::from_secs(5);
+        let mut t = TickTiming::default();
+        t.started(t0, t0 - Duration::from_millis(2));
+        assert_eq!(t.lateness_seconds, 0.0);
+        assert_eq!(t.lateness_max_seconds, 0.0);
+    }
 }

@@ -7,10 +7,13 @@
 //! - `io`: cost per I/O and IOPS kept (fio; nothing / overkvm-io serve / bpftrace peer).
 //! - `scale`: the daemon with 300 trickling VMs (CPU, RSS), `/metrics` with 1000 VMs.
 //! - `throttle`: the cgroup v1 throttle test, repeated, against the targets of issue 5.
+//! - `http`: `/metrics` under 1000 scraping clients and slow or hostile ones (issue 9): tick
+//!   lateness, scrapes/s and latency, daemon RSS.
 //!
 //! `stats` holds the pure parts (statistics, parsers, the report merge), unit-tested; `sys`
 //! the guards and readers that touch the machine.
 
+mod http;
 mod io;
 mod scale;
 mod stats;
@@ -31,6 +34,7 @@ pub enum Which {
     Io,
     Scale,
     Throttle,
+    Http,
     All,
 }
 
@@ -82,10 +86,11 @@ impl BenchArgs {
             Which::Io => "io",
             Which::Scale => "scale",
             Which::Throttle => "throttle",
+            Which::Http => "http",
             Which::All => "all",
         };
         let mut s = format!("cargo xtask bench {which}");
-        if self.runs(Which::Io) || self.runs(Which::Throttle) {
+        if self.runs(Which::Io) || self.runs(Which::Throttle) || self.runs(Which::Http) {
             let _ = write!(s, " --rounds {}", self.rounds);
         }
         if self.runs(Which::Io) {
@@ -214,7 +219,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         sys::loadavg(),
         std::thread::available_parallelism().map_or(0, |n| n.get())
     ));
-    if args.runs(Which::Scale) {
+    if args.runs(Which::Scale) || args.runs(Which::Http) {
         sys::progress("building iogen (waits while another cargo holds the build lock)");
         let mut c = crate::cargo();
         c.args([
@@ -246,10 +251,11 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
 
     let mut sections = Vec::new();
     let mut failures = Vec::new();
-    let benches: [(Which, BenchFn); 3] = [
+    let benches: [(Which, BenchFn); 4] = [
         (Which::Io, io::run),
         (Which::Scale, scale::run),
         (Which::Throttle, throttle::run),
+        (Which::Http, http::run),
     ];
     for (w, f) in benches {
         if !args.runs(w) {

@@ -2,6 +2,7 @@
 //! README: each installs what it needs first (and says so), then does its job.
 
 mod bench;
+mod fuzz;
 mod setup;
 
 use std::{
@@ -43,6 +44,10 @@ enum Task {
     /// Benchmarks: cost per I/O against a peer, IOPS kept under tracing, the daemon at scale.
     /// Prints figures and writes them into BENCHMARKS.md.
     Bench(bench::BenchArgs),
+    /// Coverage-guided fuzzing of the parsers of untrusted input (cargo fuzz, nightly): each
+    /// target for --seconds; prints executions and crashes and writes them into BENCHMARKS.md.
+    /// Installs cargo-fuzz when missing.
+    Fuzz(fuzz::FuzzArgs),
 }
 
 fn main() -> ExitCode {
@@ -88,6 +93,7 @@ fn run(x: Xtask) -> anyhow::Result<()> {
             build()?;
             bench::run(&args)
         }
+        Task::Fuzz(args) => fuzz::run(&args),
         Task::Test { filter } => {
             setup::toolchain()?;
             setup::test_packages()?;

@@ -1,17 +1,28 @@
 //! The `/metrics` endpoint: axum over a listener that bounds what a client can hold.
 //!
 //! A scrape clones the text rendered at the last tick and writes it; nothing on this path
-//! waits for the sampler. Slow or hostile clients are bounded at the connection level (tower
-//! middleware is not a dependency): at most `max_connections` at once, a request must arrive
-//! whole within `request_timeout` and fit in `max_request_bytes`, and a connection that makes
-//! no progress for `idle_timeout` is closed.
+//! waits for the sampler, and no lock is held while a response is written. Slow or hostile
+//! clients are bounded at the connection level (tower middleware is not a dependency):
+//!
+//! - at most `max_connections` at once; a connection over the cap is answered `503` and closed
+//!   at once (counted), so a flood neither queues behind the clients already served nor holds
+//!   file descriptors;
+//! - a request must arrive whole within `request_timeout` of its first byte (a new connection:
+//!   of its opening) and fit in `max_request_bytes`;
+//! - a response must be read within `response_timeout` of its first byte, so a client reading
+//!   one byte a second cannot hold a slot for a large exposition;
+//! - a connection that makes no progress for `idle_timeout` is closed (keep-alive between
+//!   scrapes).
 
 use std::{
     future::Future,
     io,
     net::SocketAddr,
     pin::Pin,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -41,12 +52,24 @@ pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; char
 /// Content type of the classic text format (curl, browsers, promtool).
 pub const TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
+/// What a connection over the cap gets before it is closed.
+const REFUSAL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
+content-type: text/plain; charset=utf-8\r\n\
+retry-after: 1\r\n\
+connection: close\r\n\
+content-length: 34\r\n\
+\r\n\
+too many connections to /metrics\r\n";
+
 /// Bounds on what clients may hold.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
     pub max_connections: usize,
-    /// From the first byte of a request to the first byte of its response.
+    /// From the first byte of a request (or the opening of a connection) to the end of the
+    /// request.
     pub request_timeout: Duration,
+    /// From the first byte of a response to its last.
+    pub response_timeout: Duration,
     /// Without a byte read or written (keep-alive between scrapes, or a client not reading).
     pub idle_timeout: Duration,
     /// Header and body of one request.
@@ -56,11 +79,48 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
+            // Prometheus needs one per server; 256 with a few KiB each stays far below the
+            // default 1024 open files even with every slot taken.
             max_connections: 256,
             request_timeout: Duration::from_secs(10),
+            // A 1000-VM exposition (about 1 MiB) at 35 KiB/s.
+            response_timeout: Duration::from_secs(30),
             // Longer than the usual scrape intervals, so Prometheus keeps its connection.
             idle_timeout: Duration::from_secs(120),
             max_request_bytes: 16 << 10,
+        }
+    }
+}
+
+/// What the endpoint counts about its clients, for the exporter's self-metrics.
+#[derive(Debug, Default)]
+pub struct HttpStats {
+    open: AtomicU64,
+    refused: AtomicU64,
+    timed_out: AtomicU64,
+    oversized: AtomicU64,
+}
+
+/// A reading of [`HttpStats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HttpCounts {
+    /// Connections open now.
+    pub open: u64,
+    /// Connections refused at the cap since start.
+    pub refused: u64,
+    /// Connections closed for being too slow with a request or a response.
+    pub timed_out: u64,
+    /// Connections closed for a request over the size limit.
+    pub oversized: u64,
+}
+
+impl HttpStats {
+    pub fn counts(&self) -> HttpCounts {
+        HttpCounts {
+            open: self.open.load(Ordering::Relaxed),
+            refused: self.refused.load(Ordering::Relaxed),
+            timed_out: self.timed_out.load(Ordering::Relaxed),
+            oversized: self.oversized.load(Ordering::Relaxed),
         }
     }
 }
@@ -70,6 +130,7 @@ pub(super) async fn serve(
     listener: TcpListener,
     limits: Limits,
 ) -> anyhow::Result<()> {
+    let stats = exporter.http.clone();
     let app = Router::new()
         .route("/metrics", get(metrics))
         .fallback(not_found)
@@ -78,6 +139,7 @@ pub(super) async fn serve(
         inner: listener,
         slots: Arc::new(Semaphore::new(limits.max_connections)),
         limits,
+        stats,
     };
     axum::serve(listener, app).await.context("serving /metrics")
 }
@@ -117,12 +179,22 @@ fn accepts_openmetrics<'a>(values: impl Iterator<Item = &'a str>) -> bool {
     })
 }
 
-/// Accepts connections only while fewer than `max_connections` are open; the others wait in
-/// the kernel's backlog.
+/// Accepts every connection; serves those that get one of `max_connections` slots and refuses
+/// the others at once.
 struct GuardedListener {
     inner: TcpListener,
     slots: Arc<Semaphore>,
     limits: Limits,
+    stats: Arc<HttpStats>,
+}
+
+/// Answers a connection over the cap without waiting for anything: what already arrived of
+/// its request is read (so closing does not reset the connection before the answer is read),
+/// the 503 is written if the socket takes it, and the socket is closed.
+fn refuse(stream: TcpStream) {
+    let mut sink = [0u8; 2048];
+    let _ = stream.try_read(&mut sink);
+    let _ = stream.try_write(REFUSAL);
 }
 
 impl axum::serve::Listener for GuardedListener {
@@ -130,14 +202,19 @@ impl axum::serve::Listener for GuardedListener {
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (GuardedStream, SocketAddr) {
-        // The semaphore is never closed, so this only fails in theory; then run unbounded.
-        let slot = self.slots.clone().acquire_owned().await.ok();
         loop {
             match self.inner.accept().await {
-                Ok((stream, addr)) => {
-                    let _ = stream.set_nodelay(true);
-                    return (GuardedStream::new(stream, slot, self.limits), addr);
-                }
+                Ok((stream, addr)) => match self.slots.clone().try_acquire_owned() {
+                    Ok(slot) => {
+                        let _ = stream.set_nodelay(true);
+                        let s = GuardedStream::new(stream, slot, self.limits, self.stats.clone());
+                        return (s, addr);
+                    }
+                    Err(_) => {
+                        self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                        refuse(stream);
+                    }
+                },
                 Err(e) => {
                     // Out of file descriptors, or a connection reset before accept: wait a
                     // little rather than spin.
@@ -153,44 +230,77 @@ impl axum::serve::Listener for GuardedListener {
     }
 }
 
-/// A client connection with deadlines. hyper only reads when it waits for a request and only
-/// writes responses, so "bytes read since the last write" is the request being received.
+/// The instant a connection waiting on its client gives up: no progress by `idle_at`, a request
+/// on its way by its deadline, a response the client does not read by its deadline.
+fn give_up_at(
+    idle_at: Instant,
+    request_by: Option<Instant>,
+    response_by: Option<Instant>,
+) -> Instant {
+    [request_by, response_by]
+        .into_iter()
+        .flatten()
+        .fold(idle_at, Instant::min)
+}
+
+/// A client connection with deadlines. hyper only reads when it waits for a request (or
+/// checks for a close) and only writes responses, so "bytes read since the last write" is the
+/// request being received and "bytes written since the last read" the response being sent.
 struct GuardedStream {
     inner: TcpStream,
     limits: Limits,
-    /// Fires at the idle deadline, or the request deadline while a request is arriving.
+    stats: Arc<HttpStats>,
+    /// Armed at the deadline of whatever is pending.
     deadline: Pin<Box<Sleep>>,
-    /// Bytes of the request being received; None between requests.
+    /// Closed unless a byte moves by then.
+    idle_at: Instant,
+    /// Bytes of the request being received and when it must be complete; None between
+    /// requests.
     request: Option<(usize, Instant)>,
-    _slot: Option<OwnedSemaphorePermit>,
+    /// When the response being sent must be written; None until its first byte.
+    response_by: Option<Instant>,
+    /// The last write could not go through: the client is not reading.
+    write_blocked: bool,
+    /// The connection was already counted as dropped.
+    counted: bool,
+    _slot: OwnedSemaphorePermit,
 }
 
 impl GuardedStream {
-    fn new(inner: TcpStream, slot: Option<OwnedSemaphorePermit>, limits: Limits) -> Self {
+    fn new(
+        inner: TcpStream,
+        slot: OwnedSemaphorePermit,
+        limits: Limits,
+        stats: Arc<HttpStats>,
+    ) -> Self {
+        stats.open.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        // A new connection is a request on its way: it gets the request deadline, not the
+        // keep-alive one, so a client that connects and says nothing is gone quickly.
+        let request_by = now + limits.request_timeout;
         GuardedStream {
             inner,
             limits,
-            deadline: Box::pin(tokio::time::sleep(limits.idle_timeout)),
-            request: None,
+            stats,
+            deadline: Box::pin(tokio::time::sleep_until(request_by)),
+            idle_at: now + limits.idle_timeout,
+            request: Some((0, request_by)),
+            response_by: None,
+            write_blocked: false,
+            counted: false,
             _slot: slot,
         }
     }
 
-    fn rearm(&mut self) {
-        let mut at = Instant::now() + self.limits.idle_timeout;
-        if let Some((_, request_deadline)) = self.request {
-            at = at.min(request_deadline);
-        }
-        self.deadline.as_mut().reset(at);
-    }
-
     fn on_read(&mut self, n: usize) -> io::Result<()> {
+        let now = Instant::now();
         let timeout = self.limits.request_timeout;
-        let request = self
-            .request
-            .get_or_insert_with(|| (0, Instant::now() + timeout));
+        let request = self.request.get_or_insert_with(|| (0, now + timeout));
         request.0 += n;
+        self.response_by = None;
+        self.idle_at = now + self.limits.idle_timeout;
         if request.0 > self.limits.max_request_bytes {
+            self.count_drop(|s| &s.oversized);
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!(
@@ -199,24 +309,55 @@ impl GuardedStream {
                 ),
             ));
         }
-        self.rearm();
         Ok(())
     }
 
     fn on_write(&mut self) {
+        let now = Instant::now();
         self.request = None;
-        self.rearm();
+        self.response_by
+            .get_or_insert(now + self.limits.response_timeout);
+        self.idle_at = now + self.limits.idle_timeout;
     }
 
-    /// The inner operation is pending: fail it if the deadline has passed.
+    /// Counts the connection as dropped for one reason (once, whatever happens next).
+    fn count_drop(&mut self, counter: fn(&HttpStats) -> &AtomicU64) {
+        if !self.counted {
+            self.counted = true;
+            counter(&self.stats).fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The inner operation is pending: fail it if the connection's deadline has passed, else
+    /// wake the task at that deadline. One deadline for reads and writes alike: hyper polls
+    /// both in one task (it reads to notice a close while it writes).
     fn pending<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        let request_by = self.request.map(|(_, by)| by);
+        let response_by = self.response_by.filter(|_| self.write_blocked);
+        let at = give_up_at(self.idle_at, request_by, response_by);
+        if self.deadline.deadline() != at {
+            self.deadline.as_mut().reset(at);
+        }
         match self.deadline.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "metrics client too slow",
-            ))),
+            Poll::Ready(()) => {
+                // A quiet keep-alive connection timing out is normal; a client stuck in the
+                // middle of a request or a response is counted.
+                if request_by.is_some() || response_by.is_some() {
+                    self.count_drop(|s| &s.timed_out);
+                }
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "metrics client too slow",
+                )))
+            }
             Poll::Pending => Poll::Pending,
         }
+    }
+}
+
+impl Drop for GuardedStream {
+    fn drop(&mut self) {
+        self.stats.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -251,13 +392,17 @@ impl AsyncWrite for GuardedStream {
         let this = self.get_mut();
         match Pin::new(&mut this.inner).poll_write(cx, buf) {
             Poll::Ready(Ok(n)) => {
+                this.write_blocked = false;
                 if n > 0 {
                     this.on_write();
                 }
                 Poll::Ready(Ok(n))
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => this.pending(cx),
+            Poll::Pending => {
+                this.write_blocked = true;
+                this.pending(cx)
+            }
         }
     }
 
@@ -269,13 +414,17 @@ impl AsyncWrite for GuardedStream {
         let this = self.get_mut();
         match Pin::new(&mut this.inner).poll_write_vectored(cx, bufs) {
             Poll::Ready(Ok(n)) => {
+                this.write_blocked = false;
                 if n > 0 {
                     this.on_write();
                 }
                 Poll::Ready(Ok(n))
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => this.pending(cx),
+            Poll::Pending => {
+                this.write_blocked = true;
+                this.pending(cx)
+            }
         }
     }
 
@@ -331,9 +480,13 @@ mod tests {
     }
 
     async fn start(limits: Limits) -> SocketAddr {
+        start_with(exporter(), limits).await
+    }
+
+    async fn start_with(exporter: Arc<Exporter>, limits: Limits) -> SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
-        tokio::spawn(serve(exporter(), listener, limits));
+        tokio::spawn(serve(exporter, listener, limits));
         addr
     }
 
@@ -362,6 +515,7 @@ mod tests {
         Limits {
             max_connections: 64,
             request_timeout: Duration::from_millis(300),
+            response_timeout: Duration::from_millis(600),
             idle_timeout: Duration::from_millis(900),
             max_request_bytes: 4096,
         }
@@ -435,9 +589,16 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_idle_connection_is_closed_and_oversized_requests_refused() {
-        let addr = start(short()).await;
-        let (idle, oversized) = tokio::task::spawn_blocking(move || {
+        let e = exporter();
+        let addr = start_with(e.clone(), short()).await;
+        let (silent, idle, oversized) = tokio::task::spawn_blocking(move || {
+            // A client that connects and says nothing has the request deadline.
+            let mut silent = StdStream::connect(addr).expect("connect");
+            let silent = wait_closed(&mut silent);
+            // One that scraped and keeps the connection has the idle one.
             let mut idle = StdStream::connect(addr).expect("connect");
+            idle.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                .expect("write");
             let idle = wait_closed(&mut idle);
             let mut big = StdStream::connect(addr).expect("connect");
             let mut req = b"GET /metrics HTTP/1.1\r\nHost: x\r\n".to_vec();
@@ -446,11 +607,17 @@ mod tests {
             }
             req.extend_from_slice(b"\r\n");
             let _ = big.write_all(&req);
-            (idle, wait_closed(&mut big))
+            (silent, idle, wait_closed(&mut big))
         })
         .await
         .expect("client thread");
-        assert!(idle.0.is_empty());
+        assert!(silent.0.is_empty());
+        assert!(
+            silent.1 >= Duration::from_millis(250) && silent.1 < Duration::from_millis(800),
+            "silent connection closed after {:?}",
+            silent.1
+        );
+        assert!(idle.0.starts_with(b"HTTP/1.1 200"));
         assert!(
             idle.1 >= Duration::from_millis(800) && idle.1 < Duration::from_secs(3),
             "idle connection closed after {:?}",
@@ -460,6 +627,111 @@ mod tests {
             !oversized.0.starts_with(b"HTTP/1.1 200"),
             "served an oversized request"
         );
+        let c = e.http.counts();
+        assert_eq!((c.timed_out, c.oversized), (1, 1), "{c:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_over_the_cap_are_refused_at_once_and_counted() {
+        let e = exporter();
+        let addr = start_with(
+            e.clone(),
+            Limits {
+                max_connections: 4,
+                request_timeout: Duration::from_secs(30),
+                ..short()
+            },
+        )
+        .await;
+        let (refusals, took) = tokio::task::spawn_blocking(move || {
+            let mut held = Vec::new();
+            for _ in 0..4 {
+                let mut s = StdStream::connect(addr).expect("connect");
+                s.write_all(b"GET /metrics HTTP/1.1\r\n").expect("write");
+                held.push(s);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            let started = StdInstant::now();
+            let refusals: Vec<Vec<u8>> = (0..10)
+                .map(|_| {
+                    let mut s = StdStream::connect(addr).expect("connect");
+                    let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+                    wait_closed(&mut s).0
+                })
+                .collect();
+            let took = started.elapsed();
+            drop(held);
+            (refusals, took)
+        })
+        .await
+        .expect("client thread");
+        for r in &refusals {
+            let r = String::from_utf8_lossy(r);
+            assert!(r.is_empty() || r.starts_with("HTTP/1.1 503"), "{r}");
+        }
+        assert!(refusals.iter().any(|r| r.starts_with(b"HTTP/1.1 503")));
+        assert!(took < Duration::from_secs(2), "refusing took {took:?}");
+        assert_eq!(e.http.counts().refused, 10);
+        // The held connections are gone: the endpoint serves again.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            get(addr, "/metrics", None)
+                .await
+                .starts_with("HTTP/1.1 200")
+        );
+        // Every slot comes back once its connection is gone.
+        for _ in 0..50 {
+            if e.http.counts().open == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(e.http.counts().open, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_that_does_not_read_its_response_is_dropped() {
+        // An exposition far larger than what the socket buffers of both sides hold.
+        let e = Arc::new(Exporter::new(ExportOptions {
+            per_process: false,
+            per_process_cap: 10,
+            grace: Duration::from_secs(60),
+        }));
+        let procs = FakeProcs::default();
+        let mut rows = Vec::new();
+        for i in 0..3000 {
+            procs.start(1000 + i, 1);
+            for dev in ["vda", "vdb"] {
+                rows.push(row(1000 + i, Some(&format!("vm-{i:05}")), dev, 5, 2));
+            }
+        }
+        e.update_with(&tick(std::time::Instant::now(), rows), &procs);
+        let size = e.published().text().len();
+        let addr = start_with(e.clone(), short()).await;
+        let (got, took) = tokio::task::spawn_blocking(move || {
+            let mut s = StdStream::connect(addr).expect("connect");
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                .expect("write");
+            let started = StdInstant::now();
+            std::thread::sleep(Duration::from_millis(1500));
+            let (got, _) = wait_closed(&mut s);
+            (got.len(), started.elapsed())
+        })
+        .await
+        .expect("client thread");
+        assert!(got < size, "read {got} of {size} bytes");
+        assert!(took < Duration::from_secs(4), "{took:?}");
+        assert_eq!(e.http.counts().timed_out, 1);
+    }
+
+    #[test]
+    fn the_nearest_deadline_applies() {
+        let t = Instant::now();
+        let s = Duration::from_secs(1);
+        assert_eq!(give_up_at(t + 9 * s, None, None), t + 9 * s);
+        assert_eq!(give_up_at(t + 9 * s, Some(t + 2 * s), None), t + 2 * s);
+        assert_eq!(give_up_at(t + 9 * s, None, Some(t + 3 * s)), t + 3 * s);
+        assert_eq!(give_up_at(t + s, Some(t + 2 * s), Some(t + 3 * s)), t + s);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,9 +6,12 @@
 //! - `render`: OpenMetrics text via prometheus-client, and the classic text format.
 //! - `http`: axum on a listener with connection limits and deadlines.
 //!
-//! The text is rendered once per tick, in `update`, and published as an `Arc`; a scrape clones
-//! that `Arc` under a lock held for the clone only. Scrapes never touch the totals, so neither
-//! a slow client nor many concurrent scrapes can hold up the sampler, and vice versa.
+//! The text is rendered at most once per tick, on the first scrape after it, and published as
+//! an `Arc`; a scrape clones that `Arc` under a lock held for the clone only and writes it with
+//! no lock held. The tick waits at most for one rendering in progress (the totals' lock), never
+//! for a client, so neither a slow client nor many concurrent scrapes can hold up the sampler.
+//! The tick's own timing and the endpoint's connection counts are kept beside the totals and
+//! rendered with them.
 
 pub mod http;
 pub mod names;
@@ -23,8 +26,8 @@ use std::{
 use axum::body::Bytes;
 use prometheus_client::{encoding::text::encode, registry::Registry};
 
-use crate::tick::Tick;
-use render::TotalsCollector;
+use crate::tick::{Tick, TickTiming};
+use render::{SelfCollector, TotalsCollector};
 use totals::{ProcFs, ProcessTable, Retention, Totals};
 
 /// What the exporter exposes beyond per-VM series.
@@ -68,6 +71,10 @@ pub struct Exporter {
     published: Mutex<Arc<Exposition>>,
     /// A tick arrived since the last rendering.
     stale: std::sync::atomic::AtomicBool,
+    /// When the daemon's ticks ran, as of the last tick.
+    timing: Arc<Mutex<TickTiming>>,
+    /// What the endpoint counts about its connections.
+    pub(crate) http: Arc<http::HttpStats>,
 }
 
 /// Locks a mutex whose data stays consistent even if a holder panicked (every update is
@@ -85,18 +92,28 @@ impl Exporter {
         })));
         let mut registry = Registry::with_prefix(names::PREFIX);
         registry.register_collector(Box::new(TotalsCollector(totals.clone())));
+        let timing = Arc::new(Mutex::new(TickTiming::default()));
+        let http = Arc::new(http::HttpStats::default());
+        registry.register_collector(Box::new(SelfCollector {
+            timing: timing.clone(),
+            http: http.clone(),
+        }));
         let exporter = Exporter {
             totals,
             registry,
             published: Mutex::new(Arc::new(Exposition::new(String::new()))),
             stale: std::sync::atomic::AtomicBool::new(true),
+            timing,
+            http,
         };
         exporter.publish();
         exporter
     }
 
-    /// Folds one tick into the exported counters. Never blocks on scrapes.
-    pub fn update(&self, tick: &Tick) {
+    /// Folds one tick into the exported counters, with the daemon's tick timing as of its
+    /// start. Never blocks on scrapes.
+    pub fn update(&self, tick: &Tick, timing: TickTiming) {
+        *lock(&self.timing) = timing;
         self.update_with(tick, &ProcFs);
     }
 
@@ -140,6 +157,62 @@ mod tests {
 
     use super::*;
     use crate::export::totals::tests::{FakeProcs, row, tick};
+
+    fn value(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[test]
+    fn tick_timing_and_connections_are_exported() {
+        let e = Exporter::new(ExportOptions {
+            per_process: false,
+            per_process_cap: 10,
+            grace: Duration::from_secs(60),
+        });
+        let page = e.published();
+        let text = std::str::from_utf8(&page.openmetrics).unwrap();
+        // No tick yet: no timing, but the connection counters are there from the start.
+        assert!(!text.contains("overkvm_tick_lateness"), "{text}");
+        assert_eq!(
+            value(text, "overkvm_exporter_connections_refused_total"),
+            Some(0.0)
+        );
+        let t0 = Instant::now();
+        let mut timing = TickTiming::default();
+        timing.started(t0, t0 + Duration::from_millis(250));
+        timing.finished(Duration::from_millis(40));
+        timing.started(
+            t0 + Duration::from_secs(1),
+            t0 + Duration::from_millis(1002),
+        );
+        e.update(&tick(t0, Vec::new()), timing);
+        let page = e.published();
+        let om = std::str::from_utf8(&page.openmetrics).unwrap();
+        assert_eq!(value(om, "overkvm_tick_lateness_seconds"), Some(0.002));
+        assert_eq!(value(om, "overkvm_tick_lateness_max_seconds"), Some(0.25));
+        assert_eq!(value(om, "overkvm_tick_duration_seconds"), Some(0.04));
+        assert_eq!(value(om, "overkvm_tick_duration_max_seconds"), Some(0.04));
+        assert!(
+            om.contains("# TYPE overkvm_tick_lateness_max_seconds gauge"),
+            "{om}"
+        );
+        assert!(
+            om.contains("# UNIT overkvm_tick_lateness_max_seconds seconds"),
+            "{om}"
+        );
+        assert_eq!(
+            value(
+                om,
+                r#"overkvm_exporter_connections_dropped_total{reason="timeout"}"#
+            ),
+            Some(0.0)
+        );
+        let text = page.text();
+        let text = std::str::from_utf8(&text).unwrap();
+        assert!(text.contains("# TYPE overkvm_exporter_connections_refused_total counter"));
+        assert!(text.ends_with("\n") && !text.contains("# EOF"));
+    }
 
     /// Render time and size for a large host; run with --ignored --nocapture to see them.
     #[test]

@@ -94,6 +94,8 @@ pub mod label {
     pub const DIRECTION: &str = "direction";
     pub const VERSION: &str = "version";
     pub const HOOK_MODE: &str = "hook_mode";
+    /// Why the exporter closed a connection: `timeout` or `oversized`.
+    pub const REASON: &str = "reason";
 }
 
 use label::*;
@@ -250,6 +252,62 @@ pub const TICKS: Metric = Metric {
     help: "Sampling intervals folded into these metrics.",
 };
 
+pub const TICK_LATENESS: Metric = Metric {
+    name: "tick_lateness",
+    kind: Kind::Gauge,
+    unit: Some(BaseUnit::Seconds),
+    labels: &[],
+    help: "How late the last tick started after its scheduled time.",
+};
+
+pub const TICK_LATENESS_MAX: Metric = Metric {
+    name: "tick_lateness_max",
+    kind: Kind::Gauge,
+    unit: Some(BaseUnit::Seconds),
+    labels: &[],
+    help: "The latest any tick started after its scheduled time since the daemon started.",
+};
+
+pub const TICK_DURATION: Metric = Metric {
+    name: "tick_duration",
+    kind: Kind::Gauge,
+    unit: Some(BaseUnit::Seconds),
+    labels: &[],
+    help: "Time the previous tick took from its start to the end of its work (sample, throttle, export).",
+};
+
+pub const TICK_DURATION_MAX: Metric = Metric {
+    name: "tick_duration_max",
+    kind: Kind::Gauge,
+    unit: Some(BaseUnit::Seconds),
+    labels: &[],
+    help: "The longest tick since the daemon started, from its start to the end of its work.",
+};
+
+pub const EXPORTER_CONNECTIONS: Metric = Metric {
+    name: "exporter_connections",
+    kind: Kind::Gauge,
+    unit: None,
+    labels: &[],
+    help: "Connections to /metrics open now (at most the connection cap).",
+};
+
+pub const EXPORTER_CONNECTIONS_REFUSED: Metric = Metric {
+    name: "exporter_connections_refused",
+    kind: Kind::Counter,
+    unit: None,
+    labels: &[],
+    help: "Connections to /metrics answered 503 and closed at once because the connection cap was reached.",
+};
+
+pub const EXPORTER_CONNECTIONS_DROPPED: Metric = Metric {
+    name: "exporter_connections_dropped",
+    kind: Kind::Counter,
+    unit: None,
+    labels: &[REASON],
+    help: "Connections to /metrics the exporter closed: too slow to send a request or read a response (timeout), or a request over the size limit (oversized).",
+};
+
 pub const EXPORTER_INFO: Metric = Metric {
     name: "exporter_info",
     kind: Kind::Gauge,
@@ -358,6 +416,13 @@ pub const ALL: &[Metric] = &[
     SAMPLE_DURATION,
     RENDER_DURATION,
     TICKS,
+    TICK_LATENESS,
+    TICK_LATENESS_MAX,
+    TICK_DURATION,
+    TICK_DURATION_MAX,
+    EXPORTER_CONNECTIONS,
+    EXPORTER_CONNECTIONS_REFUSED,
+    EXPORTER_CONNECTIONS_DROPPED,
     EXPORTER_INFO,
     THROTTLE_LIMIT_IOPS,
     THROTTLE_LIMIT_BPS,

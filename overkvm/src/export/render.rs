@@ -72,6 +72,50 @@ impl Collector for TotalsCollector {
     }
 }
 
+/// The daemon's own timing and its endpoint's connections, kept outside the totals so that
+/// neither the tick nor the HTTP side waits on the other; rendered after the totals.
+#[derive(Debug)]
+pub(super) struct SelfCollector {
+    pub timing: Arc<Mutex<crate::tick::TickTiming>>,
+    pub http: Arc<super::http::HttpStats>,
+}
+
+impl Collector for SelfCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        let timing = *lock(&self.timing);
+        encode_self(&timing, &self.http.counts(), &mut enc)
+    }
+}
+
+fn encode_self(
+    t: &crate::tick::TickTiming,
+    http: &super::http::HttpCounts,
+    enc: &mut DescriptorEncoder,
+) -> fmt::Result {
+    for (metric, v) in [
+        (&names::TICK_LATENESS, t.lateness_seconds),
+        (&names::TICK_LATENESS_MAX, t.lateness_max_seconds),
+        (&names::TICK_DURATION, t.duration_seconds),
+        (&names::TICK_DURATION_MAX, t.duration_max_seconds),
+    ] {
+        if let Some(mut m) = family(enc, metric, t.ticks > 0)? {
+            m.encode_gauge(&v)?;
+        }
+    }
+    if let Some(mut m) = family(enc, &names::EXPORTER_CONNECTIONS, true)? {
+        m.encode_gauge(&(http.open as i64))?;
+    }
+    if let Some(mut m) = family(enc, &names::EXPORTER_CONNECTIONS_REFUSED, true)? {
+        m.encode_counter::<NoLabelSet, _, f64>(&http.refused, None)?;
+    }
+    if let Some(mut m) = family(enc, &names::EXPORTER_CONNECTIONS_DROPPED, true)? {
+        let reason = names::label::REASON;
+        counter(&mut m, &[(reason, Lv("timeout"))], http.timed_out)?;
+        counter(&mut m, &[(reason, Lv("oversized"))], http.oversized)?;
+    }
+    Ok(())
+}
+
 /// Starts a family only when it has series: an empty family says nothing.
 fn family<'s>(
     enc: &'s mut DescriptorEncoder,

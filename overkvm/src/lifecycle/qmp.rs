@@ -90,12 +90,22 @@ pub enum Message {
     },
 }
 
+/// Characters of an offending line quoted in a protocol error.
+const QUOTE_CHARS: usize = 200;
+
+/// At most [`QUOTE_CHARS`] characters of a JSON value. A precision in a format string does
+/// not cut a `serde_json::Value` (its `Display` ignores it), so `{v:.200}` would quote a
+/// 16 MiB reply whole.
+fn quote(v: &Value) -> String {
+    v.to_string().chars().take(QUOTE_CHARS).collect()
+}
+
 /// Classifies one line of QMP output.
 pub fn parse_message(line: &str) -> Result<Message, QmpError> {
     let v: Value = serde_json::from_str(line.trim())
         .map_err(|e| QmpError::Protocol(format!("not JSON ({e}): {:.200}", line.trim())))?;
     let Some(obj) = v.as_object() else {
-        return Err(QmpError::Protocol(format!("not an object: {v:.200}")));
+        return Err(QmpError::Protocol(format!("not an object: {}", quote(&v))));
     };
     let id = obj.get("id").cloned();
     if let Some(g) = obj.get("QMP") {
@@ -118,7 +128,10 @@ pub fn parse_message(line: &str) -> Result<Message, QmpError> {
             data: obj.get("data").cloned().unwrap_or(Value::Null),
         })
     } else {
-        Err(QmpError::Protocol(format!("unknown message: {v:.200}")))
+        Err(QmpError::Protocol(format!(
+            "unknown message: {}",
+            quote(&v)
+        )))
     }
 }
 
@@ -215,7 +228,7 @@ impl Qmp {
         v.get("status")
             .and_then(Value::as_str)
             .map(str::to_string)
-            .ok_or_else(|| QmpError::Protocol(format!("query-status returned {v}")))
+            .ok_or_else(|| QmpError::Protocol(format!("query-status returned {}", quote(&v))))
     }
 }
 
@@ -286,6 +299,22 @@ mod tests {
                 matches!(parse_message(bad), Err(QmpError::Protocol(_))),
                 "{bad:?}"
             );
+        }
+    }
+
+    /// Found by the `qmp` fuzz target: a long line that is JSON but not a QMP message was
+    /// quoted whole in the error.
+    #[test]
+    fn protocol_errors_quote_at_most_200_characters() {
+        let long_string = format!("\"{}\"", "a".repeat(600));
+        let long_array = format!("[{}1]", "1,".repeat(300));
+        let long_object = format!("{{\"x\": \"{}\"}}", "b".repeat(600));
+        let long_junk = format!("{{{}", "c".repeat(600));
+        for line in [long_string, long_array, long_object, long_junk] {
+            let Err(QmpError::Protocol(m)) = parse_message(&line) else {
+                panic!("accepted {line:.20}");
+            };
+            assert!(m.chars().count() < 300, "{} characters: {m:.40}", m.len());
         }
     }
 

@@ -352,7 +352,7 @@ pub fn parse_http_response(raw: &[u8]) -> Result<(u16, Vec<u8>), String> {
 
 /// `BENCHMARKS.md` is one header plus one section per benchmark between markers, so that
 /// `cargo xtask bench io` replaces the I/O section and keeps the others from earlier runs.
-pub const SECTION_ORDER: [&str; 3] = ["io", "scale", "throttle"];
+pub const SECTION_ORDER: [&str; 4] = ["io", "scale", "throttle", "http"];
 
 fn begin_marker(name: &str) -> String {
     format!("<!-- bench:{name} begin -->")

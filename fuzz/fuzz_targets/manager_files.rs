@@ -1,0 +1,29 @@
+//! Files VM managers keep, read when a qemu process looks like theirs: libvirt's pidfile and
+//! status XML (`/run/libvirt/qemu/NAME.{pid,xml}`), a Proxmox VM config.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use overkvm::identity::managers::{
+    domain_id_attr, domain_uuid, domstatus_pid, element_text, parse_pidfile, pve_config_name,
+};
+use overkvm::identity::qemu::normalize_uuid;
+
+fuzz_target!(|data: &[u8]| {
+    let text = String::from_utf8_lossy(data);
+    if let Some(pid) = parse_pidfile(&text) {
+        let t = text.trim();
+        assert!(t.bytes().all(|b| b.is_ascii_digit()), "{t:?}");
+        assert_eq!(t.parse::<u32>(), Ok(pid));
+    }
+    if let Some(name) = pve_config_name(&text) {
+        assert!(!name.is_empty() && name == name.trim());
+    }
+    for tag in ["nova:name", "uuid", "name", "domain"] {
+        let _ = element_text(&text, tag);
+    }
+    let _ = domstatus_pid(&text);
+    if let Some(u) = domain_uuid(&text) {
+        assert_eq!(normalize_uuid(&u).as_deref(), Some(u.as_str()));
+    }
+    let _ = domain_id_attr(&text);
+});

@@ -1,0 +1,27 @@
+//! Lines from a QMP monitor (greeting, replies, errors, events), and the `query-blockstats`
+//! reply the lifecycle code reads guest disk counters from.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use overkvm::lifecycle::qmp::{Message, QmpError, disk_ops, parse_message};
+
+fuzz_target!(|data: &[u8]| {
+    let line = String::from_utf8_lossy(data);
+    match parse_message(&line) {
+        Ok(Message::Return { value, .. }) => {
+            for device in ["drive-virtio-disk0", "disk0", ""] {
+                if let Some(ops) = disk_ops(&value, device) {
+                    let _ = ops.total();
+                }
+            }
+        }
+        Ok(_) => {}
+        Err(e) => {
+            // Protocol errors quote at most 200 characters of what qemu sent.
+            if let QmpError::Protocol(m) = &e {
+                assert!(m.chars().count() < 300, "{} chars", m.chars().count());
+            }
+            let _ = e.to_string();
+        }
+    }
+});
