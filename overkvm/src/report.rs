@@ -248,8 +248,18 @@ impl ReportBuilder {
             hist: Histogram,
             by_op: Box<[Histogram; OP_COUNT]>,
         }
-        // (tgid, dev) -> accumulators; the request/bio choice is made per device below.
-        let mut per_proc: BTreeMap<(u32, u32), Acc> = BTreeMap::new();
+        // (tgid, dev, cgroup part) -> accumulators; the request/bio choice is made per device
+        // below. A kernel thread's I/O is kept apart per owning cgroup (the part), so that
+        // each part can go to the VM owning that cgroup; user processes have one part.
+        let mut per_proc: BTreeMap<(u32, u32, Option<u64>), Acc> = BTreeMap::new();
+        let mut kthread: HashMap<u32, bool> = HashMap::new();
+        let resolver = &mut self.resolver;
+        let mut part = |tgid: u32, cgroup_id: u64| {
+            let is_kthread = *kthread.entry(tgid).or_insert_with(|| {
+                tgid != 0 && resolver.resolve(tgid).is_some_and(|p| p.kernel_thread)
+            });
+            is_kthread.then_some(cgroup_id)
+        };
         let mut per_cgroup: BTreeMap<(u64, u32), (OpCounts, OpCounts)> = BTreeMap::new();
         let new_acc = || Acc {
             owners: BTreeMap::new(),
@@ -259,7 +269,8 @@ impl ReportBuilder {
             by_op: Box::default(),
         };
         for (k, c) in &delta.requests {
-            let acc = per_proc.entry((k.tgid, k.dev)).or_insert_with(new_acc);
+            let key = (k.tgid, k.dev, part(k.tgid, k.cgroup_id));
+            let acc = per_proc.entry(key).or_insert_with(new_acc);
             acc.counts.add(k.op(), *c);
             *acc.owners.entry(k.cgroup_id).or_default() += c.ops;
             per_cgroup
@@ -269,7 +280,8 @@ impl ReportBuilder {
                 .add(k.op(), *c);
         }
         for (k, c) in &delta.bios {
-            let acc = per_proc.entry((k.tgid, k.dev)).or_insert_with(new_acc);
+            let key = (k.tgid, k.dev, part(k.tgid, k.cgroup_id));
+            let acc = per_proc.entry(key).or_insert_with(new_acc);
             acc.bio_counts.add(k.op(), *c);
             *acc.owners.entry(k.cgroup_id).or_default() += c.ops;
             per_cgroup
@@ -279,14 +291,15 @@ impl ReportBuilder {
                 .add(k.op(), *c);
         }
         for (k, h) in &delta.latency {
-            let acc = per_proc.entry((k.tgid, k.dev)).or_insert_with(new_acc);
+            let key = (k.tgid, k.dev, part(k.tgid, k.cgroup_id));
+            let acc = per_proc.entry(key).or_insert_with(new_acc);
             acc.hist.merge(h);
             acc.by_op[k.op() as usize].merge(h);
         }
 
         let mut devices: BTreeMap<u32, (Arc<DeviceInfo>, OpCounts)> = BTreeMap::new();
         let mut processes = Vec::with_capacity(per_proc.len());
-        for ((tgid, dev), acc) in per_proc {
+        for ((tgid, dev, _), acc) in per_proc {
             let info = self.devices.get(dev);
             let (source, counts) = pick(&info, &acc.counts, &acc.bio_counts);
             devices
@@ -522,22 +535,47 @@ pub fn fold_kernel_rows_into_vms(
             continue;
         };
         let vm = rows[j].as_mut().expect("VM rows are never folded");
-        vm.counts.merge(&k.counts);
-        vm.read_bios += k.read_bios;
-        vm.write_bios += k.write_bios;
-        vm.completions += k.completions;
         vm.kernel_submitted_ops += k.counts.total_ops();
-        for (a, b) in vm.latency.iter_mut().zip(k.latency.iter()) {
-            a.merge(b);
-        }
-        let mut all = Histogram::default();
-        for h in vm.latency.iter() {
-            all.merge(h);
-        }
-        vm.lat_avg_us = stats::mean_us(&all).map(round2);
-        vm.lat_p99_us = stats::quantile_us(&all, 0.99).map(round2);
+        absorb(vm, &k);
     }
-    rows.into_iter().flatten().collect()
+    // A kernel thread's parts that no VM owns are one row again per device, charged to the
+    // cgroup that owns most of it.
+    let mut out: Vec<ProcessRow> = Vec::with_capacity(rows.len());
+    for r in rows.into_iter().flatten() {
+        let same = out.iter_mut().find(|x| {
+            r.kernel_thread
+                && x.kernel_thread
+                && x.pid == r.pid
+                && (x.major, x.minor) == (r.major, r.minor)
+        });
+        match same {
+            Some(x) => {
+                if r.counts.total_ops() > x.counts.total_ops() {
+                    x.io_cgroup = r.io_cgroup.clone();
+                }
+                absorb(x, &r);
+            }
+            None => out.push(r),
+        }
+    }
+    out
+}
+
+/// Adds `k`'s I/O (same device) to `into`.
+fn absorb(into: &mut ProcessRow, k: &ProcessRow) {
+    into.counts.merge(&k.counts);
+    into.read_bios += k.read_bios;
+    into.write_bios += k.write_bios;
+    into.completions += k.completions;
+    for (a, b) in into.latency.iter_mut().zip(k.latency.iter()) {
+        a.merge(b);
+    }
+    let mut all = Histogram::default();
+    for h in into.latency.iter() {
+        all.merge(h);
+    }
+    into.lat_avg_us = stats::mean_us(&all).map(round2);
+    into.lat_p99_us = stats::quantile_us(&all, 0.99).map(round2);
 }
 
 /// Request counts on blk-mq devices, bio counts on bio-based ones.
@@ -682,6 +720,34 @@ mod tests {
         let rows = vec![row(11, "kworker/0:1-kthrotld", None, "/vm/a", 7, true)];
         let out = fold_kernel_rows_into_vms(rows, &owners);
         assert!(out[0].vm.is_none());
+    }
+
+    #[test]
+    fn a_flushers_parts_go_to_their_owners_and_the_rest_stays_one_row() {
+        // One flusher wrote for VM a's cgroup, for the root (metadata) and for a cgroup no VM
+        // owns, in one interval: only a's part joins a.
+        let rows = vec![
+            row(100, "qemu", Some("a"), "/vm/a", 10, false),
+            row(12, "kworker/u8:2", None, "/vm/a", 200, true),
+            row(12, "kworker/u8:2", None, "/", 9, true),
+            row(12, "kworker/u8:2", None, "/other", 30, true),
+        ];
+        let mut owners = HashMap::new();
+        learn_cgroup_owners(&mut owners, &rows, |_| true);
+        let out = fold_kernel_rows_into_vms(rows, &owners);
+        assert_eq!(out.len(), 2, "{out:#?}");
+        let a = out.iter().find(|r| r.pid == 100).unwrap();
+        assert_eq!((a.counts.read_ops, a.kernel_submitted_ops), (210, 200));
+        let k = out.iter().find(|r| r.pid == 12).unwrap();
+        assert_eq!(
+            k.counts.read_ops, 39,
+            "root and unowned parts, merged again"
+        );
+        assert_eq!(
+            k.io_cgroup.as_deref(),
+            Some("/other"),
+            "the larger part names it"
+        );
     }
 
     #[test]
