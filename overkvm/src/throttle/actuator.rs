@@ -299,6 +299,40 @@ mod tests {
     }
 
     #[test]
+    fn symlinks_at_limit_files_or_cgroups_are_never_followed() {
+        let root = std::env::temp_dir().join(format!("overkvm-act-link-{}", std::process::id()));
+        let vm = root.join("vm");
+        fs::create_dir_all(&vm).unwrap();
+        let outside = root.join("outside.txt");
+        fs::write(&outside, "precious").unwrap();
+        for f in &V1_FILES[1..] {
+            fs::write(vm.join(f), "").unwrap();
+        }
+        std::os::unix::fs::symlink(&outside, vm.join(V1_FILES[0])).unwrap();
+        std::os::unix::fs::symlink(&vm, root.join("link")).unwrap();
+        let act = Actuator {
+            api: IoController::V1,
+            root: root.clone(),
+        };
+        let l = Limits {
+            riops: Some(100),
+            ..Limits::default()
+        };
+        let e = act.apply("/vm", 7, 0, &l).unwrap_err();
+        assert!(
+            e.chain().any(|c| c
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.raw_os_error() == Some(libc::ELOOP))),
+            "{e:#}"
+        );
+        let e = act.apply("/link", 7, 0, &l).unwrap_err();
+        assert!(format!("{e:#}").contains("not a directory"), "{e:#}");
+        assert!(act.move_process("/link", 1).is_err());
+        assert_eq!(fs::read_to_string(&outside).unwrap(), "precious");
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
     fn cgroup_paths_are_checked() {
         assert_eq!(check_cgroup_path("/a/b").unwrap(), "a/b");
         for bad in ["/", "", "a/b", "/a/../b", "/./a", "//"] {

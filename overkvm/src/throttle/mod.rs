@@ -31,6 +31,34 @@ use crate::{
     tick::{ActiveLimit, BudgetUse, ThrottleView},
 };
 
+/// True when an error means the cgroup (or its files) no longer exists.
+fn is_gone(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>().is_some_and(|io| {
+            io.kind() == std::io::ErrorKind::NotFound || io.raw_os_error() == Some(libc::ENODEV)
+        })
+    })
+}
+
+/// The cgroup of a process in the block controller's hierarchy, from /proc/PID/cgroup: the
+/// `blkio` line on v1, the `0::` line on v2 (on a hybrid host the two differ).
+fn block_cgroup_of(pid: u32, api: crate::cgroupfs::IoController) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    block_cgroup_in(&text, api)
+}
+
+fn block_cgroup_in(text: &str, api: crate::cgroupfs::IoController) -> Option<String> {
+    text.lines().find_map(|l| {
+        let mut f = l.splitn(3, ':');
+        let (id, controllers, path) = (f.next()?, f.next()?, f.next()?);
+        let ours = match api {
+            crate::cgroupfs::IoController::V1 => controllers.split(',').any(|c| c == "blkio"),
+            crate::cgroupfs::IoController::V2 => id == "0" && controllers.is_empty(),
+        };
+        (ours && path.starts_with('/')).then(|| path.to_string())
+    })
+}
+
 /// Policy knobs from the config, defaults where unset.
 pub fn knobs(config: &Config) -> Knobs {
     let p = &config.policy;
@@ -139,7 +167,8 @@ pub struct ThrottleService {
     applied: BTreeMap<(String, u32), Applied>,
     decisions_total: u64,
     throttled_seconds: f64,
-    problems: VecDeque<String>,
+    /// (key, message), latest first.
+    problems: VecDeque<(String, String)>,
     warned: HashSet<String>,
 }
 
@@ -240,13 +269,37 @@ impl ThrottleService {
         ThrottleState::default().save(&self.state_path)
     }
 
+    /// Records a problem; logged once per key until it is resolved.
     fn problem(&mut self, key: &str, msg: String) {
         if self.warned.insert(key.to_string()) {
             log::warn!("{msg}");
         }
-        self.problems.retain(|p| p != &msg);
-        self.problems.push_front(msg);
+        self.problems.retain(|(k, m)| k != key && m != &msg);
+        self.problems.push_front((key.to_string(), msg));
         self.problems.truncate(20);
+    }
+
+    /// A condition recorded with `problem` is over: it leaves the problem list (and the
+    /// metric counting it), and is logged again should it come back.
+    fn resolved(&mut self, key: &str, msg: impl FnOnce() -> String) {
+        let before = self.problems.len();
+        self.problems.retain(|(k, _)| k != key);
+        if self.warned.remove(key) || self.problems.len() != before {
+            log::info!("{}", msg());
+        }
+    }
+
+    /// A VM's cgroup vanished (the VM stopped and its manager removed the cgroup): logged once
+    /// per cgroup, however many ticks still mention it. Not a problem: nothing is degraded.
+    fn vanished(&mut self, vm: &str, cgroup: &str) {
+        let key = format!("gone-{cgroup}");
+        if self.warned.len() > 4096 {
+            // Bounded over months of VM churn: old vanished cgroups are forgotten.
+            self.warned.retain(|k| !k.starts_with("gone-"));
+        }
+        if self.warned.insert(key) {
+            log::info!("VM {vm}: cgroup {cgroup} is gone (VM stopped?): its limit went with it");
+        }
     }
 
     /// Saves the record of changes; false (logged once, shown in status) when it cannot.
@@ -255,7 +308,13 @@ impl ThrottleService {
             return true;
         }
         match self.state.save(&self.state_path) {
-            Ok(()) => true,
+            Ok(()) => {
+                let path = self.state_path.display().to_string();
+                self.resolved("state-save", || {
+                    format!("throttle state saved to {path} again: limits are written again")
+                });
+                true
+            }
             Err(e) => {
                 self.problem(
                     "state-save",
@@ -279,12 +338,17 @@ impl ThrottleService {
         let view = self.view();
         if !self.dry_run
             && let Ok(json) = serde_json::to_vec(&view)
-            && let Err(e) = state::write_atomic(&self.status_path, &json)
         {
-            self.problem(
-                "status",
-                format!("cannot write {}: {e:#}", self.status_path.display()),
-            );
+            match state::write_atomic(&self.status_path, &json) {
+                Ok(()) => {
+                    let path = self.status_path.display().to_string();
+                    self.resolved("status", || format!("{path} written again"));
+                }
+                Err(e) => self.problem(
+                    "status",
+                    format!("cannot write {}: {e:#}", self.status_path.display()),
+                ),
+            }
         }
         view
     }
@@ -308,14 +372,26 @@ impl ThrottleService {
                     u.iops.1 += iops.1;
                     u.bps.0 += bps.0;
                     u.bps.1 += bps.1;
-                    u.pid = row.pid;
+                    // A restarted VM can show its exited process too (its final I/O): the
+                    // living one says where the VM is now.
+                    let live = !row.exited;
+                    if live || u.pid == 0 {
+                        u.pid = row.pid;
+                    }
                     u.uuid = vm.uuid.clone();
                     u.manager = serde_json::to_value(vm.manager)
                         .ok()
                         .and_then(|v| v.as_str().map(str::to_string))
                         .unwrap_or_default();
-                    if row.io_cgroup.is_some() {
-                        u.cgroup = row.io_cgroup.clone();
+                    // The cgroup charged for its I/O; while a new cgroup's id is not yet
+                    // resolved, a living process's own cgroup in the block controller's
+                    // hierarchy.
+                    let cg = row.io_cgroup.clone().or_else(|| {
+                        let api = self.act.as_ref()?.api;
+                        live.then(|| block_cgroup_of(row.pid, api)).flatten()
+                    });
+                    if cg.is_some() && (live || u.cgroup.is_none()) {
+                        u.cgroup = cg;
                     }
                 }
                 None => {
@@ -371,6 +447,20 @@ impl ThrottleService {
             touched.extend(d.set.into_keys());
             touched.extend(d.clear);
         }
+        // A limit the controllers hold but that is not in place (its state could not be saved,
+        // its write failed) is tried again every tick: the controllers only report changes.
+        let dev = m.info.dev;
+        for vm in m.ctl_iops.limits.keys().chain(m.ctl_bps.limits.keys()) {
+            let want = limits_of(m.ctl_iops.limits.get(vm), m.ctl_bps.limits.get(vm));
+            if vms.contains_key(vm)
+                && self
+                    .applied
+                    .get(&(vm.clone(), dev))
+                    .is_none_or(|a| a.limits != want)
+            {
+                touched.push(vm.clone());
+            }
+        }
         touched.sort();
         touched.dedup();
         for vm in touched {
@@ -397,11 +487,17 @@ impl ThrottleService {
             if let Some(a) = self.applied.remove(&key) {
                 self.decisions_total += 1;
                 if let Some(act) = self.act.as_ref().filter(|_| !self.dry_run) {
-                    if let Err(e) = act.clear(&a.cgroup, major, minor) {
-                        self.problem(
-                            &format!("clear-{vm}"),
-                            format!("removing the limit of VM {vm} on {}: {e:#}", info.name),
-                        );
+                    match act.clear(&a.cgroup, major, minor) {
+                        Err(e) if is_gone(&e) => {
+                            self.vanished(vm, &a.cgroup);
+                        }
+                        Err(e) => {
+                            self.problem(
+                                &format!("clear-{vm}"),
+                                format!("removing the limit of VM {vm} on {}: {e:#}", info.name),
+                            );
+                        }
+                        Ok(()) => {}
                     }
                     self.state.forget_limit(&a.cgroup, major, minor);
                     self.save_state();
@@ -427,7 +523,12 @@ impl ThrottleService {
             .processes
             .iter()
             .filter(|r| {
-                r.pid != pid && !r.kernel_thread && r.io_cgroup.as_deref() == Some(cgroup.as_str())
+                // An exited process (a restarted VM's old one) shares nothing any more.
+                r.pid != pid
+                    && !r.kernel_thread
+                    && !r.exited
+                    && r.vm.as_ref().is_none_or(|v| v.name != vm)
+                    && r.io_cgroup.as_deref() == Some(cgroup.as_str())
             })
             .map(|r| match &r.vm {
                 Some(v) => format!("VM {}", v.name),
@@ -461,6 +562,31 @@ impl ThrottleService {
                 }
             }
         }
+        if let Some(old) = self
+            .applied
+            .get(&key)
+            .filter(|a| a.cgroup != cgroup)
+            .map(|a| a.cgroup.clone())
+        {
+            // The VM runs in another cgroup now (restarted under a new scope, or moved): the
+            // limit on its old cgroup is not its own any more.
+            self.applied.remove(&key);
+            if let Some(act) = self.act.clone().filter(|_| !self.dry_run) {
+                match act.clear(&old, major, minor) {
+                    Err(e) if is_gone(&e) => self.vanished(vm, &old),
+                    Err(e) => self.problem(
+                        &format!("clear-{vm}"),
+                        format!(
+                            "removing the limit of VM {vm} on {} ({old}): {e:#}",
+                            info.name
+                        ),
+                    ),
+                    Ok(()) => {}
+                }
+                self.state.forget_limit(&old, major, minor);
+                self.save_state();
+            }
+        }
         if self
             .applied
             .get(&key)
@@ -468,7 +594,6 @@ impl ThrottleService {
         {
             return;
         }
-        self.decisions_total += 1;
         if let Some(act) = self.act.clone().filter(|_| !self.dry_run) {
             // A limit is written only once it is on record: a crash must never leave a
             // limit nobody knows to remove.
@@ -477,23 +602,24 @@ impl ThrottleService {
                 return;
             }
             if let Err(e) = act.apply(&cgroup, major, minor, &want) {
-                self.problem(
-                    &format!("apply-{vm}-{cgroup}"),
-                    format!("limiting VM {vm} ({cgroup}) on {}: {e:#}", info.name),
-                );
-                let gone = e.chain().any(|c| {
-                    c.downcast_ref::<std::io::Error>()
-                        .is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound)
-                });
-                if gone {
-                    // The cgroup vanished under us (VM stopped): nothing to keep.
+                if is_gone(&e) {
+                    // The cgroup vanished under us (VM stopped): nothing to keep, nothing
+                    // degraded.
+                    self.vanished(vm, &cgroup);
                     self.state.forget_limit(&cgroup, major, minor);
                     self.save_state();
                     self.applied.remove(&key);
+                } else {
+                    self.problem(
+                        &format!("apply-{vm}-{cgroup}"),
+                        format!("limiting VM {vm} ({cgroup}) on {}: {e:#}", info.name),
+                    );
                 }
                 return;
             }
         }
+        // Counted once in place (or decided, in a dry run), not per attempt.
+        self.decisions_total += 1;
         log::info!(
             "VM {vm} on {}: {want:?}{}",
             info.name,
@@ -576,7 +702,7 @@ impl ThrottleService {
                 .collect(),
             decisions_total: self.decisions_total,
             throttled_seconds_total: self.throttled_seconds,
-            problems: self.problems.iter().cloned().collect(),
+            problems: self.problems.iter().map(|(_, m)| m.clone()).collect(),
         }
     }
 
@@ -690,6 +816,82 @@ mod tests {
         let e = format!("{:#}", resolve_device(&mut t, "nvme9n9").unwrap_err());
         assert!(e.contains("no block device named"), "{e}");
         fs::remove_dir_all(&root).unwrap();
+    }
+
+    fn bare_service(state_path: PathBuf) -> ThrottleService {
+        ThrottleService {
+            config: Config::default(),
+            knobs: Knobs::default(),
+            dry_run: false,
+            manage_cgroups: false,
+            act: None,
+            status_path: state_path.with_file_name("status.json"),
+            state_path,
+            state: ThrottleState::default(),
+            devices: Vec::new(),
+            table: DeviceTable::new(),
+            applied: BTreeMap::new(),
+            decisions_total: 0,
+            throttled_seconds: 0.0,
+            problems: VecDeque::new(),
+            warned: HashSet::new(),
+        }
+    }
+
+    #[test]
+    fn a_state_save_failure_is_one_problem_until_saving_works_again() {
+        // Under a regular file: ENOTDIR, even for root.
+        let mut svc = bare_service(PathBuf::from("/proc/version/overkvm/throttle.json"));
+        assert!(!svc.save_state());
+        assert!(!svc.save_state());
+        assert_eq!(svc.view().problems.len(), 1, "{:?}", svc.view().problems);
+        assert!(svc.view().problems[0].contains("cannot save throttle state"));
+        let dir = std::env::temp_dir().join(format!("overkvm-thr-save-{}", std::process::id()));
+        svc.state_path = dir.join("throttle.json");
+        assert!(svc.save_state());
+        assert!(
+            svc.view().problems.is_empty(),
+            "resolved problems leave the list"
+        );
+        assert!(
+            !svc.warned.contains("state-save"),
+            "a new failure is logged again"
+        );
+        svc.state_path = PathBuf::from("/proc/version/x.json");
+        assert!(!svc.save_state());
+        assert_eq!(svc.view().problems.len(), 1);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_vanished_cgroup_is_noted_once_and_is_not_a_problem() {
+        let mut svc = bare_service(PathBuf::from("/nonexistent/throttle.json"));
+        for _ in 0..5 {
+            svc.vanished("vmA", "/machine/vmA-1");
+        }
+        assert_eq!(svc.warned.len(), 1);
+        assert!(svc.view().problems.is_empty());
+        for i in 0..5000 {
+            svc.vanished("vmB", &format!("/machine/vmB-{i}"));
+        }
+        assert!(svc.warned.len() <= 4097, "bounded: {}", svc.warned.len());
+    }
+
+    #[test]
+    fn block_cgroup_is_read_from_the_block_controllers_line() {
+        use crate::cgroupfs::IoController::{V1, V2};
+        let hybrid = "12:blkio:/machine/vm1\n3:cpu,cpuacct:/x\n0::/user.slice/s.scope\n";
+        assert_eq!(block_cgroup_in(hybrid, V1).as_deref(), Some("/machine/vm1"));
+        assert_eq!(
+            block_cgroup_in(hybrid, V2).as_deref(),
+            Some("/user.slice/s.scope")
+        );
+        assert_eq!(block_cgroup_in("0::/a\n", V1), None);
+        assert_eq!(
+            block_cgroup_in("2:blkio,io:/b\n", V1).as_deref(),
+            Some("/b")
+        );
+        assert_eq!(block_cgroup_in("garbage\n1:blkio:relative\n", V1), None);
     }
 
     #[test]

@@ -106,10 +106,19 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
         .custom_flags(libc::O_NOFOLLOW)
         .open(&tmp)
         .with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(bytes)
+    let written = f
+        .write_all(bytes)
         .and_then(|_| f.sync_all())
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
+        .with_context(|| format!("writing {}", tmp.display()))
+        .and_then(|_| {
+            // rename() replaces a symlink at `path` itself: its target is never written.
+            fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
+        });
+    if written.is_err() {
+        // A full filesystem must not also keep a half-written temporary file.
+        let _ = fs::remove_file(&tmp);
+    }
+    written
 }
 
 /// Start time of a live process (field 22 of /proc/PID/stat), if it exists.
@@ -188,6 +197,32 @@ mod tests {
         );
         fs::write(&path, "{not json").unwrap();
         assert!(ThrottleState::load(&path).is_err());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn save_replaces_a_planted_symlink_and_never_writes_its_target() {
+        let dir = std::env::temp_dir().join(format!("overkvm-state-link-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let outside = dir.join("outside.txt");
+        fs::write(&outside, "precious").unwrap();
+        let path = dir.join("throttle.json");
+        std::os::unix::fs::symlink(&outside, &path).unwrap();
+        // A symlink planted at the temporary file's name is not followed either.
+        let tmp = dir.join(format!(".throttle.json.{}.tmp", std::process::id()));
+        std::os::unix::fs::symlink(&outside, &tmp).unwrap();
+        let mut s = ThrottleState::default();
+        s.note_limit("/a", 7, 0);
+        s.save(&path).unwrap();
+        assert_eq!(fs::read_to_string(&outside).unwrap(), "precious");
+        assert!(
+            !fs::symlink_metadata(&path)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        assert_eq!(ThrottleState::load(&path).unwrap(), s);
+        assert!(!tmp.exists());
         fs::remove_dir_all(&dir).unwrap();
     }
 
