@@ -4,6 +4,7 @@
 pub mod devices;
 pub mod guest;
 pub mod iogen;
+pub mod serving;
 pub mod throttling;
 
 use std::path::PathBuf;

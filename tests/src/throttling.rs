@@ -2,6 +2,7 @@
 
 use std::{
     fs,
+    os::unix::{ffi::OsStrExt as _, process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -56,10 +57,26 @@ pub fn greedy_vm(bin_dir: &Path, dev: &Path, name: &str, cgroup_dir: &Path, regi
     if !qemu.exists() {
         fs::copy(workspace_bin("iogen"), &qemu).unwrap();
     }
+    // Joins its cgroup before exec, as libvirt does: not one I/O is charged elsewhere.
+    let procs = std::ffi::CString::new(cgroup_dir.join("cgroup.procs").as_os_str().as_bytes())
+        .expect("cgroup path without NUL");
+    let mut cmd = Command::new(&qemu);
+    // SAFETY: the closure only makes async-signal-safe calls (open, write, close).
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            if ok { Ok(()) } else { Err(err) }
+        });
+    }
     // iogen reads its first 7 arguments and ignores the rest: the qemu-style ones are for
     // overkvm's identity code.
-    let child = Command::new(&qemu)
-        .arg(dev)
+    cmd.arg(dev)
         .args(["100000000", "0", "4096"])
         .arg((region * (16 << 20)).to_string())
         .arg((16u64 << 20).to_string())
@@ -68,9 +85,7 @@ pub fn greedy_vm(bin_dir: &Path, dev: &Path, name: &str, cgroup_dir: &Path, regi
         .arg(format!("00000000-0000-4000-8000-00000000000{region}"))
         .stdout(Stdio::null())
         .spawn()
-        .unwrap();
-    fs::write(cgroup_dir.join("cgroup.procs"), child.id().to_string()).unwrap();
-    child
+        .unwrap()
 }
 
 /// Read ops of a v1 cgroup on a device, as blkio counts them.
@@ -210,4 +225,43 @@ macro_rules! v1_blkio_or_skip {
             }
         }
     };
+}
+
+/// The v1 limits of a cgroup on a device as the kernel reports them: read_iops, write_iops,
+/// read_bps, write_bps (None where unlimited or unreadable).
+pub fn v1_limits(cgroup_dir: &Path, major: u32, minor: u32) -> [Option<u64>; 4] {
+    let mut out = [None; 4];
+    for (i, f) in ["read_iops", "write_iops", "read_bps", "write_bps"]
+        .iter()
+        .enumerate()
+    {
+        let text = fs::read_to_string(cgroup_dir.join(format!("blkio.throttle.{f}_device")))
+            .unwrap_or_default();
+        out[i] = overkvm::throttle::actuator::parse_v1(&text, major, minor);
+    }
+    out
+}
+
+/// Every cgroup directory under (and including) `root`.
+pub fn cgroup_tree(root: &Path) -> Vec<PathBuf> {
+    let mut out = vec![root.to_path_buf()];
+    let mut i = 0;
+    while i < out.len() {
+        if let Ok(rd) = fs::read_dir(&out[i]) {
+            for e in rd.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    out.push(e.path());
+                }
+            }
+        }
+        i += 1;
+    }
+    out
+}
+
+/// Removes an empty cgroup, retrying while its last task is still exiting.
+pub fn remove_cgroup(dir: &Path) -> bool {
+    wait_until(Duration::from_secs(5), || {
+        fs::remove_dir(dir).is_ok() || !dir.exists()
+    })
 }

@@ -94,6 +94,7 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("prometheus", "prometheus"),
     ("bpftrace", "bpftrace"),
     ("bpftool", "bpftool"),
+    ("strace", "strace"),
 ];
 
 fn installed(pkg: &str) -> bool {
