@@ -53,10 +53,22 @@ impl Traced {
             strace,
         };
         let sp = t.strace.id();
+        // strace forks short-lived children of its own at start (to probe ptrace features):
+        // the daemon is the child running overkvm-io.
         wait_until(Duration::from_secs(10), || {
             t.daemon_pid = fs::read_to_string(format!("/proc/{sp}/task/{sp}/children"))
-                .ok()
-                .and_then(|c| c.split_whitespace().next()?.parse().ok());
+                .unwrap_or_default()
+                .split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok())
+                .find(|p| {
+                    // argv[0] only: before its exec the child is a copy of strace, whose
+                    // arguments name overkvm-io too.
+                    fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| {
+                        c.split(|&b| b == 0)
+                            .next()
+                            .is_some_and(|a0| a0.ends_with(b"overkvm-io"))
+                    })
+                });
             t.daemon_pid.is_some()
         });
         t
@@ -64,7 +76,8 @@ impl Traced {
 
     /// SIGTERM to the daemon; waits for it (and strace) to end. True on a clean exit of both.
     fn stop(&mut self) -> bool {
-        if let Some(pid) = self.daemon_pid.take() {
+        let daemon = self.daemon_pid.take();
+        if let Some(pid) = daemon {
             // SAFETY: plain syscall on the daemon strace started for us.
             unsafe { libc::kill(pid, libc::SIGTERM) };
         }
@@ -77,6 +90,11 @@ impl Traced {
         }
         let _ = self.strace.kill();
         let _ = self.strace.wait();
+        if let Some(pid) = daemon {
+            // Do not leave it running (and throttling) behind a failed test.
+            // SAFETY: plain syscall.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
         false
     }
 }
