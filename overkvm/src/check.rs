@@ -224,7 +224,7 @@ pub fn print_human(r: &CheckReport) {
         if r.bpf_stats_enabled {
             "on"
         } else {
-            "off (overkvm turns them on while it measures itself)"
+            "off (serve --bpf-stats turns them on for its run-time metrics)"
         }
     );
     match &r.load {
