@@ -165,6 +165,23 @@ impl Drop for Daemon {
     }
 }
 
+/// Writes a daemon config with one device budget: `[policy]` with `state_file` and the `policy`
+/// lines (each ending in a newline), then the `[[device]]`, then `extra` (e.g. `[[vm]]` tables).
+pub fn write_config(
+    path: &Path,
+    state_file: &Path,
+    policy: &str,
+    device: &str,
+    iops: impl std::fmt::Display,
+    extra: &str,
+) {
+    let text = format!(
+        "[policy]\nstate_file = \"{}\"\n{policy}\n[[device]]\ndevice = \"{device}\"\niops = {iops}\n{extra}",
+        state_file.display()
+    );
+    fs::write(path, text).expect("writing the daemon config");
+}
+
 pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + timeout;
     while Instant::now() < end {

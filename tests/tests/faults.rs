@@ -16,7 +16,7 @@ use overkvm_tests::{
     skip_unless_kernel,
     throttling::{
         Daemon, V1Scenario, any_limit, cgroup_tree, greedy_vm, remove_cgroup, serviced, v1_limits,
-        wait_until,
+        wait_until, write_config,
     },
 };
 
@@ -55,14 +55,14 @@ fn unwritable_state_file_means_no_unrecorded_limit_and_one_log_line() {
     fs::create_dir_all(&tmp).unwrap();
     let config = tmp.join("c.toml");
     // A path under a regular file can never be created (ENOTDIR), even by root.
-    fs::write(
+    write_config(
         &config,
-        format!(
-            "[policy]\nstate_file = \"/proc/version/overkvm/throttle.json\"\nengage_ticks = 1\n\n[[device]]\ndevice = \"{}\"\niops = 500\n",
-            lo.name()
-        ),
-    )
-    .unwrap();
+        std::path::Path::new("/proc/version/overkvm/throttle.json"),
+        "engage_ticks = 1\n",
+        &lo.name(),
+        500,
+        "",
+    );
     let log = tmp.join("d.log");
     let mut daemon = Daemon::start(&config, &log);
     let child = greedy_vm(&tmp, &lo.path, "vmA", &dirs[0], 0);
@@ -100,15 +100,14 @@ fn throttled_device_detached_mid_run() {
     let tmp = std::env::temp_dir().join(format!("overkvm-detach-{}", std::process::id()));
     fs::create_dir_all(&tmp).unwrap();
     let config = tmp.join("c.toml");
-    fs::write(
+    write_config(
         &config,
-        format!(
-            "[policy]\nstate_file = \"{}\"\nengage_ticks = 1\n\n[[device]]\ndevice = \"{}\"\niops = 800\n",
-            tmp.join("state/throttle.json").display(),
-            lo.name()
-        ),
-    )
-    .unwrap();
+        &tmp.join("state/throttle.json"),
+        "engage_ticks = 1\n",
+        &lo.name(),
+        800,
+        "",
+    );
     let log = tmp.join("d.log");
     let mut daemon = Daemon::start(&config, &log);
     for (i, n) in ["vmA", "vmB"].iter().enumerate() {
@@ -207,15 +206,14 @@ fn vms_killed_while_their_limits_change() {
     let tmp = TempDir::new("vmkill");
     let state_dir = tmp.join("state");
     let config = tmp.join("c.toml");
-    fs::write(
+    write_config(
         &config,
-        format!(
-            "[policy]\nstate_file = \"{}\"\nengage_ticks = 1\ndeadband = 0.0\n\n[[device]]\ndevice = \"{}\"\niops = {BUDGET}\n",
-            state_dir.join("throttle.json").display(),
-            lo.name()
-        ),
-    )
-    .unwrap();
+        &state_dir.join("throttle.json"),
+        "engage_ticks = 1\ndeadband = 0.0\n",
+        &lo.name(),
+        BUDGET,
+        "",
+    );
     let log = tmp.join("d.log");
     let mut daemon = Daemon::start(&config, &log);
     let addr = serving::wait_serving(&log, 1.0, Duration::from_secs(10)).expect("metrics");
@@ -420,15 +418,14 @@ fn full_or_read_only_state_directory() {
         }
     };
     let config = tmp.join("c.toml");
-    fs::write(
+    write_config(
         &config,
-        format!(
-            "[policy]\nstate_file = \"{}\"\nengage_ticks = 1\n\n[[device]]\ndevice = \"{}\"\niops = 500\n",
-            mnt.path.join("throttle.json").display(),
-            lo.name()
-        ),
-    )
-    .unwrap();
+        &mnt.path.join("throttle.json"),
+        "engage_ticks = 1\n",
+        &lo.name(),
+        500,
+        "",
+    );
     let filler = fill(&mnt.path);
     let log = tmp.join("d.log");
     let mut daemon = Daemon::start(&config, &log);

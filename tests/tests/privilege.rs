@@ -17,7 +17,9 @@ use std::{
 use overkvm_tests::{
     serving::{self, Serve, TempDir},
     skip_unless_kernel,
-    throttling::{V1Scenario, any_limit, cgroup_tree, greedy_vm, v1_limits, wait_until},
+    throttling::{
+        V1Scenario, any_limit, cgroup_tree, greedy_vm, v1_limits, wait_until, write_config,
+    },
     workspace_bin,
 };
 
@@ -287,15 +289,14 @@ fn the_daemon_writes_only_limits_its_cgroups_and_its_state() {
         std::os::unix::fs::symlink(outside.join(f), state_dir.join(f)).unwrap();
     }
     let config = tmp.join("c.toml");
-    fs::write(
+    write_config(
         &config,
-        format!(
-            "[policy]\nstate_file = \"{}\"\nengage_ticks = 1\nmanage_cgroups = true\n\n[[device]]\ndevice = \"{}\"\niops = 600\n",
-            state_dir.join("throttle.json").display(),
-            lo.name()
-        ),
-    )
-    .unwrap();
+        &state_dir.join("throttle.json"),
+        "engage_ticks = 1\nmanage_cgroups = true\n",
+        &lo.name(),
+        600,
+        "",
+    );
     let traces = tmp.join("traces");
     fs::create_dir_all(&traces).unwrap();
     let cwd = tmp.join("cwd");
@@ -526,15 +527,14 @@ fn as_non_root_serve_refuses_with_a_clear_message_and_writes_nothing() {
     let lo = overkvm_tests::devices::LoopDevice::new(16).unwrap();
     let state_dir = tmp.join("state");
     let config = tmp.join("c.toml");
-    fs::write(
+    write_config(
         &config,
-        format!(
-            "[policy]\nstate_file = \"{}\"\n\n[[device]]\ndevice = \"{}\"\niops = 100\n",
-            state_dir.join("throttle.json").display(),
-            lo.name()
-        ),
-    )
-    .unwrap();
+        &state_dir.join("throttle.json"),
+        "",
+        &lo.name(),
+        100,
+        "",
+    );
     // nobody must be able to read the config and reach the binary.
     let _ = fs::set_permissions(&tmp.0, std::os::unix::fs::PermissionsExt::from_mode(0o755));
     let _ = fs::set_permissions(&config, std::os::unix::fs::PermissionsExt::from_mode(0o644));

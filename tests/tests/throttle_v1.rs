@@ -13,7 +13,9 @@ use std::{
 use overkvm::throttle::policy::jain_index;
 use overkvm_tests::{
     skip_unless_kernel,
-    throttling::{Daemon, TestCgroups, V1Scenario, any_limit, greedy_vm, serviced, wait_until},
+    throttling::{
+        Daemon, TestCgroups, V1Scenario, any_limit, greedy_vm, serviced, wait_until, write_config,
+    },
 };
 
 const BUDGET: f64 = 3000.0;
@@ -34,15 +36,14 @@ fn v1_budget_is_held_with_weighted_fair_shares_and_released() {
     fs::create_dir_all(&tmp).unwrap();
     let state = tmp.join("state/throttle.json");
     let config = tmp.join("overkvm.toml");
-    fs::write(
+    write_config(
         &config,
-        format!(
-            "[policy]\nstate_file = \"{}\"\nrelease_ticks = 6\n\n[[device]]\ndevice = \"{}\"\niops = {BUDGET}\n\n[[vm]]\nname = \"vmA\"\nweight = 2\n",
-            state.display(),
-            lo.name()
-        ),
-    )
-    .unwrap();
+        &state,
+        "release_ticks = 6\n",
+        &lo.name(),
+        BUDGET,
+        "\n[[vm]]\nname = \"vmA\"\nweight = 2\n",
+    );
     let log = tmp.join("daemon.log");
     let daemon = Daemon::start(&config, &log);
     std::thread::sleep(Duration::from_millis(800));
@@ -192,15 +193,7 @@ fn v1_kill9_at_random_moments_leaves_nothing_stale() {
     fs::create_dir_all(&tmp).unwrap();
     let state = tmp.join("state/throttle.json");
     let config = tmp.join("overkvm.toml");
-    fs::write(
-        &config,
-        format!(
-            "[policy]\nstate_file = \"{}\"\nengage_ticks = 1\n\n[[device]]\ndevice = \"{}\"\niops = 1000\n",
-            state.display(),
-            lo.name()
-        ),
-    )
-    .unwrap();
+    write_config(&config, &state, "engage_ticks = 1\n", &lo.name(), 1000, "");
     let mut seed = 0x2545_f491_4f6c_dd1du64;
     let mut engaged_kills = 0;
     for round in 0..20 {
