@@ -4,12 +4,14 @@
 
 use libfuzzer_sys::fuzz_target;
 use overkvm::identity::procfs::{parse_comm, parse_stat};
+use overkvm_fuzz::assert_sanitized;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = parse_comm(data);
+    assert_sanitized(&parse_comm(data));
     let Ok(s) = parse_stat(data) else {
         return;
     };
+    assert_sanitized(&s.comm);
     // comm runs from the first '(' to the last ')': a line rendered from the parsed fields
     // parses back to the same fields, whatever comm holds.
     let line = format!(

@@ -14,7 +14,7 @@ use overkvm::identity::{
     procfs::parse_cmdline,
     qemu::{QemuArgs, is_qemu, normalize_uuid},
 };
-use overkvm_fuzz::{parts, text};
+use overkvm_fuzz::{assert_sanitized, parts, text};
 
 struct Files {
     pidfile: Option<String>,
@@ -76,6 +76,10 @@ fuzz_target!(|data: &[u8]| {
     };
     let vm = identify(PID, &args, &cgroup, &files);
     assert!(!vm.name.is_empty(), "empty VM name");
+    assert_sanitized(&vm.name);
+    if let Some(d) = &vm.display_name {
+        assert_sanitized(d);
+    }
     assert!(vm.uuid.as_deref().is_none_or(is_normal_uuid));
     if vm.manager == Manager::Proxmox {
         assert!(vm.vmid.is_some());

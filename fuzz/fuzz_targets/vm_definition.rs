@@ -9,7 +9,7 @@ fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
     if let Ok(bytes) = parse_size(&text) {
         assert!(
-            bytes >= 512 && bytes <= 1 << 60 && bytes % 512 == 0,
+            (512..=1 << 60).contains(&bytes) && bytes % 512 == 0,
             "{bytes}"
         );
     }
