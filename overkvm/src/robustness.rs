@@ -3,8 +3,8 @@
 //! limit files) is fed arbitrary and mutated input and must return a value or an error, never
 //! panic, and terminal output must never carry a control character.
 //!
-//! `PROPTEST_CASES` sets the executions per property (256 by default; `cargo xtask fuzz` runs
-//! many more).
+//! `PROPTEST_CASES` sets the executions per property (256 by default). `cargo xtask fuzz` fuzzes
+//! the same parsers with coverage guidance (libFuzzer, targets in `fuzz/`).
 
 use proptest::prelude::*;
 

@@ -370,8 +370,11 @@ pub fn extract_section<'a>(report: &'a str, name: &str) -> Option<&'a str> {
     Some(report[start..start + len].trim_matches('\n'))
 }
 
+/// Blocks other commands write into the same file (`cargo xtask fuzz`): kept as they are.
+const CARRIED: [(&str, &str); 1] = [("<!-- fuzz begin -->", "<!-- fuzz end -->")];
+
 /// The new report: `header`, then for each section in `SECTION_ORDER` the new body if there is
-/// one, else the body from `existing`, else nothing.
+/// one, else the body from `existing`, else nothing; then the `CARRIED` blocks of `existing`.
 pub fn merge_report(header: &str, existing: Option<&str>, new: &[(&str, String)]) -> String {
     let mut out = header.trim_end().to_string();
     out.push_str("\n\n");
@@ -390,6 +393,17 @@ pub fn merge_report(header: &str, existing: Option<&str>, new: &[(&str, String)]
             out.push_str("\n\n");
         }
     }
+    for (begin, end) in CARRIED {
+        let block = existing.and_then(|e| {
+            let start = e.find(begin)?;
+            let len = e[start..].find(end)? + end.len();
+            Some(&e[start..start + len])
+        });
+        if let Some(block) = block {
+            out.push_str(block);
+            out.push_str("\n\n");
+        }
+    }
     out.truncate(out.trim_end().len());
     out.push('\n');
     out
@@ -398,6 +412,18 @@ pub fn merge_report(header: &str, existing: Option<&str>, new: &[(&str, String)]
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn merge_keeps_the_fuzz_block() {
+        let old = "# B\n\n<!-- bench:io begin -->\nold\n<!-- bench:io end -->\n\n\
+                   <!-- fuzz begin -->\nfuzzed\n<!-- fuzz end -->\n";
+        let out = merge_report("# B", Some(old), &[("io", "new".to_string())]);
+        assert!(out.contains("\nnew\n") && !out.contains("old"), "{out}");
+        assert!(
+            out.ends_with("<!-- fuzz begin -->\nfuzzed\n<!-- fuzz end -->\n"),
+            "{out}"
+        );
+    }
 
     #[test]
     fn median_of_odd_even_empty_and_nan() {
