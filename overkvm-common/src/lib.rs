@@ -363,7 +363,8 @@ pub enum Health {
     /// Partial completions seen by the fallback completion hook (informational).
     PartialCompletion = 6,
     /// A request completed without the kernel's start timestamp (`start_time_ns` is only taken
-    /// when the queue keeps I/O statistics or has a scheduler): its latency is unknown.
+    /// when the queue keeps I/O statistics or has a scheduler): its latency is unknown
+    /// (informational: `echo 1 > /sys/block/DEV/queue/iostats` brings it back).
     NoStartTime = 7,
 }
 
@@ -394,9 +395,10 @@ impl Health {
         }
     }
 
-    /// True when the slot counts lost data (as opposed to information).
+    /// True when the slot counts lost data (as opposed to information: a device whose
+    /// statistics the operator turned off has no latency to lose).
     pub const fn is_loss(self) -> bool {
-        !matches!(self, Health::PartialCompletion)
+        !matches!(self, Health::PartialCompletion | Health::NoStartTime)
     }
 }
 

@@ -15,17 +15,18 @@ use crate::{
 
 #[inline(always)]
 fn finish(rq: KPtr) {
+    let start: u64 = read(rq, off!(rq_start_time_ns)).unwrap_or(0);
+    if start == 0 {
+        // Not timestamped at allocation (iostats off, no scheduler): never given an entry.
+        health(Health::NoStartTime);
+        return;
+    }
     let Some((queue, tag)) = rq_ident(rq) else {
         return;
     };
     let Some(slot) = inflight_take(queue, tag) else {
         return;
     };
-    let start: u64 = read(rq, off!(rq_start_time_ns)).unwrap_or(0);
-    if start == 0 {
-        health(Health::NoStartTime);
-        return;
-    }
     let now = unsafe { bpf_ktime_get_ns() };
     count_latency(&slot, now.saturating_sub(start));
 }

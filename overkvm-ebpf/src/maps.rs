@@ -3,7 +3,9 @@
 //! Requests: a key's first I/O takes a free slot of the per-CPU array `IO_STATS` and records it
 //! in the shared hash `IO_KEYS`. Starts look the key up there (a read-only hash lookup) and count
 //! into this CPU's copy of the slot; the slot travels with the request in its in-flight entry,
-//! so a completion reaches the histogram by index, without a second hash lookup.
+//! so a completion reaches the histogram by index, without a second hash lookup. A per-CPU
+//! cache of the last key of each op spares the hash lookup too while a run of I/O comes from
+//! one process (a VM's I/O thread on this CPU).
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
@@ -13,7 +15,7 @@ use aya_ebpf::{
 };
 use overkvm_common::{
     BioInflight, HEALTH_SLOTS, Health, INFLIGHT_SLOTS, Inflight, IoCounters, IoKey, IoStats,
-    KeySlot, bio_slot, capacity, inflight_slot, lat_bucket,
+    KeySlot, OP_COUNT, bio_slot, capacity, inflight_slot, lat_bucket,
 };
 
 #[map]
@@ -25,6 +27,18 @@ pub static IO_STATS: PerCpuArray<IoStats> = PerCpuArray::with_max_entries(capaci
 
 #[map]
 pub static FREE_SLOTS: Queue<u32> = Queue::with_max_entries(capacity::IO_STATS, 0);
+
+/// The last key of one op on this CPU and its slot. Kernel-side only.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct CachedKey {
+    key: IoKey,
+    slot: KeySlot,
+}
+
+/// Indexed by op: reads and writes of one process interleaved both hit.
+#[map]
+static KEY_CACHE: PerCpuArray<CachedKey> = PerCpuArray::with_max_entries(OP_COUNT as u32, 0);
 
 #[map]
 pub static BIO_STATS: PerCpuHashMap<IoKey, IoCounters> =
@@ -48,10 +62,36 @@ pub fn health(slot: Health) {
     }
 }
 
-/// The `IO_STATS` slot of `key`, taking a free one for a new key; `None` (counted in
-/// `Health::StatsFull`) when no key or slot is left.
+/// The `IO_STATS` slot of `key` and this CPU's copy of it: from the per-CPU cache when the key
+/// is the last one of its op here and its slot was not recycled since (userspace bumps the
+/// generation when it prunes a key), else from `IO_KEYS` (taking a free slot for a new key).
+/// `None`, counted in `Health::StatsFull`, when no key or slot is left.
 #[inline(always)]
-pub fn key_slot(key: &IoKey) -> Option<KeySlot> {
+pub fn key_slot(key: &IoKey) -> Option<(KeySlot, *mut IoStats)> {
+    let cache = KEY_CACHE.get_ptr_mut(key.op as u32);
+    if let Some(c) = cache
+        && unsafe { (*c).key == *key }
+        && let Some(v) = stats(unsafe { &(*c).slot })
+    {
+        return Some((unsafe { (*c).slot }, v));
+    }
+    let slot = lookup_or_add(key)?;
+    let Some(v) = stats(&slot) else {
+        // Pruned in between (its process is gone): nothing to count into.
+        health(Health::StatsFull);
+        return None;
+    };
+    if let Some(c) = cache {
+        unsafe {
+            (*c).key = *key;
+            (*c).slot = slot;
+        }
+    }
+    Some((slot, v))
+}
+
+#[inline(always)]
+fn lookup_or_add(key: &IoKey) -> Option<KeySlot> {
     if let Some(s) = unsafe { IO_KEYS.get(key) } {
         return Some(*s);
     }
@@ -94,18 +134,23 @@ fn stats(slot: &KeySlot) -> Option<*mut IoStats> {
 /// Counts one request of `bytes` for `key`; returns the key's slot for its in-flight entry.
 #[inline(always)]
 pub fn count_request(key: &IoKey, bytes: u64) -> Option<KeySlot> {
-    let slot = key_slot(key)?;
-    if let Some(v) = stats(&slot) {
-        unsafe {
-            (*v).io.ops += 1;
-            (*v).io.bytes += bytes;
-        }
+    let (slot, v) = key_slot(key)?;
+    unsafe {
+        (*v).io.ops += 1;
+        (*v).io.bytes += bytes;
     }
     Some(slot)
 }
 
-/// Adds `bytes` (no op) to a key's request counters: bios merged into a request after it was
-/// counted.
+/// Adds `bytes` (no op) to `key`: a bio merged into a request already counted.
+#[inline(always)]
+pub fn add_key_bytes(key: &IoKey, bytes: u64) {
+    if let Some((_, v)) = key_slot(key) {
+        unsafe { (*v).io.bytes += bytes };
+    }
+}
+
+/// Adds `bytes` (no op) to the key owning `slot` (fallback: bios merged before the issue).
 #[inline(always)]
 pub fn add_bytes(slot: &KeySlot, bytes: u64) {
     if let Some(v) = stats(slot) {
@@ -158,41 +203,73 @@ pub fn count_bio(key: &IoKey, bytes: u64) {
     }
 }
 
-/// Claims the in-flight entry of request (`queue`, `tag`); counts a collision when another live
-/// request's entry is overwritten. The same request again (a requeue, or a tag reused after a
-/// completion this never saw) just takes its entry back.
+/// Entries a request may take, from its hash on: the tags of one queue are dense, so some of
+/// them share a hash; probing a few neighbours keeps them apart.
+const PROBES: u32 = 4;
+
+/// Claims an in-flight entry for request (`queue`, `tag`): its own stale one or a free one
+/// among its probes, else (all held by other live requests) its first, counting a collision.
 #[inline(always)]
 pub fn inflight_put(queue: u32, tag: u32, slot: KeySlot) {
-    let Some(e) = INFLIGHT.get_ptr_mut(inflight_slot(queue, tag)) else {
-        return;
+    let h = inflight_slot(queue, tag);
+    let mut target = None;
+    for i in 0..PROBES {
+        let Some(e) = INFLIGHT.get_ptr_mut((h + i) & (INFLIGHT_SLOTS - 1)) else {
+            return;
+        };
+        let (t, q) = unsafe { ((*e).tag, (*e).queue) };
+        if t == tag && q == queue {
+            target = Some(e);
+            break;
+        }
+        if t == 0 && target.is_none() {
+            target = Some(e);
+        }
+    }
+    let e = match target {
+        Some(e) => e,
+        None => {
+            health(Health::InflightCollision);
+            let Some(e) = INFLIGHT.get_ptr_mut(h) else {
+                return;
+            };
+            e
+        }
     };
     unsafe {
-        if (*e).tag != 0 && ((*e).tag != tag || (*e).queue != queue) {
-            health(Health::InflightCollision);
-        }
         (*e).queue = queue;
         (*e).slot = slot;
         (*e).tag = tag;
     }
 }
 
-/// True when request (`queue`, `tag`) holds its in-flight entry.
+/// The in-flight entry of request (`queue`, `tag`), if it holds one.
+#[inline(always)]
+fn inflight_find(queue: u32, tag: u32) -> Option<*mut Inflight> {
+    let h = inflight_slot(queue, tag);
+    for i in 0..PROBES {
+        let e = INFLIGHT.get_ptr_mut((h + i) & (INFLIGHT_SLOTS - 1))?;
+        if unsafe { (*e).tag == tag && (*e).queue == queue } {
+            return Some(e);
+        }
+    }
+    None
+}
+
+/// True when request (`queue`, `tag`) holds an in-flight entry.
 #[inline(always)]
 pub fn inflight_holds(queue: u32, tag: u32) -> bool {
-    INFLIGHT
-        .get(inflight_slot(queue, tag))
-        .is_some_and(|e| e.tag == tag && e.queue == queue)
+    inflight_find(queue, tag).is_some()
 }
 
 /// Takes the key slot of request (`queue`, `tag`) out of its entry, or counts a miss.
 #[inline(always)]
 pub fn inflight_take(queue: u32, tag: u32) -> Option<KeySlot> {
-    let e = INFLIGHT.get_ptr_mut(inflight_slot(queue, tag))?;
+    let Some(e) = inflight_find(queue, tag) else {
+        health(Health::InflightMiss);
+        return None;
+    };
     unsafe {
-        if (*e).tag != tag || (*e).queue != queue {
-            health(Health::InflightMiss);
-            return None;
-        }
         (*e).tag = 0;
         Some((*e).slot)
     }

@@ -9,7 +9,7 @@ use overkvm_common::{Health, IoKey, OpCodes, classify_op};
 
 use crate::{
     kernel::{KPtr, LAYOUT, arg_addr, bdev_dev, bio_cgroup, off, read, rq_ident},
-    maps::{add_bytes, bio_put, count_request, health, inflight_put, key_slot},
+    maps::{add_key_bytes, bio_put, count_request, health, inflight_put},
 };
 
 #[inline(always)]
@@ -65,7 +65,11 @@ pub fn io_start(ctx: BtfTracePointContext) -> i32 {
     let Some(slot) = count_request(&key, bytes as u64) else {
         return 0;
     };
-    if let Some((queue, tag)) = rq_ident(rq) {
+    // Only requests the kernel timestamps reach `io_done` with a start time (iostats on, or
+    // a scheduler): the others would leave entries nobody takes.
+    if read::<u64>(rq, off!(rq_start_time_ns)).is_some_and(|t| t != 0)
+        && let Some((queue, tag)) = rq_ident(rq)
+    {
         inflight_put(queue, tag, slot);
     }
     0
@@ -76,10 +80,8 @@ pub fn io_start(ctx: BtfTracePointContext) -> i32 {
 /// bytes go to its own submitter, in whose context this runs; it adds no request.
 #[inline(always)]
 fn bio_merged(bio: KPtr) -> i32 {
-    if let Some((key, bytes)) = bio_key(bio)
-        && let Some(slot) = key_slot(&key)
-    {
-        add_bytes(&slot, bytes as u64);
+    if let Some((key, bytes)) = bio_key(bio) {
+        add_key_bytes(&key, bytes as u64);
     }
     0
 }

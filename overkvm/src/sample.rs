@@ -145,7 +145,8 @@ pub struct Snapshot {
     pub health: [u64; HEALTH_SLOTS as usize],
     /// Entries and capacity of each counting map, by the name metrics and JSON show.
     pub fill: Vec<(&'static str, MapFill)>,
-    /// Map entries that could not be read (deleted while iterating); counted, not fatal.
+    /// Map entries that could not be read (deleted while iterating), and map writes of pruning
+    /// that failed; counted, not fatal.
     pub read_errors: u64,
 }
 
@@ -240,12 +241,13 @@ fn fold_stats<'a>(per_cpu: impl Iterator<Item = &'a IoStats>) -> (Counters, RawL
 /// Reads snapshots from the loaded programs.
 pub struct Sampler {
     programs: Programs,
-    /// `IO_STATS` slots of keys pruned last round: recycled next round, so that requests still
-    /// in flight when their key was pruned have completed (and are counted lost by generation
-    /// if not).
-    quarantine: Vec<KeySlot>,
-    /// Slots that could not be handed back (a failed map write); retried each round.
-    pub recycle_errors: u64,
+    /// `IO_STATS` slots of keys pruned last round, already reset to a new generation: handed
+    /// back to the kernel next round, so that requests still in flight when their key was
+    /// pruned have completed (and are counted lost by generation if not).
+    quarantine: Vec<u32>,
+    /// Map writes of pruning that failed since the last snapshot (a slot then stays out of
+    /// circulation); the next snapshot reports them with its read errors.
+    recycle_errors: std::cell::Cell<u64>,
 }
 
 fn comm_string(raw: &[u8; 16]) -> String {
@@ -258,7 +260,7 @@ impl Sampler {
         Sampler {
             programs,
             quarantine: Vec::new(),
-            recycle_errors: 0,
+            recycle_errors: std::cell::Cell::new(0),
         }
     }
 
@@ -311,13 +313,33 @@ impl Sampler {
                 }
             }
         }
+        let mut removed = Vec::new();
         if let Some(keys) = ebpf.map_mut(maps::IO_KEYS)
             && let Ok(mut keys) = BpfHashMap::<&mut MapData, IoKey, KeySlot>::try_from(keys)
         {
             for (key, slot) in freed {
                 if keys.remove(&key).is_ok() {
                     deleted += 1;
-                    self.quarantine.push(slot);
+                    removed.push(slot);
+                }
+            }
+        }
+        // A new generation at once: the kernel's per-CPU key caches may still name the slot,
+        // and must stop counting into it now.
+        if let Some(stats) = ebpf.map_mut(maps::IO_STATS)
+            && let Ok(mut stats) = PerCpuArray::<&mut MapData, IoStats>::try_from(stats)
+        {
+            let cpus = aya::util::nr_cpus().unwrap_or(1);
+            for slot in removed {
+                let fresh = IoStats {
+                    generation: slot.generation.wrapping_add(1),
+                    ..IoStats::default()
+                };
+                let values = PerCpuValues::try_from(vec![fresh; cpus]);
+                match values.map(|v| stats.set(slot.index, v, 0)) {
+                    Ok(Ok(())) => self.quarantine.push(slot.index),
+                    // Left out of circulation rather than handed out with stale counts.
+                    _ => self.recycle_errors.set(self.recycle_errors.get() + 1),
                 }
             }
         }
@@ -336,40 +358,21 @@ impl Sampler {
         deleted
     }
 
-    /// Hands the slots pruned last round back to the kernel: each CPU's copy zeroed with the
-    /// next generation, then the index queued as free.
+    /// Hands the slots pruned last round (already reset) back to the kernel's free queue.
     fn recycle_quarantined(&mut self) {
         if self.quarantine.is_empty() {
             return;
         }
         let ebpf = self.programs.ebpf_mut();
-        let cpus = aya::util::nr_cpus().unwrap_or(1);
-        let mut done = Vec::new();
-        if let Some(stats) = ebpf.map_mut(maps::IO_STATS)
-            && let Ok(mut stats) = PerCpuArray::<&mut MapData, IoStats>::try_from(stats)
-        {
-            for slot in &self.quarantine {
-                let fresh = IoStats {
-                    generation: slot.generation.wrapping_add(1),
-                    ..IoStats::default()
-                };
-                let values = PerCpuValues::try_from(vec![fresh; cpus]);
-                match values.map(|v| stats.set(slot.index, v, 0)) {
-                    Ok(Ok(())) => done.push(slot.index),
-                    _ => self.recycle_errors += 1,
-                }
-            }
-        }
         if let Some(free) = ebpf.map_mut(maps::FREE_SLOTS)
             && let Ok(mut free) = Queue::<&mut MapData, u32>::try_from(free)
         {
-            for index in &done {
+            for index in self.quarantine.drain(..) {
                 if free.push(index, 0).is_err() {
-                    self.recycle_errors += 1;
+                    self.recycle_errors.set(self.recycle_errors.get() + 1);
                 }
             }
         }
-        self.quarantine.retain(|s| !done.contains(&s.index));
     }
 
     /// Reads every map once.
@@ -461,7 +464,7 @@ impl Sampler {
                 snap.health[slot as usize] = values.iter().sum();
             }
         }
-        snap.read_errors = read_errors;
+        snap.read_errors = read_errors + self.recycle_errors.take();
         snap.at = Instant::now();
         snap.wall = SystemTime::now();
         Ok(snap)

@@ -110,6 +110,10 @@ fn exact_on_loop(mode: HookMode) {
     let sampler = Sampler::new(programs);
     let plans = plans(4, 16 << 20);
     let (d, pids, after) = run_plans(&sampler, &lo.path, &plans);
+    eprintln!(
+        "mode {mode}: kernel health counters over the run {:?}",
+        d.health
+    );
     for (pid, plan) in pids.iter().zip(&plans) {
         let req = seen(&d, *pid, lo.dev(), false);
         eprintln!(
