@@ -302,7 +302,9 @@ fn fmt_pct(v: Option<f64>) -> String {
 fn per_program(runs: &[&Run]) -> Vec<(String, f64, f64, f64)> {
     let mut by_name: BTreeMap<String, Vec<(f64, f64, f64)>> = BTreeMap::new();
     for r in runs {
-        for p in &r.progs {
+        // Programs loaded but not attached (the bio hook on a host without bio-based devices,
+        // the merge hooks when nothing merges) never ran: nothing to show.
+        for p in r.progs.iter().filter(|p| p.run_cnt > 0) {
             let per_event = ns_per(p.run_time_ns, p.run_cnt).unwrap_or(f64::NAN);
             let events_per_io = if r.all_ios > 0 {
                 p.run_cnt as f64 / r.all_ios as f64
