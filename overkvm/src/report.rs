@@ -252,13 +252,21 @@ impl ReportBuilder {
         // below. A kernel thread's I/O is kept apart per owning cgroup (the part), so that
         // each part can go to the VM owning that cgroup; user processes have one part.
         let mut per_proc: BTreeMap<(u32, u32, Option<u64>), Acc> = BTreeMap::new();
-        let mut kthread: HashMap<u32, bool> = HashMap::new();
+        // Each tgid resolved once per interval (a resolve re-reads /proc/PID/stat).
+        let mut idents: HashMap<u32, Option<Arc<ProcessIdentity>>> = HashMap::new();
         let resolver = &mut self.resolver;
         let mut part = |tgid: u32, cgroup_id: u64| {
-            let is_kthread = *kthread.entry(tgid).or_insert_with(|| {
-                tgid != 0 && resolver.resolve(tgid).is_some_and(|p| p.kernel_thread)
+            let ident = idents.entry(tgid).or_insert_with(|| {
+                if tgid == 0 {
+                    None
+                } else {
+                    resolver.resolve(tgid)
+                }
             });
-            is_kthread.then_some(cgroup_id)
+            ident
+                .as_ref()
+                .is_some_and(|p| p.kernel_thread)
+                .then_some(cgroup_id)
         };
         let mut per_cgroup: BTreeMap<(u64, u32), (OpCounts, OpCounts)> = BTreeMap::new();
         let new_acc = || Acc {
@@ -307,11 +315,7 @@ impl ReportBuilder {
                 .or_insert_with(|| (info.clone(), OpCounts::default()))
                 .1
                 .merge(&counts);
-            let ident = if tgid == 0 {
-                None
-            } else {
-                self.resolver.resolve(tgid)
-            };
+            let ident = idents.get(&tgid).cloned().flatten();
             let mut row = self.process_row(
                 tgid,
                 &info,
