@@ -292,6 +292,7 @@ impl Sampler {
         let dead = |k: &IoKey| k.tgid != 0 && !alive(k.tgid);
         let mut deleted = 0;
         self.recycle_quarantined();
+        let cpus = self.programs.cpus;
         let ebpf = self.programs.ebpf_mut();
         let mut freed = Vec::new();
         if let Some(stats) = ebpf.map(maps::IO_STATS)
@@ -329,7 +330,6 @@ impl Sampler {
         if let Some(stats) = ebpf.map_mut(maps::IO_STATS)
             && let Ok(mut stats) = PerCpuArray::<&mut MapData, IoStats>::try_from(stats)
         {
-            let cpus = aya::util::nr_cpus().unwrap_or(1);
             for slot in removed {
                 let fresh = IoStats {
                     generation: slot.generation.wrapping_add(1),

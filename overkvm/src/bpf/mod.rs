@@ -117,6 +117,8 @@ pub struct Programs {
     pub attached: Vec<&'static str>,
     /// What the layout resolution had to say (missing optional fields).
     pub notes: Vec<String>,
+    /// Possible CPUs: per-CPU maps hold this many values per entry.
+    pub cpus: usize,
     /// Entries of `IO_STATS` and `BIO_STATS` as loaded.
     pub io_stats_capacity: u32,
     pub bio_stats_capacity: u32,
@@ -255,6 +257,7 @@ impl Programs {
             mode,
             attached: Vec::new(),
             notes: report.notes,
+            cpus,
             io_stats_capacity,
             bio_stats_capacity,
             bio_pending: opts.bio,
