@@ -328,6 +328,29 @@ impl GuardedStream {
         }
     }
 
+    /// Bookkeeping after a write attempt: written bytes start the response deadline, and while
+    /// a write is blocked on the client that deadline applies (see `pending`).
+    fn after_write(
+        &mut self,
+        r: Poll<io::Result<usize>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<usize>> {
+        match r {
+            Poll::Ready(Ok(n)) => {
+                self.write_blocked = false;
+                if n > 0 {
+                    self.on_write();
+                }
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                self.write_blocked = true;
+                self.pending(cx)
+            }
+        }
+    }
+
     /// The inner operation is pending: fail it if the connection's deadline has passed, else
     /// wake the task at that deadline. One deadline for reads and writes alike: hyper polls
     /// both in one task (it reads to notice a close while it writes).
@@ -390,20 +413,8 @@ impl AsyncWrite for GuardedStream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.inner).poll_write(cx, buf) {
-            Poll::Ready(Ok(n)) => {
-                this.write_blocked = false;
-                if n > 0 {
-                    this.on_write();
-                }
-                Poll::Ready(Ok(n))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => {
-                this.write_blocked = true;
-                this.pending(cx)
-            }
-        }
+        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.after_write(r, cx)
     }
 
     fn poll_write_vectored(
@@ -412,20 +423,8 @@ impl AsyncWrite for GuardedStream {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.inner).poll_write_vectored(cx, bufs) {
-            Poll::Ready(Ok(n)) => {
-                this.write_blocked = false;
-                if n > 0 {
-                    this.on_write();
-                }
-                Poll::Ready(Ok(n))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => {
-                this.write_blocked = true;
-                this.pending(cx)
-            }
-        }
+        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.after_write(r, cx)
     }
 
     fn is_write_vectored(&self) -> bool {
