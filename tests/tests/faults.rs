@@ -40,6 +40,28 @@ fn metrics_answer(log: &std::path::Path) -> bool {
     out.starts_with("HTTP/1.1 200") && out.contains("overkvm_")
 }
 
+/// After a state-saving fault: the daemon still runs, no cgroup in `dirs` got a limit (none can
+/// be recorded), and the failure was logged exactly once. Returns the log.
+fn carries_on_unlimited_logged_once(
+    daemon: &mut Daemon,
+    dirs: &[PathBuf],
+    (major, minor): (u32, u32),
+    log: &Path,
+) -> String {
+    assert!(
+        daemon.0.try_wait().unwrap().is_none(),
+        "the daemon carries on"
+    );
+    assert!(
+        !any_limit(dirs, major, minor),
+        "a limit was written that is not on record"
+    );
+    let text = fs::read_to_string(log).unwrap();
+    let n = text.matches("cannot save throttle state").count();
+    assert_eq!(n, 1, "logged once:\n{text}");
+    text
+}
+
 #[test]
 fn unwritable_state_file_means_no_unrecorded_limit_and_one_log_line() {
     skip_unless_kernel!();
@@ -68,18 +90,8 @@ fn unwritable_state_file_means_no_unrecorded_limit_and_one_log_line() {
     let child = greedy_vm(&tmp, &lo.path, "vmA", &dirs[0], 0);
     cgs.kids.push(child);
     std::thread::sleep(Duration::from_secs(4));
-    assert!(
-        daemon.0.try_wait().unwrap().is_none(),
-        "the daemon carries on"
-    );
-    assert!(
-        !any_limit(&dirs, major, minor),
-        "no limit may be written that is not on record"
-    );
-    let text = fs::read_to_string(&log).unwrap();
-    let n = text.matches("cannot save throttle state").count();
-    eprintln!("state file unwritable: {n} log line(s), no limit written");
-    assert_eq!(n, 1, "logged once:\n{text}");
+    carries_on_unlimited_logged_once(&mut daemon, &dirs, (major, minor), &log);
+    eprintln!("state file unwritable: 1 log line, no limit written");
     assert!(metrics_answer(&log), "metrics still served");
     cgs.stop_all();
     assert!(daemon.terminate().success());
@@ -443,17 +455,8 @@ fn full_or_read_only_state_directory() {
         fs::read_to_string(&log).unwrap_or_default()
     );
     std::thread::sleep(Duration::from_secs(3));
-    assert!(
-        daemon.0.try_wait().unwrap().is_none(),
-        "the daemon carries on"
-    );
-    assert!(
-        !any_limit(&live, major, minor),
-        "a limit was written that is not on record (state dir full)"
-    );
-    let text = fs::read_to_string(&log).unwrap();
-    let full_lines = text.matches("cannot save throttle state").count();
-    assert_eq!(full_lines, 1, "logged once:\n{text}");
+    let text = carries_on_unlimited_logged_once(&mut daemon, &live, (major, minor), &log);
+    let full_lines = 1;
     assert!(
         text.contains("No space left on device"),
         "the log says why:\n{text}"
