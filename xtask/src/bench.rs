@@ -308,7 +308,7 @@ fn print_targets(targets: &[Target]) {
     }
 }
 
-fn write_report(root: &Path, out: &Path, sections: &[Section]) -> anyhow::Result<()> {
+pub(crate) fn write_report(root: &Path, out: &Path, sections: &[Section]) -> anyhow::Result<()> {
     if sections.is_empty() {
         return Ok(());
     }

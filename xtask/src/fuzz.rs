@@ -32,8 +32,6 @@ pub struct FuzzArgs {
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// A target that takes longer than this on one input is reported as a hang.
 const TIMEOUT_S: u64 = 10;
-const BEGIN: &str = "<!-- fuzz begin -->";
-const END: &str = "<!-- fuzz end -->";
 
 /// One target's run, from libFuzzer's output.
 #[derive(Debug, Default, PartialEq)]
@@ -101,27 +99,6 @@ fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     let mut w = line.split_whitespace();
     w.find(|t| *t == key)?;
     w.next()
-}
-
-/// `existing` with the fuzz section replaced by `body` (appended when there is none).
-pub fn splice_section(existing: Option<&str>, body: &str) -> String {
-    let section = format!("{BEGIN}\n{}\n{END}", body.trim_matches('\n'));
-    let Some(text) = existing else {
-        return format!("# Benchmarks\n\n{section}\n");
-    };
-    if let Some(b) = text.find(BEGIN)
-        && let Some(e) = text[b..].find(END)
-    {
-        let mut out = text[..b].to_string();
-        out.push_str(&section);
-        out.push_str(&text[b + e + END.len()..]);
-        return out;
-    }
-    let mut out = text.trim_end().to_string();
-    out.push_str("\n\n");
-    out.push_str(&section);
-    out.push('\n');
-    out
 }
 
 fn output(cmd: &mut Command) -> Option<String> {
@@ -322,11 +299,16 @@ pub fn run(args: &FuzzArgs) -> anyhow::Result<()> {
             o.artifact.as_deref().unwrap_or("?")
         );
     }
-    let path = root.join(&args.out);
-    let existing = fs::read_to_string(&path).ok();
-    fs::write(&path, splice_section(existing.as_deref(), &body))
-        .with_context(|| format!("writing {}", path.display()))?;
-    eprintln!("==> wrote the fuzz section of {}", path.display());
+    // One section of BENCHMARKS.md among the benchmarks' (the same writer keeps the others).
+    crate::bench::write_report(
+        &root,
+        &args.out,
+        &[crate::bench::Section {
+            name: "fuzz",
+            markdown: body,
+            targets: Vec::new(),
+        }],
+    )?;
 
     if !failed.is_empty() {
         let mut msg = String::from("fuzzing found failures:");
@@ -430,24 +412,6 @@ Base64: e30=\n";
         assert!(
             t.contains("| qmp | 60 | 1234 | ? | 5 (50b) | 10 | **1** |"),
             "{t}"
-        );
-    }
-
-    #[test]
-    fn section_is_replaced_or_appended() {
-        let first = splice_section(
-            Some("# B\n\n<!-- bench:io begin -->\nx\n<!-- bench:io end -->\n"),
-            "one",
-        );
-        assert_eq!(
-            first,
-            "# B\n\n<!-- bench:io begin -->\nx\n<!-- bench:io end -->\n\n<!-- fuzz begin -->\none\n<!-- fuzz end -->\n"
-        );
-        let second = splice_section(Some(&first), "\ntwo\n");
-        assert_eq!(second, first.replace("one", "two"));
-        assert_eq!(
-            splice_section(None, "x"),
-            "# Benchmarks\n\n<!-- fuzz begin -->\nx\n<!-- fuzz end -->\n"
         );
     }
 }

@@ -352,7 +352,8 @@ pub fn parse_http_response(raw: &[u8]) -> Result<(u16, Vec<u8>), String> {
 
 /// `BENCHMARKS.md` is one header plus one section per benchmark between markers, so that
 /// `cargo xtask bench io` replaces the I/O section and keeps the others from earlier runs.
-pub const SECTION_ORDER: [&str; 4] = ["io", "scale", "throttle", "http"];
+/// `fuzz` is written by `cargo xtask fuzz` through the same writer.
+pub const SECTION_ORDER: [&str; 5] = ["io", "scale", "throttle", "http", "fuzz"];
 
 fn begin_marker(name: &str) -> String {
     format!("<!-- bench:{name} begin -->")
@@ -370,11 +371,8 @@ pub fn extract_section<'a>(report: &'a str, name: &str) -> Option<&'a str> {
     Some(report[start..start + len].trim_matches('\n'))
 }
 
-/// Blocks other commands write into the same file (`cargo xtask fuzz`): kept as they are.
-const CARRIED: [(&str, &str); 1] = [("<!-- fuzz begin -->", "<!-- fuzz end -->")];
-
 /// The new report: `header`, then for each section in `SECTION_ORDER` the new body if there is
-/// one, else the body from `existing`, else nothing; then the `CARRIED` blocks of `existing`.
+/// one, else the body from `existing`, else nothing.
 pub fn merge_report(header: &str, existing: Option<&str>, new: &[(&str, String)]) -> String {
     let mut out = header.trim_end().to_string();
     out.push_str("\n\n");
@@ -393,17 +391,6 @@ pub fn merge_report(header: &str, existing: Option<&str>, new: &[(&str, String)]
             out.push_str("\n\n");
         }
     }
-    for (begin, end) in CARRIED {
-        let block = existing.and_then(|e| {
-            let start = e.find(begin)?;
-            let len = e[start..].find(end)? + end.len();
-            Some(&e[start..start + len])
-        });
-        if let Some(block) = block {
-            out.push_str(block);
-            out.push_str("\n\n");
-        }
-    }
     out.truncate(out.trim_end().len());
     out.push('\n');
     out
@@ -414,13 +401,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn merge_keeps_the_fuzz_block() {
+    fn bench_and_fuzz_keep_each_others_sections() {
         let old = "# B\n\n<!-- bench:io begin -->\nold\n<!-- bench:io end -->\n\n\
-                   <!-- fuzz begin -->\nfuzzed\n<!-- fuzz end -->\n";
+                   <!-- bench:fuzz begin -->\nfuzzed\n<!-- bench:fuzz end -->\n";
         let out = merge_report("# B", Some(old), &[("io", "new".to_string())]);
         assert!(out.contains("\nnew\n") && !out.contains("old"), "{out}");
         assert!(
-            out.ends_with("<!-- fuzz begin -->\nfuzzed\n<!-- fuzz end -->\n"),
+            out.ends_with("<!-- bench:fuzz begin -->\nfuzzed\n<!-- bench:fuzz end -->\n"),
+            "{out}"
+        );
+        let out = merge_report("# B", Some(&out), &[("fuzz", "again".to_string())]);
+        assert!(
+            out.contains("\nnew\n") && out.contains("\nagain\n"),
             "{out}"
         );
     }
