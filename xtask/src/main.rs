@@ -160,6 +160,9 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
         "overkvm",
         "-p",
         "overkvm-tests",
+        // The bench and fuzz report parsers have unit tests too.
+        "-p",
+        "xtask",
         "--lib",
         "--bins",
     ]);
