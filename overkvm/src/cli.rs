@@ -20,7 +20,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Live view of who does I/O: VMs first, then other processes.
+    /// Live view of who does I/O, busiest first: VMs and other processes ranked together by
+    /// total operations per second (--sort picks another column).
     ///
     /// In batch mode (-b, or when output is not a terminal) it prints one table per interval,
     /// like `top -b`; with --json one JSON object per interval per line, with exact op and byte
@@ -98,8 +99,31 @@ pub struct TopArgs {
     /// Show only VMs (qemu processes).
     #[arg(long)]
     pub vms_only: bool,
+    /// Sort rows by this column, in every mode (JSON rows too). Numbers sort highest first,
+    /// names alphabetically; the default ranks the busiest processes first.
+    #[arg(
+        long,
+        value_enum,
+        value_name = "COLUMN",
+        ignore_case = true,
+        default_value = "total-iops"
+    )]
+    pub sort: crate::top::columns::Column,
+    /// Reverse the sort's natural direction.
+    #[arg(short, long)]
+    pub reverse: bool,
     #[command(flatten)]
     pub hooks: HookArgs,
+}
+
+impl TopArgs {
+    /// The order rows start in.
+    pub fn sort_order(&self) -> crate::top::sort::SortOrder {
+        crate::top::sort::SortOrder {
+            column: self.sort,
+            reversed: self.reverse,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -401,6 +425,63 @@ mod tests {
         ] {
             assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn top_sort_takes_column_names_in_any_case() {
+        use crate::top::{columns::Column, sort::SortOrder};
+        let sort_of = |args: &[&str]| {
+            let mut all = vec!["overkvm-io", "top"];
+            all.extend_from_slice(args);
+            match Cli::try_parse_from(all).map(|c| c.command) {
+                Ok(Command::Top(t)) => Ok(t.sort_order()),
+                Ok(other) => panic!("{other:?}"),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        assert_eq!(sort_of(&[]), Ok(SortOrder::DEFAULT));
+        for (arg, column) in [
+            ("name", Column::Name),
+            ("NAME", Column::Name),
+            ("total-iops", Column::TotalIops),
+            ("TotalIops", Column::TotalIops),
+            ("write-mbs", Column::WriteMbs),
+            ("lat-p99", Column::LatP99),
+            ("IopsShare", Column::IopsShare),
+        ] {
+            assert_eq!(
+                sort_of(&["--sort", arg, "-r"]),
+                Ok(SortOrder {
+                    column,
+                    reversed: true
+                }),
+                "{arg}"
+            );
+        }
+        // Every column can be named, and its name is what --help lists.
+        for column in Column::ALL {
+            let name = clap::ValueEnum::to_possible_value(&column)
+                .map(|v| v.get_name().to_string())
+                .unwrap_or_default();
+            assert_eq!(
+                sort_of(&["--sort", &name]).map(|s| s.column),
+                Ok(column),
+                "{name}"
+            );
+        }
+        let err = sort_of(&["--sort", "R/s"]).unwrap_err();
+        assert!(
+            err.contains("possible values") && err.contains("total-iops"),
+            "{err}"
+        );
+        let help = Cli::try_parse_from(["overkvm-io", "top", "--help"])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            help.contains("--sort <COLUMN>") && help.contains("read-iops"),
+            "{help}"
+        );
     }
 
     #[test]

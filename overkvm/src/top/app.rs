@@ -2,13 +2,14 @@
 //! mode. Pure: reports and keys go in, the rows to draw and the effects on the sampler come
 //! out; nothing here touches the terminal.
 
-use std::{cmp::Ordering, collections::HashSet, time::Duration};
+use std::{collections::HashSet, time::Duration};
 
 use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 
 use super::{
-    columns::{Column, compare_keys},
+    columns::Column,
     rows::{self, RowGroup, RowKey, RowKind, TopRow},
+    sort::{SortOrder, row_order},
 };
 use crate::{report::Report, tick::ThrottleView};
 
@@ -17,6 +18,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("q  Esc  Ctrl-C", "quit (Esc first clears a filter)"),
     ("↑ ↓ j k PgUp PgDn Home End", "select a row"),
     ("< >", "sort by the previous / next column"),
+    ("i  n", "sort by total IOPS (busiest first) / by name"),
     ("r", "reverse the sort"),
     ("v", "VMs only / all processes"),
     ("/", "filter by name: type, Enter applies, Esc clears"),
@@ -56,17 +58,15 @@ pub enum Effect {
     Interval(Duration),
 }
 
-/// The sort column and whether the user flipped its natural direction.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SortOrder {
-    pub column: Column,
-    pub reversed: bool,
-}
-
-impl SortOrder {
-    pub fn descending(self) -> bool {
-        self.column.descending_first() != self.reversed
-    }
+/// The processes whose line is off screen, and the I/O they did together.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct OffScreen {
+    /// Processes (merged lines) not on screen.
+    pub rows: usize,
+    /// Their operations per second, all kinds.
+    pub iops: f64,
+    /// Their share of all operations on every device in the interval (None when idle).
+    pub share: Option<f64>,
 }
 
 /// Identifies the selected line across refreshes: a process, or one of its devices.
@@ -95,16 +95,13 @@ pub struct App {
 }
 
 impl App {
-    pub fn new(interval: Duration, vms_only: bool) -> App {
+    pub fn new(interval: Duration, vms_only: bool, sort: SortOrder) -> App {
         App {
             report: None,
             throttle: None,
             groups: Vec::new(),
             rows: Vec::new(),
-            sort: SortOrder {
-                column: Column::Name,
-                reversed: false,
-            },
+            sort,
             vms_only,
             filter: String::new(),
             filter_input: None,
@@ -196,6 +193,31 @@ impl App {
         self.page = rows.max(1);
     }
 
+    /// What lies outside the `lines` lines shown from line `first` on: how many processes,
+    /// and how much of the devices' I/O they did. None when every process is on screen, so a
+    /// quiet screen never hides a busy tail unnoticed.
+    pub fn off_screen(&self, first: usize, lines: usize) -> Option<OffScreen> {
+        let report = self.report.as_ref()?;
+        let shown = first..first.saturating_add(lines);
+        let hidden: Vec<&TopRow> = self
+            .rows
+            .iter()
+            .enumerate()
+            .filter(|(i, r)| matches!(r.kind, RowKind::Merged { .. }) && !shown.contains(i))
+            .map(|(_, r)| r)
+            .collect();
+        if hidden.is_empty() {
+            return None;
+        }
+        let ops: u64 = hidden.iter().map(|r| r.counts.total_ops()).sum();
+        let all: u64 = report.devices.iter().map(|d| d.counts.total_ops()).sum();
+        Some(OffScreen {
+            rows: hidden.len(),
+            iops: rows::per_second(ops, report.interval_s),
+            share: rows::percent(ops, all),
+        })
+    }
+
     /// Applies a key; returns what the run loop must do besides redrawing.
     pub fn handle_key(&mut self, key: KeyEvent) -> Effect {
         let ctrl = key.modifiers.contains(KeyModifiers::CONTROL);
@@ -239,6 +261,8 @@ impl App {
             KeyCode::Char('/') => self.filter_input = Some(self.filter.clone()),
             KeyCode::Char('<' | ',') => self.sort_by(self.sort.column.prev()),
             KeyCode::Char('>' | '.') => self.sort_by(self.sort.column.next()),
+            KeyCode::Char('i') => self.sort_by(Column::TotalIops),
+            KeyCode::Char('n') => self.sort_by(Column::Name),
             KeyCode::Char('r') => {
                 self.sort.reversed = !self.sort.reversed;
                 self.rebuild();
@@ -323,6 +347,8 @@ impl App {
             .iter()
             .filter(|g| (!self.vms_only || g.merged.vm) && g.merged.matches(&needle))
             .collect();
+        // VMs and other processes are ranked together: a backup job hammering the disk is as
+        // visible as a VM doing it.
         shown.sort_by(|a, b| row_order(&a.merged, &b.merged, sort));
         let mut rows = Vec::with_capacity(shown.len());
         for g in shown {
@@ -363,22 +389,6 @@ fn row_id(r: &TopRow) -> RowId {
     (r.key.clone(), device)
 }
 
-/// VMs before other processes whatever the sort; then the sort column; then name, PID and
-/// device so equal keys keep a stable order.
-fn row_order(a: &TopRow, b: &TopRow, sort: SortOrder) -> Ordering {
-    b.vm.cmp(&a.vm)
-        .then_with(|| {
-            compare_keys(
-                &sort.column.sort_key(a),
-                &sort.column.sort_key(b),
-                sort.descending(),
-            )
-        })
-        .then_with(|| a.label.cmp(&b.label))
-        .then_with(|| a.pid.cmp(&b.pid))
-        .then_with(|| a.devices.cmp(&b.devices))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -405,37 +415,51 @@ mod tests {
     }
 
     fn app() -> App {
-        let mut app = App::new(Duration::from_secs(1), false);
+        let mut app = App::new(Duration::from_secs(1), false, SortOrder::DEFAULT);
         app.set_report(sample_report());
         app
     }
 
     #[test]
-    fn vms_first_by_name_then_processes() {
-        let app = app();
+    fn busiest_first_vms_and_processes_together() {
+        let mut app = app();
+        // fio 9050 ops, db02 2800, web01 2100 (over two devices), the hostile name 5.
+        assert_eq!(app.sort().column, Column::TotalIops);
+        assert!(app.sort().descending());
         assert_eq!(
             labels(&app),
-            ["vm:db02", "vm:web01", "ev\\x1b[2J\\x0ail", "fio"]
+            ["fio", "vm:db02", "vm:web01", "ev\\x1b[2J\\x0ail"]
         );
         assert_eq!(app.selected(), Some(0));
+        // The name sort is one key away, and `i` brings the default back.
+        press(&mut app, "n");
+        assert_eq!(app.sort().column, Column::Name);
+        assert!(!app.sort().descending());
+        assert_eq!(
+            labels(&app),
+            ["ev\\x1b[2J\\x0ail", "fio", "vm:db02", "vm:web01"]
+        );
+        press(&mut app, "i");
+        assert_eq!(app.sort(), SortOrder::DEFAULT);
+        assert_eq!(labels(&app)[0], "fio");
     }
 
     #[test]
-    fn sorting_by_a_column_keeps_vms_first_and_reverses() {
+    fn sorting_by_a_column_and_reversing() {
         let mut app = app();
-        // Name -> PID -> DEVICE -> R/s -> W/s
-        press(&mut app, ">>>>");
+        // IO/s -> R/s -> W/s
+        press(&mut app, ">>");
         assert_eq!(app.sort().column, Column::WriteIops);
         assert!(app.sort().descending());
         assert_eq!(
             labels(&app),
-            ["vm:db02", "vm:web01", "fio", "ev\\x1b[2J\\x0ail"]
+            ["fio", "vm:db02", "vm:web01", "ev\\x1b[2J\\x0ail"]
         );
         press(&mut app, "r");
         assert!(!app.sort().descending());
         assert_eq!(
             labels(&app),
-            ["vm:web01", "vm:db02", "ev\\x1b[2J\\x0ail", "fio"]
+            ["ev\\x1b[2J\\x0ail", "vm:web01", "vm:db02", "fio"]
         );
         press(&mut app, "<");
         assert_eq!(app.sort().column, Column::ReadIops);
@@ -444,6 +468,38 @@ mod tests {
             labels(&app),
             ["vm:web01", "vm:db02", "fio", "ev\\x1b[2J\\x0ail"]
         );
+        // A sort chosen on the command line.
+        let mut app = App::new(
+            Duration::from_secs(1),
+            false,
+            SortOrder {
+                column: Column::Name,
+                reversed: true,
+            },
+        );
+        app.set_report(sample_report());
+        assert_eq!(
+            labels(&app),
+            ["vm:web01", "vm:db02", "fio", "ev\\x1b[2J\\x0ail"]
+        );
+    }
+
+    #[test]
+    fn off_screen_rows_and_their_share() {
+        let app = app();
+        // Two lines from the top: fio and db02 shown; web01's 2100 and the hostile name's 5
+        // hidden, of 13955 ops on both devices.
+        let off = app.off_screen(0, 2).expect("rows hidden");
+        assert_eq!(off.rows, 2);
+        assert_eq!(off.iops, 2105.0);
+        assert!((off.share.unwrap() - 2105.0 * 100.0 / 13955.0).abs() < 1e-9);
+        // Scrolled down one: fio above and the hostile name below are hidden.
+        let off = app.off_screen(1, 2).expect("rows hidden");
+        assert_eq!((off.rows, off.iops), (2, 9055.0));
+        assert_eq!(app.off_screen(0, 4), None);
+        assert_eq!(app.off_screen(0, 40), None);
+        let empty = App::new(Duration::from_secs(1), false, SortOrder::DEFAULT);
+        assert_eq!(empty.off_screen(0, 0), None);
     }
 
     #[test]
@@ -480,29 +536,30 @@ mod tests {
     #[test]
     fn expand_per_device_and_collapse_from_a_device_line() {
         let mut app = app();
-        press(&mut app, "j");
-        assert_eq!(app.rows()[1].label, "vm:web01");
+        press(&mut app, "jj");
+        assert_eq!(app.rows()[2].label, "vm:web01");
         app.handle_key(key(KeyCode::Enter));
+        // Its devices ranked like the processes: vda's 2000 ops before vdb's 100.
         assert_eq!(
             labels(&app),
             [
+                "fio",
                 "vm:db02",
                 "vm:web01",
                 "  vda",
                 "  vdb",
                 "ev\\x1b[2J\\x0ail",
-                "fio"
             ]
         );
-        assert_eq!(app.rows()[3].kind, RowKind::Device { last: true });
+        assert_eq!(app.rows()[4].kind, RowKind::Device { last: true });
         // The expansion and the selection survive a refresh.
         press(&mut app, "j");
         app.set_report(sample_report());
         assert_eq!(app.rows().len(), 6);
-        assert_eq!(app.selected(), Some(2));
+        assert_eq!(app.selected(), Some(3));
         press(&mut app, "e");
         assert_eq!(labels(&app).len(), 4);
-        assert_eq!(app.selected(), Some(1));
+        assert_eq!(app.selected(), Some(2));
         // A single-device row has nothing to expand.
         press(&mut app, "k");
         app.handle_key(key(KeyCode::Enter));
@@ -522,13 +579,14 @@ mod tests {
         app.handle_key(key(KeyCode::Home));
         press(&mut app, "jk");
         assert_eq!(app.selected(), Some(0));
-        press(&mut app, "j");
-        // db02 leaves: the selection stays on web01, now first.
+        press(&mut app, "jj");
+        // db02 leaves: the selection stays on web01, now second.
         app.set_report(report_with(vec![
             vm_process("web01", 4242, "vda", 1, 0),
             process("fio", 777, "vda", 1, 0),
         ]));
-        assert_eq!(app.selected(), Some(0));
+        assert_eq!(app.selected(), Some(1));
+        assert_eq!(app.rows()[1].label, "vm:web01");
         app.set_report(report_with(Vec::new()));
         assert_eq!(app.selected(), None);
         app.handle_key(key(KeyCode::Down));

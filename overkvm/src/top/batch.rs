@@ -33,6 +33,8 @@ pub fn sanitize(s: &str) -> String {
 pub fn fit(s: &str, width: usize) -> String {
     if s.chars().count() <= width {
         s.to_string()
+    } else if width == 0 {
+        String::new()
     } else {
         let mut t: String = s.chars().take(width.saturating_sub(1)).collect();
         t.push('+');
@@ -52,7 +54,7 @@ fn opt(v: Option<f64>) -> String {
     v.map(|v| format!("{v:.0}")).unwrap_or_else(|| "-".into())
 }
 
-/// Writes one interval as text.
+/// Writes one interval as text, processes in the report's order (see `sort::order_processes`).
 pub fn write_table(out: &mut impl Write, r: &Report) -> io::Result<()> {
     let secs = r.interval_s;
     let iv = std::time::Duration::from_secs_f64(secs.max(0.0));
@@ -81,14 +83,15 @@ pub fn write_table(out: &mut impl Write, r: &Report) -> io::Result<()> {
     }
     writeln!(
         out,
-        "{:<12} {:>9} {:>9} {:>8} {:>8}  {:<7}",
-        "DEVICE", "R/s", "W/s", "RMB/s", "WMB/s", "COUNTS"
+        "{:<12} {:>9} {:>9} {:>9} {:>8} {:>8}  {:<7}",
+        "DEVICE", "IO/s", "R/s", "W/s", "RMB/s", "WMB/s", "COUNTS"
     )?;
     for d in &r.devices {
         writeln!(
             out,
-            "{:<12} {:>9.0} {:>9.0} {:>8.1} {:>8.1}  {:<7}",
+            "{:<12} {:>9.0} {:>9.0} {:>9.0} {:>8.1} {:>8.1}  {:<7}",
             fit(&sanitize(&d.device), 12),
+            stats::rate(d.counts.total_ops(), iv),
             stats::rate(d.counts.read_ops, iv),
             stats::rate(d.counts.write_ops, iv),
             mb(d.counts.read_bytes, secs),
@@ -102,8 +105,8 @@ pub fn write_table(out: &mut impl Write, r: &Report) -> io::Result<()> {
     writeln!(out)?;
     writeln!(
         out,
-        "{:<20} {:>8} {:<10} {:>8} {:>8} {:>7} {:>7} {:>8} {:>8}  CGROUP",
-        "VM/COMM", "PID", "DEVICE", "R/s", "W/s", "RMB/s", "WMB/s", "AVG(us)", "P99(us)"
+        "{:<20} {:>8} {:<10} {:>8} {:>8} {:>8} {:>7} {:>7} {:>8} {:>8}  CGROUP",
+        "VM/COMM", "PID", "DEVICE", "IO/s", "R/s", "W/s", "RMB/s", "WMB/s", "AVG(us)", "P99(us)"
     )?;
     for p in &r.processes {
         let who = match &p.vm {
@@ -113,10 +116,11 @@ pub fn write_table(out: &mut impl Write, r: &Report) -> io::Result<()> {
         };
         writeln!(
             out,
-            "{:<20} {:>8} {:<10} {:>8.0} {:>8.0} {:>7.1} {:>7.1} {:>8} {:>8}  {}",
+            "{:<20} {:>8} {:<10} {:>8.0} {:>8.0} {:>8.0} {:>7.1} {:>7.1} {:>8} {:>8}  {}",
             fit(&sanitize(&who), 20),
             p.pid,
             fit(&sanitize(&p.device), 10),
+            stats::rate(p.counts.total_ops(), iv),
             stats::rate(p.counts.read_ops, iv),
             stats::rate(p.counts.write_ops, iv),
             mb(p.counts.read_bytes, secs),
@@ -145,8 +149,43 @@ mod tests {
     }
 
     #[test]
+    fn the_table_lists_rows_in_the_given_order_with_their_total() {
+        let mut r = crate::top::testdata::sample_report();
+        super::super::sort::order_processes(&mut r, super::super::sort::SortOrder::DEFAULT);
+        let mut out = Vec::new();
+        write_table(&mut out, &r).expect("writing to memory");
+        let text = String::from_utf8(out).expect("UTF-8");
+        let head = text
+            .lines()
+            .position(|l| l.starts_with("VM/COMM"))
+            .expect("process header");
+        let rows: Vec<&str> = text.lines().skip(head + 1).take(5).collect();
+        let first: Vec<&str> = rows
+            .iter()
+            .map(|l| l.split_whitespace().next().unwrap_or(""))
+            .collect();
+        assert_eq!(
+            first,
+            [
+                "fio",
+                "vm:db02",
+                "vm:web01",
+                "vm:web01",
+                "ev\\x1b[2J\\x0ail"
+            ],
+            "{text}"
+        );
+        // IO/s right after the device: fio 9050, web01 on vda 2000.
+        let cols = |i: usize| rows[i].split_whitespace().collect::<Vec<_>>();
+        assert_eq!(cols(0)[3], "9050", "{text}");
+        assert_eq!((cols(2)[2], cols(2)[3]), ("vda", "2000"), "{text}");
+        assert!(text.contains("IO/s"), "{text}");
+    }
+
+    #[test]
     fn fit_marks_cuts() {
         assert_eq!(fit("abc", 5), "abc");
         assert_eq!(fit("abcdef", 4), "abc+");
+        assert_eq!(fit("abcdef", 0), "");
     }
 }

@@ -10,6 +10,7 @@ pub mod app;
 pub mod batch;
 pub mod columns;
 pub mod rows;
+pub mod sort;
 #[cfg(test)]
 mod testdata;
 pub mod ui;
@@ -81,6 +82,7 @@ fn run_batch(args: &TopArgs, opts: &LoadOptions) -> anyhow::Result<()> {
         if args.vms_only {
             report.processes.retain(|p| p.vm.is_some());
         }
+        sort::order_processes(&mut report, args.sort_order());
         let mut out = stdout.lock();
         let written = if args.json {
             serde_json::to_writer(&mut out, &report)
@@ -169,7 +171,7 @@ fn run_interactive(args: &TopArgs, opts: LoadOptions) -> anyhow::Result<()> {
             bail!("the sampler thread stopped before loading the programs");
         }
     }
-    let mut app = App::new(args.delay, args.vms_only);
+    let mut app = App::new(args.delay, args.vms_only, args.sort_order());
     let shown = TerminalSession::enter().and_then(|mut session| {
         spawn_terminal_reader(events_tx)?;
         view_loop(

@@ -70,6 +70,8 @@ pub struct TopRow {
     /// The throttle's limits on this row, empty when none (sanitized).
     pub throttle: String,
     pub kind: RowKind,
+    /// Indices of the report's process rows this row sums (for batch output in this order).
+    pub sources: Vec<usize>,
 }
 
 impl TopRow {
@@ -79,6 +81,11 @@ impl TopRow {
 
     pub fn write_iops(&self) -> f64 {
         per_second(self.counts.write_ops, self.interval_s)
+    }
+
+    /// All operations per second: reads, writes, discards, flushes and other ops.
+    pub fn total_iops(&self) -> f64 {
+        per_second(self.counts.total_ops(), self.interval_s)
     }
 
     pub fn read_mbs(&self) -> f64 {
@@ -109,7 +116,7 @@ pub struct RowGroup {
     pub per_device: Vec<TopRow>,
 }
 
-/// Groups the report's rows by process, in the report's order (VMs first).
+/// Groups the report's rows by process, in the report's order (see `sort` for the view's).
 pub fn groups(report: &Report, throttle: Option<&ThrottleView>) -> Vec<RowGroup> {
     let device_ops: HashMap<(u32, u32), u64> = report
         .devices
@@ -117,33 +124,34 @@ pub fn groups(report: &Report, throttle: Option<&ThrottleView>) -> Vec<RowGroup>
         .map(|d| ((d.major, d.minor), d.counts.total_ops()))
         .collect();
     let mut order: Vec<u32> = Vec::new();
-    let mut by_pid: HashMap<u32, Vec<&ProcessRow>> = HashMap::new();
-    for p in &report.processes {
+    let mut by_pid: HashMap<u32, Vec<(usize, &ProcessRow)>> = HashMap::new();
+    for (i, p) in report.processes.iter().enumerate() {
         by_pid
             .entry(p.pid)
             .or_insert_with(|| {
                 order.push(p.pid);
                 Vec::new()
             })
-            .push(p);
+            .push((i, p));
     }
     order
         .into_iter()
         .filter_map(|pid| by_pid.remove(&pid))
-        .map(|mut parts| {
-            parts.sort_by(|a, b| a.device.cmp(&b.device));
+        .filter_map(|mut parts| {
+            parts.sort_by(|a, b| a.1.device.cmp(&b.1.device));
             group(&parts, &device_ops, report.interval_s, throttle)
         })
         .collect()
 }
 
 fn group(
-    parts: &[&ProcessRow],
+    indexed: &[(usize, &ProcessRow)],
     device_ops: &HashMap<(u32, u32), u64>,
     interval_s: f64,
     throttle: Option<&ThrottleView>,
-) -> RowGroup {
-    let first = parts[0];
+) -> Option<RowGroup> {
+    let parts: Vec<&ProcessRow> = indexed.iter().map(|(_, p)| *p).collect();
+    let first = *parts.first()?;
     let label = match (&first.vm, first.exited) {
         (Some(vm), _) => format!("vm:{}", sanitize(&vm.name)),
         (None, true) => format!("({})", sanitize(&first.comm)),
@@ -154,7 +162,7 @@ fn group(
         pid: first.pid,
         label: label.clone(),
     };
-    let row = |parts: &[&ProcessRow], kind: RowKind| {
+    let row = |parts: &[&ProcessRow], sources: Vec<usize>, kind: RowKind| {
         let mut counts = OpCounts::default();
         let mut devs = BTreeMap::new();
         for p in parts {
@@ -182,22 +190,28 @@ fn group(
             lat_p99_us,
             throttle: throttle_text(throttle, vm_name, &raw_devices),
             kind,
+            sources,
         }
     };
-    let merged = row(parts, RowKind::Merged { expanded: false });
-    let per_device = parts
+    let merged = row(
+        &parts,
+        indexed.iter().map(|(i, _)| *i).collect(),
+        RowKind::Merged { expanded: false },
+    );
+    let per_device = indexed
         .iter()
         .enumerate()
-        .map(|(i, p)| {
+        .map(|(n, (i, p))| {
             row(
                 std::slice::from_ref(p),
+                vec![*i],
                 RowKind::Device {
-                    last: i + 1 == parts.len(),
+                    last: n + 1 == parts.len(),
                 },
             )
         })
         .collect();
-    RowGroup { merged, per_device }
+    Some(RowGroup { merged, per_device })
 }
 
 /// Mean and p99 latency (µs) of a process over several devices. The mean is exact (weighted

@@ -11,7 +11,7 @@ use ratatui::{
 };
 
 use super::{
-    app::{App, KEYS},
+    app::{App, KEYS, OffScreen},
     batch::{fit, sanitize},
     columns::{Column, fit_columns, fmt_mbs, fmt_rate},
     rows::{RowKind, budget_text, mb_per_second, per_second},
@@ -32,12 +32,14 @@ pub fn draw(frame: &mut Frame, app: &App, table: &mut TableState) -> usize {
     ])
     .areas(area);
     frame.render_widget(Paragraph::new(header), top);
-    draw_table(frame, app, body, table);
-    frame.render_widget(Paragraph::new(status_line(app, area.width)), status);
+    let page = usize::from(body.height.saturating_sub(1));
+    let first = draw_table(frame, app, body, table);
+    let off = app.off_screen(first, page);
+    frame.render_widget(Paragraph::new(status_line(app, off, area.width)), status);
     if app.help_open() {
         draw_help(frame, area);
     }
-    usize::from(body.height.saturating_sub(1))
+    page
 }
 
 /// `19:02:11` out of an RFC 3339 timestamp (UTC).
@@ -165,7 +167,9 @@ fn health_line(report: &Report) -> Option<Line<'static>> {
     ))
 }
 
-fn draw_table(frame: &mut Frame, app: &App, area: Rect, state: &mut TableState) {
+/// Draws the table; returns the index of its first line on screen (it scrolls with the
+/// selection).
+fn draw_table(frame: &mut Frame, app: &App, area: Rect, state: &mut TableState) -> usize {
     let columns = fit_columns(area.width);
     let sort = app.sort();
     let header = Row::new(columns.iter().map(|&(c, w)| {
@@ -227,6 +231,7 @@ fn draw_table(frame: &mut Frame, app: &App, area: Rect, state: &mut TableState) 
             line,
         );
     }
+    state.offset()
 }
 
 fn sort_arrow(descending: bool) -> char {
@@ -242,8 +247,9 @@ fn aligned(c: Column, text: String) -> Cell<'static> {
     })
 }
 
-/// The bottom line: the filter prompt while typing, else the view's state and the main keys.
-fn status_line(app: &App, width: u16) -> Line<'static> {
+/// The bottom line: the filter prompt while typing, else the view's state, what is off screen
+/// and the main keys.
+fn status_line(app: &App, off: Option<OffScreen>, width: u16) -> Line<'static> {
     if let Some(input) = app.filter_input() {
         return Line::from(vec![
             Span::styled("filter: ", Style::new().add_modifier(Modifier::BOLD)),
@@ -280,7 +286,26 @@ fn status_line(app: &App, width: u16) -> Line<'static> {
     if !app.filter().is_empty() {
         state.push_str(&format!("  filter \"{}\"", sanitize(app.filter())));
     }
+    let mut hidden = None;
+    if let Some(off) = off {
+        // First in the line, so a narrow terminal cuts the sort text before it.
+        let share = off
+            .share
+            .map_or_else(|| "-".to_string(), |p| format!("{p:.1}%"));
+        hidden = Some(Span::styled(
+            format!(
+                "{} more off screen: {} IO/s, {share} of IOPS",
+                off.rows,
+                fmt_rate(off.iops)
+            ),
+            Style::new().fg(Color::Yellow),
+        ));
+    }
     let keys = "h help  q quit";
+    if let Some(h) = hidden {
+        spans.push(h);
+        spans.push(Span::raw("  "));
+    }
     let used: usize = spans.iter().map(|s| s.width()).sum();
     let room = usize::from(width).saturating_sub(used + keys.len() + 1);
     let state = fit(&state, room);
@@ -335,7 +360,7 @@ mod tests {
     use super::*;
     use crate::{
         tick::{ActiveLimit, BudgetUse, ThrottleView},
-        top::testdata::sample_report,
+        top::{sort::SortOrder, testdata::sample_report},
     };
 
     /// The screen as text, one string per line.
@@ -378,13 +403,13 @@ mod tests {
     }
 
     fn sample_app() -> App {
-        let mut app = App::new(Duration::from_secs(1), false);
+        let mut app = App::new(Duration::from_secs(1), false, SortOrder::DEFAULT);
         app.set_report(sample_report());
         app
     }
 
     #[test]
-    fn header_and_rows_vms_first() {
+    fn header_and_rows_busiest_first() {
         let s = render(&sample_app(), 100, 24);
         assert!(
             s[0].contains(
@@ -399,41 +424,81 @@ mod tests {
         assert!(vda.contains("W   12300/s"), "{vda}");
         assert!(vda.contains("50.4 MB/s"), "{vda}");
         assert!(vda.contains("no budget"), "{vda}");
-        let head = line_of(&s, "VM/COMM▲");
+        let head = line_of(&s, "IO/s▼");
         for h in [
-            "PID", "DEVICE", "R/s", "W/s", "RMB/s", "WMB/s", "AVGµs", "P99µs", "%IOPS", "THROTTLE",
+            "VM/COMM", "PID", "DEVICE", "R/s", "W/s", "RMB/s", "WMB/s", "AVGµs", "P99µs", "%IOPS",
+            "THROTTLE",
         ] {
             assert!(s[head].contains(h), "{h} missing: {}", s[head]);
         }
-        let (db, web, fio) = (
+        // A plain process doing the most I/O comes first, VMs or not.
+        let (fio, db, web) = (
+            line_of(&s, "fio"),
             line_of(&s, "vm:db02"),
             line_of(&s, "vm:web01"),
-            line_of(&s, "fio"),
         );
-        assert!(head < db && db < web && web < fio, "{}", s.join("\n"));
+        assert_eq!(fio, head + 1, "{}", s.join("\n"));
+        assert!(fio < db && db < web, "{}", s.join("\n"));
         assert!(s[web].contains("▸2 devs"), "{}", s[web]);
-        // fio: 9050 of vda's 13850 ops.
+        // fio: 9050 ops in total, 9050 of vda's 13850.
+        assert!(s[fio].contains(" 9050 "), "{}", s[fio]);
         assert!(s[fio].contains(" 65.3 "), "{}", s[fio]);
-        assert!(s[line_of(&s, "sort VM/COMM▲")].contains("h help  q quit"));
+        assert!(s[line_of(&s, "sort IO/s▼")].contains("h help  q quit"));
+        assert!(!s.join("\n").contains("off screen"), "everything fits");
     }
 
     #[test]
     fn sorting_by_a_column_and_reversed() {
         let mut app = sample_app();
-        keys(&mut app, ">>>>");
+        keys(&mut app, ">>");
         let s = render(&app, 100, 24);
         assert!(s[line_of(&s, "VM/COMM")].contains("W/s▼"));
+        assert!(line_of(&s, "fio") < line_of(&s, "vm:db02"));
         assert!(line_of(&s, "vm:db02") < line_of(&s, "vm:web01"));
-        assert!(line_of(&s, "fio") < line_of(&s, "ev\\x1b"));
+        assert!(line_of(&s, "vm:web01") < line_of(&s, "ev\\x1b"));
         keys(&mut app, "r");
         let s = render(&app, 100, 24);
         assert!(s[line_of(&s, "VM/COMM")].contains("W/s▲"));
+        assert!(line_of(&s, "ev\\x1b") < line_of(&s, "vm:web01"));
         assert!(line_of(&s, "vm:web01") < line_of(&s, "vm:db02"));
+        assert!(line_of(&s, "vm:db02") < line_of(&s, "fio"));
+        keys(&mut app, "n");
+        let s = render(&app, 100, 24);
+        assert!(s[line_of(&s, "IO/s")].contains("VM/COMM▲"));
         assert!(line_of(&s, "ev\\x1b") < line_of(&s, "fio"));
+        assert!(line_of(&s, "fio") < line_of(&s, "vm:db02"));
+    }
+
+    #[test]
+    fn the_footer_counts_what_is_off_screen() {
+        let mut app = sample_app();
+        // Six lines: the title, "… 2 more devices", the table's header, two rows, the footer.
+        let s = render(&app, 100, 6);
+        let foot = &s[5];
         assert!(
-            line_of(&s, "vm:db02") < line_of(&s, "ev\\x1b"),
-            "VMs stay first"
+            s[3].starts_with("fio") && s[4].starts_with("vm:db02"),
+            "{}",
+            s.join("\n")
         );
+        // web01's 2100 ops and the hostile name's 5, of 13955 on both devices.
+        assert!(
+            foot.contains("2 more off screen: 2105 IO/s, 15.1% of IOPS"),
+            "{foot}"
+        );
+        assert!(foot.ends_with("h help  q quit"), "{foot}");
+        // Scrolled to the end: fio and db02 are the hidden ones now.
+        keys(&mut app, "G");
+        let s = render(&app, 100, 6);
+        assert!(s[4].contains("ev\\x1b"), "{}", s.join("\n"));
+        assert!(
+            s[5].contains("2 more off screen: 11850 IO/s, 84.9% of IOPS"),
+            "{}",
+            s[5]
+        );
+        // On a narrow terminal the count still shows; the sort text gives way first.
+        keys(&mut app, "g");
+        let s = render(&app, 60, 6);
+        assert!(s[5].starts_with("2 more off screen"), "{}", s[5]);
     }
 
     #[test]
@@ -460,7 +525,7 @@ mod tests {
     #[test]
     fn expand_per_device() {
         let mut app = sample_app();
-        keys(&mut app, "je");
+        keys(&mut app, "jje");
         let s = render(&app, 100, 24);
         let web = line_of(&s, "vm:web01");
         assert!(s[web].contains("▾2 devs"), "{}", s[web]);
@@ -480,7 +545,7 @@ mod tests {
 
     #[test]
     fn hostile_name_renders_escaped() {
-        let s = render(&sample_app(), 100, 24).join("\n");
+        let s = render(&sample_app(), 120, 24).join("\n");
         assert!(!s.contains('\x1b'), "raw ESC on screen:\n{s}");
         assert!(!s.chars().any(|c| c.is_control() && c != '\n'));
         assert!(s.contains("ev\\x1b[2J\\x0ail"), "{s}");
@@ -551,7 +616,7 @@ mod tests {
 
     #[test]
     fn before_the_first_report_and_paused() {
-        let mut app = App::new(Duration::from_millis(500), false);
+        let mut app = App::new(Duration::from_millis(500), false, SortOrder::DEFAULT);
         let s = render(&app, 80, 24).join("\n");
         assert!(s.contains("waiting for the first interval (0.5s)"), "{s}");
         keys(&mut app, "p");
