@@ -5,6 +5,7 @@ pub mod devices;
 pub mod guest;
 pub mod iogen;
 pub mod serving;
+pub mod standins;
 pub mod throttling;
 
 use std::path::PathBuf;

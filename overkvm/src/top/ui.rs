@@ -328,7 +328,11 @@ fn draw_help(frame: &mut Frame, area: Rect) {
             ])
         })
         .collect();
-    lines.push(Line::raw(""));
+    // A blank line between keys and columns where the terminal has room for it (at 80x24 the
+    // help fills the screen without it).
+    if usize::from(area.height) >= KEYS.len() + Column::ALL.len() + 3 {
+        lines.push(Line::raw(""));
+    }
     lines.extend(Column::ALL.iter().map(|c| {
         Line::from(vec![
             Span::styled(format!("{:<10}", c.header()), col_style),
@@ -606,6 +610,19 @@ mod tests {
         keys(&mut app, "?");
         let s = render(&app, 100, 30).join("\n");
         assert!(s.contains("help · any key closes"), "{s}");
+        for (k, _) in KEYS {
+            assert!(s.contains(k), "{k} missing:\n{s}");
+        }
+        for c in Column::ALL {
+            assert!(s.contains(c.meaning()), "{c:?} missing:\n{s}");
+        }
+    }
+
+    #[test]
+    fn help_fits_80x24() {
+        let mut app = sample_app();
+        keys(&mut app, "?");
+        let s = render(&app, 80, 24).join("\n");
         for (k, _) in KEYS {
             assert!(s.contains(k), "{k} missing:\n{s}");
         }
