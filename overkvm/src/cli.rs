@@ -112,6 +112,15 @@ pub struct TopArgs {
     /// Reverse the sort's natural direction.
     #[arg(short, long)]
     pub reverse: bool,
+    /// Fleet view: the busiest VMs of every host this Prometheus scrapes (host = its
+    /// `instance` label), from the metrics of each host's `overkvm-io serve`. Needs no root
+    /// and loads nothing into the kernel. http://HOST[:PORT][/PREFIX].
+    #[arg(long, value_name = "URL")]
+    pub prometheus: Option<String>,
+    /// Fleet view: the window rates and mean latencies are taken over (PromQL range), e.g.
+    /// 1m, 30s; at least two scrape intervals.
+    #[arg(long, value_name = "DURATION", default_value = "1m", value_parser = parse_duration, requires = "prometheus")]
+    pub window: Duration,
     #[command(flatten)]
     pub hooks: HookArgs,
 }

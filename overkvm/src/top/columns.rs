@@ -44,6 +44,8 @@ pub enum Column {
     IopsShare,
     /// THROTTLE: the throttle's limits
     Throttle,
+    /// HOST: the Prometheus instance (fleet view only)
+    Host,
 }
 
 /// What a column sorts by.
@@ -99,6 +101,7 @@ impl Column {
             Column::LatP99 => "P99µs",
             Column::IopsShare => "%IOPS",
             Column::Throttle => "THROTTLE",
+            Column::Host => "HOST",
         }
     }
 
@@ -117,6 +120,7 @@ impl Column {
             Column::LatP99 => "99th percentile latency in µs (within its log2 bucket)",
             Column::IopsShare => "the row's share of all operations on its devices",
             Column::Throttle => "limits the throttle has set on this VM and device",
+            Column::Host => "the host (Prometheus instance) of the VM",
         }
     }
 
@@ -131,18 +135,22 @@ impl Column {
             Column::LatAvg | Column::LatP99 => 6,
             Column::IopsShare => 5,
             Column::Throttle => 14,
+            Column::Host => 20,
         }
     }
 
     pub fn right_aligned(self) -> bool {
-        !matches!(self, Column::Name | Column::Device | Column::Throttle)
+        !matches!(
+            self,
+            Column::Name | Column::Device | Column::Throttle | Column::Host
+        )
     }
 
     /// Numbers sort biggest first when first chosen, names alphabetically.
     pub fn descending_first(self) -> bool {
         !matches!(
             self,
-            Column::Name | Column::Pid | Column::Device | Column::Throttle
+            Column::Name | Column::Pid | Column::Device | Column::Throttle | Column::Host
         )
     }
 
@@ -165,6 +173,8 @@ impl Column {
             Column::IopsShare => num(row.iops_share()),
             Column::Throttle if row.throttle.is_empty() => SortKey::Missing,
             Column::Throttle => SortKey::Text(&row.throttle),
+            // The local view has one host: name, PID and device decide.
+            Column::Host => SortKey::Missing,
         }
     }
 
@@ -195,6 +205,7 @@ impl Column {
                 .iops_share()
                 .map_or_else(|| "-".into(), |v| format!("{v:.1}")),
             Column::Throttle => row.throttle.clone(),
+            Column::Host => String::new(),
         };
         fit(&s, usize::from(width))
     }

@@ -9,6 +9,8 @@
 pub mod app;
 pub mod batch;
 pub mod columns;
+pub mod fleet;
+pub mod prometheus;
 pub mod rows;
 pub mod sort;
 #[cfg(test)]
@@ -47,6 +49,9 @@ use self::app::{App, Effect};
 /// Runs `top`: the interactive view when stdout is a terminal, else (or with -b or --json)
 /// batch output.
 pub fn run(args: &TopArgs) -> anyhow::Result<()> {
+    if let Some(url) = &args.prometheus {
+        return fleet::run_batch(args, url);
+    }
     let opts = LoadOptions {
         mode: args.hooks.hooks,
         bio: !args.hooks.no_bio,
