@@ -4,6 +4,7 @@
 pub mod devices;
 pub mod guest;
 pub mod iogen;
+pub mod prometheus;
 pub mod serving;
 pub mod standins;
 pub mod throttling;

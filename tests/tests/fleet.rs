@@ -1,0 +1,328 @@
+//! The fleet view end to end: three `overkvm-io serve` instances on loopback ports are three
+//! "hosts" (told apart by Prometheus's `instance` label), a real Prometheus scrapes them every
+//! second, and qemu stand-ins read a loop device at paced rates. `overkvm-io top --prometheus`
+//! must rank the VMs of every host busiest first and show, per host, VM and device, the rates
+//! and mean latency that host exported.
+//!
+//! All three daemons run on this one kernel and so see every VM; Prometheus's metric
+//! relabelling keeps each host's own VMs only (as if each ran on a machine of its own).
+
+use std::{
+    net::SocketAddr,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use overkvm_tests::{
+    devices::LoopDevice,
+    prometheus::{self, Prometheus},
+    serving::{Serve, TempDir, scrape},
+    skip_unless_kernel,
+    standins::{Pace, StandIn},
+    workspace_bin,
+};
+use serde_json::Value;
+
+/// Paced reads per second of each host's stand-in VMs: host 2 has the busiest.
+const RATES: [&[f64]; 3] = [&[40.0, 8.0], &[120.0, 4.0], &[70.0, 15.0]];
+
+/// The window the fleet view computes rates over.
+const WINDOW_S: u64 = 10;
+
+/// The sum of every series of `name` whose labels include all of `want` (any label order).
+fn exported(body: &str, name: &str, want: &[(&str, &str)]) -> f64 {
+    body.lines()
+        .filter_map(|l| l.strip_prefix(name)?.strip_prefix('{'))
+        .filter_map(|rest| {
+            let (labels, value) = rest.rsplit_once("} ")?;
+            let all = want
+                .iter()
+                .all(|(k, v)| labels.split(',').any(|kv| kv == format!("{k}=\"{v}\"")));
+            all.then(|| value.trim().parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
+
+/// What one host exported for one VM on one device: ops, bytes, latency sum and count.
+#[derive(Clone, Copy, Debug, Default)]
+struct Exported {
+    ops: f64,
+    read_bytes: f64,
+    lat_sum: f64,
+    lat_count: f64,
+}
+
+fn exported_vm(body: &str, vm: &str, device: &str) -> Exported {
+    let l = [("vm", vm), ("device", device)];
+    Exported {
+        ops: exported(body, "overkvm_vm_io_operations_total", &l),
+        read_bytes: exported(
+            body,
+            "overkvm_vm_io_bytes_total",
+            &[("vm", vm), ("device", device), ("op", "read")],
+        ),
+        lat_sum: exported(body, "overkvm_vm_io_latency_seconds_sum", &l),
+        lat_count: exported(body, "overkvm_vm_io_latency_seconds_count", &l),
+    }
+}
+
+/// `overkvm-io top --prometheus URL -b -n 1 --window 10s` with `extra`; (success, stdout,
+/// stderr).
+fn fleet_top(url: &str, extra: &[&str]) -> (bool, String, String) {
+    let out = Command::new(workspace_bin("overkvm-io"))
+        .args(["top", "--prometheus", url, "-b", "-n", "1"])
+        .args(["--window", &format!("{WINDOW_S}s")])
+        .args(extra)
+        .output()
+        .expect("running overkvm-io top --prometheus");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_fleet_view_ranks_every_hosts_vms_with_the_rates_each_host_exported() {
+    skip_unless_kernel!();
+    if let Some(reason) = prometheus::missing("prometheus") {
+        eprintln!("SKIPPED {}: {reason}", module_path!());
+        return;
+    }
+    let dir = TempDir::new("fleet");
+    let lo = LoopDevice::new(64).expect("loop device");
+    let dev = lo.name();
+    let hosts: Vec<Serve> = (0..3)
+        .map(|i| Serve::start(&dir.join(format!("serve{i}.log")), &[]))
+        .collect();
+    let addrs: Vec<SocketAddr> = hosts.iter().map(|h| h.addr).collect();
+    let tag = format!("okvm-fleet-{}", std::process::id());
+    let mut vms: Vec<(usize, String, StandIn)> = Vec::new();
+    for (h, rates) in RATES.iter().enumerate() {
+        for (j, rate) in rates.iter().enumerate() {
+            let name = format!("{tag}-h{h}-v{j}");
+            let n = vms.len() as u64;
+            let pace = Pace {
+                rate: Some(*rate),
+                start: n * (8 << 20),
+                len: 8 << 20,
+                seed: n + 3,
+            };
+            let vm = StandIn::vm(&dir.0, &lo.path, &name, pace);
+            vms.push((h, name, vm));
+        }
+    }
+
+    // One job, three targets; each target keeps its own stand-ins only.
+    let drop_others: Vec<String> = addrs
+        .iter()
+        .enumerate()
+        .map(|(h, a)| {
+            let others: String = (0..3).filter(|o| *o != h).map(|o| o.to_string()).collect();
+            format!("{};{tag}-h[{others}]-.*", a.to_string().replace('.', "\\."))
+        })
+        .collect();
+    let targets: Vec<String> = addrs.iter().map(|a| format!("'{a}'")).collect();
+    let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../packaging/prometheus/overkvm-rules.yml");
+    let config = format!(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+         rule_files:\n  - {}\n\
+         scrape_configs:\n  - job_name: overkvm\n    scrape_interval: 1s\n    scrape_timeout: 1s\n\
+         \x20   static_configs:\n      - targets: [{}]\n\
+         \x20   metric_relabel_configs:\n      - source_labels: [instance, vm]\n\
+         \x20       regex: '{}'\n        action: drop\n",
+        rules.display(),
+        targets.join(", "),
+        drop_others.join("|"),
+    );
+    let prom = Prometheus::start(&dir.0, &config);
+
+    // A window of scrapes first, then the hosts' own counters over one window, then the view.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while prom
+        .query("count_over_time(overkvm_ticks_total[1m])")
+        .iter()
+        .filter(|(_, n)| *n >= (WINDOW_S + 2) as f64)
+        .count()
+        < 3
+    {
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus keeps no samples of the three hosts:\n{}",
+            prom.log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let snapshot = || -> Vec<String> {
+        addrs
+            .iter()
+            .map(|a| scrape(*a).expect("scraping a host"))
+            .collect()
+    };
+    let (before, t0) = (snapshot(), Instant::now());
+    std::thread::sleep(Duration::from_secs(WINDOW_S));
+    let (after, t1) = (snapshot(), Instant::now());
+    let (ok, json, err) = fleet_top(&prom.url(), &["--json"]);
+    assert!(ok, "top --prometheus --json failed: {err}");
+    let secs = (t1 - t0).as_secs_f64();
+    for (_, _, vm) in &mut vms {
+        assert!(vm.running(), "a stand-in VM stopped");
+    }
+
+    let report: Value = serde_json::from_str(json.trim()).unwrap_or_else(|e| panic!("{e}: {json}"));
+    let rows = report["vms"].as_array().expect("vms array");
+    eprintln!(
+        "fleet view: {} rows over {} hosts (window {} s)",
+        rows.len(),
+        report["hosts"].as_array().map_or(0, Vec::len),
+        report["window_s"]
+    );
+    // Busiest first over the whole fleet, whoever's rows they are.
+    let iops: Vec<f64> = rows
+        .iter()
+        .map(|r| r["iops"].as_f64().unwrap_or(-1.0))
+        .collect();
+    assert!(
+        iops.windows(2).all(|w| w[0] >= w[1]),
+        "not sorted by IOPS: {iops:?}"
+    );
+    let ours: Vec<&Value> = rows
+        .iter()
+        .filter(|r| r["vm"].as_str().is_some_and(|v| v.starts_with(&tag)))
+        .collect();
+    let names: Vec<&str> = ours.iter().filter_map(|r| r["vm"].as_str()).collect();
+    assert_eq!(
+        names.first().copied(),
+        Some(format!("{tag}-h1-v0").as_str()),
+        "host 1's 120 IOPS VM is not the busiest of ours: {names:?}"
+    );
+    assert_eq!(ours.len(), vms.len(), "one row per stand-in VM: {names:?}");
+
+    for (h, name, _) in &vms {
+        let row = ours
+            .iter()
+            .find(|r| r["vm"] == name.as_str())
+            .unwrap_or_else(|| panic!("{name} missing from the fleet view"));
+        // The row is the host's that exported it, not another's.
+        assert_eq!(row["instance"], addrs[*h].to_string(), "{name}: {row}");
+        assert_eq!(row["device"], dev.as_str(), "{name}: {row}");
+        let (a, b) = (
+            exported_vm(&after[*h], name, &dev),
+            exported_vm(&before[*h], name, &dev),
+        );
+        let host_iops = (a.ops - b.ops) / secs;
+        let host_mbs = (a.read_bytes - b.read_bytes) / secs / 1e6;
+        let host_lat_us = (a.lat_count > b.lat_count)
+            .then(|| (a.lat_sum - b.lat_sum) / (a.lat_count - b.lat_count) * 1e6);
+        let got = |k: &str| row[k].as_f64().unwrap_or(f64::NAN);
+        eprintln!(
+            "{name} on host {h}: exported {host_iops:.1} IOPS {host_mbs:.3} MB/s \
+             {host_lat_us:.1?} µs; fleet view {:.1} IOPS {:.3} MB/s {:.1} µs",
+            got("iops"),
+            got("read_mbs"),
+            got("lat_avg_us")
+        );
+        let near = |fleet: f64, host: f64, slack: f64| (fleet - host).abs() <= 0.15 * host + slack;
+        assert!(
+            near(got("iops"), host_iops, 2.0),
+            "{name}: fleet {} IOPS vs exported {host_iops}",
+            got("iops")
+        );
+        assert!(
+            near(got("read_iops"), host_iops, 2.0),
+            "{name}: read IOPS {}",
+            got("read_iops")
+        );
+        assert!(
+            near(got("read_mbs"), host_mbs, 0.01),
+            "{name}: fleet {} MB/s vs exported {host_mbs}",
+            got("read_mbs")
+        );
+        // Latency: the same I/Os give the same mean, but the windows are a scrape apart and
+        // a few slow reads move the mean of a slow trickle: a factor 2 (factor 4 below 20
+        // IOPS).
+        let host_lat = host_lat_us.expect("the host timed its reads");
+        let lat = got("lat_avg_us");
+        let factor = if host_iops >= 20.0 { 2.0 } else { 4.0 };
+        assert!(
+            lat > 0.0 && lat <= host_lat * factor && lat >= host_lat / factor,
+            "{name}: fleet mean latency {lat} µs vs exported {host_lat} µs"
+        );
+        assert_eq!(row["throttle"], "", "{name}: no throttle runs");
+    }
+
+    // Every host is there, with at least its own VMs' I/O.
+    let host_rows = report["hosts"].as_array().expect("hosts array");
+    for (h, addr) in addrs.iter().enumerate() {
+        let host = host_rows
+            .iter()
+            .find(|r| r["instance"] == addr.to_string())
+            .unwrap_or_else(|| panic!("host {addr} missing: {host_rows:?}"));
+        let own: f64 = ours
+            .iter()
+            .filter(|r| r["instance"] == addr.to_string())
+            .filter_map(|r| r["iops"].as_f64())
+            .sum();
+        assert!(
+            host["iops"].as_f64().is_some_and(|v| v >= own - 1e-6),
+            "host {h}: {host} below its VMs' {own}"
+        );
+        assert!(
+            host["vms"]
+                .as_u64()
+                .is_some_and(|n| n >= RATES[h].len() as u64)
+        );
+    }
+
+    // The same order in batch text, and --sort / -r follow.
+    let (ok, text, err) = fleet_top(&prom.url(), &[]);
+    assert!(ok, "{err}");
+    let line_of = |text: &str, vm: &str| {
+        text.lines()
+            .position(|l| l.split_whitespace().nth(1) == Some(vm))
+            .unwrap_or_else(|| panic!("{vm} missing:\n{text}"))
+    };
+    let order = |text: &str| -> Vec<String> {
+        let mut ours: Vec<(usize, String)> = vms
+            .iter()
+            .map(|(_, n, _)| (line_of(text, n), n.clone()))
+            .collect();
+        ours.sort();
+        ours.into_iter().map(|(_, n)| n).collect()
+    };
+    eprintln!("--- fleet view, batch text ---\n{text}");
+    assert_eq!(order(&text)[0], format!("{tag}-h1-v0"), "{text}");
+    let (ok, text, err) = fleet_top(&prom.url(), &["--sort", "name"]);
+    assert!(ok, "{err}");
+    let mut sorted: Vec<String> = vms.iter().map(|(_, n, _)| n.clone()).collect();
+    sorted.sort();
+    assert_eq!(order(&text), sorted, "--sort name:\n{text}");
+    let (ok, text, err) = fleet_top(&prom.url(), &["--sort", "host", "-r"]);
+    assert!(ok, "{err}");
+    let hosts_order: Vec<String> = order(&text)
+        .iter()
+        .map(|n| n[tag.len() + 1..tag.len() + 3].to_string())
+        .collect();
+    let mut want = hosts_order.clone();
+    want.sort_by(|a, b| {
+        let addr = |h: &str| addrs[usize::from(h.as_bytes()[1] - b'0')].to_string();
+        addr(b).cmp(&addr(a))
+    });
+    assert_eq!(hosts_order, want, "--sort host -r:\n{text}");
+
+    // The recording rules load next to the raw series (their values are unit-tested by
+    // promtool).
+    let loaded = prom.api("/api/v1/rules");
+    let groups = loaded["data"]["groups"].as_array().map_or(0, Vec::len);
+    assert_eq!(groups, 3, "rule groups loaded: {loaded}");
+
+    // A Prometheus that is not there, and a URL the view cannot use: clear errors.
+    let closed = format!("http://127.0.0.1:{}", prometheus::free_port());
+    let (ok, _, err) = fleet_top(&closed, &[]);
+    assert!(!ok && err.contains("connecting to"), "{err}");
+    let (ok, _, err) = fleet_top("https://127.0.0.1:9090", &[]);
+    assert!(!ok && err.contains("only http://"), "{err}");
+    drop(prom);
+    drop(hosts);
+}
