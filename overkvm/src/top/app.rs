@@ -8,6 +8,7 @@ use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 
 use super::{
     columns::Column,
+    fleet::{self, FleetReport},
     rows::{self, RowGroup, RowKey, RowKind, TopRow},
     sort::{SortOrder, row_order},
 };
@@ -75,6 +76,12 @@ type RowId = (RowKey, Option<String>);
 #[derive(Debug)]
 pub struct App {
     report: Option<Report>,
+    /// The fleet view's latest refresh (the fleet view has no local report).
+    fleet: Option<FleetReport>,
+    /// Why the last fleet refresh failed, until one succeeds.
+    fleet_error: Option<String>,
+    /// The table's columns: the local or the fleet view's.
+    columns: &'static [Column],
     throttle: Option<ThrottleView>,
     groups: Vec<RowGroup>,
     rows: Vec<TopRow>,
@@ -97,6 +104,9 @@ impl App {
     pub fn new(interval: Duration, vms_only: bool, sort: SortOrder) -> App {
         App {
             report: None,
+            fleet: None,
+            fleet_error: None,
+            columns: &Column::ALL,
             throttle: None,
             groups: Vec::new(),
             rows: Vec::new(),
@@ -112,6 +122,47 @@ impl App {
             help: false,
             page: 10,
         }
+    }
+
+    /// The fleet view: rows from a Prometheus, its columns (HOST, no PID).
+    pub fn new_fleet(interval: Duration, sort: SortOrder) -> App {
+        App {
+            columns: &Column::FLEET,
+            ..App::new(interval, false, sort)
+        }
+    }
+
+    /// Shows a fleet refresh, or its error (the rows of the last good one stay); ignored
+    /// (false) while paused.
+    pub fn set_fleet(&mut self, refresh: Result<FleetReport, String>) -> bool {
+        if self.paused {
+            return false;
+        }
+        match refresh {
+            Ok(report) => {
+                self.groups = fleet::groups(&report);
+                let live: HashSet<&RowKey> = self.groups.iter().map(|g| &g.merged.key).collect();
+                self.expanded.retain(|k| live.contains(k));
+                self.fleet = Some(report);
+                self.fleet_error = None;
+                self.rebuild();
+            }
+            Err(e) => self.fleet_error = Some(e),
+        }
+        true
+    }
+
+    pub fn fleet(&self) -> Option<&FleetReport> {
+        self.fleet.as_ref()
+    }
+
+    pub fn fleet_error(&self) -> Option<&str> {
+        self.fleet_error.as_deref()
+    }
+
+    /// The columns the table may show, in order.
+    pub fn columns(&self) -> &'static [Column] {
+        self.columns
     }
 
     /// Shows a new interval; ignored (false) while paused.
@@ -196,7 +247,22 @@ impl App {
     /// and how much of the devices' I/O they did. None when every process is on screen, so a
     /// quiet screen never hides a busy tail unnoticed.
     pub fn off_screen(&self, first: usize, lines: usize) -> Option<OffScreen> {
-        let report = self.report.as_ref()?;
+        // All operations on every device in the interval (in the fleet view: of every host,
+        // over the window, as the rows count them).
+        let (all, interval_s): (u64, f64) = match (&self.report, &self.fleet) {
+            (Some(r), _) => (
+                r.devices.iter().map(|d| d.counts.total_ops()).sum(),
+                r.interval_s,
+            ),
+            (None, Some(f)) => (
+                f.hosts
+                    .iter()
+                    .map(|h| (h.device_iops * f.window_s).round() as u64)
+                    .sum(),
+                f.window_s,
+            ),
+            (None, None) => return None,
+        };
         let shown = first..first.saturating_add(lines);
         let hidden: Vec<&TopRow> = self
             .rows
@@ -209,10 +275,9 @@ impl App {
             return None;
         }
         let ops: u64 = hidden.iter().map(|r| r.counts.total_ops()).sum();
-        let all: u64 = report.devices.iter().map(|d| d.counts.total_ops()).sum();
         Some(OffScreen {
             rows: hidden.len(),
-            iops: rows::per_second(ops, report.interval_s),
+            iops: rows::per_second(ops, interval_s),
             share: rows::percent(ops, all),
         })
     }
@@ -258,8 +323,8 @@ impl App {
             }
             KeyCode::Char('h' | '?') => self.help = true,
             KeyCode::Char('/') => self.filter_input = Some(self.filter.clone()),
-            KeyCode::Char('<' | ',') => self.sort_by(self.sort.column.prev()),
-            KeyCode::Char('>' | '.') => self.sort_by(self.sort.column.next()),
+            KeyCode::Char('<' | ',') => self.sort_by(self.sort.column.prev_in(self.columns)),
+            KeyCode::Char('>' | '.') => self.sort_by(self.sort.column.next_in(self.columns)),
             KeyCode::Char('i') => self.sort_by(Column::TotalIops),
             KeyCode::Char('n') => self.sort_by(Column::Name),
             KeyCode::Char('r') => {
@@ -481,6 +546,39 @@ mod tests {
             labels(&app),
             ["vm:web01", "vm:db02", "fio", "ev\\x1b[2J\\x0ail"]
         );
+    }
+
+    #[test]
+    fn the_fleet_view_ranks_vms_of_every_host_with_the_same_keys() {
+        let mut app = App::new_fleet(Duration::from_secs(1), SortOrder::DEFAULT);
+        assert!(app.set_fleet(Ok(crate::top::testdata::fleet_report())));
+        assert_eq!(app.columns(), Column::FLEET);
+        assert_eq!(labels(&app), ["vm:hog", "vm:web01", "vm:db01", "vm:quiet"]);
+        assert_eq!(app.rows()[1].host, "h1:9746");
+        assert_eq!(app.rows()[1].total_iops(), 450.0);
+        // `>` walks the fleet's columns: IO/s -> R/s; `<` three times from there reaches HOST.
+        press(&mut app, ">");
+        assert_eq!(app.sort().column, Column::ReadIops);
+        press(&mut app, "<<<");
+        assert_eq!(app.sort().column, Column::Host);
+        assert_eq!(labels(&app), ["vm:db01", "vm:web01", "vm:hog", "vm:quiet"]);
+        // Filtering matches the host too; expanding splits a VM per device.
+        press(&mut app, "i/h1");
+        app.handle_key(key(KeyCode::Enter));
+        assert_eq!(labels(&app), ["vm:web01", "vm:db01"]);
+        app.handle_key(key(KeyCode::Enter));
+        assert_eq!(labels(&app), ["vm:web01", "  vda", "  vdb", "vm:db01"]);
+        // A failed refresh keeps the rows and says why.
+        assert!(app.set_fleet(Err("HTTP 503".into())));
+        assert_eq!(app.fleet_error(), Some("HTTP 503"));
+        assert_eq!(app.rows().len(), 4);
+        assert!(app.set_fleet(Ok(crate::top::testdata::fleet_report())));
+        assert_eq!(app.fleet_error(), None);
+        // Off screen: everything but hog, of 6000 IO/s on the hosts' devices.
+        app.handle_key(key(KeyCode::Esc));
+        let off = app.off_screen(0, 1).expect("rows hidden");
+        assert_eq!(off.rows, 3);
+        assert_eq!(off.iops, 457.0);
     }
 
     #[test]

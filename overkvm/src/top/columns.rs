@@ -61,7 +61,7 @@ pub enum SortKey<'a> {
 pub const NAME_MIN: u16 = 12;
 pub const NAME_MAX: u16 = 32;
 /// Columns dropped first when the terminal is too narrow for all of them.
-const DROP_ORDER: [Column; 7] = [
+const DROP_ORDER: [Column; 8] = [
     Column::Throttle,
     Column::LatAvg,
     Column::Pid,
@@ -69,6 +69,7 @@ const DROP_ORDER: [Column; 7] = [
     Column::WriteMbs,
     Column::Device,
     Column::LatP99,
+    Column::Host,
 ];
 
 impl Column {
@@ -83,6 +84,22 @@ impl Column {
         Column::WriteMbs,
         Column::LatAvg,
         Column::LatP99,
+        Column::IopsShare,
+        Column::Throttle,
+    ];
+
+    /// The fleet view's columns: HOST where the local view has PID, and no p99 (Prometheus
+    /// keeps the histogram's exact sum and count per row, not a percentile).
+    pub const FLEET: [Column; 11] = [
+        Column::Name,
+        Column::Host,
+        Column::Device,
+        Column::TotalIops,
+        Column::ReadIops,
+        Column::WriteIops,
+        Column::ReadMbs,
+        Column::WriteMbs,
+        Column::LatAvg,
         Column::IopsShare,
         Column::Throttle,
     ];
@@ -135,7 +152,7 @@ impl Column {
             Column::LatAvg | Column::LatP99 => 6,
             Column::IopsShare => 5,
             Column::Throttle => 14,
-            Column::Host => 20,
+            Column::Host => 16,
         }
     }
 
@@ -174,7 +191,8 @@ impl Column {
             Column::Throttle if row.throttle.is_empty() => SortKey::Missing,
             Column::Throttle => SortKey::Text(&row.throttle),
             // The local view has one host: name, PID and device decide.
-            Column::Host => SortKey::Missing,
+            Column::Host if row.host.is_empty() => SortKey::Missing,
+            Column::Host => SortKey::Text(&row.host),
         }
     }
 
@@ -205,19 +223,26 @@ impl Column {
                 .iops_share()
                 .map_or_else(|| "-".into(), |v| format!("{v:.1}")),
             Column::Throttle => row.throttle.clone(),
-            Column::Host => String::new(),
+            Column::Host if device_row => String::new(),
+            Column::Host => row.host.clone(),
         };
         fit(&s, usize::from(width))
     }
 
-    pub fn next(self) -> Column {
-        let i = Column::ALL.iter().position(|c| *c == self).unwrap_or(0);
-        Column::ALL[(i + 1) % Column::ALL.len()]
+    /// The column after this one among `set` (wrapping; the first when not in it).
+    pub fn next_in(self, set: &[Column]) -> Column {
+        let Some(i) = set.iter().position(|c| *c == self) else {
+            return set.first().copied().unwrap_or(self);
+        };
+        set[(i + 1) % set.len()]
     }
 
-    pub fn prev(self) -> Column {
-        let i = Column::ALL.iter().position(|c| *c == self).unwrap_or(0);
-        Column::ALL[(i + Column::ALL.len() - 1) % Column::ALL.len()]
+    /// The column before this one among `set` (wrapping; the first when not in it).
+    pub fn prev_in(self, set: &[Column]) -> Column {
+        let Some(i) = set.iter().position(|c| *c == self) else {
+            return set.first().copied().unwrap_or(self);
+        };
+        set[(i + set.len() - 1) % set.len()]
     }
 }
 
@@ -240,11 +265,11 @@ pub fn compare_keys(a: &SortKey, b: &SortKey, descending: bool) -> Ordering {
     }
 }
 
-/// The columns that fit in `width` terminal cells (one cell between columns), with their
-/// widths: the least useful are dropped first, and the name takes what is left up to
+/// The columns of `set` that fit in `width` terminal cells (one cell between columns), with
+/// their widths: the least useful are dropped first, and the name takes what is left up to
 /// [`NAME_MAX`].
-pub fn fit_columns(width: u16) -> Vec<(Column, u16)> {
-    let mut shown: Vec<Column> = Column::ALL.to_vec();
+pub fn fit_columns(width: u16, set: &[Column]) -> Vec<(Column, u16)> {
+    let mut shown: Vec<Column> = set.to_vec();
     let need = |cols: &[Column]| -> u16 {
         let gaps = cols.len().saturating_sub(1) as u16;
         cols.iter().map(|c| c.width()).sum::<u16>() + gaps
@@ -312,7 +337,7 @@ mod tests {
                 "{c:?}"
             );
             assert!((1..=66).contains(&c.meaning().chars().count()), "{c:?}");
-            assert_eq!(c.next().prev(), c);
+            assert_eq!(c.next_in(&Column::ALL).prev_in(&Column::ALL), c);
         }
         let mut headers: Vec<_> = Column::ALL.iter().map(|c| c.header()).collect();
         headers.dedup();
@@ -325,21 +350,33 @@ mod tests {
             cols.iter().map(|(_, w)| w).sum::<u16>() + cols.len() as u16 - 1
         };
         for width in [40, 60, 80, 100, 120, 160, 250] {
-            let cols = fit_columns(width);
+            let cols = fit_columns(width, &Column::ALL);
             assert!(total(&cols) <= width, "{width}: {cols:?}");
             assert_eq!(cols[0].0, Column::Name);
             assert!(cols.iter().any(|(c, _)| *c == Column::IopsShare));
             assert!(cols.iter().any(|(c, _)| *c == Column::TotalIops));
         }
-        let at80: Vec<Column> = fit_columns(80).into_iter().map(|(c, _)| c).collect();
+        let at80: Vec<Column> = fit_columns(80, &Column::ALL)
+            .into_iter()
+            .map(|(c, _)| c)
+            .collect();
         // The total IOPS column costs the mean latency at 80 columns (the p99 stays).
         assert_eq!(at80.len(), Column::ALL.len() - 2, "{at80:?}");
         assert!(!at80.contains(&Column::Throttle) && !at80.contains(&Column::LatAvg));
         assert!(at80.contains(&Column::TotalIops) && at80.contains(&Column::LatP99));
-        assert_eq!(fit_columns(160).len(), Column::ALL.len());
-        assert_eq!(fit_columns(160)[0].1, NAME_MAX);
+        assert_eq!(fit_columns(160, &Column::ALL).len(), Column::ALL.len());
+        assert_eq!(fit_columns(160, &Column::ALL)[0].1, NAME_MAX);
         // At 80 columns a VM name of 13 characters still fits.
-        assert!(fit_columns(80)[0].1 >= 16);
+        assert!(fit_columns(80, &Column::ALL)[0].1 >= 16);
+        // The fleet view keeps its host column at 80, and has everything at 120.
+        let fleet80: Vec<Column> = fit_columns(80, &Column::FLEET)
+            .into_iter()
+            .map(|(c, _)| c)
+            .collect();
+        assert!(fleet80.contains(&Column::Host) && fleet80.contains(&Column::TotalIops));
+        assert_eq!(fit_columns(120, &Column::FLEET).len(), Column::FLEET.len());
+        assert_eq!(Column::Pid.next_in(&Column::FLEET), Column::Name);
+        assert_eq!(Column::Name.prev_in(&Column::FLEET), Column::Throttle);
     }
 
     #[test]

@@ -21,10 +21,10 @@ use super::{
     batch::{fit, sanitize},
     columns::{Column, SortKey, compare_keys},
     prometheus::{Client, PromUrl, Sample},
-    rows::limit_text,
+    rows::{RowGroup, RowKey, RowKind, TopRow, limit_text},
     sort::SortOrder,
 };
-use crate::{cli::TopArgs, export::names, tick::ActiveLimit};
+use crate::{cli::TopArgs, export::names, report::OpCounts, tick::ActiveLimit};
 
 /// The throttle's limits on one VM and device (absent where none).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
@@ -73,6 +73,8 @@ pub struct FleetRow {
     pub lat_avg_us: Option<f64>,
     /// The row's operations as a share of its host device's, in percent.
     pub iops_share: Option<f64>,
+    /// All operations per second on the row's device of its host (VMs or not).
+    pub device_iops: Option<f64>,
     pub limits: Limits,
     /// The limits as text (`r990 w20`), "" when none.
     pub throttle: String,
@@ -261,6 +263,7 @@ pub fn join(a: &Answers) -> Vec<FleetRow> {
             FleetRow {
                 throttle: e.limits.text(),
                 iops_share: (dev_total > 0.0).then(|| e.ops * 100.0 / dev_total),
+                device_iops: (dev_total > 0.0).then_some(dev_total),
                 lat_avg_us: (e.lat_count > 0.0).then(|| e.lat_sum / e.lat_count * 1e6),
                 instance,
                 vm,
@@ -381,6 +384,131 @@ pub fn fetch_report(
         hosts: hosts(&vms, &answers.device_ops),
         vms,
     })
+}
+
+/// The interactive view's rows: one group per host and VM, merged over its devices, each
+/// device a row of its own when expanded. Rates become operations over the window (the view's
+/// interval), so every column, sort and share of the local view applies unchanged.
+pub fn groups(report: &FleetReport) -> Vec<RowGroup> {
+    let window = report.window_s.max(1e-3);
+    let ops = |per_s: f64| (per_s.max(0.0) * window).round() as u64;
+    let bytes = |mb_s: f64| (mb_s.max(0.0) * 1e6 * window).round() as u64;
+    let mut by: BTreeMap<(&str, &str), Vec<(usize, &FleetRow)>> = BTreeMap::new();
+    for (i, r) in report.vms.iter().enumerate() {
+        by.entry((r.instance.as_str(), r.vm.as_str()))
+            .or_default()
+            .push((i, r));
+    }
+    let row = |key: &RowKey, parts: &[(usize, &FleetRow)], kind: RowKind| {
+        let mut counts = OpCounts::default();
+        let (mut timed, mut lat_weighted) = (0.0, 0.0);
+        let mut devices: Vec<String> = Vec::new();
+        let mut device_ops = 0;
+        let mut limits: Vec<&str> = Vec::new();
+        for (_, r) in parts {
+            counts.read_ops += ops(r.read_iops);
+            counts.write_ops += ops(r.write_iops);
+            counts.other_ops += ops(r.iops - r.read_iops - r.write_iops);
+            counts.read_bytes += bytes(r.read_mbs);
+            counts.write_bytes += bytes(r.write_mbs);
+            if let Some(lat) = r.lat_avg_us {
+                timed += r.iops;
+                lat_weighted += lat * r.iops;
+            }
+            devices.push(sanitize(&r.device));
+            device_ops += r.device_iops.map_or(0, ops);
+            if !r.throttle.is_empty() {
+                limits.push(&r.throttle);
+            }
+        }
+        devices.sort();
+        TopRow {
+            key: key.clone(),
+            host: key.host.clone(),
+            vm: true,
+            exited: false,
+            label: key.label.clone(),
+            comm: key.host.clone(),
+            pid: 0,
+            devices,
+            counts,
+            device_ops,
+            interval_s: window,
+            lat_avg_us: (timed > 0.0).then(|| lat_weighted / timed),
+            lat_p99_us: None,
+            throttle: match limits.as_slice() {
+                [] => String::new(),
+                [one] => sanitize(one),
+                many => format!("{} limits", many.len()),
+            },
+            kind,
+            sources: parts.iter().map(|(i, _)| *i).collect(),
+        }
+    };
+    by.into_iter()
+        .map(|((instance, vm), parts)| {
+            let key = RowKey {
+                host: sanitize(instance),
+                pid: 0,
+                label: format!("vm:{}", sanitize(vm)),
+            };
+            let merged = row(&key, &parts, RowKind::Merged { expanded: false });
+            let per_device = parts
+                .iter()
+                .enumerate()
+                .map(|(n, part)| {
+                    row(
+                        &key,
+                        std::slice::from_ref(part),
+                        RowKind::Device {
+                            last: n + 1 == parts.len(),
+                        },
+                    )
+                })
+                .collect();
+            RowGroup { merged, per_device }
+        })
+        .collect()
+}
+
+/// The interactive fleet view's refresher: a report (or the refresh's error) per `-d`, the
+/// first one interval from now (the caller has just made one), handed to `send` by value
+/// until it returns false; pause and interval changes arrive over `control`.
+pub(super) fn refresh_loop(
+    client: &Client,
+    queries: &Queries,
+    window: Duration,
+    sort: SortOrder,
+    mut delay: Duration,
+    send: &dyn Fn(Result<FleetReport, String>) -> bool,
+    control: &std::sync::mpsc::Receiver<super::SamplerControl>,
+) {
+    use std::{sync::mpsc::RecvTimeoutError, time::Instant};
+    let mut paused = false;
+    let mut taken = Instant::now();
+    loop {
+        // A new interval counts from the last refresh, so `-` takes effect at once.
+        loop {
+            let wait = (taken + delay).saturating_duration_since(Instant::now());
+            if wait.is_zero() {
+                break;
+            }
+            match control.recv_timeout(wait) {
+                Ok(super::SamplerControl::Interval(d)) => delay = d,
+                Ok(super::SamplerControl::Pause(p)) => paused = p,
+                Err(RecvTimeoutError::Timeout) => break,
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        }
+        taken = Instant::now();
+        if paused {
+            continue;
+        }
+        let report = fetch_report(client, queries, window, sort).map_err(|e| format!("{e:#}"));
+        if !send(report) {
+            return;
+        }
+    }
 }
 
 fn opt(v: Option<f64>) -> String {
@@ -647,6 +775,47 @@ mod tests {
             assert!(!text.contains("_bucket"), "{text}");
         }
         assert_eq!(range(Duration::from_millis(1500)), "1500ms");
+    }
+
+    #[test]
+    fn view_rows_group_a_vm_over_its_devices() {
+        let mut a = answers();
+        // web01 also on a second device of h1, quieter and unlimited.
+        let web_b = vm("h1:9746", "web01", "sdb");
+        a.ops.push(at(with(&web_b, &[("op", "read")]), 100.0));
+        a.lat_sum.push(at(with(&web_b, &[]), 100.0 * 50e-6));
+        a.lat_count.push(at(with(&web_b, &[]), 100.0));
+        let vms = join(&a);
+        let report = FleetReport {
+            timestamp: String::new(),
+            prometheus: String::new(),
+            window_s: 10.0,
+            hosts: hosts(&vms, &a.device_ops),
+            vms,
+        };
+        let g = groups(&report);
+        let web = g
+            .iter()
+            .find(|g| g.merged.label == "vm:web01")
+            .expect("web01");
+        assert_eq!(web.merged.host, "h1:9746");
+        assert_eq!(web.merged.devices, ["nvme0n1", "sdb"]);
+        assert_eq!(web.merged.total_iops(), 500.0);
+        assert_eq!(web.merged.read_iops(), 400.0);
+        // (400 x 250 + 100 x 50) / 500
+        assert!((web.merged.lat_avg_us.unwrap() - 210.0).abs() < 1e-9);
+        assert_eq!(web.merged.throttle, "r990 w20 wb5M");
+        assert_eq!(web.per_device.len(), 2);
+        assert_eq!(web.per_device[0].iops_share(), Some(80.0));
+        assert_eq!(Column::Host.sort_key(&web.merged), SortKey::Text("h1:9746"));
+        let db = g
+            .iter()
+            .find(|g| g.merged.label == "vm:db01")
+            .expect("db01");
+        assert_eq!(
+            (db.merged.total_iops(), db.merged.counts.other_ops),
+            (5.0, 50)
+        );
     }
 
     #[test]

@@ -49,7 +49,11 @@ use self::app::{App, Effect};
 /// Runs `top`: the interactive view when stdout is a terminal, else (or with -b or --json)
 /// batch output.
 pub fn run(args: &TopArgs) -> anyhow::Result<()> {
+    let tui = !args.batch && !args.json && std::io::stdout().is_terminal();
     if let Some(url) = &args.prometheus {
+        if tui {
+            return run_fleet_interactive(args, url);
+        }
         return fleet::run_batch(args, url);
     }
     let opts = LoadOptions {
@@ -57,7 +61,7 @@ pub fn run(args: &TopArgs) -> anyhow::Result<()> {
         bio: !args.hooks.no_bio,
         all_bios: args.hooks.all_bios,
     };
-    if !args.batch && !args.json && std::io::stdout().is_terminal() {
+    if tui {
         return run_interactive(args, opts);
     }
     run_batch(args, &opts)
@@ -123,6 +127,8 @@ enum ViewEvent {
     /// The programs are loaded and attached; the loader's warnings.
     Ready(Vec<String>),
     Report(Report),
+    /// A fleet refresh from Prometheus, or why it failed.
+    Fleet(Result<fleet::FleetReport, String>),
     /// The throttle daemon's latest state (None when no daemon runs).
     Throttle(Option<crate::tick::ThrottleView>),
     /// The sampler stopped on this error (or panicked).
@@ -196,6 +202,47 @@ fn run_interactive(args: &TopArgs, opts: LoadOptions) -> anyhow::Result<()> {
         let _ = sampler.join();
     }
     shown
+}
+
+/// The fleet view on a terminal: a refresher thread queries Prometheus every `-d` and sends
+/// each refresh by value; the view, keys and terminal handling are the local view's.
+fn run_fleet_interactive(args: &TopArgs, url: &str) -> anyhow::Result<()> {
+    let client = prometheus::Client::new(prometheus::PromUrl::parse(url)?);
+    let queries = fleet::Queries::new(args.window);
+    // A wrong URL or a Prometheus that is down fails plainly, before taking the terminal.
+    let first = fleet::fetch_report(&client, &queries, args.window, args.sort_order())?;
+    let (events_tx, events) = mpsc::channel();
+    let (control, control_rx) = mpsc::channel();
+    let refresher_events = events_tx.clone();
+    let (window, sort, delay) = (args.window, args.sort_order(), args.delay);
+    let _ = events_tx.send(ViewEvent::Fleet(Ok(first)));
+    thread::Builder::new()
+        .name("overkvm-fleet".into())
+        .spawn(move || {
+            fleet::refresh_loop(
+                &client,
+                &queries,
+                window,
+                sort,
+                delay,
+                &|r| refresher_events.send(ViewEvent::Fleet(r)).is_ok(),
+                &control_rx,
+            );
+        })
+        .context("starting the refresher thread")?;
+    let mut app = App::new_fleet(args.delay, args.sort_order());
+    TerminalSession::enter().and_then(|mut session| {
+        spawn_terminal_reader(events_tx)?;
+        view_loop(
+            &mut session.terminal,
+            &mut app,
+            &events,
+            &control,
+            args.iterations,
+        )
+    })
+    // The refresher ends at its next wait once the control channel is gone; a query in
+    // flight ends with the process.
 }
 
 /// How long quitting waits for the sampler thread to finish an interval.
@@ -325,6 +372,12 @@ fn view_loop(
             }
             ViewEvent::Report(r) => {
                 if app.set_report(r) {
+                    shown += 1;
+                    dirty = true;
+                }
+            }
+            ViewEvent::Fleet(r) => {
+                if app.set_fleet(r) {
                     shown += 1;
                     dirty = true;
                 }

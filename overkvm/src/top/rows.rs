@@ -34,6 +34,8 @@ pub fn percent(part: u64, whole: u64) -> Option<f64> {
 /// What a process is called in the table; stable across intervals while the process lives.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct RowKey {
+    /// The fleet view's host ("" in the local view).
+    pub host: String,
     pub pid: u32,
     pub label: String,
 }
@@ -51,6 +53,8 @@ pub enum RowKind {
 #[derive(Clone, Debug, PartialEq)]
 pub struct TopRow {
     pub key: RowKey,
+    /// The fleet view's host (Prometheus instance), sanitized; "" in the local view.
+    pub host: String,
     pub vm: bool,
     /// The process had exited when the interval was read.
     pub exited: bool,
@@ -159,6 +163,7 @@ fn group(
     };
     let vm_name = first.vm.as_ref().map(|v| v.name.as_str());
     let key = RowKey {
+        host: String::new(),
         pid: first.pid,
         label: label.clone(),
     };
@@ -174,6 +179,7 @@ fn group(
         raw_devices.sort_unstable();
         TopRow {
             key: key.clone(),
+            host: String::new(),
             vm: vm_name.is_some(),
             exited: first.exited,
             label: label.clone(),

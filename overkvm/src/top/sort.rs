@@ -36,13 +36,15 @@ impl Default for SortOrder {
     }
 }
 
-/// The sort column, then name, PID and devices so that equal keys keep a stable order.
+/// The sort column, then host (fleet view), name, PID and devices so that equal keys keep a
+/// stable order.
 pub fn row_order(a: &TopRow, b: &TopRow, sort: SortOrder) -> Ordering {
     compare_keys(
         &sort.column.sort_key(a),
         &sort.column.sort_key(b),
         sort.descending(),
     )
+    .then_with(|| a.host.cmp(&b.host))
     .then_with(|| a.label.cmp(&b.label))
     .then_with(|| a.pid.cmp(&b.pid))
     .then_with(|| a.devices.cmp(&b.devices))

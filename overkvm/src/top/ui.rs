@@ -37,7 +37,7 @@ pub fn draw(frame: &mut Frame, app: &App, table: &mut TableState) -> usize {
     let off = app.off_screen(first, page);
     frame.render_widget(Paragraph::new(status_line(app, off, area.width)), status);
     if app.help_open() {
-        draw_help(frame, area);
+        draw_help(frame, area, app.columns());
     }
     page
 }
@@ -64,6 +64,9 @@ fn fmt_interval(d: std::time::Duration) -> String {
 
 fn header_lines(app: &App, area: Rect) -> Vec<Line<'static>> {
     let bold = Style::new().add_modifier(Modifier::BOLD);
+    if app.columns() == Column::FLEET {
+        return fleet_header_lines(app, area);
+    }
     let Some(report) = app.report() else {
         return vec![Line::from(vec![
             Span::styled("overkvm-io top", bold),
@@ -120,6 +123,77 @@ fn header_lines(app: &App, area: Rect) -> Vec<Line<'static>> {
     lines
 }
 
+/// The fleet view's header: the Prometheus, the fleet's counts, the busiest hosts, and the
+/// last refresh's error while there is one.
+fn fleet_header_lines(app: &App, area: Rect) -> Vec<Line<'static>> {
+    let bold = Style::new().add_modifier(Modifier::BOLD);
+    let mut lines = Vec::new();
+    match app.fleet() {
+        None => lines.push(Line::from(vec![
+            Span::styled("overkvm-io top", bold),
+            Span::raw("  fleet: waiting for Prometheus…"),
+        ])),
+        Some(f) => {
+            lines.push(Line::from(vec![
+                Span::styled("overkvm-io top", bold),
+                Span::raw(format!(
+                    "  {}  fleet {}  hosts {}  VMs {}  every {}  window {}",
+                    clock(&sanitize(&f.timestamp)),
+                    sanitize(&f.prometheus),
+                    f.hosts.len(),
+                    f.hosts.iter().map(|h| h.vms).sum::<usize>(),
+                    fmt_interval(app.interval()),
+                    fmt_interval(std::time::Duration::from_secs_f64(f.window_s.max(0.0))),
+                )),
+            ]));
+            let room = usize::from(area.height.saturating_sub(14)).clamp(1, MAX_DEVICE_LINES);
+            let shown = if f.hosts.len() > room {
+                room - 1
+            } else {
+                f.hosts.len()
+            };
+            for h in &f.hosts[..shown] {
+                lines.push(Line::from(vec![
+                    Span::styled(
+                        format!("{:<22}", fit(&sanitize(&h.instance), 22)),
+                        Style::new().add_modifier(Modifier::BOLD),
+                    ),
+                    Span::raw(format!(
+                        " VMs {:>4}  IO/s {:>7}   R {:>6} MB/s   W {:>6} MB/s   ",
+                        h.vms,
+                        fmt_rate(h.iops),
+                        fmt_mbs(h.read_mbs),
+                        fmt_mbs(h.write_mbs),
+                    )),
+                    Span::styled(
+                        format!("devices {} IO/s", fmt_rate(h.device_iops)),
+                        Style::new().fg(Color::DarkGray),
+                    ),
+                ]));
+            }
+            if f.hosts.len() > shown {
+                lines.push(Line::styled(
+                    format!("… {} more hosts", f.hosts.len() - shown),
+                    Style::new().fg(Color::DarkGray),
+                ));
+            }
+            if f.hosts.is_empty() {
+                lines.push(Line::styled(
+                    "no host exports overkvm metrics to this Prometheus",
+                    Style::new().fg(Color::DarkGray),
+                ));
+            }
+        }
+    }
+    if let Some(e) = app.fleet_error() {
+        lines.push(Line::styled(
+            format!("prometheus: {}", sanitize(e)),
+            Style::new().fg(Color::Yellow).add_modifier(Modifier::BOLD),
+        ));
+    }
+    lines
+}
+
 fn device_line(d: &DeviceRow, report: &Report, app: &App) -> Line<'static> {
     let secs = report.interval_s;
     let c = &d.counts;
@@ -170,7 +244,7 @@ fn health_line(report: &Report) -> Option<Line<'static>> {
 /// Draws the table; returns the index of its first line on screen (it scrolls with the
 /// selection).
 fn draw_table(frame: &mut Frame, app: &App, area: Rect, state: &mut TableState) -> usize {
-    let columns = fit_columns(area.width);
+    let columns = fit_columns(area.width, app.columns());
     let sort = app.sort();
     let header = Row::new(columns.iter().map(|&(c, w)| {
         if c != sort.column {
@@ -210,8 +284,11 @@ fn draw_table(frame: &mut Frame, app: &App, area: Rect, state: &mut TableState) 
     state.select(app.selected());
     frame.render_stateful_widget(table, area, state);
     if app.rows().is_empty() && area.height > 2 {
-        let why = if app.report().is_none() {
+        let fleet = app.columns() == Column::FLEET;
+        let why = if app.report().is_none() && app.fleet().is_none() {
             "waiting for the first sample…".to_string()
+        } else if fleet && app.filter().is_empty() {
+            "no VM did I/O in the window on any host".into()
         } else if !app.filter().is_empty() {
             format!("no process matches \"{}\"", sanitize(app.filter()))
         } else if app.vms_only() && app.process_total() > 0 {
@@ -277,7 +354,9 @@ fn status_line(app: &App, off: Option<OffScreen>, width: u16) -> Line<'static> {
         "sort {}{}  {}",
         sort.column.header(),
         sort_arrow(sort.descending()),
-        if app.vms_only() {
+        if app.columns() == Column::FLEET {
+            "fleet"
+        } else if app.vms_only() {
             "VMs only"
         } else {
             "all processes"
@@ -316,7 +395,7 @@ fn status_line(app: &App, off: Option<OffScreen>, width: u16) -> Line<'static> {
     Line::from(spans)
 }
 
-fn draw_help(frame: &mut Frame, area: Rect) {
+fn draw_help(frame: &mut Frame, area: Rect, columns: &[Column]) {
     let key_style = Style::new().fg(Color::Yellow).add_modifier(Modifier::BOLD);
     let col_style = Style::new().fg(Color::Cyan).add_modifier(Modifier::BOLD);
     let mut lines: Vec<Line> = KEYS
@@ -330,10 +409,10 @@ fn draw_help(frame: &mut Frame, area: Rect) {
         .collect();
     // A blank line between keys and columns where the terminal has room for it (at 80x24 the
     // help fills the screen without it).
-    if usize::from(area.height) >= KEYS.len() + Column::ALL.len() + 3 {
+    if usize::from(area.height) >= KEYS.len() + columns.len() + 3 {
         lines.push(Line::raw(""));
     }
-    lines.extend(Column::ALL.iter().map(|c| {
+    lines.extend(columns.iter().map(|c| {
         Line::from(vec![
             Span::styled(format!("{:<10}", c.header()), col_style),
             Span::raw(c.meaning()),
@@ -628,6 +707,48 @@ mod tests {
         }
         for c in Column::ALL {
             assert!(s.contains(c.meaning()), "{c:?} missing:\n{s}");
+        }
+    }
+
+    #[test]
+    fn the_fleet_view_looks_like_the_local_one() {
+        let mut app = App::new_fleet(Duration::from_secs(2), SortOrder::DEFAULT);
+        let s = render(&app, 100, 24).join("\n");
+        assert!(s.contains("fleet: waiting for Prometheus"), "{s}");
+        app.set_fleet(Ok(crate::top::testdata::fleet_report()));
+        let s = render(&app, 120, 24);
+        assert!(
+            s[0].contains("fleet http://prom:9090  hosts 3  VMs 4  every 2s  window 60s"),
+            "{}",
+            s[0]
+        );
+        // Hosts busiest first in the header.
+        assert!(
+            s[1].starts_with("h2:9746") && s[1].contains("IO/s    1500"),
+            "{}",
+            s[1]
+        );
+        let head = line_of(&s, "IO/s▼");
+        assert!(s[head].contains("HOST") && !s[head].contains("PID") && !s[head].contains("P99"));
+        assert!(s[head + 1].starts_with("vm:hog") && s[head + 1].contains("h2:9746"));
+        assert!(s[head + 2].contains("▸2 devs") && s[head + 2].contains(" 450 "));
+        assert!(s[23].contains("sort IO/s▼  fleet"), "{}", s[23]);
+        // A failed refresh shows in the header; the rows stay.
+        app.set_fleet(Err("connecting to 10.0.0.1:9090: refused".into()));
+        let s = render(&app, 120, 24).join("\n");
+        assert!(
+            s.contains("prometheus: connecting to 10.0.0.1:9090: refused"),
+            "{s}"
+        );
+        assert!(s.contains("vm:hog"), "{s}");
+        // The help lists the fleet's columns.
+        keys(&mut app, "?");
+        let s = render(&app, 100, 30).join("\n");
+        assert!(s.contains(Column::Host.meaning()), "{s}");
+        assert!(!s.contains(Column::Pid.meaning()), "{s}");
+        // Tiny terminals must not panic.
+        for (w, h) in [(1, 1), (20, 5), (40, 10), (80, 24)] {
+            render(&app, w, h);
         }
     }
 
