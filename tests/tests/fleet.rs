@@ -82,6 +82,57 @@ fn fleet_top(url: &str, extra: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// Runs the fleet view in a detached tmux pane of 120x30 until `row` is on screen; the screen,
+/// or None (with the reason printed) when tmux is not installed.
+fn fleet_on_a_terminal(url: &str, row: &str) -> Option<String> {
+    if Command::new("tmux").arg("-V").output().is_err() {
+        eprintln!("NOTE: tmux is not installed; the fleet view on a terminal is not checked");
+        return None;
+    }
+    let socket = format!("overkvm-fleet-{}", std::process::id());
+    let tmux = |args: &[&str]| {
+        Command::new("tmux")
+            .args(["-L", &socket, "-f", "/dev/null"])
+            .args(args)
+            .output()
+            .expect("running tmux")
+    };
+    let command = format!(
+        "'{}' top --prometheus {url} --window {WINDOW_S}s -d 1; sleep 600",
+        workspace_bin("overkvm-io").display()
+    );
+    let started = tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        "fleet",
+        "-x",
+        "120",
+        "-y",
+        "30",
+        &command,
+    ]);
+    assert!(started.status.success(), "tmux: {started:?}");
+    let _ = tmux(&["set", "-g", "status", "off"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let screen = loop {
+        let out = tmux(&["capture-pane", "-p", "-t", "fleet"]);
+        let screen = String::from_utf8_lossy(&out.stdout).into_owned();
+        if screen.lines().any(|l| l.starts_with(row)) || Instant::now() > deadline {
+            break screen;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let _ = tmux(&["send-keys", "-t", "fleet", "q"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = tmux(&["kill-server"]);
+    assert!(
+        screen.lines().any(|l| l.starts_with(row)),
+        "{row} never shown:\n{screen}"
+    );
+    Some(screen)
+}
+
 #[test]
 fn the_fleet_view_ranks_every_hosts_vms_with_the_rates_each_host_exported() {
     skip_unless_kernel!();
@@ -310,6 +361,27 @@ fn the_fleet_view_ranks_every_hosts_vms_with_the_rates_each_host_exported() {
         addr(b).cmp(&addr(a))
     });
     assert_eq!(hosts_order, want, "--sort host -r:\n{text}");
+
+    // On a terminal: the local view's look, the busiest VM on the first row without a key.
+    if let Some(screen) = fleet_on_a_terminal(&prom.url(), &format!("vm:{tag}-h1-v0")) {
+        eprintln!("--- fleet view in tmux, 120x30 ---\n{screen}");
+        let lines: Vec<&str> = screen.lines().collect();
+        let head = lines
+            .iter()
+            .position(|l| l.starts_with("VM/COMM"))
+            .expect("the table header");
+        assert!(lines[head].contains("HOST") && lines[head].contains("IO/s▼"));
+        let ours_first = lines[head + 1..]
+            .iter()
+            .find(|l| l.contains(&tag))
+            .copied()
+            .unwrap_or_default();
+        assert!(
+            ours_first.starts_with(&format!("vm:{tag}-h1-v0")),
+            "the busiest of ours is not first:\n{screen}"
+        );
+        assert!(lines[0].contains("hosts") && lines[0].contains("fleet http://"));
+    }
 
     // The recording rules load next to the raw series (their values are unit-tested by
     // promtool).
