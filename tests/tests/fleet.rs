@@ -398,3 +398,56 @@ fn the_fleet_view_ranks_every_hosts_vms_with_the_rates_each_host_exported() {
     drop(prom);
     drop(hosts);
 }
+
+/// The recording rules load and compute what their unit tests say, and every recorded series
+/// the dashboard's fleet row reads is one the rules record (no kernel needed).
+#[test]
+fn packaged_recording_rules_pass_promtool_and_feed_the_dashboard() {
+    if let Some(reason) = prometheus::missing("promtool") {
+        eprintln!("SKIPPED {}: {reason}", module_path!());
+        return;
+    }
+    let packaging = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging");
+    for args in [
+        ["check", "rules", "overkvm-rules.yml"],
+        ["test", "rules", "overkvm-rules.test.yml"],
+        ["check", "config", "overkvm.yml"],
+    ] {
+        let out = Command::new("promtool")
+            .args(args)
+            .current_dir(packaging.join("prometheus"))
+            .output()
+            .expect("running promtool");
+        assert!(
+            out.status.success(),
+            "promtool {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let rules = std::fs::read_to_string(packaging.join("prometheus/overkvm-rules.yml"))
+        .expect("reading the rules");
+    let recorded: Vec<&str> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- record: "))
+        .collect();
+    let dash: Value = serde_json::from_str(
+        &std::fs::read_to_string(packaging.join("grafana/overkvm.json")).expect("dashboard"),
+    )
+    .expect("dashboard JSON");
+    let mut used = 0;
+    for panel in dash["panels"].as_array().into_iter().flatten() {
+        for t in panel["targets"].as_array().into_iter().flatten() {
+            let expr = t["expr"].as_str().unwrap_or_default();
+            // Recorded series are the only metric names with colons.
+            for word in expr.split(|c: char| !(c.is_alphanumeric() || c == '_' || c == ':')) {
+                if word.contains(':') && word.starts_with(char::is_alphabetic) {
+                    assert!(recorded.contains(&word), "{word} is not recorded: {expr}");
+                    used += 1;
+                }
+            }
+        }
+    }
+    assert!(used >= 8, "the dashboard reads {used} recorded series");
+}
