@@ -16,9 +16,10 @@ use std::{
 use overkvm_tests::{
     devices::LoopDevice,
     prometheus::{self, Prometheus},
-    serving::{Serve, TempDir, scrape},
+    serving::{Serve, TempDir, scrape, wait_serving},
     skip_unless_kernel,
     standins::{Pace, StandIn},
+    throttling::{Daemon, V1Scenario, greedy_vm, write_config},
     workspace_bin,
 };
 use serde_json::Value;
@@ -450,4 +451,121 @@ fn packaged_recording_rules_pass_promtool_and_feed_the_dashboard() {
         }
     }
     assert!(used >= 8, "the dashboard reads {used} recorded series");
+}
+
+/// A host whose throttle limits two greedy VMs (cgroup v1 blkio, a budget far below what they
+/// do): the fleet view's limits are the ones that host exported.
+#[test]
+fn the_fleet_view_shows_the_limits_each_host_set() {
+    skip_unless_kernel!();
+    let blkio = overkvm_tests::v1_blkio_or_skip!();
+    if let Some(reason) = prometheus::missing("prometheus") {
+        eprintln!("SKIPPED {}: {reason}", module_path!());
+        return;
+    }
+    let tag = format!("okvm-flim-{}", std::process::id());
+    let names = [format!("{tag}-a"), format!("{tag}-b")];
+    let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let V1Scenario {
+        lo, mut cgs, dirs, ..
+    } = V1Scenario::new(&blkio, 128, &name_refs);
+    let dir = TempDir::new("fleet-limits");
+    let config = dir.join("overkvm.toml");
+    write_config(
+        &config,
+        &dir.join("state/throttle.json"),
+        "",
+        &lo.name(),
+        400,
+        "",
+    );
+    let log = dir.join("daemon.log");
+    let daemon = Daemon::start(&config, &log);
+    let addr = wait_serving(&log, 2.0, Duration::from_secs(30)).unwrap_or_else(|| {
+        panic!(
+            "the daemon does not serve:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        )
+    });
+    for (i, name) in names.iter().enumerate() {
+        cgs.kids
+            .push(greedy_vm(&dir.0, &lo.path, name, &dirs[i], i as u64));
+    }
+    let prom = Prometheus::start(
+        &dir.0,
+        &format!(
+            "global:\n  scrape_interval: 1s\n\
+             scrape_configs:\n  - job_name: overkvm\n    scrape_interval: 1s\n    scrape_timeout: 1s\n\
+             \x20   static_configs:\n      - targets: ['{addr}']\n"
+        ),
+    );
+    let limits_of = |body: &str, vm: &str| -> (f64, f64) {
+        let l = |d: &str| {
+            exported(
+                body,
+                "overkvm_throttle_limit_iops",
+                &[("vm", vm), ("device", &lo.name()), ("direction", d)],
+            )
+        };
+        (l("read"), l("write"))
+    };
+    // Limits engaged and in Prometheus for both VMs.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let in_prom = prom.query(&format!("overkvm_throttle_limit_iops{{vm=~\"{tag}-.*\"}}"));
+        if in_prom.len() >= 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no limits in Prometheus after 40 s; daemon log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // The limits move while the controller settles: a fleet view between two scrapes of the
+    // host must show one of the two values, per VM.
+    let mut matched = false;
+    for _ in 0..10 {
+        let before = scrape(addr).expect("scraping the host");
+        let (ok, json, err) = fleet_top(&prom.url(), &["--json"]);
+        assert!(ok, "{err}");
+        let after = scrape(addr).expect("scraping the host");
+        let report: Value = serde_json::from_str(json.trim()).expect("JSON");
+        let mut all = true;
+        for name in &names {
+            let row = report["vms"]
+                .as_array()
+                .and_then(|rows| rows.iter().find(|r| r["vm"] == name.as_str()))
+                .unwrap_or_else(|| panic!("{name} missing: {report}"));
+            let got = (
+                row["limits"]["riops"].as_f64().unwrap_or(0.0),
+                row["limits"]["wiops"].as_f64().unwrap_or(0.0),
+            );
+            let (b, a) = (limits_of(&before, name), limits_of(&after, name));
+            eprintln!(
+                "{name}: fleet view limits {got:?} ({}), host exported {b:?} then {a:?}",
+                row["throttle"]
+            );
+            assert!(
+                got.0 > 0.0,
+                "{name}: no read limit in the fleet view: {row}"
+            );
+            assert!(
+                row["throttle"].as_str().is_some_and(|t| t.starts_with('r')),
+                "{row}"
+            );
+            all &= got == b || got == a;
+        }
+        if all {
+            matched = true;
+            break;
+        }
+        // Prometheus scraped a value the host has already replaced: try again.
+        std::thread::sleep(Duration::from_millis(700));
+    }
+    assert!(matched, "the fleet view's limits never matched the host's");
+    cgs.stop_all();
+    drop(prom);
+    drop(daemon);
 }
