@@ -478,6 +478,19 @@ mod tests {
                 "{name}"
             );
         }
+        // The fleet view's flags: --window only with --prometheus.
+        assert!(sort_of(&["--window", "30s"]).is_err());
+        assert!(
+            sort_of(&[
+                "--prometheus",
+                "http://p:9090",
+                "--window",
+                "30s",
+                "--sort",
+                "host"
+            ])
+            .is_ok()
+        );
         let err = sort_of(&["--sort", "R/s"]).unwrap_err();
         assert!(
             err.contains("possible values") && err.contains("total-iops"),

@@ -359,6 +359,45 @@ mod tests {
         }
     }
 
+    // Prometheus's answers (and whatever answers in its place) are not under our control:
+    // any bytes must give a value or an error, never a panic.
+    proptest::proptest! {
+        #[test]
+        fn hostile_answers_never_panic(raw in proptest::collection::vec(
+            proptest::prop_oneof![
+                proptest::prelude::any::<u8>(),
+                proptest::strategy::Just(b'\r'),
+                proptest::strategy::Just(b'\n'),
+                proptest::strategy::Just(b'0'),
+                proptest::strategy::Just(b';'),
+            ],
+            0..256,
+        )) {
+            let mut response = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+            response.extend_from_slice(&raw);
+            let _ = split_response(&response);
+            let _ = split_response(&raw);
+            let _ = parse_vector(&String::from_utf8_lossy(&raw));
+            let _ = PromUrl::parse(&String::from_utf8_lossy(&raw));
+        }
+
+        #[test]
+        fn any_vector_shape_parses_or_fails_cleanly(
+            value in "[-+0-9.eEaINnf]{0,12}",
+            label in "\\PC{0,16}",
+        ) {
+            let body = serde_json::json!({
+                "status": "success",
+                "data": {"resultType": "vector", "result": [
+                    {"metric": {"vm": label}, "value": [1.0, value]}
+                ]}
+            });
+            if let Ok(v) = parse_vector(&body.to_string()) {
+                proptest::prop_assert!(v.iter().all(|s| s.value.is_finite()));
+            }
+        }
+    }
+
     #[test]
     fn encoding() {
         assert_eq!(
