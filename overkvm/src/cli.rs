@@ -21,7 +21,8 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Live view of who does I/O, busiest first: VMs and other processes ranked together by
-    /// total operations per second (--sort picks another column).
+    /// total operations per second (--sort picks another column). With --prometheus URL, the
+    /// busiest VMs of every host that Prometheus scrapes (no root needed).
     ///
     /// In batch mode (-b, or when output is not a terminal) it prints one table per interval,
     /// like `top -b`; with --json one JSON object per interval per line, with exact op and byte
