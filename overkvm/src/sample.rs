@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::Context as _;
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, Queue};
-use overkvm_common::{HEALTH_SLOTS, IoCounters, IoKey, IoStats, KeySlot, LAT_BUCKETS, maps};
+use overkvm_common::{HEALTH_SLOTS, IoCounters, IoKey, IoStats, KeySlot, LAT_BUCKETS, Op, maps};
 
 use crate::bpf::Programs;
 
@@ -140,6 +140,9 @@ pub struct Snapshot {
     pub latency: HashMap<IoKey, RawLatency>,
     /// The `IO_STATS` slot of each request key (for pruning).
     pub slots: HashMap<IoKey, KeySlot>,
+    /// Device flushes charged to each request key's slot; they are also in `requests` under
+    /// the key's `flush_key`.
+    pub flushes: HashMap<IoKey, u64>,
     /// `comm` the kernel recorded for each tgid, for processes gone before we read /proc.
     pub comms: HashMap<u32, String>,
     pub health: [u64; HEALTH_SLOTS as usize],
@@ -168,6 +171,7 @@ impl Snapshot {
             bios: HashMap::new(),
             latency: HashMap::new(),
             slots: HashMap::new(),
+            flushes: HashMap::new(),
             comms: HashMap::new(),
             health: [0; HEALTH_SLOTS as usize],
             fill: Vec::new(),
@@ -226,16 +230,36 @@ pub fn delta(prev: &Snapshot, cur: &Snapshot) -> Delta {
     }
 }
 
-/// Sums one slot's per-CPU copies: counters and latency.
-fn fold_stats<'a>(per_cpu: impl Iterator<Item = &'a IoStats>) -> (Counters, RawLatency) {
-    let mut c = Counters::default();
-    let mut lat = RawLatency::default();
+/// One slot's per-CPU copies summed: the key's requests, their latency, and the device
+/// flushes charged to the key's submitter.
+struct SlotTotals {
+    requests: Counters,
+    latency: RawLatency,
+    flushes: u64,
+}
+
+fn fold_stats<'a>(per_cpu: impl Iterator<Item = &'a IoStats>) -> SlotTotals {
+    let mut t = SlotTotals {
+        requests: Counters::default(),
+        latency: RawLatency::default(),
+        flushes: 0,
+    };
     for v in per_cpu {
-        c.ops += v.io.ops;
-        c.bytes += v.io.bytes;
-        lat.add_cpu(v);
+        t.requests.ops += v.io.ops;
+        t.requests.bytes += v.io.bytes;
+        t.flushes += v.flushes;
+        t.latency.add_cpu(v);
     }
-    (c, lat)
+    t
+}
+
+/// The key under which the device flushes charged to `key`'s slot are reported: the same
+/// process, device and cgroup, op `Flush`.
+pub fn flush_key(key: &IoKey) -> IoKey {
+    IoKey {
+        op: Op::Flush as u8,
+        ..*key
+    }
 }
 
 /// Reads snapshots from the loaded programs.
@@ -305,9 +329,12 @@ impl Sampler {
                     continue;
                 };
                 let seen_lat = snap.latency.get(key).unwrap_or(&no_latency);
+                let seen_flushes = snap.flushes.get(key).copied().unwrap_or(0);
                 let unchanged = stats.get(&slot.index, 0).is_ok_and(|per_cpu| {
-                    let (c, lat) = fold_stats(per_cpu.iter());
-                    c.ops == seen.ops && lat.total() == seen_lat.total()
+                    let t = fold_stats(per_cpu.iter());
+                    t.requests.ops == seen.ops
+                        && t.latency.total() == seen_lat.total()
+                        && t.flushes == seen_flushes
                 });
                 if unchanged {
                     freed.push((*key, *slot));
@@ -415,16 +442,26 @@ impl Sampler {
                 read_errors += 1;
                 continue;
             };
-            let (c, lat) = fold_stats(per_cpu.iter());
+            let t = fold_stats(per_cpu.iter());
             if let Some(comm) = per_cpu.iter().find(|v| v.io.comm[0] != 0) {
                 snap.comms
                     .entry(key.tgid)
                     .or_insert_with(|| comm_string(&comm.io.comm));
             }
-            snap.requests.insert(key, c);
+            snap.requests.entry(key).or_default().add(t.requests);
             snap.slots.insert(key, slot);
-            if lat.total() != 0 || lat.sum_ns != 0 {
-                snap.latency.insert(key, lat);
+            if t.latency.total() != 0 || t.latency.sum_ns != 0 {
+                snap.latency.insert(key, t.latency);
+            }
+            if t.flushes != 0 {
+                snap.flushes.insert(key, t.flushes);
+                snap.requests
+                    .entry(flush_key(&key))
+                    .or_default()
+                    .add(Counters {
+                        ops: t.flushes,
+                        bytes: 0,
+                    });
             }
         }
         let map = ebpf.map(maps::BIO_STATS).context("map BIO_STATS missing")?;
