@@ -13,7 +13,10 @@ use anyhow::Context as _;
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, Queue};
 use overkvm_common::{HEALTH_SLOTS, IoCounters, IoKey, IoStats, KeySlot, LAT_BUCKETS, Op, maps};
 
-use crate::bpf::Programs;
+use crate::{
+    bpf::Programs,
+    identity::{ProcessIdentity, early::EarlyNames},
+};
 
 /// Ops and bytes of one key.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -145,6 +148,9 @@ pub struct Snapshot {
     pub flushes: HashMap<IoKey, u64>,
     /// `comm` the kernel recorded for each tgid, for processes gone before we read /proc.
     pub comms: HashMap<u32, String>,
+    /// Processes named at their first I/O since the previous snapshot (see
+    /// `identity::early`): they may be gone by now.
+    pub early_names: HashMap<u32, std::sync::Arc<ProcessIdentity>>,
     pub health: [u64; HEALTH_SLOTS as usize],
     /// Entries and capacity of each counting map, by the name metrics and JSON show.
     pub fill: Vec<(&'static str, MapFill)>,
@@ -173,6 +179,7 @@ impl Snapshot {
             slots: HashMap::new(),
             flushes: HashMap::new(),
             comms: HashMap::new(),
+            early_names: HashMap::new(),
             health: [0; HEALTH_SLOTS as usize],
             fill: Vec::new(),
             read_errors: 0,
@@ -272,6 +279,9 @@ pub struct Sampler {
     /// Map writes of pruning that failed since the last snapshot (a slot then stays out of
     /// circulation); the next snapshot reports them with its read errors.
     recycle_errors: std::cell::Cell<u64>,
+    /// Names processes at their first I/O; None when the ring buffer could not be opened
+    /// (then processes are named at the next tick, as long as they live).
+    early: Option<EarlyNames>,
 }
 
 fn comm_string(raw: &[u8; 16]) -> String {
@@ -280,12 +290,35 @@ fn comm_string(raw: &[u8; 16]) -> String {
 }
 
 impl Sampler {
-    pub fn new(programs: Programs) -> Sampler {
+    pub fn new(mut programs: Programs) -> Sampler {
+        let early = match programs
+            .ebpf_mut()
+            .take_map(maps::NEW_TGIDS)
+            .ok_or_else(|| anyhow::anyhow!("map NEW_TGIDS missing"))
+            .and_then(|m| Ok(aya::maps::RingBuf::try_from(m)?))
+            .and_then(|ring| Ok(EarlyNames::start(ring)?))
+        {
+            Ok(e) => Some(e),
+            Err(e) => {
+                log::warn!(
+                    "cannot name processes at their first I/O ({e:#}): short-lived processes \
+                     are named only if they live until the next interval"
+                );
+                None
+            }
+        };
         Sampler {
             programs,
             quarantine: Vec::new(),
             recycle_errors: std::cell::Cell::new(0),
+            early,
         }
+    }
+
+    /// Notifications of new processes that could not be kept for naming (counted, not lost
+    /// silently: such a process is named only if it lives until the next interval).
+    pub fn early_names_dropped(&self) -> u64 {
+        self.early.as_ref().map_or(0, EarlyNames::dropped)
     }
 
     pub fn programs(&self) -> &Programs {
@@ -502,6 +535,9 @@ impl Sampler {
             }
         }
         snap.read_errors = read_errors + self.recycle_errors.take();
+        if let Some(early) = &self.early {
+            snap.early_names = early.take();
+        }
         snap.at = Instant::now();
         snap.wall = SystemTime::now();
         Ok(snap)

@@ -8,6 +8,7 @@
 //! newlines or terminal escape sequences, so front-ends must escape them when printing.
 
 pub mod cgroup;
+pub mod early;
 pub mod managers;
 pub mod procfs;
 pub mod qemu;
