@@ -14,6 +14,7 @@ pub mod devices;
 pub mod export;
 pub mod identity;
 pub mod lifecycle;
+pub mod parity;
 pub mod report;
 #[cfg(test)]
 mod robustness;

@@ -12,6 +12,7 @@ use crate::{
     cgroupfs::CgroupNames,
     devices::{DeviceInfo, DeviceTable},
     identity::{Manager, ProcessIdentity, Resolver},
+    parity::{DeviceParity, ParityCheck},
     sample::{Counters, Delta, Histogram, MapFill, Snapshot},
     stats,
 };
@@ -171,6 +172,9 @@ pub struct Report {
     pub processes: Vec<ProcessRow>,
     pub cgroups: Vec<CgroupRow>,
     pub health: HealthReport,
+    /// The live self-check against `/proc/diskstats`, per disk with I/O since overkvm
+    /// started (see `parity`): overkvm minus diskstats is 0 whenever the disk is idle.
+    pub parity: Vec<DeviceParity>,
 }
 
 impl Report {
@@ -216,6 +220,8 @@ pub struct ReportBuilder {
     /// the interval in which a VM exits still carries its name (and a process named at its
     /// first I/O keeps it after a quick exit).
     recent: HashMap<u32, Recent>,
+    /// Device totals since start against `/proc/diskstats`.
+    parity: ParityCheck,
 }
 
 /// A process's identity as last resolved, and for how many intervals it has been gone.
@@ -243,6 +249,7 @@ impl ReportBuilder {
             kernel_comms: HashMap::new(),
             cgroup_owners: HashMap::new(),
             recent: HashMap::new(),
+            parity: ParityCheck::new(),
         }
     }
 
@@ -399,7 +406,7 @@ impl ReportBuilder {
         }
         cgroups.sort_by_key(|c| std::cmp::Reverse(c.counts.total_ops()));
 
-        let devices = devices
+        let devices: Vec<DeviceRow> = devices
             .into_values()
             .map(|(info, counts)| DeviceRow {
                 device: info.name.clone(),
@@ -415,6 +422,10 @@ impl ReportBuilder {
             })
             .collect();
 
+        // Read right after the maps, so both sides end at (nearly) the same instant.
+        let parity = self
+            .parity
+            .update(&devices, &crate::parity::read_diskstats());
         let mut health = HealthReport {
             events: BTreeMap::new(),
             read_errors: snap.read_errors,
@@ -444,6 +455,7 @@ impl ReportBuilder {
             processes,
             cgroups,
             health,
+            parity,
         }
     }
 
