@@ -47,6 +47,9 @@ pub mod programs {
     pub const BIO_FRONTMERGE: &str = "bio_frontmerge";
     /// `block:block_bio_queue`: every bio entering the block layer, once per bio.
     pub const BIO_QUEUE: &str = "bio_queue";
+    /// `block:block_split`: a bio split at a device limit; its remainder counts as one more bio,
+    /// as the kernel's per-cgroup counters count it. Attached with `BIO_QUEUE`.
+    pub const BIO_SPLIT: &str = "bio_split";
     /// Fallback: `block:block_getrq`, a bio allocated a new request (submitter's context).
     pub const RQ_GETRQ: &str = "rq_getrq";
     /// Fallback: `block:block_rq_issue`, a request goes to the driver.

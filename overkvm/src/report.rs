@@ -149,6 +149,12 @@ pub struct CgroupRow {
     pub source: CountSource,
     #[serde(flatten)]
     pub counts: OpCounts,
+    /// Bios the cgroup submitted, split remainders included: what the kernel's per-cgroup
+    /// counters count (v2 `io.stat` rios/wios/dios, v1 `blkio.throttle.io_serviced`). On
+    /// bio-based devices always, on blk-mq devices with `--all-bios`; 0 otherwise.
+    pub read_bios: u64,
+    pub write_bios: u64,
+    pub discard_bios: u64,
 }
 
 /// Kernel-side losses and map use during the interval.
@@ -402,6 +408,9 @@ impl ReportBuilder {
                 device: info.name.clone(),
                 source,
                 counts,
+                read_bios: bio.read_ops,
+                write_bios: bio.write_ops,
+                discard_bios: bio.discard_ops,
             });
         }
         cgroups.sort_by_key(|c| std::cmp::Reverse(c.counts.total_ops()));

@@ -29,6 +29,8 @@ pub struct HookSupport {
     pub rq_fallback: bool,
     /// `block_bio_queue`.
     pub bio_queue: bool,
+    /// `block_split`.
+    pub block_split: bool,
 }
 
 /// Which block tracepoints the kernel offers.
@@ -38,6 +40,7 @@ pub fn hooks_available(btf: &Btf) -> HookSupport {
         io_start_done: has("block_io_start") && has("block_io_done"),
         rq_fallback: has("block_getrq") && has("block_rq_issue") && has("block_rq_complete"),
         bio_queue: has("block_bio_queue"),
+        block_split: has("block_split"),
     }
 }
 
@@ -275,7 +278,8 @@ mod tests {
             HookSupport {
                 io_start_done: true,
                 rq_fallback: false,
-                bio_queue: true
+                bio_queue: true,
+                block_split: false,
             }
         );
     }
