@@ -411,12 +411,15 @@ pub enum Health {
     /// A device cache flush completed whose requester was not seen (its requests started
     /// before the programs were attached, or its key was pruned): not counted.
     FlushUnattributed = 8,
+    /// The notification of a new process to userspace (`NEW_TGIDS`) found the ring buffer
+    /// full (informational: the process is still named at the next interval if it lives).
+    NameNoticeLost = 9,
 }
 
-pub const HEALTH_SLOTS: u32 = 9;
+pub const HEALTH_SLOTS: u32 = 10;
 
 impl Health {
-    pub const ALL: [Health; 9] = [
+    pub const ALL: [Health; 10] = [
         Health::StatsFull,
         Health::BioStatsFull,
         Health::LatencyLost,
@@ -426,6 +429,7 @@ impl Health {
         Health::PartialCompletion,
         Health::NoStartTime,
         Health::FlushUnattributed,
+        Health::NameNoticeLost,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -439,13 +443,17 @@ impl Health {
             Health::PartialCompletion => "partial_completion",
             Health::NoStartTime => "no_start_time",
             Health::FlushUnattributed => "flush_unattributed",
+            Health::NameNoticeLost => "name_notice_lost",
         }
     }
 
     /// True when the slot counts lost data (as opposed to information: a device whose
     /// statistics the operator turned off has no latency to lose).
     pub const fn is_loss(self) -> bool {
-        !matches!(self, Health::PartialCompletion | Health::NoStartTime)
+        !matches!(
+            self,
+            Health::PartialCompletion | Health::NoStartTime | Health::NameNoticeLost
+        )
     }
 }
 

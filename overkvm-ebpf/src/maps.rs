@@ -124,7 +124,9 @@ fn lookup_or_add(key: &IoKey) -> Option<KeySlot> {
         // Tell userspace now, so it can read the process's command line while it lives (a VM
         // that crashes while booting is gone before the next interval). Best effort: a full
         // buffer only delays naming to the next interval.
-        let _ = NEW_TGIDS.output::<u32>(key.tgid, 0);
+        if NEW_TGIDS.output::<u32>(key.tgid, 0).is_err() {
+            health(Health::NameNoticeLost);
+        }
         return Some(slot);
     }
     // Another CPU added the key in between (or the hash is full): give the slot back.

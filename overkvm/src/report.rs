@@ -446,6 +446,11 @@ impl ReportBuilder {
                 health.events.insert(h.name(), v);
             }
         }
+        if snap.early_names_dropped != 0 {
+            health
+                .events
+                .insert("early_names_dropped", snap.early_names_dropped);
+        }
         self.resolver.retain(pid_alive);
         self.kernel_comms.retain(|pid, _| pid_alive(*pid));
         self.recent.retain(|pid, r| {

@@ -151,6 +151,9 @@ pub struct Snapshot {
     /// Processes named at their first I/O since the previous snapshot (see
     /// `identity::early`): they may be gone by now.
     pub early_names: HashMap<u32, std::sync::Arc<ProcessIdentity>>,
+    /// New processes that could not be kept for naming since the previous snapshot (counted,
+    /// not silent: such a process is named only if it lives until the next interval).
+    pub early_names_dropped: u64,
     pub health: [u64; HEALTH_SLOTS as usize],
     /// Entries and capacity of each counting map, by the name metrics and JSON show.
     pub fill: Vec<(&'static str, MapFill)>,
@@ -180,6 +183,7 @@ impl Snapshot {
             flushes: HashMap::new(),
             comms: HashMap::new(),
             early_names: HashMap::new(),
+            early_names_dropped: 0,
             health: [0; HEALTH_SLOTS as usize],
             fill: Vec::new(),
             read_errors: 0,
@@ -313,12 +317,6 @@ impl Sampler {
             recycle_errors: std::cell::Cell::new(0),
             early,
         }
-    }
-
-    /// Notifications of new processes that could not be kept for naming (counted, not lost
-    /// silently: such a process is named only if it lives until the next interval).
-    pub fn early_names_dropped(&self) -> u64 {
-        self.early.as_ref().map_or(0, EarlyNames::dropped)
     }
 
     pub fn programs(&self) -> &Programs {
@@ -537,6 +535,7 @@ impl Sampler {
         snap.read_errors = read_errors + self.recycle_errors.take();
         if let Some(early) = &self.early {
             snap.early_names = early.take();
+            snap.early_names_dropped = early.take_dropped();
         }
         snap.at = Instant::now();
         snap.wall = SystemTime::now();

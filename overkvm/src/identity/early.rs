@@ -68,9 +68,9 @@ impl EarlyNames {
         }
     }
 
-    /// Notifications that could not be kept since start (pending set full).
-    pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+    /// Notifications that could not be kept (pending set full) since the last call.
+    pub fn take_dropped(&self) -> u64 {
+        self.dropped.swap(0, Ordering::Relaxed)
     }
 }
 
