@@ -130,7 +130,7 @@ fn watch(
             p.idents.insert(tgid, ident);
         }
         rounds = rounds.wrapping_add(1);
-        if rounds % 64 == 0 {
+        if rounds.is_multiple_of(64) {
             resolver.retain(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
         }
     }
