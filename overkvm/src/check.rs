@@ -26,6 +26,18 @@ pub struct CgroupSupport {
     pub hybrid: bool,
 }
 
+/// What loading and attaching the programs did: `{"tried", "ok", "attached", "error"}`.
+#[derive(Debug, Default, Serialize)]
+pub struct LoadOutcome {
+    /// Loading was attempted: only as root, and only when no earlier check ruled it out.
+    pub tried: bool,
+    pub ok: bool,
+    /// Tracepoints attached, in order (empty unless `ok`).
+    pub attached: Vec<&'static str>,
+    /// Why loading failed, when it did.
+    pub error: Option<String>,
+}
+
 /// Everything `check` found.
 #[derive(Debug, Serialize)]
 pub struct CheckReport {
@@ -38,8 +50,8 @@ pub struct CheckReport {
     pub layout_notes: Vec<String>,
     pub cgroups: CgroupSupport,
     pub bpf_stats_enabled: bool,
-    /// Result of actually loading and attaching the programs (root only).
-    pub load: Option<Result<Vec<&'static str>, String>>,
+    /// What loading and attaching the programs did (root only).
+    pub load: LoadOutcome,
     /// The bio hook after loading: attached, on-demand (no bio-based device yet) or off.
     pub bio_hook: Option<&'static str>,
     /// Problems that stop overkvm from running.
@@ -146,16 +158,20 @@ pub fn run_checks() -> CheckReport {
     let bpf_stats_enabled = read_trim("/proc/sys/kernel/bpf_stats_enabled").as_deref() == Some("1");
 
     let mut bio_hook = None;
-    let load = (root && errors.is_empty()).then(|| {
-        Programs::load(&LoadOptions::default())
-            .map(|p| {
+    let mut load = LoadOutcome::default();
+    if root && errors.is_empty() {
+        load.tried = true;
+        match Programs::load(&LoadOptions::default()) {
+            Ok(p) => {
                 bio_hook = Some(p.bio_hook());
-                p.attached.clone()
-            })
-            .map_err(|e| format!("{e:#}"))
-    });
-    if let Some(Err(e)) = &load {
-        errors.push(format!("loading the programs failed: {e}"));
+                load.ok = true;
+                load.attached = p.attached.clone();
+            }
+            Err(e) => {
+                errors.push(format!("loading the programs failed: {e:#}"));
+                load.error = Some(format!("{e:#}"));
+            }
+        }
     }
     CheckReport {
         kernel,
@@ -228,16 +244,18 @@ pub fn print_human(r: &CheckReport) {
         }
     );
     match &r.load {
-        Some(Ok(tps)) => {
-            println!("load and attach     ok ({})", tps.join(", "));
+        LoadOutcome {
+            ok: true, attached, ..
+        } => {
+            println!("load and attach     ok ({})", attached.join(", "));
             if r.bio_hook == Some("on-demand") {
                 println!(
                     "bio hook            verified; attached once a bio-based device (zram, md, dm) has a size"
                 );
             }
         }
-        Some(Err(_)) => println!("load and attach     FAILED"),
-        None => println!("load and attach     not tried"),
+        LoadOutcome { tried: true, .. } => println!("load and attach     FAILED"),
+        LoadOutcome { .. } => println!("load and attach     not tried"),
     }
     for w in &r.warnings {
         println!("warning: {w}");

@@ -425,7 +425,7 @@ okvm_section uname /tmp/uname
     assert_eq!(check["cgroups"]["io_controller"], "v2", "{check}");
     assert_eq!(check["cgroups"]["io_mount"], "/sys/fs/cgroup");
     assert_eq!(check["cgroups"]["hybrid"], false);
-    let attached: Vec<&str> = check["load"]["Ok"]
+    let attached: Vec<&str> = check["load"]["attached"]
         .as_array()
         .unwrap_or_else(|| panic!("programs did not load and attach: {}", check["load"]))
         .iter()
