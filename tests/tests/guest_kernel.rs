@@ -41,7 +41,7 @@ macro_rules! skip_unless_guest {
     () => {
         skip_unless_kernel!();
         if let Some(why) = guest::missing_tools() {
-            eprintln!("SKIPPED {}: {why}", module_path!());
+            overkvm_tests::skipped(module_path!(), &why);
             return;
         }
     };
