@@ -277,35 +277,22 @@ pub fn print_human(r: &CheckReport) {
 /// totals with `/proc/diskstats`, per disk and op class. Returns true when every difference
 /// is 0 at the end (a few more seconds are given for I/O in flight to complete).
 pub fn run_parity(seconds: u64, json: bool) -> anyhow::Result<bool> {
-    use crate::{
-        bpf::{LoadOptions, Programs},
-        report::ReportBuilder,
-        sample::{Sampler, delta},
-    };
-    let programs = Programs::load(&LoadOptions::default())?;
-    let mode = programs.mode.name().to_string();
-    let mut sampler = Sampler::new(programs);
-    let mut builder = ReportBuilder::new();
-    let mut prev = sampler.snapshot()?;
+    use std::io::IsTerminal as _;
+    let mut pipeline = crate::pipeline::Pipeline::new(Programs::load(&LoadOptions::default())?)?;
     let mut parity = Vec::new();
     let extra = 3;
+    let progress = !json && std::io::stderr().is_terminal();
     for i in 0..=seconds + extra {
         std::thread::sleep(std::time::Duration::from_secs(1));
-        let cur = sampler.snapshot()?;
-        builder.note_comms(&cur.comms);
-        let report = builder.build(&delta(&prev, &cur), &mode, &cur);
-        parity = report.parity;
-        sampler.prune(&cur, crate::report::pid_alive);
-        sampler.refresh_bio_hook();
-        prev = cur;
-        if !json && i > 0 && i <= seconds {
+        parity = pipeline.tick()?.report.parity.clone();
+        if progress && i > 0 && i <= seconds {
             eprint!("\rcomparing with /proc/diskstats: {i}/{seconds} s");
         }
         if i >= seconds && parity.iter().all(|p| p.difference.is_zero()) {
             break;
         }
     }
-    if !json {
+    if progress {
         eprintln!();
     }
     let ok = parity.iter().all(|p| p.difference.is_zero());

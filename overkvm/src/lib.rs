@@ -15,6 +15,7 @@ pub mod export;
 pub mod identity;
 pub mod lifecycle;
 pub mod parity;
+pub mod pipeline;
 pub mod report;
 #[cfg(test)]
 mod robustness;
