@@ -19,6 +19,11 @@ pub mod maps {
     /// Indexes of `IO_STATS` free for new keys: a queue of `u32` that userspace fills at load
     /// and refills with the slots of pruned keys.
     pub const FREE_SLOTS: &str = "FREE_SLOTS";
+    /// Who asked last for a flush on each request queue: `queue id -> FlushOwner`.
+    pub const FLUSH_OWNERS: &str = "FLUSH_OWNERS";
+    /// New processes seen doing I/O, as `u32` tgids, so userspace can name them while they
+    /// live: a ring buffer.
+    pub const NEW_TGIDS: &str = "NEW_TGIDS";
     /// Bios counted at `block_bio_queue`, on every device including bio-based and stacked ones:
     /// `IoKey -> IoCounters`, per-CPU hash.
     pub const BIO_STATS: &str = "BIO_STATS";
@@ -42,6 +47,9 @@ pub mod programs {
     pub const BIO_FRONTMERGE: &str = "bio_frontmerge";
     /// `block:block_bio_queue`: every bio entering the block layer, once per bio.
     pub const BIO_QUEUE: &str = "bio_queue";
+    /// `block:block_split`: a bio split at a device limit; its remainder counts as one more bio,
+    /// as the kernel's per-cgroup counters count it. Attached with `BIO_QUEUE`.
+    pub const BIO_SPLIT: &str = "bio_split";
     /// Fallback: `block:block_getrq`, a bio allocated a new request (submitter's context).
     pub const RQ_GETRQ: &str = "rq_getrq";
     /// Fallback: `block:block_rq_issue`, a request goes to the driver.
@@ -106,6 +114,12 @@ pub struct OpCodes {
     pub write_zeroes: u32,
     /// `REQ_PREFLUSH` as a mask (1 << __REQ_PREFLUSH).
     pub preflush: u32,
+    /// `REQ_FUA` as a mask (1 << __REQ_FUA): on a device without FUA the flush machinery
+    /// follows such a write with a cache flush.
+    pub fua: u32,
+    /// `RQF_FLUSH_SEQ` as a mask of `request.rq_flags`: the request is inside the flush
+    /// machinery, and a completion seen then is one of its steps, not its end.
+    pub flush_seq: u32,
 }
 
 impl OpCodes {
@@ -119,34 +133,40 @@ impl OpCodes {
         secure_erase: 5,
         write_zeroes: 9,
         preflush: 1 << 18,
+        fua: 1 << 17,
+        // `enum rqf_flags` exists from Linux 6.8; before it `#define RQF_FLUSH_SEQ (1 << 4)`.
+        flush_seq: 1 << 4,
     };
 }
 
-/// Classifies a request or bio from its `cmd_flags` / `bi_opf` and its length.
+/// Classifies a request or bio from its `cmd_flags` / `bi_opf`, as `/proc/diskstats` groups
+/// them (`op_stat_group`).
 ///
-/// An empty write carrying `REQ_PREFLUSH` is how filesystems send a cache flush (fsync), so it
-/// counts as a flush, not as a zero-byte write. `WRITE_ZEROES` is a write, as the kernel's own
-/// disk statistics count it (`op_stat_group`); secure erase is a discard.
+/// A sync's empty `REQ_PREFLUSH` write is a write here, as the kernel's disk statistics count
+/// it (0 sectors); the cache flush it makes the device do is the flush machinery's own
+/// `REQ_OP_FLUSH` request, counted as `Flush` where it completes. `WRITE_ZEROES` is a write;
+/// secure erase is a discard.
 #[inline(always)]
-pub fn classify_op(opf: u32, bytes: u32, codes: &OpCodes) -> Op {
+pub fn classify_op(opf: u32, codes: &OpCodes) -> Op {
     let op = opf & codes.op_mask;
     if op == codes.read {
         Op::Read
-    } else if op == codes.write {
-        if bytes == 0 && opf & codes.preflush != 0 {
-            Op::Flush
-        } else {
-            Op::Write
-        }
+    } else if op == codes.write || op == codes.write_zeroes {
+        Op::Write
     } else if op == codes.flush {
         Op::Flush
     } else if op == codes.discard || op == codes.secure_erase {
         Op::Discard
-    } else if op == codes.write_zeroes {
-        Op::Write
     } else {
         Op::Other
     }
+}
+
+/// True when a request or bio may make the device flush its cache (a `REQ_PREFLUSH` or a
+/// `REQ_FUA` write): its submitter is who a following device flush is charged to.
+#[inline(always)]
+pub fn asks_for_flush(opf: u32, codes: &OpCodes) -> bool {
+    opf & (codes.preflush | codes.fua) != 0
 }
 
 /// Who did which I/O where: the aggregation key of `IO_STATS` and `BIO_STATS`.
@@ -211,6 +231,11 @@ pub struct IoStats {
     pub io: IoCounters,
     /// Sum of the latencies in `lat`, in ns: averages are exact.
     pub lat_sum_ns: u64,
+    /// Device cache flushes charged to this key's submitter (see `FlushOwner`), and the sum
+    /// of their latencies in ns. Counted in the slot of the request that asked for them, so
+    /// the start path pays nothing for them.
+    pub flushes: u64,
+    pub flush_lat_sum_ns: u64,
     pub generation: u32,
     pub _pad: u32,
     /// Completions per log2 bucket (see `lat_bucket`).
@@ -222,6 +247,8 @@ impl Default for IoStats {
         IoStats {
             io: IoCounters::default(),
             lat_sum_ns: 0,
+            flushes: 0,
+            flush_lat_sum_ns: 0,
             generation: 0,
             _pad: 0,
             lat: [0; LAT_BUCKETS as usize],
@@ -343,6 +370,21 @@ pub struct BioInflight {
     pub slot: KeySlot,
 }
 
+/// Slots of `FLUSH_OWNERS`: a power of two. Indexed by request queue id, which the kernel
+/// hands out densely from 0.
+pub const FLUSH_OWNER_SLOTS: u32 = 1 << 12;
+
+/// The latest request on a queue that asked for a flush (`asks_for_flush`): who a device flush
+/// is charged to when the request whose tag the flush borrows is not known.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlushOwner {
+    /// `request_queue.id` + 1; 0 when free.
+    pub queue: u32,
+    pub _pad: u32,
+    pub slot: KeySlot,
+}
+
 /// Slots of the `HEALTH` per-CPU array: what the kernel side could not do, counted, never silent.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -366,12 +408,18 @@ pub enum Health {
     /// when the queue keeps I/O statistics or has a scheduler): its latency is unknown
     /// (informational: `echo 1 > /sys/block/DEV/queue/iostats` brings it back).
     NoStartTime = 7,
+    /// A device cache flush completed whose requester was not seen (its requests started
+    /// before the programs were attached, or its key was pruned): not counted.
+    FlushUnattributed = 8,
+    /// The notification of a new process to userspace (`NEW_TGIDS`) found the ring buffer
+    /// full (informational: the process is still named at the next interval if it lives).
+    NameNoticeLost = 9,
 }
 
-pub const HEALTH_SLOTS: u32 = 8;
+pub const HEALTH_SLOTS: u32 = 10;
 
 impl Health {
-    pub const ALL: [Health; 8] = [
+    pub const ALL: [Health; 10] = [
         Health::StatsFull,
         Health::BioStatsFull,
         Health::LatencyLost,
@@ -380,6 +428,8 @@ impl Health {
         Health::ReadFault,
         Health::PartialCompletion,
         Health::NoStartTime,
+        Health::FlushUnattributed,
+        Health::NameNoticeLost,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -392,13 +442,18 @@ impl Health {
             Health::ReadFault => "read_fault",
             Health::PartialCompletion => "partial_completion",
             Health::NoStartTime => "no_start_time",
+            Health::FlushUnattributed => "flush_unattributed",
+            Health::NameNoticeLost => "name_notice_lost",
         }
     }
 
     /// True when the slot counts lost data (as opposed to information: a device whose
     /// statistics the operator turned off has no latency to lose).
     pub const fn is_loss(self) -> bool {
-        !matches!(self, Health::PartialCompletion | Health::NoStartTime)
+        !matches!(
+            self,
+            Health::PartialCompletion | Health::NoStartTime | Health::NameNoticeLost
+        )
     }
 }
 
@@ -448,6 +503,9 @@ pub struct KernelLayout {
     pub rq_tag: u32,
     pub rq_internal_tag: u32,
     pub rq_start_time_ns: u32,
+    /// `request.rq_flags` (`RQF_*`); `ABSENT` when unknown, then steps of a flush sequence are
+    /// not told apart from completions.
+    pub rq_flags: u32,
     /// 1: count bios on every device; 0: only on bio-based devices (zram, md, dm), where
     /// they are the only count. On blk-mq devices the request hooks already count the same I/O.
     pub all_bios: u32,
@@ -481,6 +539,7 @@ impl KernelLayout {
         rq_tag: ABSENT,
         rq_internal_tag: ABSENT,
         rq_start_time_ns: ABSENT,
+        rq_flags: ABSENT,
         all_bios: 1,
         ops: OpCodes::LINUX_DEFAULT,
     };
@@ -521,6 +580,7 @@ mod pod {
     unsafe impl aya::Pod for KeySlot {}
     unsafe impl aya::Pod for Inflight {}
     unsafe impl aya::Pod for BioInflight {}
+    unsafe impl aya::Pod for FlushOwner {}
     unsafe impl aya::Pod for KernelLayout {}
     unsafe impl aya::Pod for OpCodes {}
 }
@@ -532,18 +592,21 @@ mod tests {
     #[test]
     fn classify_never_counts_flush_or_discard_as_read() {
         let c = OpCodes::LINUX_DEFAULT;
-        assert_eq!(classify_op(0, 4096, &c), Op::Read);
-        assert_eq!(classify_op(1, 4096, &c), Op::Write);
-        assert_eq!(classify_op(2, 0, &c), Op::Flush);
-        assert_eq!(classify_op(3, 1 << 20, &c), Op::Discard);
-        assert_eq!(classify_op(5, 1 << 20, &c), Op::Discard);
-        assert_eq!(classify_op(9, 1 << 20, &c), Op::Write);
-        // An empty preflush write is a cache flush; with data it is a write.
-        assert_eq!(classify_op(1 | c.preflush, 0, &c), Op::Flush);
-        assert_eq!(classify_op(1 | c.preflush, 4096, &c), Op::Write);
+        assert_eq!(classify_op(0, &c), Op::Read);
+        assert_eq!(classify_op(1, &c), Op::Write);
+        assert_eq!(classify_op(2, &c), Op::Flush);
+        assert_eq!(classify_op(3, &c), Op::Discard);
+        assert_eq!(classify_op(5, &c), Op::Discard);
+        assert_eq!(classify_op(9, &c), Op::Write);
+        // A sync's empty preflush write is a write, as /proc/diskstats counts it; the device
+        // flush it causes is a REQ_OP_FLUSH request of its own.
+        assert_eq!(classify_op(1 | c.preflush, &c), Op::Write);
+        assert!(asks_for_flush(1 | c.preflush, &c));
+        assert!(asks_for_flush(1 | c.fua, &c));
+        assert!(!asks_for_flush(1, &c));
         // Flags above the op bits do not change the op.
-        assert_eq!(classify_op(1 << 11, 4096, &c), Op::Read);
-        assert_eq!(classify_op(34, 0, &c), Op::Other);
+        assert_eq!(classify_op(1 << 11, &c), Op::Read);
+        assert_eq!(classify_op(34, &c), Op::Other);
     }
 
     #[test]
@@ -553,9 +616,9 @@ mod tests {
             write: 8,
             ..OpCodes::LINUX_DEFAULT
         };
-        assert_eq!(classify_op(7, 1, &c), Op::Read);
-        assert_eq!(classify_op(8, 1, &c), Op::Write);
-        assert_eq!(classify_op(0, 1, &c), Op::Other);
+        assert_eq!(classify_op(7, &c), Op::Read);
+        assert_eq!(classify_op(8, &c), Op::Write);
+        assert_eq!(classify_op(0, &c), Op::Other);
     }
 
     #[test]
@@ -650,7 +713,8 @@ mod tests {
     fn struct_sizes_are_stable() {
         assert_eq!(core::mem::size_of::<IoKey>(), 24);
         assert_eq!(core::mem::size_of::<IoCounters>(), 32);
-        assert_eq!(core::mem::size_of::<IoStats>(), 208);
+        assert_eq!(core::mem::size_of::<IoStats>(), 224);
+        assert_eq!(core::mem::size_of::<FlushOwner>(), 16);
         assert_eq!(core::mem::size_of::<KeySlot>(), 8);
         assert_eq!(core::mem::size_of::<Inflight>(), 16);
         assert_eq!(core::mem::size_of::<BioInflight>(), 16);

@@ -37,3 +37,20 @@ pub fn bio_queue(ctx: BtfTracePointContext) -> i32 {
     }
     0
 }
+
+/// `block_split(struct bio *bio, unsigned int new_sector)`: a bio was split at a device limit;
+/// `bio` is the front piece, and the remainder is submitted again. The kernel's per-cgroup
+/// counters (v2 `io.stat`, v1 `blkio.throttle.io_serviced`) count that resubmission as one more
+/// I/O, so the bio counts do too: one op, no bytes (they are in the original bio's count).
+#[btf_tracepoint(function = "block_split")]
+pub fn bio_split(ctx: BtfTracePointContext) -> i32 {
+    let bio: KPtr = ctx.arg(0);
+    if off!(all_bios) == 0 && request_based(bio) {
+        return 0;
+    }
+    match bio_key(bio) {
+        Some((key, _)) => count_bio(&key, 0),
+        None => health(Health::ReadFault),
+    }
+    0
+}

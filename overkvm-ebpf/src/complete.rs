@@ -7,14 +7,16 @@ use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::btf_tracepoint, programs::BtfT
 use overkvm_common::Health;
 
 use crate::{
-    kernel::{KPtr, off, read, read_addr, rq_ident},
+    kernel::{KPtr, in_flush_sequence, off, read, read_addr, rq_ident, rq_queue_id},
     maps::{
-        add_bytes, bio_take, count_latency, health, inflight_holds, inflight_put, inflight_take,
+        add_bytes, bio_take, count_flush, count_latency, flush_owner, health, inflight_holds,
+        inflight_peek, inflight_put, inflight_take,
     },
+    submit::op_codes,
 };
 
 #[inline(always)]
-fn finish(rq: KPtr) {
+fn finish(rq: KPtr, fallback: bool) {
     let start: u64 = read(rq, off!(rq_start_time_ns)).unwrap_or(0);
     if start == 0 {
         // Not timestamped at allocation (iostats off, no scheduler): never given an entry.
@@ -24,18 +26,71 @@ fn finish(rq: KPtr) {
     let Some((queue, tag)) = rq_ident(rq) else {
         return;
     };
-    let Some(slot) = inflight_take(queue, tag) else {
-        return;
+    let slot = match inflight_take(queue, tag) {
+        Some(slot) => slot,
+        // Fallback: a sync's empty preflush request is never issued to the driver (the flush
+        // machinery ends it once the device flushed), so its submitter is still with its bio,
+        // which the request holds again when it ends.
+        None if fallback => match bio_take(read_addr(rq, off!(rq_bio))) {
+            Some(slot) => slot,
+            None => {
+                health(Health::InflightMiss);
+                return;
+            }
+        },
+        None => {
+            health(Health::InflightMiss);
+            return;
+        }
     };
     let now = unsafe { bpf_ktime_get_ns() };
     count_latency(&slot, now.saturating_sub(start));
 }
 
+/// A device cache flush completed: the flush machinery's own `REQ_OP_FLUSH` request, which
+/// `/proc/diskstats` counts as a flush and which never passes `block_io_start`. It borrows the
+/// tag of the first request waiting for it, so it is charged to that request's submitter; if
+/// that request was not seen, to the latest requester of a flush on the queue.
+#[inline(always)]
+fn device_flush(rq: KPtr) {
+    let owner = match rq_ident(rq).and_then(|(queue, tag)| inflight_peek(queue, tag)) {
+        Some(slot) => Some(slot),
+        None => rq_queue_id(rq).and_then(flush_owner),
+    };
+    let Some(slot) = owner else {
+        health(Health::FlushUnattributed);
+        return;
+    };
+    let start: u64 = read(rq, off!(rq_start_time_ns)).unwrap_or(0);
+    let latency = if start == 0 {
+        0
+    } else {
+        unsafe { bpf_ktime_get_ns() }.saturating_sub(start)
+    };
+    if !count_flush(&slot, latency) {
+        health(Health::FlushUnattributed);
+    }
+}
+
+/// Sorts a completion: a device flush, a step of a flush sequence (ignored, as the kernel's
+/// own statistics ignore it), or the end of a request started at submission.
+#[inline(always)]
+fn completed(rq: KPtr, fallback: bool) {
+    let codes = op_codes();
+    let opf: u32 = read(rq, off!(rq_cmd_flags)).unwrap_or(0);
+    if opf & codes.op_mask == codes.flush {
+        device_flush(rq);
+    } else if !in_flush_sequence(rq) {
+        finish(rq, fallback);
+    }
+}
+
 /// `block_io_done(struct request *rq)`, Linux 6.5+: called once per request when its
-/// accounting ends, after all of its parts completed.
+/// accounting ends, after all of its parts completed; also for the steps of a flush sequence
+/// and for the flush machinery's own flush requests (see `completed`).
 #[btf_tracepoint(function = "block_io_done")]
 pub fn io_done(ctx: BtfTracePointContext) -> i32 {
-    finish(ctx.arg(0));
+    completed(ctx.arg(0), false);
     0
 }
 
@@ -67,6 +122,8 @@ pub fn rq_issue(ctx: BtfTracePointContext) -> i32 {
             add_bytes(&slot, (len - head_len) as u64);
         }
         inflight_put(queue, tag, slot);
+    } else {
+        health(Health::InflightMiss);
     }
     0
 }
@@ -83,6 +140,6 @@ pub fn rq_complete(ctx: BtfTracePointContext) -> i32 {
         health(Health::PartialCompletion);
         return 0;
     }
-    finish(rq);
+    completed(rq, true);
     0
 }

@@ -86,3 +86,27 @@ pub fn rq_ident(rq: KPtr) -> Option<(u32, u32)> {
     let internal_tag: i32 = read(rq, off!(rq_internal_tag))?;
     Some((queue, hw_tag(hw_queue, tag, internal_tag)?))
 }
+
+/// `rq->q->id`: the request queue a request belongs to.
+#[inline(always)]
+pub fn rq_queue_id(rq: KPtr) -> Option<u32> {
+    let q: KPtr = read(rq, off!(rq_q))?;
+    read(q, off!(queue_id))
+}
+
+/// `bio->bi_bdev->bd_disk->queue->id`: the request queue a bio goes to.
+#[inline(always)]
+pub fn bio_queue_id(bio: KPtr) -> Option<u32> {
+    let bdev: KPtr = read(bio, off!(bio_bdev))?;
+    let disk: KPtr = read(bdev, off!(bdev_disk))?;
+    let q: KPtr = read(disk, off!(disk_queue))?;
+    read(q, off!(queue_id))
+}
+
+/// True when a completion of `rq` is a step of the flush machinery (the data part of a
+/// preflush or FUA write), not its end: the kernel ends and counts it later.
+#[inline(always)]
+pub fn in_flush_sequence(rq: KPtr) -> bool {
+    let mask = off!(ops.flush_seq);
+    read::<u32>(rq, off!(rq_flags)).is_some_and(|f| f & mask != 0)
+}

@@ -11,11 +11,11 @@ use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::bpf_get_current_comm,
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, Queue},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, Queue, RingBuf},
 };
 use overkvm_common::{
-    BioInflight, HEALTH_SLOTS, Health, INFLIGHT_SLOTS, Inflight, IoCounters, IoKey, IoStats,
-    KeySlot, OP_COUNT, bio_slot, capacity, inflight_slot, lat_bucket,
+    BioInflight, FLUSH_OWNER_SLOTS, FlushOwner, HEALTH_SLOTS, Health, INFLIGHT_SLOTS, Inflight,
+    IoCounters, IoKey, IoStats, KeySlot, OP_COUNT, bio_slot, capacity, inflight_slot, lat_bucket,
 };
 
 #[map]
@@ -53,6 +53,16 @@ pub static BIO_INFLIGHT: Array<BioInflight> = Array::with_max_entries(INFLIGHT_S
 
 #[map]
 pub static HEALTH: PerCpuArray<u64> = PerCpuArray::with_max_entries(HEALTH_SLOTS, 0);
+
+// Shared: the flush completes on any CPU.
+#[map]
+pub static FLUSH_OWNERS: Array<FlushOwner> = Array::with_max_entries(FLUSH_OWNER_SLOTS, 0);
+
+/// Tgids of new keys (a process's first I/O on a device, per op): written only on the slow
+/// path that creates a key, so a few per process. 64 KiB hold 16K notifications; a full buffer
+/// loses only the early naming (the process is still named at the next interval if alive).
+#[map]
+pub static NEW_TGIDS: RingBuf = RingBuf::with_byte_size(64 << 10, 0);
 
 /// Counts one event in a health slot.
 #[inline(always)]
@@ -111,6 +121,12 @@ fn lookup_or_add(key: &IoKey) -> Option<KeySlot> {
         // The name of the process, for when it has exited before userspace reads it. Only this
         // CPU's copy has it; userspace takes the one that is set.
         unsafe { (*v).io.comm = bpf_get_current_comm().unwrap_or([0; 16]) };
+        // Tell userspace now, so it can read the process's command line while it lives (a VM
+        // that crashes while booting is gone before the next interval). Best effort: a full
+        // buffer only delays naming to the next interval.
+        if NEW_TGIDS.output::<u32>(key.tgid, 0).is_err() {
+            health(Health::NameNoticeLost);
+        }
         return Some(slot);
     }
     // Another CPU added the key in between (or the hash is full): give the slot back.
@@ -140,6 +156,40 @@ pub fn count_request(key: &IoKey, bytes: u64) -> Option<KeySlot> {
         (*v).io.bytes += bytes;
     }
     Some(slot)
+}
+
+/// Counts one device cache flush of `latency_ns` for the key owning `slot`. False when the
+/// slot was recycled (its process was pruned): the caller counts the flush unattributed.
+#[inline(always)]
+pub fn count_flush(slot: &KeySlot, latency_ns: u64) -> bool {
+    match stats(slot) {
+        Some(v) => {
+            unsafe {
+                (*v).flushes += 1;
+                (*v).flush_lat_sum_ns += latency_ns;
+            }
+            true
+        }
+        None => false,
+    }
+}
+
+/// Remembers `slot` as the latest requester of a flush on request queue `queue`.
+#[inline(always)]
+pub fn flush_owner_put(queue: u32, slot: KeySlot) {
+    if let Some(e) = FLUSH_OWNERS.get_ptr_mut(queue & (FLUSH_OWNER_SLOTS - 1)) {
+        unsafe {
+            (*e).slot = slot;
+            (*e).queue = queue.wrapping_add(1);
+        }
+    }
+}
+
+/// The latest requester of a flush on request queue `queue`, if known.
+#[inline(always)]
+pub fn flush_owner(queue: u32) -> Option<KeySlot> {
+    let e = FLUSH_OWNERS.get_ptr_mut(queue & (FLUSH_OWNER_SLOTS - 1))?;
+    unsafe { ((*e).queue == queue.wrapping_add(1)).then(|| (*e).slot) }
 }
 
 /// Adds `bytes` (no op) to `key`: a bio merged into a request already counted.
@@ -256,19 +306,23 @@ fn inflight_find(queue: u32, tag: u32) -> Option<*mut Inflight> {
     None
 }
 
+/// The key slot of request (`queue`, `tag`) without taking it: a device flush borrows the tag
+/// of the first request waiting for it, whose own completion comes later.
+#[inline(always)]
+pub fn inflight_peek(queue: u32, tag: u32) -> Option<KeySlot> {
+    inflight_find(queue, tag).map(|e| unsafe { (*e).slot })
+}
+
 /// True when request (`queue`, `tag`) holds an in-flight entry.
 #[inline(always)]
 pub fn inflight_holds(queue: u32, tag: u32) -> bool {
     inflight_find(queue, tag).is_some()
 }
 
-/// Takes the key slot of request (`queue`, `tag`) out of its entry, or counts a miss.
+/// Takes the key slot of request (`queue`, `tag`) out of its entry; the caller counts a miss.
 #[inline(always)]
 pub fn inflight_take(queue: u32, tag: u32) -> Option<KeySlot> {
-    let Some(e) = inflight_find(queue, tag) else {
-        health(Health::InflightMiss);
-        return None;
-    };
+    let e = inflight_find(queue, tag)?;
     unsafe {
         (*e).tag = 0;
         Some((*e).slot)
@@ -290,13 +344,15 @@ pub fn bio_put(ptr: u64, slot: KeySlot) {
     }
 }
 
-/// Fallback mode: takes the key slot of the bio at `ptr`, or counts a miss.
+/// Fallback mode: takes the key slot of the bio at `ptr`; the caller counts a miss.
 #[inline(always)]
 pub fn bio_take(ptr: u64) -> Option<KeySlot> {
+    if ptr == 0 {
+        return None;
+    }
     let e = BIO_INFLIGHT.get_ptr_mut(bio_slot(ptr))?;
     unsafe {
         if (*e).ptr != ptr {
-            health(Health::InflightMiss);
             return None;
         }
         (*e).ptr = 0;

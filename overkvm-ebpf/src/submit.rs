@@ -5,11 +5,11 @@
 use aya_ebpf::{
     helpers::bpf_get_current_pid_tgid, macros::btf_tracepoint, programs::BtfTracePointContext,
 };
-use overkvm_common::{Health, IoKey, OpCodes, classify_op};
+use overkvm_common::{Health, IoKey, OpCodes, asks_for_flush, classify_op};
 
 use crate::{
-    kernel::{KPtr, LAYOUT, arg_addr, bdev_dev, bio_cgroup, off, read, rq_ident},
-    maps::{add_key_bytes, bio_put, count_request, health, inflight_put},
+    kernel::{KPtr, LAYOUT, arg_addr, bdev_dev, bio_cgroup, bio_queue_id, off, read, rq_ident},
+    maps::{add_key_bytes, bio_put, count_request, flush_owner_put, health, inflight_put},
 };
 
 #[inline(always)]
@@ -18,19 +18,19 @@ fn tgid() -> u32 {
 }
 
 #[inline(always)]
-fn op_codes() -> OpCodes {
+pub fn op_codes() -> OpCodes {
     unsafe { core::ptr::read_volatile(core::ptr::addr_of!(LAYOUT.ops)) }
 }
 
-/// The key of an I/O submitted by the current task: its op flags and length, the device it
-/// goes to, and the bio whose block cgroup owns it.
+/// The key of an I/O submitted by the current task: its op flags, the device it goes to, and
+/// the bio whose block cgroup owns it.
 #[inline(always)]
-fn submit_key(opf: u32, bytes: u32, bdev: KPtr, bio: KPtr) -> IoKey {
+fn submit_key(opf: u32, bdev: KPtr, bio: KPtr) -> IoKey {
     IoKey {
         tgid: tgid(),
         dev: bdev_dev(bdev),
         cgroup_id: bio_cgroup(bio),
-        op: classify_op(opf, bytes, &op_codes()) as u8,
+        op: classify_op(opf, &op_codes()) as u8,
         _pad: [0; 7],
     }
 }
@@ -41,7 +41,7 @@ pub fn bio_key(bio: KPtr) -> Option<(IoKey, u32)> {
     let opf: u32 = read(bio, off!(bio_opf))?;
     let bytes: u32 = read(bio, off!(bio_size)).unwrap_or(0);
     let bdev: KPtr = read(bio, off!(bio_bdev)).unwrap_or(core::ptr::null());
-    Some((submit_key(opf, bytes, bdev, bio), bytes))
+    Some((submit_key(opf, bdev, bio), bytes))
 }
 
 /// `block_io_start(struct request *rq)`, Linux 6.5+: request accounting starts. Runs in the
@@ -61,16 +61,25 @@ pub fn io_start(ctx: BtfTracePointContext) -> i32 {
         Some(b) => b,
         None => read(rq, off!(rq_part)).unwrap_or(core::ptr::null()),
     };
-    let key = submit_key(opf, bytes, bdev, bio);
+    let key = submit_key(opf, bdev, bio);
     let Some(slot) = count_request(&key, bytes as u64) else {
         return 0;
     };
     // Only requests the kernel timestamps reach `io_done` with a start time (iostats on, or
     // a scheduler): the others would leave entries nobody takes.
-    if read::<u64>(rq, off!(rq_start_time_ns)).is_some_and(|t| t != 0)
+    let timed = read::<u64>(rq, off!(rq_start_time_ns)).is_some_and(|t| t != 0);
+    // A preflush or FUA write may make the device flush its cache; the flush is charged to
+    // the request whose tag it borrows, or else to the latest such request of the queue.
+    let asks = asks_for_flush(opf, &op_codes());
+    if (timed || asks)
         && let Some((queue, tag)) = rq_ident(rq)
     {
-        inflight_put(queue, tag, slot);
+        if timed {
+            inflight_put(queue, tag, slot);
+        }
+        if asks {
+            flush_owner_put(queue, slot);
+        }
     }
     0
 }
@@ -108,6 +117,14 @@ pub fn rq_getrq(ctx: BtfTracePointContext) -> i32 {
     };
     if let Some(slot) = count_request(&key, bytes as u64) {
         bio_put(arg_addr(&ctx, 0), slot);
+        // The request is not issued before the preflush its bio asks for: a device flush is
+        // charged to the latest requester of the queue.
+        let opf: u32 = read(bio, off!(bio_opf)).unwrap_or(0);
+        if asks_for_flush(opf, &op_codes())
+            && let Some(queue) = bio_queue_id(bio)
+        {
+            flush_owner_put(queue, slot);
+        }
     }
     0
 }

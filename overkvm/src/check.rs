@@ -26,6 +26,18 @@ pub struct CgroupSupport {
     pub hybrid: bool,
 }
 
+/// What loading and attaching the programs did: `{"tried", "ok", "attached", "error"}`.
+#[derive(Debug, Default, Serialize)]
+pub struct LoadOutcome {
+    /// Loading was attempted: only as root, and only when no earlier check ruled it out.
+    pub tried: bool,
+    pub ok: bool,
+    /// Tracepoints attached, in order (empty unless `ok`).
+    pub attached: Vec<&'static str>,
+    /// Why loading failed, when it did.
+    pub error: Option<String>,
+}
+
 /// Everything `check` found.
 #[derive(Debug, Serialize)]
 pub struct CheckReport {
@@ -38,8 +50,8 @@ pub struct CheckReport {
     pub layout_notes: Vec<String>,
     pub cgroups: CgroupSupport,
     pub bpf_stats_enabled: bool,
-    /// Result of actually loading and attaching the programs (root only).
-    pub load: Option<Result<Vec<&'static str>, String>>,
+    /// What loading and attaching the programs did (root only).
+    pub load: LoadOutcome,
     /// The bio hook after loading: attached, on-demand (no bio-based device yet) or off.
     pub bio_hook: Option<&'static str>,
     /// Problems that stop overkvm from running.
@@ -146,16 +158,20 @@ pub fn run_checks() -> CheckReport {
     let bpf_stats_enabled = read_trim("/proc/sys/kernel/bpf_stats_enabled").as_deref() == Some("1");
 
     let mut bio_hook = None;
-    let load = (root && errors.is_empty()).then(|| {
-        Programs::load(&LoadOptions::default())
-            .map(|p| {
+    let mut load = LoadOutcome::default();
+    if root && errors.is_empty() {
+        load.tried = true;
+        match Programs::load(&LoadOptions::default()) {
+            Ok(p) => {
                 bio_hook = Some(p.bio_hook());
-                p.attached.clone()
-            })
-            .map_err(|e| format!("{e:#}"))
-    });
-    if let Some(Err(e)) = &load {
-        errors.push(format!("loading the programs failed: {e}"));
+                load.ok = true;
+                load.attached = p.attached.clone();
+            }
+            Err(e) => {
+                errors.push(format!("loading the programs failed: {e:#}"));
+                load.error = Some(format!("{e:#}"));
+            }
+        }
     }
     CheckReport {
         kernel,
@@ -228,16 +244,18 @@ pub fn print_human(r: &CheckReport) {
         }
     );
     match &r.load {
-        Some(Ok(tps)) => {
-            println!("load and attach     ok ({})", tps.join(", "));
+        LoadOutcome {
+            ok: true, attached, ..
+        } => {
+            println!("load and attach     ok ({})", attached.join(", "));
             if r.bio_hook == Some("on-demand") {
                 println!(
                     "bio hook            verified; attached once a bio-based device (zram, md, dm) has a size"
                 );
             }
         }
-        Some(Err(_)) => println!("load and attach     FAILED"),
-        None => println!("load and attach     not tried"),
+        LoadOutcome { tried: true, .. } => println!("load and attach     FAILED"),
+        LoadOutcome { .. } => println!("load and attach     not tried"),
     }
     for w in &r.warnings {
         println!("warning: {w}");
@@ -253,4 +271,89 @@ pub fn print_human(r: &CheckReport) {
             "overkvm cannot run on this host as it is"
         }
     );
+}
+
+/// `check --parity SECONDS`: runs the programs for that long and compares overkvm's device
+/// totals with `/proc/diskstats`, per disk and op class. Returns true when every difference
+/// is 0 at the end (a few more seconds are given for I/O in flight to complete).
+pub fn run_parity(seconds: u64, json: bool) -> anyhow::Result<bool> {
+    use std::io::IsTerminal as _;
+    let mut pipeline = crate::pipeline::Pipeline::new(Programs::load(&LoadOptions::default())?)?;
+    let mut parity = Vec::new();
+    let extra = 3;
+    let progress = !json && std::io::stderr().is_terminal();
+    for i in 0..=seconds + extra {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        parity = pipeline.tick()?.report.parity.clone();
+        if progress && i > 0 && i <= seconds {
+            eprint!("\rcomparing with /proc/diskstats: {i}/{seconds} s");
+        }
+        if i >= seconds && parity.iter().all(|p| p.difference.is_zero()) {
+            break;
+        }
+    }
+    if progress {
+        eprintln!();
+    }
+    let ok = parity.iter().all(|p| p.difference.is_zero());
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "seconds": seconds, "ok": ok, "devices": parity })
+        );
+        return Ok(ok);
+    }
+    if parity.is_empty() {
+        println!("no disk did I/O in {seconds} s: nothing to compare");
+        return Ok(true);
+    }
+    println!(
+        "{:<12} {:<8} {:>12} {:>12} {:>8}",
+        "DEVICE", "OP", "OVERKVM", "DISKSTATS", "DIFF"
+    );
+    for p in &parity {
+        let o = &p.overkvm;
+        let d = &p.diskstats;
+        let x = &p.difference;
+        for (op, a, b, diff) in [
+            ("read", o.reads, d.reads, x.reads),
+            ("rsectors", o.read_sectors, d.read_sectors, x.read_sectors),
+            ("write", o.writes, d.writes, x.writes),
+            (
+                "wsectors",
+                o.write_sectors,
+                d.write_sectors,
+                x.write_sectors,
+            ),
+            ("discard", o.discards, d.discards, x.discards),
+            (
+                "dsectors",
+                o.discard_sectors,
+                d.discard_sectors,
+                x.discard_sectors,
+            ),
+            ("flush", o.flushes, d.flushes, x.flushes),
+        ] {
+            println!(
+                "{:<12} {:<8} {:>12} {:>12} {:>8}",
+                crate::top::batch::sanitize(&p.device),
+                op,
+                a,
+                b,
+                diff
+            );
+        }
+        if p.overkvm.in_flight != 0 {
+            println!("{:<12} (in flight now: {})", "", p.overkvm.in_flight);
+        }
+    }
+    if ok {
+        println!("parity: exact on every disk");
+    } else {
+        println!(
+            "parity: DIFFERS (a positive difference while I/O is in flight is expected; one that \
+             stays on an idle disk is a loss: see `health` in `top --json`)"
+        );
+    }
+    Ok(ok)
 }

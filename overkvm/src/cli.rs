@@ -174,6 +174,11 @@ pub struct CheckArgs {
     /// Print the findings as one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// Instead of the host checks: run the programs for SECONDS and compare overkvm's device
+    /// totals with /proc/diskstats, per disk and op class (reads, writes, discards, flushes and
+    /// their sectors). Exits non-zero when a difference remains once in-flight I/O completed.
+    #[arg(long, value_name = "SECONDS")]
+    pub parity: Option<u64>,
 }
 
 /// Where VMs live.

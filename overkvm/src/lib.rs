@@ -14,6 +14,8 @@ pub mod devices;
 pub mod export;
 pub mod identity;
 pub mod lifecycle;
+pub mod parity;
+pub mod pipeline;
 pub mod report;
 #[cfg(test)]
 mod robustness;

@@ -23,6 +23,13 @@ fn main() {
         Command::Throttle(cmd) => throttle::command::run(cmd),
         Command::Vm(cmd) => lifecycle::run(cmd),
         Command::Overcommit(args) => lifecycle::overcommit::run(args),
+        Command::Check(args) if args.parity.is_some() => {
+            match check::run_parity(args.parity.unwrap_or(0), args.json) {
+                Ok(true) => Ok(()),
+                Ok(false) => std::process::exit(1),
+                Err(e) => Err(e),
+            }
+        }
         Command::Check(args) => {
             let report = check::run_checks();
             if args.json {

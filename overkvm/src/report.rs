@@ -12,6 +12,7 @@ use crate::{
     cgroupfs::CgroupNames,
     devices::{DeviceInfo, DeviceTable},
     identity::{Manager, ProcessIdentity, Resolver},
+    parity::{DeviceParity, ParityCheck},
     sample::{Counters, Delta, Histogram, MapFill, Snapshot},
     stats,
 };
@@ -148,6 +149,12 @@ pub struct CgroupRow {
     pub source: CountSource,
     #[serde(flatten)]
     pub counts: OpCounts,
+    /// Bios the cgroup submitted, split remainders included: what the kernel's per-cgroup
+    /// counters count (v2 `io.stat` rios/wios/dios, v1 `blkio.throttle.io_serviced`). On
+    /// bio-based devices always, on blk-mq devices with `--all-bios`; 0 otherwise.
+    pub read_bios: u64,
+    pub write_bios: u64,
+    pub discard_bios: u64,
 }
 
 /// Kernel-side losses and map use during the interval.
@@ -171,6 +178,9 @@ pub struct Report {
     pub processes: Vec<ProcessRow>,
     pub cgroups: Vec<CgroupRow>,
     pub health: HealthReport,
+    /// The live self-check against `/proc/diskstats`, per disk with I/O since overkvm
+    /// started (see `parity`): overkvm minus diskstats is 0 whenever the disk is idle.
+    pub parity: Vec<DeviceParity>,
 }
 
 impl Report {
@@ -212,7 +222,23 @@ pub struct ReportBuilder {
     kernel_comms: HashMap<u32, String>,
     /// Which VM owns which cgroup, learned across intervals.
     cgroup_owners: HashMap<String, Option<CgroupOwner>>,
+    /// The last identity of each process that did I/O, kept a few intervals past its exit, so
+    /// the interval in which a VM exits still carries its name (and a process named at its
+    /// first I/O keeps it after a quick exit).
+    recent: HashMap<u32, Recent>,
+    /// Device totals since start against `/proc/diskstats`.
+    parity: ParityCheck,
 }
+
+/// A process's identity as last resolved, and for how many intervals it has been gone.
+struct Recent {
+    ident: Arc<ProcessIdentity>,
+    gone_for: u8,
+}
+
+/// Intervals a departed process's identity is kept: its last I/O may be read one interval
+/// after its exit (the snapshot of the interval it exits in, then the harvest of its maps).
+const RECENT_GRACE: u8 = 2;
 
 impl Default for ReportBuilder {
     fn default() -> Self {
@@ -228,6 +254,8 @@ impl ReportBuilder {
             cgroups: CgroupNames::for_host(),
             kernel_comms: HashMap::new(),
             cgroup_owners: HashMap::new(),
+            recent: HashMap::new(),
+            parity: ParityCheck::new(),
         }
     }
 
@@ -252,15 +280,38 @@ impl ReportBuilder {
         // below. A kernel thread's I/O is kept apart per owning cgroup (the part), so that
         // each part can go to the VM owning that cgroup; user processes have one part.
         let mut per_proc: BTreeMap<(u32, u32, Option<u64>), Acc> = BTreeMap::new();
-        // Each tgid resolved once per interval (a resolve re-reads /proc/PID/stat).
-        let mut idents: HashMap<u32, Option<Arc<ProcessIdentity>>> = HashMap::new();
+        // Processes named at their first I/O since the last snapshot (some gone already).
+        for (pid, ident) in &snap.early_names {
+            self.recent.insert(
+                *pid,
+                Recent {
+                    ident: Arc::clone(ident),
+                    gone_for: 0,
+                },
+            );
+        }
+        // Each tgid resolved once per interval (a resolve re-reads /proc/PID/stat): the live
+        // process's identity, else the last one it had (it exited in this interval).
+        let mut idents: HashMap<u32, (Option<Arc<ProcessIdentity>>, bool)> = HashMap::new();
         let resolver = &mut self.resolver;
+        let recent = &mut self.recent;
         let mut part = |tgid: u32, cgroup_id: u64| {
-            let ident = idents.entry(tgid).or_insert_with(|| {
+            let (ident, _) = idents.entry(tgid).or_insert_with(|| {
                 if tgid == 0 {
-                    None
-                } else {
-                    resolver.resolve(tgid)
+                    return (None, true);
+                }
+                match resolver.resolve(tgid) {
+                    Some(p) => {
+                        recent.insert(
+                            tgid,
+                            Recent {
+                                ident: Arc::clone(&p),
+                                gone_for: 0,
+                            },
+                        );
+                        (Some(p), true)
+                    }
+                    None => (recent.get(&tgid).map(|r| Arc::clone(&r.ident)), false),
                 }
             });
             ident
@@ -315,11 +366,12 @@ impl ReportBuilder {
                 .or_insert_with(|| (info.clone(), OpCounts::default()))
                 .1
                 .merge(&counts);
-            let ident = idents.get(&tgid).cloned().flatten();
+            let (ident, alive) = idents.get(&tgid).cloned().unwrap_or((None, false));
             let mut row = self.process_row(
                 tgid,
                 &info,
                 ident,
+                alive,
                 source,
                 counts,
                 &acc.bio_counts,
@@ -356,11 +408,14 @@ impl ReportBuilder {
                 device: info.name.clone(),
                 source,
                 counts,
+                read_bios: bio.read_ops,
+                write_bios: bio.write_ops,
+                discard_bios: bio.discard_ops,
             });
         }
         cgroups.sort_by_key(|c| std::cmp::Reverse(c.counts.total_ops()));
 
-        let devices = devices
+        let devices: Vec<DeviceRow> = devices
             .into_values()
             .map(|(info, counts)| DeviceRow {
                 device: info.name.clone(),
@@ -376,6 +431,10 @@ impl ReportBuilder {
             })
             .collect();
 
+        // Read right after the maps, so both sides end at (nearly) the same instant.
+        let parity = self
+            .parity
+            .update(&devices, &crate::parity::read_diskstats());
         let mut health = HealthReport {
             events: BTreeMap::new(),
             read_errors: snap.read_errors,
@@ -387,8 +446,21 @@ impl ReportBuilder {
                 health.events.insert(h.name(), v);
             }
         }
+        if snap.early_names_dropped != 0 {
+            health
+                .events
+                .insert("early_names_dropped", snap.early_names_dropped);
+        }
         self.resolver.retain(pid_alive);
         self.kernel_comms.retain(|pid, _| pid_alive(*pid));
+        self.recent.retain(|pid, r| {
+            if pid_alive(*pid) {
+                r.gone_for = 0;
+            } else {
+                r.gone_for += 1;
+            }
+            r.gone_for <= RECENT_GRACE
+        });
         Report {
             timestamp: rfc3339(delta.wall.unwrap_or_else(SystemTime::now)),
             interval_s: delta.interval.as_secs_f64(),
@@ -397,6 +469,7 @@ impl ReportBuilder {
             processes,
             cgroups,
             health,
+            parity,
         }
     }
 
@@ -406,6 +479,7 @@ impl ReportBuilder {
         tgid: u32,
         info: &DeviceInfo,
         ident: Option<Arc<ProcessIdentity>>,
+        alive: bool,
         source: CountSource,
         counts: OpCounts,
         bios: &OpCounts,
@@ -442,7 +516,7 @@ impl ReportBuilder {
             lat_avg_us: stats::mean_us(hist).map(round2),
             lat_p99_us: stats::quantile_us(hist, 0.99).map(round2),
             completions: hist.count(),
-            exited: tgid != 0 && ident.is_none(),
+            exited: tgid != 0 && !alive,
             kernel_thread: tgid == 0 || ident.as_ref().is_some_and(|p| p.kernel_thread),
             kernel_submitted_ops: 0,
             latency: Box::default(),

@@ -1,5 +1,5 @@
 //! Property tests: every parser of input overkvm does not control (/proc files, qemu command
-//! lines, cgroup paths and mount tables, tracefs formats, BTF blobs, the config file, cgroup
+//! lines, cgroup paths and mount tables, BTF blobs, the config file, cgroup
 //! limit files) is fed arbitrary and mutated input and must return a value or an error, never
 //! panic, and terminal output must never carry a control character.
 //!
@@ -9,7 +9,7 @@
 use proptest::prelude::*;
 
 use crate::{
-    bpf::{btf::Btf, tracefs},
+    bpf::btf::Btf,
     cgroupfs,
     config::Config,
     devices,
@@ -46,7 +46,6 @@ fn hostile_text() -> impl Strategy<Value = String> {
 
 const STAT: &str = "4242 (qemu-system-x86) S 1 4242 4242 0 -1 4194560 100 0 0 0 5 3 0 0 20 0 9 0 123456 1000000 2000 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0\n";
 const CMDLINE: &[u8] = b"/usr/bin/qemu-system-x86_64\0-name\0guest=vm1,debug-threads=on\0-uuid\x005b1f9c3e-7d0a-4c2e-9f4b-1a2b3c4d5e6f\0-id\x00100\0-smbios\0type=1,product=OpenStack Nova,uuid=5b1f9c3e-7d0a-4c2e-9f4b-1a2b3c4d5e6f\0";
-const FORMAT: &str = "name: block_rq_complete\nID: 1234\nformat:\n\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n\tfield:dev_t dev;\toffset:8;\tsize:4;\tsigned:0;\n\tfield:char rwbs[8];\toffset:32;\tsize:8;\tsigned:0;\n\tfield:__data_loc char[] cmd;\toffset:40;\tsize:4;\tsigned:0;\n\nprint fmt: \"%d\", REC->dev\n";
 
 /// `base` with a few bytes overwritten, inserted or cut at random places.
 fn mutated(base: &'static [u8]) -> impl Strategy<Value = Vec<u8>> {
@@ -89,11 +88,6 @@ proptest! {
         let _ = cgroup::unescape_systemd(&t);
         let _ = cgroupfs::parse_mountinfo(&t);
         let _ = actuator::check_cgroup_path(&t);
-    }
-
-    #[test]
-    fn tracefs_formats_never_panic(b in prop_oneof![hostile_bytes(), mutated(FORMAT.as_bytes())]) {
-        let _ = tracefs::parse_format(&String::from_utf8_lossy(&b));
     }
 
     #[test]

@@ -11,9 +11,12 @@ use std::{
 
 use anyhow::Context as _;
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, Queue};
-use overkvm_common::{HEALTH_SLOTS, IoCounters, IoKey, IoStats, KeySlot, LAT_BUCKETS, maps};
+use overkvm_common::{HEALTH_SLOTS, IoCounters, IoKey, IoStats, KeySlot, LAT_BUCKETS, Op, maps};
 
-use crate::bpf::Programs;
+use crate::{
+    bpf::Programs,
+    identity::{ProcessIdentity, early::EarlyNames},
+};
 
 /// Ops and bytes of one key.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -140,8 +143,17 @@ pub struct Snapshot {
     pub latency: HashMap<IoKey, RawLatency>,
     /// The `IO_STATS` slot of each request key (for pruning).
     pub slots: HashMap<IoKey, KeySlot>,
+    /// Device flushes charged to each request key's slot; they are also in `requests` under
+    /// the key's `flush_key`.
+    pub flushes: HashMap<IoKey, u64>,
     /// `comm` the kernel recorded for each tgid, for processes gone before we read /proc.
     pub comms: HashMap<u32, String>,
+    /// Processes named at their first I/O since the previous snapshot (see
+    /// `identity::early`): they may be gone by now.
+    pub early_names: HashMap<u32, std::sync::Arc<ProcessIdentity>>,
+    /// New processes that could not be kept for naming since the previous snapshot (counted,
+    /// not silent: such a process is named only if it lives until the next interval).
+    pub early_names_dropped: u64,
     pub health: [u64; HEALTH_SLOTS as usize],
     /// Entries and capacity of each counting map, by the name metrics and JSON show.
     pub fill: Vec<(&'static str, MapFill)>,
@@ -168,7 +180,10 @@ impl Snapshot {
             bios: HashMap::new(),
             latency: HashMap::new(),
             slots: HashMap::new(),
+            flushes: HashMap::new(),
             comms: HashMap::new(),
+            early_names: HashMap::new(),
+            early_names_dropped: 0,
             health: [0; HEALTH_SLOTS as usize],
             fill: Vec::new(),
             read_errors: 0,
@@ -226,16 +241,36 @@ pub fn delta(prev: &Snapshot, cur: &Snapshot) -> Delta {
     }
 }
 
-/// Sums one slot's per-CPU copies: counters and latency.
-fn fold_stats<'a>(per_cpu: impl Iterator<Item = &'a IoStats>) -> (Counters, RawLatency) {
-    let mut c = Counters::default();
-    let mut lat = RawLatency::default();
+/// One slot's per-CPU copies summed: the key's requests, their latency, and the device
+/// flushes charged to the key's submitter.
+struct SlotTotals {
+    requests: Counters,
+    latency: RawLatency,
+    flushes: u64,
+}
+
+fn fold_stats<'a>(per_cpu: impl Iterator<Item = &'a IoStats>) -> SlotTotals {
+    let mut t = SlotTotals {
+        requests: Counters::default(),
+        latency: RawLatency::default(),
+        flushes: 0,
+    };
     for v in per_cpu {
-        c.ops += v.io.ops;
-        c.bytes += v.io.bytes;
-        lat.add_cpu(v);
+        t.requests.ops += v.io.ops;
+        t.requests.bytes += v.io.bytes;
+        t.flushes += v.flushes;
+        t.latency.add_cpu(v);
     }
-    (c, lat)
+    t
+}
+
+/// The key under which the device flushes charged to `key`'s slot are reported: the same
+/// process, device and cgroup, op `Flush`.
+pub fn flush_key(key: &IoKey) -> IoKey {
+    IoKey {
+        op: Op::Flush as u8,
+        ..*key
+    }
 }
 
 /// Reads snapshots from the loaded programs.
@@ -248,6 +283,9 @@ pub struct Sampler {
     /// Map writes of pruning that failed since the last snapshot (a slot then stays out of
     /// circulation); the next snapshot reports them with its read errors.
     recycle_errors: std::cell::Cell<u64>,
+    /// Names processes at their first I/O; None when the ring buffer could not be opened
+    /// (then processes are named at the next tick, as long as they live).
+    early: Option<EarlyNames>,
 }
 
 fn comm_string(raw: &[u8; 16]) -> String {
@@ -256,11 +294,28 @@ fn comm_string(raw: &[u8; 16]) -> String {
 }
 
 impl Sampler {
-    pub fn new(programs: Programs) -> Sampler {
+    pub fn new(mut programs: Programs) -> Sampler {
+        let early = match programs
+            .ebpf_mut()
+            .take_map(maps::NEW_TGIDS)
+            .ok_or_else(|| anyhow::anyhow!("map NEW_TGIDS missing"))
+            .and_then(|m| Ok(aya::maps::RingBuf::try_from(m)?))
+            .and_then(|ring| Ok(EarlyNames::start(ring)?))
+        {
+            Ok(e) => Some(e),
+            Err(e) => {
+                log::warn!(
+                    "cannot name processes at their first I/O ({e:#}): short-lived processes \
+                     are named only if they live until the next interval"
+                );
+                None
+            }
+        };
         Sampler {
             programs,
             quarantine: Vec::new(),
             recycle_errors: std::cell::Cell::new(0),
+            early,
         }
     }
 
@@ -305,9 +360,12 @@ impl Sampler {
                     continue;
                 };
                 let seen_lat = snap.latency.get(key).unwrap_or(&no_latency);
+                let seen_flushes = snap.flushes.get(key).copied().unwrap_or(0);
                 let unchanged = stats.get(&slot.index, 0).is_ok_and(|per_cpu| {
-                    let (c, lat) = fold_stats(per_cpu.iter());
-                    c.ops == seen.ops && lat.total() == seen_lat.total()
+                    let t = fold_stats(per_cpu.iter());
+                    t.requests.ops == seen.ops
+                        && t.latency.total() == seen_lat.total()
+                        && t.flushes == seen_flushes
                 });
                 if unchanged {
                     freed.push((*key, *slot));
@@ -415,16 +473,26 @@ impl Sampler {
                 read_errors += 1;
                 continue;
             };
-            let (c, lat) = fold_stats(per_cpu.iter());
+            let t = fold_stats(per_cpu.iter());
             if let Some(comm) = per_cpu.iter().find(|v| v.io.comm[0] != 0) {
                 snap.comms
                     .entry(key.tgid)
                     .or_insert_with(|| comm_string(&comm.io.comm));
             }
-            snap.requests.insert(key, c);
+            snap.requests.entry(key).or_default().add(t.requests);
             snap.slots.insert(key, slot);
-            if lat.total() != 0 || lat.sum_ns != 0 {
-                snap.latency.insert(key, lat);
+            if t.latency.total() != 0 || t.latency.sum_ns != 0 {
+                snap.latency.insert(key, t.latency);
+            }
+            if t.flushes != 0 {
+                snap.flushes.insert(key, t.flushes);
+                snap.requests
+                    .entry(flush_key(&key))
+                    .or_default()
+                    .add(Counters {
+                        ops: t.flushes,
+                        bytes: 0,
+                    });
             }
         }
         let map = ebpf.map(maps::BIO_STATS).context("map BIO_STATS missing")?;
@@ -465,6 +533,10 @@ impl Sampler {
             }
         }
         snap.read_errors = read_errors + self.recycle_errors.take();
+        if let Some(early) = &self.early {
+            snap.early_names = early.take();
+            snap.early_names_dropped = early.take_dropped();
+        }
         snap.at = Instant::now();
         snap.wall = SystemTime::now();
         Ok(snap)

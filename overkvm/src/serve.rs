@@ -21,10 +21,9 @@ use crate::{
     cli::ServeArgs,
     config::Config,
     export::{ExportOptions, Exporter},
-    report::{ReportBuilder, pid_alive},
-    sample::{Sampler, delta},
+    pipeline::Pipeline,
     throttle::ThrottleService,
-    tick::{ProgramStat, Tick, TickTiming},
+    tick::TickTiming,
 };
 
 /// Default address of `/metrics`: loopback only, port 9746.
@@ -124,9 +123,7 @@ async fn serve(
         Some(ThrottleService::start(&config, args.dry_run)?)
     };
 
-    let mut sampler = Sampler::new(programs);
-    let mut builder = ReportBuilder::new();
-    let mut prev = sampler.snapshot()?;
+    let mut pipeline = Pipeline::new(programs)?;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
@@ -141,39 +138,15 @@ async fn serve(
         };
         let started = Instant::now();
         timing.started(scheduled, started);
-        let cur = match sampler.snapshot() {
-            Ok(s) => s,
+        let mut tick = match pipeline.tick() {
+            Ok(t) => t,
             Err(e) => break Err(e),
-        };
-        builder.note_comms(&cur.comms);
-        let d = delta(&prev, &cur);
-        let report = Arc::new(builder.build(&d, &mode, &cur));
-        let mut tick = Tick {
-            at: started,
-            report,
-            health_total: cur.health,
-            maps: cur.fill.clone(),
-            programs: sampler
-                .programs()
-                .run_stats()
-                .into_iter()
-                .map(|(name, run_count, run_time_ns)| ProgramStat {
-                    name,
-                    run_count,
-                    run_time_ns,
-                })
-                .collect(),
-            sample_seconds: 0.0,
-            throttle: None,
         };
         if let Some(t) = throttle.as_mut() {
             tick.throttle = Some(t.on_tick(&tick.report));
         }
         tick.sample_seconds = started.elapsed().as_secs_f64();
         exporter.update(&tick, timing);
-        sampler.prune(&cur, pid_alive);
-        sampler.refresh_bio_hook();
-        prev = cur;
         timing.finished(started.elapsed());
         if server.is_finished() {
             break Err(anyhow::anyhow!("the metrics server stopped"));

@@ -119,8 +119,10 @@ impl MountedFs {
     /// `mkfs_args` e.g. ["-t", "ext4", "-O", "^has_journal"].
     pub fn new(size_mb: u64, fs_type: &str, extra: &[&str]) -> anyhow::Result<MountedFs> {
         let dev = LoopDevice::new(size_mb)?;
+        // Overwrite whatever a reused loop device held: -F for the ext family, -f for xfs.
+        let force = if fs_type == "xfs" { "-f" } else { "-F" };
         run(Command::new(format!("mkfs.{fs_type}"))
-            .args(["-q", "-F"])
+            .args(["-q", force])
             .args(extra)
             .arg(&dev.path))?;
         let dir =

@@ -26,13 +26,38 @@ pub fn skip_reason() -> Option<String> {
     None
 }
 
-/// Prints why a test is skipped and returns true when it must skip. CI runs as root, so a skip
-/// there is visible in the log, never a silent pass.
+/// Environment variable naming the file skips are recorded in; `cargo xtask test` sets it,
+/// prints the skips after the run and fails on any under `CI=true`.
+pub const SKIP_LOG_ENV: &str = "OVERKVM_SKIP_LOG";
+
+/// Records that the running test skips and why: printed with the test's output and appended
+/// to the file named by `OVERKVM_SKIP_LOG`, so a skipped test never passes unnoticed. `module`
+/// is the test file's module path; the test's own name is its thread's (libtest names it).
+pub fn skipped(module: &str, reason: impl std::fmt::Display) {
+    let test = std::thread::current()
+        .name()
+        .filter(|n| *n != "main")
+        .map_or_else(|| module.to_string(), |n| format!("{module}::{n}"));
+    let line = format!("SKIPPED {test}: {reason}");
+    eprintln!("{line}");
+    if let Some(path) = std::env::var_os(SKIP_LOG_ENV) {
+        use std::io::Write as _;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = writeln!(f, "{}", line.replace('\n', " "));
+        }
+    }
+}
+
+/// Skips (with the reason recorded, see `skipped`) when the test cannot run on this kernel.
 #[macro_export]
 macro_rules! skip_unless_kernel {
     () => {
         if let Some(reason) = $crate::skip_reason() {
-            eprintln!("SKIPPED {}: {reason}", module_path!());
+            $crate::skipped(module_path!(), reason);
             return;
         }
     };

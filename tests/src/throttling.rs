@@ -237,7 +237,7 @@ macro_rules! v1_blkio_or_skip {
         match $crate::throttling::v1_blkio() {
             Ok(p) => p,
             Err(reason) => {
-                eprintln!("SKIPPED {}: {reason}", module_path!());
+                overkvm_tests::skipped(module_path!(), &reason);
                 return;
             }
         }

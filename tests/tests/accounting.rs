@@ -169,7 +169,10 @@ fn concurrent_direct_io_is_exact_per_process_io_start_done() {
     let support =
         overkvm::bpf::layout::hooks_available(&overkvm::bpf::btf::Btf::from_sys_fs().unwrap());
     if !support.io_start_done {
-        eprintln!("SKIPPED: kernel has no block_io_start/block_io_done (< 6.5)");
+        overkvm_tests::skipped(
+            module_path!(),
+            "kernel has no block_io_start/block_io_done (< 6.5)",
+        );
         return;
     }
     exact_on_loop(HookMode::IoStartDone);
@@ -191,7 +194,10 @@ fn bio_based_zram_counts_match() {
     let z = match Zram::new(64) {
         Ok(z) => z,
         Err(e) => {
-            eprintln!("SKIPPED: cannot create a zram device here: {e:#}");
+            overkvm_tests::skipped(
+                module_path!(),
+                format!("cannot create a zram device here: {e:#}"),
+            );
             return;
         }
     };
@@ -330,7 +336,10 @@ fn bios_on_blk_mq_devices_are_left_to_the_request_hooks_by_default() {
 fn merged_bios_keep_their_bytes_on_the_writer() {
     skip_unless_kernel!();
     if Command::new("fio").arg("--version").output().is_err() {
-        eprintln!("SKIPPED: fio is not installed (cargo xtask setup --test-deps installs it)");
+        overkvm_tests::skipped(
+            module_path!(),
+            "fio is not installed (cargo xtask setup --test-deps installs it)",
+        );
         return;
     }
     let lo = LoopDevice::new(64).expect("loop device");

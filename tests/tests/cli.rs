@@ -21,9 +21,14 @@ fn check_reports_a_usable_host_as_json() {
     assert!(out.status.success(), "check failed: {v}");
     assert!(v["hook_mode"].is_string(), "{v}");
     assert!(
-        v["load"]["Ok"].as_array().is_some_and(|a| !a.is_empty()),
+        v["load"]["attached"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty()),
         "{v}"
     );
+    assert_eq!(v["load"]["ok"], true, "{v}");
+    assert_eq!(v["load"]["tried"], true, "{v}");
+    assert!(v["load"]["error"].is_null(), "{v}");
     assert_eq!(v["errors"].as_array().map(Vec::len), Some(0));
 }
 

@@ -27,7 +27,10 @@ fn have_tools(tools: &[&str]) -> bool {
         let found = std::env::var_os("PATH")
             .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(t).is_file()));
         if !found {
-            eprintln!("SKIPPED: {t} is not installed (Debian package prometheus)");
+            overkvm_tests::skipped(
+                module_path!(),
+                format!("{t} is not installed (Debian package prometheus)"),
+            );
             return false;
         }
     }
@@ -776,7 +779,7 @@ fn a_real_guest_is_exported_by_name_through_prometheus() {
         return;
     }
     if let Some(reason) = overkvm_tests::guest::missing_tools() {
-        eprintln!("SKIPPED: {reason}");
+        overkvm_tests::skipped(module_path!(), &reason);
         return;
     }
     let dir = TempDir::new("exporter-guest");

@@ -425,7 +425,7 @@ fn full_or_read_only_state_directory() {
     let mnt = match Mount::new("tmpfs", "size=64k,mode=0700", &tmp.join("state")) {
         Ok(m) => m,
         Err(e) => {
-            eprintln!("SKIPPED {}: cannot mount a tmpfs: {e:#}", module_path!());
+            overkvm_tests::skipped(module_path!(), format!("cannot mount a tmpfs: {e:#}"));
             return;
         }
     };
@@ -570,7 +570,7 @@ fn tracefs_unmounted_after_start() {
     let mut mnt = match Mount::new("tracefs", "", &where_) {
         Ok(m) => m,
         Err(e) => {
-            eprintln!("SKIPPED {}: cannot mount tracefs: {e:#}", module_path!());
+            overkvm_tests::skipped(module_path!(), format!("cannot mount tracefs: {e:#}"));
             return;
         }
     };

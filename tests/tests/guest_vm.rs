@@ -23,7 +23,7 @@ const GUEST_READS: u64 = 300;
 fn qemu_guest_is_named_and_its_io_counted() {
     skip_unless_kernel!();
     if let Some(reason) = guest::missing_tools() {
-        eprintln!("SKIPPED: {reason}");
+        overkvm_tests::skipped(module_path!(), &reason);
         return;
     }
     let fs = MountedFs::new(256, "ext4", &[]).expect("ext4 on a loop device");

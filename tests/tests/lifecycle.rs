@@ -296,11 +296,11 @@ fn serial(state: &Path, name: &str) -> String {
 
 fn tools_or_skip(test: &str) -> bool {
     if let Some(reason) = guest::missing_tools() {
-        eprintln!("SKIPPED {test}: {reason}");
+        overkvm_tests::skipped(test, &reason);
         return false;
     }
     if Command::new("qemu-img").arg("--version").output().is_err() {
-        eprintln!("SKIPPED {test}: no qemu-img (apt-get install qemu-utils)");
+        overkvm_tests::skipped(test, "no qemu-img (apt-get install qemu-utils)");
         return false;
     }
     true
@@ -540,7 +540,7 @@ fn three_guests_staggered_named_counted_and_cleaned_up() {
 #[test]
 fn bad_input_is_refused_and_leaves_nothing() {
     if Command::new("qemu-img").arg("--version").output().is_err() {
-        eprintln!("SKIPPED bad_input_is_refused_and_leaves_nothing: no qemu-img");
+        overkvm_tests::skipped("bad_input_is_refused_and_leaves_nothing", "no qemu-img");
         return;
     }
     let work = TempDir::new("lifecycle-bad").unwrap();

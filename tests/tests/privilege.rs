@@ -256,9 +256,9 @@ fn the_daemon_writes_only_limits_its_cgroups_and_its_state() {
     skip_unless_kernel!();
     let blkio = overkvm_tests::v1_blkio_or_skip!();
     if Command::new("strace").arg("-V").output().is_err() {
-        eprintln!(
-            "SKIPPED {}: strace is not installed (Debian package strace)",
-            module_path!()
+        overkvm_tests::skipped(
+            module_path!(),
+            "strace is not installed (Debian package strace)",
         );
         return;
     }

@@ -261,7 +261,7 @@ fn show_iogen(tmux: &Tmux, pid: u32, device: &str) -> String {
 fn top_shows_a_process_doing_io_and_quits_on_q() {
     skip_unless_kernel!();
     if let Some(reason) = tmux_missing() {
-        eprintln!("SKIPPED {}: {reason}", module_path!());
+        overkvm_tests::skipped(module_path!(), &reason);
         return;
     }
     let lo = LoopDevice::new(64).expect("loop device");
@@ -287,7 +287,7 @@ fn top_shows_a_process_doing_io_and_quits_on_q() {
 fn top_takes_keys_at_80x24_and_quits_on_ctrl_c() {
     skip_unless_kernel!();
     if let Some(reason) = tmux_missing() {
-        eprintln!("SKIPPED {}: {reason}", module_path!());
+        overkvm_tests::skipped(module_path!(), &reason);
         return;
     }
     let lo = LoopDevice::new(64).expect("loop device");

@@ -204,5 +204,35 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
     if let Some(f) = filter {
         c.arg(f);
     }
-    check(c, "integration tests")
+    // Each test that skips records why here (overkvm_tests::skipped): a skip passes in
+    // libtest's count, so it is reported on its own, and fails the run in CI.
+    let skip_log = workspace_root().join("target/test-skips.log");
+    let _ = std::fs::remove_file(&skip_log);
+    c.env("OVERKVM_SKIP_LOG", &skip_log);
+    let ran = check(c, "integration tests");
+    let skips: Vec<String> = std::fs::read_to_string(&skip_log)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    if skips.is_empty() {
+        eprintln!("==> integration tests: none skipped");
+    } else {
+        eprintln!(
+            "==> integration tests: {} skipped (counted as passed above):",
+            skips.len()
+        );
+        for s in &skips {
+            eprintln!("    {s}");
+        }
+    }
+    ran?;
+    if !skips.is_empty() && std::env::var("CI").is_ok_and(|v| v == "true") {
+        bail!(
+            "{} integration test(s) skipped under CI=true: CI must run every test (install what \
+             the reasons above name, e.g. `cargo xtask setup --test-deps`)",
+            skips.len()
+        );
+    }
+    Ok(())
 }

@@ -89,6 +89,7 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("busybox-static", "busybox"),
     ("cpio", "cpio"),
     ("e2fsprogs", "mkfs.ext4"),
+    ("xfsprogs", "mkfs.xfs"),
     ("fio", "fio"),
     ("tmux", "tmux"),
     ("prometheus", "prometheus"),

@@ -997,7 +997,11 @@ pub(crate) mod test_builder {
         b.enum32(
             "req_flag_bits",
             false,
-            &[("__REQ_FAILFAST_DEV", 8), ("__REQ_PREFLUSH", 18)],
+            &[
+                ("__REQ_FAILFAST_DEV", 8),
+                ("__REQ_FUA", 17),
+                ("__REQ_PREFLUSH", 18),
+            ],
         );
         let proto = b.raw("", kind::FUNC_PROTO, false, 1, 0);
         let n = b.s("__data");

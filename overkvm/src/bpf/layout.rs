@@ -29,6 +29,8 @@ pub struct HookSupport {
     pub rq_fallback: bool,
     /// `block_bio_queue`.
     pub bio_queue: bool,
+    /// `block_split`.
+    pub block_split: bool,
 }
 
 /// Which block tracepoints the kernel offers.
@@ -38,6 +40,7 @@ pub fn hooks_available(btf: &Btf) -> HookSupport {
         io_start_done: has("block_io_start") && has("block_io_done"),
         rq_fallback: has("block_getrq") && has("block_rq_issue") && has("block_rq_complete"),
         bio_queue: has("block_bio_queue"),
+        block_split: has("block_split"),
     }
 }
 
@@ -123,6 +126,16 @@ pub fn kernel_layout(btf: &Btf) -> anyhow::Result<LayoutReport> {
         ));
     }
 
+    // Optional: without it a flush sequence's intermediate completions are not told apart
+    // (they would end their request's latency early and miss at the real end).
+    match btf.field_offset("request", "rq_flags") {
+        Ok(off) if off != ABSENT => layout.rq_flags = off,
+        _ => notes.push(
+            "request.rq_flags missing from BTF: writes with preflush/FUA may lose latency samples"
+                .to_string(),
+        ),
+    }
+
     let chain = [
         ("bio", "bi_blkg"),
         ("blkcg_gq", "blkcg"),
@@ -188,10 +201,20 @@ fn op_codes(btf: &Btf, notes: &mut Vec<String>) -> OpCodes {
             None => defaulted.push(name.to_string()),
         }
     }
-    match btf.enum_value("__REQ_PREFLUSH") {
-        Some(bit @ 0..32) => ops.preflush = 1 << bit,
-        Some(bit) => defaulted.push(format!("__REQ_PREFLUSH (bit {bit} beyond 32 bits)")),
-        None => defaulted.push("__REQ_PREFLUSH".to_string()),
+    for (name, slot) in [
+        ("__REQ_PREFLUSH", &mut ops.preflush),
+        ("__REQ_FUA", &mut ops.fua),
+    ] {
+        match btf.enum_value(name) {
+            Some(bit @ 0..32) => *slot = 1 << bit,
+            Some(bit) => defaulted.push(format!("{name} (bit {bit} beyond 32 bits)")),
+            None => defaulted.push(name.to_string()),
+        }
+    }
+    // `enum rqf_flags` exists from Linux 6.8; before it RQF_FLUSH_SEQ is a macro with the
+    // default's value (bit 4 since 4.x), so its absence is not worth a note.
+    if let Some(bit @ 0..32) = btf.enum_value("__RQF_FLUSH_SEQ") {
+        ops.flush_seq = 1 << bit;
     }
     if !defaulted.is_empty() {
         notes.push(format!(
@@ -243,10 +266,9 @@ mod tests {
             report.notes
         );
         assert!(
-            report
-                .notes
-                .iter()
-                .all(|n| n.contains("blk-mq") || n.contains("no request latency")),
+            report.notes.iter().all(|n| n.contains("blk-mq")
+                || n.contains("no request latency")
+                || n.contains("rq_flags")),
             "{:?}",
             report.notes
         );
@@ -256,7 +278,8 @@ mod tests {
             HookSupport {
                 io_start_done: true,
                 rq_fallback: false,
-                bio_queue: true
+                bio_queue: true,
+                block_split: false,
             }
         );
     }
@@ -279,7 +302,11 @@ mod tests {
         let notes: Vec<&String> = report
             .notes
             .iter()
-            .filter(|n| !n.contains("blk-mq") && !n.contains("no request latency"))
+            .filter(|n| {
+                !n.contains("blk-mq")
+                    && !n.contains("no request latency")
+                    && !n.contains("rq_flags")
+            })
             .collect();
         assert_eq!(
             notes,
@@ -316,7 +343,12 @@ mod tests {
                 ("REQ_OP_FLUSH", 300),
             ],
         );
-        b.enum32("req_flag_bits", false, &[("__REQ_PREFLUSH", 20)]);
+        b.enum32(
+            "req_flag_bits",
+            false,
+            &[("__REQ_PREFLUSH", 20), ("__REQ_FUA", 19)],
+        );
+        b.enum32("rqf_flags", false, &[("__RQF_FLUSH_SEQ", 2)]);
         let btf = Btf::parse(&b.build()).unwrap();
         let mut notes = Vec::new();
         let ops = op_codes(&btf, &mut notes);
@@ -327,6 +359,8 @@ mod tests {
                 read: 4,
                 write: 6,
                 preflush: 1 << 20,
+                fua: 1 << 19,
+                flush_seq: 1 << 2,
                 ..d
             }
         );
@@ -342,7 +376,11 @@ mod tests {
         assert!(!notes[0].contains("REQ_OP_READ"));
 
         let mut b = Builder::new();
-        b.enum32("req_flag_bits", false, &[("__REQ_PREFLUSH", 40)]);
+        b.enum32(
+            "req_flag_bits",
+            false,
+            &[("__REQ_PREFLUSH", 40), ("__REQ_FUA", 17)],
+        );
         let mut notes = Vec::new();
         let ops = op_codes(&Btf::parse(&b.build()).unwrap(), &mut notes);
         assert_eq!(ops, d);

@@ -124,6 +124,8 @@ pub struct Programs {
     pub bio_stats_capacity: u32,
     /// The bio hook is wanted but not attached yet (no bio-based device so far).
     bio_pending: bool,
+    /// The kernel has `block_split` (attached with the bio hook).
+    split_hook: bool,
 }
 
 impl fmt::Debug for Programs {
@@ -243,6 +245,9 @@ impl Programs {
             }
             // Verified now, so a kernel that rejects it fails at start, not later.
             hooks.push((programs::BIO_QUEUE, "block_bio_queue"));
+            if support.block_split {
+                hooks.push((programs::BIO_SPLIT, "block_split"));
+            }
         }
         for (prog_name, tracepoint) in &hooks {
             let prog: &mut BtfTracePoint = ebpf
@@ -261,13 +266,13 @@ impl Programs {
             io_stats_capacity,
             bio_stats_capacity,
             bio_pending: opts.bio,
+            split_hook: support.block_split,
         };
         for (prog_name, tracepoint) in mode.hooks() {
             programs.attach(prog_name, tracepoint)?;
         }
         if opts.bio && opts.all_bios {
-            programs.attach(programs::BIO_QUEUE, "block_bio_queue")?;
-            programs.bio_pending = false;
+            programs.attach_bio_hooks()?;
         } else {
             programs.refresh_bio_hook()?;
         }
@@ -297,9 +302,19 @@ impl Programs {
         if disks.is_empty() {
             return Ok(None);
         }
-        self.attach(programs::BIO_QUEUE, "block_bio_queue")?;
-        self.bio_pending = false;
+        self.attach_bio_hooks()?;
         Ok(Some(disks))
+    }
+
+    /// The bio counting hooks: every bio, and the remainders of split bios (which the kernel's
+    /// per-cgroup counters count once more).
+    fn attach_bio_hooks(&mut self) -> anyhow::Result<()> {
+        self.attach(programs::BIO_QUEUE, "block_bio_queue")?;
+        if self.split_hook {
+            self.attach(programs::BIO_SPLIT, "block_split")?;
+        }
+        self.bio_pending = false;
+        Ok(())
     }
 
     /// The bio hook's state: "attached", "on-demand" (verified, attached once a bio-based

@@ -519,6 +519,7 @@ pub(crate) mod tests {
                 processes: rows,
                 cgroups: Vec::new(),
                 health: HealthReport::default(),
+                parity: Vec::new(),
             }),
             health_total: [0; HEALTH_SLOTS as usize],
             maps: Vec::new(),

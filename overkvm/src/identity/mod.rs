@@ -8,6 +8,7 @@
 //! newlines or terminal escape sequences, so front-ends must escape them when printing.
 
 pub mod cgroup;
+pub mod early;
 pub mod managers;
 pub mod procfs;
 pub mod qemu;
@@ -55,8 +56,9 @@ pub struct ProcessIdentity {
     /// across PID reuse
     pub start_time: u64,
     pub comm: String,
-    /// The process's cgroup path: the v2 `0::` line if present, else the v1 blkio line's path,
-    /// else "" (also when the file is malformed, see [`procfs::parse_cgroup`]).
+    /// The process's cgroup for the block controller: the v1 blkio line's path where blkio is
+    /// bound to v1 (hybrid and v1 hosts), else the v2 `0::` path, else "" (also when the file
+    /// is malformed, see [`procfs::parse_cgroup`]).
     pub cgroup: String,
     pub vm: Option<VmIdentity>,
     /// A kernel thread (PF_KTHREAD): it submits I/O on behalf of others (writeback,

@@ -164,13 +164,21 @@ pub fn parse_cgroup(buf: &[u8]) -> Result<Vec<CgroupEntry>, ParseError> {
     Ok(entries)
 }
 
-/// The path block I/O is charged to: the v2 (`0::`) line if present, else the v1 blkio
-/// hierarchy's, else "".
+/// The path block I/O is charged to and limited in: the hierarchy of the block controller.
+///
+/// A `blkio` line exists only when the controller is bound to a v1 hierarchy (a controller
+/// lives in one hierarchy at a time), and then the v2 hierarchy of a hybrid host has no `io`
+/// controller: the blkio path is the one `blkio.throttle.*` and the charged bios use. Without
+/// one, the v2 (`0::`) path; else "".
 pub fn io_cgroup_path(entries: &[CgroupEntry]) -> &str {
     entries
         .iter()
-        .find(|e| e.hierarchy == 0 && e.controllers.is_empty())
-        .or_else(|| entries.iter().find(|e| e.has_controller("blkio")))
+        .find(|e| e.has_controller("blkio"))
+        .or_else(|| {
+            entries
+                .iter()
+                .find(|e| e.hierarchy == 0 && e.controllers.is_empty())
+        })
         .map_or("", |e| e.path.as_str())
 }
 
@@ -339,14 +347,15 @@ mod tests {
     }
 
     #[test]
-    fn cgroup_hybrid_prefers_v2_line() {
+    fn cgroup_hybrid_uses_the_blkio_line() {
         let raw = b"12:blkio:/machine.slice/x.scope\n11:cpu,cpuacct:/machine.slice/x.scope\n\
             1:name=systemd:/machine.slice/x.scope\n0::/machine.slice/x.scope/v2\n";
         let e = parse_cgroup(raw).unwrap();
         assert_eq!(e.len(), 4);
         assert!(e[1].has_controller("cpuacct"));
         assert!(!e[1].has_controller("cpu,cpuacct"));
-        assert_eq!(io_cgroup_path(&e), "/machine.slice/x.scope/v2");
+        // blkio is bound to v1 here, so the v2 hierarchy has no io controller.
+        assert_eq!(io_cgroup_path(&e), "/machine.slice/x.scope");
     }
 
     #[test]

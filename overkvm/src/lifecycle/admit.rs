@@ -8,7 +8,8 @@ use anyhow::Context as _;
 use crate::{
     bpf::{LoadOptions, Programs},
     devices::{DeviceInfo, DeviceTable},
-    sample::{self, Sampler, Snapshot},
+    pipeline::Pipeline,
+    report::DeviceRow,
 };
 
 /// Share of the budget a booting guest is assumed to need when `--boot-iops` is not given.
@@ -45,26 +46,19 @@ pub fn waiting_line(device: &str, measured: f64, policy: &AdmitPolicy) -> String
     )
 }
 
-/// Sums the operations on `disk` (a whole disk's dev_t) in a delta: requests on blk-mq
-/// devices, bios on bio-based ones, partitions folded into their disk.
-pub fn disk_ops(delta: &sample::Delta, disk: &DeviceInfo, table: &mut DeviceTable) -> u64 {
-    let map = if disk.request_based {
-        &delta.requests
-    } else {
-        &delta.bios
-    };
-    map.iter()
-        .filter(|(k, _)| table.get(k.dev).disk_dev == disk.disk_dev)
-        .map(|(_, c)| c.ops)
+/// Sums the operations on `disk` in an interval's device rows (requests on blk-mq devices,
+/// bios on bio-based ones, as the report picked them), partitions folded into their disk.
+pub fn disk_ops(rows: &[DeviceRow], disk: &DeviceInfo) -> u64 {
+    rows.iter()
+        .filter(|r| r.disk == disk.disk)
+        .map(|r| r.counts.total_ops())
         .sum()
 }
 
 /// Measures one device's IOPS with the kernel programs (needs root).
 pub struct DeviceMeter {
-    sampler: Sampler,
-    table: DeviceTable,
+    pipeline: Pipeline,
     pub disk: Arc<DeviceInfo>,
-    prev: Snapshot,
 }
 
 impl DeviceMeter {
@@ -75,35 +69,28 @@ impl DeviceMeter {
             .with_context(|| format!("--device {device:?}"))?;
         let programs = Programs::load(&LoadOptions::default())
             .context("--admit measures the device with overkvm's kernel programs")?;
-        let sampler = Sampler::new(programs);
-        let prev = sampler.snapshot()?;
         Ok(DeviceMeter {
-            sampler,
-            table,
+            pipeline: Pipeline::new(programs)?,
             disk,
-            prev,
         })
     }
 
     /// Waits `window` and returns the device's IOPS over it.
     pub fn measure(&mut self, window: Duration) -> anyhow::Result<f64> {
         // Start the window now: I/O from before (e.g. while qemu started) is not this window's.
-        self.prev = self.sampler.snapshot()?;
+        self.pipeline.tick()?;
         sleep(window);
-        let cur = self.sampler.snapshot()?;
-        let delta = sample::delta(&self.prev, &cur);
-        let secs = delta.interval.as_secs_f64().max(1e-3);
-        let ops = disk_ops(&delta, &self.disk, &mut self.table);
-        self.prev = cur;
-        Ok(ops as f64 / secs)
+        let tick = self.pipeline.tick()?;
+        let secs = tick.report.interval_s.max(1e-3);
+        Ok(disk_ops(&tick.report.devices, &self.disk) as f64 / secs)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sample::Counters;
-    use overkvm_common::{IoKey, make_dev};
+    use crate::report::{CountSource, OpCounts};
+    use overkvm_common::make_dev;
 
     #[test]
     fn policy() {
@@ -125,34 +112,38 @@ mod tests {
 
     #[test]
     fn ops_of_a_disk() {
-        // A fake sysfs with loop0 (blk-mq) and nothing else.
-        let root = std::env::temp_dir().join(format!("overkvm-admit-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
-        let dev_dir = root.join("devices/virtual/block/loop0");
-        std::fs::create_dir_all(dev_dir.join("mq")).unwrap();
-        std::fs::create_dir_all(root.join("dev/block")).unwrap();
-        std::os::unix::fs::symlink(&dev_dir, root.join("dev/block/7:0")).unwrap();
-        let mut table = DeviceTable::with_sysfs(&root);
-        let disk = table.get(make_dev(7, 0));
-        assert!(disk.present && disk.request_based, "{disk:?}");
-
-        let key = |tgid, dev, op| IoKey {
-            tgid,
-            dev,
-            cgroup_id: 1,
-            op,
-            ..Default::default()
+        let disk = DeviceInfo {
+            dev: make_dev(7, 0),
+            name: "loop0".into(),
+            major: 7,
+            minor: 0,
+            disk: "loop0".into(),
+            disk_dev: make_dev(7, 0),
+            request_based: true,
+            present: true,
         };
-        let mut delta = sample::Delta::default();
-        let c = |ops| Counters {
-            ops,
-            bytes: ops * 4096,
+        let row = |device: &str, disk: &str, reads, flushes| DeviceRow {
+            device: device.into(),
+            major: 7,
+            minor: 0,
+            disk: disk.into(),
+            source: CountSource::Request,
+            counts: OpCounts {
+                read_ops: reads,
+                flush_ops: flushes,
+                ..OpCounts::default()
+            },
         };
-        delta.requests.insert(key(1, make_dev(7, 0), 0), c(100));
-        delta.requests.insert(key(2, make_dev(7, 0), 1), c(50));
-        delta.requests.insert(key(2, make_dev(8, 0), 1), c(999));
-        delta.bios.insert(key(2, make_dev(7, 0), 1), c(70));
-        assert_eq!(disk_ops(&delta, &disk, &mut table), 150);
-        let _ = std::fs::remove_dir_all(&root);
+        let rows = [
+            row("loop0", "loop0", 100, 2),
+            row("loop0p1", "loop0", 50, 0),
+            row("loop1", "loop1", 999, 0),
+        ];
+        assert_eq!(
+            disk_ops(&rows, &disk),
+            152,
+            "partitions folded, other disks not"
+        );
+        assert_eq!(disk_ops(&[], &disk), 0);
     }
 }

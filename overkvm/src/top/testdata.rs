@@ -82,6 +82,7 @@ pub fn report_with(processes: Vec<ProcessRow>) -> Report {
         processes,
         cgroups: Vec::new(),
         health: HealthReport::default(),
+        parity: Vec::new(),
     }
 }
 

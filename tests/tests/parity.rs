@@ -1,0 +1,608 @@
+//! Device parity with the kernel's own accounting: for every op class and submission path,
+//! overkvm's device totals (the `devices` rows of a report) equal the `/proc/diskstats` deltas
+//! of the same window, in reads, writes, discards, flushes and their sectors, in both hook
+//! modes. Workloads are real fio runs on loop devices, on ext4 and xfs on loop devices, and on
+//! a zram device (bio-based).
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use overkvm::{
+    bpf::{HookMode, LoadOptions, Programs},
+    report::{OpCounts, ReportBuilder},
+    sample::{Sampler, delta},
+};
+use overkvm_tests::{
+    devices::{LoopDevice, MountedFs, Zram},
+    skip_unless_kernel,
+};
+
+/// One `/proc/diskstats` line's counters that parity covers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct DiskCounts {
+    reads: u64,
+    read_sectors: u64,
+    writes: u64,
+    write_sectors: u64,
+    discards: u64,
+    discard_sectors: u64,
+    flushes: u64,
+}
+
+impl DiskCounts {
+    fn since(self, o: DiskCounts) -> DiskCounts {
+        DiskCounts {
+            reads: self.reads - o.reads,
+            read_sectors: self.read_sectors - o.read_sectors,
+            writes: self.writes - o.writes,
+            write_sectors: self.write_sectors - o.write_sectors,
+            discards: self.discards - o.discards,
+            discard_sectors: self.discard_sectors - o.discard_sectors,
+            flushes: self.flushes - o.flushes,
+        }
+    }
+
+    fn of_report(c: &OpCounts) -> DiskCounts {
+        DiskCounts {
+            reads: c.read_ops,
+            read_sectors: c.read_bytes / 512,
+            writes: c.write_ops,
+            write_sectors: c.write_bytes / 512,
+            discards: c.discard_ops,
+            discard_sectors: c.discard_bytes / 512,
+            flushes: c.flush_ops,
+        }
+    }
+}
+
+/// The diskstats counters of `disk` and its in-flight requests (field 9).
+fn diskstats(disk: &str) -> (DiskCounts, u64) {
+    let text = fs::read_to_string("/proc/diskstats").expect("reading /proc/diskstats");
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 20 || f[2] != disk {
+            continue;
+        }
+        let n = |i: usize| f[i].parse::<u64>().expect("diskstats field");
+        return (
+            DiskCounts {
+                reads: n(3),
+                read_sectors: n(5),
+                writes: n(7),
+                write_sectors: n(9),
+                discards: n(14),
+                discard_sectors: n(16),
+                flushes: n(18),
+            },
+            n(11),
+        );
+    }
+    panic!("{disk} is not in /proc/diskstats");
+}
+
+/// Waits until `disk` has nothing in flight and its counters stand still for 300 ms, so that
+/// a snapshot and a diskstats read taken next see the same completed I/O.
+fn settle(disk: &str) -> DiskCounts {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut last = diskstats(disk);
+    let mut still_since = Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = diskstats(disk);
+        if now != last || now.1 != 0 {
+            last = now;
+            still_since = Instant::now();
+        } else if still_since.elapsed() >= Duration::from_millis(300) {
+            return now.0;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{disk} did not settle: {now:?} in flight"
+        );
+    }
+}
+
+enum Target {
+    Raw(LoopDevice),
+    Fs(MountedFs),
+    Zram(Zram),
+}
+
+impl Target {
+    fn disk(&self) -> String {
+        match self {
+            Target::Raw(l) => l.name(),
+            Target::Fs(f) => f.dev.name(),
+            Target::Zram(z) => format!("zram{}", z.index),
+        }
+    }
+
+    /// What fio reads and writes: the device, or a file on the filesystem.
+    fn file(&self) -> PathBuf {
+        match self {
+            Target::Raw(l) => l.path.clone(),
+            Target::Fs(f) => f.dir.join("fio.dat"),
+            Target::Zram(z) => z.path.clone(),
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum On {
+    Raw,
+    Ext4,
+    Xfs,
+    Zram,
+}
+
+struct Workload {
+    name: &'static str,
+    on: On,
+    fio: &'static [&'static str],
+}
+
+/// Every op class and submission path of issue-level interest: sync and async engines,
+/// direct and buffered, O_SYNC / O_DSYNC (FUA), fsync and fdatasync on two filesystems,
+/// discards, I/O split into several requests, merged sequential I/O, a bio-based device.
+const WORKLOADS: &[Workload] = &[
+    Workload {
+        name: "psync 4k random direct reads",
+        on: On::Raw,
+        fio: &[
+            "--rw=randread",
+            "--bs=4k",
+            "--direct=1",
+            "--ioengine=psync",
+            "--number_ios=1500",
+        ],
+    },
+    Workload {
+        name: "libaio 4k-256k random direct read/write, iodepth 16",
+        on: On::Raw,
+        fio: &[
+            "--rw=randrw",
+            "--bsrange=4k-256k",
+            "--direct=1",
+            "--ioengine=libaio",
+            "--iodepth=16",
+            "--number_ios=1200",
+        ],
+    },
+    Workload {
+        name: "io_uring 4k random direct reads, iodepth 32",
+        on: On::Raw,
+        fio: &[
+            "--rw=randread",
+            "--bs=4k",
+            "--direct=1",
+            "--ioengine=io_uring",
+            "--iodepth=32",
+            "--number_ios=3000",
+        ],
+    },
+    Workload {
+        name: "io_uring sequential 4k direct writes in batches (plug merges)",
+        on: On::Raw,
+        fio: &[
+            "--rw=write",
+            "--bs=4k",
+            "--direct=1",
+            "--ioengine=io_uring",
+            "--iodepth=64",
+            "--iodepth_batch_submit=64",
+            "--iodepth_batch_complete_min=64",
+            "--size=8M",
+        ],
+    },
+    Workload {
+        name: "4 MiB direct writes split into several requests",
+        on: On::Raw,
+        fio: &[
+            "--rw=write",
+            "--bs=4M",
+            "--direct=1",
+            "--ioengine=libaio",
+            "--iodepth=4",
+            "--size=32M",
+        ],
+    },
+    Workload {
+        name: "buffered sequential writes to the raw device, then fsync",
+        on: On::Raw,
+        fio: &["--rw=write", "--bs=64k", "--size=16M", "--end_fsync=1"],
+    },
+    Workload {
+        name: "buffered sequential reads (readahead)",
+        on: On::Raw,
+        fio: &["--rw=read", "--bs=4k", "--size=16M", "--invalidate=1"],
+    },
+    Workload {
+        name: "O_SYNC buffered random writes",
+        on: On::Raw,
+        fio: &[
+            "--rw=randwrite",
+            "--bs=4k",
+            "--sync=sync",
+            "--number_ios=400",
+        ],
+    },
+    Workload {
+        name: "O_DSYNC direct random writes (FUA)",
+        on: On::Raw,
+        fio: &[
+            "--rw=randwrite",
+            "--bs=4k",
+            "--direct=1",
+            "--sync=dsync",
+            "--number_ios=400",
+        ],
+    },
+    Workload {
+        name: "random discards",
+        on: On::Raw,
+        fio: &["--rw=randtrim", "--bs=64k", "--number_ios=300"],
+    },
+    Workload {
+        name: "ext4: 4k random writes, fsync after each",
+        on: On::Ext4,
+        fio: &[
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=16M",
+            "--fsync=1",
+            "--number_ios=600",
+        ],
+    },
+    Workload {
+        name: "ext4: 4k random writes, fdatasync after each",
+        on: On::Ext4,
+        fio: &[
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=16M",
+            "--fdatasync=1",
+            "--number_ios=600",
+        ],
+    },
+    Workload {
+        name: "xfs: 4k random writes, fsync after each",
+        on: On::Xfs,
+        fio: &[
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=16M",
+            "--fsync=1",
+            "--number_ios=600",
+        ],
+    },
+    Workload {
+        name: "xfs: 4k random direct writes, fdatasync after each",
+        on: On::Xfs,
+        fio: &[
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=16M",
+            "--direct=1",
+            "--fdatasync=1",
+            "--number_ios=600",
+        ],
+    },
+    Workload {
+        name: "zram (bio-based): 4k random direct read/write",
+        on: On::Zram,
+        fio: &[
+            "--rw=randrw",
+            "--bs=4k",
+            "--direct=1",
+            "--ioengine=psync",
+            "--number_ios=2000",
+        ],
+    },
+];
+
+fn make_target(on: On) -> anyhow::Result<Target> {
+    // Filesystems initialise their inode tables and journal at mkfs time, so no background
+    // writer of theirs runs into the measured window.
+    Ok(match on {
+        On::Raw => Target::Raw(LoopDevice::new(96)?),
+        On::Ext4 => Target::Fs(MountedFs::new(
+            128,
+            "ext4",
+            &["-E", "lazy_itable_init=0,lazy_journal_init=0"],
+        )?),
+        On::Xfs => Target::Fs(MountedFs::new(320, "xfs", &[])?),
+        On::Zram => Target::Zram(Zram::new(96)?),
+    })
+}
+
+fn fio(file: &Path, args: &[&str]) {
+    let out = Command::new("fio")
+        .arg("--name=parity")
+        .arg(format!("--filename={}", file.display()))
+        .arg("--size=48M")
+        .args(args)
+        .args(["--randrepeat=0", "--output=/dev/null"])
+        .output()
+        .expect("starting fio");
+    assert!(
+        out.status.success(),
+        "fio {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn has_tool(name: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn parity(mode: HookMode) {
+    skip_unless_kernel!();
+    for tool in ["fio", "mkfs.xfs", "mkfs.ext4"] {
+        assert!(
+            has_tool(tool),
+            "{tool} is missing: `cargo xtask setup --test-deps` installs it"
+        );
+    }
+    let mut sampler = Sampler::new(
+        Programs::load(&LoadOptions {
+            mode: Some(mode),
+            ..LoadOptions::default()
+        })
+        .expect("loading the programs"),
+    );
+    let mut builder = ReportBuilder::new();
+    let mut failures = Vec::new();
+    eprintln!("mode {mode}: overkvm device totals vs /proc/diskstats (ops, sectors)");
+    for w in WORKLOADS {
+        let target = match make_target(w.on) {
+            Ok(t) => t,
+            Err(e) => panic!("{}: cannot make the device: {e:#}", w.name),
+        };
+        let disk = target.disk();
+        // A zram device makes the bio hook attach (each consumer does this every interval).
+        sampler.refresh_bio_hook();
+        let file = target.file();
+        if matches!(w.on, On::Ext4 | On::Xfs) {
+            // Lay the file out first, so the measured run's writes are overwrites and
+            // allocations alike on both filesystems, and nothing of the layout is pending.
+            fio(
+                &file,
+                &["--rw=write", "--bs=1M", "--size=16M", "--end_fsync=1"],
+            );
+        }
+        let d0 = settle(&disk);
+        let s0 = sampler.snapshot().expect("snapshot");
+        fio(&file, w.fio);
+        unsafe { libc::sync() };
+        let d1 = settle(&disk);
+        let s1 = sampler.snapshot().expect("snapshot");
+        let (d1_again, _) = diskstats(&disk);
+        assert_eq!(
+            d1, d1_again,
+            "{}: the device did I/O while the snapshot was read; rerun",
+            w.name
+        );
+        let want = d1.since(d0);
+        let report = builder.build(&delta(&s0, &s1), mode.name(), &s1);
+        let got = report
+            .devices
+            .iter()
+            .find(|r| r.device == disk)
+            .map(|r| DiskCounts::of_report(&r.counts))
+            .unwrap_or_default();
+        let status = if got == want { "exact" } else { "DIFFERS" };
+        eprintln!(
+            "  {status:7} {:60} diskstats r={} rs={} w={} ws={} d={} ds={} f={}",
+            w.name,
+            want.reads,
+            want.read_sectors,
+            want.writes,
+            want.write_sectors,
+            want.discards,
+            want.discard_sectors,
+            want.flushes
+        );
+        if got != want {
+            eprintln!(
+                "  {:68} overkvm   r={} rs={} w={} ws={} d={} ds={} f={}",
+                "",
+                got.reads,
+                got.read_sectors,
+                got.writes,
+                got.write_sectors,
+                got.discards,
+                got.discard_sectors,
+                got.flushes
+            );
+            failures.push(w.name);
+        }
+        let losses: Vec<_> = report.health.events.iter().collect();
+        if !losses.is_empty() {
+            eprintln!("  kernel health events: {losses:?}");
+        }
+        // A workload that did nothing of its kind would prove nothing.
+        assert!(
+            want.reads + want.writes + want.discards > 0,
+            "{}: no I/O reached {disk}",
+            w.name
+        );
+        sampler.prune(&s1, overkvm::report::pid_alive);
+        drop(target);
+    }
+    assert!(
+        failures.is_empty(),
+        "mode {mode}: device totals differ from /proc/diskstats for {failures:?}"
+    );
+}
+
+#[test]
+fn device_totals_equal_diskstats_io_start_done() {
+    skip_unless_kernel!();
+    let support =
+        overkvm::bpf::layout::hooks_available(&overkvm::bpf::btf::Btf::from_sys_fs().unwrap());
+    if !support.io_start_done {
+        overkvm_tests::skipped(
+            module_path!(),
+            "kernel has no block_io_start/block_io_done (< 6.5)",
+        );
+        return;
+    }
+    parity(HookMode::IoStartDone);
+}
+
+#[test]
+fn device_totals_equal_diskstats_request_fallback() {
+    skip_unless_kernel!();
+    parity(HookMode::RequestFallback);
+}
+
+/// The kernel's own per-cgroup counters: a v1 blkio cgroup's `blkio.throttle.io_serviced`
+/// (kept once a throttle rule exists on the device) against overkvm's bio counts of that
+/// cgroup (`cgroups[].read_bios` / `write_bios` / `discard_bios`, every bio counted with
+/// `--all-bios`), on workloads with splits, merges, discards and syncs.
+#[test]
+fn cgroup_bios_equal_blkio_io_serviced() {
+    skip_unless_kernel!();
+    let blkio = Path::new("/sys/fs/cgroup/blkio");
+    if !blkio.join("blkio.throttle.io_serviced").exists() {
+        overkvm_tests::skipped(
+            module_path!(),
+            "no cgroup v1 blkio hierarchy here (the 6.1 guest test checks v2 io.stat)",
+        );
+        return;
+    }
+    let mut sampler = Sampler::new(
+        Programs::load(&LoadOptions {
+            all_bios: true,
+            ..LoadOptions::default()
+        })
+        .expect("loading the programs"),
+    );
+    let mut builder = ReportBuilder::new();
+    let lo = LoopDevice::new(96).expect("loop device");
+    let cg = blkio.join(format!("overkvm-parity-{}", std::process::id()));
+    fs::create_dir_all(&cg).expect("creating a blkio cgroup");
+    struct Cleanup<'a>(&'a Path, String);
+    impl Drop for Cleanup<'_> {
+        fn drop(&mut self) {
+            let _ = fs::write(
+                self.0.join("blkio.throttle.read_iops_device"),
+                format!("{} 0", self.1),
+            );
+            let _ = fs::remove_dir(self.0);
+        }
+    }
+    let maj_min = format!(
+        "{}:{}",
+        overkvm_common::dev_major(lo.dev()),
+        overkvm_common::dev_minor(lo.dev())
+    );
+    let _cleanup = Cleanup(&cg, maj_min.clone());
+    // A rule the workloads never reach: it makes the throttler keep io_serviced for the device.
+    fs::write(
+        cg.join("blkio.throttle.read_iops_device"),
+        format!("{maj_min} 100000000"),
+    )
+    .expect("setting a blkio rule");
+    use std::os::unix::fs::MetadataExt as _;
+    let cgroup_id = fs::metadata(&cg).unwrap().ino();
+    let serviced = || -> [u64; 3] {
+        let text = fs::read_to_string(cg.join("blkio.throttle.io_serviced")).unwrap();
+        let get = |what: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{maj_min} {what} ")))
+                .map_or(0, |v| v.trim().parse().unwrap())
+        };
+        [get("Read"), get("Write"), get("Discard")]
+    };
+    let workloads: &[(&str, &[&str])] = &[
+        (
+            "4k random direct read/write",
+            &["--rw=randrw", "--bs=4k", "--direct=1", "--number_ios=1500"],
+        ),
+        (
+            "4 MiB direct writes, split",
+            &[
+                "--rw=write",
+                "--bs=4M",
+                "--direct=1",
+                "--ioengine=libaio",
+                "--iodepth=4",
+                "--size=32M",
+            ],
+        ),
+        (
+            "sequential direct writes in batches, merged",
+            &[
+                "--rw=write",
+                "--bs=4k",
+                "--direct=1",
+                "--ioengine=io_uring",
+                "--iodepth=64",
+                "--iodepth_batch_submit=64",
+                "--size=8M",
+            ],
+        ),
+        (
+            "O_DSYNC direct writes (each with an empty preflush bio)",
+            &[
+                "--rw=randwrite",
+                "--bs=4k",
+                "--direct=1",
+                "--sync=dsync",
+                "--number_ios=300",
+            ],
+        ),
+        (
+            "random discards",
+            &["--rw=randtrim", "--bs=64k", "--number_ios=200"],
+        ),
+    ];
+    let mut failures = Vec::new();
+    eprintln!("blkio cgroup {}: overkvm bios vs io_serviced", cg.display());
+    for (name, args) in workloads {
+        let k0 = serviced();
+        let s0 = sampler.snapshot().unwrap();
+        let script = format!(
+            "echo $$ > {}/cgroup.procs && exec fio --name=cg --filename={} --size=48M \
+             --randrepeat=0 --output=/dev/null {}",
+            cg.display(),
+            lo.path.display(),
+            args.join(" ")
+        );
+        let st = Command::new("sh").args(["-c", &script]).status().unwrap();
+        assert!(st.success(), "{name}: fio failed");
+        let s1 = sampler.snapshot().unwrap();
+        let k1 = serviced();
+        let want = [k1[0] - k0[0], k1[1] - k0[1], k1[2] - k0[2]];
+        let report = builder.build(&delta(&s0, &s1), "test", &s1);
+        let mut got = [0u64; 3];
+        for r in report
+            .cgroups
+            .iter()
+            .filter(|r| r.cgroup_id == cgroup_id && r.device == lo.name())
+        {
+            got[0] += r.read_bios;
+            got[1] += r.write_bios;
+            got[2] += r.discard_bios;
+        }
+        let status = if got == want { "exact" } else { "DIFFERS" };
+        eprintln!("  {status:7} {name:58} io_serviced r/w/d {want:?} overkvm {got:?}");
+        if got != want {
+            failures.push(*name);
+        }
+        assert!(want.iter().sum::<u64>() > 0, "{name}: nothing counted");
+        sampler.prune(&s1, overkvm::report::pid_alive);
+    }
+    assert!(
+        failures.is_empty(),
+        "per-cgroup bios differ from io_serviced for {failures:?}"
+    );
+}
