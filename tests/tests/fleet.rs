@@ -212,17 +212,76 @@ fn the_fleet_view_ranks_every_hosts_vms_with_the_rates_each_host_exported() {
             .map(|a| scrape(*a).expect("scraping a host"))
             .collect()
     };
-    let (before, t0) = (snapshot(), Instant::now());
-    std::thread::sleep(Duration::from_secs(WINDOW_S));
-    let (after, t1) = (snapshot(), Instant::now());
-    let (ok, json, err) = fleet_top(&prom.url(), &["--json"]);
-    assert!(ok, "top --prometheus --json failed: {err}");
-    let secs = (t1 - t0).as_secs_f64();
-    for (_, _, vm) in &mut vms {
-        assert!(vm.running(), "a stand-in VM stopped");
+    // The host's counters over one window, then the view over the same window. On a loaded
+    // machine a stand-in or a scrape can stall for a second inside one window and not the
+    // other (they are a scrape apart): a mismatch is measured again, up to three times.
+    let mut mismatches = Vec::new();
+    let mut report = Value::Null;
+    for attempt in 1..=3 {
+        let (before, t0) = (snapshot(), Instant::now());
+        std::thread::sleep(Duration::from_secs(WINDOW_S));
+        let (after, t1) = (snapshot(), Instant::now());
+        let (ok, json, err) = fleet_top(&prom.url(), &["--json"]);
+        assert!(ok, "top --prometheus --json failed: {err}");
+        let secs = (t1 - t0).as_secs_f64();
+        for (_, _, vm) in &mut vms {
+            assert!(vm.running(), "a stand-in VM stopped");
+        }
+        report = serde_json::from_str(json.trim()).unwrap_or_else(|e| panic!("{e}: {json}"));
+        mismatches.clear();
+        for (h, name, _) in &vms {
+            let Some(row) = report["vms"]
+                .as_array()
+                .and_then(|rows| rows.iter().find(|r| r["vm"] == name.as_str()))
+            else {
+                mismatches.push(format!("{name} missing from the fleet view"));
+                continue;
+            };
+            let (a, b) = (
+                exported_vm(&after[*h], name, &dev),
+                exported_vm(&before[*h], name, &dev),
+            );
+            let host_iops = (a.ops - b.ops) / secs;
+            let host_mbs = (a.read_bytes - b.read_bytes) / secs / 1e6;
+            let host_lat_us = (a.lat_count > b.lat_count)
+                .then(|| (a.lat_sum - b.lat_sum) / (a.lat_count - b.lat_count) * 1e6);
+            let got = |k: &str| row[k].as_f64().unwrap_or(f64::NAN);
+            eprintln!(
+                "{name} on host {h}: exported {host_iops:.1} IOPS {host_mbs:.3} MB/s \
+                 {host_lat_us:.1?} µs; fleet view {:.1} IOPS {:.3} MB/s {:.1} µs",
+                got("iops"),
+                got("read_mbs"),
+                got("lat_avg_us")
+            );
+            let near =
+                |fleet: f64, host: f64, slack: f64| (fleet - host).abs() <= 0.15 * host + slack;
+            // Latency: the same I/Os give the same mean, but a few slow reads move the mean
+            // of a slow trickle: a factor 2 (4 below 20 IOPS).
+            let factor = if host_iops >= 20.0 { 2.0 } else { 4.0 };
+            let lat = got("lat_avg_us");
+            let lat_ok =
+                host_lat_us.is_some_and(|h| lat > 0.0 && lat <= h * factor && lat >= h / factor);
+            if !(near(got("iops"), host_iops, 2.0)
+                && near(got("read_iops"), host_iops, 2.0)
+                && near(got("read_mbs"), host_mbs, 0.01)
+                && lat_ok)
+            {
+                mismatches.push(format!(
+                    "{name}: fleet {row} vs exported {host_iops} IOPS {host_mbs} MB/s \
+                     {host_lat_us:?} µs"
+                ));
+            }
+        }
+        if mismatches.is_empty() {
+            break;
+        }
+        eprintln!("attempt {attempt}: {mismatches:#?}");
     }
+    assert!(
+        mismatches.is_empty(),
+        "the fleet view's numbers differ from what the hosts exported: {mismatches:#?}"
+    );
 
-    let report: Value = serde_json::from_str(json.trim()).unwrap_or_else(|e| panic!("{e}: {json}"));
     let rows = report["vms"].as_array().expect("vms array");
     eprintln!(
         "fleet view: {} rows over {} hosts (window {} s)",
@@ -250,7 +309,6 @@ fn the_fleet_view_ranks_every_hosts_vms_with_the_rates_each_host_exported() {
         "host 1's 120 IOPS VM is not the busiest of ours: {names:?}"
     );
     assert_eq!(ours.len(), vms.len(), "one row per stand-in VM: {names:?}");
-
     for (h, name, _) in &vms {
         let row = ours
             .iter()
@@ -259,48 +317,6 @@ fn the_fleet_view_ranks_every_hosts_vms_with_the_rates_each_host_exported() {
         // The row is the host's that exported it, not another's.
         assert_eq!(row["instance"], addrs[*h].to_string(), "{name}: {row}");
         assert_eq!(row["device"], dev.as_str(), "{name}: {row}");
-        let (a, b) = (
-            exported_vm(&after[*h], name, &dev),
-            exported_vm(&before[*h], name, &dev),
-        );
-        let host_iops = (a.ops - b.ops) / secs;
-        let host_mbs = (a.read_bytes - b.read_bytes) / secs / 1e6;
-        let host_lat_us = (a.lat_count > b.lat_count)
-            .then(|| (a.lat_sum - b.lat_sum) / (a.lat_count - b.lat_count) * 1e6);
-        let got = |k: &str| row[k].as_f64().unwrap_or(f64::NAN);
-        eprintln!(
-            "{name} on host {h}: exported {host_iops:.1} IOPS {host_mbs:.3} MB/s \
-             {host_lat_us:.1?} µs; fleet view {:.1} IOPS {:.3} MB/s {:.1} µs",
-            got("iops"),
-            got("read_mbs"),
-            got("lat_avg_us")
-        );
-        let near = |fleet: f64, host: f64, slack: f64| (fleet - host).abs() <= 0.15 * host + slack;
-        assert!(
-            near(got("iops"), host_iops, 2.0),
-            "{name}: fleet {} IOPS vs exported {host_iops}",
-            got("iops")
-        );
-        assert!(
-            near(got("read_iops"), host_iops, 2.0),
-            "{name}: read IOPS {}",
-            got("read_iops")
-        );
-        assert!(
-            near(got("read_mbs"), host_mbs, 0.01),
-            "{name}: fleet {} MB/s vs exported {host_mbs}",
-            got("read_mbs")
-        );
-        // Latency: the same I/Os give the same mean, but the windows are a scrape apart and
-        // a few slow reads move the mean of a slow trickle: a factor 2 (factor 4 below 20
-        // IOPS).
-        let host_lat = host_lat_us.expect("the host timed its reads");
-        let lat = got("lat_avg_us");
-        let factor = if host_iops >= 20.0 { 2.0 } else { 4.0 };
-        assert!(
-            lat > 0.0 && lat <= host_lat * factor && lat >= host_lat / factor,
-            "{name}: fleet mean latency {lat} µs vs exported {host_lat} µs"
-        );
         assert_eq!(row["throttle"], "", "{name}: no throttle runs");
     }
 
