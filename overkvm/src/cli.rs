@@ -116,7 +116,11 @@ pub struct TopArgs {
     /// Fleet view: the busiest VMs of every host this Prometheus scrapes (host = its
     /// `instance` label), from the metrics of each host's `overkvm-io serve`. Needs no root
     /// and loads nothing into the kernel. http://HOST[:PORT][/PREFIX].
-    #[arg(long, value_name = "URL")]
+    #[arg(
+        long,
+        value_name = "URL",
+        conflicts_with_all = ["vms_only", "hooks", "no_bio", "all_bios"]
+    )]
     pub prometheus: Option<String>,
     /// Fleet view: the window rates and mean latencies are taken over (PromQL range), e.g.
     /// 1m, 30s; at least two scrape intervals.
@@ -486,6 +490,16 @@ mod tests {
         }
         // The fleet view's flags: --window only with --prometheus.
         assert!(sort_of(&["--window", "30s"]).is_err());
+        // Local-only options make no sense there: said at once rather than ignored.
+        for local in [
+            &["--vms-only"][..],
+            &["--hooks", "request-fallback"],
+            &["--no-bio"],
+        ] {
+            let mut args = vec!["--prometheus", "http://p:9090"];
+            args.extend_from_slice(local);
+            assert!(sort_of(&args).is_err(), "{local:?}");
+        }
         assert!(
             sort_of(&[
                 "--prometheus",
