@@ -98,7 +98,13 @@ pub struct DeviceParity {
     pub overkvm: DiskCounters,
     pub diskstats: DiskCounters,
     pub difference: ParityDifference,
+    /// The difference has stayed non-zero while nothing was in flight for
+    /// `SETTLED_READS` reads in a row: not the in-flight skew, a real disagreement.
+    pub settled: bool,
 }
+
+/// Reads in a row with nothing in flight and a non-zero difference before it counts as real.
+pub const SETTLED_READS: u32 = 3;
 
 /// overkvm minus diskstats, per op class and in sectors.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -147,6 +153,7 @@ pub fn compare(device: &str, ours: &DiskCounters, theirs: &DiskCounters) -> Devi
             discard_sectors: diff(ours.discard_sectors, theirs.discard_sectors),
             flushes: diff(ours.flushes, theirs.flushes),
         },
+        settled: false,
     }
 }
 
@@ -157,6 +164,8 @@ pub struct ParityCheck {
     base: BTreeMap<String, DiskCounters>,
     /// overkvm's totals per disk since then.
     ours: BTreeMap<String, DiskCounters>,
+    /// Consecutive idle reads with a non-zero difference, per disk.
+    idle_differing: BTreeMap<String, u32>,
 }
 
 impl ParityCheck {
@@ -165,24 +174,26 @@ impl ParityCheck {
     }
 
     /// Adds one interval's device rows and compares with `now` (diskstats read at the end of
-    /// the interval). Disks seen for the first time get `now` as their base, and their rows of
-    /// this interval are left out (they began before the base). Only disks where either side
-    /// counted anything are returned.
+    /// the interval). A disk's base is the first read that finds nothing in flight on it (so
+    /// no request that started before overkvm counted completes after it), and its rows count
+    /// from the interval after. Only disks where either side counted anything are returned.
     pub fn update(
         &mut self,
         rows: &[DeviceRow],
         now: &BTreeMap<String, DiskCounters>,
     ) -> Vec<DeviceParity> {
-        let mut first_seen = Vec::new();
+        let mut not_counted = Vec::new();
         for (disk, c) in now {
             if !self.base.contains_key(disk) {
-                self.base.insert(disk.clone(), *c);
-                first_seen.push(disk.as_str());
+                if c.in_flight == 0 {
+                    self.base.insert(disk.clone(), *c);
+                }
+                not_counted.push(disk.as_str());
             }
         }
         for r in rows
             .iter()
-            .filter(|r| !first_seen.contains(&r.disk.as_str()))
+            .filter(|r| !not_counted.contains(&r.disk.as_str()))
         {
             // Rows of a disk's partitions add up into the disk, as diskstats' disk line does.
             let o = self.ours.entry(r.disk.clone()).or_default();
@@ -198,6 +209,7 @@ impl ParityCheck {
         // goes) are forgotten on both sides.
         self.base.retain(|d, _| now.contains_key(d));
         self.ours.retain(|d, _| now.contains_key(d));
+        self.idle_differing.retain(|d, _| now.contains_key(d));
         let mut out = Vec::new();
         for (disk, c) in now {
             let Some(base) = self.base.get(disk) else {
@@ -214,6 +226,13 @@ impl ParityCheck {
             }
             let mut p = compare(disk, &ours, &theirs);
             p.overkvm.in_flight = c.in_flight;
+            let n = self.idle_differing.entry(disk.clone()).or_default();
+            *n = if c.in_flight == 0 && !p.difference.is_zero() {
+                n.saturating_add(1)
+            } else {
+                0
+            };
+            p.settled = *n >= SETTLED_READS;
             out.push(p);
         }
         out
@@ -324,11 +343,50 @@ mod tests {
         assert_eq!(p[0].difference.flushes, -1);
         let p = c.update(&[], &now);
         assert_eq!(p[0].difference.flushes, -1, "cumulative: it does not heal");
+        assert!(!p[0].settled, "two idle reads");
+        let p = c.update(&[], &now);
+        assert!(
+            p[0].settled,
+            "three idle reads with a difference: a real one"
+        );
         assert_eq!(
             p[0].difference.by_op()[3],
             ("flush", -1),
             "named by op class for metrics"
         );
+    }
+
+    #[test]
+    fn the_base_waits_for_an_idle_disk_and_busy_reads_never_settle() {
+        let mut c = ParityCheck::new();
+        let mut now = BTreeMap::new();
+        // In flight at first sight: those complete later and overkvm never saw them start.
+        now.insert("loop0".to_string(), stats(10, 0, 0, 4));
+        assert!(c.update(&[], &now).is_empty());
+        let ops = OpCounts {
+            read_ops: 6,
+            read_bytes: 6 * 4096,
+            ..OpCounts::default()
+        };
+        now.insert("loop0".to_string(), stats(20, 0, 0, 0));
+        assert!(c.update(&[row("loop0", ops)], &now).is_empty(), "the base");
+        // Busy from then on: the skew is never called settled.
+        for i in 1..=5 {
+            now.insert("loop0".to_string(), stats(20 + 10 * i - 3, 0, 0, 3));
+            let p = c.update(
+                &[row(
+                    "loop0",
+                    OpCounts {
+                        read_ops: 10,
+                        read_bytes: 40960,
+                        ..OpCounts::default()
+                    },
+                )],
+                &now,
+            );
+            assert_eq!(p[0].difference.reads, 3);
+            assert!(!p[0].settled);
+        }
     }
 
     #[test]

@@ -40,8 +40,8 @@ use ratatui::{Terminal, backend::CrosstermBackend, widgets::TableState};
 use crate::{
     bpf::{LoadOptions, Programs},
     cli::TopArgs,
-    report::{Report, ReportBuilder},
-    sample::{Sampler, delta},
+    pipeline::Pipeline,
+    report::Report,
 };
 
 use self::app::{App, Effect};
@@ -73,10 +73,7 @@ fn run_batch(args: &TopArgs, opts: &LoadOptions) -> anyhow::Result<()> {
     for note in &programs.notes {
         log::warn!("{note}");
     }
-    let mode = programs.mode.name().to_string();
-    let mut sampler = Sampler::new(programs);
-    let mut builder = ReportBuilder::new();
-    let mut prev = sampler.snapshot()?;
+    let mut pipeline = Pipeline::new(programs)?;
     let mut done = 0u64;
     let stdout = std::io::stdout();
     loop {
@@ -84,10 +81,7 @@ fn run_batch(args: &TopArgs, opts: &LoadOptions) -> anyhow::Result<()> {
             return Ok(());
         }
         std::thread::sleep(args.delay);
-        let cur = sampler.snapshot()?;
-        builder.note_comms(&cur.comms);
-        let d = delta(&prev, &cur);
-        let mut report = builder.build(&d, &mode, &cur);
+        let mut report = owned(pipeline.tick()?.report);
         if args.vms_only {
             report.processes.retain(|p| p.vm.is_some());
         }
@@ -107,11 +101,13 @@ fn run_batch(args: &TopArgs, opts: &LoadOptions) -> anyhow::Result<()> {
             }
             return Err(e);
         }
-        sampler.prune(&cur, crate::report::pid_alive);
-        sampler.refresh_bio_hook();
-        prev = cur;
         done += 1;
     }
+}
+
+/// The report of a tick, without a copy when nothing else holds it.
+fn owned(report: std::sync::Arc<Report>) -> Report {
+    std::sync::Arc::try_unwrap(report).unwrap_or_else(|shared| (*shared).clone())
 }
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
@@ -256,16 +252,13 @@ fn sample_loop(
     control: &Receiver<SamplerControl>,
 ) -> anyhow::Result<()> {
     let programs = Programs::load(opts)?;
-    let mode = programs.mode.name().to_string();
     if events
         .send(ViewEvent::Ready(programs.notes.clone()))
         .is_err()
     {
         return Ok(());
     }
-    let mut sampler = Sampler::new(programs);
-    let mut builder = ReportBuilder::new();
-    let mut prev = sampler.snapshot()?;
+    let mut pipeline = Pipeline::new(programs)?;
     let mut taken = Instant::now();
     let mut paused = false;
     loop {
@@ -282,12 +275,11 @@ fn sample_loop(
                 Err(RecvTimeoutError::Disconnected) => return Ok(()),
             }
         }
-        let cur = sampler.snapshot()?;
+        // Every interval goes through the pipeline, paused or not: the self-check and the
+        // housekeeping must see each one. A paused view just does not get it.
+        let report = owned(pipeline.tick()?.report);
         taken = Instant::now();
         if !paused {
-            builder.note_comms(&cur.comms);
-            let d = delta(&prev, &cur);
-            let report = builder.build(&d, &mode, &cur);
             if events.send(ViewEvent::Report(report)).is_err() {
                 return Ok(());
             }
@@ -300,9 +292,6 @@ fn sample_loop(
                 return Ok(());
             }
         }
-        sampler.prune(&cur, crate::report::pid_alive);
-        sampler.refresh_bio_hook();
-        prev = cur;
     }
 }
 

@@ -120,6 +120,9 @@ fn header_lines(app: &App, area: Rect) -> Vec<Line<'static>> {
     if let Some(health) = health_line(report) {
         lines.push(health);
     }
+    if let Some(parity) = parity_line(report) {
+        lines.push(parity);
+    }
     lines
 }
 
@@ -197,7 +200,7 @@ fn fleet_header_lines(app: &App, area: Rect) -> Vec<Line<'static>> {
 fn device_line(d: &DeviceRow, report: &Report, app: &App) -> Line<'static> {
     let secs = report.interval_s;
     let c = &d.counts;
-    Line::from(vec![
+    let mut spans = vec![
         Span::styled(
             format!("{:<10}", fit(&sanitize(&d.device), 10)),
             Style::new().add_modifier(Modifier::BOLD),
@@ -209,11 +212,50 @@ fn device_line(d: &DeviceRow, report: &Report, app: &App) -> Line<'static> {
             fmt_rate(per_second(c.write_ops, secs)),
             fmt_mbs(mb_per_second(c.write_bytes, secs)),
         )),
-        Span::styled(
-            sanitize(&budget_text(&d.device, app.throttle())),
-            Style::new().fg(Color::DarkGray),
+    ];
+    // Device cache flushes, as iostat's f/s: only when there are any, so a device without a
+    // write cache keeps the short line.
+    if c.flush_ops > 0 {
+        spans.push(Span::raw(format!(
+            "F {:>6}/s   ",
+            fmt_rate(per_second(c.flush_ops, secs))
+        )));
+    }
+    spans.push(Span::styled(
+        sanitize(&budget_text(&d.device, app.throttle())),
+        Style::new().fg(Color::DarkGray),
+    ));
+    Line::from(spans)
+}
+
+/// A warning when overkvm's device totals and `/proc/diskstats` disagree on an idle disk
+/// (the live self-check, see `parity`); None while they agree.
+fn parity_line(report: &Report) -> Option<Line<'static>> {
+    let differing: Vec<String> = report
+        .parity
+        .iter()
+        .filter(|p| p.settled)
+        .map(|p| {
+            let ops: Vec<String> = p
+                .difference
+                .by_op()
+                .iter()
+                .filter(|(_, d)| *d != 0)
+                .map(|(op, d)| format!("{op} {d:+}"))
+                .collect();
+            format!("{} {}", p.device, ops.join(" "))
+        })
+        .collect();
+    if differing.is_empty() {
+        return None;
+    }
+    Some(Line::styled(
+        format!(
+            "parity: differs from /proc/diskstats on an idle disk: {} (overkvm minus kernel)",
+            sanitize(&differing.join(", "))
         ),
-    ])
+        Style::new().fg(Color::Yellow).add_modifier(Modifier::BOLD),
+    ))
 }
 
 /// What the kernel side reported for the interval (losses stand out); None when nothing.
@@ -681,6 +723,36 @@ mod tests {
         assert!(s[line_of(&s, "vdb   ")].contains("no budget"));
         assert!(s[line_of(&s, "vm:db02")].contains("r500 w1000"));
         assert!(s[line_of(&s, "kernel:")].contains("inflight_miss=3"));
+    }
+
+    #[test]
+    fn flushes_in_the_header_and_a_settled_parity_difference_warns() {
+        let mut app = App::new(Duration::from_secs(1), false, SortOrder::DEFAULT);
+        let mut r = sample_report();
+        r.devices[0].counts.flush_ops = 40;
+        let mut p = crate::parity::DeviceParity {
+            device: r.devices[0].device.clone(),
+            ..Default::default()
+        };
+        p.difference.flushes = -2;
+        r.parity = vec![p.clone()];
+        app.set_report(r.clone());
+        let s = render(&app, 160, 40);
+        let dev = &s[line_of(&s, &format!("{}   ", r.devices[0].device))];
+        assert!(dev.contains("F     40/s"), "{dev}");
+        assert!(
+            !s.iter().any(|l| l.contains("parity:")),
+            "a difference not yet settled (in-flight skew) does not warn"
+        );
+        p.settled = true;
+        r.parity = vec![p];
+        app.set_report(r.clone());
+        let s = render(&app, 160, 40);
+        let warn = &s[line_of(&s, "parity:")];
+        assert!(
+            warn.contains(&format!("{} flush -2", r.devices[0].device)),
+            "{warn}"
+        );
     }
 
     #[test]
