@@ -770,6 +770,55 @@ fn native_histograms_reach_prometheus_as_one_series_each() {
     drop(lo);
 }
 
+/// Over `--max-vms`, VMs are left out of `/metrics`, counted and logged, never all exported.
+#[test]
+fn vms_over_the_cap_are_left_out_and_counted() {
+    skip_unless_kernel!();
+    let dir = TempDir::new("exporter-cap");
+    let lo = LoopDevice::new(64).expect("loop device");
+    let exporter = Exporter::start(&dir.0, &["--max-vms", "1"]);
+    let plan = |start_mb| VmPlan {
+        reads: 100,
+        writes: 20,
+        final_reads: 0,
+        final_writes: 0,
+        start_mb,
+        len_mb: 16,
+    };
+    let tag = std::process::id();
+    let mut vms: Vec<FakeVm> = (0..2)
+        .map(|i| {
+            FakeVm::start(
+                &dir.0,
+                &format!("okvm-{tag}-cap{i}"),
+                &lo.path,
+                &plan(16 * i),
+            )
+        })
+        .collect();
+    // Other VMs on the host (concurrent tests) count too: at least our two are known.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let body = loop {
+        let (_, body) = exporter.metrics(None);
+        if metric_value(&body, "overkvm_exporter_vms_dropped").is_some_and(|n| n >= 1.0) {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "nothing dropped:\n{body}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let infos = body
+        .lines()
+        .filter(|l| l.starts_with("overkvm_vm_info{"))
+        .count();
+    assert_eq!(infos, 1, "exported VMs with --max-vms 1:\n{body}");
+    let log = exporter.daemon.log();
+    assert!(log.contains("over the cap"), "no log line:\n{log}");
+    for vm in &mut vms {
+        vm.finish();
+    }
+    drop(lo);
+}
+
 #[test]
 fn exposition_passes_promtool_and_negotiates_openmetrics() {
     skip_unless_kernel!();
