@@ -85,7 +85,10 @@ impl Exposition {
 
 pub struct Exporter {
     totals: Arc<Mutex<Totals>>,
+    /// What the text formats render.
     registry: Registry,
+    /// The same with native histograms, for the protobuf format.
+    protobuf_registry: Registry,
     published: Mutex<Arc<Exposition>>,
     /// A tick arrived since the last rendering.
     stale: std::sync::atomic::AtomicBool,
@@ -109,20 +112,29 @@ impl Exporter {
             grace: opts.grace,
             max_vms: opts.max_vms,
         })));
-        let mut registry = Registry::with_prefix(names::PREFIX);
-        registry.register_collector(Box::new(TotalsCollector {
-            totals: totals.clone(),
-            latency: opts.latency_buckets,
-        }));
         let timing = Arc::new(Mutex::new(TickTiming::default()));
         let http = Arc::new(http::HttpStats::default());
-        registry.register_collector(Box::new(SelfCollector {
-            timing: timing.clone(),
-            http: http.clone(),
-        }));
+        // Two registries over the same state: the text formats have no use for native
+        // buckets, so only the protobuf one computes them.
+        let registry_with = |native: bool| {
+            let mut r = Registry::with_prefix(names::PREFIX);
+            r.register_collector(Box::new(TotalsCollector {
+                totals: totals.clone(),
+                latency: opts.latency_buckets,
+                native,
+            }));
+            r.register_collector(Box::new(SelfCollector {
+                timing: timing.clone(),
+                http: http.clone(),
+            }));
+            r
+        };
+        let registry = registry_with(false);
+        let protobuf_registry = registry_with(true);
         let exporter = Exporter {
             totals,
             registry,
+            protobuf_registry,
             published: Mutex::new(Arc::new(Exposition::new(String::new()))),
             stale: std::sync::atomic::AtomicBool::new(true),
             timing,
@@ -174,7 +186,7 @@ impl Exporter {
     pub fn protobuf(&self, page: &Exposition) -> Option<Bytes> {
         page.protobuf
             .get_or_init(
-                || match prometheus_protobuf::encode_to_vec(&self.registry) {
+                || match prometheus_protobuf::encode_to_vec(&self.protobuf_registry) {
                     Ok(v) => Some(Bytes::from(v)),
                     Err(e) => {
                         log::error!("rendering metrics as protobuf: {e:?}; sending text");

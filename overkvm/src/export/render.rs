@@ -55,13 +55,26 @@ fn manager_name(m: Manager) -> &'static str {
 pub(super) struct TotalsCollector {
     pub totals: Arc<Mutex<Totals>>,
     pub latency: LatencyBuckets,
+    /// Add native buckets to histograms (only the protobuf format carries them).
+    pub native: bool,
 }
 
 impl Collector for TotalsCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
         let t = lock(&self.totals);
-        encode_totals(&t, self.latency, &mut enc)
+        let shape = Shape {
+            latency: self.latency,
+            native: self.native,
+        };
+        encode_totals(&t, shape, &mut enc)
     }
+}
+
+/// How histograms are rendered.
+#[derive(Clone, Copy, Debug)]
+struct Shape {
+    latency: LatencyBuckets,
+    native: bool,
 }
 
 /// The daemon's own timing and its endpoint's connections, kept outside the totals so that
@@ -142,40 +155,45 @@ fn gauge<V: prometheus_client::encoding::EncodeGaugeValue>(
 /// Ops whose bytes mean something.
 const BYTE_OPS: [Op; 3] = [Op::Read, Op::Write, Op::Discard];
 
-/// One latency histogram: classic buckets as `mode` says (what the text formats carry) and
-/// the kernel's log2 buckets as a native histogram (what the protobuf format adds; Prometheus
-/// with native histograms on keeps one series for it).
+/// One latency histogram: classic buckets as `shape` says (what the text formats carry) and,
+/// for the protobuf format, the kernel's log2 buckets as a native histogram (Prometheus with
+/// native histograms on keeps one series for it).
 fn histogram(
     m: &mut MetricEncoder,
     labels: &impl EncodeLabelSet,
     h: &LatencyTotals,
-    mode: LatencyBuckets,
+    shape: Shape,
 ) -> fmt::Result {
+    let sum = h.sum_ns as f64 / 1e9;
+    let classic = latency::classic(h, shape.latency.edges());
+    let mut m = m.encode_family(labels)?;
+    if !shape.native {
+        return m.encode_histogram::<NoLabelSet>(sum, h.count(), &classic, None);
+    }
     let native = latency::native(h);
-    m.encode_family(labels)?
-        .encode_histogram_with_native::<NoLabelSet>(
-            h.sum_ns as f64 / 1e9,
-            h.count(),
-            &latency::classic(h, mode.edges()),
-            None,
-            NativeHistogram {
-                schema: latency::NATIVE_SCHEMA,
-                zero_threshold: native.zero_threshold,
-                zero_count: native.zero_count,
-                negative: NativeHistogramBuckets {
-                    spans: &[],
-                    deltas: &[],
-                },
-                positive: NativeHistogramBuckets {
-                    spans: &native.spans,
-                    deltas: &native.deltas,
-                },
-                created: None,
+    m.encode_histogram_with_native::<NoLabelSet>(
+        sum,
+        h.count(),
+        &classic,
+        None,
+        NativeHistogram {
+            schema: latency::NATIVE_SCHEMA,
+            zero_threshold: native.zero_threshold,
+            zero_count: native.zero_count,
+            negative: NativeHistogramBuckets {
+                spans: &[],
+                deltas: &[],
             },
-        )
+            positive: NativeHistogramBuckets {
+                spans: &native.spans,
+                deltas: &native.deltas,
+            },
+            created: None,
+        },
+    )
 }
 
-fn encode_totals(t: &Totals, mode: LatencyBuckets, enc: &mut DescriptorEncoder) -> fmt::Result {
+fn encode_totals(t: &Totals, shape: Shape, enc: &mut DescriptorEncoder) -> fmt::Result {
     use names::label::*;
     let vms = t.vms();
     let any_vm_device = |f: &dyn Fn(&super::totals::VmDevice) -> bool| {
@@ -228,7 +246,7 @@ fn encode_totals(t: &Totals, mode: LatencyBuckets, enc: &mut DescriptorEncoder) 
                         continue;
                     }
                     let l = [(VM, Lv(&vm.label)), (DEVICE, Lv(dev)), (OP, Lv(op.name()))];
-                    histogram(&mut m, &l, h, mode)?;
+                    histogram(&mut m, &l, h, shape)?;
                 }
             }
         }
@@ -472,18 +490,19 @@ mod tests {
         tick::{ActiveLimit, BudgetUse, ThrottleView},
     };
 
-    fn registry(t: Totals, latency: LatencyBuckets) -> Registry {
+    fn registry(t: Totals, latency: LatencyBuckets, native: bool) -> Registry {
         let mut reg = Registry::with_prefix(names::PREFIX);
         reg.register_collector(Box::new(TotalsCollector {
             totals: Arc::new(Mutex::new(t)),
             latency,
+            native,
         }));
         reg
     }
 
     fn render_with(t: Totals, latency: LatencyBuckets) -> String {
         let mut s = String::new();
-        encode(&mut s, &registry(t, latency)).expect("encoding");
+        encode(&mut s, &registry(t, latency, false)).expect("encoding");
         s
     }
 
@@ -583,8 +602,8 @@ mod tests {
         let mut r = row(100, Some("web"), "vda", 10, 4);
         r.latency[Op::Read as usize].record(100_000_000, 2); // 100 ms, kernel bucket 26
         t.apply(&tick(Instant::now(), vec![r]), &procs);
-        let families =
-            prometheus_protobuf::encode(&registry(t, LatencyBuckets::Compact)).expect("encoding");
+        let families = prometheus_protobuf::encode(&registry(t, LatencyBuckets::Compact, true))
+            .expect("encoding");
         let lat = families
             .iter()
             .find(|f| f.name == "overkvm_vm_io_latency_seconds")

@@ -131,31 +131,26 @@ pub struct VmSeries {
     exported: bool,
 }
 
-impl VmSeries {
-    /// All operations of the VM on every device since the exporter first saw it.
-    pub fn total_ops(&self) -> u64 {
-        self.devices
-            .values()
-            .flat_map(|d| d.io.iter())
-            .map(|c| c.ops)
-            .sum()
-    }
-}
-
-/// Ticks over which a VM's activity halves: a minute at the default 1 s interval, so a VM
-/// that turns busy is exported within a few ticks of passing the quietest exported one, and
-/// VMs near the edge do not swap in and out on every tick.
+/// Ticks over which a VM's activity halves: a minute at the default 1 s interval, so a burst
+/// counts for a while, and a VM that turns clearly busier than the quietest exported one
+/// takes its slot within a few ticks.
 const ACTIVITY_HALF_LIFE_TICKS: f64 = 60.0;
 
+/// How much busier than an exported VM a left-out one must be to take its slot, so that VMs
+/// of nearly equal activity at the edge do not swap in and out (each swap ends one VM's
+/// series and starts another's).
+const KEEP_EXPORTED_BONUS: f64 = 1.25;
+
 /// Marks the VMs `/metrics` shows: all of them up to `cap`, else the `cap` busiest by decayed
-/// activity, ties broken by label so that the choice is the same on every run. Returns how
-/// many are left out.
+/// activity (an exported VM's counted `KEEP_EXPORTED_BONUS` times), ties broken by label, so
+/// that the same ticks always give the same choice. Returns how many are left out.
 pub fn select_exported<'a>(vms: impl Iterator<Item = &'a mut VmSeries>, cap: usize) -> usize {
     let mut all: Vec<&mut VmSeries> = vms.collect();
     if all.len() > cap {
+        let rank = |v: &VmSeries| v.activity * if v.exported { KEEP_EXPORTED_BONUS } else { 1.0 };
         all.sort_by(|a, b| {
-            b.activity
-                .total_cmp(&a.activity)
+            rank(b)
+                .total_cmp(&rank(a))
                 .then_with(|| a.label.cmp(&b.label))
         });
     }
@@ -938,6 +933,32 @@ pub(crate) mod tests {
         assert_eq!(exported_labels(&t), ["a", "b", "c", "d", "e"]);
         assert_eq!(t.vms_dropped, 0);
         assert_eq!(reads(&t, "c", "vda"), Some(3));
+    }
+
+    #[test]
+    fn a_vm_left_out_takes_a_slot_only_when_clearly_busier() {
+        let procs = FakeProcs::default();
+        procs.start(1, 1);
+        procs.start(2, 1);
+        let mut t = totals(300);
+        t.retention.max_vms = 1;
+        let t0 = Instant::now();
+        let rows = |x: u64, y: u64| {
+            vec![
+                row(1, Some("x"), "vda", x, 0),
+                row(2, Some("y"), "vda", y, 0),
+            ]
+        };
+        t.apply(&tick(t0, rows(10, 0)), &procs);
+        assert_eq!(exported_labels(&t), ["x"]);
+        // A little busier is not enough: no swapping at the edge.
+        for s in 1..=200 {
+            t.apply(&tick(secs(t0, s), rows(10, 11)), &procs);
+            assert_eq!(exported_labels(&t), ["x"], "tick {s}");
+        }
+        t.apply(&tick(secs(t0, 201), rows(10, 1000)), &procs);
+        assert_eq!(exported_labels(&t), ["y"]);
+        assert_eq!(t.vms_dropped, 1);
     }
 
     #[test]

@@ -492,6 +492,18 @@ fn scrape_part(
         }
         rows.push((format, lat_ms, bytes, errors));
     }
+    // The render time, once per tick: each scrape after a tick renders it anew and shows the
+    // time of the rendering before (a gauge), so one scrape a second gives one rendering each.
+    let mut renders_ms = Vec::new();
+    for _ in 0..RENDER_SAMPLES {
+        sys::check_interrupt()?;
+        sys::sleep(Duration::from_millis(1000))?;
+        if let Some((_, text)) = exported(&daemon, &expected)
+            && let Some(v) = render_seconds(&text)
+        {
+            renders_ms.push(v * 1000.0);
+        }
+    }
     let cpu1 = sys::cpu_ticks(daemon.pid()).unwrap_or(cpu0);
     let cpu_pct = stats::cpu_percent(
         cpu1 - cpu0,
@@ -513,12 +525,10 @@ fn scrape_part(
                 .collect()
         })
         .unwrap_or_default();
-    let render_ms = last_text.as_deref().and_then(|text| {
-        stats::metric_lines(text, &["overkvm_exporter_render_duration_seconds "])
-            .first()
-            .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-            .map(|s| s * 1000.0)
-    });
+    // The first sample may be of the rendering that ran while the format scrapes did.
+    let renders_ms = renders_ms.get(1..).unwrap_or_default().to_vec();
+    let render_ms = median(&renders_ms);
+    let render_max = renders_ms.iter().copied().reduce(f64::max);
     let rss = sys::status_kib(daemon.pid(), "VmRSS").unwrap_or(0);
     let hwm = sys::status_kib(daemon.pid(), "VmHWM").unwrap_or(0);
     let maps = daemon_maps(daemon.pid())?;
@@ -592,12 +602,14 @@ fn scrape_part(
          budget ({BEFORE_BUDGET}):\n\n\
          | | series per VM | OpenMetrics bytes per scrape ({n} VMs) | render |\n|---|---|---|---|\n\
          | before the series budget | 67 | 5951 KiB | 19.5 ms |\n\
-         | this run | {} (max {}) | {:.0} KiB | {} |\n",
+         | this run | {} (max {}) | {:.0} KiB | {} (median of {} renderings, one a second; max {}) |\n",
         per_vm.len(),
         series_median.map_or("n/a".into(), |v| format!("{v:.0}")),
         series_max.map_or("n/a".into(), |v| format!("{v:.0}")),
         om_bytes as f64 / 1024.0,
         render_ms.map_or("n/a".into(), |v| format!("{v:.1} ms")),
+        renders_ms.len(),
+        render_max.map_or("n/a".into(), |v| format!("{v:.1} ms")),
     );
     targets.push(Target::new(
         "scale: series per VM doing reads and writes on one device <= 20",
@@ -606,7 +618,7 @@ fn scrape_part(
         series_max.map(|v| v <= 20.0 && !per_vm.is_empty()),
     ));
     targets.push(Target::new(
-        "scale: /metrics render with 1000 VMs <= 10 ms",
+        "scale: /metrics render with 1000 VMs <= 10 ms (median)",
         "<= 10 ms",
         render_ms.map_or("n/a".into(), |v| format!("{v:.1} ms")),
         render_ms.map(|v| v <= 10.0),
@@ -624,6 +636,16 @@ fn scrape_part(
         p99.map(|v| v <= 50.0 && complete),
     ));
     Ok(())
+}
+
+/// Renderings of `/metrics` sampled for the render time.
+const RENDER_SAMPLES: usize = 11;
+
+/// `overkvm_exporter_render_duration_seconds` of an exposition.
+fn render_seconds(exposition: &str) -> Option<f64> {
+    stats::metric_lines(exposition, &["overkvm_exporter_render_duration_seconds "])
+        .first()
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
 }
 
 /// Sample lines per value of the `vm` label in an exposition (comments left out).
@@ -653,5 +675,9 @@ mod tests {
         assert_eq!(n.get("a"), Some(&2));
         assert_eq!(n.get("b"), Some(&1));
         assert_eq!(n.len(), 2);
+        assert_eq!(
+            render_seconds("# x\noverkvm_exporter_render_duration_seconds 0.0042\n"),
+            Some(0.0042)
+        );
     }
 }
