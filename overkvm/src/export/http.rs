@@ -157,10 +157,10 @@ async fn metrics(State(exporter): State<Arc<Exporter>>, headers: HeaderMap) -> R
     let (content_type, body) = match negotiate(accept) {
         Format::Protobuf => match exporter.protobuf(&page) {
             Some(body) => (PROTOBUF, body),
-            None => (OPENMETRICS, page.openmetrics.clone()),
+            None => (OPENMETRICS, exporter.openmetrics(&page)),
         },
-        Format::OpenMetrics => (OPENMETRICS, page.openmetrics.clone()),
-        Format::Text => (TEXT, page.text()),
+        Format::OpenMetrics => (OPENMETRICS, exporter.openmetrics(&page)),
+        Format::Text => (TEXT, exporter.text(&page)),
     };
     ([(CONTENT_TYPE, content_type), (VARY, "Accept")], body).into_response()
 }
@@ -753,7 +753,7 @@ mod tests {
             }
         }
         e.update_with(&tick(std::time::Instant::now(), rows), &procs);
-        let size = e.published().text().len();
+        let size = e.text(&e.published()).len();
         let addr = start_with(e.clone(), short()).await;
         let (got, took) = tokio::task::spawn_blocking(move || {
             let mut s = StdStream::connect(addr).expect("connect");

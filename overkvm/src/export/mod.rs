@@ -9,9 +9,10 @@
 //! - `render`: OpenMetrics text via prometheus-client, and the classic text format.
 //! - `http`: axum on a listener with connection limits and deadlines.
 //!
-//! The text is rendered at most once per tick, on the first scrape after it, and published as
-//! an `Arc`; a scrape clones that `Arc` under a lock held for the clone only and writes it with
-//! no lock held. The tick waits at most for one rendering in progress (the totals' lock), never
+//! Each format is rendered at most once per tick, on the first scrape in that format after it
+//! (a host scraped in one format pays for that one only), into a page shared as an `Arc`; a
+//! scrape clones that `Arc` under a lock held for the clone only and writes it with no lock
+//! held. The tick waits at most for one rendering in progress (the totals' lock), never
 //! for a client, so neither a slow client nor many concurrent scrapes can hold up the sampler.
 //! The tick's own timing and the endpoint's connection counts are kept beside the totals and
 //! rendered with them.
@@ -55,31 +56,22 @@ pub struct ExportOptions {
 /// a problem (at 20 series a VM, 2000 VMs are 40 000 series, about 4 MB of text).
 pub const DEFAULT_MAX_VMS: usize = 2000;
 
-/// One rendering of the metrics.
+/// The metrics as of one tick, in each format rendered on its first request: a host
+/// scraped in one format pays for that one only.
 pub struct Exposition {
-    pub openmetrics: Bytes,
+    openmetrics: OnceLock<Bytes>,
     text: OnceLock<Bytes>,
-    /// Prometheus protobuf, rendered from the totals on first request (None: it failed).
+    /// Prometheus protobuf (None: it failed).
     protobuf: OnceLock<Option<Bytes>>,
 }
 
 impl Exposition {
-    fn new(openmetrics: String) -> Exposition {
+    fn new() -> Exposition {
         Exposition {
-            openmetrics: Bytes::from(openmetrics),
+            openmetrics: OnceLock::new(),
             text: OnceLock::new(),
             protobuf: OnceLock::new(),
         }
-    }
-
-    /// The classic text format, derived on first request.
-    pub fn text(&self) -> Bytes {
-        self.text
-            .get_or_init(|| {
-                let om = std::str::from_utf8(&self.openmetrics).unwrap_or_default();
-                Bytes::from(render::openmetrics_to_text(om))
-            })
-            .clone()
     }
 }
 
@@ -90,6 +82,8 @@ pub struct Exporter {
     /// The same with native histograms, for the protobuf format.
     protobuf_registry: Registry,
     published: Mutex<Arc<Exposition>>,
+    /// Bytes of the last OpenMetrics rendering, to size the next one.
+    last_size: std::sync::atomic::AtomicUsize,
     /// A tick arrived since the last rendering.
     stale: std::sync::atomic::AtomicBool,
     /// When the daemon's ticks ran, as of the last tick.
@@ -135,12 +129,12 @@ impl Exporter {
             totals,
             registry,
             protobuf_registry,
-            published: Mutex::new(Arc::new(Exposition::new(String::new()))),
+            published: Mutex::new(Arc::new(Exposition::new())),
+            last_size: std::sync::atomic::AtomicUsize::new(0),
             stale: std::sync::atomic::AtomicBool::new(true),
             timing,
             http,
         };
-        exporter.publish();
         exporter
     }
 
@@ -158,31 +152,52 @@ impl Exporter {
         self.stale.store(true, std::sync::atomic::Ordering::Release);
     }
 
-    /// Renders the totals and makes the result what scrapes get.
-    fn publish(&self) {
-        let started = Instant::now();
-        let capacity = lock(&self.published).openmetrics.len() + 4096;
-        let mut text = String::with_capacity(capacity);
-        if let Err(e) = encode(&mut text, &self.registry) {
-            log::error!("rendering metrics: {e}; scrapes keep the previous text");
-            return;
+    /// The page of the latest tick: a new (not yet rendered) one on the first request after
+    /// a tick.
+    pub fn published(&self) -> Arc<Exposition> {
+        let mut published = lock(&self.published);
+        if self.stale.swap(false, std::sync::atomic::Ordering::AcqRel) {
+            *published = Arc::new(Exposition::new());
         }
-        lock(&self.totals).stats.render_seconds = started.elapsed().as_secs_f64();
-        *lock(&self.published) = Arc::new(Exposition::new(text));
+        published.clone()
     }
 
-    /// The rendering of the latest tick (rendered now if no scrape has asked since the tick).
-    pub fn published(&self) -> Arc<Exposition> {
-        if self.stale.swap(false, std::sync::atomic::Ordering::AcqRel) {
-            self.publish();
-        }
-        lock(&self.published).clone()
+    /// OpenMetrics text of `page`, rendered on its first request.
+    pub fn openmetrics(&self, page: &Exposition) -> Bytes {
+        page.openmetrics
+            .get_or_init(|| {
+                let started = Instant::now();
+                let mut text = String::with_capacity(
+                    self.last_size.load(std::sync::atomic::Ordering::Relaxed) + 4096,
+                );
+                if let Err(e) = encode(&mut text, &self.registry) {
+                    // Collectors do not fail; an empty page (Prometheus marks the scrape
+                    // failed) is the honest answer if one ever does.
+                    log::error!("rendering metrics: {e}");
+                    text.clear();
+                }
+                self.last_size
+                    .store(text.len(), std::sync::atomic::Ordering::Relaxed);
+                lock(&self.totals).stats.render_seconds = started.elapsed().as_secs_f64();
+                Bytes::from(text)
+            })
+            .clone()
+    }
+
+    /// The classic text format of `page`, derived from its OpenMetrics text.
+    pub fn text(&self, page: &Exposition) -> Bytes {
+        page.text
+            .get_or_init(|| {
+                let om = self.openmetrics(page);
+                let om = std::str::from_utf8(&om).unwrap_or_default();
+                Bytes::from(render::openmetrics_to_text(om))
+            })
+            .clone()
     }
 
     /// The page in Prometheus's protobuf format (what Prometheus asks for with native
-    /// histograms on): rendered from the totals on the first request for `page`, so a host
-    /// scraped only in text never pays for it. It may be of a later tick than `page`'s text.
-    /// None when it cannot be rendered (logged; the caller sends text instead).
+    /// histograms on). None when it cannot be rendered (logged; the caller sends text
+    /// instead).
     pub fn protobuf(&self, page: &Exposition) -> Option<Bytes> {
         page.protobuf
             .get_or_init(
@@ -224,8 +239,8 @@ mod tests {
             latency_buckets: latency::LatencyBuckets::Compact,
             max_vms: DEFAULT_MAX_VMS,
         });
-        let page = e.published();
-        let text = std::str::from_utf8(&page.openmetrics).unwrap();
+        let page = e.openmetrics(&e.published());
+        let text = std::str::from_utf8(&page).unwrap();
         // No tick yet: no timing, but the connection counters are there from the start.
         assert!(!text.contains("overkvm_tick_lateness"), "{text}");
         assert_eq!(
@@ -242,7 +257,8 @@ mod tests {
         );
         e.update(&tick(t0, Vec::new()), timing);
         let page = e.published();
-        let om = std::str::from_utf8(&page.openmetrics).unwrap();
+        let om = e.openmetrics(&page);
+        let om = std::str::from_utf8(&om).unwrap();
         assert_eq!(value(om, "overkvm_tick_lateness_seconds"), Some(0.002));
         assert_eq!(value(om, "overkvm_tick_lateness_max_seconds"), Some(0.25));
         assert_eq!(value(om, "overkvm_tick_duration_seconds"), Some(0.04));
@@ -262,7 +278,7 @@ mod tests {
             ),
             Some(0.0)
         );
-        let text = page.text();
+        let text = e.text(&page);
         let text = std::str::from_utf8(&text).unwrap();
         assert!(text.contains("# TYPE overkvm_exporter_connections_refused_total counter"));
         assert!(text.ends_with("\n") && !text.contains("# EOF"));
@@ -304,13 +320,14 @@ mod tests {
                 let n = 5;
                 for _ in 0..n {
                     e.update_with(&t, &procs);
-                    e.published();
+                    e.openmetrics(&e.published());
                 }
                 let per_tick = started.elapsed() / n;
                 let render = lock(&e.totals).stats.render_seconds;
                 let page = e.published();
+                let om = e.openmetrics(&page);
                 let started = Instant::now();
-                let text = page.text();
+                let text = e.text(&page);
                 let to_text = started.elapsed();
                 let started = Instant::now();
                 let proto = e.protobuf(&page).unwrap_or_default();
@@ -320,8 +337,8 @@ mod tests {
                      OpenMetrics {} KiB, {} lines; classic text {to_text:?}; protobuf {} KiB \
                      in {to_proto:?}",
                     render * 1e3,
-                    page.openmetrics.len() >> 10,
-                    page.openmetrics.iter().filter(|b| **b == b'\n').count(),
+                    om.len() >> 10,
+                    om.iter().filter(|b| **b == b'\n').count(),
                     proto.len() >> 10,
                 );
                 assert!(!text.is_empty());
