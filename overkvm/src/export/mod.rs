@@ -125,7 +125,7 @@ impl Exporter {
         };
         let registry = registry_with(false);
         let protobuf_registry = registry_with(true);
-        let exporter = Exporter {
+        Exporter {
             totals,
             registry,
             protobuf_registry,
@@ -134,8 +134,7 @@ impl Exporter {
             stale: std::sync::atomic::AtomicBool::new(true),
             timing,
             http,
-        };
-        exporter
+        }
     }
 
     /// Folds one tick into the exported counters, with the daemon's tick timing as of its
