@@ -163,6 +163,14 @@ pub struct ServeArgs {
     /// How long the series of a VM that exited stay exported, in seconds.
     #[arg(long, default_value = "300", value_parser = parse_interval)]
     pub grace: Duration,
+    /// Latency histogram buckets: compact (4 bounds, 65.5 µs to 268 ms, for fleets) or full
+    /// (every log2 bucket, 1 µs to 34 s) [default: [export] latency_buckets, else compact].
+    #[arg(long, value_enum, value_name = "BUCKETS")]
+    pub latency_buckets: Option<crate::export::latency::LatencyBuckets>,
+    /// Most VMs exported; beyond it the least busy are left out of /metrics and counted in
+    /// overkvm_exporter_vms_dropped [default: [export] max_vms, else 2000].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_vms: Option<u64>,
     /// Turn on the kernel's BPF run-time statistics while serving, for
     /// overkvm_bpf_program_run_seconds_total. They make every BPF program on the host pay two
     /// clock reads per run, so they are off by default (the metric then stays 0 unless

@@ -104,11 +104,24 @@ pub struct VmRule {
     pub exempt: bool,
 }
 
+/// What `/metrics` exports (`[export]`); `serve` flags override each key.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ExportConfig {
+    /// Latency histogram buckets: "compact" (default) or "full" (`--latency-buckets`).
+    pub latency_buckets: Option<crate::export::latency::LatencyBuckets>,
+    /// Most VMs exported; the least busy beyond it are left out and counted (`--max-vms`,
+    /// default 2000).
+    pub max_vms: Option<usize>,
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     #[serde(default)]
     policy: Policy,
+    #[serde(default)]
+    export: ExportConfig,
     #[serde(default)]
     device: Vec<Spanned<DeviceBudgetSpec>>,
     #[serde(default)]
@@ -119,6 +132,7 @@ struct RawConfig {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Config {
     pub policy: Policy,
+    pub export: ExportConfig,
     pub devices: Vec<DeviceBudgetSpec>,
     pub vms: Vec<VmRule>,
 }
@@ -169,6 +183,10 @@ impl Config {
             anyhow::bail!(
                 "[policy] floor_iops must be at least 1 (a limit of 0 is refused by the kernel)"
             );
+        }
+
+        if raw.export.max_vms == Some(0) {
+            anyhow::bail!("[export] max_vms must be at least 1");
         }
 
         let mut devices = Vec::new();
@@ -244,6 +262,7 @@ impl Config {
         }
         Ok(Config {
             policy: raw.policy,
+            export: raw.export,
             devices,
             vms,
         })
@@ -323,6 +342,34 @@ exempt = true
         assert_eq!(c.rule_for("db1", None, "qemu").unwrap().weight, Some(3.0));
         assert!(c.rule_for("x", None, "proxmox").unwrap().exempt);
         assert!(c.rule_for("x", None, "nova").is_none());
+    }
+
+    #[test]
+    fn export_section_parses_and_is_checked() {
+        use crate::export::latency::LatencyBuckets;
+        let c = Config::parse(
+            "[export]
+latency_buckets = \"full\"
+max_vms = 500
+",
+        )
+        .unwrap();
+        assert_eq!(c.export.latency_buckets, Some(LatencyBuckets::Full));
+        assert_eq!(c.export.max_vms, Some(500));
+        assert!(c.devices.is_empty());
+        assert_eq!(Config::parse("").unwrap().export, ExportConfig::default());
+        let e = err("[export]
+latency_buckets = \"fine\"
+");
+        assert!(e.contains("line 2") && e.contains("fine"), "{e}");
+        let e = err("[export]
+max_vms = 0
+");
+        assert!(e.contains("max_vms"), "{e}");
+        let e = err("[export]
+max_vm = 10
+");
+        assert!(e.contains("max_vm"), "{e}");
     }
 
     fn err(text: &str) -> String {

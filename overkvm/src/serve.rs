@@ -112,6 +112,15 @@ async fn serve(
         per_process: args.per_process,
         per_process_cap: args.per_process_cap,
         grace: args.grace,
+        latency_buckets: args
+            .latency_buckets
+            .or(config.export.latency_buckets)
+            .unwrap_or_default(),
+        max_vms: args
+            .max_vms
+            .map(|n| usize::try_from(n).unwrap_or(usize::MAX))
+            .or(config.export.max_vms)
+            .unwrap_or(crate::export::DEFAULT_MAX_VMS),
     }));
     let bound = listener.local_addr().unwrap_or(args.listen);
     eprintln!("overkvm-io serve: metrics on http://{bound}/metrics");

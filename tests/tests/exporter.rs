@@ -20,6 +20,9 @@ use overkvm_tests::{
 use serde_json::Value;
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// What Prometheus asks for first with native histograms on, and what it gets.
+const PROTOBUF: &str =
+    "application/vnd.google.protobuf; proto=io.prometheus.client.MetricFamily; encoding=delimited";
 
 /// Tools a test needs besides root and BTF; prints why and returns false when one is missing.
 fn have_tools(tools: &[&str]) -> bool {
@@ -224,6 +227,11 @@ struct Prometheus {
 
 impl Prometheus {
     fn start(dir: &Path, target: SocketAddr) -> Prometheus {
+        Self::start_with(dir, target, &[])
+    }
+
+    /// With extra command-line flags (feature flags).
+    fn start_with(dir: &Path, target: SocketAddr, flags: &[&str]) -> Prometheus {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let rules = packaging().join("prometheus/overkvm-alerts.yml");
         let config = dir.join("p.yml");
@@ -244,7 +252,8 @@ impl Prometheus {
                 "--storage.tsdb.path={}",
                 dir.join("data").display()
             ))
-            .arg(format!("--web.listen-address={addr}"));
+            .arg(format!("--web.listen-address={addr}"))
+            .args(flags);
         let mut p = Prometheus {
             addr,
             daemon: Daemon::spawn("prometheus", &mut cmd, dir.join("prometheus.log")),
@@ -478,8 +487,6 @@ fn vm_and_process_counts_read_back_through_prometheus_are_exact() {
             want.push((series("overkvm_vm_io_operations_total", &l), n as f64));
             want.push((series("overkvm_vm_io_bytes_total", &l), (n * 4096) as f64));
         }
-        let l = [("vm", vm.name.as_str()), ("device", &dev), ("op", "flush")];
-        want.push((series("overkvm_vm_io_operations_total", &l), 0.0));
     }
     let (r, w) = procs
         .iter()
@@ -491,6 +498,20 @@ fn vm_and_process_counts_read_back_through_prometheus_are_exact() {
     prom.wait_for(&want, Duration::from_secs(30));
     for (q, v) in &want {
         eprintln!("{q} = {v}");
+    }
+
+    // The series budget: no series for ops a VM never used, and at most 20 series for a VM
+    // doing reads and writes on one device (flush aside: the budget counts reads and writes).
+    for vm in &vms {
+        let unused = prom.query(&format!("{{vm=\"{}\",op=~\"discard|other\"}}", vm.name));
+        assert!(unused.is_empty(), "series of unused ops: {unused:?}");
+        let all = prom.value(&format!("count({{vm=\"{}\"}})", vm.name));
+        let budget = prom.value(&format!("count({{vm=\"{}\",op!=\"flush\"}})", vm.name));
+        eprintln!(
+            "{}: {all:?} series, {budget:?} without flush (reads and writes on {dev})",
+            vm.name
+        );
+        assert!(budget.is_some_and(|n| n <= 20.0), "{budget:?} series");
     }
 
     // Identity rides on the info metric, with the PID; the I/O series carry no PID.
@@ -665,6 +686,136 @@ fn an_exited_vm_keeps_its_final_io_then_expires_after_grace() {
         gone_after + Duration::from_millis(700) >= GRACE,
         "series gone {gone_after:?} after exit, before the {GRACE:?} grace"
     );
+    drop(lo);
+}
+
+/// Prometheus 2.42 with native histograms on asks for protobuf and keeps one series per
+/// latency histogram, whose count is every completion and whose sum is the kernel's.
+#[test]
+fn native_histograms_reach_prometheus_as_one_series_each() {
+    skip_unless_kernel!();
+    if !have_tools(&["prometheus"]) {
+        return;
+    }
+    let dir = TempDir::new("exporter-native");
+    let lo = LoopDevice::new(64).expect("loop device");
+    let dev = lo.name();
+    let exporter = Exporter::start(&dir.0, &["--grace", "60"]);
+    let prom = Prometheus::start_with(
+        &dir.0,
+        exporter.addr,
+        &["--enable-feature=native-histograms"],
+    );
+    let plan = VmPlan {
+        reads: 300,
+        writes: 200,
+        final_reads: 0,
+        final_writes: 0,
+        start_mb: 0,
+        len_mb: 32,
+    };
+    let name = format!("okvm-{}-native", std::process::id());
+    let mut vm = FakeVm::start(&dir.0, &name, &lo.path, &plan);
+    let sel = |op: &str| format!("{{vm=\"{name}\",device=\"{dev}\",op=\"{op}\"}}");
+    let want = [
+        (
+            format!(
+                "histogram_count(overkvm_vm_io_latency_seconds{})",
+                sel("read")
+            ),
+            plan.reads as f64,
+        ),
+        (
+            format!(
+                "histogram_count(overkvm_vm_io_latency_seconds{})",
+                sel("write")
+            ),
+            plan.writes as f64,
+        ),
+        (
+            format!("overkvm_vm_io_operations_total{}", sel("read")),
+            plan.reads as f64,
+        ),
+    ];
+    prom.wait_for(&want, Duration::from_secs(30));
+    // No classic series: one native series per histogram.
+    let classic = prom.query(&format!(
+        "{{__name__=~\"overkvm_vm_io_latency_seconds_(bucket|sum|count)\",vm=\"{name}\"}}"
+    ));
+    assert!(classic.is_empty(), "classic histogram series: {classic:?}");
+    let sum = prom.value(&format!(
+        "histogram_sum(overkvm_vm_io_latency_seconds{})",
+        sel("read")
+    ));
+    let p50 = prom.value(&format!(
+        "histogram_quantile(0.5, overkvm_vm_io_latency_seconds{})",
+        sel("read")
+    ));
+    let all = prom.value(&format!("count({{vm=\"{name}\"}})"));
+    eprintln!("native: read sum {sum:?} s, p50 {p50:?} s, {all:?} series for {name}");
+    assert!(
+        sum.is_some_and(|s| s > 0.0 && s < plan.reads as f64),
+        "{sum:?}"
+    );
+    assert!(p50.is_some_and(|v| v > 0.0 && v < 1.0), "{p50:?}");
+    assert!(all.is_some_and(|n| n <= 10.0), "{all:?} series");
+    let (head, _) = exporter.metrics(Some(
+        "application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;encoding=delimited",
+    ));
+    assert!(
+        head.contains(&format!("content-type: {}", PROTOBUF.to_ascii_lowercase())),
+        "{head}"
+    );
+    vm.finish();
+    drop(lo);
+}
+
+/// Over `--max-vms`, VMs are left out of `/metrics`, counted and logged, never all exported.
+#[test]
+fn vms_over_the_cap_are_left_out_and_counted() {
+    skip_unless_kernel!();
+    let dir = TempDir::new("exporter-cap");
+    let lo = LoopDevice::new(64).expect("loop device");
+    let exporter = Exporter::start(&dir.0, &["--max-vms", "1"]);
+    let plan = |start_mb| VmPlan {
+        reads: 100,
+        writes: 20,
+        final_reads: 0,
+        final_writes: 0,
+        start_mb,
+        len_mb: 16,
+    };
+    let tag = std::process::id();
+    let mut vms: Vec<FakeVm> = (0..2)
+        .map(|i| {
+            FakeVm::start(
+                &dir.0,
+                &format!("okvm-{tag}-cap{i}"),
+                &lo.path,
+                &plan(16 * i),
+            )
+        })
+        .collect();
+    // Other VMs on the host (concurrent tests) count too: at least our two are known.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let body = loop {
+        let (_, body) = exporter.metrics(None);
+        if metric_value(&body, "overkvm_exporter_vms_dropped").is_some_and(|n| n >= 1.0) {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "nothing dropped:\n{body}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let infos = body
+        .lines()
+        .filter(|l| l.starts_with("overkvm_vm_info{"))
+        .count();
+    assert_eq!(infos, 1, "exported VMs with --max-vms 1:\n{body}");
+    let log = exporter.daemon.log();
+    assert!(log.contains("over the cap"), "no log line:\n{log}");
+    for vm in &mut vms {
+        vm.finish();
+    }
     drop(lo);
 }
 

@@ -51,6 +51,10 @@ use super::Exporter;
 pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 /// Content type of the classic text format (curl, browsers, promtool).
 pub const TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// Content type of Prometheus's protobuf format, which Prometheus asks for first when native
+/// histograms are on (`--enable-feature=native-histograms`).
+pub const PROTOBUF: &str =
+    "application/vnd.google.protobuf; proto=io.prometheus.client.MetricFamily; encoding=delimited";
 
 /// What a connection over the cap gets before it is closed.
 const REFUSAL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
@@ -150,12 +154,66 @@ async fn metrics(State(exporter): State<Arc<Exporter>>, headers: HeaderMap) -> R
         .get_all(ACCEPT)
         .iter()
         .filter_map(|v| v.to_str().ok());
-    let (content_type, body) = if accepts_openmetrics(accept) {
-        (OPENMETRICS, page.openmetrics.clone())
-    } else {
-        (TEXT, page.text())
+    let (content_type, body) = match negotiate(accept) {
+        Format::Protobuf => match exporter.protobuf(&page) {
+            Some(body) => (PROTOBUF, body),
+            None => (OPENMETRICS, exporter.openmetrics(&page)),
+        },
+        Format::OpenMetrics => (OPENMETRICS, exporter.openmetrics(&page)),
+        Format::Text => (TEXT, exporter.text(&page)),
     };
     ([(CONTENT_TYPE, content_type), (VARY, "Accept")], body).into_response()
+}
+
+/// The formats `/metrics` speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Format {
+    Protobuf,
+    OpenMetrics,
+    Text,
+}
+
+/// The format for an Accept header: the listed one of highest quality among protobuf
+/// (delimited `io.prometheus.client.MetricFamily` only) and OpenMetrics, protobuf on a tie;
+/// the classic text format when neither is listed with a quality above 0.
+fn negotiate<'a>(values: impl Iterator<Item = &'a str>) -> Format {
+    let mut best: Option<(f64, Format)> = None;
+    for range in values.flat_map(|v| v.split(',')) {
+        let mut parts = range.split(';').map(str::trim);
+        let media = parts.next().unwrap_or("");
+        let mut q = 1.0;
+        let (mut proto, mut delimited) = (false, false);
+        for p in parts {
+            let Some((k, v)) = p.split_once('=') else {
+                continue;
+            };
+            let v = v.trim().trim_matches('"');
+            match k.trim().to_ascii_lowercase().as_str() {
+                "q" => q = v.parse::<f64>().unwrap_or(0.0),
+                "proto" => proto = v == "io.prometheus.client.MetricFamily",
+                "encoding" => delimited = v == "delimited",
+                _ => {}
+            }
+        }
+        let format = if media.eq_ignore_ascii_case("application/openmetrics-text") {
+            Format::OpenMetrics
+        } else if media.eq_ignore_ascii_case("application/vnd.google.protobuf")
+            && proto
+            && delimited
+        {
+            Format::Protobuf
+        } else {
+            continue;
+        };
+        let better = match best {
+            None => true,
+            Some((bq, bf)) => q > bq || (q == bq && format == Format::Protobuf && bf != format),
+        };
+        if q > 0.0 && better {
+            best = Some((q, format));
+        }
+    }
+    best.map_or(Format::Text, |(_, f)| f)
 }
 
 async fn not_found() -> (StatusCode, &'static str) {
@@ -163,20 +221,6 @@ async fn not_found() -> (StatusCode, &'static str) {
         StatusCode::NOT_FOUND,
         "not found: metrics are at /metrics\n",
     )
-}
-
-/// Whether an Accept header lists OpenMetrics text with a non-zero quality.
-fn accepts_openmetrics<'a>(values: impl Iterator<Item = &'a str>) -> bool {
-    values.flat_map(|v| v.split(',')).any(|range| {
-        let mut parts = range.split(';').map(str::trim);
-        let media = parts.next().unwrap_or("");
-        media.eq_ignore_ascii_case("application/openmetrics-text")
-            && !parts.any(|p| {
-                p.strip_prefix("q=")
-                    .and_then(|q| q.parse::<f64>().ok())
-                    .is_some_and(|q| q <= 0.0)
-            })
-    })
 }
 
 /// Accepts every connection; serves those that get one of `max_connections` slots and refuses
@@ -467,6 +511,8 @@ mod tests {
             per_process: false,
             per_process_cap: 10,
             grace: Duration::from_secs(60),
+            latency_buckets: crate::export::latency::LatencyBuckets::Compact,
+            max_vms: crate::export::DEFAULT_MAX_VMS,
         }));
         let procs = FakeProcs::default();
         procs.start(100, 1);
@@ -695,6 +741,8 @@ mod tests {
             per_process: false,
             per_process_cap: 10,
             grace: Duration::from_secs(60),
+            latency_buckets: crate::export::latency::LatencyBuckets::Full,
+            max_vms: usize::MAX,
         }));
         let procs = FakeProcs::default();
         let mut rows = Vec::new();
@@ -705,7 +753,7 @@ mod tests {
             }
         }
         e.update_with(&tick(std::time::Instant::now(), rows), &procs);
-        let size = e.published().text().len();
+        let size = e.text(&e.published()).len();
         let addr = start_with(e.clone(), short()).await;
         let (got, took) = tokio::task::spawn_blocking(move || {
             let mut s = StdStream::connect(addr).expect("connect");
@@ -765,11 +813,39 @@ mod tests {
 
     #[test]
     fn accept_header_parsing() {
-        let ok = |s: &str| accepts_openmetrics(std::iter::once(s));
+        let f = |s: &str| negotiate(std::iter::once(s));
+        let ok = |s: &str| f(s) == Format::OpenMetrics;
         assert!(ok("application/openmetrics-text; version=1.0.0"));
         assert!(ok("text/plain;q=0.5, Application/OpenMetrics-Text;q=0.2"));
         assert!(!ok("application/openmetrics-text;q=0"));
-        assert!(!ok("text/plain"));
-        assert!(!ok("*/*"));
+        assert_eq!(f("text/plain"), Format::Text);
+        assert_eq!(f("*/*"), Format::Text);
+        // Prometheus 2.42 with --enable-feature=native-histograms, and without.
+        assert_eq!(
+            f(
+                "application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;\
+               encoding=delimited,application/openmetrics-text;version=1.0.0;q=0.8,\
+               application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,\
+               */*;q=0.1"
+            ),
+            Format::Protobuf
+        );
+        assert!(ok(
+            "application/openmetrics-text;version=1.0.0,application/openmetrics-text;\
+             version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+        ));
+        // Protobuf of another message or framing is not ours; a higher quality wins.
+        assert_eq!(
+            f("application/vnd.google.protobuf;proto=openmetrics.MetricSet;encoding=delimited"),
+            Format::Text
+        );
+        assert_eq!(
+            f("application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily"),
+            Format::Text
+        );
+        assert!(ok(
+            "application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;\
+             encoding=delimited;q=0.5,application/openmetrics-text"
+        ));
     }
 }

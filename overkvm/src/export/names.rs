@@ -102,12 +102,6 @@ use label::*;
 
 const VM_DEV_OP: &[&str] = &[VM, DEVICE, OP];
 
-/// Latency histogram buckets: the kernel's log2 buckets `FIRST..=LAST` become `le` bounds of
-/// 2^(i+1) ns, from 2^10 ns (1.024 µs) to 2^35 ns (34.4 s); faster I/O is counted in the
-/// first bucket and slower I/O in `+Inf`, so counts and sums stay exact.
-pub const LATENCY_FIRST_BUCKET: u32 = 9;
-pub const LATENCY_LAST_BUCKET: u32 = 34;
-
 pub const VM_IO_OPERATIONS: Metric = Metric {
     name: "vm_io_operations",
     kind: Kind::Counter,
@@ -129,7 +123,7 @@ pub const VM_IO_LATENCY: Metric = Metric {
     kind: Kind::Histogram,
     unit: Some(BaseUnit::Seconds),
     labels: VM_DEV_OP,
-    help: "Block I/O latency of a VM's requests from submission to completion, in log2 buckets.",
+    help: "Block I/O latency of a VM's requests from submission to completion (buckets: see --latency-buckets).",
 };
 
 pub const VM_INFO: Metric = Metric {
@@ -308,6 +302,14 @@ pub const EXPORTER_CONNECTIONS_DROPPED: Metric = Metric {
     help: "Connections to /metrics the exporter closed: too slow to send a request or read a response (timeout), or a request over the size limit (oversized).",
 };
 
+pub const EXPORTER_VMS_DROPPED: Metric = Metric {
+    name: "exporter_vms_dropped",
+    kind: Kind::Gauge,
+    unit: None,
+    labels: &[],
+    help: "VMs left out of /metrics at the last tick because more than --max-vms are known (the least busy are left out).",
+};
+
 pub const EXPORTER_INFO: Metric = Metric {
     name: "exporter_info",
     kind: Kind::Gauge,
@@ -423,6 +425,7 @@ pub const ALL: &[Metric] = &[
     EXPORTER_CONNECTIONS,
     EXPORTER_CONNECTIONS_REFUSED,
     EXPORTER_CONNECTIONS_DROPPED,
+    EXPORTER_VMS_DROPPED,
     EXPORTER_INFO,
     THROTTLE_LIMIT_IOPS,
     THROTTLE_LIMIT_BPS,

@@ -6,16 +6,17 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use overkvm_common::{Health, LAT_BUCKETS, Op, bucket_upper_ns};
+use overkvm_common::{Health, Op};
 use prometheus_client::{
     collector::Collector,
     encoding::{
         DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, LabelValueEncoder, MetricEncoder,
-        NoLabelSet,
+        NativeHistogram, NativeHistogramBuckets, NoLabelSet,
     },
 };
 
 use super::{
+    latency::{self, LatencyBuckets},
     lock,
     names::{self, Metric},
     totals::{LatencyTotals, OpTotals, Totals},
@@ -26,7 +27,8 @@ use crate::identity::Manager;
 /// lines and cgroup paths, which anyone starting a process chooses.
 const MAX_LABEL_BYTES: usize = 256;
 
-/// A label value, escaped for the text formats (prometheus-client writes values raw).
+/// A label value, cut to `MAX_LABEL_BYTES`. The text encoders escape it themselves; the
+/// protobuf format carries it raw.
 struct Lv<'a>(&'a str);
 
 impl EncodeLabelValue for Lv<'_> {
@@ -35,20 +37,7 @@ impl EncodeLabelValue for Lv<'_> {
         while !self.0.is_char_boundary(end) {
             end -= 1;
         }
-        let v = &self.0[..end];
-        let mut start = 0;
-        for (i, c) in v.char_indices() {
-            let esc = match c {
-                '\\' => "\\\\",
-                '"' => "\\\"",
-                '\n' => "\\n",
-                _ => continue,
-            };
-            enc.write_str(&v[start..i])?;
-            enc.write_str(esc)?;
-            start = i + c.len_utf8();
-        }
-        enc.write_str(&v[start..])
+        enc.write_str(&self.0[..end])
     }
 }
 
@@ -63,13 +52,29 @@ fn manager_name(m: Manager) -> &'static str {
 
 /// Renders the exporter's totals on every encode; registered once in the registry.
 #[derive(Debug)]
-pub(super) struct TotalsCollector(pub Arc<Mutex<Totals>>);
+pub(super) struct TotalsCollector {
+    pub totals: Arc<Mutex<Totals>>,
+    pub latency: LatencyBuckets,
+    /// Add native buckets to histograms (only the protobuf format carries them).
+    pub native: bool,
+}
 
 impl Collector for TotalsCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
-        let t = lock(&self.0);
-        encode_totals(&t, &mut enc)
+        let t = lock(&self.totals);
+        let shape = Shape {
+            latency: self.latency,
+            native: self.native,
+        };
+        encode_totals(&t, shape, &mut enc)
     }
+}
+
+/// How histograms are rendered.
+#[derive(Clone, Copy, Debug)]
+struct Shape {
+    latency: LatencyBuckets,
+    native: bool,
 }
 
 /// The daemon's own timing and its endpoint's connections, kept outside the totals so that
@@ -150,62 +155,98 @@ fn gauge<V: prometheus_client::encoding::EncodeGaugeValue>(
 /// Ops whose bytes mean something.
 const BYTE_OPS: [Op; 3] = [Op::Read, Op::Write, Op::Discard];
 
-/// Histogram buckets in seconds: `(le, count in this bucket only)`, the last one `+Inf`.
-fn latency_buckets(h: &LatencyTotals) -> Vec<(f64, u64)> {
-    let first = names::LATENCY_FIRST_BUCKET as usize;
-    let last = names::LATENCY_LAST_BUCKET as usize;
-    let mut out = Vec::with_capacity(last - first + 2);
-    let below: u64 = h.buckets[..=first].iter().sum();
-    out.push((bucket_upper_ns(first as u32) as f64 / 1e9, below));
-    for i in first + 1..=last {
-        out.push((bucket_upper_ns(i as u32) as f64 / 1e9, h.buckets[i]));
+/// One latency histogram: classic buckets as `shape` says (what the text formats carry) and,
+/// for the protobuf format, the kernel's log2 buckets as a native histogram (Prometheus with
+/// native histograms on keeps one series for it).
+fn histogram(
+    m: &mut MetricEncoder,
+    labels: &impl EncodeLabelSet,
+    h: &LatencyTotals,
+    shape: Shape,
+) -> fmt::Result {
+    let sum = h.sum_ns as f64 / 1e9;
+    let classic = latency::classic(h, shape.latency.edges());
+    let mut m = m.encode_family(labels)?;
+    if !shape.native {
+        return m.encode_histogram::<NoLabelSet>(sum, h.count(), &classic, None);
     }
-    let above: u64 = h.buckets[last + 1..LAT_BUCKETS as usize].iter().sum();
-    out.push((f64::MAX, above));
-    out
+    let native = latency::native(h);
+    m.encode_histogram_with_native::<NoLabelSet>(
+        sum,
+        h.count(),
+        &classic,
+        None,
+        NativeHistogram {
+            schema: latency::NATIVE_SCHEMA,
+            zero_threshold: native.zero_threshold,
+            zero_count: native.zero_count,
+            negative: NativeHistogramBuckets {
+                spans: &[],
+                deltas: &[],
+            },
+            positive: NativeHistogramBuckets {
+                spans: &native.spans,
+                deltas: &native.deltas,
+            },
+            created: None,
+        },
+    )
 }
 
-fn encode_totals(t: &Totals, enc: &mut DescriptorEncoder) -> fmt::Result {
+fn encode_totals(t: &Totals, shape: Shape, enc: &mut DescriptorEncoder) -> fmt::Result {
     use names::label::*;
     let vms = t.vms();
-    let has_vm_devices = vms.iter().any(|v| !v.devices.is_empty());
+    let any_vm_device = |f: &dyn Fn(&super::totals::VmDevice) -> bool| {
+        vms.iter().any(|v| v.devices.values().any(f))
+    };
+    let has_vm_ops = any_vm_device(&|d| d.io.iter().any(|c| c.ops > 0));
+    let has_vm_bytes = any_vm_device(&|d| {
+        BYTE_OPS
+            .iter()
+            .any(|op| d.io[*op as usize].ops > 0 || d.io[*op as usize].bytes > 0)
+    });
+    let has_vm_latency = any_vm_device(&|d| d.latency.iter().any(|h| h.count() > 0));
 
-    if let Some(mut m) = family(enc, &names::VM_IO_OPERATIONS, has_vm_devices)? {
+    // Per VM, only the ops the VM used: a series that is zero forever costs the same as one
+    // that counts. An op's series appear with its first operation (histograms: completion).
+    if let Some(mut m) = family(enc, &names::VM_IO_OPERATIONS, has_vm_ops)? {
         for vm in &vms {
             for (dev, d) in &vm.devices {
                 for op in Op::ALL {
+                    let c = d.io[op as usize];
+                    if c.ops == 0 {
+                        continue;
+                    }
                     let l = [(VM, Lv(&vm.label)), (DEVICE, Lv(dev)), (OP, Lv(op.name()))];
-                    counter(&mut m, &l, d.io[op as usize].ops)?;
+                    counter(&mut m, &l, c.ops)?;
                 }
             }
         }
     }
-    if let Some(mut m) = family(enc, &names::VM_IO_BYTES, has_vm_devices)? {
+    if let Some(mut m) = family(enc, &names::VM_IO_BYTES, has_vm_bytes)? {
         for vm in &vms {
             for (dev, d) in &vm.devices {
                 for op in BYTE_OPS {
+                    let c = d.io[op as usize];
+                    if c.ops == 0 && c.bytes == 0 {
+                        continue;
+                    }
                     let l = [(VM, Lv(&vm.label)), (DEVICE, Lv(dev)), (OP, Lv(op.name()))];
-                    counter(&mut m, &l, d.io[op as usize].bytes)?;
+                    counter(&mut m, &l, c.bytes)?;
                 }
             }
         }
     }
-    if let Some(mut m) = family(enc, &names::VM_IO_LATENCY, has_vm_devices)? {
+    if let Some(mut m) = family(enc, &names::VM_IO_LATENCY, has_vm_latency)? {
         for vm in &vms {
             for (dev, d) in &vm.devices {
                 for op in Op::ALL {
                     let h = &d.latency[op as usize];
-                    // Reads and writes always; rarer ops once they have completions.
-                    if !matches!(op, Op::Read | Op::Write) && h.count() == 0 {
+                    if h.count() == 0 {
                         continue;
                     }
                     let l = [(VM, Lv(&vm.label)), (DEVICE, Lv(dev)), (OP, Lv(op.name()))];
-                    m.encode_family(&l)?.encode_histogram::<NoLabelSet>(
-                        h.sum_ns as f64 / 1e9,
-                        h.count(),
-                        &latency_buckets(h),
-                        None,
-                    )?;
+                    histogram(&mut m, &l, h, shape)?;
                 }
             }
         }
@@ -311,6 +352,9 @@ fn encode_totals(t: &Totals, enc: &mut DescriptorEncoder) -> fmt::Result {
     }
     if let Some(mut m) = family(enc, &names::TICKS, true)? {
         m.encode_counter::<NoLabelSet, _, f64>(&s.ticks, None)?;
+    }
+    if let Some(mut m) = family(enc, &names::EXPORTER_VMS_DROPPED, true)? {
+        m.encode_gauge(&(t.vms_dropped as i64))?;
     }
     if let Some(mut m) = family(enc, &names::EXPORTER_INFO, true)? {
         let l = [
@@ -446,12 +490,157 @@ mod tests {
         tick::{ActiveLimit, BudgetUse, ThrottleView},
     };
 
-    fn render(t: Totals) -> String {
+    fn registry(t: Totals, latency: LatencyBuckets, native: bool) -> Registry {
         let mut reg = Registry::with_prefix(names::PREFIX);
-        reg.register_collector(Box::new(TotalsCollector(Arc::new(Mutex::new(t)))));
+        reg.register_collector(Box::new(TotalsCollector {
+            totals: Arc::new(Mutex::new(t)),
+            latency,
+            native,
+        }));
+        reg
+    }
+
+    fn render_with(t: Totals, latency: LatencyBuckets) -> String {
         let mut s = String::new();
-        encode(&mut s, &reg).expect("encoding");
+        encode(&mut s, &registry(t, latency, false)).expect("encoding");
         s
+    }
+
+    fn render(t: Totals) -> String {
+        render_with(t, LatencyBuckets::Full)
+    }
+
+    fn retention() -> Retention {
+        Retention {
+            per_process: false,
+            per_process_cap: 5,
+            grace: Duration::from_secs(60),
+            max_vms: 2000,
+        }
+    }
+
+    /// Series of a VM: every sample line that names it.
+    fn vm_series<'a>(text: &'a str, vm: &str) -> Vec<&'a str> {
+        let label = format!("vm=\"{vm}\"");
+        text.lines()
+            .filter(|l| !l.starts_with('#') && l.contains(&label))
+            .collect()
+    }
+
+    #[test]
+    fn a_vm_doing_reads_and_writes_exports_at_most_20_series() {
+        let procs = FakeProcs::default();
+        procs.start(100, 1);
+        let mut t = Totals::new(retention());
+        t.apply(
+            &tick(Instant::now(), vec![row(100, Some("web"), "vda", 10, 4)]),
+            &procs,
+        );
+        let text = render_with(t, LatencyBuckets::Compact);
+        let series = vm_series(&text, "web");
+        assert!(
+            series.len() <= 20,
+            "{} series:\n{}",
+            series.len(),
+            series.join("\n")
+        );
+        // vm_info, ops and bytes of reads and writes, two histograms of 4 bounds + +Inf + sum
+        // + count; nothing for the ops the VM never used.
+        assert_eq!(series.len(), 1 + 2 + 2 + 2 * 7, "{}", series.join("\n"));
+        for op in ["discard", "flush", "other"] {
+            assert!(
+                !series.iter().any(|l| l.contains(&format!("op=\"{op}\""))),
+                "{op}: {}",
+                series.join("\n")
+            );
+        }
+        let vm = r#"vm="web",device="vda""#;
+        let bucket = |op: &str, le: &str| {
+            sample(
+                &text,
+                &format!(r#"overkvm_vm_io_latency_seconds_bucket{{le="{le}",{vm},op="{op}"}}"#),
+            )
+        };
+        // Reads took 3 µs, writes 1.5 ms (the rows' histograms).
+        assert_eq!(bucket("read", "0.000065536"), Some("10".into()), "{text}");
+        assert_eq!(bucket("write", "0.001048576"), Some("0".into()));
+        assert_eq!(bucket("write", "0.016777216"), Some("4".into()));
+        assert_eq!(bucket("write", "+Inf"), Some("4".into()));
+        assert_eq!(
+            sample(
+                &text,
+                &format!(r#"overkvm_vm_io_latency_seconds_sum{{{vm},op="write"}}"#)
+            ),
+            Some("0.006".into())
+        );
+        assert_eq!(
+            sample(&text, "overkvm_exporter_vms_dropped"),
+            Some("0".into())
+        );
+    }
+
+    #[test]
+    fn full_buckets_keep_every_log2_bucket() {
+        let procs = FakeProcs::default();
+        procs.start(100, 1);
+        let mut t = Totals::new(retention());
+        t.apply(
+            &tick(Instant::now(), vec![row(100, Some("web"), "vda", 10, 4)]),
+            &procs,
+        );
+        let text = render_with(t, LatencyBuckets::Full);
+        // 26 bounds + +Inf + sum + count per op.
+        assert_eq!(vm_series(&text, "web").len(), 1 + 2 + 2 + 2 * 29);
+    }
+
+    #[test]
+    fn protobuf_carries_one_native_histogram_per_op_with_exact_sum_and_count() {
+        use prometheus_client::encoding::prometheus_protobuf;
+        let procs = FakeProcs::default();
+        procs.start(100, 1);
+        let mut t = Totals::new(retention());
+        let mut r = row(100, Some("web"), "vda", 10, 4);
+        r.latency[Op::Read as usize].record(100_000_000, 2); // 100 ms, kernel bucket 26
+        t.apply(&tick(Instant::now(), vec![r]), &procs);
+        let families = prometheus_protobuf::encode(&registry(t, LatencyBuckets::Compact, true))
+            .expect("encoding");
+        let lat = families
+            .iter()
+            .find(|f| f.name == "overkvm_vm_io_latency_seconds")
+            .expect("latency family");
+        assert_eq!(lat.metric.len(), 2, "read and write only");
+        let read = lat
+            .metric
+            .iter()
+            .find(|m| m.label.iter().any(|l| l.name == "op" && l.value == "read"))
+            .and_then(|m| m.histogram.as_ref())
+            .expect("read histogram");
+        assert_eq!(read.sample_count, 12);
+        assert!((read.sample_sum - (10.0 * 3e-6 + 2.0 * 0.1)).abs() < 1e-12);
+        assert_eq!(read.schema, 0);
+        assert!(read.zero_threshold > 0.0);
+        // 3 µs is kernel bucket 11 (native -18), 100 ms bucket 26 (native -3).
+        let spans: Vec<(i32, u32)> = read
+            .positive_span
+            .iter()
+            .map(|s| (s.offset, s.length))
+            .collect();
+        assert_eq!(spans, [(-18, 1), (14, 1)]);
+        assert_eq!(read.positive_delta, [10, -8]);
+        // The classic buckets ride along (Prometheus keeps them only when asked to).
+        assert_eq!(read.bucket.len(), 5);
+        assert_eq!(read.bucket[4].cumulative_count, 12);
+        // Names as in the text formats, counters with _total.
+        assert!(
+            families
+                .iter()
+                .any(|f| f.name == "overkvm_vm_io_operations_total")
+        );
+        let ops = families
+            .iter()
+            .find(|f| f.name == "overkvm_vm_io_operations_total")
+            .expect("ops");
+        assert_eq!(ops.metric.len(), 2, "read and write only");
     }
 
     fn sample(text: &str, series: &str) -> Option<String> {
@@ -468,8 +657,7 @@ mod tests {
         procs.start(100, 1);
         let mut t = Totals::new(Retention {
             per_process: true,
-            per_process_cap: 5,
-            grace: Duration::from_secs(60),
+            ..retention()
         });
         let mut r = row(100, Some("web\"01\\\nx"), "vda", 10, 4);
         r.latency[Op::Read as usize].record(5, 1); // 5 ns: below the first bound
@@ -578,11 +766,7 @@ mod tests {
     fn long_label_values_are_cut_at_a_character_boundary() {
         let procs = FakeProcs::default();
         procs.start(100, 1);
-        let mut t = Totals::new(Retention {
-            per_process: false,
-            per_process_cap: 5,
-            grace: Duration::from_secs(60),
-        });
+        let mut t = Totals::new(retention());
         let name = "é".repeat(300);
         t.apply(
             &tick(Instant::now(), vec![row(100, Some(&name), "vda", 1, 0)]),

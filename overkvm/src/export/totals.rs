@@ -124,6 +124,41 @@ pub struct VmSeries {
     pub cgroup: String,
     pub devices: BTreeMap<String, VmDevice>,
     last_alive: Instant,
+    /// Operations per tick, exponentially decayed (half-life `ACTIVITY_HALF_LIFE_TICKS`):
+    /// what the cap on exported VMs ranks by.
+    activity: f64,
+    /// Among the VMs `/metrics` shows (see [`select_exported`]).
+    exported: bool,
+}
+
+/// Ticks over which a VM's activity halves: a minute at the default 1 s interval, so a burst
+/// counts for a while, and a VM that turns clearly busier than the quietest exported one
+/// takes its slot within a few ticks.
+const ACTIVITY_HALF_LIFE_TICKS: f64 = 60.0;
+
+/// How much busier than an exported VM a left-out one must be to take its slot, so that VMs
+/// of nearly equal activity at the edge do not swap in and out (each swap ends one VM's
+/// series and starts another's).
+const KEEP_EXPORTED_BONUS: f64 = 1.25;
+
+/// Marks the VMs `/metrics` shows: all of them up to `cap`, else the `cap` busiest by decayed
+/// activity (an exported VM's counted `KEEP_EXPORTED_BONUS` times), ties broken by label, so
+/// that the same ticks always give the same choice. Returns how many are left out.
+pub fn select_exported<'a>(vms: impl Iterator<Item = &'a mut VmSeries>, cap: usize) -> usize {
+    let mut all: Vec<&mut VmSeries> = vms.collect();
+    if all.len() > cap {
+        let rank = |v: &VmSeries| v.activity * if v.exported { KEEP_EXPORTED_BONUS } else { 1.0 };
+        all.sort_by(|a, b| {
+            rank(b)
+                .total_cmp(&rank(a))
+                .then_with(|| a.label.cmp(&b.label))
+        });
+    }
+    let dropped = all.len().saturating_sub(cap);
+    for (i, vm) in all.into_iter().enumerate() {
+        vm.exported = i < cap;
+    }
+    dropped
 }
 
 /// Non-VM processes of one name.
@@ -167,6 +202,8 @@ pub struct Retention {
     pub per_process: bool,
     pub per_process_cap: usize,
     pub grace: Duration,
+    /// Most VMs exported; the least busy beyond it are left out (and counted).
+    pub max_vms: usize,
 }
 
 /// The latest values of the daemon's own gauges and cumulative counters.
@@ -192,6 +229,8 @@ pub struct Totals {
     pub devices: BTreeMap<String, OpTotals>,
     pub processes: BTreeMap<String, ProcessSeries>,
     pub process_dropped_ops: u64,
+    /// VMs known but left out of `/metrics` by the cap, as of the last tick.
+    pub vms_dropped: usize,
     pub stats: SelfStats,
 }
 
@@ -204,6 +243,7 @@ impl Totals {
             devices: BTreeMap::new(),
             processes: BTreeMap::new(),
             process_dropped_ops: 0,
+            vms_dropped: 0,
             stats: SelfStats::default(),
         }
     }
@@ -213,9 +253,9 @@ impl Totals {
         self.retention.per_process
     }
 
-    /// The exported VMs, ordered by label.
+    /// The exported VMs (at most the cap), ordered by label.
     pub fn vms(&self) -> Vec<&VmSeries> {
-        let mut v: Vec<&VmSeries> = self.vms.values().collect();
+        let mut v: Vec<&VmSeries> = self.vms.values().filter(|s| s.exported).collect();
         v.sort_by(|a, b| a.label.cmp(&b.label));
         v
     }
@@ -230,6 +270,10 @@ impl Totals {
         let grace = self.retention.grace;
         self.processes
             .retain(|_, p| now.saturating_duration_since(p.last_io) <= grace);
+        let decay = 0.5f64.powf(1.0 / ACTIVITY_HALF_LIFE_TICKS);
+        for vm in self.vms.values_mut() {
+            vm.activity *= decay;
+        }
 
         // VM rows sort first (report::row_order), so a PID resolved as a VM on one device is
         // mapped before a row of the same PID that exited while the report was being built.
@@ -245,6 +289,7 @@ impl Totals {
                     .entry(row.device.clone())
                     .or_default()
                     .add(row);
+                series.activity += row.counts.total_ops() as f64;
                 alive_vm_pids.insert(row.pid);
                 continue;
             }
@@ -257,6 +302,7 @@ impl Totals {
                         .entry(row.device.clone())
                         .or_default()
                         .add(row);
+                    series.activity += row.counts.total_ops() as f64;
                 }
                 harvested.insert(row.pid);
                 continue;
@@ -272,6 +318,7 @@ impl Totals {
         }
         self.sweep_pids(&alive_vm_pids, tick_no, now, procs);
         self.expire(now);
+        self.apply_cap();
 
         for d in &report.devices {
             add_counts(self.devices.entry(d.device.clone()).or_default(), &d.counts);
@@ -283,6 +330,24 @@ impl Totals {
         self.stats.health_total = tick.health_total;
         self.stats.sample_seconds = tick.sample_seconds;
         self.stats.throttle.clone_from(&tick.throttle);
+    }
+
+    /// Chooses the exported VMs and says so in the log when the cap starts or stops leaving
+    /// VMs out (not on every tick: the gauge has the current figure).
+    fn apply_cap(&mut self) {
+        let cap = self.retention.max_vms;
+        let before = self.vms_dropped;
+        self.vms_dropped = select_exported(self.vms.values_mut(), cap);
+        match (before, self.vms_dropped) {
+            (0, 0) => {}
+            (0, n) => log::warn!(
+                "{} VMs on this host, over the cap of {cap} exported VMs (--max-vms): the {n} \
+                 least busy are left out of /metrics (overkvm_exporter_vms_dropped)",
+                self.vms.len()
+            ),
+            (_, 0) => log::info!("every VM is exported again ({} VMs)", self.vms.len()),
+            _ => {}
+        }
     }
 
     fn note_vm_pid(&mut self, pid: u32, key: &VmKey, procs: &impl ProcessTable) {
@@ -317,6 +382,8 @@ impl Totals {
             cgroup: row.cgroup.clone(),
             devices: BTreeMap::new(),
             last_alive: now,
+            activity: 0.0,
+            exported: false,
         });
         s.manager = vm.manager;
         s.pid = row.pid;
@@ -534,6 +601,7 @@ pub(crate) mod tests {
             per_process: false,
             per_process_cap: 10,
             grace: Duration::from_secs(grace_s),
+            max_vms: 2000,
         })
     }
 
@@ -716,6 +784,7 @@ pub(crate) mod tests {
             per_process: true,
             per_process_cap: 10,
             grace: Duration::from_secs(300),
+            max_vms: 2000,
         });
         let t0 = Instant::now();
         t.apply(&tick(t0, vec![row(100, Some("a"), "vda", 10, 0)]), &procs);
@@ -775,6 +844,7 @@ pub(crate) mod tests {
             per_process: true,
             per_process_cap: 2,
             grace: Duration::from_secs(3),
+            max_vms: 2000,
         });
         let t0 = Instant::now();
         t.apply(
@@ -811,6 +881,84 @@ pub(crate) mod tests {
         off.apply(&tick(t0, vec![row(1, None, "vda", 1, 0)]), &procs);
         assert!(off.processes.is_empty());
         assert_eq!(off.process_dropped_ops, 0);
+    }
+
+    fn exported_labels(t: &Totals) -> Vec<&str> {
+        t.vms().into_iter().map(|v| v.label.as_str()).collect()
+    }
+
+    #[test]
+    fn the_cap_keeps_the_busiest_vms_and_counts_the_rest() {
+        let procs = FakeProcs::default();
+        for pid in 1..=5 {
+            procs.start(pid, 1);
+        }
+        let mut t = Totals::new(Retention {
+            per_process: false,
+            per_process_cap: 10,
+            grace: Duration::from_secs(300),
+            max_vms: 3,
+        });
+        let t0 = Instant::now();
+        let rows = |ops: [u64; 5]| -> Vec<ProcessRow> {
+            ["a", "b", "c", "d", "e"]
+                .iter()
+                .zip(ops)
+                .enumerate()
+                .map(|(i, (name, n))| row(i as u32 + 1, Some(name), "vda", n, 0))
+                .collect()
+        };
+        t.apply(&tick(t0, rows([1, 5, 3, 5, 0])), &procs);
+        assert_eq!(exported_labels(&t), ["b", "c", "d"]);
+        assert_eq!(t.vms_dropped, 2);
+        // Equal activity: the label decides, the same way every time.
+        let mut same = totals(300);
+        same.retention.max_vms = 2;
+        same.apply(&tick(t0, rows([2, 2, 2, 2, 2])), &procs);
+        assert_eq!(exported_labels(&same), ["a", "b"]);
+
+        // "a" turns busy: it takes the slot of the quietest, and its counts (kept while it
+        // was left out) are whole.
+        for s in 1..=3 {
+            t.apply(&tick(secs(t0, s), rows([100, 5, 0, 5, 0])), &procs);
+        }
+        assert_eq!(exported_labels(&t), ["a", "b", "d"]);
+        assert_eq!(reads(&t, "a", "vda"), Some(301));
+        assert_eq!(reads(&t, "c", "vda"), None, "left out");
+        assert_eq!(t.vms_dropped, 2);
+
+        // Under the cap, every VM is exported and nothing is counted as dropped.
+        t.retention.max_vms = 10;
+        t.apply(&tick(secs(t0, 4), vec![]), &procs);
+        assert_eq!(exported_labels(&t), ["a", "b", "c", "d", "e"]);
+        assert_eq!(t.vms_dropped, 0);
+        assert_eq!(reads(&t, "c", "vda"), Some(3));
+    }
+
+    #[test]
+    fn a_vm_left_out_takes_a_slot_only_when_clearly_busier() {
+        let procs = FakeProcs::default();
+        procs.start(1, 1);
+        procs.start(2, 1);
+        let mut t = totals(300);
+        t.retention.max_vms = 1;
+        let t0 = Instant::now();
+        let rows = |x: u64, y: u64| {
+            vec![
+                row(1, Some("x"), "vda", x, 0),
+                row(2, Some("y"), "vda", y, 0),
+            ]
+        };
+        t.apply(&tick(t0, rows(10, 0)), &procs);
+        assert_eq!(exported_labels(&t), ["x"]);
+        // A little busier is not enough: no swapping at the edge.
+        for s in 1..=200 {
+            t.apply(&tick(secs(t0, s), rows(10, 11)), &procs);
+            assert_eq!(exported_labels(&t), ["x"], "tick {s}");
+        }
+        t.apply(&tick(secs(t0, 201), rows(10, 1000)), &procs);
+        assert_eq!(exported_labels(&t), ["y"]);
+        assert_eq!(t.vms_dropped, 1);
     }
 
     #[test]

@@ -21,6 +21,12 @@ use super::{
 };
 
 const QEMU: &str = "qemu-system-x86_64";
+/// What Prometheus 2.42 sends with `--enable-feature=native-histograms`.
+const ACCEPT_PROTOBUF: &str = "application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;encoding=delimited,application/openmetrics-text;version=1.0.0;q=0.8,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+/// Where the "before" figures of the series budget come from: the scale section of
+/// BENCHMARKS.md generated at that commit (1000 VMs on 2 devices, every VM 5 op counters,
+/// 3 byte counters, 2 histograms of 27 buckets + sum + count, vm_info).
+const BEFORE_BUDGET: &str = "commit 7b0aa51, 2026-11-26";
 const WARMUP: Duration = Duration::from_secs(10);
 
 /// Copies iogen under the name qemu's processes have, so the identity layer takes it for a VM.
@@ -31,22 +37,22 @@ fn fake_qemu(ctx: &Ctx, dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(qemu)
 }
 
-/// One VM stand-in: `iogen DEV READS 0 4096 0 SIZE SEED [--rate R] [--hold] -name guest=NAME
-/// -uuid U`.
+/// One VM stand-in: `iogen DEV READS WRITES 4096 0 SIZE SEED [--rate R] [--hold] -name
+/// guest=NAME -uuid U`.
 fn vm_command(
     qemu: &Path,
     dev: &Path,
     size: u64,
     name: &str,
     index: usize,
-    reads: u64,
+    (reads, writes): (u64, u64),
     extra: &[String],
 ) -> Command {
     let mut c = Command::new(qemu);
     c.arg(dev)
         .args([
             reads.to_string(),
-            "0".into(),
+            writes.to_string(),
             "4096".into(),
             "0".into(),
             size.to_string(),
@@ -227,7 +233,7 @@ pub fn run(ctx: &Ctx, args: &BenchArgs) -> anyhow::Result<Section> {
                 size,
                 &format!("vm{i:03}"),
                 i,
-                1 << 40,
+                (1 << 40, 0),
                 &trickle_extra,
             )
         })
@@ -239,7 +245,7 @@ pub fn run(ctx: &Ctx, args: &BenchArgs) -> anyhow::Result<Section> {
             size,
             &format!("busy{i:02}"),
             5000 + i,
-            1 << 40,
+            (1 << 40, 0),
             &busy_extra,
         )
     }));
@@ -397,8 +403,9 @@ fn scrape_part(
         md,
         "### /metrics with {n} VMs on 2 devices\n\n\
          - daemon: `{}`\n\
-         - {n} VM stand-ins (`{QEMU} DEV 4 0 4096 0 {} SEED --hold -name guest=vmNNNN,... -uuid ...`, \
-         half on {}, half on {}): 4 O_DIRECT reads each, then idle (alive) during the scrapes\n",
+         - {n} VM stand-ins (`{QEMU} DEV 4 4 4096 0 {} SEED --hold -name guest=vmNNNN,... -uuid ...`, \
+         half on {}, half on {}): 4 O_DIRECT reads and 4 writes each, then idle (alive) during \
+         the scrapes\n",
         daemon.command,
         size_mib << 20,
         devs[0].name(),
@@ -431,7 +438,7 @@ fn scrape_part(
                 size_mib << 20,
                 &format!("vm{i:04}"),
                 i,
-                4,
+                (4, 4),
                 &hold,
             )
         })
@@ -463,6 +470,10 @@ fn scrape_part(
             sys::ACCEPT_OPENMETRICS,
         ),
         ("classic text (Accept: text/plain)", sys::ACCEPT_TEXT),
+        (
+            "Prometheus protobuf (native histograms on)",
+            ACCEPT_PROTOBUF,
+        ),
     ] {
         // One scrape first, so a format rendered on first request is not all in the figures.
         let _ = sys::http_get(daemon.addr, "/metrics", accept, Duration::from_secs(10));
@@ -481,15 +492,53 @@ fn scrape_part(
         }
         rows.push((format, lat_ms, bytes, errors));
     }
+    // The render time, once per tick: each scrape after a tick renders it anew and shows the
+    // time of the rendering before (a gauge), so one scrape a second gives one rendering each.
+    // The same as CPU time of the thread that renders (and serves): wall time on a loaded
+    // machine is mostly waiting for a core.
+    let http_ticks = || sys::thread_ticks(daemon.pid()).get("overkvm-http").copied();
+    let http0 = http_ticks();
+    let mut renders_ms = Vec::new();
+    for _ in 0..RENDER_SAMPLES {
+        sys::check_interrupt()?;
+        sys::sleep(Duration::from_millis(1000))?;
+        if let Some((_, text)) = exported(&daemon, &expected)
+            && let Some(v) = render_seconds(&text)
+        {
+            renders_ms.push(v * 1000.0);
+        }
+    }
+    let render_cpu_ms = match (http0, http_ticks()) {
+        (Some(a), Some(b)) if b >= a => Some(
+            (b - a) as f64 * 1000.0 / sys::clock_ticks_per_second() as f64 / RENDER_SAMPLES as f64,
+        ),
+        _ => None,
+    };
     let cpu1 = sys::cpu_ticks(daemon.pid()).unwrap_or(cpu0);
     let cpu_pct = stats::cpu_percent(
         cpu1 - cpu0,
         sys::clock_ticks_per_second(),
         phase.elapsed().as_secs_f64(),
     );
-    let self_lines = exported(&daemon, &expected)
-        .map(|(_, text)| stats::metric_lines(&text, &SELF_METRICS))
+    let last_text = exported(&daemon, &expected).map(|(_, text)| text);
+    let self_lines = last_text
+        .as_deref()
+        .map(|text| stats::metric_lines(text, &SELF_METRICS))
         .unwrap_or_default();
+    let per_vm: Vec<usize> = last_text
+        .as_deref()
+        .map(|text| {
+            series_per_vm(text)
+                .into_iter()
+                .filter(|(vm, _)| expected.contains(vm))
+                .map(|(_, n)| n)
+                .collect()
+        })
+        .unwrap_or_default();
+    // The first sample may be of the rendering that ran while the format scrapes did.
+    let renders_ms = renders_ms.get(1..).unwrap_or_default().to_vec();
+    let render_ms = median(&renders_ms);
+    let render_max = renders_ms.iter().copied().reduce(f64::max);
     let rss = sys::status_kib(daemon.pid(), "VmRSS").unwrap_or(0);
     let hwm = sys::status_kib(daemon.pid(), "VmHWM").unwrap_or(0);
     let maps = daemon_maps(daemon.pid())?;
@@ -550,6 +599,46 @@ fn scrape_part(
     }
     let _ = writeln!(md, "Kernel memory of overkvm's maps with {seen} VMs:\n");
     maps_table(md, &maps);
+    let om_bytes = rows.first().map_or(0, |r| r.2);
+    let (series_median, series_max) = {
+        let mut v: Vec<f64> = per_vm.iter().map(|&n| n as f64).collect();
+        v.sort_by(f64::total_cmp);
+        (median(&v), v.last().copied())
+    };
+    let _ = writeln!(
+        md,
+        "Series budget: what one VM costs ({} VMs counted, each with reads and writes on one \
+         device, default `--latency-buckets compact`), against the exposition before the \
+         budget ({BEFORE_BUDGET}):\n\n\
+         | | series per VM | OpenMetrics bytes per scrape ({n} VMs) | render |\n|---|---|---|---|\n\
+         | before the series budget | 67 | 5951 KiB | 19.5 ms |\n\
+         | this run | {} (max {}) | {:.0} KiB | {} (median of {} renderings, one a second; max {}); \
+         CPU of the serving thread per rendering and scrape: {} |\n",
+        per_vm.len(),
+        series_median.map_or("n/a".into(), |v| format!("{v:.0}")),
+        series_max.map_or("n/a".into(), |v| format!("{v:.0}")),
+        om_bytes as f64 / 1024.0,
+        render_ms.map_or("n/a".into(), |v| format!("{v:.1} ms")),
+        renders_ms.len(),
+        render_max.map_or("n/a".into(), |v| format!("{v:.1} ms")),
+        render_cpu_ms.map_or("n/a".into(), |v| format!("{v:.1} ms")),
+    );
+    targets.push(Target::new(
+        "scale: series per VM doing reads and writes on one device <= 20",
+        "<= 20",
+        series_max.map_or("n/a".into(), |v| format!("{v:.0}")),
+        series_max.map(|v| v <= 20.0 && !per_vm.is_empty()),
+    ));
+    targets.push(Target::new(
+        "scale: /metrics render with 1000 VMs <= 10 ms of CPU",
+        "<= 10 ms",
+        match (render_cpu_ms, render_ms) {
+            (Some(cpu), Some(wall)) => format!("{cpu:.1} ms of CPU ({wall:.1} ms wall, median)"),
+            (Some(cpu), None) => format!("{cpu:.1} ms of CPU"),
+            _ => "n/a".into(),
+        },
+        render_cpu_ms.map(|v| v <= 10.0),
+    ));
     let p99 = p99_om.flatten();
     let complete = seen >= n;
     targets.push(Target::new(
@@ -563,4 +652,48 @@ fn scrape_part(
         p99.map(|v| v <= 50.0 && complete),
     ));
     Ok(())
+}
+
+/// Renderings of `/metrics` sampled for the render time.
+const RENDER_SAMPLES: usize = 21;
+
+/// `overkvm_exporter_render_duration_seconds` of an exposition.
+fn render_seconds(exposition: &str) -> Option<f64> {
+    stats::metric_lines(exposition, &["overkvm_exporter_render_duration_seconds "])
+        .first()
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+}
+
+/// Sample lines per value of the `vm` label in an exposition (comments left out).
+fn series_per_vm(exposition: &str) -> std::collections::BTreeMap<String, usize> {
+    let mut out = std::collections::BTreeMap::new();
+    for line in exposition.lines().filter(|l| !l.starts_with('#')) {
+        for vm in stats::exported_vms(line) {
+            *out.entry(vm).or_insert(0) += 1;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn series_are_counted_per_vm_label() {
+        let text = "# HELP x y\n\
+                    overkvm_vm_info{vm=\"a\",uuid=\"u\"} 1\n\
+                    overkvm_vm_io_operations_total{vm=\"a\",device=\"d\",op=\"read\"} 4\n\
+                    overkvm_vm_io_operations_total{vm=\"b\",device=\"d\",op=\"read\"} 4\n\
+                    overkvm_throttle_limit_iops{xvm=\"a\"} 3\n\
+                    overkvm_ticks_total 3\n";
+        let n = series_per_vm(text);
+        assert_eq!(n.get("a"), Some(&2));
+        assert_eq!(n.get("b"), Some(&1));
+        assert_eq!(n.len(), 2);
+        assert_eq!(
+            render_seconds("# x\noverkvm_exporter_render_duration_seconds 0.0042\n"),
+            Some(0.0042)
+        );
+    }
 }
