@@ -150,6 +150,22 @@ pub const DEVICE_IO_BYTES: Metric = Metric {
     help: "Bytes of block I/O on a device, every process included.",
 };
 
+pub const DEVICE_PARITY_DIFFERENCE: Metric = Metric {
+    name: "device_parity_difference",
+    kind: Kind::Gauge,
+    unit: None,
+    labels: &[DEVICE, OP],
+    help: "The live self-check: overkvm's operations on a disk since it started watching it minus /proc/diskstats' (requests in flight while the disk is busy; 0 when it is idle).",
+};
+
+pub const DEVICE_PARITY_SETTLED: Metric = Metric {
+    name: "device_parity_settled",
+    kind: Kind::Gauge,
+    unit: None,
+    labels: &[DEVICE],
+    help: "1 when overkvm and /proc/diskstats have disagreed on a disk for three idle reads in a row (a real loss, not the in-flight skew), else 0.",
+};
+
 pub const PROCESS_IO_OPERATIONS: Metric = Metric {
     name: "process_io_operations",
     kind: Kind::Counter,
@@ -406,6 +422,8 @@ pub const ALL: &[Metric] = &[
     VM_INFO,
     DEVICE_IO_OPERATIONS,
     DEVICE_IO_BYTES,
+    DEVICE_PARITY_DIFFERENCE,
+    DEVICE_PARITY_SETTLED,
     PROCESS_IO_OPERATIONS,
     PROCESS_IO_BYTES,
     PROCESS_IO_DROPPED,

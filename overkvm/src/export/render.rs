@@ -341,6 +341,18 @@ fn encode_totals(t: &Totals, shape: Shape, enc: &mut DescriptorEncoder) -> fmt::
             counter(&mut m, &[(EVENT, Lv(h.name()))], s.health_total[h as usize])?;
         }
     }
+    if let Some(mut m) = family(enc, &names::DEVICE_PARITY_DIFFERENCE, !s.parity.is_empty())? {
+        for p in &s.parity {
+            for (op, d) in p.difference.by_op() {
+                gauge(&mut m, &[(DEVICE, Lv(&p.device)), (OP, Lv(op))], d)?;
+            }
+        }
+    }
+    if let Some(mut m) = family(enc, &names::DEVICE_PARITY_SETTLED, !s.parity.is_empty())? {
+        for p in &s.parity {
+            gauge(&mut m, &[(DEVICE, Lv(&p.device))], u64::from(p.settled))?;
+        }
+    }
     if let Some(mut m) = family(enc, &names::MAP_READ_ERRORS, true)? {
         m.encode_counter::<NoLabelSet, _, f64>(&s.read_errors, None)?;
     }

@@ -218,6 +218,8 @@ pub struct SelfStats {
     pub sample_seconds: f64,
     pub render_seconds: f64,
     pub throttle: Option<ThrottleView>,
+    /// The last tick's self-check against /proc/diskstats.
+    pub parity: Vec<crate::parity::DeviceParity>,
 }
 
 /// All exported state.
@@ -330,6 +332,7 @@ impl Totals {
         self.stats.health_total = tick.health_total;
         self.stats.sample_seconds = tick.sample_seconds;
         self.stats.throttle.clone_from(&tick.throttle);
+        self.stats.parity.clone_from(&report.parity);
     }
 
     /// Chooses the exported VMs and says so in the log when the cap starts or stops leaving
