@@ -12,8 +12,6 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::report::DeviceRow;
-
 /// The `/proc/diskstats` counters parity covers, for one disk.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct DiskCounters {
@@ -177,9 +175,12 @@ impl ParityCheck {
     /// the interval). A disk's base is the first read that finds nothing in flight on it (so
     /// no request that started before overkvm counted completes after it), and its rows count
     /// from the interval after. Only disks where either side counted anything are returned.
-    pub fn update(
+    ///
+    /// `rows` are the interval's (disk, counts) pairs: a disk's partitions come as rows of
+    /// their disk and add up, as diskstats' disk line does.
+    pub fn update<'a>(
         &mut self,
-        rows: &[DeviceRow],
+        rows: impl IntoIterator<Item = (&'a str, DiskCounters)>,
         now: &BTreeMap<String, DiskCounters>,
     ) -> Vec<DeviceParity> {
         let mut not_counted = Vec::new();
@@ -191,19 +192,15 @@ impl ParityCheck {
                 not_counted.push(disk.as_str());
             }
         }
-        for r in rows
-            .iter()
-            .filter(|r| !not_counted.contains(&r.disk.as_str()))
-        {
-            // Rows of a disk's partitions add up into the disk, as diskstats' disk line does.
-            let o = self.ours.entry(r.disk.clone()).or_default();
-            o.reads += r.counts.read_ops;
-            o.read_sectors += r.counts.read_bytes / 512;
-            o.writes += r.counts.write_ops;
-            o.write_sectors += r.counts.write_bytes / 512;
-            o.discards += r.counts.discard_ops;
-            o.discard_sectors += r.counts.discard_bytes / 512;
-            o.flushes += r.counts.flush_ops;
+        for (disk, c) in rows.into_iter().filter(|(d, _)| !not_counted.contains(d)) {
+            let o = self.ours.entry(disk.to_string()).or_default();
+            o.reads += c.reads;
+            o.read_sectors += c.read_sectors;
+            o.writes += c.writes;
+            o.write_sectors += c.write_sectors;
+            o.discards += c.discards;
+            o.discard_sectors += c.discard_sectors;
+            o.flushes += c.flushes;
         }
         // Disks gone from diskstats (a detached loop device's line stays; a removed zram's
         // goes) are forgotten on both sides.
@@ -242,7 +239,6 @@ impl ParityCheck {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::report::{CountSource, OpCounts};
 
     const STATS: &str = "   7       0 loop0 62 1 2226 15 6082 4146 130776 131 3 84 177 2 0 1048584 0 4011 30\n\
          7       1 loop0p1 1 0 8 0 0 0 0 0 0 0 0 0 0 0 0 0 0\n\
@@ -268,15 +264,19 @@ mod tests {
         assert!(parse_diskstats("\n \n garbage\n").is_empty());
     }
 
-    fn row(disk: &str, counts: OpCounts) -> DeviceRow {
-        DeviceRow {
-            device: disk.into(),
-            major: 7,
-            minor: 0,
-            disk: disk.into(),
-            source: CountSource::Request,
-            counts,
-        }
+    /// One interval's counts of a disk, as the report hands them in.
+    fn row(disk: &str, reads: u64, writes: u64, flushes: u64) -> (&str, DiskCounters) {
+        (
+            disk,
+            DiskCounters {
+                reads,
+                read_sectors: reads * 8,
+                writes,
+                write_sectors: writes * 8,
+                flushes,
+                ..DiskCounters::default()
+            },
+        )
     }
 
     fn stats(reads: u64, writes: u64, flushes: u64, in_flight: u64) -> DiskCounters {
@@ -297,31 +297,22 @@ mod tests {
         let mut now = BTreeMap::new();
         now.insert("loop0".to_string(), stats(100, 50, 7, 0));
         // First sight: the base; what overkvm counted before it is not compared.
-        let early = OpCounts {
-            read_ops: 4,
-            ..OpCounts::default()
-        };
-        assert!(c.update(&[row("loop0", early)], &now).is_empty());
+        let early = (4, 0, 0);
+        assert!(
+            c.update([row("loop0", early.0, early.1, early.2)], &now)
+                .is_empty()
+        );
         // 10 reads started, 8 completed: 2 in flight.
-        let ops = OpCounts {
-            read_ops: 10,
-            read_bytes: 10 * 4096,
-            ..OpCounts::default()
-        };
+        let ops = (10, 0, 0);
         now.insert("loop0".to_string(), stats(108, 50, 7, 2));
-        let p = c.update(&[row("loop0", ops)], &now);
+        let p = c.update([row("loop0", ops.0, ops.1, ops.2)], &now);
         assert_eq!(p.len(), 1);
         assert_eq!(p[0].difference.reads, 2, "the in-flight skew");
         assert_eq!(p[0].overkvm.in_flight, 2);
         // They complete, with 3 writes and a flush: exactly 0.
-        let ops = OpCounts {
-            write_ops: 3,
-            write_bytes: 3 * 4096,
-            flush_ops: 1,
-            ..OpCounts::default()
-        };
+        let ops = (0, 3, 1);
         now.insert("loop0".to_string(), stats(110, 53, 8, 0));
-        let p = c.update(&[row("loop0", ops)], &now);
+        let p = c.update([row("loop0", ops.0, ops.1, ops.2)], &now);
         assert!(p[0].difference.is_zero(), "{:?}", p[0]);
         assert_eq!(p[0].diskstats.flushes, 1);
     }
@@ -331,20 +322,15 @@ mod tests {
         let mut c = ParityCheck::new();
         let mut now = BTreeMap::new();
         now.insert("loop0".to_string(), stats(0, 0, 0, 0));
-        c.update(&[], &now);
+        c.update([], &now);
         now.insert("loop0".to_string(), stats(0, 1, 2, 0));
-        let ops = OpCounts {
-            write_ops: 1,
-            write_bytes: 4096,
-            flush_ops: 1,
-            ..OpCounts::default()
-        };
-        let p = c.update(&[row("loop0", ops)], &now);
+        let ops = (0, 1, 1);
+        let p = c.update([row("loop0", ops.0, ops.1, ops.2)], &now);
         assert_eq!(p[0].difference.flushes, -1);
-        let p = c.update(&[], &now);
+        let p = c.update([], &now);
         assert_eq!(p[0].difference.flushes, -1, "cumulative: it does not heal");
         assert!(!p[0].settled, "two idle reads");
-        let p = c.update(&[], &now);
+        let p = c.update([], &now);
         assert!(
             p[0].settled,
             "three idle reads with a difference: a real one"
@@ -362,28 +348,18 @@ mod tests {
         let mut now = BTreeMap::new();
         // In flight at first sight: those complete later and overkvm never saw them start.
         now.insert("loop0".to_string(), stats(10, 0, 0, 4));
-        assert!(c.update(&[], &now).is_empty());
-        let ops = OpCounts {
-            read_ops: 6,
-            read_bytes: 6 * 4096,
-            ..OpCounts::default()
-        };
+        assert!(c.update([], &now).is_empty());
+        let ops = (6, 0, 0);
         now.insert("loop0".to_string(), stats(20, 0, 0, 0));
-        assert!(c.update(&[row("loop0", ops)], &now).is_empty(), "the base");
+        assert!(
+            c.update([row("loop0", ops.0, ops.1, ops.2)], &now)
+                .is_empty(),
+            "the base"
+        );
         // Busy from then on: the skew is never called settled.
         for i in 1..=5 {
             now.insert("loop0".to_string(), stats(20 + 10 * i - 3, 0, 0, 3));
-            let p = c.update(
-                &[row(
-                    "loop0",
-                    OpCounts {
-                        read_ops: 10,
-                        read_bytes: 40960,
-                        ..OpCounts::default()
-                    },
-                )],
-                &now,
-            );
+            let p = c.update([row("loop0", 10, 0, 0)], &now);
             assert_eq!(p[0].difference.reads, 3);
             assert!(!p[0].settled);
         }
@@ -394,12 +370,12 @@ mod tests {
         let mut c = ParityCheck::new();
         let mut now = BTreeMap::new();
         now.insert("loop1".to_string(), stats(500, 500, 9, 0));
-        c.update(&[], &now);
+        c.update([], &now);
         now.clear();
-        let p = c.update(&[], &now);
+        let p = c.update([], &now);
         assert!(p.is_empty());
         // Back (a loop device re-attached keeps its counters): a new base.
         now.insert("loop1".to_string(), stats(900, 900, 9, 0));
-        assert!(c.update(&[], &now).is_empty());
+        assert!(c.update([], &now).is_empty());
     }
 }

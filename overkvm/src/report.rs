@@ -432,9 +432,12 @@ impl ReportBuilder {
             .collect();
 
         // Read right after the maps, so both sides end at (nearly) the same instant.
-        let parity = self
-            .parity
-            .update(&devices, &crate::parity::read_diskstats());
+        let parity = self.parity.update(
+            devices
+                .iter()
+                .map(|d| (d.disk.as_str(), disk_counters(&d.counts))),
+            &crate::parity::read_diskstats(),
+        );
         let mut health = HealthReport {
             events: BTreeMap::new(),
             read_errors: snap.read_errors,
@@ -521,6 +524,20 @@ impl ReportBuilder {
             kernel_submitted_ops: 0,
             latency: Box::default(),
         }
+    }
+}
+
+/// A device row's counts as the diskstats self-check compares them (ops and 512-byte sectors).
+fn disk_counters(c: &OpCounts) -> crate::parity::DiskCounters {
+    crate::parity::DiskCounters {
+        reads: c.read_ops,
+        read_sectors: c.read_bytes / 512,
+        writes: c.write_ops,
+        write_sectors: c.write_bytes / 512,
+        discards: c.discard_ops,
+        discard_sectors: c.discard_bytes / 512,
+        flushes: c.flush_ops,
+        in_flight: 0,
     }
 }
 
