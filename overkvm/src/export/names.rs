@@ -321,7 +321,7 @@ pub const THROTTLE_LIMIT_IOPS: Metric = Metric {
     kind: Kind::Gauge,
     unit: None,
     labels: &[VM, DEVICE, DIRECTION],
-    help: "IOPS limit the throttle has in place on a VM and device (cgroup io.max riops/wiops).",
+    help: "IOPS limit the throttle has in place on a VM and device (cgroup v2 io.max riops/wiops, or v1 blkio.throttle.read_iops_device/write_iops_device).",
 };
 
 pub const THROTTLE_LIMIT_BPS: Metric = Metric {
@@ -329,7 +329,7 @@ pub const THROTTLE_LIMIT_BPS: Metric = Metric {
     kind: Kind::Gauge,
     unit: None,
     labels: &[VM, DEVICE, DIRECTION],
-    help: "Bandwidth limit the throttle has in place on a VM and device (cgroup io.max rbps/wbps).",
+    help: "Bandwidth limit the throttle has in place on a VM and device (cgroup v2 io.max rbps/wbps, or v1 blkio.throttle.read_bps_device/write_bps_device).",
 };
 
 pub const THROTTLE_LIMIT_AGE: Metric = Metric {
