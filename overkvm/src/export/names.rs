@@ -81,6 +81,8 @@ pub mod label {
     pub const MANAGER: &str = "manager";
     pub const PID: &str = "pid";
     pub const CGROUP: &str = "cgroup";
+    /// KubeVirt VMs only: the VMI's Kubernetes namespace.
+    pub const NAMESPACE: &str = "namespace";
     /// Kernel block device name (`nvme0n1`, `loop3`).
     pub const DEVICE: &str = "device";
     /// read, write, discard, flush, other (`overkvm_common::Op::name`).
@@ -136,8 +138,8 @@ pub const VM_INFO: Metric = Metric {
     name: "vm_info",
     kind: Kind::Gauge,
     unit: None,
-    labels: &[VM, UUID, MANAGER, PID, CGROUP],
-    help: "A VM known to the exporter (1), with its UUID, manager, qemu PID and cgroup.",
+    labels: &[VM, UUID, MANAGER, PID, CGROUP, NAMESPACE],
+    help: "A VM known to the exporter (1), with its UUID, manager, qemu PID and cgroup (and namespace on KubeVirt).",
 };
 
 pub const DEVICE_IO_OPERATIONS: Metric = Metric {
