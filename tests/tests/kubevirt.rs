@@ -158,6 +158,41 @@ fn kubevirt_vm_is_named_by_namespace_and_limited_in_its_pod_cgroup() {
     ] {
         assert!(info.contains(want), "{want} missing: {info}");
     }
+    // `vm list` shows it next to overkvm's own VMs (none here), measured in its pod cgroup.
+    // (The status file the list reads limits from is written at the end of the tick that
+    // wrote the limit.)
+    wait_until(Duration::from_secs(5), || {
+        fs::read_to_string(tmp.join("state/status.json")).is_ok_and(|t| t.contains("prod/web-01"))
+    });
+    let out = Command::new(overkvm_tests::workspace_bin("overkvm-io"))
+        .args(["vm", "list", "--json", "--state-dir"])
+        .arg(tmp.join("vms"))
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "vm list: {out:?}");
+    let rows: serde_json::Value = serde_json::from_str(text.trim()).expect("vm list --json");
+    let row = rows
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["pid"] == vm_pid))
+        .unwrap_or_else(|| panic!("pid {vm_pid} not in vm list:\n{text}"));
+    eprintln!("vm list: {row}");
+    assert_eq!(row["name"], "prod/web-01");
+    assert_eq!(row["manager"], "kubevirt");
+    assert_eq!(row["namespace"], "prod");
+    assert_eq!(row["state"], "running");
+    assert!(
+        row["iops"]["total"].as_f64().is_some_and(|t| t > 0.0),
+        "its IOPS come from the pod cgroup's counters: {row}"
+    );
+    assert!(
+        row["limits"][0]["riops"].as_u64().is_some(),
+        "the daemon's limit is shown: {row}\nstatus: {}",
+        fs::read_to_string(tmp.join("state/status.json")).unwrap_or_default()
+    );
+
     // Decisions are in the log at the default level, with the VM's host name.
     let text = log_text();
     eprintln!("daemon log (default level):\n{text}");

@@ -48,7 +48,7 @@ fn is_gone(e: &anyhow::Error) -> bool {
 
 /// The cgroup of a process in the block controller's hierarchy, from /proc/PID/cgroup: the
 /// `blkio` line on v1, the `0::` line on v2 (on a hybrid host the two differ).
-fn block_cgroup_of(pid: u32, api: crate::cgroupfs::IoController) -> Option<String> {
+pub(crate) fn block_cgroup_of(pid: u32, api: crate::cgroupfs::IoController) -> Option<String> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
     block_cgroup_in(&text, api)
 }
