@@ -592,7 +592,7 @@ impl ThrottleService {
                     self.save_state();
                 }
                 let why = if usage.is_none() {
-                    "no I/O from it on the device any more (VM stopped or gone)"
+                    "no I/O from it on the device any more: VM stopped or gone"
                 } else {
                     "under its share"
                 };
