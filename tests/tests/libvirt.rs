@@ -576,7 +576,17 @@ fn libvirt_domains_are_named_counted_exactly_and_throttled_in_their_own_cgroups(
         "far below budget (over-throttled?): {rates:?}"
     );
 
-    // `vm list` shows the domains, with their manager and the daemon's limits.
+    // QEMU's own throttling, set through libvirt as Nova does (far above the cgroup limit,
+    // so it changes nothing here): `vm list` reads it from libvirt's record, never the monitor.
+    virsh_ok(&[
+        "blkdeviotune",
+        &domains[0].name,
+        "vda",
+        "--total-iops-sec",
+        "5000",
+        "--live",
+    ]);
+    // `vm list` shows the domains, with their manager, the daemon's limits and QEMU's.
     let out = Command::new(workspace_bin("overkvm-io"))
         .args(["vm", "list", "--json", "--config"])
         .arg(&config)
@@ -599,6 +609,17 @@ fn libvirt_domains_are_named_counted_exactly_and_throttled_in_their_own_cgroups(
         assert!(row["iops"]["total"].as_f64().is_some(), "{row}");
         assert!(!row["limits"].as_array().is_none_or(Vec::is_empty), "{row}");
     }
+    let qemu_limits = |name: &str| {
+        rows.as_array()
+            .and_then(|r| r.iter().find(|r| r["name"] == name))
+            .map(|r| r["qemu_limits"].clone())
+    };
+    assert_eq!(
+        qemu_limits(&domains[0].name),
+        Some(serde_json::json!([{"disk": "vda", "iops": 5000}])),
+        "QEMU's limit from virsh blkdeviotune"
+    );
+    assert_eq!(qemu_limits(&domains[1].name), Some(serde_json::json!([])));
     let table = Command::new(workspace_bin("overkvm-io"))
         .args(["vm", "list", "--no-iops", "--state-dir"])
         .arg(work.join("vms"))
@@ -610,6 +631,7 @@ fn libvirt_domains_are_named_counted_exactly_and_throttled_in_their_own_cgroups(
         table.contains("MANAGER") && table.contains("libvirt"),
         "{table}"
     );
+    assert!(table.contains("qemu vda iops=5000"), "{table}");
 
     // A domain destroyed while limited: libvirt removes its cgroup under the daemon.
     let gone = &domains[1];

@@ -185,7 +185,7 @@ pub fn element_text(xml: &str, tag: &str) -> Option<String> {
 
 /// Finds `<tag` followed by whitespace, `>` or `/`. Returns the offset, the inside of the start
 /// tag (after the name) and the text after it.
-fn find_start_tag<'a>(xml: &'a str, tag: &str) -> Option<(usize, &'a str, &'a str)> {
+pub(crate) fn find_start_tag<'a>(xml: &'a str, tag: &str) -> Option<(usize, &'a str, &'a str)> {
     let open = format!("<{tag}");
     let mut from = 0;
     while let Some(i) = xml[from..].find(&open) {
@@ -201,7 +201,7 @@ fn find_start_tag<'a>(xml: &'a str, tag: &str) -> Option<(usize, &'a str, &'a st
 }
 
 /// Value of attribute `name` inside a start tag's text.
-fn attribute<'a>(tag: &'a str, name: &str) -> Option<&'a str> {
+pub(crate) fn attribute<'a>(tag: &'a str, name: &str) -> Option<&'a str> {
     let mut from = 0;
     while let Some(i) = tag[from..].find(name) {
         let at = from + i;

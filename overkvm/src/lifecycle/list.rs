@@ -10,7 +10,7 @@
 //! manager's layout (a libvirt machine, a Proxmox scope, a pod's container), never when it sits
 //! in a cgroup that would count other processes' I/O too (the root, a user session).
 
-use std::{collections::BTreeMap, thread::sleep, time::Duration};
+use std::{collections::BTreeMap, path::Path, thread::sleep, time::Duration};
 
 use serde::Serialize;
 
@@ -18,9 +18,13 @@ use super::{
     cgroup::{IoOps, VmCgroup},
     definition::{VmDefinition, VmPaths},
     overcommit::GuestProc,
+    qemu_limits::{self, DiskLimits},
     state::{self, VmState},
 };
 use crate::identity::Manager;
+
+/// Where libvirt keeps its running domains' pidfiles and status XML.
+const LIBVIRT_RUN: &str = "/run/libvirt/qemu";
 use crate::{cli::VmListArgs, config::Config, tick::ActiveLimit, top::batch::sanitize};
 
 /// Window over which `vm list` measures IOPS.
@@ -61,6 +65,11 @@ pub struct VmRow {
     pub iops: Option<Iops>,
     /// Limits the throttle daemon has on this VM (from its status file).
     pub limits: Vec<ActiveLimit>,
+    /// Limits QEMU itself enforces on the VM's disks (`block_set_io_throttle`: Nova's
+    /// `quota:disk_*`, libvirt `<iotune>`), read over QMP for overkvm's VMs and from libvirt's
+    /// status XML for its domains; None where they cannot be read without going behind a
+    /// manager's back.
+    pub qemu_limits: Option<Vec<DiskLimits>>,
 }
 
 /// IOPS between two readings of a cgroup's counters, summed over devices.
@@ -138,6 +147,9 @@ fn foreign_rows(
                 overlay: None,
                 iops: None,
                 limits: limits.iter().filter(|l| l.vm == g.name).cloned().collect(),
+                qemu_limits: matches!(g.manager, Manager::Libvirt | Manager::Nova)
+                    .then(|| qemu_limits::of_libvirt_domain(Path::new(LIBVIRT_RUN), &g.name, g.pid))
+                    .flatten(),
             };
             (row, own)
         })
@@ -183,6 +195,7 @@ pub fn rows(vms: &[(VmDefinition, VmPaths)], limits: &[ActiveLimit], measure: bo
                 .filter(|l| l.vm == def.name)
                 .cloned()
                 .collect(),
+            qemu_limits: record.and_then(|_| qemu_limits::of_own_vm(&paths.qmp_socket())),
         });
     }
     let guests = super::overcommit::guests(vms);
@@ -228,7 +241,13 @@ pub fn write_table(rows: &[VmRow], out: &mut impl std::io::Write) -> std::io::Re
         "NAME", "MANAGER", "STATE", "PID", "UPTIME", "VCPUS", "MEM", "IOPS", "UUID"
     )?;
     for r in rows {
-        let limits: Vec<String> = r.limits.iter().map(limit_text).collect();
+        let mut limits: Vec<String> = r.limits.iter().map(limit_text).collect();
+        limits.extend(
+            r.qemu_limits
+                .iter()
+                .flatten()
+                .map(|l| format!("qemu {}", l.text())),
+        );
         writeln!(
             out,
             "{:<20} {:<8} {:<8} {:>8} {:>8} {:>5} {:>7} {:>7} {:<36} {}",
@@ -374,12 +393,18 @@ mod tests {
                 wbps: None,
                 since_s: 3.0,
             }],
+            qemu_limits: Some(vec![DiskLimits {
+                disk: "vda".into(),
+                iops: Some(500),
+                ..DiskLimits::default()
+            }]),
         };
         let mut out = Vec::new();
         write_table(std::slice::from_ref(&row), &mut out).unwrap();
         let text = String::from_utf8(out).unwrap();
         assert!(text.contains("crashed"), "{text}");
         assert!(text.contains("loop0 r=200 w=max iops"), "{text}");
+        assert!(text.contains("qemu vda iops=500"), "{text}");
         let json = serde_json::to_value(&row).unwrap();
         assert_eq!(json["state"], "crashed");
         assert_eq!(json["iops"]["total"], 3.0);
