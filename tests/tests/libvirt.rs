@@ -427,6 +427,22 @@ fn tools_missing() -> Option<String> {
             missing.join(", ")
         ));
     }
+    // Only needed when the test starts libvirtd itself; a running libvirt has its own.
+    let account = |db: &str| {
+        Command::new("getent")
+            .args([db, "libvirt-qemu"])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let has_account = account("passwd") && account("group");
+    if !has_account && !libvirt_answers() {
+        return Some(
+            "no libvirt-qemu user and group, which libvirt's qemu driver needs (cargo xtask \
+             test creates them)"
+                .into(),
+        );
+    }
     guest::missing_tools()
 }
 
