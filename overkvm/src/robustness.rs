@@ -81,6 +81,9 @@ proptest! {
         for l in qemu_limits::from_libvirt_xml(&xml) {
             prop_assert!(!l.is_unlimited());
         }
+        for l in qemu_limits::from_pve_config(&xml) {
+            prop_assert!(!l.is_unlimited());
+        }
     }
 
     #[test]

@@ -22,10 +22,12 @@ use super::{
     state::{self, VmState},
 };
 use crate::identity::Manager;
+use crate::{cli::VmListArgs, config::Config, tick::ActiveLimit, top::batch::sanitize};
 
 /// Where libvirt keeps its running domains' pidfiles and status XML.
 const LIBVIRT_RUN: &str = "/run/libvirt/qemu";
-use crate::{cli::VmListArgs, config::Config, tick::ActiveLimit, top::batch::sanitize};
+/// Where Proxmox keeps its VM configs.
+const PVE_QEMU: &str = "/etc/pve/qemu-server";
 
 /// Window over which `vm list` measures IOPS.
 const IOPS_WINDOW: Duration = Duration::from_secs(1);
@@ -147,9 +149,15 @@ fn foreign_rows(
                 overlay: None,
                 iops: None,
                 limits: limits.iter().filter(|l| l.vm == g.name).cloned().collect(),
-                qemu_limits: matches!(g.manager, Manager::Libvirt | Manager::Nova)
-                    .then(|| qemu_limits::of_libvirt_domain(Path::new(LIBVIRT_RUN), &g.name, g.pid))
-                    .flatten(),
+                qemu_limits: match (g.manager, g.vmid) {
+                    (Manager::Libvirt | Manager::Nova, _) => {
+                        qemu_limits::of_libvirt_domain(Path::new(LIBVIRT_RUN), &g.name, g.pid)
+                    }
+                    (Manager::Proxmox, Some(vmid)) => {
+                        qemu_limits::of_proxmox_vm(Path::new(PVE_QEMU), vmid)
+                    }
+                    _ => None,
+                },
             };
             (row, own)
         })
@@ -422,6 +430,7 @@ mod tests {
             manager,
             namespace: (manager == Manager::Kubevirt).then(|| "prod".into()),
             start_time: 0,
+            vmid: None,
             vcpus: 1,
             vcpu_source: "smp",
             memory_mib: 512,

@@ -54,6 +54,9 @@ pub struct GuestProc {
     /// Start time of the process (clock ticks after boot), for its uptime.
     #[serde(skip)]
     pub start_time: u64,
+    /// Proxmox VMID, libvirt domain id, when known.
+    #[serde(skip)]
+    pub vmid: Option<u32>,
     pub vcpus: u32,
     /// `threads` (counted `CPU n/...` threads) or `smp` (read from `-smp`).
     pub vcpu_source: &'static str,
@@ -332,6 +335,7 @@ pub fn guests(defined: &[(VmDefinition, VmPaths)]) -> Vec<GuestProc> {
             manager: vm.manager,
             namespace: vm.namespace.clone(),
             start_time: p.start_time,
+            vmid: vm.vmid,
             vcpus: if threads > 0 { threads } else { smp },
             vcpu_source: if threads > 0 { "threads" } else { "smp" },
             memory_mib: mem,
@@ -536,6 +540,7 @@ mod tests {
             manager: Manager::Qemu,
             namespace: None,
             start_time: 0,
+            vmid: None,
             vcpus,
             vcpu_source: "threads",
             memory_mib: mem,

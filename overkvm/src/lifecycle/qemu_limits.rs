@@ -4,8 +4,10 @@
 //!
 //! Read only, and only through their owner: overkvm's own VMs over their QMP socket
 //! (`query-block`), libvirt's domains from the live definition libvirt keeps in its status XML
-//! (`/run/libvirt/qemu/NAME.xml`, `<disk>` → `<iotune>`): libvirt owns their monitor, so
-//! overkvm never talks to it. The parsers are pure.
+//! (`/run/libvirt/qemu/NAME.xml`, `<disk>` → `<iotune>`), Proxmox VMs from their config
+//! (`/etc/pve/qemu-server/VMID.conf`, which `qm set` updates when it changes a running VM's
+//! limits): libvirt and Proxmox own their VMs' monitors, so overkvm never talks to them. The
+//! parsers are pure.
 
 use std::{path::Path, time::Duration};
 
@@ -143,6 +145,65 @@ pub fn from_libvirt_xml(xml: &str) -> Vec<DiskLimits> {
     out
 }
 
+/// Disk keys of a Proxmox VM config that can carry throttling (`scsi0`, `virtio3`...).
+fn is_pve_disk_key(k: &str) -> bool {
+    ["ide", "sata", "scsi", "virtio"].iter().any(|p| {
+        k.strip_prefix(p)
+            .is_some_and(|n| !n.is_empty() && n.len() <= 2 && n.bytes().all(|c| c.is_ascii_digit()))
+    })
+}
+
+/// Proxmox's `mbps*` are MiB/s with a fraction; qemu-server hands QEMU `int(v * 1024 * 1024)`.
+fn pve_mbps(v: &str) -> Option<u64> {
+    let v: f64 = v.trim().parse().ok()?;
+    // Below 1 byte/s (a tiny fraction) is 0 to QEMU: unlimited.
+    nonzero((v.is_finite() && v > 0.0 && v < 1e12).then_some((v * 1024.0 * 1024.0) as u64))
+}
+
+/// Limits from a Proxmox VM config: the `iops*` and `mbps*` options of each disk line of the
+/// main section (snapshot and pending sections, `[...]`, repeat keys with other values).
+pub fn from_pve_config(conf: &str) -> Vec<DiskLimits> {
+    conf.lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with('['))
+        .filter_map(|l| {
+            let (key, value) = l.split_once(':')?;
+            let key = key.trim();
+            if !is_pve_disk_key(key) {
+                return None;
+            }
+            let mut d = DiskLimits {
+                disk: key.to_string(),
+                ..DiskLimits::default()
+            };
+            for opt in value.split(',') {
+                let Some((k, v)) = opt.split_once('=') else {
+                    continue;
+                };
+                let iops = || nonzero(v.trim().parse().ok());
+                match k.trim() {
+                    "iops" => d.iops = iops(),
+                    "iops_rd" => d.iops_rd = iops(),
+                    "iops_wr" => d.iops_wr = iops(),
+                    "mbps" => d.bps = pve_mbps(v),
+                    "mbps_rd" => d.bps_rd = pve_mbps(v),
+                    "mbps_wr" => d.bps_wr = pve_mbps(v),
+                    _ => {}
+                }
+            }
+            (!d.is_unlimited()).then_some(d)
+        })
+        .collect()
+}
+
+/// QEMU limits of Proxmox VM `vmid` from its config (None when it cannot be read).
+pub fn of_proxmox_vm(pve_dir: &Path, vmid: u32) -> Option<Vec<DiskLimits>> {
+    let (raw, _) =
+        crate::identity::procfs::read_capped(&pve_dir.join(format!("{vmid}.conf")), 64 << 10)
+            .ok()?;
+    Some(from_pve_config(&String::from_utf8_lossy(&raw)))
+}
+
 /// QEMU limits of overkvm's own running VM, over its QMP socket (None when it does not answer).
 pub fn of_own_vm(qmp_socket: &Path) -> Option<Vec<DiskLimits>> {
     let mut q = super::qmp::Qmp::connect(qmp_socket, Duration::from_secs(1)).ok()?;
@@ -201,6 +262,38 @@ mod tests {
         );
         assert!(from_query_block(&json!({"not": "a list"})).is_empty());
         assert!(from_query_block(&json!([{"device": "d", "inserted": {"iops": -1}}])).is_empty());
+    }
+
+    #[test]
+    fn proxmox_disk_options_are_read_from_the_main_section() {
+        let conf = "boot: order=scsi0\ncores: 2\nname: web01\n\
+            scsi0: local-lvm:vm-100-disk-0,iops_rd=500,iops_wr=300,mbps_wr=10.5,size=32G\n\
+            virtio1: local-lvm:vm-100-disk-1,iops=0,size=8G\n\
+            ide2: none,media=cdrom\n\
+            net0: virtio=BC:24:11:00:00:01,bridge=vmbr0,rate=10\n\
+            scsihw: virtio-scsi-single\n\
+            \n[snap1]\nscsi0: local-lvm:vm-100-disk-0,iops_rd=9,size=32G\n";
+        assert_eq!(
+            from_pve_config(conf),
+            [DiskLimits {
+                disk: "scsi0".into(),
+                iops_rd: Some(500),
+                iops_wr: Some(300),
+                bps_wr: Some(11_010_048),
+                ..DiskLimits::default()
+            }]
+        );
+        for bad in [
+            "",
+            "scsi0",
+            "scsi0: x,iops=-1,mbps=nan,mbps_rd=inf,mbps_wr=1e300",
+            "virtio0: x,mbps=0.0000001",
+            "scsi999: x,iops=5",
+            "scsix: x,iops=5",
+            "[s]\nscsi0: x,iops=5",
+        ] {
+            assert!(from_pve_config(bad).is_empty(), "{bad:?}");
+        }
     }
 
     #[test]
