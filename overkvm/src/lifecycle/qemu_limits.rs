@@ -115,7 +115,9 @@ pub fn from_libvirt_xml(xml: &str) -> Vec<DiskLimits> {
         let disk = &after[..end];
         rest = &after[end..];
         let Some(target) = managers::find_start_tag(disk, "target")
-            .and_then(|(_, t, _)| managers::attribute(t, "dev").map(str::to_string))
+            .and_then(|(_, t, _)| managers::attribute(t, "dev"))
+            .filter(|d| !d.is_empty())
+            .map(str::to_string)
         else {
             continue;
         };
@@ -330,6 +332,7 @@ mod tests {
             "<domain>",
             "<domain><disk><target dev='vda'/><iotune><total_iops_sec>x</total_iops_sec>",
             "<domain><disk/><disk><iotune/></disk></domain>",
+            "<domain><disk><target dev=''/><iotune><total_iops_sec>5</total_iops_sec></iotune></disk>",
             "<domain><disk><target dev='vda'/><iotune><total_iops_sec>18446744073709551616</total_iops_sec></iotune></disk>",
         ] {
             assert!(from_libvirt_xml(bad).is_empty(), "{bad}");
