@@ -118,7 +118,8 @@ fn bps_budget(s: &DeviceBudgetSpec) -> Option<Budget> {
     }
 }
 
-/// A device's budget as an operator wrote it, for log lines: `3000 IOPS`, `r 2000 IOPS`...
+/// A device's budget as an operator wrote it, for log lines: `budget 3000 IOPS`,
+/// `budget r 2000 IOPS w 500 IOPS, 100000000 B/s`.
 fn describe_budget(iops: Option<Budget>, bps: Option<Budget>) -> String {
     let one = |b: Budget, unit: &str| match b {
         Budget::Total(t) => format!("{t:.0} {unit}"),
