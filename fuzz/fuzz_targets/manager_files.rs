@@ -1,5 +1,6 @@
 //! Files VM managers keep, read when a qemu process looks like theirs: libvirt's pidfile and
-//! status XML (`/run/libvirt/qemu/NAME.{pid,xml}`), a Proxmox VM config.
+//! status XML (`/run/libvirt/qemu/NAME.{pid,xml}`), a Proxmox VM config, and the QEMU disk
+//! limits `vm list` reads from the last two.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -7,6 +8,7 @@ use overkvm::identity::managers::{
     domain_id_attr, domain_uuid, domstatus_pid, element_text, parse_pidfile, pve_config_name,
 };
 use overkvm::identity::qemu::normalize_uuid;
+use overkvm::lifecycle::qemu_limits::{from_libvirt_xml, from_pve_config};
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
@@ -26,4 +28,8 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(normalize_uuid(&u).as_deref(), Some(u.as_str()));
     }
     let _ = domain_id_attr(&text);
+    for l in from_libvirt_xml(&text).into_iter().chain(from_pve_config(&text)) {
+        assert!(!l.is_unlimited(), "a disk without limits is left out: {l:?}");
+        assert!(!l.disk.is_empty());
+    }
 });

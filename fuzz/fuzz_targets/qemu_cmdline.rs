@@ -84,8 +84,14 @@ fuzz_target!(|data: &[u8]| {
     if vm.manager == Manager::Proxmox {
         assert!(vm.vmid.is_some());
     }
-    // -name, when given, is the name (libvirt's cgroup name is a cleaned copy).
-    if let (Some(n), false) = (&args.name, vm.manager == Manager::Proxmox) {
-        assert_eq!(&vm.name, n);
+    // -name, when given, is the name (libvirt's cgroup name is a cleaned copy); KubeVirt's
+    // `<namespace>_<vmi>` is named `<namespace>/<vmi>`, with the namespace apart.
+    match (&args.name, vm.manager) {
+        (Some(n), Manager::Kubevirt) => {
+            assert_eq!(vm.name, n.replacen('_', "/", 1));
+            assert!(vm.namespace.as_deref().is_some_and(|ns| n.starts_with(ns)));
+        }
+        (Some(n), m) if m != Manager::Proxmox => assert_eq!(&vm.name, n),
+        _ => {}
     }
 });

@@ -221,8 +221,10 @@ pub enum VmCommand {
     /// Stop VMs: ACPI power button over QMP, `quit` after --timeout, SIGKILL as the last
     /// resort; then removes the pidfile, QMP socket and cgroup.
     Stop(VmStopArgs),
-    /// List VMs: state (running, stopped, crashed), pid, uptime, UUID, current IOPS (from the
-    /// VM's cgroup counters over one second; no root needed) and the throttle's active limits.
+    /// List every VM on the host, whoever manages it (overkvm, libvirt, Nova, Proxmox,
+    /// KubeVirt, plain qemu): manager, state (running, stopped, crashed), pid, uptime, UUID,
+    /// current IOPS (from the VM's cgroup counters over one second; no root needed) and the
+    /// throttle's active limits.
     List(VmListArgs),
     /// Remove VMs: their directory and overlay (the base image stays). Refuses a running VM.
     Destroy(VmDestroyArgs),

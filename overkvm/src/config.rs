@@ -93,7 +93,7 @@ pub struct VmRule {
     pub name: Option<String>,
     /// Match on the VM UUID.
     pub uuid: Option<String>,
-    /// Match every VM of a manager: qemu, libvirt, nova, proxmox.
+    /// Match every VM of a manager: qemu, libvirt, nova, proxmox, kubevirt.
     pub manager: Option<String>,
     /// Share weight relative to others (default 1).
     pub weight: Option<f64>,
@@ -247,10 +247,13 @@ impl Config {
                 anyhow::bail!("line {line}: [[vm]] needs exactly one of name, uuid or manager");
             }
             if let Some(m) = &v.manager
-                && !matches!(m.as_str(), "qemu" | "libvirt" | "nova" | "proxmox")
+                && !matches!(
+                    m.as_str(),
+                    "qemu" | "libvirt" | "nova" | "proxmox" | "kubevirt"
+                )
             {
                 anyhow::bail!(
-                    "line {line}: [[vm]] manager {m:?} is not one of qemu, libvirt, nova, proxmox"
+                    "line {line}: [[vm]] manager {m:?} is not one of qemu, libvirt, nova, proxmox, kubevirt"
                 );
             }
             if let Some(w) = v.weight

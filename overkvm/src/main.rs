@@ -10,7 +10,8 @@ use overkvm::{
 fn main() {
     let cli = Cli::parse();
     let level = match cli.verbose {
-        0 => "warn",
+        // The throttle changes other processes' limits: its decisions are logged by default.
+        0 => "warn,overkvm::throttle=info",
         1 => "info",
         _ => "debug",
     };

@@ -13,7 +13,8 @@ use crate::{
     cgroupfs,
     config::Config,
     devices,
-    identity::{cgroup, procfs, qemu::QemuArgs},
+    identity::{cgroup, kubevirt, procfs, qemu::QemuArgs},
+    lifecycle::qemu_limits,
     throttle::actuator,
     top::batch::sanitize,
 };
@@ -47,6 +48,11 @@ fn hostile_text() -> impl Strategy<Value = String> {
 const STAT: &str = "4242 (qemu-system-x86) S 1 4242 4242 0 -1 4194560 100 0 0 0 5 3 0 0 20 0 9 0 123456 1000000 2000 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0\n";
 const CMDLINE: &[u8] = b"/usr/bin/qemu-system-x86_64\0-name\0guest=vm1,debug-threads=on\0-uuid\x005b1f9c3e-7d0a-4c2e-9f4b-1a2b3c4d5e6f\0-id\x00100\0-smbios\0type=1,product=OpenStack Nova,uuid=5b1f9c3e-7d0a-4c2e-9f4b-1a2b3c4d5e6f\0";
 
+const DOMAIN_XML: &str = "<domstatus state='running' pid='42'><domain type='qemu' id='3'><devices>\
+<disk type='file' device='disk'><target dev='vda' bus='virtio'/><iotune><total_iops_sec>500</total_iops_sec>\
+<write_bytes_sec>1048576</write_bytes_sec></iotune></disk><disk device='cdrom'><target dev=\"hdc\"/></disk>\
+</devices></domain></domstatus>";
+
 /// `base` with a few bytes overwritten, inserted or cut at random places.
 fn mutated(base: &'static [u8]) -> impl Strategy<Value = Vec<u8>> {
     prop::collection::vec((any::<usize>(), any::<u8>(), 0u8..3), 0..16).prop_map(move |edits| {
@@ -69,6 +75,17 @@ fn mutated(base: &'static [u8]) -> impl Strategy<Value = Vec<u8>> {
 
 proptest! {
     #[test]
+    fn libvirt_iotune_never_panics(b in prop_oneof![hostile_bytes(), mutated(DOMAIN_XML.as_bytes())]) {
+        let xml = String::from_utf8_lossy(&b);
+        for l in qemu_limits::from_libvirt_xml(&xml) {
+            prop_assert!(!l.is_unlimited());
+        }
+        for l in qemu_limits::from_pve_config(&xml) {
+            prop_assert!(!l.is_unlimited());
+        }
+    }
+
+    #[test]
     fn proc_stat_never_panics(b in prop_oneof![hostile_bytes(), mutated(STAT.as_bytes())]) {
         let _ = procfs::parse_stat(&b);
     }
@@ -85,6 +102,9 @@ proptest! {
         let _ = procfs::parse_cgroup(t.as_bytes());
         let _ = cgroup::libvirt_machine(&t);
         let _ = cgroup::proxmox_vmid(&t);
+        let _ = kubevirt::in_kubepods(&t);
+        let _ = kubevirt::split_domain_name(&t);
+        let _ = procfs::parse_cgroup(t.as_bytes()).map(|e| procfs::manager_cgroup_path(&e).len());
         let _ = cgroup::unescape_systemd(&t);
         let _ = cgroupfs::parse_mountinfo(&t);
         let _ = actuator::check_cgroup_path(&t);

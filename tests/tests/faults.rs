@@ -176,6 +176,9 @@ fn cg_name(blkio: &Path, dir: &Path) -> String {
 /// Lines of a log that mention a cgroup path (followed by anything but more path).
 fn lines_naming(log: &str, cgroup: &str) -> usize {
     log.lines()
+        // Decision lines ("VM x on loop1: limited to ... in CGROUP", "...: limit removed")
+        // name the cgroup while it lives; what is counted here is what is said of it after.
+        .filter(|l| !l.contains(": limit"))
         .filter(|l| {
             l.match_indices(cgroup).any(|(i, _)| {
                 !l[i + cgroup.len()..]

@@ -96,7 +96,24 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("bpftrace", "bpftrace"),
     ("bpftool", "bpftool"),
     ("strace", "strace"),
+    // libvirt for tests/tests/libvirt.rs: the daemon with its qemu driver and virsh, nothing
+    // they merely recommend (dnsmasq, firewall, storage backends...).
+    ("libvirt-daemon", "libvirtd"),
+    ("libvirt-daemon-driver-qemu", "libvirtd"),
+    ("libvirt-clients", "virsh"),
 ];
+
+/// Installed with `--no-install-recommends`.
+const WITHOUT_RECOMMENDS: &[&str] = &[
+    "libvirt-daemon",
+    "libvirt-daemon-driver-qemu",
+    "libvirt-clients",
+];
+
+/// The account libvirt's qemu driver resolves at start-up even when qemu.conf says
+/// `user = "root"` (it refuses to start without it). Debian's libvirt-daemon-system creates
+/// it; the tests install only the daemon, so setup creates the system user and group.
+const LIBVIRT_QEMU_ACCOUNT: &str = "libvirt-qemu";
 
 fn installed(pkg: &str) -> bool {
     output(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]))
@@ -112,6 +129,56 @@ fn codename() -> Option<String> {
 
 /// Installs the missing test packages with apt-get (as root).
 pub fn test_packages() -> anyhow::Result<()> {
+    install_test_packages()?;
+    libvirt_qemu_account()
+}
+
+fn account_exists(db: &str, name: &str) -> bool {
+    Command::new("getent")
+        .args([db, name])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Creates the `libvirt-qemu` system group and user when missing (as root; prints only
+/// what it changes).
+fn libvirt_qemu_account() -> anyhow::Result<()> {
+    let name = LIBVIRT_QEMU_ACCOUNT;
+    let sudo = !crate::is_root();
+    let cmd = |prog: &str| {
+        let mut c = Command::new(if sudo { "sudo" } else { prog });
+        if sudo {
+            c.arg(prog);
+        }
+        c
+    };
+    if !account_exists("group", name) {
+        eprintln!("==> creating the system group {name} (libvirt's qemu driver needs it)");
+        let mut c = cmd("groupadd");
+        c.args(["--system", name]);
+        run(c, "groupadd")?;
+    }
+    if !account_exists("passwd", name) {
+        eprintln!("==> creating the system user {name} (libvirt's qemu driver needs it)");
+        let mut c = cmd("useradd");
+        c.args([
+            "--system",
+            "--gid",
+            name,
+            "--no-create-home",
+            "--home-dir",
+            "/var/lib/libvirt",
+            "--shell",
+            "/usr/sbin/nologin",
+            name,
+        ]);
+        run(c, "useradd")?;
+    }
+    Ok(())
+}
+
+fn install_test_packages() -> anyhow::Result<()> {
     let missing: Vec<&str> = TEST_PACKAGES
         .iter()
         .filter(|(pkg, _)| !installed(pkg))
@@ -141,6 +208,17 @@ pub fn test_packages() -> anyhow::Result<()> {
         c
     };
     run(apt(&["update", "-qq"]), "apt-get update")?;
+    let (lean, missing): (Vec<&str>, Vec<&str>) = missing
+        .into_iter()
+        .partition(|p| WITHOUT_RECOMMENDS.contains(p));
+    if !lean.is_empty() {
+        let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
+        args.extend(&lean);
+        run(apt(&args), "apt-get install")?;
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
     let mut args: Vec<String> = vec![
         "install".into(),
         "-y".into(),

@@ -81,6 +81,8 @@ pub mod label {
     pub const MANAGER: &str = "manager";
     pub const PID: &str = "pid";
     pub const CGROUP: &str = "cgroup";
+    /// KubeVirt VMs only: the VMI's Kubernetes namespace.
+    pub const NAMESPACE: &str = "namespace";
     /// Kernel block device name (`nvme0n1`, `loop3`).
     pub const DEVICE: &str = "device";
     /// read, write, discard, flush, other (`overkvm_common::Op::name`).
@@ -130,8 +132,8 @@ pub const VM_INFO: Metric = Metric {
     name: "vm_info",
     kind: Kind::Gauge,
     unit: None,
-    labels: &[VM, UUID, MANAGER, PID, CGROUP],
-    help: "A VM known to the exporter (1), with its UUID, manager, qemu PID and cgroup.",
+    labels: &[VM, UUID, MANAGER, PID, CGROUP, NAMESPACE],
+    help: "A VM known to the exporter (1), with its UUID, manager, qemu PID and cgroup (and namespace on KubeVirt).",
 };
 
 pub const DEVICE_IO_OPERATIONS: Metric = Metric {
@@ -339,7 +341,7 @@ pub const THROTTLE_LIMIT_IOPS: Metric = Metric {
     kind: Kind::Gauge,
     unit: None,
     labels: &[VM, DEVICE, DIRECTION],
-    help: "IOPS limit the throttle has in place on a VM and device (cgroup io.max riops/wiops).",
+    help: "IOPS limit the throttle has in place on a VM and device (cgroup v2 io.max riops/wiops, or v1 blkio.throttle.read_iops_device/write_iops_device).",
 };
 
 pub const THROTTLE_LIMIT_BPS: Metric = Metric {
@@ -347,7 +349,7 @@ pub const THROTTLE_LIMIT_BPS: Metric = Metric {
     kind: Kind::Gauge,
     unit: None,
     labels: &[VM, DEVICE, DIRECTION],
-    help: "Bandwidth limit the throttle has in place on a VM and device (cgroup io.max rbps/wbps).",
+    help: "Bandwidth limit the throttle has in place on a VM and device (cgroup v2 io.max rbps/wbps, or v1 blkio.throttle.read_bps_device/write_bps_device).",
 };
 
 pub const THROTTLE_LIMIT_AGE: Metric = Metric {

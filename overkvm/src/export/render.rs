@@ -47,6 +47,7 @@ fn manager_name(m: Manager) -> &'static str {
         Manager::Libvirt => "libvirt",
         Manager::Nova => "nova",
         Manager::Proxmox => "proxmox",
+        Manager::Kubevirt => "kubevirt",
     }
 }
 
@@ -254,13 +255,20 @@ fn encode_totals(t: &Totals, shape: Shape, enc: &mut DescriptorEncoder) -> fmt::
     if let Some(mut m) = family(enc, &names::VM_INFO, !vms.is_empty())? {
         for vm in &vms {
             let pid = vm.pid.to_string();
-            let l = [
+            let mut l = vec![
                 (VM, Lv(&vm.label)),
                 (UUID, Lv(vm.uuid.as_deref().unwrap_or(""))),
                 (MANAGER, Lv(manager_name(vm.manager))),
                 (PID, Lv(&pid)),
                 (CGROUP, Lv(&vm.cgroup)),
             ];
+            // Only KubeVirt VMs have a namespace (their `vm` is `<namespace>/<vmi>`).
+            if let Some(ns) = (vm.manager == Manager::Kubevirt)
+                .then(|| crate::identity::kubevirt::namespace_of(&vm.label))
+                .flatten()
+            {
+                l.push((NAMESPACE, Lv(ns)));
+            }
             gauge(&mut m, &l, 1i64)?;
         }
     }

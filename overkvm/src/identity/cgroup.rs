@@ -92,6 +92,14 @@ fn parse_machine_name(machine: &str) -> Option<LibvirtMachine> {
     })
 }
 
+/// Whether a path is in the layout of a VM manager overkvm knows (libvirt, Proxmox, KubeVirt's
+/// kubelet).
+pub fn is_manager_layout(path: &str) -> bool {
+    libvirt_machine(path).is_some()
+        || proxmox_vmid(path).is_some()
+        || super::kubevirt::in_kubepods(path)
+}
+
 /// The Proxmox VMID of a path under `/qemu.slice/<VMID>.scope`.
 pub fn proxmox_vmid(path: &str) -> Option<u32> {
     let mut comps = path.split('/').filter(|c| !c.is_empty());

@@ -1,4 +1,4 @@
-//! Which manager runs a qemu process (Proxmox, Nova, libvirt, or none) and what it calls the VM.
+//! Which manager runs a qemu process (Proxmox, KubeVirt, Nova, libvirt, or none) and what it calls the VM.
 //!
 //! Evidence differs in strength. cgroup paths under `/machine.slice` or `/qemu.slice`, and
 //! files under `/run/libvirt` or `/etc/pve`, are written by root. The command line is written
@@ -7,6 +7,7 @@
 //! accounting keys on cgroups anyway. Where both kinds exist, the cgroup wins.
 
 use super::cgroup;
+use super::kubevirt;
 use super::qemu::{QemuArgs, normalize_uuid};
 use super::{Manager, VmIdentity};
 
@@ -24,7 +25,8 @@ pub trait HostFiles {
     fn pve_config(&self, vmid: u32) -> Option<String>;
 }
 
-/// Identifies the VM of a qemu process. First match wins: Proxmox, Nova, libvirt, plain qemu.
+/// Identifies the VM of a qemu process. First match wins: Proxmox, KubeVirt, Nova, libvirt,
+/// plain qemu.
 pub fn identify(pid: u32, args: &QemuArgs, cgroup: &str, host: &dyn HostFiles) -> VmIdentity {
     let uuid = args.uuid.clone().or_else(|| args.smbios_uuid.clone());
 
@@ -40,6 +42,22 @@ pub fn identify(pid: u32, args: &QemuArgs, cgroup: &str, host: &dyn HostFiles) -
             manager: Manager::Proxmox,
             vmid: Some(vmid),
             display_name: None,
+            namespace: None,
+        };
+    }
+
+    // KubeVirt's libvirt lives in the pod: nothing of it shows on the host but the pod's
+    // cgroup and the domain name qemu was given.
+    if kubevirt::in_kubepods(cgroup)
+        && let Some((ns, vmi)) = args.name.as_deref().and_then(kubevirt::split_domain_name)
+    {
+        return VmIdentity {
+            name: kubevirt::host_name(ns, vmi),
+            uuid,
+            manager: Manager::Kubevirt,
+            vmid: None,
+            display_name: Some(vmi.to_owned()),
+            namespace: Some(ns.to_owned()),
         };
     }
 
@@ -80,6 +98,7 @@ pub fn identify(pid: u32, args: &QemuArgs, cgroup: &str, host: &dyn HostFiles) -
             display_name: status
                 .and_then(|x| element_text(x, "nova:name"))
                 .filter(|n| !n.is_empty()),
+            namespace: None,
         };
     }
 
@@ -92,6 +111,7 @@ pub fn identify(pid: u32, args: &QemuArgs, cgroup: &str, host: &dyn HostFiles) -
         manager: Manager::Qemu,
         vmid: None,
         display_name: None,
+        namespace: None,
     }
 }
 
@@ -165,7 +185,7 @@ pub fn element_text(xml: &str, tag: &str) -> Option<String> {
 
 /// Finds `<tag` followed by whitespace, `>` or `/`. Returns the offset, the inside of the start
 /// tag (after the name) and the text after it.
-fn find_start_tag<'a>(xml: &'a str, tag: &str) -> Option<(usize, &'a str, &'a str)> {
+pub(crate) fn find_start_tag<'a>(xml: &'a str, tag: &str) -> Option<(usize, &'a str, &'a str)> {
     let open = format!("<{tag}");
     let mut from = 0;
     while let Some(i) = xml[from..].find(&open) {
@@ -181,7 +201,7 @@ fn find_start_tag<'a>(xml: &'a str, tag: &str) -> Option<(usize, &'a str, &'a st
 }
 
 /// Value of attribute `name` inside a start tag's text.
-fn attribute<'a>(tag: &'a str, name: &str) -> Option<&'a str> {
+pub(crate) fn attribute<'a>(tag: &'a str, name: &str) -> Option<&'a str> {
     let mut from = 0;
     while let Some(i) = tag[from..].find(name) {
         let at = from + i;
@@ -295,6 +315,63 @@ mod tests {
 
     const UUID: &str = "6a2cfe1e-9d3b-4c4e-9a41-2b9a3f1b7c10";
 
+    /// A virt-launcher's qemu as KubeVirt's libvirt starts it (abridged).
+    const KUBEVIRT_ARGV: &[&str] = &[
+        "-name",
+        "guest=prod-eu1_web-01,debug-threads=on",
+        "-S",
+        "-machine",
+        "pc-q35-rhel9.2.0,usb=off,dump-guest-core=off",
+        "-uuid",
+        UUID,
+        "-smbios",
+        "type=1,manufacturer=KubeVirt,product=None,uuid=6a2cfe1e-9d3b-4c4e-9a41-2b9a3f1b7c10,family=KubeVirt",
+        "-no-user-config",
+    ];
+
+    #[test]
+    fn kubevirt_needs_a_pod_cgroup_and_a_namespaced_domain_name() {
+        let f = Files::default();
+        let pod = "/kubepods.slice/kubepods-burstable.slice/\
+                   kubepods-burstable-pod0f6c2d7e_1b2a.slice/cri-containerd-3c1e9a.scope";
+        let v = identify(4242, &args(KUBEVIRT_ARGV), pod, &f);
+        assert_eq!(
+            v,
+            VmIdentity {
+                name: "prod-eu1/web-01".into(),
+                uuid: Some(UUID.into()),
+                manager: Manager::Kubevirt,
+                vmid: None,
+                display_name: Some("web-01".into()),
+                namespace: Some("prod-eu1".into()),
+            }
+        );
+        assert!(
+            f.asked.borrow().is_empty(),
+            "the pod's libvirt files are not the host's: none is read"
+        );
+        let json = serde_json::to_value(&v).unwrap();
+        assert_eq!(json["manager"], "kubevirt");
+        assert_eq!(json["namespace"], "prod-eu1");
+        let cgroupfs = "/kubepods/burstable/pod0f6c2d7e-1b2a/3c1e9a";
+        assert_eq!(
+            identify(1, &args(KUBEVIRT_ARGV), cgroupfs, &f).manager,
+            Manager::Kubevirt
+        );
+        // A user's qemu named like a KubeVirt domain, outside the pods: plain qemu.
+        let v = identify(1, &args(KUBEVIRT_ARGV), "/user.slice/u.scope", &f);
+        assert_eq!(
+            (v.manager, v.name.as_str()),
+            (Manager::Qemu, "prod-eu1_web-01")
+        );
+        assert_eq!(v.namespace, None);
+        // Some other qemu in a pod (no namespaced name): plain qemu too.
+        let v = identify(1, &args(&["-name", "sandbox"]), cgroupfs, &f);
+        assert_eq!((v.manager, v.name.as_str()), (Manager::Qemu, "sandbox"));
+        let v = identify(1, &args(&["-name", "Bad_Name"]), cgroupfs, &f);
+        assert_eq!(v.manager, Manager::Qemu);
+    }
+
     fn status_xml(pid: u32, display: &str) -> String {
         format!(
             "<domstatus state='running' reason='booted' pid='{pid}'>\n  <taint flag='high-privileges'/>\n\
@@ -321,7 +398,8 @@ mod tests {
                 uuid: None,
                 manager: Manager::Proxmox,
                 vmid: Some(100),
-                display_name: None
+                display_name: None,
+                namespace: None,
             }
         );
         assert!(f.asked.borrow().is_empty(), "-name present: no config read");
@@ -387,7 +465,8 @@ mod tests {
                 uuid: Some(UUID.into()),
                 manager: Manager::Nova,
                 vmid: Some(5),
-                display_name: Some("web & api \u{263a}".into())
+                display_name: Some("web & api \u{263a}".into()),
+                namespace: None,
             }
         );
     }
@@ -450,7 +529,8 @@ mod tests {
                 uuid: Some(UUID.into()),
                 manager: Manager::Libvirt,
                 vmid: Some(3),
-                display_name: None
+                display_name: None,
+                namespace: None,
             }
         );
         // Without -name, the scope's (cleaned) name.

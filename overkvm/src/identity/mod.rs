@@ -9,6 +9,7 @@
 
 pub mod cgroup;
 pub mod early;
+pub mod kubevirt;
 pub mod managers;
 pub mod procfs;
 pub mod qemu;
@@ -31,6 +32,8 @@ pub enum Manager {
     /// OpenStack Nova (through libvirt).
     Nova,
     Proxmox,
+    /// KubeVirt (a libvirt inside a `virt-launcher` pod).
+    Kubevirt,
 }
 
 /// What a VM is called and by whom.
@@ -44,8 +47,11 @@ pub struct VmIdentity {
     pub manager: Manager,
     /// Proxmox VMID, libvirt domain id when known
     pub vmid: Option<u32>,
-    /// Nova display name (from libvirt XML nova:name) when known
+    /// The name the manager's users know the VM by, when it differs from `name`: Nova's
+    /// display name (from libvirt XML nova:name), KubeVirt's VMI name.
     pub display_name: Option<String>,
+    /// KubeVirt: the VMI's Kubernetes namespace (`name` is `<namespace>/<vmi>`).
+    pub namespace: Option<String>,
 }
 
 /// A live process as seen at first resolution.
@@ -193,11 +199,14 @@ impl Resolver {
     /// Everything after the first stat read. Any failed read means the process is gone.
     fn build(&mut self, pid: u32, dir: &Path, stat: procfs::Stat) -> Option<ProcessIdentity> {
         let (raw, _) = self.read(&dir.join("cgroup"), CGROUP_MAX)?;
-        let cgroup = match procfs::parse_cgroup(&raw) {
-            Ok(entries) => procfs::io_cgroup_path(&entries).to_owned(),
+        let (cgroup, manager_cgroup) = match procfs::parse_cgroup(&raw) {
+            Ok(entries) => (
+                procfs::io_cgroup_path(&entries).to_owned(),
+                procfs::manager_cgroup_path(&entries).to_owned(),
+            ),
             Err(e) => {
                 log::debug!("pid {pid}: ignoring its cgroup file: {e}");
-                String::new()
+                (String::new(), String::new())
             }
         };
 
@@ -216,7 +225,7 @@ impl Resolver {
             let argv0 = argv.first().map_or("", String::as_str);
             if is_qemu(argv0, exe.as_deref(), &stat.comm) {
                 let args = qemu::QemuArgs::parse(&argv);
-                Some(managers::identify(pid, &args, &cgroup, &self.host))
+                Some(managers::identify(pid, &args, &manager_cgroup, &self.host))
             } else {
                 None
             }
@@ -416,6 +425,7 @@ mod tests {
                 manager: Manager::Libvirt,
                 vmid: Some(39),
                 display_name: None,
+                namespace: None,
             })
         );
         let json = serde_json::to_value(&*p).unwrap();
@@ -661,6 +671,7 @@ mod tests {
                 manager: Manager::Nova,
                 vmid: Some(2),
                 display_name: Some("web \"prod\"\n<1>".into()),
+                namespace: None,
             }
         );
     }

@@ -182,6 +182,23 @@ pub fn io_cgroup_path(entries: &[CgroupEntry]) -> &str {
         .map_or("", |e| e.path.as_str())
 }
 
+/// The path that says who manages the process: the v2 line's or the v1 blkio line's, whichever
+/// is in a manager's layout (on a hybrid host a manager may have placed the process in only
+/// one of them: libvirt without systemd, a kubelet on the cgroupfs driver), else
+/// [`io_cgroup_path`].
+pub fn manager_cgroup_path(entries: &[CgroupEntry]) -> &str {
+    let v2 = entries
+        .iter()
+        .find(|e| e.hierarchy == 0 && e.controllers.is_empty());
+    let blkio = entries.iter().find(|e| e.has_controller("blkio"));
+    [v2, blkio]
+        .into_iter()
+        .flatten()
+        .map(|e| e.path.as_str())
+        .find(|p| super::cgroup::is_manager_layout(p))
+        .unwrap_or_else(|| io_cgroup_path(entries))
+}
+
 /// Reads at most `cap` bytes of a file; the flag says whether the file was longer.
 ///
 /// /proc files are generated on read, so their size is unknown beforehand; the cap keeps a
@@ -366,6 +383,28 @@ mod tests {
         assert_eq!(io_cgroup_path(&e), "/machine/qemu-1-vm1.libvirt-qemu");
         let e = parse_cgroup(b"3:cpu:/a\n1:name=systemd:/b\n").unwrap();
         assert_eq!(io_cgroup_path(&e), "");
+    }
+
+    #[test]
+    fn the_manager_is_read_from_whichever_line_holds_its_layout() {
+        // Hybrid host, kubelet on the cgroupfs driver: the pod shows only in v1.
+        let raw = b"12:blkio:/kubepods/burstable/pod1/c1\n1:name=systemd:/system.slice/containerd.service\n\
+            0::/system.slice/containerd.service\n";
+        let e = parse_cgroup(raw).unwrap();
+        assert_eq!(manager_cgroup_path(&e), "/kubepods/burstable/pod1/c1");
+        assert_eq!(io_cgroup_path(&e), "/system.slice/containerd.service");
+        // libvirt without systemd on a hybrid host.
+        let raw = b"12:blkio:/machine/qemu-3-vm3.libvirt-qemu\n0::/user.slice/s.scope\n";
+        let e = parse_cgroup(raw).unwrap();
+        assert_eq!(manager_cgroup_path(&e), "/machine/qemu-3-vm3.libvirt-qemu");
+        // Both in a layout: the v2 line wins, as for I/O.
+        let raw = b"12:blkio:/machine/qemu-3-vm3.libvirt-qemu\n0::/machine.slice/machine-qemu\\x2d3\\x2dvm3.scope\n";
+        let e = parse_cgroup(raw).unwrap();
+        assert_eq!(manager_cgroup_path(&e), io_cgroup_path(&e));
+        // Neither: the I/O cgroup.
+        let raw = b"12:blkio:/a\n0::/b\n";
+        assert_eq!(manager_cgroup_path(&parse_cgroup(raw).unwrap()), "/b");
+        assert_eq!(manager_cgroup_path(&[]), "");
     }
 
     #[test]

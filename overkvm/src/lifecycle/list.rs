@@ -1,20 +1,33 @@
-//! `vm list`: each VM's state, pid, uptime, current IOPS and active limits.
+//! `vm list`: every VM on the host, whoever manages it: overkvm's own (from its state
+//! directory, running or not) and every other qemu process (libvirt, Nova, Proxmox, KubeVirt,
+//! plain qemu, as the identity layer names them), with state, pid, uptime, current IOPS and
+//! active limits.
 //!
 //! IOPS come from the counters the kernel keeps per cgroup (v1 `blkio.throttle.io_serviced`,
-//! v2 `io.stat`): every VM has its own cgroup, the files are world-readable, and two reads a
-//! second apart cost nothing, so no root and no eBPF are needed. They count bios, as the
-//! cgroup limits do.
+//! v2 `io.stat`): the files are world-readable, and two reads a second apart cost nothing, so
+//! no root and no eBPF are needed. They count bios, as the cgroup limits do. overkvm's VMs have
+//! a cgroup of their own; another manager's VM is measured only when its cgroup is in that
+//! manager's layout (a libvirt machine, a Proxmox scope, a pod's container), never when it sits
+//! in a cgroup that would count other processes' I/O too (the root, a user session).
 
-use std::{collections::BTreeMap, thread::sleep, time::Duration};
+use std::{collections::BTreeMap, path::Path, thread::sleep, time::Duration};
 
 use serde::Serialize;
 
 use super::{
     cgroup::{IoOps, VmCgroup},
     definition::{VmDefinition, VmPaths},
+    overcommit::GuestProc,
+    qemu_limits::{self, DiskLimits},
     state::{self, VmState},
 };
+use crate::identity::Manager;
 use crate::{cli::VmListArgs, config::Config, tick::ActiveLimit, top::batch::sanitize};
+
+/// Where libvirt keeps its running domains' pidfiles and status XML.
+const LIBVIRT_RUN: &str = "/run/libvirt/qemu";
+/// Where Proxmox keeps its VM configs.
+const PVE_QEMU: &str = "/etc/pve/qemu-server";
 
 /// Window over which `vm list` measures IOPS.
 const IOPS_WINDOW: Duration = Duration::from_secs(1);
@@ -27,23 +40,38 @@ pub struct Iops {
     pub total: f64,
 }
 
+/// Who runs a VM, for `vm list`: overkvm itself or the manager the identity layer found.
+pub const OVERKVM: &str = "overkvm";
+
 /// One row of `vm list`.
 #[derive(Clone, Debug, Serialize)]
 pub struct VmRow {
     pub name: String,
+    /// `overkvm` for the VMs of the state directory, else `qemu`, `libvirt`, `nova`,
+    /// `proxmox` or `kubevirt`.
+    pub manager: String,
+    /// KubeVirt: the VMI's namespace (`name` is `<namespace>/<vmi>`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
     pub state: VmState,
     pub pid: Option<u32>,
-    pub uuid: String,
+    pub uuid: Option<String>,
     pub uptime_s: Option<f64>,
     pub accel: Option<String>,
     pub cgroup: Option<String>,
     pub memory_mib: u64,
     pub vcpus: u32,
-    pub overlay: String,
+    /// overkvm's VMs: the qcow2 overlay.
+    pub overlay: Option<String>,
     /// None when not running, not measured (`--no-iops`) or the VM has no cgroup.
     pub iops: Option<Iops>,
     /// Limits the throttle daemon has on this VM (from its status file).
     pub limits: Vec<ActiveLimit>,
+    /// Limits QEMU itself enforces on the VM's disks (`block_set_io_throttle`: Nova's
+    /// `quota:disk_*`, libvirt `<iotune>`), read over QMP for overkvm's VMs and from libvirt's
+    /// status XML for its domains; None where they cannot be read without going behind a
+    /// manager's back.
+    pub qemu_limits: Option<Vec<DiskLimits>>,
 }
 
 /// IOPS between two readings of a cgroup's counters, summed over devices.
@@ -82,10 +110,66 @@ fn limit_text(l: &ActiveLimit) -> String {
     format!("{} r={} w={} iops", l.device, v(l.riops), v(l.wiops))
 }
 
-/// Builds the rows (measuring IOPS over one second unless `measure` is false).
+/// The manager's name as the rest of overkvm writes it (`libvirt`, `kubevirt`...).
+fn manager_name(m: Manager) -> String {
+    serde_json::to_value(m)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// Rows for the VMs of other managers (`guests` minus overkvm's own), with the cgroup to
+/// measure each by, when it has one of its own.
+fn foreign_rows(
+    guests: &[GuestProc],
+    limits: &[ActiveLimit],
+    block_cgroup: impl Fn(u32) -> Option<String>,
+) -> Vec<(VmRow, Option<String>)> {
+    guests
+        .iter()
+        .filter(|g| !g.overkvm)
+        .map(|g| {
+            let cgroup = block_cgroup(g.pid);
+            let own = cgroup
+                .as_deref()
+                .filter(|c| crate::identity::cgroup::is_manager_layout(c))
+                .map(str::to_owned);
+            let row = VmRow {
+                name: g.name.clone(),
+                manager: manager_name(g.manager),
+                namespace: g.namespace.clone(),
+                state: VmState::Running,
+                pid: Some(g.pid),
+                uuid: g.uuid.clone(),
+                uptime_s: state::uptime_s(g.start_time),
+                accel: None,
+                cgroup,
+                memory_mib: g.memory_mib,
+                vcpus: g.vcpus,
+                overlay: None,
+                iops: None,
+                limits: limits.iter().filter(|l| l.vm == g.name).cloned().collect(),
+                qemu_limits: match (g.manager, g.vmid) {
+                    (Manager::Libvirt | Manager::Nova, _) => {
+                        qemu_limits::of_libvirt_domain(Path::new(LIBVIRT_RUN), &g.name, g.pid)
+                    }
+                    (Manager::Proxmox, Some(vmid)) => {
+                        qemu_limits::of_proxmox_vm(Path::new(PVE_QEMU), vmid)
+                    }
+                    _ => None,
+                },
+            };
+            (row, own)
+        })
+        .collect()
+}
+
+/// Builds the rows (measuring IOPS over one second unless `measure` is false): overkvm's VMs
+/// first, then every other VM on the host.
 pub fn rows(vms: &[(VmDefinition, VmPaths)], limits: &[ActiveLimit], measure: bool) -> Vec<VmRow> {
     let mut rows = Vec::new();
     let mut cgroups: Vec<Option<VmCgroup>> = Vec::new();
+    let api = crate::throttle::actuator::Actuator::for_host().ok();
     for (def, paths) in vms {
         let found = state::inspect(def, paths);
         let record = found
@@ -94,7 +178,7 @@ pub fn rows(vms: &[(VmDefinition, VmPaths)], limits: &[ActiveLimit], measure: bo
             .filter(|_| found.state == VmState::Running);
         let cg = record.and_then(|r| {
             Some(VmCgroup {
-                api: crate::throttle::actuator::Actuator::for_host().ok()?.api,
+                api: api.as_ref()?.api,
                 root: r.cgroup_root.clone()?,
                 path: r.cgroup.clone()?,
             })
@@ -102,22 +186,41 @@ pub fn rows(vms: &[(VmDefinition, VmPaths)], limits: &[ActiveLimit], measure: bo
         cgroups.push(cg);
         rows.push(VmRow {
             name: def.name.clone(),
+            manager: OVERKVM.into(),
+            namespace: None,
             state: found.state,
             pid: found.pid,
-            uuid: def.uuid.clone(),
+            uuid: Some(def.uuid.clone()),
             uptime_s: record.and_then(|r| state::uptime_s(r.start_time)),
             accel: record.map(|r| r.accel.clone()),
             cgroup: record.and_then(|r| r.cgroup.clone()),
             memory_mib: def.memory_mib,
             vcpus: def.vcpus,
-            overlay: def.overlay.display().to_string(),
+            overlay: Some(def.overlay.display().to_string()),
             iops: None,
             limits: limits
                 .iter()
                 .filter(|l| l.vm == def.name)
                 .cloned()
                 .collect(),
+            qemu_limits: record.and_then(|_| qemu_limits::of_own_vm(&paths.qmp_socket())),
         });
+    }
+    let guests = super::overcommit::guests(vms);
+    let block_cgroup = |pid| {
+        api.as_ref()
+            .and_then(|a| crate::throttle::block_cgroup_of(pid, a.api))
+    };
+    for (row, own) in foreign_rows(&guests, limits, block_cgroup) {
+        cgroups.push(own.and_then(|path| {
+            let a = api.as_ref()?;
+            Some(VmCgroup {
+                api: a.api,
+                root: a.root.clone(),
+                path,
+            })
+        }));
+        rows.push(row);
     }
     if measure && cgroups.iter().any(Option::is_some) {
         let before: Vec<_> = cgroups
@@ -142,22 +245,30 @@ pub fn rows(vms: &[(VmDefinition, VmPaths)], limits: &[ActiveLimit], measure: bo
 pub fn write_table(rows: &[VmRow], out: &mut impl std::io::Write) -> std::io::Result<()> {
     writeln!(
         out,
-        "{:<20} {:<8} {:>8} {:>8} {:>5} {:>7} {:>7} {:<36} LIMITS",
-        "NAME", "STATE", "PID", "UPTIME", "VCPUS", "MEM", "IOPS", "UUID"
+        "{:<20} {:<8} {:<8} {:>8} {:>8} {:>5} {:>7} {:>7} {:<36} LIMITS",
+        "NAME", "MANAGER", "STATE", "PID", "UPTIME", "VCPUS", "MEM", "IOPS", "UUID"
     )?;
     for r in rows {
-        let limits: Vec<String> = r.limits.iter().map(limit_text).collect();
+        let mut limits: Vec<String> = r.limits.iter().map(limit_text).collect();
+        limits.extend(
+            r.qemu_limits
+                .iter()
+                .flatten()
+                .map(|l| format!("qemu {}", l.text())),
+        );
         writeln!(
             out,
-            "{:<20} {:<8} {:>8} {:>8} {:>5} {:>7} {:>7} {:<36} {}",
-            r.name,
+            "{:<20} {:<8} {:<8} {:>8} {:>8} {:>5} {:>7} {:>7} {:<36} {}",
+            // Names of other managers' VMs come from command lines: never printed raw.
+            sanitize(&r.name),
+            r.manager,
             r.state.name(),
             r.pid.map_or("-".into(), |p| p.to_string()),
             r.uptime_s.map_or("-".into(), human_duration),
             r.vcpus,
             format!("{}M", r.memory_mib),
             r.iops.map_or("-".into(), |i| format!("{:.0}", i.total)),
-            r.uuid,
+            r.uuid.as_deref().unwrap_or("-"),
             if limits.is_empty() {
                 "-".to_string()
             } else {
@@ -186,7 +297,10 @@ pub fn run(args: &VmListArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&rows)?);
     } else {
         if rows.is_empty() {
-            println!("no VMs in {}", state_dir.display());
+            println!(
+                "no VMs on this host (none running, none defined in {})",
+                state_dir.display()
+            );
         } else {
             write_table(&rows, &mut std::io::stdout().lock())?;
         }
@@ -261,15 +375,17 @@ mod tests {
     fn table() {
         let row = VmRow {
             name: "web01".into(),
+            manager: OVERKVM.into(),
+            namespace: None,
             state: VmState::Crashed,
             pid: None,
-            uuid: "0fa82997-3c4d-4e5f-8a9b-0c1d2e3f4a5b".into(),
+            uuid: Some("0fa82997-3c4d-4e5f-8a9b-0c1d2e3f4a5b".into()),
             uptime_s: None,
             accel: None,
             cgroup: None,
             memory_mib: 512,
             vcpus: 2,
-            overlay: "/v/web01/disk.qcow2".into(),
+            overlay: Some("/v/web01/disk.qcow2".into()),
             iops: Some(Iops {
                 read: 1.0,
                 write: 2.0,
@@ -285,15 +401,96 @@ mod tests {
                 wbps: None,
                 since_s: 3.0,
             }],
+            qemu_limits: Some(vec![DiskLimits {
+                disk: "vda".into(),
+                iops: Some(500),
+                ..DiskLimits::default()
+            }]),
         };
         let mut out = Vec::new();
         write_table(std::slice::from_ref(&row), &mut out).unwrap();
         let text = String::from_utf8(out).unwrap();
         assert!(text.contains("crashed"), "{text}");
         assert!(text.contains("loop0 r=200 w=max iops"), "{text}");
+        assert!(text.contains("qemu vda iops=500"), "{text}");
         let json = serde_json::to_value(&row).unwrap();
         assert_eq!(json["state"], "crashed");
         assert_eq!(json["iops"]["total"], 3.0);
         assert!(json["pid"].is_null());
+        assert_eq!(json["manager"], "overkvm");
+        assert!(json.get("namespace").is_none());
+    }
+
+    fn guest(pid: u32, name: &str, manager: Manager, overkvm: bool) -> GuestProc {
+        GuestProc {
+            pid,
+            name: name.into(),
+            uuid: None,
+            overkvm,
+            manager,
+            namespace: (manager == Manager::Kubevirt).then(|| "prod".into()),
+            start_time: 0,
+            vmid: None,
+            vcpus: 1,
+            vcpu_source: "smp",
+            memory_mib: 512,
+            resident_mib: 100,
+        }
+    }
+
+    #[test]
+    fn other_managers_vms_are_listed_and_measured_only_in_a_cgroup_of_their_own() {
+        let guests = [
+            guest(10, "mine", Manager::Qemu, true),
+            guest(11, "web01", Manager::Libvirt, false),
+            guest(12, "prod/db", Manager::Kubevirt, false),
+            guest(13, "scratch\x1b[2J", Manager::Qemu, false),
+        ];
+        let limits = [ActiveLimit {
+            vm: "web01".into(),
+            cgroup: "/machine/qemu-1-web01.libvirt-qemu".into(),
+            device: "loop0".into(),
+            riops: Some(300),
+            wiops: None,
+            rbps: None,
+            wbps: None,
+            since_s: 1.0,
+        }];
+        let cg = |pid| match pid {
+            11 => Some("/machine/qemu-1-web01.libvirt-qemu".to_string()),
+            12 => Some("/kubepods/burstable/pod1/c1".to_string()),
+            13 => Some("/".to_string()),
+            _ => None,
+        };
+        let rows = foreign_rows(&guests, &limits, cg);
+        let names: Vec<_> = rows.iter().map(|(r, _)| r.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["web01", "prod/db", "scratch\x1b[2J"],
+            "overkvm's own VM is not repeated"
+        );
+        let (web, own) = &rows[0];
+        assert_eq!(web.manager, "libvirt");
+        assert_eq!(own.as_deref(), Some("/machine/qemu-1-web01.libvirt-qemu"));
+        assert_eq!(web.limits.len(), 1);
+        assert_eq!(web.state, VmState::Running);
+        let (db, own) = &rows[1];
+        assert_eq!(
+            (db.manager.as_str(), db.namespace.as_deref()),
+            ("kubevirt", Some("prod"))
+        );
+        assert!(own.is_some());
+        let (scratch, own) = &rows[2];
+        assert_eq!(scratch.cgroup.as_deref(), Some("/"));
+        assert_eq!(
+            own, &None,
+            "the root cgroup counts the whole host: not measured"
+        );
+        let mut out = Vec::new();
+        let only: Vec<VmRow> = rows.into_iter().map(|(r, _)| r).collect();
+        write_table(&only, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("kubevirt"), "{text}");
+        assert!(!text.contains('\x1b'), "escaped: {text}");
     }
 }

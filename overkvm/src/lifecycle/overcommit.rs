@@ -30,7 +30,7 @@ use crate::{
     cli::OvercommitArgs,
     config::Config,
     devices::DeviceTable,
-    identity::{Resolver, procfs},
+    identity::{Manager, Resolver, procfs},
     tick::ThrottleView,
     top::batch::sanitize,
 };
@@ -46,6 +46,17 @@ pub struct GuestProc {
     pub uuid: Option<String>,
     /// Started by overkvm (its name and UUID match a VM in the state directory).
     pub overkvm: bool,
+    /// Who manages it, as the identity layer found (`qemu` when nobody does).
+    pub manager: Manager,
+    /// KubeVirt: the VMI's namespace.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Start time of the process (clock ticks after boot), for its uptime.
+    #[serde(skip)]
+    pub start_time: u64,
+    /// Proxmox VMID, libvirt domain id, when known.
+    #[serde(skip)]
+    pub vmid: Option<u32>,
     pub vcpus: u32,
     /// `threads` (counted `CPU n/...` threads) or `smp` (read from `-smp`).
     pub vcpu_source: &'static str,
@@ -321,6 +332,10 @@ pub fn guests(defined: &[(VmDefinition, VmPaths)]) -> Vec<GuestProc> {
             overkvm: defined
                 .iter()
                 .any(|(d, _)| d.name == vm.name && Some(&d.uuid) == vm.uuid.as_ref()),
+            manager: vm.manager,
+            namespace: vm.namespace.clone(),
+            start_time: p.start_time,
+            vmid: vm.vmid,
             vcpus: if threads > 0 { threads } else { smp },
             vcpu_source: if threads > 0 { "threads" } else { "smp" },
             memory_mib: mem,
@@ -522,6 +537,10 @@ mod tests {
             name: "g".into(),
             uuid: None,
             overkvm,
+            manager: Manager::Qemu,
+            namespace: None,
+            start_time: 0,
+            vmid: None,
             vcpus,
             vcpu_source: "threads",
             memory_mib: mem,

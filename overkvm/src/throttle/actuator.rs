@@ -47,7 +47,7 @@ const V1_FILES: [&str; 4] = [
 ];
 const V2_KEYS: [&str; 4] = ["riops", "wiops", "rbps", "wbps"];
 
-fn fields(l: &Limits) -> [Option<u64>; 4] {
+pub(super) fn fields(l: &Limits) -> [Option<u64>; 4] {
     [l.riops, l.wiops, l.rbps, l.wbps]
 }
 

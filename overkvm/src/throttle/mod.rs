@@ -3,10 +3,15 @@
 //!
 //! `policy` decides (pure), `actuator` writes cgroup files, `state` records every change so a
 //! crash can be undone. `ThrottleService` is the thin layer joining them to the daemon's ticks.
+//!
+//! Every decision (engage, each limit set, tightened, relaxed or removed, release) and every
+//! fault handled is logged at the default level (target `overkvm::throttle`), one line each,
+//! rate-limited per VM and device by `ratelimit` so that a flapping device cannot flood the log.
 
 pub mod actuator;
 pub mod command;
 pub mod policy;
+pub mod ratelimit;
 pub mod state;
 
 use std::{
@@ -22,6 +27,7 @@ use overkvm_common::make_dev;
 use self::{
     actuator::{Actuator, Limits},
     policy::{Budget, DeviceController, DirLimits, GuestUse, Knobs},
+    ratelimit::{LogLimiter, Verdict},
     state::{MovedProcess, STATE_DIR, ThrottleState},
 };
 use crate::{
@@ -42,7 +48,7 @@ fn is_gone(e: &anyhow::Error) -> bool {
 
 /// The cgroup of a process in the block controller's hierarchy, from /proc/PID/cgroup: the
 /// `blkio` line on v1, the `0::` line on v2 (on a hybrid host the two differ).
-fn block_cgroup_of(pid: u32, api: crate::cgroupfs::IoController) -> Option<String> {
+pub(crate) fn block_cgroup_of(pid: u32, api: crate::cgroupfs::IoController) -> Option<String> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
     block_cgroup_in(&text, api)
 }
@@ -112,6 +118,25 @@ fn bps_budget(s: &DeviceBudgetSpec) -> Option<Budget> {
     }
 }
 
+/// A device's budget as an operator wrote it, for log lines: `budget 3000 IOPS`,
+/// `budget r 2000 IOPS w 500 IOPS, 100000000 B/s`.
+fn describe_budget(iops: Option<Budget>, bps: Option<Budget>) -> String {
+    let one = |b: Budget, unit: &str| match b {
+        Budget::Total(t) => format!("{t:.0} {unit}"),
+        Budget::PerDirection { read, write } => [("r", read), ("w", write)]
+            .iter()
+            .filter_map(|(d, v)| v.map(|v| format!("{d} {v:.0} {unit}")))
+            .collect::<Vec<_>>()
+            .join(" "),
+    };
+    let parts: Vec<String> = iops
+        .map(|b| one(b, "IOPS"))
+        .into_iter()
+        .chain(bps.map(|b| one(b, "B/s")))
+        .collect();
+    format!("budget {}", parts.join(", "))
+}
+
 /// Resolves a budget's device, refusing partitions and unknown devices.
 pub fn resolve_device(table: &mut DeviceTable, spec: &str) -> anyhow::Result<Arc<DeviceInfo>> {
     let info = table.resolve(spec)?;
@@ -170,6 +195,45 @@ pub struct ThrottleService {
     /// (key, message), latest first.
     problems: VecDeque<(String, String)>,
     warned: HashSet<String>,
+    /// Decision lines per subject (VM and device, or device) are rate-limited.
+    log_limit: LogLimiter,
+}
+
+/// Limits as an operator reads them: `riops=990 wiops=20` (unset directions left out).
+fn describe(l: &Limits) -> String {
+    let parts: Vec<String> = [
+        ("riops", l.riops),
+        ("wiops", l.wiops),
+        ("rbps", l.rbps),
+        ("wbps", l.wbps),
+    ]
+    .iter()
+    .filter_map(|(k, v)| v.map(|v| format!("{k}={v}")))
+    .collect();
+    if parts.is_empty() {
+        "none".into()
+    } else {
+        parts.join(" ")
+    }
+}
+
+/// Whether a new limit is tighter, looser or mixed against the old one (None: unlimited).
+fn change_word(old: &Limits, new: &Limits) -> &'static str {
+    let (mut tighter, mut looser) = (false, false);
+    for (o, n) in actuator::fields(old).into_iter().zip(actuator::fields(new)) {
+        match (o, n) {
+            (None, Some(_)) => tighter = true,
+            (Some(_), None) => looser = true,
+            (Some(o), Some(n)) if n < o => tighter = true,
+            (Some(o), Some(n)) if n > o => looser = true,
+            _ => {}
+        }
+    }
+    match (tighter, looser) {
+        (true, false) => "tightened",
+        (false, true) => "relaxed",
+        _ => "changed",
+    }
 }
 
 fn limits_of(iops: Option<&DirLimits>, bps: Option<&DirLimits>) -> Limits {
@@ -225,6 +289,7 @@ impl ThrottleService {
             throttled_seconds: 0.0,
             problems: VecDeque::new(),
             warned: HashSet::new(),
+            log_limit: LogLimiter::default(),
         };
         if !dry_run {
             svc.reconcile()?;
@@ -299,6 +364,15 @@ impl ThrottleService {
         }
         if self.warned.insert(key) {
             log::info!("VM {vm}: cgroup {cgroup} is gone (VM stopped?): its limit went with it");
+        }
+    }
+
+    /// Logs one throttle decision at the default level, rate-limited per `subject`.
+    fn decided(&mut self, subject: &str, line: String) {
+        let dry = if self.dry_run { " (dry run)" } else { "" };
+        match self.log_limit.admit(subject, Instant::now()) {
+            Verdict::Suppress => log::debug!("{line}{dry}"),
+            v => log::info!("{line}{dry}{}", v.suffix()),
         }
     }
 
@@ -434,6 +508,7 @@ impl ThrottleService {
             ..knobs.clone()
         };
         let m = &mut self.devices[i];
+        let was_engaged = m.ctl_iops.engaged || m.ctl_bps.engaged;
         m.used_iops =
             iops_guests.values().map(|g| g.read + g.write).sum::<f64>() + bg_iops.0 + bg_iops.1;
         let mut touched: Vec<String> = Vec::new();
@@ -447,6 +522,21 @@ impl ThrottleService {
             touched.extend(d.set.into_keys());
             touched.extend(d.clear);
         }
+        let engaged = m.ctl_iops.engaged || m.ctl_bps.engaged;
+        if engaged != was_engaged {
+            let (name, used) = (m.info.name.clone(), m.used_iops);
+            let budget = describe_budget(m.iops, m.bps);
+            let line = if engaged {
+                format!("{name}: over budget ({budget}, {used:.0} IOPS in use): throttling engaged")
+            } else {
+                format!(
+                    "{name}: load under the release threshold ({budget}, {used:.0} IOPS in use): \
+                     throttling released, every limit on it goes"
+                )
+            };
+            self.decided(&name, line);
+        }
+        let m = &self.devices[i];
         // A limit the controllers hold but that is not in place (its state could not be saved,
         // its write failed) is tried again every tick: the controllers only report changes.
         let dev = m.info.dev;
@@ -502,7 +592,20 @@ impl ThrottleService {
                     self.state.forget_limit(&a.cgroup, major, minor);
                     self.save_state();
                 }
-                log::info!("VM {vm} on {}: limit removed", info.name);
+                let why = if usage.is_none() {
+                    "no I/O from it on the device any more: VM stopped or gone"
+                } else {
+                    "under its share"
+                };
+                self.decided(
+                    &format!("{vm}@{}", info.name),
+                    format!(
+                        "VM {vm} on {}: limit removed ({why}; was {}, cgroup {})",
+                        info.name,
+                        describe(&a.limits),
+                        a.cgroup
+                    ),
+                );
             }
             return;
         }
@@ -620,10 +723,21 @@ impl ThrottleService {
         }
         // Counted once in place (or decided, in a dry run), not per attempt.
         self.decisions_total += 1;
-        log::info!(
-            "VM {vm} on {}: {want:?}{}",
-            info.name,
-            if self.dry_run { " (dry run)" } else { "" }
+        let what = match self.applied.get(&key) {
+            Some(a) => format!(
+                "limit {} to {} (was {})",
+                change_word(&a.limits, &want),
+                describe(&want),
+                describe(&a.limits)
+            ),
+            None => format!("limited to {}", describe(&want)),
+        };
+        let used = usage
+            .map(|u| format!(", using {:.0}r+{:.0}w IOPS", u.iops.0, u.iops.1))
+            .unwrap_or_default();
+        self.decided(
+            &format!("{vm}@{}", info.name),
+            format!("VM {vm} on {}: {what} in {cgroup}{used}", info.name),
         );
         let since = self
             .applied
@@ -835,6 +949,7 @@ mod tests {
             throttled_seconds: 0.0,
             problems: VecDeque::new(),
             warned: HashSet::new(),
+            log_limit: LogLimiter::default(),
         }
     }
 
@@ -917,6 +1032,41 @@ mod tests {
             })
         );
         assert_eq!(iops_budget(&spec(None, None, None)), None);
+    }
+
+    #[test]
+    fn decision_lines_say_what_changed_in_an_operators_words() {
+        let l = |r: Option<u64>, w: Option<u64>| Limits {
+            riops: r,
+            wiops: w,
+            rbps: None,
+            wbps: None,
+        };
+        assert_eq!(describe(&l(Some(990), Some(20))), "riops=990 wiops=20");
+        assert_eq!(describe(&l(None, Some(20))), "wiops=20");
+        assert_eq!(describe(&Limits::default()), "none");
+        let a = l(Some(500), Some(500));
+        assert_eq!(change_word(&a, &l(Some(400), Some(500))), "tightened");
+        assert_eq!(change_word(&a, &l(Some(400), None)), "changed");
+        assert_eq!(change_word(&a, &l(Some(600), None)), "relaxed");
+        assert_eq!(
+            change_word(&l(None, Some(5)), &l(Some(5), Some(5))),
+            "tightened"
+        );
+        assert_eq!(
+            describe_budget(Some(Budget::Total(3000.0)), None),
+            "budget 3000 IOPS"
+        );
+        assert_eq!(
+            describe_budget(
+                Some(Budget::PerDirection {
+                    read: None,
+                    write: Some(200.0)
+                }),
+                Some(Budget::Total(1e6))
+            ),
+            "budget w 200 IOPS, 1000000 B/s"
+        );
     }
 
     #[test]

@@ -1,0 +1,693 @@
+//! A real libvirt (the distribution's `libvirtd` with its qemu driver, `virtlogd`, `virsh`)
+//! runs two TCG domains with raw disks (`cache='none' io='native'`) on ext4 on a loop device.
+//! overkvm must name them as libvirt does (name, UUID, `manager="libvirt"`), count their
+//! writes exactly as `virsh domblkstat` and their blkio cgroups do, hold them to a budget
+//! with limits in each domain's own cgroup (`/machine/qemu-N-NAME.libvirt-qemu` without
+//! systemd), survive a domain destroyed while limited, remove every limit on SIGTERM, and list
+//! them in `vm list`.
+//!
+//! When no service manager runs libvirt, the test starts `libvirtd` and `virtlogd` itself in a
+//! private mount namespace where `/etc/libvirt`, `/var/lib/libvirt`, `/var/cache/libvirt` and
+//! `/var/log/libvirt` are directories of the test's own: its `qemu.conf` (qemu as root, no
+//! security driver) and the domain definitions never touch the host's configuration. Sockets
+//! and pidfiles stay in the host's `/run/libvirt`, where `virsh` and overkvm find them. Both
+//! daemons are stopped by PID at the end, and the directories the test had to create on the
+//! host (empty mount points, `/run/libvirt`) are removed.
+
+use std::{
+    fs,
+    os::unix::fs::FileExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use overkvm_tests::{
+    devices::MountedFs,
+    guest::{self, GuestSpec},
+    serving::{TempDir, metric, metrics_addr, scrape, vm_ops},
+    skip_unless_kernel,
+    throttling::{v1_limits, wait_until, write_config},
+    workspace_bin,
+};
+use serde_json::Value;
+
+const URI: &str = "qemu:///system";
+/// Direct 4 KiB writes each guest makes first (counted exactly).
+const GUEST_WRITES: u64 = 3000;
+/// Size of each raw disk, in 4 KiB blocks.
+const DISK_BLOCKS: u64 = 8192;
+/// Block of the disk the guest polls for the host's go-ahead to start reading.
+const FLAG_BLOCK: u64 = 8000;
+const GO: &[u8] = b"OVERKVM-GO";
+const BUDGET: f64 = 300.0;
+
+fn virsh(args: &[&str]) -> Output {
+    Command::new("virsh")
+        .args(["-c", URI, "-q"])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running virsh")
+}
+
+fn virsh_ok(args: &[&str]) -> String {
+    let out = virsh(args);
+    assert!(
+        out.status.success(),
+        "virsh {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn libvirt_answers() -> bool {
+    virsh(&["version"]).status.success()
+}
+
+/// The libvirt daemons: started here (and stopped on drop) unless a service manager already
+/// runs them.
+struct Libvirt {
+    libvirtd: Option<Child>,
+    virtlogd_pid_file: PathBuf,
+    /// Host directories that did not exist before (mount points, /run/libvirt): removed last.
+    created: Vec<PathBuf>,
+    /// libvirt's `/machine` partition in each cgroup hierarchy that had none: removed (when
+    /// empty) after libvirtd stops, which leaves it behind.
+    partitions: Vec<PathBuf>,
+    dir: TempDir,
+}
+
+impl Libvirt {
+    fn start() -> Libvirt {
+        let dir = TempDir::new("libvirt");
+        let virtlogd_pid_file = dir.join("virtlogd.pid");
+        if libvirt_answers() {
+            eprintln!("libvirt already runs here (a service manager's): using it as it is");
+            return Libvirt {
+                libvirtd: None,
+                virtlogd_pid_file,
+                created: Vec::new(),
+                partitions: Vec::new(),
+                dir,
+            };
+        }
+        let partitions: Vec<PathBuf> = fs::read_dir("/sys/fs/cgroup")
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.path().join("machine"))
+                    .filter(|m| m.parent().is_some_and(|p| p.join("cgroup.procs").exists()))
+                    .filter(|m| !m.exists())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut created = Vec::new();
+        for d in [
+            "/var/lib/libvirt",
+            "/var/cache/libvirt",
+            "/var/log/libvirt",
+            "/run/libvirt",
+        ] {
+            if !Path::new(d).exists() {
+                fs::create_dir_all(d).expect("creating a libvirt directory");
+                created.push(PathBuf::from(d));
+            }
+        }
+        let mut binds = String::new();
+        for (own, host) in [
+            ("etc", "/etc/libvirt"),
+            ("lib", "/var/lib/libvirt"),
+            ("cache", "/var/cache/libvirt"),
+            ("log", "/var/log/libvirt"),
+        ] {
+            fs::create_dir_all(dir.join(own)).unwrap();
+            binds.push_str(&format!(
+                "mount --bind {} {host} || exit 1\n",
+                dir.join(own).display()
+            ));
+        }
+        // qemu as root: the disks live in the test's directories; no AppArmor/SELinux labels.
+        fs::write(
+            dir.join("etc/qemu.conf"),
+            "user = \"root\"\ngroup = \"root\"\nsecurity_driver = \"none\"\n",
+        )
+        .unwrap();
+        let script = format!(
+            "{binds}virtlogd &\necho $! > {}\nexec libvirtd\n",
+            virtlogd_pid_file.display()
+        );
+        let log = fs::File::create(dir.join("libvirtd.log")).unwrap();
+        // unshare execs sh, which execs libvirtd: the child's PID is libvirtd's.
+        let child = Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting libvirtd");
+        let mut me = Libvirt {
+            libvirtd: Some(child),
+            virtlogd_pid_file,
+            created,
+            partitions,
+            dir,
+        };
+        let up = wait_until(Duration::from_secs(30), libvirt_answers);
+        assert!(
+            up,
+            "libvirtd did not answer within 30 s:\n{}",
+            fs::read_to_string(me.dir.join("libvirtd.log")).unwrap_or_default()
+        );
+        if let Some(c) = me.libvirtd.as_mut() {
+            eprintln!("started libvirtd (pid {}) and virtlogd", c.id());
+        }
+        me
+    }
+}
+
+fn wait_pid_gone(pid: i32, timeout: Duration) {
+    wait_until(timeout, || {
+        fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| {
+                s.rsplit_once(')')
+                    .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(true)
+    });
+}
+
+impl Drop for Libvirt {
+    fn drop(&mut self) {
+        let Some(mut d) = self.libvirtd.take() else {
+            return;
+        };
+        // SAFETY: signals to the daemons this test started, by their PIDs.
+        unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
+        let end = Instant::now() + Duration::from_secs(15);
+        while d.try_wait().ok().flatten().is_none() && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if d.try_wait().ok().flatten().is_none() {
+            let _ = d.kill();
+            let _ = d.wait();
+        }
+        if let Some(pid) = fs::read_to_string(&self.virtlogd_pid_file)
+            .ok()
+            .and_then(|t| t.trim().parse::<i32>().ok())
+        {
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            wait_pid_gone(pid, Duration::from_secs(10));
+        }
+        for d in self.created.iter().rev() {
+            let _ = fs::remove_dir_all(d);
+        }
+        for p in &self.partitions {
+            // rmdir of a cgroup: refused unless it is empty.
+            let _ = fs::remove_dir(p);
+        }
+    }
+}
+
+/// A defined and started domain: destroyed and undefined on drop.
+struct Domain {
+    name: String,
+    uuid: String,
+    disk: PathBuf,
+    console: PathBuf,
+}
+
+impl Domain {
+    fn start(name: &str, fs_dir: &Path, work: &Path) -> Domain {
+        let uuid = format!(
+            "{:08x}-7e57-4b1d-8a1e-{:012x}",
+            std::process::id(),
+            name.len() as u64 * 7919 + name.bytes().map(u64::from).sum::<u64>()
+        );
+        // A raw disk written in full first, so no guest I/O lands on unallocated extents.
+        let disk = fs_dir.join(format!("{name}.img"));
+        let st = Command::new("dd")
+            .args(["if=/dev/zero", "bs=4096", "conv=fsync", "status=none"])
+            .arg(format!("of={}", disk.display()))
+            .arg(format!("count={DISK_BLOCKS}"))
+            .status()
+            .unwrap();
+        assert!(st.success(), "writing {}", disk.display());
+        let script = format!(
+            "dd if=/dev/urandom of=/dev/vda bs=4096 count={GUEST_WRITES} oflag=direct 2>/dev/null || echo IO-FAILED\n\
+             echo WRITES-DONE\n\
+             while ! dd if=/dev/vda bs=4096 skip={FLAG_BLOCK} count=1 iflag=direct 2>/dev/null | grep -q {go}; do usleep 300000; done\n\
+             echo READING\n\
+             while true; do dd if=/dev/vda of=/dev/null bs=4096 count=2000 iflag=direct 2>/dev/null; done\n",
+            go = String::from_utf8_lossy(GO)
+        );
+        let spec = GuestSpec {
+            name: name.into(),
+            uuid: uuid.clone(),
+            disk: Some(disk.clone()),
+            script,
+            memory_mb: 160,
+            ..GuestSpec::default()
+        };
+        let initrd = work.join(format!("{name}.initrd"));
+        let kernel = guest::write_initramfs(&spec, &initrd).expect("guest initramfs");
+        let console = work.join(format!("{name}.console"));
+        let xml = format!(
+            "<domain type='qemu'>\n\
+               <name>{name}</name>\n\
+               <uuid>{uuid}</uuid>\n\
+               <memory unit='MiB'>160</memory>\n\
+               <vcpu>1</vcpu>\n\
+               <os>\n\
+                 <type arch='x86_64' machine='pc'>hvm</type>\n\
+                 <kernel>{kernel}</kernel>\n\
+                 <initrd>{initrd}</initrd>\n\
+                 <cmdline>{args}</cmdline>\n\
+               </os>\n\
+               <on_poweroff>destroy</on_poweroff>\n\
+               <on_crash>destroy</on_crash>\n\
+               <devices>\n\
+                 <emulator>/usr/bin/qemu-system-x86_64</emulator>\n\
+                 <disk type='file' device='disk'>\n\
+                   <driver name='qemu' type='raw' cache='none' io='native'/>\n\
+                   <source file='{disk}'/>\n\
+                   <target dev='vda' bus='virtio'/>\n\
+                 </disk>\n\
+                 <serial type='file'><source path='{console}'/><target port='0'/></serial>\n\
+                 <memballoon model='none'/>\n\
+               </devices>\n\
+             </domain>\n",
+            kernel = kernel.vmlinuz.display(),
+            initrd = initrd.display(),
+            args = guest::kernel_args(),
+            disk = disk.display(),
+            console = console.display(),
+        );
+        let xml_path = work.join(format!("{name}.xml"));
+        fs::write(&xml_path, xml).unwrap();
+        virsh_ok(&["define", &xml_path.to_string_lossy()]);
+        let d = Domain {
+            name: name.into(),
+            uuid,
+            disk,
+            console,
+        };
+        virsh_ok(&["start", name]);
+        d
+    }
+
+    fn console_text(&self) -> String {
+        fs::read_to_string(&self.console).unwrap_or_default()
+    }
+
+    /// qemu's PID, from the pidfile libvirt keeps.
+    fn pid(&self) -> u32 {
+        fs::read_to_string(format!("/run/libvirt/qemu/{}.pid", self.name))
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no pidfile for domain {}", self.name))
+    }
+
+    /// The domain's blkio cgroup directory (from its qemu's /proc/PID/cgroup).
+    fn blkio_dir(&self, blkio: &Path) -> PathBuf {
+        let text = fs::read_to_string(format!("/proc/{}/cgroup", self.pid())).unwrap();
+        let path = text
+            .lines()
+            .find_map(|l| {
+                let mut f = l.splitn(3, ':');
+                let (_, c, p) = (f.next()?, f.next()?, f.next()?);
+                c.split(',').any(|c| c == "blkio").then(|| p.to_string())
+            })
+            .expect("a blkio line");
+        blkio.join(path.trim_start_matches('/'))
+    }
+
+    /// `virsh domblkstat NAME vda` field.
+    fn blkstat(&self, field: &str) -> u64 {
+        virsh_ok(&["domblkstat", &self.name, "vda"])
+            .lines()
+            .find_map(|l| {
+                let mut f = l.split_whitespace();
+                (f.next()? == "vda" && f.next()? == field).then(|| f.next()?.parse().ok())?
+            })
+            .unwrap_or_else(|| panic!("no {field} in domblkstat of {}", self.name))
+    }
+
+    fn go(&self) {
+        let f = fs::OpenOptions::new().write(true).open(&self.disk).unwrap();
+        f.write_all_at(GO, FLAG_BLOCK * 4096).unwrap();
+        f.sync_all().unwrap();
+    }
+}
+
+impl Drop for Domain {
+    fn drop(&mut self) {
+        let _ = virsh(&["destroy", &self.name]);
+        let _ = virsh(&["undefine", &self.name]);
+    }
+}
+
+/// `blkio.throttle.io_serviced` of a cgroup for a device and an operation (`Write`, `Total`).
+fn serviced(dir: &Path, major: u32, minor: u32, op: &str) -> u64 {
+    let want = format!("{major}:{minor} {op} ");
+    fs::read_to_string(dir.join("blkio.throttle.io_serviced"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(&want).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0)
+}
+
+/// `overkvm-io serve` at its default log level (what an operator sees without -v).
+struct Daemon(Option<Child>, PathBuf);
+
+impl Daemon {
+    fn start(log: PathBuf, config: Option<&Path>) -> Daemon {
+        let mut c = Command::new(workspace_bin("overkvm-io"));
+        c.args(["serve", "--listen", "127.0.0.1:0", "-i", "0.5"]);
+        if let Some(cfg) = config {
+            c.arg("--config").arg(cfg);
+        }
+        let child = c
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let d = Daemon(Some(child), log);
+        assert!(
+            wait_until(Duration::from_secs(30), || metrics_addr(&d.1).is_some()),
+            "daemon not serving:\n{}",
+            d.log()
+        );
+        d
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.1).unwrap_or_default()
+    }
+
+    fn body(&self) -> String {
+        metrics_addr(&self.1).and_then(scrape).unwrap_or_default()
+    }
+
+    fn alive(&mut self) -> bool {
+        self.0
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.0.take()?;
+        // SAFETY: our own child, not yet reaped.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        c.wait().ok()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn tools_missing() -> Option<String> {
+    let missing: Vec<&str> = ["virsh", "libvirtd", "virtlogd", "unshare"]
+        .into_iter()
+        .filter(|t| {
+            !Command::new("sh")
+                .args(["-c", &format!("command -v {t}")])
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+        .collect();
+    if !missing.is_empty() {
+        return Some(format!(
+            "missing {} (cargo xtask test installs libvirt-daemon, libvirt-daemon-driver-qemu \
+             and libvirt-clients)",
+            missing.join(", ")
+        ));
+    }
+    // Only needed when the test starts libvirtd itself; a running libvirt has its own.
+    let account = |db: &str| {
+        Command::new("getent")
+            .args([db, "libvirt-qemu"])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let has_account = account("passwd") && account("group");
+    if !has_account && !libvirt_answers() {
+        return Some(
+            "no libvirt-qemu user and group, which libvirt's qemu driver needs (cargo xtask \
+             test creates them)"
+                .into(),
+        );
+    }
+    guest::missing_tools()
+}
+
+#[test]
+fn libvirt_domains_are_named_counted_exactly_and_throttled_in_their_own_cgroups() {
+    skip_unless_kernel!();
+    let blkio = overkvm_tests::v1_blkio_or_skip!();
+    if let Some(reason) = tools_missing() {
+        eprintln!("SKIPPED libvirt: {reason}");
+        return;
+    }
+    // Created before libvirtd so its mount namespace has the filesystem (and dropped after it).
+    let fs = MountedFs::new(192, "ext4", &[]).expect("ext4 on a loop device");
+    let dev = fs.dev.name();
+    let (major, minor) = (fs.dev.dev() >> 20, fs.dev.dev() & 0xfffff);
+    let work = TempDir::new("libvirt-work");
+    let _kernel = guest::guest_kernel().expect("guest kernel");
+    let libvirt = Libvirt::start();
+
+    // Counting: the daemon runs before the domains start, so it sees all their I/O.
+    let mut daemon = Daemon::start(work.join("serve-count.log"), None);
+    let tag = std::process::id();
+    let domains: Vec<Domain> = ["a", "b"]
+        .iter()
+        .map(|s| Domain::start(&format!("ovk-lv{tag}-{s}"), &fs.dir, &work.0))
+        .collect();
+    for d in &domains {
+        let done = wait_until(Duration::from_secs(120), || {
+            d.console_text().contains("WRITES-DONE")
+        });
+        assert!(
+            done,
+            "domain {} did not finish its writes:\n{}",
+            d.name,
+            d.console_text()
+        );
+        assert!(
+            !d.console_text().contains("IO-FAILED"),
+            "{}",
+            d.console_text()
+        );
+    }
+    // Two ticks after the last write.
+    std::thread::sleep(Duration::from_millis(1500));
+    let body = daemon.body();
+    for d in &domains {
+        let info = body
+            .lines()
+            .find(|l| {
+                l.starts_with("overkvm_vm_info{") && l.contains(&format!("vm=\"{}\"", d.name))
+            })
+            .unwrap_or_else(|| panic!("no vm_info for {}:\n{body}", d.name));
+        eprintln!("{info}");
+        assert!(info.contains(&format!("uuid=\"{}\"", d.uuid)), "{info}");
+        assert!(info.contains("manager=\"libvirt\""), "{info}");
+        assert!(info.contains(&format!("pid=\"{}\"", d.pid())), "{info}");
+        let ours = vm_ops(&body, &d.name, &dev, "write").unwrap_or(0.0) as u64;
+        let libvirt_says = d.blkstat("wr_req");
+        let cgroup_says = serviced(&d.blkio_dir(&blkio), major, minor, "Write");
+        eprintln!(
+            "{}: writes overkvm {ours}, virsh domblkstat {libvirt_says}, blkio cgroup {cgroup_says} \
+             (guest issued {GUEST_WRITES})",
+            d.name
+        );
+        assert!(
+            libvirt_says >= GUEST_WRITES,
+            "the guest's writes reached qemu"
+        );
+        assert_eq!(ours, libvirt_says, "overkvm against virsh domblkstat");
+        assert_eq!(
+            ours, cgroup_says,
+            "overkvm against the domain's blkio cgroup"
+        );
+    }
+    let st = daemon.stop();
+    assert!(st.is_some_and(|s| s.success()), "{}", daemon.log());
+
+    // Throttling: a budget far below what the guests can read.
+    let config = work.join("overkvm.toml");
+    write_config(
+        &config,
+        &work.join("state/throttle.json"),
+        "release_ticks = 6\n",
+        &dev,
+        BUDGET,
+        "",
+    );
+    let mut daemon = Daemon::start(work.join("serve-throttle.log"), Some(&config));
+    for d in &domains {
+        d.go();
+    }
+    let dirs: Vec<PathBuf> = domains.iter().map(|d| d.blkio_dir(&blkio)).collect();
+    let limited = wait_until(Duration::from_secs(60), || {
+        dirs.iter()
+            .all(|d| v1_limits(d, major, minor).iter().any(Option::is_some))
+    });
+    assert!(
+        limited,
+        "not every domain got a limit in its own cgroup {dirs:?}:\n{}\nconsoles:\n{}",
+        daemon.log(),
+        domains
+            .iter()
+            .map(|d| d.console_text())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    for (d, dir) in domains.iter().zip(&dirs) {
+        let rel = dir.strip_prefix(&blkio).unwrap().display().to_string();
+        eprintln!(
+            "{}: limits {:?} in /{rel}",
+            d.name,
+            v1_limits(dir, major, minor)
+        );
+        assert!(
+            rel.contains(&d.name) || rel.contains("machine"),
+            "the limit is in the domain's own cgroup: /{rel}"
+        );
+    }
+    std::thread::sleep(Duration::from_secs(4));
+    let window = Duration::from_secs(4);
+    let before: Vec<u64> = dirs
+        .iter()
+        .map(|d| serviced(d, major, minor, "Total"))
+        .collect();
+    std::thread::sleep(window);
+    let after: Vec<u64> = dirs
+        .iter()
+        .map(|d| serviced(d, major, minor, "Total"))
+        .collect();
+    let rates: Vec<f64> = before
+        .iter()
+        .zip(&after)
+        .map(|(b, a)| a.saturating_sub(*b) as f64 / window.as_secs_f64())
+        .collect();
+    let total: f64 = rates.iter().sum();
+    eprintln!(
+        "held: {} = {total:.0} IOPS together (budget {BUDGET}), as the blkio cgroups count",
+        rates
+            .iter()
+            .map(|r| format!("{r:.0}"))
+            .collect::<Vec<_>>()
+            .join(" + ")
+    );
+    assert!(total <= BUDGET * 1.1, "over budget: {rates:?}");
+    assert!(
+        total >= BUDGET * 0.5,
+        "far below budget (over-throttled?): {rates:?}"
+    );
+
+    // QEMU's own throttling, set through libvirt as Nova does (far above the cgroup limit,
+    // so it changes nothing here): `vm list` reads it from libvirt's record, never the monitor.
+    virsh_ok(&[
+        "blkdeviotune",
+        &domains[0].name,
+        "vda",
+        "--total-iops-sec",
+        "5000",
+        "--live",
+    ]);
+    // `vm list` shows the domains, with their manager, the daemon's limits and QEMU's.
+    let out = Command::new(workspace_bin("overkvm-io"))
+        .args(["vm", "list", "--json", "--config"])
+        .arg(&config)
+        .arg("--state-dir")
+        .arg(work.join("vms"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "vm list: {out:?}");
+    let rows: Value = serde_json::from_slice(&out.stdout).expect("vm list --json");
+    for d in &domains {
+        let row = rows
+            .as_array()
+            .and_then(|r| r.iter().find(|r| r["name"] == d.name.as_str()))
+            .unwrap_or_else(|| panic!("{} not in vm list: {rows}", d.name));
+        eprintln!("vm list: {row}");
+        assert_eq!(row["manager"], "libvirt");
+        assert_eq!(row["uuid"], d.uuid.as_str());
+        assert_eq!(row["pid"], d.pid());
+        assert_eq!(row["state"], "running");
+        assert!(row["iops"]["total"].as_f64().is_some(), "{row}");
+        assert!(!row["limits"].as_array().is_none_or(Vec::is_empty), "{row}");
+    }
+    let qemu_limits = |name: &str| {
+        rows.as_array()
+            .and_then(|r| r.iter().find(|r| r["name"] == name))
+            .map(|r| r["qemu_limits"].clone())
+    };
+    assert_eq!(
+        qemu_limits(&domains[0].name),
+        Some(serde_json::json!([{"disk": "vda", "iops": 5000}])),
+        "QEMU's limit from virsh blkdeviotune"
+    );
+    assert_eq!(qemu_limits(&domains[1].name), Some(serde_json::json!([])));
+    let table = Command::new(workspace_bin("overkvm-io"))
+        .args(["vm", "list", "--no-iops", "--state-dir"])
+        .arg(work.join("vms"))
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    eprintln!("{table}");
+    assert!(
+        table.contains("MANAGER") && table.contains("libvirt"),
+        "{table}"
+    );
+    assert!(table.contains("qemu vda iops=5000"), "{table}");
+
+    // A domain destroyed while limited: libvirt removes its cgroup under the daemon.
+    let gone = &domains[1];
+    virsh_ok(&["destroy", &gone.name]);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(daemon.alive(), "the daemon carries on:\n{}", daemon.log());
+    assert!(
+        metric(&daemon.body(), "overkvm_ticks_total").is_some(),
+        "still serving"
+    );
+    let log = daemon.log();
+    assert!(
+        log.lines().any(|l| l.contains(&format!("VM {}", gone.name))
+            && (l.contains("gone") || l.contains("removed"))),
+        "the destroyed domain is logged at the default level:\n{log}"
+    );
+    assert!(
+        v1_limits(&dirs[0], major, minor)
+            .iter()
+            .any(Option::is_some),
+        "the other domain stays limited"
+    );
+
+    // SIGTERM: every limit goes.
+    let st = daemon.stop();
+    assert!(st.is_some_and(|s| s.success()), "{}", daemon.log());
+    assert_eq!(
+        v1_limits(&dirs[0], major, minor),
+        [None; 4],
+        "a limit left after SIGTERM"
+    );
+    let log = daemon.log();
+    eprintln!("daemon log (default level):\n{log}");
+    for want in [
+        "throttling engaged",
+        "limited to",
+        "throttle stopped: limits removed",
+    ] {
+        assert!(log.contains(want), "{want:?} not logged:\n{log}");
+    }
+    drop(domains);
+    drop(libvirt);
+}
