@@ -82,6 +82,9 @@ pub struct VmRef {
     pub name: String,
     pub uuid: Option<String>,
     pub manager: Manager,
+    /// The Kubernetes namespace of a KubeVirt VM (its name is `<namespace>/<vmi>`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
 }
 
 /// Per device totals (the numbers iostat would give, for the traced interval).
@@ -505,6 +508,7 @@ impl ReportBuilder {
                     name: v.name.clone(),
                     uuid: v.uuid.clone(),
                     manager: v.manager,
+                    namespace: v.namespace.clone(),
                 })
             }),
             cgroup: ident.as_ref().map(|p| p.cgroup.clone()).unwrap_or_default(),
@@ -759,6 +763,7 @@ mod tests {
                 name: n.into(),
                 uuid: None,
                 manager: Manager::Qemu,
+                namespace: None,
             }),
             cgroup: String::new(),
             io_cgroup: Some(cg.into()),

@@ -527,6 +527,7 @@ pub(crate) mod tests {
                 name: name.to_string(),
                 uuid: Some(format!("uuid-{name}")),
                 manager: Manager::Qemu,
+                namespace: None,
             }),
             cgroup: format!("/machine/{pid}"),
             io_cgroup: None,

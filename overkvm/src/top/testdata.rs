@@ -47,6 +47,7 @@ pub fn vm_process(name: &str, pid: u32, device: &str, reads: u64, writes: u64) -
             name: name.into(),
             uuid: None,
             manager: Manager::Libvirt,
+            namespace: None,
         }),
         ..process("", pid, device, reads, writes)
     }
