@@ -2,7 +2,7 @@
 
 use clap::Parser as _;
 use overkvm::{
-    check,
+    calibrate, check,
     cli::{Cli, Command},
     lifecycle, serve, throttle, top,
 };
@@ -23,6 +23,7 @@ fn main() {
         Command::Throttle(cmd) => throttle::command::run(cmd),
         Command::Vm(cmd) => lifecycle::run(cmd),
         Command::Overcommit(args) => lifecycle::overcommit::run(args),
+        Command::Calibrate(args) => calibrate::run(args),
         Command::Check(args) => {
             let report = check::run_checks();
             if args.json {
