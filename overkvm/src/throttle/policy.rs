@@ -105,6 +105,9 @@ pub struct Knobs {
     /// Learn how much of its limit a capped guest really gets. Off while the device itself
     /// is the bottleneck (it would read the device's limit as the kernel's inefficiency).
     pub learn_efficiency: bool,
+    /// Keep a quiet guest's cap instead of relaxing or dropping it. Under a latency window a
+    /// dropped cap lets a guest that wakes up burst to the whole device, far past the target.
+    pub hold_quiet_caps: bool,
 }
 
 impl Default for Knobs {
@@ -120,6 +123,7 @@ impl Default for Knobs {
             saturated: 0.9,
             probe: 1.5,
             learn_efficiency: true,
+            hold_quiet_caps: false,
         }
     }
 }
@@ -237,11 +241,13 @@ impl DeviceController {
         }
 
         let targets = self.targets(budget, guests, background, k);
-        // Guests gone from the device lose their limits.
+        // Guests gone from the device lose their limits. Under a latency window a guest
+        // absent for a tick may only have been held back (a low limit, a throttle slice): its
+        // limit stays until the window is released (a stopped VM's cgroup goes with it).
         let gone: Vec<String> = self
             .limits
             .keys()
-            .filter(|g| !guests.contains_key(*g))
+            .filter(|g| !guests.contains_key(*g) && !k.hold_quiet_caps)
             .cloned()
             .collect();
         for g in gone {
@@ -256,7 +262,7 @@ impl DeviceController {
                     // the cap; otherwise let it grow by the relax step (cut fast, relax slowly).
                     let under = self.under_ticks.entry(name.clone()).or_insert(0);
                     *under += 1;
-                    if *under < RELAX_AFTER_TICKS {
+                    if *under < RELAX_AFTER_TICKS || k.hold_quiet_caps {
                         continue;
                     }
                     let g = &guests[&name];
@@ -522,6 +528,7 @@ pub fn step_iops(
                 deadband: k.deadband.min(0.01),
                 saturated: if congested { 0.5 } else { k.saturated },
                 learn_efficiency: k.learn_efficiency && !congested,
+                hold_quiet_caps: true,
                 ..k.clone()
             };
             ctl.step(b, guests, background, &k)
@@ -569,6 +576,13 @@ pub struct LatencyKnobs {
     pub drain_ticks: u32,
     /// Cap of the forgetting's doubling (a probe that met the target doubles it).
     pub max_speedup: f64,
+    /// The window never goes below this fraction of the rate the device delivered when the
+    /// controller engaged: a target missed even at a small share of that rate is not missed
+    /// because of the rate (a slow host, a failing disk), and starving the guests would not
+    /// meet it.
+    pub min_fraction: f64,
+    /// Ticks in a row a rate must meet the target before it counts as meeting it.
+    pub confirm_ticks: u32,
 }
 
 impl Default for LatencyKnobs {
@@ -579,14 +593,16 @@ impl Default for LatencyKnobs {
             release_below: 0.5,
             min_completions: 32,
             setpoint: 0.9,
-            forget: 0.003,
+            forget: 0.005,
             close: 0.04,
             ramp: 0.25,
             binding: 0.85,
             floor: 20.0,
             max_cut: 0.7,
             drain_ticks: 4,
-            max_speedup: 4.0,
+            max_speedup: 16.0,
+            min_fraction: 0.25,
+            confirm_ticks: 2,
         }
     }
 }
@@ -642,6 +658,10 @@ pub struct LatencyController {
     speedup: f64,
     /// Consecutive ticks over the target.
     misses: u32,
+    /// (lowest rate, ticks) of the current run of ticks meeting the target.
+    pending: Option<(f64, u32)>,
+    /// The window's lower bound for this engagement (`min_fraction` of the rate at engaging).
+    min_window: f64,
 }
 
 impl LatencyController {
@@ -667,6 +687,7 @@ impl LatencyController {
             let l = lat.unwrap_or(target_us);
             self.engaged = true;
             self.low_ticks = 0;
+            self.min_window = (k.min_fraction * iops).max(k.floor);
             self.bad = Some(iops.max(k.floor));
             // A capacity learned in an earlier engagement is a good first guess if it is below
             // what just missed the target.
@@ -675,7 +696,7 @@ impl LatencyController {
                 Some(g) => g,
                 None => iops * (target_us / l).clamp(k.max_cut, 0.95),
             };
-            self.window = Some(w.max(k.floor));
+            self.window = Some(w.max(self.min_window));
             return self.window;
         }
         let w = self.window.unwrap_or(iops).max(k.floor);
@@ -693,6 +714,7 @@ impl LatencyController {
             self.bad = None;
             self.speedup = 1.0;
             self.misses = 0;
+            self.pending = None;
             return None;
         }
         let Some(l) = lat else {
@@ -706,6 +728,7 @@ impl LatencyController {
         }
         if l > target_us {
             self.misses += 1;
+            self.pending = None;
             self.speedup = 1.0;
             // After a miss, the device's queue (a rate limiter's backlog) drains only at the
             // difference between its capacity and the new, lower rate: the next ticks can
@@ -715,15 +738,27 @@ impl LatencyController {
             if !draining {
                 let b = self.bad.map_or(iops, |b| b.min(iops)).max(k.floor);
                 self.bad = Some(b);
-                // A miss at (or within `close` of) the known-good rate: that rate was a burst
-                // or noise, or the device got slower. The highest rate now known to meet the
-                // target is a little under the miss.
-                if self.good.is_some_and(|g| g >= b * (1.0 - k.close)) {
-                    self.good = Some(b * (1.0 - 2.0 * k.close));
+                // A miss at or below the known-good rate: the device got slower (or that
+                // point was noise); search again from below.
+                if self.good.is_some_and(|g| g >= b) {
+                    self.good = None;
                 }
             }
         } else if l <= k.setpoint * target_us && binding {
-            let g = self.good.map_or(iops, |g| g.max(iops));
+            // A rate is known to meet the target only after `confirm_ticks` ticks in a row
+            // did: over one tick a device can absorb a burst above its capacity (a rate
+            // limiter's bucket, a cache) whose backlog shows only in the next ticks.
+            let (lowest, n) = self.pending.unwrap_or((iops, 0));
+            self.pending = Some((lowest.min(iops), n + 1));
+        } else {
+            self.pending = None;
+        }
+        if let Some((rate, n)) = self.pending
+            && n >= k.confirm_ticks
+            && l <= k.setpoint * target_us
+        {
+            self.pending = None;
+            let g = self.good.map_or(rate, |g| g.max(rate));
             self.good = Some(g);
             // Each probe that meets the target doubles the forgetting: a device that got
             // faster is found in a few probes rather than by creeping up.
@@ -741,7 +776,7 @@ impl LatencyController {
         }
         let next = match (self.good, self.bad) {
             // Draining a backlog: a little under the known-good rate.
-            (Some(g), _) if self.misses > 1 => g * (1.0 - 3.0 * k.close),
+            (Some(g), _) if self.misses > 1 => g * (1.0 - 2.0 * k.close),
             (Some(g), Some(b)) if b / g - 1.0 < k.close => g,
             (Some(g), Some(b)) => 0.5 * (g + b),
             // Nothing above has missed: grow while the window is what holds guests back.
@@ -758,7 +793,7 @@ impl LatencyController {
         {
             self.capacity = Some(g);
         }
-        self.window = Some(next.max(k.floor));
+        self.window = Some(next.max(self.min_window).max(k.floor));
         self.window
     }
 }
@@ -1333,6 +1368,26 @@ mod tests {
             &lk,
         );
         assert_eq!(lc.window, before.window);
+    }
+
+    #[test]
+    fn a_target_missed_at_any_rate_does_not_starve_the_guests() {
+        let lk = LatencyKnobs::default();
+        let mut lc = LatencyController::default();
+        let mut w = None;
+        for _ in 0..50 {
+            let got = w.unwrap_or(1000.0_f64).min(1000.0);
+            w = lc.step(
+                2000.0,
+                &LatencySample {
+                    latency_us: Some(9000.0),
+                    completions: got as u64,
+                    iops: got,
+                },
+                &lk,
+            );
+        }
+        assert_eq!(w, Some(250.0), "held at a quarter of the rate at engaging");
     }
 
     #[test]
