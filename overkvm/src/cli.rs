@@ -46,6 +46,11 @@ pub enum Command {
     /// (and what KSM saves), virtual disk size vs space allocated in overlays and bases, and
     /// device IOPS budgets vs what guests use (when the throttle daemon runs).
     Overcommit(OvercommitArgs),
+    /// Measure a device: random 4 KiB read IOPS and latency at increasing queue depths and
+    /// sequential read bandwidth (writes too only with --write, on a scratch device), then
+    /// suggest a [[device]] block. Read-only by default; stops early when other processes'
+    /// I/O on the device slows down.
+    Calibrate(CalibrateArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -544,4 +549,25 @@ mod tests {
             assert!(parse_interval(bad).is_err(), "{bad}");
         }
     }
+}
+
+/// Options of `overkvm-io calibrate`.
+#[derive(Debug, Args)]
+pub struct CalibrateArgs {
+    /// The device: name (`nvme0n1`), /dev path or MAJ:MIN.
+    pub device: String,
+    /// Also measure writes. DESTROYS the data on the device: only for a scratch device, and
+    /// refused when it (or a partition of it) is mounted, used as swap or held by another
+    /// driver (dm, md).
+    #[arg(long)]
+    pub write: bool,
+    /// Queue depths of the random-I/O steps.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,32,64")]
+    pub depths: Vec<u32>,
+    /// Seconds per step.
+    #[arg(long, default_value_t = 3.0)]
+    pub seconds: f64,
+    /// One JSON object on stdout instead of the table.
+    #[arg(long)]
+    pub json: bool,
 }

@@ -71,7 +71,7 @@ pub struct Policy {
 }
 
 /// One device's budget. Budgets apply to whole disks, by name, /dev path or "MAJ:MIN".
-#[derive(Clone, Debug, Deserialize, serde::Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceBudgetSpec {
     pub device: String,
@@ -83,6 +83,33 @@ pub struct DeviceBudgetSpec {
     pub bps: Option<u64>,
     pub read_bps: Option<u64>,
     pub write_bps: Option<u64>,
+    /// Latency target (`"10ms"`): the throttle engages when the device's latency at
+    /// `latency_percentile` stays above it, and holds the VMs to the rate that meets it.
+    #[serde(
+        default,
+        deserialize_with = "de_duration",
+        serialize_with = "ser_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub latency_target: Option<Duration>,
+    /// Percentile of the device's latency the target applies to (default 95).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latency_percentile: Option<f64>,
+}
+
+impl DeviceBudgetSpec {
+    /// The percentile (0-1) the latency target applies to.
+    pub fn latency_quantile(&self) -> f64 {
+        self.latency_percentile.unwrap_or(95.0) / 100.0
+    }
+}
+
+/// A duration as text with its unit, the way it is written in the file.
+fn ser_duration<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
+        None => s.serialize_none(),
+    }
 }
 
 /// How a VM rule picks VMs.
@@ -200,10 +227,30 @@ impl Config {
             }
             let has_iops = v.iops.is_some() || v.read_iops.is_some() || v.write_iops.is_some();
             let has_bps = v.bps.is_some() || v.read_bps.is_some() || v.write_bps.is_some();
-            if !has_iops && !has_bps {
+            if !has_iops && !has_bps && v.latency_target.is_none() {
                 return Err(fail(
-                    "needs a budget: iops (or read_iops/write_iops) or bps".into(),
+                    "needs a budget: iops (or read_iops/write_iops), bps or latency_target".into(),
                 ));
+            }
+            if let Some(t) = v.latency_target
+                && !(Duration::from_micros(50)..=Duration::from_secs(10)).contains(&t)
+            {
+                return Err(fail(format!(
+                    "latency_target {} is out of range (50us to 10s)",
+                    humantime::format_duration(t)
+                )));
+            }
+            if let Some(p) = v.latency_percentile {
+                if v.latency_target.is_none() {
+                    return Err(fail(
+                        "latency_percentile needs a latency_target to apply to".into(),
+                    ));
+                }
+                if !(p.is_finite() && (50.0..=99.9).contains(&p)) {
+                    return Err(fail(format!(
+                        "latency_percentile {p} is out of range (50 to 99.9)"
+                    )));
+                }
             }
             if v.iops.is_some() && (v.read_iops.is_some() || v.write_iops.is_some()) {
                 return Err(fail(
@@ -405,5 +452,34 @@ max_vm = 10
         assert!(e.contains("line 1"), "{e}");
         let e = err("[[device]]\ndevice = \"loop0\"\niops = -5\n");
         assert!(e.contains("line 3"), "{e}");
+        let e = err("[[device]]\ndevice = \"loop0\"\nlatency_target = \"1h\"\n");
+        assert!(e.contains("out of range"), "{e}");
+        let e = err("[[device]]\ndevice = \"loop0\"\niops = 5\nlatency_percentile = 99\n");
+        assert!(e.contains("needs a latency_target"), "{e}");
+        let e = err(
+            "[[device]]\ndevice = \"loop0\"\nlatency_target = \"5ms\"\nlatency_percentile = 100\n",
+        );
+        assert!(e.contains("50 to 99.9"), "{e}");
+        let e = err("[[device]]\ndevice = \"loop0\"\nlatency_target = \"fast\"\n");
+        assert!(e.contains("line 3") && e.contains("not a duration"), "{e}");
+    }
+
+    #[test]
+    fn latency_target_alone_or_with_iops() {
+        let c = Config::parse("[[device]]\ndevice = \"vdb\"\nlatency_target = \"10ms\"\n").unwrap();
+        let d = &c.devices[0];
+        assert_eq!(d.latency_target, Some(Duration::from_millis(10)));
+        assert_eq!(d.latency_quantile(), 0.95);
+        assert_eq!(d.iops, None);
+        let c = Config::parse(
+            "[[device]]\ndevice = \"vdb\"\niops = 900\nlatency_target = 0.002\nlatency_percentile = 99\n",
+        )
+        .unwrap();
+        let d = &c.devices[0];
+        assert_eq!(d.latency_target, Some(Duration::from_millis(2)));
+        assert_eq!(d.latency_quantile(), 0.99);
+        assert_eq!(d.iops, Some(900));
+        let json = serde_json::to_value(d).unwrap();
+        assert_eq!(json["latency_target"], "2ms");
     }
 }

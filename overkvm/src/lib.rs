@@ -6,6 +6,7 @@
 //! the front-ends (`top`, later the exporter and the throttle) consume reports.
 
 pub mod bpf;
+pub mod calibrate;
 pub mod cgroupfs;
 pub mod check;
 pub mod cli;

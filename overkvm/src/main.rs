@@ -2,7 +2,7 @@
 
 use clap::Parser as _;
 use overkvm::{
-    check,
+    calibrate, check,
     cli::{Cli, Command},
     lifecycle, serve, throttle, top,
 };
@@ -24,6 +24,7 @@ fn main() {
         Command::Throttle(cmd) => throttle::command::run(cmd),
         Command::Vm(cmd) => lifecycle::run(cmd),
         Command::Overcommit(args) => lifecycle::overcommit::run(args),
+        Command::Calibrate(args) => calibrate::run(args),
         Command::Check(args) if args.parity.is_some() => {
             match check::run_parity(args.parity.unwrap_or(0), args.json) {
                 Ok(true) => Ok(()),

@@ -35,13 +35,27 @@ pub struct ActiveLimit {
 }
 
 /// A device budget and how much of it the last interval used.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct BudgetUse {
     pub device: String,
     pub iops_budget: Option<u64>,
     pub iops_used: f64,
     /// The controller is holding guests to the budget.
     pub engaged: bool,
+    /// The device's latency target (µs) and the percentile (0-100) it applies to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_target_us: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_percentile: Option<f64>,
+    /// The device's latency at that percentile in the last interval (all I/O on it), µs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_us: Option<f64>,
+    /// IOPS the device delivers at its latency target, as learned while holding it there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity_iops: Option<f64>,
+    /// Total IOPS the latency controller holds the VMs to while engaged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_window_iops: Option<f64>,
 }
 
 /// The throttle's state after a tick, for display and metrics.

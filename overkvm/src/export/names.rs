@@ -384,6 +384,14 @@ pub const THROTTLE_ENGAGED: Metric = Metric {
     help: "1 while the throttle holds the VMs on a device to its budget.",
 };
 
+pub const DEVICE_CAPACITY_IOPS: Metric = Metric {
+    name: "device_capacity_iops",
+    kind: Kind::Gauge,
+    unit: None,
+    labels: &[DEVICE],
+    help: "IOPS a device delivers at its latency target, as the throttle learned while holding it there.",
+};
+
 pub const THROTTLE_DECISIONS: Metric = Metric {
     name: "throttle_decisions",
     kind: Kind::Counter,
@@ -453,6 +461,7 @@ pub const ALL: &[Metric] = &[
     THROTTLE_BUDGET_IOPS,
     THROTTLE_USED_IOPS,
     THROTTLE_ENGAGED,
+    DEVICE_CAPACITY_IOPS,
     THROTTLE_DECISIONS,
     THROTTLE_THROTTLED,
     THROTTLE_DRY_RUN,

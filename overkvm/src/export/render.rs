@@ -450,6 +450,16 @@ fn encode_totals(t: &Totals, shape: Shape, enc: &mut DescriptorEncoder) -> fmt::
             gauge(&mut m, &[(DEVICE, Lv(&b.device))], i64::from(b.engaged))?;
         }
     }
+    let has_capacity = th.budgets.iter().any(|b| b.capacity_iops.is_some());
+    if let Some(mut m) = family(enc, &names::DEVICE_CAPACITY_IOPS, has_capacity)? {
+        for b in th.budgets.iter().filter(|b| b.capacity_iops.is_some()) {
+            gauge(
+                &mut m,
+                &[(DEVICE, Lv(&b.device))],
+                b.capacity_iops.unwrap_or(0.0),
+            )?;
+        }
+    }
     if let Some(mut m) = family(enc, &names::THROTTLE_DECISIONS, true)? {
         m.encode_counter::<NoLabelSet, _, f64>(&th.decisions_total, None)?;
     }
@@ -690,6 +700,8 @@ mod tests {
                 iops_budget: Some(1000),
                 iops_used: 1200.5,
                 engaged: true,
+                capacity_iops: Some(950.0),
+                ..BudgetUse::default()
             }],
             limits: vec![ActiveLimit {
                 vm: "web".into(),
@@ -764,6 +776,10 @@ mod tests {
             Some("300".into())
         );
         assert!(!text.contains(r#"direction="write"} 300"#));
+        assert_eq!(
+            sample(&text, r#"overkvm_device_capacity_iops{device="vda"}"#),
+            Some("950.0".into())
+        );
         assert_eq!(
             sample(&text, "overkvm_throttle_throttled_seconds_total"),
             Some("40.25".into())

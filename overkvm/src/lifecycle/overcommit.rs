@@ -645,12 +645,14 @@ mod tests {
                     iops_budget: Some(3000),
                     iops_used: 2700.0,
                     engaged: false,
+                    ..BudgetUse::default()
                 },
                 BudgetUse {
                     device: "sdz".into(),
                     iops_budget: Some(100),
                     iops_used: 150.0,
                     engaged: true,
+                    ..BudgetUse::default()
                 },
             ],
             limits: vec![ActiveLimit {

@@ -36,6 +36,27 @@ pub fn run(cmd: &ThrottleCommand) -> anyhow::Result<()> {
                             b.iops_used,
                             if b.engaged { "ENGAGED" } else { "" }
                         );
+                        if let Some(t) = b.latency_target_us {
+                            let ms = |v: Option<f64>| {
+                                v.map(|v| format!("{:.2} ms", v / 1000.0))
+                                    .unwrap_or_else(|| "-".into())
+                            };
+                            let iops = |v: Option<f64>| {
+                                v.map(|v| format!("{v:.0} IOPS"))
+                                    .unwrap_or_else(|| "-".into())
+                            };
+                            println!(
+                                "       {:<10} latency p{} {} (target {})  capacity at target {}{}",
+                                "",
+                                b.latency_percentile.unwrap_or(95.0),
+                                ms(b.latency_us),
+                                ms(Some(t)),
+                                iops(b.capacity_iops),
+                                b.latency_window_iops
+                                    .map(|w| format!("  holding VMs to {w:.0} IOPS"))
+                                    .unwrap_or_default()
+                            );
+                        }
                     }
                     for l in &v.limits {
                         let f = |v: Option<u64>| {
@@ -60,7 +81,13 @@ pub fn run(cmd: &ThrottleCommand) -> anyhow::Result<()> {
             }
             if st.daemon.is_none() && !st.budgets.is_empty() {
                 for b in &st.budgets {
-                    println!("budget {} iops={:?}", b.device, b.iops);
+                    println!(
+                        "budget {} iops={:?} latency_target={:?}",
+                        b.device,
+                        b.iops,
+                        b.latency_target
+                            .map(|t| humantime::format_duration(t).to_string())
+                    );
                 }
             }
             println!(

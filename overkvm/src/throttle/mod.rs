@@ -26,7 +26,10 @@ use overkvm_common::make_dev;
 
 use self::{
     actuator::{Actuator, Limits},
-    policy::{Budget, DeviceController, DirLimits, GuestUse, Knobs},
+    policy::{
+        Budget, DeviceController, DirLimits, GuestUse, Knobs, LatencyController, LatencyKnobs,
+        LatencySample,
+    },
     ratelimit::{LogLimiter, Verdict},
     state::{MovedProcess, STATE_DIR, ThrottleState},
 };
@@ -158,6 +161,9 @@ struct Managed {
     ctl_iops: DeviceController,
     ctl_bps: DeviceController,
     used_iops: f64,
+    /// Latency target (µs) and the quantile (0-1) it applies to.
+    latency: Option<(f64, f64)>,
+    ctl_latency: LatencyController,
 }
 
 struct Applied {
@@ -261,6 +267,10 @@ impl ThrottleService {
                 ctl_iops: DeviceController::default(),
                 ctl_bps: DeviceController::default(),
                 used_iops: 0.0,
+                latency: spec
+                    .latency_target
+                    .map(|t| (t.as_secs_f64() * 1e6, spec.latency_quantile())),
+                ctl_latency: LatencyController::default(),
             });
         }
         let act = match Actuator::for_host() {
@@ -432,10 +442,14 @@ impl ThrottleService {
         let mut vms: BTreeMap<String, VmUse> = BTreeMap::new();
         let mut bg_iops = (0.0, 0.0);
         let mut bg_bps = (0.0, 0.0);
+        // The device's latency: every process's reads and writes on it, merged.
+        let mut device_latency = crate::sample::Histogram::default();
         for row in &report.processes {
             if self.table.get(make_dev(row.major, row.minor)).disk_dev != disk {
                 continue;
             }
+            device_latency.merge(&row.latency[overkvm_common::Op::Read as usize]);
+            device_latency.merge(&row.latency[overkvm_common::Op::Write as usize]);
             let c = &row.counts;
             let iops = (c.read_ops as f64 / secs, c.write_ops as f64 / secs);
             let bps = (c.read_bytes as f64 / secs, c.write_bytes as f64 / secs);
@@ -512,8 +526,43 @@ impl ThrottleService {
         m.used_iops =
             iops_guests.values().map(|g| g.read + g.write).sum::<f64>() + bg_iops.0 + bg_iops.1;
         let mut touched: Vec<String> = Vec::new();
-        if let Some(b) = m.iops {
-            let d = m.ctl_iops.step(b, &iops_guests, bg_iops, &knobs);
+        if m.iops.is_some() || m.latency.is_some() {
+            let sample = m.latency.map(|(target_us, q)| {
+                (
+                    target_us,
+                    LatencySample {
+                        latency_us: crate::stats::quantile_us(&device_latency, q),
+                        completions: device_latency.count(),
+                        iops: m.used_iops,
+                    },
+                )
+            });
+            let was_engaged = m.ctl_latency.engaged;
+            let d = policy::step_iops(
+                &mut m.ctl_iops,
+                sample.as_ref().map(|(t, s)| (&mut m.ctl_latency, *t, s)),
+                m.iops,
+                &iops_guests,
+                bg_iops,
+                &knobs,
+                &LatencyKnobs::default(),
+            );
+            if was_engaged != m.ctl_latency.engaged {
+                log::info!(
+                    "{}: latency {} target, {}",
+                    m.info.name,
+                    if m.ctl_latency.engaged {
+                        "over"
+                    } else {
+                        "back under"
+                    },
+                    if m.ctl_latency.engaged {
+                        "holding VMs to the rate that meets it"
+                    } else {
+                        "latency limits released"
+                    }
+                );
+            }
             touched.extend(d.set.into_keys());
             touched.extend(d.clear);
         }
@@ -793,6 +842,14 @@ impl ThrottleService {
                     },
                     iops_used: m.used_iops,
                     engaged: m.ctl_iops.engaged || m.ctl_bps.engaged,
+                    latency_target_us: m.latency.map(|(t, _)| t),
+                    latency_percentile: m.latency.map(|(_, q)| q * 100.0),
+                    latency_us: m
+                        .latency
+                        .and(m.ctl_latency.latency_us)
+                        .map(|l| (l * 10.0).round() / 10.0),
+                    capacity_iops: m.ctl_latency.capacity.map(f64::round),
+                    latency_window_iops: m.ctl_latency.window.map(f64::round),
                 })
                 .collect(),
             limits: self
@@ -1016,9 +1073,7 @@ mod tests {
             iops,
             read_iops: r,
             write_iops: w,
-            bps: None,
-            read_bps: None,
-            write_bps: None,
+            ..DeviceBudgetSpec::default()
         };
         assert_eq!(
             iops_budget(&spec(Some(10), None, None)),

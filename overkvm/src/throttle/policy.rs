@@ -102,6 +102,12 @@ pub struct Knobs {
     pub saturated: f64,
     /// How far above its cap a saturated guest's demand is assumed to be (probing up).
     pub probe: f64,
+    /// Learn how much of its limit a capped guest really gets. Off while the device itself
+    /// is the bottleneck (it would read the device's limit as the kernel's inefficiency).
+    pub learn_efficiency: bool,
+    /// Keep a quiet guest's cap instead of relaxing or dropping it. Under a latency window a
+    /// dropped cap lets a guest that wakes up burst to the whole device, far past the target.
+    pub hold_quiet_caps: bool,
 }
 
 impl Default for Knobs {
@@ -116,6 +122,8 @@ impl Default for Knobs {
             relax_step: 0.25,
             saturated: 0.9,
             probe: 1.5,
+            learn_efficiency: true,
+            hold_quiet_caps: false,
         }
     }
 }
@@ -228,14 +236,18 @@ impl DeviceController {
             return decision;
         }
         decision.engaged = true;
-        self.learn_efficiency(guests);
+        if k.learn_efficiency {
+            self.learn_efficiency(guests);
+        }
 
         let targets = self.targets(budget, guests, background, k);
-        // Guests gone from the device lose their limits.
+        // Guests gone from the device lose their limits. Under a latency window a guest
+        // absent for a tick may only have been held back (a low limit, a throttle slice): its
+        // limit stays until the window is released (a stopped VM's cgroup goes with it).
         let gone: Vec<String> = self
             .limits
             .keys()
-            .filter(|g| !guests.contains_key(*g))
+            .filter(|g| !guests.contains_key(*g) && !k.hold_quiet_caps)
             .cloned()
             .collect();
         for g in gone {
@@ -250,7 +262,7 @@ impl DeviceController {
                     // the cap; otherwise let it grow by the relax step (cut fast, relax slowly).
                     let under = self.under_ticks.entry(name.clone()).or_insert(0);
                     *under += 1;
-                    if *under < RELAX_AFTER_TICKS {
+                    if *under < RELAX_AFTER_TICKS || k.hold_quiet_caps {
                         continue;
                     }
                     let g = &guests[&name];
@@ -314,6 +326,16 @@ impl DeviceController {
             }
         }
         decision
+    }
+
+    /// Drops every limit at once (the latency controller let go and no fixed budget is left):
+    /// returns the guests whose limits must be removed.
+    pub fn release_all(&mut self) -> Vec<String> {
+        self.engaged = false;
+        self.over_ticks = 0;
+        self.low_ticks = 0;
+        self.under_ticks.clear();
+        std::mem::take(&mut self.limits).into_keys().collect()
     }
 
     /// Updates the delivered/limit ratio from guests running at their limits.
@@ -454,6 +476,325 @@ impl DeviceController {
             }
         }
         out
+    }
+}
+
+/// The IOPS budget in force: the configured one, tightened by the latency controller's window
+/// while it is engaged (with per-direction budgets, the window replaces them when it is below
+/// their sum: the latency target is about the device, not one direction).
+pub fn effective_budget(fixed: Option<Budget>, window: Option<f64>) -> Option<Budget> {
+    match (fixed, window) {
+        (f, None) => f,
+        (None, Some(w)) => Some(Budget::Total(w)),
+        (Some(Budget::Total(b)), Some(w)) => Some(Budget::Total(b.min(w))),
+        (Some(Budget::PerDirection { read, write }), Some(w)) => {
+            let sum = read.unwrap_or(f64::INFINITY) + write.unwrap_or(f64::INFINITY);
+            if w < sum {
+                Some(Budget::Total(w))
+            } else {
+                Some(Budget::PerDirection { read, write })
+            }
+        }
+    }
+}
+
+/// One tick of a device's IOPS control: the latency controller (when the device has a
+/// target) sets the window, and the budget controller divides the tighter of it and the fixed
+/// budget by weighted max-min shares and reservations. When neither holds, every limit goes.
+pub fn step_iops(
+    ctl: &mut DeviceController,
+    latency: Option<(&mut LatencyController, f64, &LatencySample)>,
+    fixed: Option<Budget>,
+    guests: &BTreeMap<String, GuestUse>,
+    background: (f64, f64),
+    k: &Knobs,
+    lk: &LatencyKnobs,
+) -> Decision {
+    let (window, congested) = match latency {
+        Some((lc, target_us, s)) => (lc.step(target_us, s, lk), lc.congested),
+        None => (None, false),
+    };
+    match effective_budget(fixed, window) {
+        Some(b) if window.is_some() => {
+            // The latency controller already waited its engage ticks: divide at once. Its
+            // window moves by a few percent near the knee, where a few percent more is a
+            // large rise in latency: a deadband of the usual width would not pass them.
+            //
+            // While the device misses its target, a guest running below its cap is held back
+            // by the device, not short of demand: it still wants at least its cap, so it is
+            // not mistaken for a quiet guest whose cap can be relaxed or dropped.
+            let k = Knobs {
+                engage_ticks: 1,
+                deadband: k.deadband.min(0.01),
+                saturated: if congested { 0.5 } else { k.saturated },
+                learn_efficiency: k.learn_efficiency && !congested,
+                hold_quiet_caps: true,
+                ..k.clone()
+            };
+            ctl.step(b, guests, background, &k)
+        }
+        Some(b) => ctl.step(b, guests, background, k),
+        None if ctl.engaged || !ctl.limits.is_empty() => Decision {
+            clear: ctl.release_all(),
+            ..Decision::default()
+        },
+        None => Decision::default(),
+    }
+}
+
+/// Knobs of the latency controller (defaults in `Default`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LatencyKnobs {
+    /// Ticks the device's latency must stay above target before it engages.
+    pub engage_ticks: u32,
+    /// Ticks of "well under target and not held back" (or idle) before it lets go.
+    pub release_ticks: u32,
+    /// "Well under": below this fraction of the target.
+    pub release_below: f64,
+    /// A tick with fewer completions than this says nothing about latency (held).
+    pub min_completions: u64,
+    /// A rate counts as meeting the target when its latency is at most this fraction of it:
+    /// the probes above the knee then land near the target rather than far over it.
+    pub setpoint: f64,
+    /// Per tick, the lowest rate known to miss the target is forgotten upwards by this much,
+    /// so the controller probes again (the device may have become faster).
+    pub forget: f64,
+    /// When the bracket [meets, misses] is narrower than this (relative), hold at "meets".
+    pub close: f64,
+    /// Growth per tick while no rate above the known-good one has missed the target.
+    pub ramp: f64,
+    /// Delivered ≥ this × window: the window, not demand, is what limits the guests.
+    pub binding: f64,
+    /// The window never goes below this many IOPS in total.
+    pub floor: f64,
+    /// A miss with nothing known to meet the target cuts the rate by `T/L`, but never below
+    /// this fraction (a rate-limited device's latency jumps far over the target just past
+    /// its limit: `T/L` would halve the rate for a 1% overshoot).
+    pub max_cut: f64,
+    /// Up to this many consecutive misses after the first are taken for a draining backlog
+    /// (held a little under the known-good rate), not for a slower device.
+    pub drain_ticks: u32,
+    /// Cap of the forgetting's doubling (a probe that met the target doubles it).
+    pub max_speedup: f64,
+    /// The window never goes below this fraction of the rate the device delivered when the
+    /// controller engaged: a target missed even at a small share of that rate is not missed
+    /// because of the rate (a slow host, a failing disk), and starving the guests would not
+    /// meet it.
+    pub min_fraction: f64,
+    /// Ticks in a row a rate must meet the target before it counts as meeting it.
+    pub confirm_ticks: u32,
+}
+
+impl Default for LatencyKnobs {
+    fn default() -> Self {
+        LatencyKnobs {
+            engage_ticks: 2,
+            release_ticks: 10,
+            release_below: 0.5,
+            min_completions: 32,
+            setpoint: 0.9,
+            forget: 0.005,
+            close: 0.04,
+            ramp: 0.25,
+            binding: 0.85,
+            floor: 20.0,
+            max_cut: 0.7,
+            drain_ticks: 4,
+            max_speedup: 16.0,
+            min_fraction: 0.25,
+            confirm_ticks: 2,
+        }
+    }
+}
+
+/// What one interval showed on a device.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LatencySample {
+    /// The device's latency at the configured percentile (all I/O on it, VMs or not), µs.
+    pub latency_us: Option<f64>,
+    /// Completions the percentile was computed from.
+    pub completions: u64,
+    /// Total IOPS delivered on the device in the interval.
+    pub iops: f64,
+}
+
+/// Finds the total IOPS at which a device meets a latency target: a bracketing search over
+/// measured points (bisection with forgetting), run only while the target is missed.
+///
+/// Each engaged tick gives one measured point (delivered IOPS `u`, latency `L`). Points that
+/// meet the target (`L ≤ setpoint·T`, window binding) raise `good`, the highest rate known
+/// to meet it; points that miss it (`L > T`) lower `bad`, the lowest rate known to miss it.
+/// The next window is the midpoint of `[good, bad]`, or `good` itself once the bracket is
+/// narrower than `close`; with no `bad` yet it ramps up from `good`, with no `good` yet it
+/// cuts from `bad` by `T/L` (at most by half). `bad` is forgotten upwards by `forget` per tick
+/// so the search re-probes and follows a device that got faster; a miss below `good` (the
+/// device got slower) drops `good`.
+///
+/// Why it is stable: the window always lies inside a bracket made of measured points, and
+/// the bracket halves with each probe, so it converges in log2(range/width) ticks whatever
+/// the slope of the device's latency curve. A proportional law (PARDA's `w·T/L`) has a loop
+/// gain equal to its gain times that slope, which is steep near saturation (queueing) or a
+/// step (a rate-limited device): it oscillates unless its gain is tuned per device. Here the
+/// only motion at rest is the forgetting, a bounded probe of about `close` above the knee
+/// every `close/forget` ticks. Latency is judged per tick (no smoothing lag to mislead the
+/// search); a noisy tick moves one bracket end, which the forgetting undoes.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LatencyController {
+    over_ticks: u32,
+    low_ticks: u32,
+    pub engaged: bool,
+    /// Total IOPS the guests are held to while engaged.
+    pub window: Option<f64>,
+    good: Option<f64>,
+    bad: Option<f64>,
+    /// The last rate seen to meet the target while holding guests back: what the device
+    /// delivers at the target. Kept after release, as the last thing learned.
+    pub capacity: Option<f64>,
+    /// The last tick's latency at the percentile, µs.
+    pub latency_us: Option<f64>,
+    /// The last tick missed the target: the device, not the guests' demand, set their rates.
+    pub congested: bool,
+    /// Multiplier of the forgetting, doubled by each probe that met the target.
+    speedup: f64,
+    /// Consecutive ticks over the target.
+    misses: u32,
+    /// (lowest rate, ticks) of the current run of ticks meeting the target.
+    pending: Option<(f64, u32)>,
+    /// The window's lower bound for this engagement (`min_fraction` of the rate at engaging).
+    min_window: f64,
+}
+
+impl LatencyController {
+    /// One tick: returns the total IOPS window to hold the device's guests to, or None when
+    /// the controller is not engaged.
+    pub fn step(&mut self, target_us: f64, s: &LatencySample, k: &LatencyKnobs) -> Option<f64> {
+        let lat = s
+            .latency_us
+            .filter(|l| l.is_finite() && *l >= 0.0 && s.completions >= k.min_completions);
+        self.latency_us = s.latency_us;
+        let iops = if s.iops.is_finite() {
+            s.iops.max(0.0)
+        } else {
+            0.0
+        };
+        let over = lat.is_some_and(|l| l > target_us);
+        self.congested = over;
+        if !self.engaged {
+            self.over_ticks = if over { self.over_ticks + 1 } else { 0 };
+            if self.over_ticks < k.engage_ticks {
+                return None;
+            }
+            let l = lat.unwrap_or(target_us);
+            self.engaged = true;
+            self.low_ticks = 0;
+            self.min_window = (k.min_fraction * iops).max(k.floor);
+            self.bad = Some(iops.max(k.floor));
+            // A capacity learned in an earlier engagement is a good first guess if it is below
+            // what just missed the target.
+            self.good = self.capacity.filter(|c| *c < iops * (1.0 - k.close));
+            let w = match self.good {
+                Some(g) => g,
+                None => iops * (target_us / l).clamp(k.max_cut, 0.95),
+            };
+            self.window = Some(w.max(self.min_window));
+            return self.window;
+        }
+        let w = self.window.unwrap_or(iops).max(k.floor);
+        let binding = iops >= k.binding * w;
+        let low = match lat {
+            None => true,
+            Some(l) => l < k.release_below * target_us && !binding,
+        };
+        self.low_ticks = if low { self.low_ticks + 1 } else { 0 };
+        if self.low_ticks >= k.release_ticks {
+            self.engaged = false;
+            self.over_ticks = 0;
+            self.window = None;
+            self.good = None;
+            self.bad = None;
+            self.speedup = 1.0;
+            self.misses = 0;
+            self.pending = None;
+            return None;
+        }
+        let Some(l) = lat else {
+            return self.window;
+        };
+        // This tick ran above the rate known to meet the target: it was a probe.
+        let probe = self.good.is_some_and(|g| w > g * (1.0 + 0.5 * k.close));
+        let speedup = self.speedup.max(1.0);
+        if let Some(b) = self.bad.as_mut() {
+            *b *= 1.0 + k.forget * speedup;
+        }
+        if l > target_us {
+            self.misses += 1;
+            self.pending = None;
+            self.speedup = 1.0;
+            // After a miss, the device's queue (a rate limiter's backlog) drains only at the
+            // difference between its capacity and the new, lower rate: the next ticks can
+            // miss at a rate that meets the target. They say nothing new unless the misses go
+            // on (the device got slower).
+            let draining = self.misses > 1 && self.misses <= k.drain_ticks && self.good.is_some();
+            if !draining {
+                let b = self.bad.map_or(iops, |b| b.min(iops)).max(k.floor);
+                self.bad = Some(b);
+                // A miss at or below the known-good rate: the device got slower (or that
+                // point was noise); search again from below.
+                if self.good.is_some_and(|g| g >= b) {
+                    self.good = None;
+                }
+            }
+        } else if l <= k.setpoint * target_us && binding {
+            // A rate is known to meet the target only after `confirm_ticks` ticks in a row
+            // did: over one tick a device can absorb a burst above its capacity (a rate
+            // limiter's bucket, a cache) whose backlog shows only in the next ticks.
+            let (lowest, n) = self.pending.unwrap_or((iops, 0));
+            self.pending = Some((lowest.min(iops), n + 1));
+        } else {
+            self.pending = None;
+        }
+        if let Some((rate, n)) = self.pending
+            && n >= k.confirm_ticks
+            && l <= k.setpoint * target_us
+        {
+            self.pending = None;
+            let g = self.good.map_or(rate, |g| g.max(rate));
+            self.good = Some(g);
+            // Each probe that meets the target doubles the forgetting: a device that got
+            // faster is found in a few probes rather than by creeping up.
+            if probe {
+                self.speedup = (2.0 * speedup).min(k.max_speedup);
+            }
+            // A miss below a rate that now meets the target was noise or is stale: probe
+            // just above instead of ramping blind.
+            if self.bad.is_some_and(|b| b <= g) {
+                self.bad = Some(g * (1.0 + 2.0 * k.close));
+            }
+        }
+        if l <= target_us {
+            self.misses = 0;
+        }
+        let next = match (self.good, self.bad) {
+            // Draining a backlog: a little under the known-good rate.
+            (Some(g), _) if self.misses > 1 => g * (1.0 - 2.0 * k.close),
+            (Some(g), Some(b)) if b / g - 1.0 < k.close => g,
+            (Some(g), Some(b)) => 0.5 * (g + b),
+            // Nothing above has missed: grow while the window is what holds guests back.
+            (Some(g), None) if binding => g.max(w) * (1.0 + k.ramp),
+            (Some(g), None) => g.max(w),
+            (None, Some(b)) if l > target_us => b * (target_us / l).clamp(k.max_cut, 0.95),
+            (None, Some(b)) => (w * (1.0 + k.ramp)).min(b * 0.9),
+            (None, None) => w * (1.0 + k.ramp),
+        };
+        // The capacity is the known-good rate once the search has closed in on it (a rate
+        // met while recovering from a cut is below it), or the first one known.
+        if let Some(g) = self.good
+            && (self.capacity.is_none() || self.bad.is_some_and(|b| b / g - 1.0 < 2.0 * k.close))
+        {
+            self.capacity = Some(g);
+        }
+        self.window = Some(next.max(self.min_window).max(k.floor));
+        self.window
     }
 }
 
@@ -755,5 +1096,324 @@ mod tests {
         let only_a = guests(&[("a", greedy(3000.0, 0.0))]);
         let d = c.step(Budget::Total(1000.0), &only_a, (0.0, 0.0), &k);
         assert_eq!(d.clear, vec!["b".to_string()]);
+    }
+
+    /// A device that saturates at `capacity` IOPS: below it, queueing latency (M/D/1 mean
+    /// waiting, times 1.5 for the percentile) over a base service time; at or above it, what
+    /// the closed-loop guests' total queue depth gives (Little: depth / capacity).
+    struct SimDevice {
+        capacity: f64,
+        base_us: f64,
+        depth: f64,
+        seed: u64,
+    }
+
+    impl SimDevice {
+        fn noise(&mut self, amp: f64) -> f64 {
+            self.seed ^= self.seed << 13;
+            self.seed ^= self.seed >> 7;
+            self.seed ^= self.seed << 17;
+            1.0 + amp * ((self.seed % 10_000) as f64 / 10_000.0 - 0.5)
+        }
+
+        /// Offered IOPS per guest in, (delivered per guest, latency µs) out.
+        fn run(&mut self, offered: &[f64]) -> (Vec<f64>, f64) {
+            let total: f64 = offered.iter().sum();
+            let rho = (total / self.capacity).min(0.9999);
+            let queueing = self.base_us * (1.0 + 1.5 * rho / (2.0 * (1.0 - rho)));
+            let saturated = self.depth / self.capacity * 1e6;
+            let lat = queueing.min(saturated).max(self.base_us) * self.noise(0.1);
+            let scale = if total > self.capacity {
+                self.capacity / total
+            } else {
+                1.0
+            };
+            let n = self.noise(0.04);
+            (offered.iter().map(|o| o * scale * n).collect(), lat)
+        }
+    }
+
+    struct SimRun {
+        latency: Vec<f64>,
+        total: Vec<f64>,
+        per_guest: Vec<Vec<f64>>,
+        capacity: Option<f64>,
+        engaged: Vec<bool>,
+        limits_left: usize,
+    }
+
+    /// Greedy guests (weights given) on a simulated device under a latency target, the way
+    /// the service joins the two controllers; `load_ticks` busy, then `idle_ticks` idle.
+    fn simulate(
+        dev: &mut SimDevice,
+        weights: &[f64],
+        target_us: f64,
+        load_ticks: usize,
+        idle_ticks: usize,
+    ) -> SimRun {
+        let k = Knobs::default();
+        let lk = LatencyKnobs::default();
+        let mut lc = LatencyController::default();
+        let mut dc = DeviceController::default();
+        let names: Vec<String> = (0..weights.len()).map(|i| format!("g{i}")).collect();
+        // Under blk-throttle a guest gets a little less than its limit.
+        let efficiency = 0.95;
+        let mut run = SimRun {
+            latency: vec![],
+            total: vec![],
+            per_guest: vec![vec![]; weights.len()],
+            capacity: None,
+            engaged: vec![],
+            limits_left: 0,
+        };
+        for tick in 0..load_ticks + idle_ticks {
+            let busy = tick < load_ticks;
+            let offered: Vec<f64> = names
+                .iter()
+                .map(|n| match (busy, dc.limits.get(n)) {
+                    (false, _) => 0.0,
+                    (true, Some(l)) => l.read as f64 * efficiency,
+                    (true, None) => dev.capacity * 5.0,
+                })
+                .collect();
+            let (got, lat) = dev.run(&offered);
+            let total: f64 = got.iter().sum();
+            let sample = LatencySample {
+                latency_us: busy.then_some(lat),
+                completions: total as u64,
+                iops: total,
+            };
+            let guests: BTreeMap<String, GuestUse> = names
+                .iter()
+                .zip(weights)
+                .zip(&got)
+                .map(|((n, w), r)| {
+                    (
+                        n.clone(),
+                        GuestUse {
+                            weight: *w,
+                            ..greedy(*r, 0.0)
+                        },
+                    )
+                })
+                .collect();
+            step_iops(
+                &mut dc,
+                Some((&mut lc, target_us, &sample)),
+                None,
+                &guests,
+                (0.0, 0.0),
+                &k,
+                &lk,
+            );
+            if busy {
+                run.latency.push(lat);
+                run.total.push(total);
+                for (i, g) in got.iter().enumerate() {
+                    run.per_guest[i].push(*g);
+                }
+            }
+            run.engaged.push(lc.engaged);
+        }
+        run.capacity = lc.capacity;
+        run.limits_left = dc.limits.len();
+        run
+    }
+
+    fn mean(xs: &[f64]) -> f64 {
+        xs.iter().sum::<f64>() / xs.len().max(1) as f64
+    }
+
+    /// The knee of the simulated device: the rate whose latency is the target.
+    fn knee(dev: &SimDevice, target_us: f64) -> f64 {
+        // base·(1 + 1.5ρ/(2(1-ρ))) = T  =>  ρ = 2x / (1.5 + 2x), x = T/base - 1.
+        let x = target_us / dev.base_us - 1.0;
+        dev.capacity * (2.0 * x / (1.5 + 2.0 * x))
+    }
+
+    /// The median at or under the target, at most one tick in five over it by more than 10%.
+    fn assert_held(latency: &[f64], target: f64) {
+        let mut sorted = latency.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        let median = sorted[sorted.len() / 2];
+        let over = latency.iter().filter(|l| **l > target * 1.1).count();
+        assert!(
+            median <= target && over * 5 <= latency.len(),
+            "median {median:.0} µs, {over} of {} ticks over: {latency:?}",
+            latency.len()
+        );
+    }
+
+    #[test]
+    fn latency_target_converges_holds_and_releases() {
+        let mut dev = SimDevice {
+            capacity: 2000.0,
+            base_us: 500.0,
+            depth: 96.0,
+            seed: 99,
+        };
+        let target = 10_000.0;
+        let run = simulate(&mut dev, &[1.0, 1.0, 1.0], target, 60, 30);
+        // Unthrottled the device sits at depth/capacity = 48 ms: over target, so it engages.
+        assert!(run.engaged[2], "{:?}", run.engaged);
+        // Settled within 10 ticks: from then on the latency is held at the target, apart from
+        // the probes just above the knee (about one tick in five to eight).
+        assert_held(&run.latency[10..], target);
+        let knee = knee(&dev, target);
+        let kept = mean(&run.total[10..]) / knee;
+        assert!(
+            kept >= 0.85,
+            "kept {kept:.2} of the knee {knee:.0}: {:?}",
+            run.total
+        );
+        // Fair among equals.
+        let shares: Vec<f64> = run.per_guest.iter().map(|g| mean(&g[10..])).collect();
+        assert!(jain_index(&shares) >= 0.95, "{shares:?}");
+        // The learned capacity is the knee, within 15%.
+        let cap = run.capacity.expect("a capacity was learned");
+        assert!(
+            (cap / knee - 1.0).abs() < 0.15,
+            "capacity {cap:.0} vs knee {knee:.0}"
+        );
+        // Released within 30 ticks of the load stopping, with no limit left.
+        assert!(!run.engaged.last().unwrap(), "{:?}", run.engaged);
+        assert_eq!(run.limits_left, 0);
+    }
+
+    #[test]
+    fn latency_target_respects_weights_and_a_step_shaped_device() {
+        // A rate-limited device (QEMU iops-total): latency is flat below the limit and jumps
+        // to depth/limit above it; base latency 200 µs.
+        let mut dev = SimDevice {
+            capacity: 1000.0,
+            base_us: 200.0,
+            depth: 64.0,
+            seed: 7,
+        };
+        let target = 5_000.0;
+        let run = simulate(&mut dev, &[2.0, 1.0, 1.0], target, 60, 0);
+        let shares: Vec<f64> = run.per_guest.iter().map(|g| mean(&g[15..])).collect();
+        assert!(
+            (shares[0] / shares[1] - 2.0).abs() < 0.3 && (shares[0] / shares[2] - 2.0).abs() < 0.3,
+            "weights 2:1:1: {shares:?}"
+        );
+        assert!(jain_index(&shares[1..]) >= 0.95, "{shares:?}");
+        let kept = mean(&run.total[15..]) / knee(&dev, target);
+        assert!(kept >= 0.85, "kept {kept:.2}: {:?}", run.total);
+        assert_held(&run.latency[15..], target);
+    }
+
+    #[test]
+    fn a_device_under_its_target_is_never_throttled() {
+        let mut dev = SimDevice {
+            capacity: 2000.0,
+            base_us: 500.0,
+            // Shallow queues: even saturated, latency is 8 ms.
+            depth: 16.0,
+            seed: 3,
+        };
+        let run = simulate(&mut dev, &[1.0, 1.0], 10_000.0, 30, 0);
+        assert!(run.engaged.iter().all(|e| !e), "{:?}", run.latency);
+        assert!(run.capacity.is_none());
+    }
+
+    #[test]
+    fn latency_controller_follows_a_device_that_gets_faster_or_slower() {
+        let lk = LatencyKnobs::default();
+        let mut lc = LatencyController::default();
+        let target = 10_000.0;
+        // Step-shaped device: meets the target up to `cap`, misses above.
+        let tick = |lc: &mut LatencyController, cap: f64, w: Option<f64>| {
+            let offered = w.unwrap_or(1e6);
+            let got = offered.min(cap);
+            let lat = if offered > cap { 40_000.0 } else { 1_000.0 };
+            lc.step(
+                target,
+                &LatencySample {
+                    latency_us: Some(lat),
+                    completions: got as u64,
+                    iops: got,
+                },
+                &lk,
+            )
+        };
+        let mut w = None;
+        for _ in 0..40 {
+            w = tick(&mut lc, 5000.0, w);
+        }
+        let w1 = w.unwrap();
+        assert!((4500.0..=5200.0).contains(&w1), "{w1}");
+        // Slower device: the window follows it down.
+        for _ in 0..40 {
+            w = tick(&mut lc, 2000.0, w);
+        }
+        let w2 = w.unwrap();
+        assert!((1800.0..=2080.0).contains(&w2), "{w2}");
+        // Faster again: the forgetting re-probes and finds it.
+        for _ in 0..150 {
+            w = tick(&mut lc, 4000.0, w);
+        }
+        let w3 = w.unwrap();
+        assert!((3500.0..=4160.0).contains(&w3), "{w3}");
+        // (Each within the probe margin: a probe runs up to 4% above the knee.)
+        // Bad input does not crash or move it.
+        let before = lc.clone();
+        lc.step(
+            target,
+            &LatencySample {
+                latency_us: Some(f64::NAN),
+                completions: 100,
+                iops: f64::INFINITY,
+            },
+            &lk,
+        );
+        assert_eq!(lc.window, before.window);
+    }
+
+    #[test]
+    fn a_target_missed_at_any_rate_does_not_starve_the_guests() {
+        let lk = LatencyKnobs::default();
+        let mut lc = LatencyController::default();
+        let mut w = None;
+        for _ in 0..50 {
+            let got = w.unwrap_or(1000.0_f64).min(1000.0);
+            w = lc.step(
+                2000.0,
+                &LatencySample {
+                    latency_us: Some(9000.0),
+                    completions: got as u64,
+                    iops: got,
+                },
+                &lk,
+            );
+        }
+        assert_eq!(w, Some(250.0), "held at a quarter of the rate at engaging");
+    }
+
+    #[test]
+    fn effective_budget_takes_the_tighter() {
+        assert_eq!(effective_budget(None, None), None);
+        assert_eq!(
+            effective_budget(Some(Budget::Total(900.0)), Some(500.0)),
+            Some(Budget::Total(500.0))
+        );
+        assert_eq!(
+            effective_budget(Some(Budget::Total(400.0)), Some(500.0)),
+            Some(Budget::Total(400.0))
+        );
+        assert_eq!(effective_budget(None, Some(5.0)), Some(Budget::Total(5.0)));
+        let pd = Budget::PerDirection {
+            read: Some(100.0),
+            write: None,
+        };
+        assert_eq!(
+            effective_budget(Some(pd), Some(50.0)),
+            Some(Budget::Total(50.0))
+        );
+        let both = Budget::PerDirection {
+            read: Some(100.0),
+            write: Some(100.0),
+        };
+        assert_eq!(effective_budget(Some(both), Some(500.0)), Some(both));
     }
 }

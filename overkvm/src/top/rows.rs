@@ -303,7 +303,14 @@ pub fn budget_text(device: &str, view: Option<&ThrottleView>) -> String {
             .and_then(|b| b.iops_budget.map(|limit| (limit, b)))
     });
     match budget {
-        None => "no budget".into(),
+        None => view
+            .and_then(|v| v.budgets.iter().find(|b| b.device == device))
+            .filter(|b| b.latency_target_us.is_some())
+            .map(|b| {
+                let engaged = if b.engaged { " (engaged)" } else { "" };
+                format!("{}{engaged}", capacity_text(b).trim_start())
+            })
+            .unwrap_or_else(|| "no budget".into()),
         Some((limit, b)) => {
             let used = if limit == 0 {
                 String::new()
@@ -311,8 +318,17 @@ pub fn budget_text(device: &str, view: Option<&ThrottleView>) -> String {
                 format!(" {:.0}% used", b.iops_used * 100.0 / limit as f64)
             };
             let engaged = if b.engaged { " (engaged)" } else { "" };
-            format!("budget {limit} IOPS{used}{engaged}")
+            format!("budget {limit} IOPS{used}{engaged}{}", capacity_text(b))
         }
+    }
+}
+
+/// A latency-targeted device's learned capacity, for the header (empty without a target).
+fn capacity_text(b: &crate::tick::BudgetUse) -> String {
+    match (b.latency_target_us, b.capacity_iops) {
+        (Some(t), Some(c)) => format!(" capacity {c:.0} IOPS at {:.1}ms", t / 1000.0),
+        (Some(t), None) => format!(" latency target {:.1}ms", t / 1000.0),
+        _ => String::new(),
     }
 }
 
@@ -410,6 +426,7 @@ mod tests {
                 iops_budget: Some(1000),
                 iops_used: 620.0,
                 engaged: true,
+                ..BudgetUse::default()
             }],
             limits: vec![ActiveLimit {
                 vm: "web01".into(),
@@ -429,6 +446,20 @@ mod tests {
         );
         assert_eq!(budget_text("vdb", Some(&view)), "no budget");
         assert_eq!(budget_text("vda", None), "no budget");
+        let latency = ThrottleView {
+            budgets: vec![BudgetUse {
+                device: "vdb".into(),
+                engaged: true,
+                latency_target_us: Some(10_000.0),
+                capacity_iops: Some(1840.0),
+                ..BudgetUse::default()
+            }],
+            ..ThrottleView::default()
+        };
+        assert_eq!(
+            budget_text("vdb", Some(&latency)),
+            "capacity 1840 IOPS at 10.0ms (engaged)"
+        );
         assert_eq!(
             throttle_text(Some(&view), Some("web01"), &["vda", "vdb"]),
             "r500 w300 wb5M"

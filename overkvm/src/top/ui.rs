@@ -702,6 +702,7 @@ mod tests {
                 iops_budget: Some(20000),
                 iops_used: 13850.0,
                 engaged: false,
+                ..BudgetUse::default()
             }],
             limits: vec![ActiveLimit {
                 vm: "db02".into(),
