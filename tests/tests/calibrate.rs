@@ -11,7 +11,7 @@ use overkvm_tests::{
 fn skip() -> bool {
     // SAFETY: no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIPPED calibrate: not root (making loop devices needs root)");
+        overkvm_tests::skipped(module_path!(), "not root (making loop devices needs root)");
         return true;
     }
     false
@@ -109,7 +109,7 @@ fn calibrate_write_refuses_a_mounted_device_and_writes_a_scratch_one() {
     let fs = match MountedFs::new(64, "ext4", &[]) {
         Ok(f) => f,
         Err(e) => {
-            eprintln!("SKIPPED calibrate write: cannot make a mounted ext4: {e:#}");
+            overkvm_tests::skipped(module_path!(), format!("cannot make a mounted ext4: {e:#}"));
             return;
         }
     };

@@ -138,7 +138,7 @@ fn fleet_on_a_terminal(url: &str, row: &str) -> Option<String> {
 fn the_fleet_view_ranks_every_hosts_vms_with_the_rates_each_host_exported() {
     skip_unless_kernel!();
     if let Some(reason) = prometheus::missing("prometheus") {
-        eprintln!("SKIPPED {}: {reason}", module_path!());
+        overkvm_tests::skipped(module_path!(), &reason);
         return;
     }
     let dir = TempDir::new("fleet");
@@ -421,7 +421,7 @@ fn the_fleet_view_ranks_every_hosts_vms_with_the_rates_each_host_exported() {
 #[test]
 fn packaged_recording_rules_pass_promtool_and_feed_the_dashboard() {
     if let Some(reason) = prometheus::missing("promtool") {
-        eprintln!("SKIPPED {}: {reason}", module_path!());
+        overkvm_tests::skipped(module_path!(), &reason);
         return;
     }
     let packaging = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging");
@@ -476,7 +476,7 @@ fn the_fleet_view_shows_the_limits_each_host_set() {
     skip_unless_kernel!();
     let blkio = overkvm_tests::v1_blkio_or_skip!();
     if let Some(reason) = prometheus::missing("prometheus") {
-        eprintln!("SKIPPED {}: {reason}", module_path!());
+        overkvm_tests::skipped(module_path!(), &reason);
         return;
     }
     let tag = format!("okvm-flim-{}", std::process::id());

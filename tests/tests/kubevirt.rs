@@ -94,9 +94,12 @@ fn kubevirt_vm_is_named_by_namespace_and_limited_in_its_pod_cgroup() {
     // Before the pod: dropped after it, once its VM is killed.
     let lo = overkvm_tests::devices::LoopDevice::new(256).expect("loop device");
     let Some(mut pod) = PodCgroup::new(&blkio) else {
-        eprintln!(
-            "SKIPPED kubevirt: {} exists (a kubelet runs here): the test does not create pods under it",
-            blkio.join("kubepods").display()
+        overkvm_tests::skipped(
+            module_path!(),
+            format!(
+                "{} exists (a kubelet runs here): the test does not create pods under it",
+                blkio.join("kubepods").display()
+            ),
         );
         return;
     };

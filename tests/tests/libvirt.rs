@@ -451,7 +451,7 @@ fn libvirt_domains_are_named_counted_exactly_and_throttled_in_their_own_cgroups(
     skip_unless_kernel!();
     let blkio = overkvm_tests::v1_blkio_or_skip!();
     if let Some(reason) = tools_missing() {
-        eprintln!("SKIPPED libvirt: {reason}");
+        overkvm_tests::skipped(module_path!(), &reason);
         return;
     }
     // Created before libvirtd so its mount namespace has the filesystem (and dropped after it).

@@ -12,7 +12,7 @@ use serde_json::json;
 fn qemu_throttle_limits_are_read_over_qmp() {
     // No eBPF and no root needed: only qemu.
     if let Some(reason) = guest::missing_tools() {
-        eprintln!("SKIPPED qemu_limits: {reason}");
+        overkvm_tests::skipped(module_path!(), &reason);
         return;
     }
     let work = TempDir::new("qemu-limits").expect("work dir");

@@ -482,7 +482,7 @@ fn off_screen_count(footer: &str) -> Option<usize> {
 fn top_opens_with_the_busiest_process_first_and_counts_the_rest() {
     skip_unless_kernel!();
     if let Some(reason) = tmux_missing() {
-        eprintln!("SKIPPED {}: {reason}", module_path!());
+        overkvm_tests::skipped(module_path!(), &reason);
         return;
     }
     let mut crowd = Crowd::start("topsort");
