@@ -392,18 +392,22 @@ mod tests {
             0::/system.slice/containerd.service\n";
         let e = parse_cgroup(raw).unwrap();
         assert_eq!(manager_cgroup_path(&e), "/kubepods/burstable/pod1/c1");
-        assert_eq!(io_cgroup_path(&e), "/system.slice/containerd.service");
+        // blkio is on v1 here: the pod's blkio cgroup is also the one its I/O is charged to.
+        assert_eq!(io_cgroup_path(&e), "/kubepods/burstable/pod1/c1");
         // libvirt without systemd on a hybrid host.
         let raw = b"12:blkio:/machine/qemu-3-vm3.libvirt-qemu\n0::/user.slice/s.scope\n";
         let e = parse_cgroup(raw).unwrap();
         assert_eq!(manager_cgroup_path(&e), "/machine/qemu-3-vm3.libvirt-qemu");
-        // Both in a layout: the v2 line wins, as for I/O.
+        // Both in a layout: the v2 line names the manager (I/O is still charged to blkio).
         let raw = b"12:blkio:/machine/qemu-3-vm3.libvirt-qemu\n0::/machine.slice/machine-qemu\\x2d3\\x2dvm3.scope\n";
         let e = parse_cgroup(raw).unwrap();
-        assert_eq!(manager_cgroup_path(&e), io_cgroup_path(&e));
-        // Neither: the I/O cgroup.
+        assert_eq!(
+            manager_cgroup_path(&e),
+            "/machine.slice/machine-qemu\\x2d3\\x2dvm3.scope"
+        );
+        // Neither: the I/O cgroup (the block controller's, blkio here).
         let raw = b"12:blkio:/a\n0::/b\n";
-        assert_eq!(manager_cgroup_path(&parse_cgroup(raw).unwrap()), "/b");
+        assert_eq!(manager_cgroup_path(&parse_cgroup(raw).unwrap()), "/a");
         assert_eq!(manager_cgroup_path(&[]), "");
     }
 
