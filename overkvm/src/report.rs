@@ -567,6 +567,11 @@ pub fn learn_cgroup_owners(
 ) {
     owners.retain(|_, o| o.as_ref().is_some_and(|o| alive(o.pid)));
     for r in rows {
+        // A process that exited owns nothing any more (its VM may be starting again in a new
+        // cgroup); its last I/O still carries its name.
+        if r.exited {
+            continue;
+        }
         let (Some(vm), Some(cg)) = (&r.vm, &r.io_cgroup) else {
             continue;
         };

@@ -453,19 +453,18 @@ impl ThrottleService {
             let c = &row.counts;
             let iops = (c.read_ops as f64 / secs, c.write_ops as f64 / secs);
             let bps = (c.read_bytes as f64 / secs, c.write_bytes as f64 / secs);
-            match &row.vm {
+            // Reports name a VM's process in the interval it exits too (its last I/O). For the
+            // throttle only living processes are a VM: a VM whose process is gone is gone (its
+            // cgroup with it), and a restarted VM is where its new process is.
+            let vm = row.vm.as_ref().filter(|_| !row.exited);
+            match vm {
                 Some(vm) => {
                     let u = vms.entry(vm.name.clone()).or_default();
                     u.iops.0 += iops.0;
                     u.iops.1 += iops.1;
                     u.bps.0 += bps.0;
                     u.bps.1 += bps.1;
-                    // A restarted VM can show its exited process too (its final I/O): the
-                    // living one says where the VM is now.
-                    let live = !row.exited;
-                    if live || u.pid == 0 {
-                        u.pid = row.pid;
-                    }
+                    u.pid = row.pid;
                     u.uuid = vm.uuid.clone();
                     u.manager = serde_json::to_value(vm.manager)
                         .ok()
@@ -476,9 +475,9 @@ impl ThrottleService {
                     // hierarchy.
                     let cg = row.io_cgroup.clone().or_else(|| {
                         let api = self.act.as_ref()?.api;
-                        live.then(|| block_cgroup_of(row.pid, api)).flatten()
+                        block_cgroup_of(row.pid, api)
                     });
-                    if cg.is_some() && (live || u.cgroup.is_none()) {
+                    if cg.is_some() {
                         u.cgroup = cg;
                     }
                 }
