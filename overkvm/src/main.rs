@@ -25,8 +25,8 @@ fn main() {
         Command::Vm(cmd) => lifecycle::run(cmd),
         Command::Overcommit(args) => lifecycle::overcommit::run(args),
         Command::Calibrate(args) => calibrate::run(args),
-        Command::Check(args) if args.parity.is_some() => {
-            match check::run_parity(args.parity.unwrap_or(0), args.json) {
+        Command::Check(args) if let Some(seconds) = args.parity => {
+            match check::run_parity(seconds, args.json) {
                 Ok(true) => Ok(()),
                 Ok(false) => std::process::exit(1),
                 Err(e) => Err(e),

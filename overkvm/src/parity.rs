@@ -27,6 +27,17 @@ pub struct DiskCounters {
 }
 
 impl DiskCounters {
+    /// Adds another interval's counts (`in_flight` is a level, not summed).
+    fn add(&mut self, o: &DiskCounters) {
+        self.reads += o.reads;
+        self.read_sectors += o.read_sectors;
+        self.writes += o.writes;
+        self.write_sectors += o.write_sectors;
+        self.discards += o.discards;
+        self.discard_sectors += o.discard_sectors;
+        self.flushes += o.flushes;
+    }
+
     fn since(&self, base: &DiskCounters) -> DiskCounters {
         DiskCounters {
             reads: self.reads.wrapping_sub(base.reads),
@@ -193,14 +204,7 @@ impl ParityCheck {
             }
         }
         for (disk, c) in rows.into_iter().filter(|(d, _)| !not_counted.contains(d)) {
-            let o = self.ours.entry(disk.to_string()).or_default();
-            o.reads += c.reads;
-            o.read_sectors += c.read_sectors;
-            o.writes += c.writes;
-            o.write_sectors += c.write_sectors;
-            o.discards += c.discards;
-            o.discard_sectors += c.discard_sectors;
-            o.flushes += c.flushes;
+            self.ours.entry(disk.to_string()).or_default().add(&c);
         }
         // Disks gone from diskstats (a detached loop device's line stays; a removed zram's
         // goes) are forgotten on both sides.

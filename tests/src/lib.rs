@@ -52,6 +52,25 @@ pub fn skipped(module: &str, reason: impl std::fmt::Display) {
     }
 }
 
+/// Skips (with the reason recorded, see `skipped`) when the kernel has no
+/// `block_io_start`/`block_io_done` (before 6.5): for tests of that hook mode.
+#[macro_export]
+macro_rules! skip_unless_io_start_done {
+    () => {
+        $crate::skip_unless_kernel!();
+        let support = overkvm::bpf::layout::hooks_available(
+            &overkvm::bpf::btf::Btf::from_sys_fs().expect("reading the kernel's BTF"),
+        );
+        if !support.io_start_done {
+            $crate::skipped(
+                module_path!(),
+                "kernel has no block_io_start/block_io_done (< 6.5)",
+            );
+            return;
+        }
+    };
+}
+
 /// Skips (with the reason recorded, see `skipped`) when the test cannot run on this kernel.
 #[macro_export]
 macro_rules! skip_unless_kernel {

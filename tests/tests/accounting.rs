@@ -165,16 +165,7 @@ fn exact_on_loop(mode: HookMode) {
 
 #[test]
 fn concurrent_direct_io_is_exact_per_process_io_start_done() {
-    skip_unless_kernel!();
-    let support =
-        overkvm::bpf::layout::hooks_available(&overkvm::bpf::btf::Btf::from_sys_fs().unwrap());
-    if !support.io_start_done {
-        overkvm_tests::skipped(
-            module_path!(),
-            "kernel has no block_io_start/block_io_done (< 6.5)",
-        );
-        return;
-    }
+    overkvm_tests::skip_unless_io_start_done!();
     exact_on_loop(HookMode::IoStartDone);
 }
 

@@ -444,16 +444,7 @@ fn parity(mode: HookMode) {
 
 #[test]
 fn device_totals_equal_diskstats_io_start_done() {
-    skip_unless_kernel!();
-    let support =
-        overkvm::bpf::layout::hooks_available(&overkvm::bpf::btf::Btf::from_sys_fs().unwrap());
-    if !support.io_start_done {
-        overkvm_tests::skipped(
-            module_path!(),
-            "kernel has no block_io_start/block_io_done (< 6.5)",
-        );
-        return;
-    }
+    overkvm_tests::skip_unless_io_start_done!();
     parity(HookMode::IoStartDone);
 }
 
