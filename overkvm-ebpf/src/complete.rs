@@ -52,8 +52,16 @@ fn finish(rq: KPtr, fallback: bool) {
 /// tag of the first request waiting for it, so it is charged to that request's submitter; if
 /// that request was not seen, to the latest requester of a flush on the queue.
 #[inline(always)]
-fn device_flush(rq: KPtr) {
-    let owner = match rq_ident(rq).and_then(|(queue, tag)| inflight_peek(queue, tag)) {
+fn device_flush(rq: KPtr, fallback: bool) {
+    // In the fallback mode the request waiting for this flush has not been issued yet, so it
+    // holds no in-flight entry: whatever sits at the borrowed tag is stale (left by a slot
+    // collision) and may belong to another device. Only the queue's requester is right there.
+    let borrowed = if fallback {
+        None
+    } else {
+        rq_ident(rq).and_then(|(queue, tag)| inflight_peek(queue, tag))
+    };
+    let owner = match borrowed {
         Some(slot) => Some(slot),
         None => rq_queue_id(rq).and_then(flush_owner),
     };
@@ -79,7 +87,7 @@ fn completed(rq: KPtr, fallback: bool) {
     let codes = op_codes();
     let opf: u32 = read(rq, off!(rq_cmd_flags)).unwrap_or(0);
     if opf & codes.op_mask == codes.flush {
-        device_flush(rq);
+        device_flush(rq, fallback);
     } else if !in_flush_sequence(rq) {
         finish(rq, fallback);
     }
