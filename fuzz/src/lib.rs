@@ -21,11 +21,11 @@ pub fn text(data: &[u8]) -> String {
     String::from_utf8_lossy(data).into_owned()
 }
 
-/// Names from untrusted input reach the terminal only through `top::batch::sanitize`, which
+/// Names from untrusted input reach the terminal only through `text::sanitize`, which
 /// promises no control characters (escape sequences, newlines) and no bidi or zero-width
 /// characters in its output.
 pub fn assert_sanitized(name: &str) {
-    let s = overkvm::top::batch::sanitize(name);
+    let s = overkvm::text::sanitize(name);
     assert!(
         !s.chars().any(|c| c.is_control()
             || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')),

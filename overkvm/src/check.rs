@@ -336,7 +336,7 @@ pub fn run_parity(seconds: u64, json: bool) -> anyhow::Result<bool> {
         ] {
             println!(
                 "{:<12} {:<8} {:>12} {:>12} {:>8}",
-                crate::top::batch::sanitize(&p.device),
+                crate::text::sanitize(&p.device),
                 op,
                 a,
                 b,

@@ -1,10 +1,66 @@
-//! Command-line interface: definitions only; `main.rs` dispatches.
+//! Command-line interface: clap's definitions, and their mapping onto the library's plain
+//! option structs. It lives in the binary: nothing in the library knows clap or this module.
 
-use std::time::Duration;
+use std::{marker::PhantomData, path::PathBuf, time::Duration};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{
+    Args, Parser, Subcommand,
+    builder::{PossibleValue, PossibleValuesParser, TypedValueParser},
+};
+use overkvm::{
+    bpf::{HookMode, LoadOptions},
+    calibrate::CalibrateOptions,
+    choice::Choice,
+    export::latency::LatencyBuckets,
+    lifecycle::{
+        list::ListOptions,
+        ops::{CreateOptions, DestroyOptions, StartOptions, StopOptions},
+        overcommit::OvercommitOptions,
+        qemu::Accel,
+    },
+    serve::ServeOptions,
+    top::{TopOptions, columns::Column, sort::SortOrder},
+};
 
-use crate::bpf::HookMode;
+/// Parses a library [`Choice`] by name or alias, and lists its values (with their meaning) in
+/// `--help` and in the error for an unknown name.
+#[derive(Clone)]
+struct ChoiceParser<T>(PhantomData<T>);
+
+fn choice<T: Choice>() -> ChoiceParser<T> {
+    ChoiceParser(PhantomData)
+}
+
+impl<T: Choice> ChoiceParser<T> {
+    fn values() -> impl Iterator<Item = PossibleValue> {
+        T::VALUES.iter().map(|v| {
+            PossibleValue::new(v.name())
+                .help(v.help())
+                .aliases(v.aliases().iter().copied())
+        })
+    }
+}
+
+impl<T: Choice> TypedValueParser for ChoiceParser<T> {
+    type Value = T;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<T, clap::Error> {
+        // clap checks the name and words the error; the value is then found the same way.
+        let name = PossibleValuesParser::new(Self::values()).parse_ref(cmd, arg, value)?;
+        let ignore_case = arg.is_some_and(clap::Arg::is_ignore_case_set);
+        overkvm::choice::parse(&name, ignore_case)
+            .ok_or_else(|| clap::Error::new(clap::error::ErrorKind::InvalidValue).with_cmd(cmd))
+    }
+
+    fn possible_values(&self) -> Option<Box<dyn Iterator<Item = PossibleValue> + '_>> {
+        Some(Box::new(Self::values()))
+    }
+}
 
 /// See which VM does the disk I/O on a KVM host, per process, device and operation, from the
 /// kernel's block layer (eBPF). Needs root.
@@ -60,13 +116,13 @@ pub enum ThrottleCommand {
     Reset {
         /// The daemon's config (for a non-default state_file).
         #[arg(short, long)]
-        config: Option<std::path::PathBuf>,
+        config: Option<PathBuf>,
     },
     /// Show budgets, current use and every active limit (from the running daemon's status
     /// file and the state file).
     Status {
         #[arg(short, long)]
-        config: Option<std::path::PathBuf>,
+        config: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -76,7 +132,7 @@ pub enum ThrottleCommand {
 #[derive(Debug, Args, Clone)]
 pub struct HookArgs {
     /// Force a hook family instead of the best the kernel has.
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = choice::<HookMode>())]
     pub hooks: Option<HookMode>,
     /// Do not count bios (saves one program per bio; bio-based devices such as zram, md and
     /// dm are then not measured).
@@ -109,12 +165,12 @@ pub struct TopArgs {
     /// names alphabetically; the default ranks the busiest processes first.
     #[arg(
         long,
-        value_enum,
+        value_parser = choice::<Column>(),
         value_name = "COLUMN",
         ignore_case = true,
         default_value = "total-iops"
     )]
-    pub sort: crate::top::columns::Column,
+    pub sort: Column,
     /// Reverse the sort's natural direction.
     #[arg(short, long)]
     pub reverse: bool,
@@ -135,12 +191,36 @@ pub struct TopArgs {
     pub hooks: HookArgs,
 }
 
+impl HookArgs {
+    pub fn options(&self) -> LoadOptions {
+        LoadOptions {
+            mode: self.hooks,
+            bio: !self.no_bio,
+            all_bios: self.all_bios,
+        }
+    }
+}
+
 impl TopArgs {
     /// The order rows start in.
-    pub fn sort_order(&self) -> crate::top::sort::SortOrder {
-        crate::top::sort::SortOrder {
+    pub fn sort_order(&self) -> SortOrder {
+        SortOrder {
             column: self.sort,
             reversed: self.reverse,
+        }
+    }
+
+    pub fn options(&self) -> TopOptions {
+        TopOptions {
+            batch: self.batch,
+            delay: self.delay,
+            iterations: self.iterations,
+            json: self.json,
+            vms_only: self.vms_only,
+            sort: self.sort_order(),
+            prometheus: self.prometheus.clone(),
+            window: self.window,
+            load: self.hooks.options(),
         }
     }
 }
@@ -149,11 +229,11 @@ impl TopArgs {
 pub struct ServeArgs {
     /// Address of the metrics endpoint (loopback by default: put a proxy or firewall rule in
     /// front before exposing it).
-    #[arg(long, default_value = crate::serve::DEFAULT_LISTEN)]
+    #[arg(long, default_value = overkvm::serve::DEFAULT_LISTEN)]
     pub listen: std::net::SocketAddr,
     /// TOML config: device budgets, VM rules, policy knobs (see README, "Throttling").
     #[arg(short, long)]
-    pub config: Option<std::path::PathBuf>,
+    pub config: Option<PathBuf>,
     /// Sampling and control interval in seconds (default 1, or [policy] interval).
     #[arg(short = 'i', long, value_parser = parse_interval)]
     pub interval: Option<Duration>,
@@ -170,8 +250,8 @@ pub struct ServeArgs {
     pub grace: Duration,
     /// Latency histogram buckets: compact (4 bounds, 65.5 µs to 268 ms, for fleets) or full
     /// (every log2 bucket, 1 µs to 34 s) [default: [export] latency_buckets, else compact].
-    #[arg(long, value_enum, value_name = "BUCKETS")]
-    pub latency_buckets: Option<crate::export::latency::LatencyBuckets>,
+    #[arg(long, value_parser = choice::<LatencyBuckets>(), value_name = "BUCKETS")]
+    pub latency_buckets: Option<LatencyBuckets>,
     /// Most VMs exported; beyond it the least busy are left out of /metrics and counted in
     /// overkvm_exporter_vms_dropped [default: [export] max_vms, else 2000].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
@@ -184,6 +264,24 @@ pub struct ServeArgs {
     pub bpf_stats: bool,
     #[command(flatten)]
     pub hooks: HookArgs,
+}
+
+impl ServeArgs {
+    pub fn options(&self) -> ServeOptions {
+        ServeOptions {
+            listen: self.listen,
+            config: self.config.clone(),
+            interval: self.interval,
+            dry_run: self.dry_run,
+            per_process: self.per_process,
+            per_process_cap: self.per_process_cap,
+            grace: self.grace,
+            latency_buckets: self.latency_buckets,
+            max_vms: self.max_vms,
+            bpf_stats: self.bpf_stats,
+            load: self.hooks.options(),
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -204,7 +302,7 @@ pub struct StateDirArgs {
     /// Directory with one sub-directory per VM (definition, overlay, pidfile, QMP socket,
     /// serial log) [default: $OVERKVM_STATE_DIR, else /var/lib/overkvm/vms].
     #[arg(long, value_name = "DIR")]
-    pub state_dir: Option<std::path::PathBuf>,
+    pub state_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -242,7 +340,7 @@ pub struct VmCreateArgs {
     /// Base image (raw, qcow2, ...), shared read-only by every overlay on it. Keep it
     /// unchanged while overlays use it.
     #[arg(long, value_name = "IMAGE")]
-    pub base: std::path::PathBuf,
+    pub base: PathBuf,
     /// Guest RAM in MiB.
     #[arg(long, value_name = "MiB", default_value = "512")]
     pub memory: u64,
@@ -254,10 +352,10 @@ pub struct VmCreateArgs {
     pub disk_size: Option<u64>,
     /// Boot this kernel directly instead of from the disk.
     #[arg(long, value_name = "FILE")]
-    pub kernel: Option<std::path::PathBuf>,
+    pub kernel: Option<PathBuf>,
     /// Initial ramdisk for --kernel.
     #[arg(long, value_name = "FILE", requires = "kernel")]
-    pub initrd: Option<std::path::PathBuf>,
+    pub initrd: Option<PathBuf>,
     /// Kernel command line for --kernel (e.g. "console=ttyS0 root=/dev/vda").
     #[arg(long, value_name = "ARGS", requires = "kernel")]
     pub append: Option<String>,
@@ -290,8 +388,8 @@ pub struct VmStartArgs {
     #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
     pub admit_timeout: Duration,
     /// Accelerator [default: kvm if it really works here, else tcg].
-    #[arg(long, value_enum)]
-    pub accel: Option<crate::lifecycle::qemu::Accel>,
+    #[arg(long, value_parser = choice::<Accel>())]
+    pub accel: Option<Accel>,
     /// Run the VMs without their own cgroup (e.g. without root). Their I/O is still attributed
     /// per process, but cgroup limits cannot target them alone.
     #[arg(long)]
@@ -325,7 +423,7 @@ pub struct VmListArgs {
     pub no_iops: bool,
     /// The throttle daemon's config, to find its status file (active limits).
     #[arg(short, long)]
-    pub config: Option<std::path::PathBuf>,
+    pub config: Option<PathBuf>,
     #[command(flatten)]
     pub state: StateDirArgs,
 }
@@ -345,9 +443,83 @@ pub struct OvercommitArgs {
     pub json: bool,
     /// Config with [[device]] IOPS budgets (and the daemon's status file location).
     #[arg(short, long)]
-    pub config: Option<std::path::PathBuf>,
+    pub config: Option<PathBuf>,
     #[command(flatten)]
     pub state: StateDirArgs,
+}
+
+impl VmCreateArgs {
+    pub fn options(&self) -> CreateOptions {
+        CreateOptions {
+            name: self.name.clone(),
+            base: self.base.clone(),
+            memory: self.memory,
+            vcpus: self.vcpus,
+            disk_size: self.disk_size,
+            kernel: self.kernel.clone(),
+            initrd: self.initrd.clone(),
+            append: self.append.clone(),
+            state_dir: self.state.state_dir.clone(),
+        }
+    }
+}
+
+impl VmStartArgs {
+    pub fn options(&self) -> StartOptions {
+        StartOptions {
+            names: self.names.clone(),
+            stagger: self.stagger,
+            admit: self.admit,
+            device: self.device.clone(),
+            budget: self.budget,
+            boot_iops: self.boot_iops,
+            admit_timeout: self.admit_timeout,
+            accel: self.accel,
+            no_cgroup: self.no_cgroup,
+            timeout: self.timeout,
+            state_dir: self.state.state_dir.clone(),
+        }
+    }
+}
+
+impl VmStopArgs {
+    pub fn options(&self) -> StopOptions {
+        StopOptions {
+            names: self.names.clone(),
+            timeout: self.timeout,
+            state_dir: self.state.state_dir.clone(),
+        }
+    }
+}
+
+impl VmListArgs {
+    pub fn options(&self) -> ListOptions {
+        ListOptions {
+            json: self.json,
+            no_iops: self.no_iops,
+            config: self.config.clone(),
+            state_dir: self.state.state_dir.clone(),
+        }
+    }
+}
+
+impl VmDestroyArgs {
+    pub fn options(&self) -> DestroyOptions {
+        DestroyOptions {
+            names: self.names.clone(),
+            state_dir: self.state.state_dir.clone(),
+        }
+    }
+}
+
+impl OvercommitArgs {
+    pub fn options(&self) -> OvercommitOptions {
+        OvercommitOptions {
+            json: self.json,
+            config: self.config.clone(),
+            state_dir: self.state.state_dir.clone(),
+        }
+    }
 }
 
 /// Parses a duration: seconds ("1", "0.5") or with a unit ("1s", "500ms", "2m"), positive
@@ -370,7 +542,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 
 /// Parses a disk size (20G, 512M, bytes).
 pub fn parse_disk_size(s: &str) -> Result<u64, String> {
-    crate::lifecycle::definition::parse_size(s).map_err(|e| e.to_string())
+    overkvm::lifecycle::definition::parse_size(s).map_err(|e| e.to_string())
 }
 
 /// Parses an interval in seconds ("1", "0.5"): positive and at most a day.
@@ -463,7 +635,6 @@ mod tests {
 
     #[test]
     fn top_sort_takes_column_names_in_any_case() {
-        use crate::top::{columns::Column, sort::SortOrder};
         let sort_of = |args: &[&str]| {
             let mut all = vec!["overkvm-io", "top"];
             all.extend_from_slice(args);
@@ -493,10 +664,8 @@ mod tests {
             );
         }
         // Every column can be named, and its name is what --help lists.
-        for column in Column::ALL {
-            let name = clap::ValueEnum::to_possible_value(&column)
-                .map(|v| v.get_name().to_string())
-                .unwrap_or_default();
+        for &column in Column::VALUES {
+            let name = column.name().to_string();
             assert_eq!(
                 sort_of(&["--sort", &name]).map(|s| s.column),
                 Ok(column),
@@ -570,4 +739,16 @@ pub struct CalibrateArgs {
     /// One JSON object on stdout instead of the table.
     #[arg(long)]
     pub json: bool,
+}
+
+impl CalibrateArgs {
+    pub fn options(&self) -> CalibrateOptions {
+        CalibrateOptions {
+            device: self.device.clone(),
+            write: self.write,
+            depths: self.depths.clone(),
+            seconds: self.seconds,
+            json: self.json,
+        }
+    }
 }

@@ -1,11 +1,11 @@
 //! `overkvm-io`: argument parsing and dispatch only.
 
+mod cli;
+
 use clap::Parser as _;
-use overkvm::{
-    calibrate, check,
-    cli::{Cli, Command},
-    lifecycle, serve, throttle, top,
-};
+use overkvm::{calibrate, check, lifecycle, serve, throttle, top};
+
+use crate::cli::{Cli, Command, ThrottleCommand, VmCommand};
 
 fn main() {
     let cli = Cli::parse();
@@ -19,12 +19,21 @@ fn main() {
         .format_timestamp(None)
         .init();
     let result = match &cli.command {
-        Command::Top(args) => top::run(args),
-        Command::Serve(args) => serve::run(args),
-        Command::Throttle(cmd) => throttle::command::run(cmd),
-        Command::Vm(cmd) => lifecycle::run(cmd),
-        Command::Overcommit(args) => lifecycle::overcommit::run(args),
-        Command::Calibrate(args) => calibrate::run(args),
+        Command::Top(args) => top::run(&args.options()),
+        Command::Serve(args) => serve::run(&args.options()),
+        Command::Throttle(ThrottleCommand::Reset { config }) => {
+            throttle::command::reset(config.as_deref())
+        }
+        Command::Throttle(ThrottleCommand::Status { config, json }) => {
+            throttle::command::status(config.as_deref(), *json)
+        }
+        Command::Vm(VmCommand::Create(a)) => lifecycle::ops::create(&a.options()),
+        Command::Vm(VmCommand::Start(a)) => lifecycle::ops::start(&a.options()),
+        Command::Vm(VmCommand::Stop(a)) => lifecycle::ops::stop(&a.options()),
+        Command::Vm(VmCommand::List(a)) => lifecycle::list::run(&a.options()),
+        Command::Vm(VmCommand::Destroy(a)) => lifecycle::ops::destroy(&a.options()),
+        Command::Overcommit(args) => lifecycle::overcommit::run(&args.options()),
+        Command::Calibrate(args) => calibrate::run(&args.options()),
         Command::Check(args) if let Some(seconds) = args.parity => {
             match check::run_parity(seconds, args.json) {
                 Ok(true) => Ok(()),

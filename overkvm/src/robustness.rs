@@ -15,8 +15,8 @@ use crate::{
     devices,
     identity::{cgroup, kubevirt, procfs, qemu::QemuArgs},
     lifecycle::qemu_limits,
+    text::sanitize,
     throttle::actuator,
-    top::batch::sanitize,
 };
 
 /// Bytes biased towards what these parsers look for.

@@ -18,13 +18,37 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     bpf::{self, LoadOptions, Programs},
-    cli::ServeArgs,
     config::Config,
-    export::{ExportOptions, Exporter},
+    export::{ExportOptions, Exporter, latency::LatencyBuckets},
     pipeline::Pipeline,
     throttle::ThrottleService,
     tick::TickTiming,
 };
+
+/// How `overkvm-io serve` runs (the command line fills it in; `None` defers to the config
+/// file, then to the default).
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// Address of `/metrics`.
+    pub listen: SocketAddr,
+    /// The TOML config (budgets, VM rules, policy, export).
+    pub config: Option<std::path::PathBuf>,
+    /// Sampling and control interval.
+    pub interval: Option<Duration>,
+    /// Decide and report limits, write none.
+    pub dry_run: bool,
+    /// Export non-VM processes too, at most `per_process_cap` of them.
+    pub per_process: bool,
+    pub per_process_cap: usize,
+    /// How long an exited VM's series stay.
+    pub grace: Duration,
+    pub latency_buckets: Option<LatencyBuckets>,
+    pub max_vms: Option<u64>,
+    /// Turn on the kernel's BPF run-time statistics while serving.
+    pub bpf_stats: bool,
+    /// The kernel programs.
+    pub load: LoadOptions,
+}
 
 /// Default address of `/metrics`: loopback only, port 9746.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9746";
@@ -46,7 +70,7 @@ fn lower_thread_priority() {
     }
 }
 
-pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
+pub fn run(args: &ServeOptions) -> anyhow::Result<()> {
     // Validate everything the operator wrote before touching the kernel.
     let config = match &args.config {
         Some(path) => Config::load(path)?,
@@ -75,7 +99,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
 }
 
 async fn serve(
-    args: &ServeArgs,
+    args: &ServeOptions,
     config: Config,
     http: &tokio::runtime::Handle,
     listener: tokio::net::TcpListener,
@@ -87,11 +111,7 @@ async fn serve(
         .interval
         .or(config.policy.interval)
         .unwrap_or(Duration::from_secs(1));
-    let programs = Programs::load(&LoadOptions {
-        mode: args.hooks.hooks,
-        bio: !args.hooks.no_bio,
-        all_bios: args.hooks.all_bios,
-    })?;
+    let programs = Programs::load(&args.load)?;
     for note in &programs.notes {
         log::warn!("{note}");
     }

@@ -20,13 +20,32 @@ use self::{btf::Btf, layout::HookSupport};
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/overkvm"));
 
 /// Which tracepoints count and time requests.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum HookMode {
     /// `block_io_start` / `block_io_done` (Linux 6.5+): one hook at each end of a request.
     IoStartDone,
     /// `block_getrq` / `block_rq_issue` / `block_rq_complete`, for kernels before 6.5.
     RequestFallback,
+}
+
+impl crate::choice::Choice for HookMode {
+    const VALUES: &'static [HookMode] = &[HookMode::IoStartDone, HookMode::RequestFallback];
+
+    fn name(self) -> &'static str {
+        HookMode::name(self)
+    }
+
+    fn help(self) -> &'static str {
+        match self {
+            HookMode::IoStartDone => {
+                "`block_io_start` / `block_io_done` (Linux 6.5+): one hook at each end of a request"
+            }
+            HookMode::RequestFallback => {
+                "`block_getrq` / `block_rq_issue` / `block_rq_complete`, for kernels before 6.5"
+            }
+        }
+    }
 }
 
 impl HookMode {

@@ -21,7 +21,22 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use self::model::{DiskCounters, OthersLoad, Pattern, Step, Suggestion};
-use crate::{cli::CalibrateArgs, devices::DeviceTable, sample::Histogram, stats};
+use crate::{devices::DeviceTable, sample::Histogram, stats};
+
+/// What `overkvm-io calibrate` measures (the command line fills it in).
+#[derive(Clone, Debug)]
+pub struct CalibrateOptions {
+    /// The device: name, /dev path or MAJ:MIN.
+    pub device: String,
+    /// Measure writes too (destroys the data: scratch devices only).
+    pub write: bool,
+    /// Queue depths of the random-I/O steps.
+    pub depths: Vec<u32>,
+    /// Seconds per step.
+    pub seconds: f64,
+    /// JSON instead of the table.
+    pub json: bool,
+}
 
 /// Everything a calibration found.
 #[derive(Debug, serde::Serialize)]
@@ -40,7 +55,7 @@ const SEQ_BS: u64 = 1 << 20;
 const SEQ_DEPTH: u32 = 4;
 
 /// Runs `overkvm-io calibrate`.
-pub fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
+pub fn run(args: &CalibrateOptions) -> anyhow::Result<()> {
     if !(args.seconds.is_finite() && (0.1..=600.0).contains(&args.seconds)) {
         bail!("--seconds must be between 0.1 and 600");
     }
@@ -120,7 +135,7 @@ fn in_use(name: &str) -> Option<String> {
     None
 }
 
-fn open_target(args: &CalibrateArgs) -> anyhow::Result<Target> {
+fn open_target(args: &CalibrateOptions) -> anyhow::Result<Target> {
     let mut table = DeviceTable::new();
     let info = table.resolve(&args.device)?;
     let path = PathBuf::from("/dev").join(&info.name);
@@ -331,7 +346,7 @@ impl Progress {
 }
 
 /// Measures the device (see the module doc).
-pub fn calibrate(args: &CalibrateArgs) -> anyhow::Result<Calibration> {
+pub fn calibrate(args: &CalibrateOptions) -> anyhow::Result<Calibration> {
     let t = open_target(args)?;
     let mut plan: Vec<(Pattern, u32)> = args
         .depths

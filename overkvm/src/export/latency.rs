@@ -14,7 +14,7 @@ use overkvm_common::LAT_BUCKETS;
 use super::totals::LatencyTotals;
 
 /// Which buckets the classic (text) histograms carry.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LatencyBuckets {
     /// Four bounds (65.5 µs, 1.05 ms, 16.8 ms, 268 ms) plus `+Inf`: a VM doing reads and
@@ -23,6 +23,29 @@ pub enum LatencyBuckets {
     Compact,
     /// Every kernel bucket from 1.024 µs to 34.4 s (26 bounds plus `+Inf`).
     Full,
+}
+
+impl crate::choice::Choice for LatencyBuckets {
+    const VALUES: &'static [LatencyBuckets] = &[LatencyBuckets::Compact, LatencyBuckets::Full];
+
+    fn name(self) -> &'static str {
+        match self {
+            LatencyBuckets::Compact => "compact",
+            LatencyBuckets::Full => "full",
+        }
+    }
+
+    fn help(self) -> &'static str {
+        match self {
+            LatencyBuckets::Compact => {
+                "Four bounds (65.5 µs, 1.05 ms, 16.8 ms, 268 ms) plus `+Inf`: a VM doing reads and \
+                 writes on one device stays within 20 series"
+            }
+            LatencyBuckets::Full => {
+                "Every kernel bucket from 1.024 µs to 34.4 s (26 bounds plus `+Inf`)"
+            }
+        }
+    }
 }
 
 /// Compact bounds, as exponents `e` of `2^e` ns. Four bounds are what the series budget

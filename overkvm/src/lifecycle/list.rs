@@ -22,7 +22,19 @@ use super::{
     state::{self, VmState},
 };
 use crate::identity::Manager;
-use crate::{cli::VmListArgs, config::Config, tick::ActiveLimit, top::batch::sanitize};
+use crate::{config::Config, text::sanitize, tick::ActiveLimit};
+
+/// `vm list` (the command line fills it in).
+#[derive(Clone, Debug, Default)]
+pub struct ListOptions {
+    /// One JSON array.
+    pub json: bool,
+    /// Skip the one-second IOPS measurement.
+    pub no_iops: bool,
+    /// The throttle daemon's config, to find its status file.
+    pub config: Option<std::path::PathBuf>,
+    pub state_dir: Option<std::path::PathBuf>,
+}
 
 /// Where libvirt keeps its running domains' pidfiles and status XML.
 const LIBVIRT_RUN: &str = "/run/libvirt/qemu";
@@ -280,8 +292,8 @@ pub fn write_table(rows: &[VmRow], out: &mut impl std::io::Write) -> std::io::Re
 }
 
 /// `vm list`.
-pub fn run(args: &VmListArgs) -> anyhow::Result<()> {
-    let state_dir = super::state_dir(args.state.state_dir.as_deref())?;
+pub fn run(args: &ListOptions) -> anyhow::Result<()> {
+    let state_dir = super::state_dir(args.state_dir.as_deref())?;
     let (vms, problems) = super::load_all(&state_dir)?;
     let config = match &args.config {
         Some(p) => Config::load(p)?,

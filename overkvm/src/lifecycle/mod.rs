@@ -32,18 +32,6 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use self::definition::{VmDefinition, VmPaths};
-use crate::cli::VmCommand;
-
-/// `overkvm-io vm ...`.
-pub fn run(cmd: &VmCommand) -> anyhow::Result<()> {
-    match cmd {
-        VmCommand::Create(a) => ops::create(a),
-        VmCommand::Start(a) => ops::start(a),
-        VmCommand::Stop(a) => ops::stop(a),
-        VmCommand::List(a) => list::run(a),
-        VmCommand::Destroy(a) => ops::destroy(a),
-    }
-}
 
 /// The state directory from the flag, `$OVERKVM_STATE_DIR` or the default, made absolute
 /// (qemu and the definition file get absolute paths).

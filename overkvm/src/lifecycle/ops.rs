@@ -21,7 +21,61 @@ use super::{
     qmp::{Qmp, QmpError},
     state::{self, RunRecord, VmState},
 };
-use crate::cli::{VmCreateArgs, VmDestroyArgs, VmStartArgs, VmStopArgs};
+
+/// `vm create`: what to create (the command line fills it in).
+#[derive(Clone, Debug)]
+pub struct CreateOptions {
+    pub name: String,
+    /// Base image the overlay is on.
+    pub base: PathBuf,
+    pub memory: u64,
+    pub vcpus: u32,
+    /// Virtual disk size in bytes, at least the base's (`None`: the base's).
+    pub disk_size: Option<u64>,
+    /// Direct kernel boot.
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    pub append: Option<String>,
+    /// `None`: `$OVERKVM_STATE_DIR`, else the default.
+    pub state_dir: Option<PathBuf>,
+}
+
+/// `vm start`: which VMs, how paced, how run.
+#[derive(Clone, Debug)]
+pub struct StartOptions {
+    pub names: Vec<String>,
+    /// One at a time, this long apart.
+    pub stagger: Option<Duration>,
+    /// Admission control: the next VM starts only when `device` has room under `budget`.
+    pub admit: bool,
+    pub device: Option<String>,
+    pub budget: Option<u64>,
+    /// Room one booting guest needs (`None`: a tenth of the budget).
+    pub boot_iops: Option<u64>,
+    pub admit_timeout: Duration,
+    /// `None`: KVM when it really works here, else TCG.
+    pub accel: Option<qemu::Accel>,
+    pub no_cgroup: bool,
+    /// How long each VM may take until its QMP answers.
+    pub timeout: Duration,
+    pub state_dir: Option<PathBuf>,
+}
+
+/// `vm stop`.
+#[derive(Clone, Debug)]
+pub struct StopOptions {
+    pub names: Vec<String>,
+    /// How long the guest may take after the ACPI button before qemu is told to quit.
+    pub timeout: Duration,
+    pub state_dir: Option<PathBuf>,
+}
+
+/// `vm destroy`.
+#[derive(Clone, Debug)]
+pub struct DestroyOptions {
+    pub names: Vec<String>,
+    pub state_dir: Option<PathBuf>,
+}
 
 /// Removes a directory tree on drop unless disarmed.
 struct RemoveOnDrop(Option<PathBuf>);
@@ -79,9 +133,9 @@ fn readable_file(what: &str, path: &Path) -> anyhow::Result<PathBuf> {
 }
 
 /// `vm create`.
-pub fn create(args: &VmCreateArgs) -> anyhow::Result<()> {
+pub fn create(args: &CreateOptions) -> anyhow::Result<()> {
     definition::validate_name(&args.name)?;
-    let state_dir = super::state_dir(args.state.state_dir.as_deref())?;
+    let state_dir = super::state_dir(args.state_dir.as_deref())?;
     let paths = VmPaths::new(&state_dir, &args.name);
     paths.check_socket_len()?;
     if fs::symlink_metadata(&paths.dir).is_ok() {
@@ -233,7 +287,7 @@ fn tail(path: &Path, n: usize) -> String {
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     lines[lines.len().saturating_sub(n)..]
         .iter()
-        .map(|l| format!("\n    {}", crate::top::batch::sanitize(l)))
+        .map(|l| format!("\n    {}", crate::text::sanitize(l)))
         .collect()
 }
 
@@ -260,14 +314,14 @@ struct Started {
 }
 
 /// `vm start`.
-pub fn start(args: &VmStartArgs) -> anyhow::Result<()> {
+pub fn start(args: &StartOptions) -> anyhow::Result<()> {
     let mut seen = HashSet::new();
     for n in &args.names {
         if !seen.insert(n) {
             bail!("VM {n:?} is named twice");
         }
     }
-    let state_dir = super::state_dir(args.state.state_dir.as_deref())?;
+    let state_dir = super::state_dir(args.state_dir.as_deref())?;
     let mut vms = Vec::new();
     for n in &args.names {
         let (def, paths) = super::load(&state_dir, n)?;
@@ -578,8 +632,8 @@ fn qmp_once(paths: &VmPaths, command: &str) -> Result<(), QmpError> {
 }
 
 /// `vm stop`.
-pub fn stop(args: &VmStopArgs) -> anyhow::Result<()> {
-    let state_dir = super::state_dir(args.state.state_dir.as_deref())?;
+pub fn stop(args: &StopOptions) -> anyhow::Result<()> {
+    let state_dir = super::state_dir(args.state_dir.as_deref())?;
     let mut failures = Vec::new();
     for name in &args.names {
         if let Err(e) = stop_one(&state_dir, name, args.timeout) {
@@ -654,8 +708,8 @@ fn stop_one(state_dir: &Path, name: &str, timeout: Duration) -> anyhow::Result<(
 }
 
 /// `vm destroy`.
-pub fn destroy(args: &VmDestroyArgs) -> anyhow::Result<()> {
-    let state_dir = super::state_dir(args.state.state_dir.as_deref())?;
+pub fn destroy(args: &DestroyOptions) -> anyhow::Result<()> {
+    let state_dir = super::state_dir(args.state_dir.as_deref())?;
     let mut failures = Vec::new();
     for name in &args.names {
         if let Err(e) = destroy_one(&state_dir, name) {

@@ -27,13 +27,21 @@ use super::{
     qemu_img::{self, ImageInfo},
 };
 use crate::{
-    cli::OvercommitArgs,
     config::Config,
     devices::DeviceTable,
     identity::{Manager, Resolver, procfs},
+    text::sanitize,
     tick::ThrottleView,
-    top::batch::sanitize,
 };
+
+/// `overcommit` (the command line fills it in).
+#[derive(Clone, Debug, Default)]
+pub struct OvercommitOptions {
+    pub json: bool,
+    /// Config with the device budgets (and the daemon's status file location).
+    pub config: Option<std::path::PathBuf>,
+    pub state_dir: Option<std::path::PathBuf>,
+}
 
 /// A status file older than this means no daemon is running.
 const STATUS_FRESH: Duration = Duration::from_secs(10);
@@ -511,8 +519,8 @@ pub fn write_text(o: &Overcommit, out: &mut impl std::io::Write) -> std::io::Res
 }
 
 /// `overkvm-io overcommit`.
-pub fn run(args: &OvercommitArgs) -> anyhow::Result<()> {
-    let state_dir = super::state_dir(args.state.state_dir.as_deref())?;
+pub fn run(args: &OvercommitOptions) -> anyhow::Result<()> {
+    let state_dir = super::state_dir(args.state_dir.as_deref())?;
     let config = match &args.config {
         Some(p) => Config::load(p)?,
         None => Config::default(),

@@ -15,13 +15,28 @@ pub const DISK_ID: &str = "disk0";
 pub const DISK_DEVICE_ID: &str = "vd0";
 
 /// How qemu runs guest code.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Accel {
     /// Software emulation: works everywhere, 10-50x slower for guest code.
     Tcg,
     /// Hardware virtualization through /dev/kvm.
     Kvm,
+}
+
+impl crate::choice::Choice for Accel {
+    const VALUES: &'static [Accel] = &[Accel::Tcg, Accel::Kvm];
+
+    fn name(self) -> &'static str {
+        Accel::name(self)
+    }
+
+    fn help(self) -> &'static str {
+        match self {
+            Accel::Tcg => "Software emulation: works everywhere, 10-50x slower for guest code",
+            Accel::Kvm => "Hardware virtualization through /dev/kvm",
+        }
+    }
 }
 
 impl Accel {

@@ -1,100 +1,99 @@
 //! `overkvm-io throttle reset|status`: the throttle without the daemon.
 
-use crate::{cli::ThrottleCommand, config::Config, top::batch::sanitize};
+use std::path::Path;
 
-fn load_config(path: &Option<std::path::PathBuf>) -> anyhow::Result<Config> {
+use crate::{config::Config, text::sanitize};
+
+fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
     match path {
         Some(p) => Config::load(p),
         None => Ok(Config::default()),
     }
 }
 
-/// Runs `overkvm-io throttle reset|status`.
-pub fn run(cmd: &ThrottleCommand) -> anyhow::Result<()> {
-    match cmd {
-        ThrottleCommand::Reset { config } => {
-            let msg = super::reset(&load_config(config)?)?;
-            println!("{msg}");
-            Ok(())
-        }
-        ThrottleCommand::Status { config, json } => {
-            let st = super::status(&load_config(config)?)?;
-            if *json {
-                println!("{}", serde_json::to_string(&st)?);
-                return Ok(());
-            }
-            match &st.daemon {
-                None => println!("no running daemon has reported (no status file)"),
-                Some(v) => {
-                    for b in &v.budgets {
-                        println!(
-                            "device {:<10} budget {:>8} IOPS  used {:>8.0} IOPS  {}",
-                            b.device,
-                            b.iops_budget
-                                .map(|v| v.to_string())
-                                .unwrap_or_else(|| "-".into()),
-                            b.iops_used,
-                            if b.engaged { "ENGAGED" } else { "" }
-                        );
-                        if let Some(t) = b.latency_target_us {
-                            let ms = |v: Option<f64>| {
-                                v.map(|v| format!("{:.2} ms", v / 1000.0))
-                                    .unwrap_or_else(|| "-".into())
-                            };
-                            let iops = |v: Option<f64>| {
-                                v.map(|v| format!("{v:.0} IOPS"))
-                                    .unwrap_or_else(|| "-".into())
-                            };
-                            println!(
-                                "       {:<10} latency p{} {} (target {})  capacity at target {}{}",
-                                "",
-                                b.latency_percentile.unwrap_or(95.0),
-                                ms(b.latency_us),
-                                ms(Some(t)),
-                                iops(b.capacity_iops),
-                                b.latency_window_iops
-                                    .map(|w| format!("  holding VMs to {w:.0} IOPS"))
-                                    .unwrap_or_default()
-                            );
-                        }
-                    }
-                    for l in &v.limits {
-                        let f = |v: Option<u64>| {
-                            v.map(|v| v.to_string()).unwrap_or_else(|| "max".into())
-                        };
-                        println!(
-                            "limit  vm {:<20} {:<10} riops={} wiops={} rbps={} wbps={}  for {:.0}s  ({})",
-                            sanitize(&l.vm),
-                            l.device,
-                            f(l.riops),
-                            f(l.wiops),
-                            f(l.rbps),
-                            f(l.wbps),
-                            l.since_s,
-                            sanitize(&l.cgroup)
-                        );
-                    }
-                    for p in &v.problems {
-                        println!("problem: {}", sanitize(p));
-                    }
-                }
-            }
-            if st.daemon.is_none() && !st.budgets.is_empty() {
-                for b in &st.budgets {
+/// `overkvm-io throttle reset`: undoes what the state file of the daemon configured by
+/// `config` records.
+pub fn reset(config: Option<&Path>) -> anyhow::Result<()> {
+    let msg = super::reset(&load_config(config)?)?;
+    println!("{msg}");
+    Ok(())
+}
+
+/// `overkvm-io throttle status`: budgets, use and limits, as text or one JSON object.
+pub fn status(config: Option<&Path>, json: bool) -> anyhow::Result<()> {
+    let st = super::status(&load_config(config)?)?;
+    if json {
+        println!("{}", serde_json::to_string(&st)?);
+        return Ok(());
+    }
+    match &st.daemon {
+        None => println!("no running daemon has reported (no status file)"),
+        Some(v) => {
+            for b in &v.budgets {
+                println!(
+                    "device {:<10} budget {:>8} IOPS  used {:>8.0} IOPS  {}",
+                    b.device,
+                    b.iops_budget
+                        .map(|v| v.to_string())
+                        .unwrap_or_else(|| "-".into()),
+                    b.iops_used,
+                    if b.engaged { "ENGAGED" } else { "" }
+                );
+                if let Some(t) = b.latency_target_us {
+                    let ms = |v: Option<f64>| {
+                        v.map(|v| format!("{:.2} ms", v / 1000.0))
+                            .unwrap_or_else(|| "-".into())
+                    };
+                    let iops = |v: Option<f64>| {
+                        v.map(|v| format!("{v:.0} IOPS"))
+                            .unwrap_or_else(|| "-".into())
+                    };
                     println!(
-                        "budget {} iops={:?} latency_target={:?}",
-                        b.device,
-                        b.iops,
-                        b.latency_target
-                            .map(|t| humantime::format_duration(t).to_string())
+                        "       {:<10} latency p{} {} (target {})  capacity at target {}{}",
+                        "",
+                        b.latency_percentile.unwrap_or(95.0),
+                        ms(b.latency_us),
+                        ms(Some(t)),
+                        iops(b.capacity_iops),
+                        b.latency_window_iops
+                            .map(|w| format!("  holding VMs to {w:.0} IOPS"))
+                            .unwrap_or_default()
                     );
                 }
             }
-            println!(
-                "recorded limits (undone by `throttle reset`): {}",
-                st.recorded.limits.len()
-            );
-            Ok(())
+            for l in &v.limits {
+                let f = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_else(|| "max".into());
+                println!(
+                    "limit  vm {:<20} {:<10} riops={} wiops={} rbps={} wbps={}  for {:.0}s  ({})",
+                    sanitize(&l.vm),
+                    l.device,
+                    f(l.riops),
+                    f(l.wiops),
+                    f(l.rbps),
+                    f(l.wbps),
+                    l.since_s,
+                    sanitize(&l.cgroup)
+                );
+            }
+            for p in &v.problems {
+                println!("problem: {}", sanitize(p));
+            }
         }
     }
+    if st.daemon.is_none() && !st.budgets.is_empty() {
+        for b in &st.budgets {
+            println!(
+                "budget {} iops={:?} latency_target={:?}",
+                b.device,
+                b.iops,
+                b.latency_target
+                    .map(|t| humantime::format_duration(t).to_string())
+            );
+        }
+    }
+    println!(
+        "recorded limits (undone by `throttle reset`): {}",
+        st.recorded.limits.len()
+    );
+    Ok(())
 }

@@ -10,7 +10,7 @@ use super::{
 
 /// One column of the interactive table, in display order. `top --sort` takes these names
 /// (kebab-case, or run together as spelled here, any case).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Column {
     /// VM/COMM: vm:NAME for a VM, else the process's comm
     Name,
@@ -19,33 +19,94 @@ pub enum Column {
     /// DEVICE: the device name
     Device,
     /// IO/s: all operations per second (the default, highest first)
-    #[value(alias = "totaliops")]
     TotalIops,
     /// R/s: read operations per second
-    #[value(alias = "readiops")]
     ReadIops,
     /// W/s: write operations per second
-    #[value(alias = "writeiops")]
     WriteIops,
     /// RMB/s: megabytes read per second
-    #[value(alias = "readmbs")]
     ReadMbs,
     /// WMB/s: megabytes written per second
-    #[value(alias = "writembs")]
     WriteMbs,
     /// AVGµs: mean latency
-    #[value(alias = "latavg")]
     LatAvg,
     /// P99µs: 99th percentile latency
-    #[value(alias = "latp99")]
     LatP99,
     /// %IOPS: share of the devices' operations
-    #[value(alias = "iopsshare")]
     IopsShare,
     /// THROTTLE: the throttle's limits
     Throttle,
     /// HOST: the Prometheus instance (fleet view only)
     Host,
+}
+
+/// `--sort` names: the variant in kebab-case, or run together (`totaliops`), any case.
+impl crate::choice::Choice for Column {
+    const VALUES: &'static [Column] = &[
+        Column::Name,
+        Column::Pid,
+        Column::Device,
+        Column::TotalIops,
+        Column::ReadIops,
+        Column::WriteIops,
+        Column::ReadMbs,
+        Column::WriteMbs,
+        Column::LatAvg,
+        Column::LatP99,
+        Column::IopsShare,
+        Column::Throttle,
+        Column::Host,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Column::Name => "name",
+            Column::Pid => "pid",
+            Column::Device => "device",
+            Column::TotalIops => "total-iops",
+            Column::ReadIops => "read-iops",
+            Column::WriteIops => "write-iops",
+            Column::ReadMbs => "read-mbs",
+            Column::WriteMbs => "write-mbs",
+            Column::LatAvg => "lat-avg",
+            Column::LatP99 => "lat-p99",
+            Column::IopsShare => "iops-share",
+            Column::Throttle => "throttle",
+            Column::Host => "host",
+        }
+    }
+
+    fn help(self) -> &'static str {
+        match self {
+            Column::Name => "VM/COMM: vm:NAME for a VM, else the process's comm",
+            Column::Pid => "PID: process id",
+            Column::Device => "DEVICE: the device name",
+            Column::TotalIops => "IO/s: all operations per second (the default, highest first)",
+            Column::ReadIops => "R/s: read operations per second",
+            Column::WriteIops => "W/s: write operations per second",
+            Column::ReadMbs => "RMB/s: megabytes read per second",
+            Column::WriteMbs => "WMB/s: megabytes written per second",
+            Column::LatAvg => "AVGµs: mean latency",
+            Column::LatP99 => "P99µs: 99th percentile latency",
+            Column::IopsShare => "%IOPS: share of the devices' operations",
+            Column::Throttle => "THROTTLE: the throttle's limits",
+            Column::Host => "HOST: the Prometheus instance (fleet view only)",
+        }
+    }
+
+    fn aliases(self) -> &'static [&'static str] {
+        match self {
+            Column::TotalIops => &["totaliops"],
+            Column::ReadIops => &["readiops"],
+            Column::WriteIops => &["writeiops"],
+            Column::ReadMbs => &["readmbs"],
+            Column::WriteMbs => &["writembs"],
+            Column::LatAvg => &["latavg"],
+            Column::LatP99 => &["latp99"],
+            Column::IopsShare => &["iopsshare"],
+            _ => &[],
+        }
+    }
 }
 
 /// What a column sorts by.

@@ -17,14 +17,15 @@ use std::{
 use anyhow::Context as _;
 use serde::Serialize;
 
+use super::TopOptions;
 use super::{
-    batch::{fit, sanitize},
+    batch::fit,
     columns::{Column, SortKey, compare_keys},
     prometheus::{Client, PromUrl, Sample},
     rows::{RowGroup, RowKey, RowKind, TopRow, limit_text},
     sort::SortOrder,
 };
-use crate::{cli::TopArgs, export::names, report::OpCounts, tick::ActiveLimit};
+use crate::{export::names, report::OpCounts, text::sanitize, tick::ActiveLimit};
 
 /// The throttle's limits on one VM and device (absent where none).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
@@ -573,7 +574,7 @@ pub fn write_table(out: &mut impl std::io::Write, r: &FleetReport) -> std::io::R
 }
 
 /// Runs the fleet view in batch mode: one table (or JSON line) per `-d`, the first at once.
-pub fn run_batch(args: &TopArgs, url: &str) -> anyhow::Result<()> {
+pub fn run_batch(args: &TopOptions, url: &str) -> anyhow::Result<()> {
     let client = Client::new(PromUrl::parse(url)?);
     let queries = Queries::new(args.window);
     let stdout = std::io::stdout();
@@ -585,7 +586,7 @@ pub fn run_batch(args: &TopArgs, url: &str) -> anyhow::Result<()> {
         if done > 0 {
             std::thread::sleep(args.delay);
         }
-        let report = match fetch_report(&client, &queries, args.window, args.sort_order()) {
+        let report = match fetch_report(&client, &queries, args.window, args.sort) {
             Ok(r) => r,
             // Later refreshes ride out a Prometheus restart; the first one says what is wrong.
             Err(e) if done > 0 => {

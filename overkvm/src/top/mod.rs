@@ -39,16 +39,38 @@ use ratatui::{Terminal, backend::CrosstermBackend, widgets::TableState};
 
 use crate::{
     bpf::{LoadOptions, Programs},
-    cli::TopArgs,
     pipeline::Pipeline,
     report::Report,
 };
 
 use self::app::{App, Effect};
 
+/// What `overkvm-io top` shows, and how (the command line fills it in).
+#[derive(Clone, Debug)]
+pub struct TopOptions {
+    /// Tables (or JSON lines) on stdout instead of the interactive view.
+    pub batch: bool,
+    /// Time between updates.
+    pub delay: std::time::Duration,
+    /// Stop after this many updates.
+    pub iterations: Option<u64>,
+    /// One JSON object per interval per line.
+    pub json: bool,
+    /// Only VMs.
+    pub vms_only: bool,
+    /// The order rows start in.
+    pub sort: sort::SortOrder,
+    /// Fleet view: the Prometheus to ask instead of loading the programs.
+    pub prometheus: Option<String>,
+    /// Fleet view: the window rates are taken over.
+    pub window: std::time::Duration,
+    /// The kernel programs (local view).
+    pub load: LoadOptions,
+}
+
 /// Runs `top`: the interactive view when stdout is a terminal, else (or with -b or --json)
 /// batch output.
-pub fn run(args: &TopArgs) -> anyhow::Result<()> {
+pub fn run(args: &TopOptions) -> anyhow::Result<()> {
     let tui = !args.batch && !args.json && std::io::stdout().is_terminal();
     if let Some(url) = &args.prometheus {
         if tui {
@@ -56,11 +78,7 @@ pub fn run(args: &TopArgs) -> anyhow::Result<()> {
         }
         return fleet::run_batch(args, url);
     }
-    let opts = LoadOptions {
-        mode: args.hooks.hooks,
-        bio: !args.hooks.no_bio,
-        all_bios: args.hooks.all_bios,
-    };
+    let opts = args.load.clone();
     if tui {
         return run_interactive(args, opts);
     }
@@ -68,7 +86,7 @@ pub fn run(args: &TopArgs) -> anyhow::Result<()> {
 }
 
 /// One table (or JSON line) per interval on stdout.
-fn run_batch(args: &TopArgs, opts: &LoadOptions) -> anyhow::Result<()> {
+fn run_batch(args: &TopOptions, opts: &LoadOptions) -> anyhow::Result<()> {
     let programs = Programs::load(opts)?;
     for note in &programs.notes {
         log::warn!("{note}");
@@ -85,7 +103,7 @@ fn run_batch(args: &TopArgs, opts: &LoadOptions) -> anyhow::Result<()> {
         if args.vms_only {
             report.processes.retain(|p| p.vm.is_some());
         }
-        sort::order_processes(&mut report, args.sort_order());
+        sort::order_processes(&mut report, args.sort);
         let mut out = stdout.lock();
         let written = if args.json {
             serde_json::to_writer(&mut out, &report)
@@ -142,7 +160,7 @@ enum SamplerControl {
     Pause(bool),
 }
 
-fn run_interactive(args: &TopArgs, opts: LoadOptions) -> anyhow::Result<()> {
+fn run_interactive(args: &TopOptions, opts: LoadOptions) -> anyhow::Result<()> {
     let (events_tx, events) = mpsc::channel();
     let (control, control_rx) = mpsc::channel();
     let delay = args.delay;
@@ -178,7 +196,7 @@ fn run_interactive(args: &TopArgs, opts: LoadOptions) -> anyhow::Result<()> {
             bail!("the sampler thread stopped before loading the programs");
         }
     }
-    let mut app = App::new(args.delay, args.vms_only, args.sort_order());
+    let mut app = App::new(args.delay, args.vms_only, args.sort);
     let shown = TerminalSession::enter().and_then(|mut session| {
         spawn_terminal_reader(events_tx)?;
         view_loop(
@@ -202,15 +220,15 @@ fn run_interactive(args: &TopArgs, opts: LoadOptions) -> anyhow::Result<()> {
 
 /// The fleet view on a terminal: a refresher thread queries Prometheus every `-d` and sends
 /// each refresh by value; the view, keys and terminal handling are the local view's.
-fn run_fleet_interactive(args: &TopArgs, url: &str) -> anyhow::Result<()> {
+fn run_fleet_interactive(args: &TopOptions, url: &str) -> anyhow::Result<()> {
     let client = prometheus::Client::new(prometheus::PromUrl::parse(url)?);
     let queries = fleet::Queries::new(args.window);
     // A wrong URL or a Prometheus that is down fails plainly, before taking the terminal.
-    let first = fleet::fetch_report(&client, &queries, args.window, args.sort_order())?;
+    let first = fleet::fetch_report(&client, &queries, args.window, args.sort)?;
     let (events_tx, events) = mpsc::channel();
     let (control, control_rx) = mpsc::channel();
     let refresher_events = events_tx.clone();
-    let (window, sort, delay) = (args.window, args.sort_order(), args.delay);
+    let (window, sort, delay) = (args.window, args.sort, args.delay);
     let _ = events_tx.send(ViewEvent::Fleet(Ok(first)));
     thread::Builder::new()
         .name("overkvm-fleet".into())
@@ -226,7 +244,7 @@ fn run_fleet_interactive(args: &TopArgs, url: &str) -> anyhow::Result<()> {
             );
         })
         .context("starting the refresher thread")?;
-    let mut app = App::new_fleet(args.delay, args.sort_order());
+    let mut app = App::new_fleet(args.delay, args.sort);
     TerminalSession::enter().and_then(|mut session| {
         spawn_terminal_reader(events_tx)?;
         view_loop(

@@ -11,7 +11,7 @@ use crate::{
     tick::{ActiveLimit, ThrottleView},
 };
 
-use super::batch::sanitize;
+use crate::text::sanitize;
 
 /// Events per second of `count` over an interval of `interval_s` seconds (0 for an empty one).
 pub fn per_second(count: u64, interval_s: f64) -> f64 {

@@ -12,11 +12,14 @@ use ratatui::{
 
 use super::{
     app::{App, KEYS, OffScreen},
-    batch::{fit, sanitize},
+    batch::fit,
     columns::{Column, fit_columns, fmt_mbs, fmt_rate},
     rows::{RowKind, budget_text, mb_per_second, per_second},
 };
-use crate::report::{DeviceRow, Report};
+use crate::{
+    report::{DeviceRow, Report},
+    text::sanitize,
+};
 
 /// Device lines the header shows at most (the busiest; the rest are counted).
 const MAX_DEVICE_LINES: usize = 8;
