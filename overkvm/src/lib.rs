@@ -23,6 +23,7 @@ mod robustness;
 pub mod sample;
 pub mod serve;
 pub mod stats;
+pub mod status_file;
 pub mod text;
 pub mod throttle;
 pub mod tick;

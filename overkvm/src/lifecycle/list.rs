@@ -299,9 +299,7 @@ pub fn run(args: &ListOptions) -> anyhow::Result<()> {
         Some(p) => Config::load(p)?,
         None => Config::default(),
     };
-    let limits = crate::throttle::status(&config)
-        .ok()
-        .and_then(|s| s.daemon)
+    let limits = crate::status_file::read_status(&config)
         .map(|d| d.limits)
         .unwrap_or_default();
     let rows = rows(&vms, &limits, !args.no_iops);

@@ -11,12 +11,7 @@
 //!
 //! The maths are pure functions over plain facts; gathering the facts is the thin part.
 
-use std::{
-    collections::BTreeMap,
-    fs,
-    path::Path,
-    time::{Duration, SystemTime},
-};
+use std::{collections::BTreeMap, fs, path::Path, time::Duration};
 
 use serde::Serialize;
 
@@ -399,17 +394,8 @@ pub fn gather(state_dir: &Path, config: &Config) -> anyhow::Result<Overcommit> {
             (name, budget)
         })
         .collect();
-    let status_path = crate::throttle::status_path(config);
-    let fresh = fs::metadata(&status_path)
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| SystemTime::now().duration_since(t).ok())
-        .is_some_and(|age| age <= STATUS_FRESH);
-    let daemon = if fresh {
-        crate::throttle::status(config).ok().and_then(|s| s.daemon)
-    } else {
-        None
-    };
+    let status_path = crate::status_file::status_path(config);
+    let daemon = crate::status_file::read_live(config, STATUS_FRESH);
     if daemon.is_none() {
         notes.push(format!(
             "guest IOPS unknown: no throttle daemon status at {} (or older than {}s)",

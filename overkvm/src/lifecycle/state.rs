@@ -102,7 +102,7 @@ pub fn read_record(path: &Path) -> Option<RunRecord> {
 
 pub fn write_record(path: &Path, r: &RunRecord) -> anyhow::Result<()> {
     let json = serde_json::to_vec_pretty(r).context("encoding the run record")?;
-    crate::throttle::state::write_atomic(path, &json)
+    crate::status_file::write_atomic(path, &json)
 }
 
 /// /proc's view of a pid, for [`classify`].

@@ -31,12 +31,13 @@ use self::{
         LatencySample,
     },
     ratelimit::{LogLimiter, Verdict},
-    state::{MovedProcess, STATE_DIR, ThrottleState},
+    state::{MovedProcess, ThrottleState},
 };
 use crate::{
     config::{Config, DeviceBudgetSpec},
     devices::{DeviceInfo, DeviceTable},
     report::Report,
+    status_file::{self, state_path, status_path},
     tick::{ActiveLimit, BudgetUse, ThrottleView},
 };
 
@@ -82,21 +83,6 @@ pub fn knobs(config: &Config) -> Knobs {
         relax_step: p.relax_step.unwrap_or(d.relax_step),
         ..d
     }
-}
-
-/// Path of the state file for a config.
-pub fn state_path(config: &Config) -> PathBuf {
-    config
-        .policy
-        .state_file
-        .as_ref()
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(STATE_DIR).join("throttle.json"))
-}
-
-/// Path of the status file the daemon rewrites each tick (read by `throttle status`).
-pub fn status_path(config: &Config) -> PathBuf {
-    state_path(config).with_file_name("status.json")
 }
 
 fn iops_budget(s: &DeviceBudgetSpec) -> Option<Budget> {
@@ -423,7 +409,7 @@ impl ThrottleService {
         if !self.dry_run
             && let Ok(json) = serde_json::to_vec(&view)
         {
-            match state::write_atomic(&self.status_path, &json) {
+            match status_file::write_atomic(&self.status_path, &json) {
                 Ok(()) => {
                     let path = self.status_path.display().to_string();
                     self.resolved("status", || format!("{path} written again"));
@@ -928,22 +914,6 @@ pub fn reset(config: &Config) -> anyhow::Result<String> {
     ))
 }
 
-/// The running daemon's throttle view from its status file, if it was written within
-/// `max_age` (a stale file from a stopped daemon is ignored). For `top`.
-pub fn live_view(config: &Config, max_age: std::time::Duration) -> Option<ThrottleView> {
-    let path = status_path(config);
-    let age = std::fs::metadata(&path)
-        .ok()?
-        .modified()
-        .ok()?
-        .elapsed()
-        .ok()?;
-    if age > max_age {
-        return None;
-    }
-    serde_json::from_slice(&std::fs::read(&path).ok()?).ok()
-}
-
 /// What `throttle status` shows.
 #[derive(Debug, serde::Serialize)]
 pub struct Status {
@@ -955,12 +925,9 @@ pub struct Status {
 }
 
 pub fn status(config: &Config) -> anyhow::Result<Status> {
-    let daemon = std::fs::read(status_path(config))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok());
     Ok(Status {
         budgets: config.devices.clone(),
-        daemon,
+        daemon: status_file::read_status(config),
         recorded: ThrottleState::load(&state_path(config))?,
     })
 }

@@ -3,9 +3,7 @@
 //! the next start, or `overkvm-io throttle reset`, can undo exactly that and nothing else.
 
 use std::{
-    fs::{self, OpenOptions},
-    io::Write as _,
-    os::unix::fs::OpenOptionsExt as _,
+    fs,
     path::{Path, PathBuf},
 };
 
@@ -13,9 +11,6 @@ use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
 use super::actuator::Actuator;
-
-/// Default directory of the state and status files.
-pub const STATE_DIR: &str = "/run/overkvm";
 
 /// A limit this service wrote.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,7 +57,7 @@ impl ThrottleState {
 
     /// Saves atomically (write a new file, then rename over), never through a symlink.
     pub fn save(&self, path: &Path) -> anyhow::Result<()> {
-        write_atomic(path, &serde_json::to_vec_pretty(self)?)
+        crate::status_file::write_atomic(path, &serde_json::to_vec_pretty(self)?)
     }
 
     pub fn note_limit(&mut self, cgroup: &str, major: u32, minor: u32) -> bool {
@@ -82,43 +77,6 @@ impl ThrottleState {
         self.limits
             .retain(|w| !(w.cgroup == cgroup && w.major == major && w.minor == minor));
     }
-}
-
-/// Writes a file in its directory atomically; creates the directory (0700) if needed.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    if !dir.exists() {
-        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let _ = fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700));
-    }
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        path.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
-    let _ = fs::remove_file(&tmp);
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    let written = f
-        .write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .with_context(|| format!("writing {}", tmp.display()))
-        .and_then(|_| {
-            // rename() replaces a symlink at `path` itself: its target is never written.
-            fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
-        });
-    if written.is_err() {
-        // A full filesystem must not also keep a half-written temporary file.
-        let _ = fs::remove_file(&tmp);
-    }
-    written
 }
 
 /// Start time of a live process (field 22 of /proc/PID/stat), if it exists.

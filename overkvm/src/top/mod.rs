@@ -302,7 +302,7 @@ fn sample_loop(
                 return Ok(());
             }
             // The daemon (`overkvm-io serve`) publishes its throttle state each tick.
-            let throttle = crate::throttle::live_view(
+            let throttle = crate::status_file::read_live(
                 &crate::config::Config::default(),
                 Duration::from_secs(5),
             );
