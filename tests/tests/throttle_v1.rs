@@ -89,9 +89,12 @@ fn v1_budget_is_held_with_weighted_fair_shares_and_released() {
         total <= BUDGET * 1.05,
         "aggregate {total:.0} over budget {BUDGET}"
     );
+    // The README's claim: measured 96-103% of the budget and 1.96-2.00x (98.7-99.2% and 2.00
+    // at a load average of 6-7 on 2 cores). The bounds leave room for a noisier machine, not
+    // for a controller that over-throttles or ignores weights.
     assert!(
-        total >= BUDGET * 0.6,
-        "aggregate {total:.0} far below budget: over-throttled"
+        total >= BUDGET * 0.9,
+        "aggregate {total:.0} below 90% of budget {BUDGET}: over-throttled"
     );
     assert!(
         jain_equal >= 0.95,
@@ -99,7 +102,7 @@ fn v1_budget_is_held_with_weighted_fair_shares_and_released() {
     );
     let ratio = rates[0] / rates[1].max(1.0);
     assert!(
-        (1.5..=2.6).contains(&ratio),
+        (1.8..=2.2).contains(&ratio),
         "weight-2 guest got {ratio:.2}x, not ~2x: {rates:?}"
     );
 
