@@ -9,6 +9,7 @@
 //! rate-limited per VM and device by `ratelimit` so that a flapping device cannot flood the log.
 
 pub mod actuator;
+pub mod aggregate;
 pub mod command;
 pub mod policy;
 pub mod ratelimit;
@@ -26,6 +27,7 @@ use overkvm_common::make_dev;
 
 use self::{
     actuator::{Actuator, Limits},
+    aggregate::{DeviceUse, VmUse},
     policy::{
         Budget, DeviceController, DirLimits, GuestUse, Knobs, LatencyController, LatencyKnobs,
         LatencySample,
@@ -156,17 +158,6 @@ struct Applied {
     cgroup: String,
     limits: Limits,
     since: Instant,
-}
-
-/// One VM's use of a device in a tick.
-#[derive(Default)]
-struct VmUse {
-    iops: (f64, f64),
-    bps: (f64, f64),
-    cgroup: Option<String>,
-    pid: u32,
-    uuid: Option<String>,
-    manager: String,
 }
 
 /// The throttle inside `overkvm-io serve`.
@@ -425,56 +416,18 @@ impl ThrottleService {
 
     fn step_device(&mut self, i: usize, report: &Report, secs: f64) {
         let disk = self.devices[i].info.dev;
-        let mut vms: BTreeMap<String, VmUse> = BTreeMap::new();
-        let mut bg_iops = (0.0, 0.0);
-        let mut bg_bps = (0.0, 0.0);
-        // The device's latency: every process's reads and writes on it, merged.
-        let mut device_latency = crate::sample::Histogram::default();
-        for row in &report.processes {
-            if self.table.get(make_dev(row.major, row.minor)).disk_dev != disk {
-                continue;
-            }
-            device_latency.merge(&row.latency[overkvm_common::Op::Read as usize]);
-            device_latency.merge(&row.latency[overkvm_common::Op::Write as usize]);
-            let c = &row.counts;
-            let iops = (c.read_ops as f64 / secs, c.write_ops as f64 / secs);
-            let bps = (c.read_bytes as f64 / secs, c.write_bytes as f64 / secs);
-            // Reports name a VM's process in the interval it exits too (its last I/O). For the
-            // throttle only living processes are a VM: a VM whose process is gone is gone (its
-            // cgroup with it), and a restarted VM is where its new process is.
-            let vm = row.vm.as_ref().filter(|_| !row.exited);
-            match vm {
-                Some(vm) => {
-                    let u = vms.entry(vm.name.clone()).or_default();
-                    u.iops.0 += iops.0;
-                    u.iops.1 += iops.1;
-                    u.bps.0 += bps.0;
-                    u.bps.1 += bps.1;
-                    u.pid = row.pid;
-                    u.uuid = vm.uuid.clone();
-                    u.manager = serde_json::to_value(vm.manager)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_string))
-                        .unwrap_or_default();
-                    // The cgroup charged for its I/O; while a new cgroup's id is not yet
-                    // resolved, a living process's own cgroup in the block controller's
-                    // hierarchy.
-                    let cg = row.io_cgroup.clone().or_else(|| {
-                        let api = self.act.as_ref()?.api;
-                        block_cgroup_of(row.pid, api)
-                    });
-                    if cg.is_some() {
-                        u.cgroup = cg;
-                    }
-                }
-                None => {
-                    bg_iops.0 += iops.0;
-                    bg_iops.1 += iops.1;
-                    bg_bps.0 += bps.0;
-                    bg_bps.1 += bps.1;
-                }
-            }
-        }
+        let (table, api) = (&mut self.table, self.act.as_ref().map(|a| a.api));
+        let DeviceUse {
+            vms,
+            background_iops: bg_iops,
+            background_bps: bg_bps,
+            latency: device_latency,
+        } = aggregate::device_use(
+            report,
+            secs,
+            |row| table.get(make_dev(row.major, row.minor)).disk_dev == disk,
+            |pid| block_cgroup_of(pid, api?),
+        );
         let guest = |u: &VmUse, name: &str, bytes: bool| -> GuestUse {
             let rule = self.config.rule_for(name, u.uuid.as_deref(), &u.manager);
             let (r, w) = if bytes { u.bps } else { u.iops };
@@ -656,22 +609,7 @@ impl ThrottleService {
             }
         };
         let pid = usage.map(|u| u.pid).unwrap_or(0);
-        let shared_with: Vec<String> = report
-            .processes
-            .iter()
-            .filter(|r| {
-                // An exited process (a restarted VM's old one) shares nothing any more.
-                r.pid != pid
-                    && !r.kernel_thread
-                    && !r.exited
-                    && r.vm.as_ref().is_none_or(|v| v.name != vm)
-                    && r.io_cgroup.as_deref() == Some(cgroup.as_str())
-            })
-            .map(|r| match &r.vm {
-                Some(v) => format!("VM {}", v.name),
-                None => format!("{} ({})", r.comm, r.pid),
-            })
-            .collect();
+        let shared_with = aggregate::sharing(report, vm, pid, &cgroup);
         if cgroup == "/" || !shared_with.is_empty() {
             let others = if cgroup == "/" {
                 "the whole host (root cgroup)".to_string()
