@@ -14,6 +14,8 @@ pub mod config;
 pub mod devices;
 pub mod export;
 pub mod identity;
+#[cfg(test)]
+mod layers;
 pub mod lifecycle;
 pub mod parity;
 pub mod pipeline;
