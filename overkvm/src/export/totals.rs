@@ -22,7 +22,7 @@ use overkvm_common::{HEALTH_SLOTS, LAT_BUCKETS, OP_COUNT, Op};
 use crate::{
     identity::{Manager, procfs},
     report::{OpCounts, ProcessRow, VmRef},
-    sample::{Histogram, MapFill},
+    sample::{Counters, Histogram, MapFill},
     tick::{ProgramStat, ThrottleView, Tick},
 };
 
@@ -42,15 +42,8 @@ impl VmKey {
     }
 }
 
-/// Operations and bytes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct IoCount {
-    pub ops: u64,
-    pub bytes: u64,
-}
-
-/// Cumulative counts by op (indexed by `Op as usize`).
-pub type OpTotals = [IoCount; OP_COUNT];
+/// Cumulative operations and bytes by op (indexed by `Op as usize`), in the sampler's shape.
+pub type OpTotals = [Counters; OP_COUNT];
 
 fn add_counts(into: &mut OpTotals, c: &OpCounts) {
     for op in Op::ALL {
@@ -639,14 +632,14 @@ pub(crate) mod tests {
         let vda = &vm.devices["vda"];
         assert_eq!(
             vda.io[Op::Read as usize],
-            IoCount {
+            Counters {
                 ops: 17,
                 bytes: 17 * 4096
             }
         );
         assert_eq!(
             vda.io[Op::Write as usize],
-            IoCount {
+            Counters {
                 ops: 6,
                 bytes: 6 * 4096
             }
