@@ -26,6 +26,8 @@ pub mod sample;
 pub mod serve;
 pub mod stats;
 pub mod status_file;
+#[cfg(test)]
+mod testdata;
 pub mod text;
 pub mod throttle;
 pub mod tick;

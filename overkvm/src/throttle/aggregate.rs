@@ -111,57 +111,26 @@ pub fn sharing(report: &Report, vm: &str, pid: u32, cgroup: &str) -> Vec<String>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        identity::Manager,
-        report::{CountSource, OpCounts, VmRef},
-    };
+    use crate::testdata;
 
+    /// A libvirt VM (or, without a name, a plain process) on minor `minor`; a VM's I/O is
+    /// charged to `/machine/NAME`.
     fn row(pid: u32, vm: Option<&str>, minor: u32, reads: u64, writes: u64) -> ProcessRow {
-        ProcessRow {
-            pid,
-            comm: "qemu-system-x86".into(),
-            vm: vm.map(|n| VmRef {
-                name: n.into(),
-                uuid: Some(format!("uuid-{n}")),
-                manager: Manager::Libvirt,
-                namespace: None,
-            }),
-            cgroup: String::new(),
-            io_cgroup: vm.map(|n| format!("/machine/{n}")),
-            device: format!("vd{minor}"),
-            major: 253,
-            minor,
-            source: CountSource::Request,
-            counts: OpCounts {
-                read_ops: reads,
-                write_ops: writes,
-                read_bytes: reads * 4096,
-                write_bytes: writes * 4096,
-                ..OpCounts::default()
-            },
-            read_bios: 0,
-            write_bios: 0,
-            lat_avg_us: None,
-            lat_p99_us: None,
-            completions: reads + writes,
-            exited: false,
-            kernel_thread: false,
-            kernel_submitted_ops: 0,
-            latency: Box::default(),
+        let device = format!("vd{minor}");
+        let mut r = match vm {
+            Some(n) => testdata::vm_process(n, pid, &device, reads, writes),
+            None => testdata::process("fio", pid, &device, reads, writes),
+        };
+        r.minor = minor;
+        if let Some(vm) = &mut r.vm {
+            vm.uuid = Some(format!("uuid-{}", vm.name));
+            r.io_cgroup = Some(format!("/machine/{}", vm.name));
         }
+        r
     }
 
     fn report(rows: Vec<ProcessRow>) -> Report {
-        Report {
-            timestamp: String::new(),
-            interval_s: 1.0,
-            mode: String::new(),
-            devices: Vec::new(),
-            processes: rows,
-            cgroups: Vec::new(),
-            health: Default::default(),
-            parity: Vec::new(),
-        }
+        testdata::report_with(rows)
     }
 
     #[test]

@@ -42,21 +42,16 @@ pub enum Column {
 
 /// `--sort` names: the variant in kebab-case, or run together (`totaliops`), any case.
 impl crate::choice::Choice for Column {
-    const VALUES: &'static [Column] = &[
-        Column::Name,
-        Column::Pid,
-        Column::Device,
-        Column::TotalIops,
-        Column::ReadIops,
-        Column::WriteIops,
-        Column::ReadMbs,
-        Column::WriteMbs,
-        Column::LatAvg,
-        Column::LatP99,
-        Column::IopsShare,
-        Column::Throttle,
-        Column::Host,
-    ];
+    /// The local view's columns, then the fleet view's HOST.
+    const VALUES: &'static [Column] = &{
+        let mut all = [Column::Host; Column::ALL.len() + 1];
+        let mut i = 0;
+        while i < Column::ALL.len() {
+            all[i] = Column::ALL[i];
+            i += 1;
+        }
+        all
+    };
 
     fn name(self) -> &'static str {
         match self {
