@@ -113,6 +113,21 @@ impl DeviceTable {
         }
     }
 
+    /// Resolves a whole disk (a budget's or admission control's device), refusing partitions
+    /// with the disk to use instead: limits and budgets apply to whole disks.
+    pub fn resolve_disk(&mut self, spec: &str) -> anyhow::Result<Arc<DeviceInfo>> {
+        let info = self.resolve(spec)?;
+        if info.dev != info.disk_dev {
+            anyhow::bail!(
+                "{spec} ({}) is a partition of {}: budgets and limits apply to whole disks (use \"{}\")",
+                info.name,
+                info.disk,
+                info.disk
+            );
+        }
+        Ok(info)
+    }
+
     /// Resolves what an operator writes: a name ("loop0"), a path ("/dev/loop0") or "MAJ:MIN".
     pub fn resolve(&mut self, spec: &str) -> anyhow::Result<Arc<DeviceInfo>> {
         let spec = spec.trim();
@@ -210,6 +225,23 @@ pub(crate) fn fake_sysfs(tag: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn partitions_and_unknown_devices_are_refused_with_a_reason() {
+        let root = fake_sysfs("thr-sys");
+        let mut t = DeviceTable::with_sysfs(&root);
+        assert_eq!(t.resolve_disk("vda").unwrap().name, "vda");
+        let e = format!("{:#}", t.resolve_disk("vda1").unwrap_err());
+        assert!(
+            e.contains("partition of vda") && e.contains("whole disks"),
+            "{e}"
+        );
+        let e = format!("{:#}", t.resolve_disk("254:1").unwrap_err());
+        assert!(e.contains("partition"), "{e}");
+        let e = format!("{:#}", t.resolve_disk("nvme9n9").unwrap_err());
+        assert!(e.contains("no block device named"), "{e}");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 
     #[test]
     fn maj_min_parsing_rejects_garbage() {

@@ -65,7 +65,8 @@ impl DeviceMeter {
     /// Loads the programs and resolves the device (a whole disk: name, /dev path or MAJ:MIN).
     pub fn new(device: &str) -> anyhow::Result<DeviceMeter> {
         let mut table = DeviceTable::new();
-        let disk = crate::throttle::resolve_device(&mut table, device)
+        let disk = table
+            .resolve_disk(device)
             .with_context(|| format!("--device {device:?}"))?;
         let programs = Programs::load(&LoadOptions::default())
             .context("--admit measures the device with overkvm's kernel programs")?;

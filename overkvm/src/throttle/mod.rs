@@ -128,20 +128,6 @@ fn describe_budget(iops: Option<Budget>, bps: Option<Budget>) -> String {
     format!("budget {}", parts.join(", "))
 }
 
-/// Resolves a budget's device, refusing partitions and unknown devices.
-pub fn resolve_device(table: &mut DeviceTable, spec: &str) -> anyhow::Result<Arc<DeviceInfo>> {
-    let info = table.resolve(spec)?;
-    if info.dev != info.disk_dev {
-        bail!(
-            "{spec} ({}) is a partition of {}: budgets and limits apply to whole disks (use \"{}\")",
-            info.name,
-            info.disk,
-            info.disk
-        );
-    }
-    Ok(info)
-}
-
 struct Managed {
     info: Arc<DeviceInfo>,
     iops: Option<Budget>,
@@ -235,7 +221,8 @@ impl ThrottleService {
         let mut table = DeviceTable::new();
         let mut devices = Vec::new();
         for spec in &config.devices {
-            let info = resolve_device(&mut table, &spec.device)
+            let info = table
+                .resolve_disk(&spec.device)
                 .with_context(|| format!("budget for device {:?}", spec.device))?;
             devices.push(Managed {
                 info,
@@ -875,23 +862,6 @@ mod tests {
     use std::fs;
 
     use super::*;
-
-    #[test]
-    fn partitions_and_unknown_devices_are_refused_with_a_reason() {
-        let root = crate::devices::fake_sysfs("thr-sys");
-        let mut t = DeviceTable::with_sysfs(&root);
-        assert_eq!(resolve_device(&mut t, "vda").unwrap().name, "vda");
-        let e = format!("{:#}", resolve_device(&mut t, "vda1").unwrap_err());
-        assert!(
-            e.contains("partition of vda") && e.contains("whole disks"),
-            "{e}"
-        );
-        let e = format!("{:#}", resolve_device(&mut t, "254:1").unwrap_err());
-        assert!(e.contains("partition"), "{e}");
-        let e = format!("{:#}", resolve_device(&mut t, "nvme9n9").unwrap_err());
-        assert!(e.contains("no block device named"), "{e}");
-        fs::remove_dir_all(&root).unwrap();
-    }
 
     fn bare_service(state_path: PathBuf) -> ThrottleService {
         ThrottleService {
