@@ -13,6 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod devices;
 pub mod export;
+pub mod host;
 pub mod identity;
 pub mod lifecycle;
 pub mod parity;

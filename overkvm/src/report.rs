@@ -208,7 +208,7 @@ impl Report {
 
 /// True while /proc has the process (host PID namespace).
 pub fn pid_alive(pid: u32) -> bool {
-    std::path::Path::new(&format!("/proc/{pid}")).exists()
+    crate::host::proc::alive(pid)
 }
 
 /// Formats a wall-clock time as RFC 3339 UTC with milliseconds.
