@@ -185,11 +185,15 @@ pub fn bio_based_disks(sys: &Path) -> Vec<String> {
 }
 
 /// A sysfs tree for tests: virtio disk `vda` (254:0, blk-mq) with partition `vda1` (254:1), and
-/// a bio-based `zram1` (251:1). Returns its root, under the temp dir; the caller removes it.
+/// a bio-based `zram1` (251:1). Returns its root, a new directory under the temp dir; the
+/// caller removes it.
 #[cfg(test)]
 pub(crate) fn fake_sysfs(tag: &str) -> PathBuf {
-    let root = std::env::temp_dir().join(format!("overkvm-{tag}-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&root);
+    let root = tempfile::Builder::new()
+        .prefix(&format!("overkvm-{tag}-"))
+        .tempdir()
+        .expect("fake sysfs")
+        .keep();
     let vda = root.join("devices/virtual/block/vda");
     let zram = root.join("devices/virtual/block/zram1");
     for d in [vda.join("mq"), vda.join("vda1"), zram.clone()] {

@@ -1409,29 +1409,20 @@ mod tests {
         assert!(t.elapsed().as_secs() < 10);
     }
 
-    /// A tiny deterministic PRNG (xorshift64*), so fuzz-like tests are reproducible.
-    fn rng(seed: u64) -> impl FnMut() -> u64 {
-        let mut s = seed | 1;
-        move || {
-            s ^= s >> 12;
-            s ^= s << 25;
-            s ^= s >> 27;
-            s.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-    }
-
-    #[test]
-    fn garbage_and_mutations_do_not_panic() {
-        let mut next = rng(0x5eed);
-        // Pure garbage, with and without a valid-looking header.
-        for i in 0..2000 {
-            let len = (next() % 512) as usize;
-            let mut b: Vec<u8> = (0..len).map(|_| next() as u8).collect();
-            if i % 2 == 0 && len >= 24 {
+    proptest::proptest! {
+        /// Garbage, with and without a valid-looking header (types and strings splitting the
+        /// body at `split`), never panics.
+        #[test]
+        fn garbage_does_not_panic(
+            mut b in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+            header: bool,
+            split: u32,
+        ) {
+            if header && b.len() >= 24 {
                 b[..4].copy_from_slice(&[0x9f, 0xeb, 1, 0]);
                 b[4..8].copy_from_slice(&24u32.to_le_bytes());
-                let body = (len - 24) as u32;
-                let split = (next() as u32) % (body + 1);
+                let body = (b.len() - 24) as u32;
+                let split = split % (body + 1);
                 let fields = [0, split, split, body - split];
                 for (j, v) in fields.iter().enumerate() {
                     b[8 + 4 * j..12 + 4 * j].copy_from_slice(&v.to_le_bytes());
@@ -1441,17 +1432,23 @@ mod tests {
                 exercise(&btf);
             }
         }
-        // Random byte flips of valid blobs.
-        for base in [sample(), kernel_like(true, true)] {
-            for _ in 0..3000 {
-                let mut b = base.clone();
-                for _ in 0..1 + next() % 4 {
-                    let i = (next() as usize) % b.len();
-                    b[i] = next() as u8;
-                }
-                if let Ok(btf) = Btf::parse(&b) {
-                    exercise(&btf);
-                }
+
+        /// Valid blobs with one to four bytes overwritten never panic.
+        #[test]
+        fn flipped_bytes_of_valid_blobs_do_not_panic(
+            kernel: bool,
+            flips in proptest::collection::vec(
+                (proptest::prelude::any::<usize>(), proptest::prelude::any::<u8>()),
+                1..5,
+            ),
+        ) {
+            let mut b = if kernel { kernel_like(true, true) } else { sample() };
+            for (i, v) in flips {
+                let n = b.len();
+                b[i % n] = v;
+            }
+            if let Ok(btf) = Btf::parse(&b) {
+                exercise(&btf);
             }
         }
     }

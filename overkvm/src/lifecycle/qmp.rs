@@ -325,10 +325,8 @@ mod tests {
     /// A fake qemu monitor: greeting, then answers by script, with events in between.
     #[test]
     fn client_against_fake_server() {
-        let dir = std::env::temp_dir().join(format!("overkvm-qmp-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let sock = dir.join("q.sock");
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("q.sock");
         let listener = UnixListener::bind(&sock).unwrap();
         let server = thread::spawn(move || {
             let (s, _) = listener.accept().unwrap();
@@ -374,7 +372,6 @@ mod tests {
             server.join().unwrap(),
             ["qmp_capabilities", "query-status", "x", "quit"]
         );
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

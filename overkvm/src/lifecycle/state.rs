@@ -234,8 +234,8 @@ mod tests {
 
     #[test]
     fn pidfiles_and_records() {
-        let dir = std::env::temp_dir().join(format!("overkvm-state-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let p = dir.join("qemu.pid");
         for (text, want) in [
             ("1234\n", Some(1234)),
@@ -254,7 +254,6 @@ mod tests {
         assert_eq!(read_record(&dir.join("run.json")), Some(r));
         fs::write(dir.join("bad.json"), "{").unwrap();
         assert_eq!(read_record(&dir.join("bad.json")), None);
-        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]
