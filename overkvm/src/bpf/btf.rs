@@ -10,7 +10,6 @@
 
 use std::{
     collections::HashMap,
-    error::Error,
     fmt,
     path::{Path, PathBuf},
 };
@@ -95,27 +94,37 @@ mod kind {
 }
 
 /// Why a BTF blob could not be read or a lookup failed.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum BtfError {
     /// The file could not be read.
+    #[error("cannot read BTF from {}: {source}", .path.display())]
     Io {
         path: PathBuf,
         source: std::io::Error,
     },
     /// The blob does not start with the BTF magic 0xeB9F in either byte order.
+    #[error("not BTF data: magic is {found:#06x}, expected {:#06x}", MAGIC)]
     BadMagic { found: u16 },
     /// A BTF version other than 1.
+    #[error("unsupported BTF version {version} (only {} is known)", VERSION)]
     UnsupportedVersion { version: u8 },
     /// The blob ends before something it declares.
+    #[error("BTF data is truncated: {0}")]
     Truncated(String),
     /// The blob is inconsistent (bad header length, string offset or type id out of range...).
+    #[error("malformed BTF data: {0}")]
     Malformed(String),
     /// A type kind this reader does not know; its size is unknown so parsing must stop.
+    #[error(
+        "BTF type {id} has kind {kind}, which this reader does not know (kernel newer than overkvm?)"
+    )]
     UnknownKind { id: u32, kind: u32 },
     /// No struct or union of that name with members.
+    #[error("no struct {name}")]
     TypeNotFound { name: String },
     /// The struct exists but the field path does not resolve.
+    #[error("struct {type_name} has no field {path}{}", nothing_named(.path, .missing))]
     FieldNotFound {
         type_name: String,
         path: String,
@@ -123,17 +132,34 @@ pub enum BtfError {
         missing: String,
     },
     /// A non-final path component is not an embedded struct or union (a pointer, an int...).
+    #[error(
+        "{type_name}.{path} is not an embedded struct or union, so the path cannot continue through it"
+    )]
     NotEmbedded { type_name: String, path: String },
     /// The field is a bitfield that does not start on a byte boundary.
+    #[error("{type_name}.{path} is a bitfield at bit offset {bit_offset}, not on a byte boundary")]
     Unaligned {
         type_name: String,
         path: String,
         bit_offset: u64,
     },
     /// The lookup hit a depth or work limit: the types are cyclic or absurdly nested.
+    #[error(
+        "resolving {type_name}.{path} exceeded the nesting or work limit (cyclic or hostile BTF)"
+    )]
     TooComplex { type_name: String, path: String },
     /// The field path is empty or has an empty component.
+    #[error("invalid field path {path:?}")]
     BadPath { path: String },
+}
+
+/// " (nothing named X)" when the component not found is not the whole path.
+fn nothing_named(path: &str, missing: &str) -> String {
+    if missing == path {
+        String::new()
+    } else {
+        format!(" (nothing named {missing})")
+    }
 }
 
 impl BtfError {
@@ -144,74 +170,6 @@ impl BtfError {
             self,
             BtfError::TypeNotFound { .. } | BtfError::FieldNotFound { .. }
         )
-    }
-}
-
-impl fmt::Display for BtfError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            BtfError::Io { path, source } => {
-                write!(f, "cannot read BTF from {}: {source}", path.display())
-            }
-            BtfError::BadMagic { found } => write!(
-                f,
-                "not BTF data: magic is {found:#06x}, expected {MAGIC:#06x}"
-            ),
-            BtfError::UnsupportedVersion { version } => {
-                write!(
-                    f,
-                    "unsupported BTF version {version} (only {VERSION} is known)"
-                )
-            }
-            BtfError::Truncated(what) => write!(f, "BTF data is truncated: {what}"),
-            BtfError::Malformed(what) => write!(f, "malformed BTF data: {what}"),
-            BtfError::UnknownKind { id, kind } => write!(
-                f,
-                "BTF type {id} has kind {kind}, which this reader does not know \
-                 (kernel newer than overkvm?)"
-            ),
-            BtfError::TypeNotFound { name } => write!(f, "no struct {name}"),
-            BtfError::FieldNotFound {
-                type_name,
-                path,
-                missing,
-            } => {
-                write!(f, "struct {type_name} has no field {path}")?;
-                if missing != path {
-                    write!(f, " (nothing named {missing})")?;
-                }
-                Ok(())
-            }
-            BtfError::NotEmbedded { type_name, path } => write!(
-                f,
-                "{type_name}.{path} is not an embedded struct or union, so the path cannot \
-                 continue through it"
-            ),
-            BtfError::Unaligned {
-                type_name,
-                path,
-                bit_offset,
-            } => write!(
-                f,
-                "{type_name}.{path} is a bitfield at bit offset {bit_offset}, not on a byte \
-                 boundary"
-            ),
-            BtfError::TooComplex { type_name, path } => write!(
-                f,
-                "resolving {type_name}.{path} exceeded the nesting or work limit \
-                 (cyclic or hostile BTF)"
-            ),
-            BtfError::BadPath { path } => write!(f, "invalid field path {path:?}"),
-        }
-    }
-}
-
-impl Error for BtfError {
-    fn source(&self) -> Option<&(dyn Error + 'static)> {
-        match self {
-            BtfError::Io { source, .. } => Some(source),
-            _ => None,
-        }
     }
 }
 
@@ -1147,7 +1105,10 @@ mod tests {
         assert_eq!(e.to_string(), "struct outer has no field nope");
         let e = btf.field_offset("outer", "nested.zz").unwrap_err();
         assert!(e.is_not_found());
-        assert!(e.to_string().contains("nested.zz"), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "struct outer has no field nested.zz (nothing named zz)"
+        );
         let e = btf.field_offset("missing", "x").unwrap_err();
         assert!(matches!(e, BtfError::TypeNotFound { .. }), "{e}");
         // A forward declaration alone does not count as the struct.
@@ -1460,7 +1421,7 @@ mod tests {
             source: std::io::Error::from(std::io::ErrorKind::NotFound),
         };
         assert!(e.to_string().starts_with("cannot read BTF from /nope"));
-        assert!(e.source().is_some());
+        assert!(std::error::Error::source(&e).is_some());
         assert!(Btf::from_file(Path::new("/nonexistent/btf")).is_err());
     }
 
