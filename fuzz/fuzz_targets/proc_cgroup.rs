@@ -5,7 +5,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use overkvm::identity::{cgroup, procfs};
+use overkvm::host::proc;
+use overkvm::identity::cgroup;
 use overkvm::throttle::actuator::check_cgroup_path;
 
 fn paths(p: &str) {
@@ -27,7 +28,7 @@ fn paths(p: &str) {
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
     paths(&text);
-    let Ok(entries) = procfs::parse_cgroup(data) else {
+    let Ok(entries) = proc::parse_cgroup(data) else {
         return;
     };
     for (i, e) in entries.iter().enumerate() {
@@ -36,11 +37,11 @@ fuzz_target!(|data: &[u8]| {
         assert!(entries[..i].iter().all(|o| o.hierarchy != e.hierarchy));
         paths(&e.path);
     }
-    paths(procfs::io_cgroup_path(&entries));
+    paths(proc::io_cgroup_path(&entries));
     // Rendered back as the kernel prints it, the entries parse the same.
     let rendered: String = entries
         .iter()
         .map(|e| format!("{}:{}:{}\n", e.hierarchy, e.controllers, e.path))
         .collect();
-    assert_eq!(procfs::parse_cgroup(rendered.as_bytes()), Ok(entries));
+    assert_eq!(proc::parse_cgroup(rendered.as_bytes()), Ok(entries));
 });

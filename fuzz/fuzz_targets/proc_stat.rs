@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use overkvm::identity::procfs::{parse_comm, parse_stat};
+use overkvm::host::proc::{parse_comm, parse_stat};
 use overkvm_fuzz::assert_sanitized;
 
 fuzz_target!(|data: &[u8]| {

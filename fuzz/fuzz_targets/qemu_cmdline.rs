@@ -8,10 +8,10 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use overkvm::host::proc::parse_cmdline;
 use overkvm::identity::{
     Manager,
     managers::{HostFiles, identify},
-    procfs::parse_cmdline,
     qemu::{QemuArgs, is_qemu, normalize_uuid},
 };
 use overkvm_fuzz::{assert_sanitized, parts, text};

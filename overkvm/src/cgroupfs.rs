@@ -248,8 +248,8 @@ garbage line without separator
 
     #[test]
     fn ids_map_to_relative_paths() {
-        let root = std::env::temp_dir().join(format!("overkvm-cgtest-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&root);
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_path_buf();
         fs::create_dir_all(root.join("machine.slice/vm1")).unwrap();
         let ino = fs::metadata(root.join("machine.slice/vm1")).unwrap().ino();
         let root_ino = fs::metadata(&root).unwrap().ino();
@@ -257,6 +257,5 @@ garbage line without separator
         assert_eq!(names.path(ino).as_deref(), Some("/machine.slice/vm1"));
         assert_eq!(names.path(root_ino).as_deref(), Some("/"));
         assert_eq!(names.path(0), None);
-        fs::remove_dir_all(&root).unwrap();
     }
 }

@@ -30,6 +30,23 @@ pub struct DeviceInfo {
     pub present: bool,
 }
 
+impl DeviceInfo {
+    /// A number sysfs does not know: named "MAJ:MIN", its own disk, counted by requests.
+    pub fn unknown(dev: u32) -> DeviceInfo {
+        let (major, minor) = (dev_major(dev), dev_minor(dev));
+        DeviceInfo {
+            dev,
+            name: format!("{major}:{minor}"),
+            major,
+            minor,
+            disk: format!("{major}:{minor}"),
+            disk_dev: dev,
+            request_based: true,
+            present: false,
+        }
+    }
+}
+
 /// Parses "MAJ:MIN" into a kernel `dev_t`.
 pub fn parse_maj_min(s: &str) -> Option<u32> {
     let (ma, mi) = s.trim().split_once(':')?;
@@ -79,16 +96,7 @@ impl DeviceTable {
         let (major, minor) = (dev_major(dev), dev_minor(dev));
         let link = self.sys.join(format!("dev/block/{major}:{minor}"));
         let Ok(path) = fs::canonicalize(&link) else {
-            return DeviceInfo {
-                dev,
-                name: format!("{major}:{minor}"),
-                major,
-                minor,
-                disk: format!("{major}:{minor}"),
-                disk_dev: dev,
-                request_based: true,
-                present: false,
-            };
+            return DeviceInfo::unknown(dev);
         };
         let name = file_name(&path);
         let (disk_path, disk_dev) = if path.join("partition").exists() {
@@ -192,11 +200,15 @@ pub fn bio_based_disks(sys: &Path) -> Vec<String> {
 }
 
 /// A sysfs tree for tests: virtio disk `vda` (254:0, blk-mq) with partition `vda1` (254:1), and
-/// a bio-based `zram1` (251:1). Returns its root, under the temp dir; the caller removes it.
+/// a bio-based `zram1` (251:1). Returns its root, a new directory under the temp dir; the
+/// caller removes it.
 #[cfg(test)]
 pub(crate) fn fake_sysfs(tag: &str) -> PathBuf {
-    let root = std::env::temp_dir().join(format!("overkvm-{tag}-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&root);
+    let root = tempfile::Builder::new()
+        .prefix(&format!("overkvm-{tag}-"))
+        .tempdir()
+        .expect("fake sysfs")
+        .keep();
     let vda = root.join("devices/virtual/block/vda");
     let zram = root.join("devices/virtual/block/zram1");
     for d in [vda.join("mq"), vda.join("vda1"), zram.clone()] {

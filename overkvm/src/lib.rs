@@ -13,6 +13,7 @@ pub mod choice;
 pub mod config;
 pub mod devices;
 pub mod export;
+pub mod host;
 pub mod identity;
 #[cfg(test)]
 mod layers;

@@ -1,9 +1,16 @@
 //! One interval's view of who did I/O: rows per process and device, per device, per cgroup.
 //!
 //! `Report` is what `top -b --json` prints, what the interactive view renders, and what later
-//! consumers read. Building it is the only place deltas meet identities.
+//! consumers read. Building it is the only place deltas meet identities: [`ReportBuilder`]
+//! looks up, through small traits ([`Processes`], [`Devices`], [`CgroupPaths`], [`DiskStats`]),
+//! what the host says about the processes, devices and cgroups an interval names, and
+//! [`join`] (pure) turns counts and those answers into rows.
 
-use std::{collections::BTreeMap, collections::HashMap, sync::Arc, time::SystemTime};
+use std::{
+    collections::{BTreeMap, HashMap, HashSet, hash_map::Entry},
+    sync::Arc,
+    time::SystemTime,
+};
 
 use overkvm_common::{Health, IoKey, OP_COUNT, Op};
 use serde::Serialize;
@@ -11,8 +18,9 @@ use serde::Serialize;
 use crate::{
     cgroupfs::CgroupNames,
     devices::{DeviceInfo, DeviceTable},
+    host::proc,
     identity::{Manager, ProcessIdentity, Resolver},
-    parity::{DeviceParity, ParityCheck},
+    parity::{DeviceParity, DiskCounters, ParityCheck},
     sample::{Counters, Delta, Histogram, MapFill, Snapshot},
     stats,
 };
@@ -208,7 +216,7 @@ impl Report {
 
 /// True while /proc has the process (host PID namespace).
 pub fn pid_alive(pid: u32) -> bool {
-    std::path::Path::new(&format!("/proc/{pid}")).exists()
+    proc::alive(pid)
 }
 
 /// Formats a wall-clock time as RFC 3339 UTC with milliseconds.
@@ -216,11 +224,95 @@ pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
-/// Turns deltas into reports, resolving processes, devices and cgroups (all cached).
+/// Who the processes are.
+pub trait Processes {
+    /// The identity of a live process; None when it is gone (or never was).
+    fn identity(&mut self, pid: u32) -> Option<Arc<ProcessIdentity>>;
+    /// True while the process exists.
+    fn alive(&self, pid: u32) -> bool;
+    /// Forgets what is cached about processes that are gone.
+    fn forget_exited(&mut self);
+}
+
+/// What block devices are called.
+pub trait Devices {
+    /// The device with this number; one the host does not know is [`DeviceInfo::unknown`].
+    fn device(&mut self, dev: u32) -> Arc<DeviceInfo>;
+}
+
+/// Where cgroups are in the block controller's hierarchy.
+pub trait CgroupPaths {
+    /// The path of a cgroup id relative to the hierarchy's root, while it exists.
+    fn cgroup_path(&mut self, id: u64) -> Option<String>;
+}
+
+/// The kernel's own per-disk counters, for the self-check (see `parity`).
+pub trait DiskStats {
+    fn diskstats(&self) -> BTreeMap<String, DiskCounters>;
+}
+
+/// The host's processes: the identity resolver's cache over /proc.
+impl Processes for Resolver {
+    fn identity(&mut self, pid: u32) -> Option<Arc<ProcessIdentity>> {
+        self.resolve(pid)
+    }
+
+    fn alive(&self, pid: u32) -> bool {
+        proc::alive(pid)
+    }
+
+    fn forget_exited(&mut self) {
+        self.retain(proc::alive);
+    }
+}
+
+/// The host's devices, from sysfs.
+impl Devices for DeviceTable {
+    fn device(&mut self, dev: u32) -> Arc<DeviceInfo> {
+        self.get(dev)
+    }
+}
+
+/// The host's cgroups, from cgroupfs.
+impl CgroupPaths for CgroupNames {
+    fn cgroup_path(&mut self, id: u64) -> Option<String> {
+        self.path(id)
+    }
+}
+
+/// The host's `/proc/diskstats`.
+pub struct ProcDiskStats;
+
+impl DiskStats for ProcDiskStats {
+    fn diskstats(&self) -> BTreeMap<String, DiskCounters> {
+        crate::parity::read_diskstats()
+    }
+}
+
+/// Everything a report looks up on the host.
+pub struct HostLookups {
+    pub processes: Box<dyn Processes + Send>,
+    pub devices: Box<dyn Devices + Send>,
+    pub cgroups: Box<dyn CgroupPaths + Send>,
+    pub diskstats: Box<dyn DiskStats + Send>,
+}
+
+impl HostLookups {
+    /// The real /proc, sysfs and cgroupfs of this host (all cached).
+    pub fn host() -> HostLookups {
+        HostLookups {
+            processes: Box::new(Resolver::new()),
+            devices: Box::new(DeviceTable::new()),
+            cgroups: Box::new(CgroupNames::for_host()),
+            diskstats: Box::new(ProcDiskStats),
+        }
+    }
+}
+
+/// Turns deltas into reports: looks up the processes, devices and cgroups an interval names
+/// on the host, [`join`]s them with the counts, and keeps what must outlive one interval.
 pub struct ReportBuilder {
-    pub resolver: Resolver,
-    pub devices: DeviceTable,
-    pub cgroups: CgroupNames,
+    host: HostLookups,
     /// Names the kernel recorded, for processes gone before /proc could be read.
     kernel_comms: HashMap<u32, String>,
     /// Which VM owns which cgroup, learned across intervals.
@@ -250,11 +342,15 @@ impl Default for ReportBuilder {
 }
 
 impl ReportBuilder {
+    /// Looks things up on this host.
     pub fn new() -> ReportBuilder {
+        ReportBuilder::with_host(HostLookups::host())
+    }
+
+    /// Looks things up through `host` (tests give fixed answers).
+    pub fn with_host(host: HostLookups) -> ReportBuilder {
         ReportBuilder {
-            resolver: Resolver::new(),
-            devices: DeviceTable::new(),
-            cgroups: CgroupNames::for_host(),
+            host,
             kernel_comms: HashMap::new(),
             cgroup_owners: HashMap::new(),
             recent: HashMap::new(),
@@ -271,18 +367,6 @@ impl ReportBuilder {
 
     /// Builds the report of `delta`, whose end is `snap`.
     pub fn build(&mut self, delta: &Delta, mode: &str, snap: &Snapshot) -> Report {
-        struct Acc {
-            /// Ops per owning cgroup id, to name the main one.
-            owners: BTreeMap<u64, u64>,
-            counts: OpCounts,
-            bio_counts: OpCounts,
-            hist: Histogram,
-            by_op: Box<[Histogram; OP_COUNT]>,
-        }
-        // (tgid, dev, cgroup part) -> accumulators; the request/bio choice is made per device
-        // below. A kernel thread's I/O is kept apart per owning cgroup (the part), so that
-        // each part can go to the VM owning that cgroup; user processes have one part.
-        let mut per_proc: BTreeMap<(u32, u32, Option<u64>), Acc> = BTreeMap::new();
         // Processes named at their first I/O since the last snapshot (some gone already).
         for (pid, ident) in &snap.early_names {
             self.recent.insert(
@@ -293,247 +377,362 @@ impl ReportBuilder {
                 },
             );
         }
-        // Each tgid resolved once per interval (a resolve re-reads /proc/PID/stat): the live
-        // process's identity, else the last one it had (it exited in this interval).
-        let mut idents: HashMap<u32, (Option<Arc<ProcessIdentity>>, bool)> = HashMap::new();
-        let resolver = &mut self.resolver;
-        let recent = &mut self.recent;
-        let mut part = |tgid: u32, cgroup_id: u64| {
-            let (ident, _) = idents.entry(tgid).or_insert_with(|| {
-                if tgid == 0 {
-                    return (None, true);
-                }
-                match resolver.resolve(tgid) {
-                    Some(p) => {
-                        recent.insert(
-                            tgid,
-                            Recent {
-                                ident: Arc::clone(&p),
-                                gone_for: 0,
-                            },
-                        );
-                        (Some(p), true)
-                    }
-                    None => (recent.get(&tgid).map(|r| Arc::clone(&r.ident)), false),
-                }
-            });
-            ident
-                .as_ref()
-                .is_some_and(|p| p.kernel_thread)
-                .then_some(cgroup_id)
-        };
-        let mut per_cgroup: BTreeMap<(u64, u32), (OpCounts, OpCounts)> = BTreeMap::new();
-        let new_acc = || Acc {
-            owners: BTreeMap::new(),
-            counts: OpCounts::default(),
-            bio_counts: OpCounts::default(),
-            hist: Histogram::default(),
-            by_op: Box::default(),
-        };
-        for (k, c) in &delta.requests {
-            let key = (k.tgid, k.dev, part(k.tgid, k.cgroup_id));
-            let acc = per_proc.entry(key).or_insert_with(new_acc);
-            acc.counts.add(k.op(), *c);
-            *acc.owners.entry(k.cgroup_id).or_default() += c.ops;
-            per_cgroup
-                .entry((k.cgroup_id, k.dev))
-                .or_default()
-                .0
-                .add(k.op(), *c);
-        }
-        for (k, c) in &delta.bios {
-            let key = (k.tgid, k.dev, part(k.tgid, k.cgroup_id));
-            let acc = per_proc.entry(key).or_insert_with(new_acc);
-            acc.bio_counts.add(k.op(), *c);
-            *acc.owners.entry(k.cgroup_id).or_default() += c.ops;
-            per_cgroup
-                .entry((k.cgroup_id, k.dev))
-                .or_default()
-                .1
-                .add(k.op(), *c);
-        }
-        for (k, h) in &delta.latency {
-            let key = (k.tgid, k.dev, part(k.tgid, k.cgroup_id));
-            let acc = per_proc.entry(key).or_insert_with(new_acc);
-            acc.hist.merge(h);
-            acc.by_op[k.op() as usize].merge(h);
-        }
-
-        let mut devices: BTreeMap<u32, (Arc<DeviceInfo>, OpCounts)> = BTreeMap::new();
-        let mut processes = Vec::with_capacity(per_proc.len());
-        for ((tgid, dev, _), acc) in per_proc {
-            let info = self.devices.get(dev);
-            let (source, counts) = pick(&info, &acc.counts, &acc.bio_counts);
-            devices
-                .entry(dev)
-                .or_insert_with(|| (info.clone(), OpCounts::default()))
-                .1
-                .merge(&counts);
-            let (ident, alive) = idents.get(&tgid).cloned().unwrap_or((None, false));
-            let mut row = self.process_row(
-                tgid,
-                &info,
-                ident,
-                alive,
-                source,
-                counts,
-                &acc.bio_counts,
-                &acc.hist,
-            );
-            row.latency = acc.by_op;
-            row.io_cgroup = acc
-                .owners
-                .iter()
-                .max_by_key(|(_, ops)| **ops)
-                .and_then(|(id, _)| self.cgroups.path(*id));
-            processes.push(row);
-        }
-        learn_cgroup_owners(&mut self.cgroup_owners, &processes, pid_alive);
-        let mut processes = fold_kernel_rows_into_vms(processes, &self.cgroup_owners);
+        let names = self.look_up(delta);
+        let rows = join(delta, &names, &self.kernel_comms);
+        let host_processes = &self.host.processes;
+        learn_cgroup_owners(&mut self.cgroup_owners, &rows.processes, |pid| {
+            host_processes.alive(pid)
+        });
+        let mut processes = fold_kernel_rows_into_vms(rows.processes, &self.cgroup_owners);
         processes.sort_by(row_order);
-
-        let mut cgroups = Vec::with_capacity(per_cgroup.len());
-        for ((id, dev), (req, bio)) in per_cgroup {
-            let info = self.devices.get(dev);
-            let (source, counts) = pick(&info, &req, &bio);
-            if counts.total_ops() == 0 {
-                continue;
-            }
-            cgroups.push(CgroupRow {
-                cgroup: self.cgroups.path(id).unwrap_or_else(|| {
-                    if id == 0 {
-                        "(none)".into()
-                    } else {
-                        format!("(id {id})")
-                    }
-                }),
-                cgroup_id: id,
-                device: info.name.clone(),
-                source,
-                counts,
-                read_bios: bio.read_ops,
-                write_bios: bio.write_ops,
-                discard_bios: bio.discard_ops,
-            });
-        }
-        cgroups.sort_by_key(|c| std::cmp::Reverse(c.counts.total_ops()));
-
-        let devices: Vec<DeviceRow> = devices
-            .into_values()
-            .map(|(info, counts)| DeviceRow {
-                device: info.name.clone(),
-                major: info.major,
-                minor: info.minor,
-                disk: info.disk.clone(),
-                source: if info.request_based {
-                    CountSource::Request
-                } else {
-                    CountSource::Bio
-                },
-                counts,
-            })
-            .collect();
-
         // Read right after the maps, so both sides end at (nearly) the same instant.
         let parity = self.parity.update(
-            devices
+            rows.devices
                 .iter()
                 .map(|d| (d.disk.as_str(), disk_counters(&d.counts))),
-            &crate::parity::read_diskstats(),
+            &self.host.diskstats.diskstats(),
         );
-        let mut health = HealthReport {
-            events: BTreeMap::new(),
-            read_errors: snap.read_errors,
-            maps: snap.fill.iter().copied().collect(),
-        };
-        for h in Health::ALL {
-            let v = delta.health[h as usize];
-            if v != 0 {
-                health.events.insert(h.name(), v);
+        self.forget_exited();
+        Report {
+            timestamp: rfc3339(delta.wall.unwrap_or_else(SystemTime::now)),
+            interval_s: delta.interval.as_secs_f64(),
+            mode: mode.to_string(),
+            devices: rows.devices,
+            processes,
+            cgroups: rows.cgroups,
+            health: health_report(delta, snap),
+            parity,
+        }
+    }
+
+    /// Looks up every process, device and cgroup the interval names, each once.
+    fn look_up(&mut self, delta: &Delta) -> Names {
+        let mut names = Names::default();
+        let keys = delta
+            .requests
+            .keys()
+            .chain(delta.bios.keys())
+            .chain(delta.latency.keys());
+        for k in keys {
+            if let Entry::Vacant(e) = names.processes.entry(k.tgid) {
+                e.insert(self.seen(k.tgid));
+            }
+            if let Entry::Vacant(e) = names.devices.entry(k.dev) {
+                e.insert(self.host.devices.device(k.dev));
             }
         }
-        if snap.early_names_dropped != 0 {
-            health
-                .events
-                .insert("early_names_dropped", snap.early_names_dropped);
+        // Only counted I/O names a cgroup; id 0 is "no cgroup".
+        let mut asked = HashSet::from([0]);
+        for k in delta.requests.keys().chain(delta.bios.keys()) {
+            if asked.insert(k.cgroup_id)
+                && let Some(path) = self.host.cgroups.cgroup_path(k.cgroup_id)
+            {
+                names.cgroups.insert(k.cgroup_id, path);
+            }
         }
-        self.resolver.retain(pid_alive);
-        self.kernel_comms.retain(|pid, _| pid_alive(*pid));
+        names
+    }
+
+    /// A process as this interval sees it: its live identity (remembered), else the last
+    /// one it had (it exited in this interval).
+    fn seen(&mut self, tgid: u32) -> Seen {
+        if tgid == 0 {
+            return Seen {
+                ident: None,
+                alive: true,
+            };
+        }
+        match self.host.processes.identity(tgid) {
+            Some(p) => {
+                self.recent.insert(
+                    tgid,
+                    Recent {
+                        ident: Arc::clone(&p),
+                        gone_for: 0,
+                    },
+                );
+                Seen {
+                    ident: Some(p),
+                    alive: true,
+                }
+            }
+            None => Seen {
+                ident: self.recent.get(&tgid).map(|r| Arc::clone(&r.ident)),
+                alive: false,
+            },
+        }
+    }
+
+    /// Drops what is kept about processes gone for longer than the grace.
+    fn forget_exited(&mut self) {
+        self.host.processes.forget_exited();
+        let host = &self.host.processes;
+        self.kernel_comms.retain(|pid, _| host.alive(*pid));
         self.recent.retain(|pid, r| {
-            if pid_alive(*pid) {
+            if host.alive(*pid) {
                 r.gone_for = 0;
             } else {
                 r.gone_for += 1;
             }
             r.gone_for <= RECENT_GRACE
         });
-        Report {
-            timestamp: rfc3339(delta.wall.unwrap_or_else(SystemTime::now)),
-            interval_s: delta.interval.as_secs_f64(),
-            mode: mode.to_string(),
-            devices,
-            processes,
-            cgroups,
-            health,
-            parity,
-        }
+    }
+}
+
+/// What the host said about the processes, devices and cgroups of one interval: with the
+/// counts, the input of [`join`].
+#[derive(Clone, Debug, Default)]
+pub struct Names {
+    /// By tgid.
+    pub processes: HashMap<u32, Seen>,
+    /// By `dev_t`; a device missing here is [`DeviceInfo::unknown`].
+    pub devices: HashMap<u32, Arc<DeviceInfo>>,
+    /// Paths by cgroup id; an id missing here no longer exists (or is 0, no cgroup).
+    pub cgroups: HashMap<u64, String>,
+}
+
+/// One process as an interval sees it.
+#[derive(Clone, Debug, Default)]
+pub struct Seen {
+    /// Its identity: the live one, else the last one it had; None when never known.
+    pub ident: Option<Arc<ProcessIdentity>>,
+    /// It existed when the interval was read (tgid 0, the kernel, always does).
+    pub alive: bool,
+}
+
+/// The rows of one interval, before kernel threads' I/O is folded into the VMs it was for.
+#[derive(Clone, Debug)]
+pub struct Rows {
+    /// By device number.
+    pub devices: Vec<DeviceRow>,
+    /// A kernel thread that charged several cgroups has one row per cgroup.
+    pub processes: Vec<ProcessRow>,
+    /// Busiest first.
+    pub cgroups: Vec<CgroupRow>,
+}
+
+/// Joins an interval's counts with what the host said about them (pure).
+///
+/// Request counts are used on blk-mq devices, bio counts on bio-based ones. A process's
+/// `io_cgroup` is the cgroup charged for most of its ops; its name is its identity's comm,
+/// else the one the kernel recorded (`kernel_comms`), else "?".
+pub fn join(delta: &Delta, names: &Names, kernel_comms: &HashMap<u32, String>) -> Rows {
+    struct Acc {
+        /// Ops per owning cgroup id, to name the main one.
+        owners: BTreeMap<u64, u64>,
+        counts: OpCounts,
+        bio_counts: OpCounts,
+        hist: Histogram,
+        by_op: Box<[Histogram; OP_COUNT]>,
+    }
+    let seen = |tgid: u32| names.processes.get(&tgid).cloned().unwrap_or_default();
+    let device = |dev: u32| {
+        names
+            .devices
+            .get(&dev)
+            .cloned()
+            .unwrap_or_else(|| Arc::new(DeviceInfo::unknown(dev)))
+    };
+    // A kernel thread's I/O is kept apart per owning cgroup (the part), so that each part can
+    // go to the VM owning that cgroup; user processes have one part.
+    let part = |tgid: u32, cgroup_id: u64| {
+        names
+            .processes
+            .get(&tgid)
+            .and_then(|s| s.ident.as_ref())
+            .is_some_and(|p| p.kernel_thread)
+            .then_some(cgroup_id)
+    };
+    // (tgid, dev, cgroup part) -> accumulators; the request/bio choice is made per device.
+    let mut per_proc: BTreeMap<(u32, u32, Option<u64>), Acc> = BTreeMap::new();
+    let mut per_cgroup: BTreeMap<(u64, u32), (OpCounts, OpCounts)> = BTreeMap::new();
+    let new_acc = || Acc {
+        owners: BTreeMap::new(),
+        counts: OpCounts::default(),
+        bio_counts: OpCounts::default(),
+        hist: Histogram::default(),
+        by_op: Box::default(),
+    };
+    for (k, c) in &delta.requests {
+        let key = (k.tgid, k.dev, part(k.tgid, k.cgroup_id));
+        let acc = per_proc.entry(key).or_insert_with(new_acc);
+        acc.counts.add(k.op(), *c);
+        *acc.owners.entry(k.cgroup_id).or_default() += c.ops;
+        per_cgroup
+            .entry((k.cgroup_id, k.dev))
+            .or_default()
+            .0
+            .add(k.op(), *c);
+    }
+    for (k, c) in &delta.bios {
+        let key = (k.tgid, k.dev, part(k.tgid, k.cgroup_id));
+        let acc = per_proc.entry(key).or_insert_with(new_acc);
+        acc.bio_counts.add(k.op(), *c);
+        *acc.owners.entry(k.cgroup_id).or_default() += c.ops;
+        per_cgroup
+            .entry((k.cgroup_id, k.dev))
+            .or_default()
+            .1
+            .add(k.op(), *c);
+    }
+    for (k, h) in &delta.latency {
+        let key = (k.tgid, k.dev, part(k.tgid, k.cgroup_id));
+        let acc = per_proc.entry(key).or_insert_with(new_acc);
+        acc.hist.merge(h);
+        acc.by_op[k.op() as usize].merge(h);
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn process_row(
-        &self,
-        tgid: u32,
-        info: &DeviceInfo,
-        ident: Option<Arc<ProcessIdentity>>,
-        alive: bool,
-        source: CountSource,
-        counts: OpCounts,
-        bios: &OpCounts,
-        hist: &Histogram,
-    ) -> ProcessRow {
-        let comm = match (&ident, tgid) {
-            (_, 0) => "[kernel]".to_string(),
-            (Some(p), _) => p.comm.clone(),
-            (None, _) => self
-                .kernel_comms
-                .get(&tgid)
-                .cloned()
-                .unwrap_or_else(|| "?".into()),
-        };
-        ProcessRow {
-            pid: tgid,
-            comm,
-            vm: ident.as_ref().and_then(|p| {
-                p.vm.as_ref().map(|v| VmRef {
-                    name: v.name.clone(),
-                    uuid: v.uuid.clone(),
-                    manager: v.manager,
-                    namespace: v.namespace.clone(),
-                })
+    let mut devices: BTreeMap<u32, (Arc<DeviceInfo>, OpCounts)> = BTreeMap::new();
+    let mut processes = Vec::with_capacity(per_proc.len());
+    for ((tgid, dev, _), acc) in per_proc {
+        let info = device(dev);
+        let (source, counts) = pick(&info, &acc.counts, &acc.bio_counts);
+        devices
+            .entry(dev)
+            .or_insert_with(|| (info.clone(), OpCounts::default()))
+            .1
+            .merge(&counts);
+        let mut row = process_row(
+            tgid,
+            &info,
+            seen(tgid),
+            kernel_comms,
+            source,
+            counts,
+            &acc.bio_counts,
+            &acc.hist,
+        );
+        row.latency = acc.by_op;
+        row.io_cgroup = acc
+            .owners
+            .iter()
+            .max_by_key(|(_, ops)| **ops)
+            .and_then(|(id, _)| names.cgroups.get(id).cloned());
+        processes.push(row);
+    }
+
+    let mut cgroups = Vec::with_capacity(per_cgroup.len());
+    for ((id, dev), (req, bio)) in per_cgroup {
+        let info = device(dev);
+        let (source, counts) = pick(&info, &req, &bio);
+        if counts.total_ops() == 0 {
+            continue;
+        }
+        cgroups.push(CgroupRow {
+            cgroup: names.cgroups.get(&id).cloned().unwrap_or_else(|| {
+                if id == 0 {
+                    "(none)".into()
+                } else {
+                    format!("(id {id})")
+                }
             }),
-            cgroup: ident.as_ref().map(|p| p.cgroup.clone()).unwrap_or_default(),
-            io_cgroup: None,
+            cgroup_id: id,
+            device: info.name.clone(),
+            source,
+            counts,
+            read_bios: bio.read_ops,
+            write_bios: bio.write_ops,
+            discard_bios: bio.discard_ops,
+        });
+    }
+    cgroups.sort_by_key(|c| std::cmp::Reverse(c.counts.total_ops()));
+
+    let devices = devices
+        .into_values()
+        .map(|(info, counts)| DeviceRow {
             device: info.name.clone(),
             major: info.major,
             minor: info.minor,
-            source,
+            disk: info.disk.clone(),
+            source: if info.request_based {
+                CountSource::Request
+            } else {
+                CountSource::Bio
+            },
             counts,
-            read_bios: bios.read_ops,
-            write_bios: bios.write_ops,
-            lat_avg_us: stats::mean_us(hist).map(round2),
-            lat_p99_us: stats::quantile_us(hist, 0.99).map(round2),
-            completions: hist.count(),
-            exited: tgid != 0 && !alive,
-            kernel_thread: tgid == 0 || ident.as_ref().is_some_and(|p| p.kernel_thread),
-            kernel_submitted_ops: 0,
-            latency: Box::default(),
+        })
+        .collect();
+    Rows {
+        devices,
+        processes,
+        cgroups,
+    }
+}
+
+/// Kernel-side losses and map use of the interval (pure).
+pub fn health_report(delta: &Delta, snap: &Snapshot) -> HealthReport {
+    let mut health = HealthReport {
+        events: BTreeMap::new(),
+        read_errors: snap.read_errors,
+        maps: snap.fill.iter().copied().collect(),
+    };
+    for h in Health::ALL {
+        let v = delta.health[h as usize];
+        if v != 0 {
+            health.events.insert(h.name(), v);
         }
+    }
+    if snap.early_names_dropped != 0 {
+        health
+            .events
+            .insert("early_names_dropped", snap.early_names_dropped);
+    }
+    health
+}
+
+#[allow(clippy::too_many_arguments)]
+fn process_row(
+    tgid: u32,
+    info: &DeviceInfo,
+    seen: Seen,
+    kernel_comms: &HashMap<u32, String>,
+    source: CountSource,
+    counts: OpCounts,
+    bios: &OpCounts,
+    hist: &Histogram,
+) -> ProcessRow {
+    let Seen { ident, alive } = seen;
+    let comm = match (&ident, tgid) {
+        (_, 0) => "[kernel]".to_string(),
+        (Some(p), _) => p.comm.clone(),
+        (None, _) => kernel_comms
+            .get(&tgid)
+            .cloned()
+            .unwrap_or_else(|| "?".into()),
+    };
+    ProcessRow {
+        pid: tgid,
+        comm,
+        vm: ident.as_ref().and_then(|p| {
+            p.vm.as_ref().map(|v| VmRef {
+                name: v.name.clone(),
+                uuid: v.uuid.clone(),
+                manager: v.manager,
+                namespace: v.namespace.clone(),
+            })
+        }),
+        cgroup: ident.as_ref().map(|p| p.cgroup.clone()).unwrap_or_default(),
+        io_cgroup: None,
+        device: info.name.clone(),
+        major: info.major,
+        minor: info.minor,
+        source,
+        counts,
+        read_bios: bios.read_ops,
+        write_bios: bios.write_ops,
+        lat_avg_us: stats::mean_us(hist).map(round2),
+        lat_p99_us: stats::quantile_us(hist, 0.99).map(round2),
+        completions: hist.count(),
+        exited: tgid != 0 && !alive,
+        kernel_thread: tgid == 0 || ident.as_ref().is_some_and(|p| p.kernel_thread),
+        kernel_submitted_ops: 0,
+        latency: Box::default(),
     }
 }
 
 /// A device row's counts as the diskstats self-check compares them (ops and 512-byte sectors).
-fn disk_counters(c: &OpCounts) -> crate::parity::DiskCounters {
-    crate::parity::DiskCounters {
+fn disk_counters(c: &OpCounts) -> DiskCounters {
+    DiskCounters {
         reads: c.read_ops,
         read_sectors: c.read_bytes / 512,
         writes: c.write_ops,
@@ -872,5 +1071,470 @@ mod tests {
     fn rfc3339_format() {
         let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_123);
         assert_eq!(rfc3339(t), "2023-11-14T22:13:20.123Z");
+    }
+
+    // ---- The pure join and the builder over a fake host: no root, no kernel. ----
+
+    use crate::identity::VmIdentity;
+    use overkvm_common::make_dev;
+    use std::sync::Mutex;
+
+    const LOOP0: u32 = make_dev(7, 0);
+    const LOOP0P1: u32 = make_dev(7, 1);
+    const ZRAM: u32 = make_dev(252, 3);
+
+    fn ident(pid: u32, start_time: u64, comm: &str, vm: Option<&str>) -> Arc<ProcessIdentity> {
+        Arc::new(ProcessIdentity {
+            pid,
+            start_time,
+            comm: comm.into(),
+            cgroup: format!("/c/{comm}"),
+            vm: vm.map(|n| VmIdentity {
+                name: n.into(),
+                uuid: Some(format!("uuid-{n}")),
+                manager: Manager::Libvirt,
+                vmid: None,
+                display_name: None,
+                namespace: None,
+            }),
+            kernel_thread: comm.starts_with("kworker"),
+        })
+    }
+
+    fn device(dev: u32, name: &str, disk: &str, request_based: bool) -> Arc<DeviceInfo> {
+        Arc::new(DeviceInfo {
+            dev,
+            name: name.into(),
+            major: overkvm_common::dev_major(dev),
+            minor: overkvm_common::dev_minor(dev),
+            disk: disk.into(),
+            disk_dev: dev,
+            request_based,
+            present: true,
+        })
+    }
+
+    /// What a test host knows; the test changes it between intervals.
+    #[derive(Default)]
+    struct World {
+        live: HashMap<u32, Arc<ProcessIdentity>>,
+        devices: HashMap<u32, Arc<DeviceInfo>>,
+        cgroups: HashMap<u64, String>,
+        diskstats: BTreeMap<String, DiskCounters>,
+        /// Processes asked for, in order.
+        asked: Vec<u32>,
+    }
+
+    #[derive(Clone, Default)]
+    struct FakeHost(Arc<Mutex<World>>);
+
+    impl FakeHost {
+        fn world(&self) -> std::sync::MutexGuard<'_, World> {
+            self.0.lock().unwrap()
+        }
+
+        fn builder(&self) -> ReportBuilder {
+            ReportBuilder::with_host(HostLookups {
+                processes: Box::new(self.clone()),
+                devices: Box::new(self.clone()),
+                cgroups: Box::new(self.clone()),
+                diskstats: Box::new(self.clone()),
+            })
+        }
+    }
+
+    impl Processes for FakeHost {
+        fn identity(&mut self, pid: u32) -> Option<Arc<ProcessIdentity>> {
+            let mut w = self.world();
+            w.asked.push(pid);
+            w.live.get(&pid).cloned()
+        }
+        fn alive(&self, pid: u32) -> bool {
+            self.world().live.contains_key(&pid)
+        }
+        fn forget_exited(&mut self) {}
+    }
+
+    impl Devices for FakeHost {
+        fn device(&mut self, dev: u32) -> Arc<DeviceInfo> {
+            let known = self.world().devices.get(&dev).cloned();
+            known.unwrap_or_else(|| Arc::new(DeviceInfo::unknown(dev)))
+        }
+    }
+
+    impl CgroupPaths for FakeHost {
+        fn cgroup_path(&mut self, id: u64) -> Option<String> {
+            self.world().cgroups.get(&id).cloned()
+        }
+    }
+
+    impl DiskStats for FakeHost {
+        fn diskstats(&self) -> BTreeMap<String, DiskCounters> {
+            self.world().diskstats.clone()
+        }
+    }
+
+    /// An interval's counts: (tgid, dev, cgroup id, op, ops) of requests and of bios.
+    fn interval(requests: &[(u32, u32, u64, Op, u64)], bios: &[(u32, u32, u64, Op, u64)]) -> Delta {
+        let counts = |rows: &[(u32, u32, u64, Op, u64)]| {
+            let mut m: HashMap<IoKey, Counters> = HashMap::new();
+            for &(tgid, dev, cg, op, ops) in rows {
+                let c = m.entry(key(tgid, dev, cg, op)).or_default();
+                c.ops += ops;
+                c.bytes += ops * 4096;
+            }
+            m
+        };
+        Delta {
+            interval: std::time::Duration::from_secs(1),
+            wall: Some(SystemTime::UNIX_EPOCH),
+            requests: counts(requests),
+            bios: counts(bios),
+            latency: HashMap::new(),
+            health: [0; overkvm_common::HEALTH_SLOTS as usize],
+        }
+    }
+
+    fn alive(ident: &Arc<ProcessIdentity>) -> Seen {
+        Seen {
+            ident: Some(Arc::clone(ident)),
+            alive: true,
+        }
+    }
+
+    #[test]
+    fn join_picks_requests_on_blk_mq_and_bios_on_bio_based_devices() {
+        let qemu = ident(100, 1, "qemu-system-x86", Some("a"));
+        let names = Names {
+            processes: HashMap::from([(100, alive(&qemu))]),
+            devices: HashMap::from([
+                (LOOP0, device(LOOP0, "loop0", "loop0", true)),
+                (ZRAM, device(ZRAM, "zram3", "zram3", false)),
+            ]),
+            cgroups: HashMap::from([(9, "/machine/a".to_string())]),
+        };
+        let d = interval(
+            &[(100, LOOP0, 9, Op::Read, 10)],
+            &[(100, LOOP0, 9, Op::Read, 12), (100, ZRAM, 9, Op::Write, 7)],
+        );
+        let rows = join(&d, &names, &HashMap::new());
+        assert_eq!(rows.processes.len(), 2);
+        let on = |dev: &str| rows.processes.iter().find(|r| r.device == dev).unwrap();
+        let l = on("loop0");
+        assert_eq!(
+            (l.source, l.counts.read_ops, l.read_bios),
+            (CountSource::Request, 10, 12)
+        );
+        let z = on("zram3");
+        assert_eq!(
+            (z.source, z.counts.write_ops, z.write_bios),
+            (CountSource::Bio, 7, 7)
+        );
+        assert_eq!(l.vm.as_ref().unwrap().name, "a");
+        assert_eq!(l.cgroup, "/c/qemu-system-x86");
+        assert_eq!(l.io_cgroup.as_deref(), Some("/machine/a"));
+        assert!(!l.exited && !l.kernel_thread);
+        let devs: Vec<_> = rows
+            .devices
+            .iter()
+            .map(|d| (d.device.as_str(), d.source))
+            .collect();
+        assert_eq!(
+            devs,
+            [("loop0", CountSource::Request), ("zram3", CountSource::Bio)]
+        );
+        assert_eq!(rows.cgroups.len(), 2);
+        assert!(rows.cgroups.iter().all(|c| c.cgroup == "/machine/a"));
+    }
+
+    #[test]
+    fn join_names_unknown_devices_and_cgroups_without_guessing() {
+        let gone_dev = make_dev(7, 99);
+        let names = Names::default();
+        let d = interval(
+            &[
+                (0, gone_dev, 0, Op::Write, 3),
+                (0, gone_dev, 77, Op::Write, 5),
+            ],
+            &[],
+        );
+        let rows = join(&d, &names, &HashMap::new());
+        assert_eq!(rows.devices.len(), 1);
+        assert_eq!(rows.devices[0].device, "7:99");
+        assert_eq!((rows.devices[0].major, rows.devices[0].minor), (7, 99));
+        assert_eq!(rows.devices[0].counts.write_ops, 8);
+        let cgs: Vec<_> = rows.cgroups.iter().map(|c| c.cgroup.as_str()).collect();
+        assert_eq!(cgs, ["(id 77)", "(none)"], "busiest first");
+        // tgid 0 is the kernel itself: never exited, always a kernel row.
+        let k = &rows.processes[0];
+        assert_eq!(
+            (k.comm.as_str(), k.exited, k.kernel_thread),
+            ("[kernel]", false, true)
+        );
+        assert_eq!(k.io_cgroup, None, "an unknown cgroup id has no path");
+    }
+
+    #[test]
+    fn join_reports_exited_processes_with_their_last_identity_or_the_kernels_comm() {
+        let last = ident(100, 1, "qemu-system-x86", Some("a"));
+        let names = Names {
+            processes: HashMap::from([
+                (
+                    100,
+                    Seen {
+                        ident: Some(last),
+                        alive: false,
+                    },
+                ),
+                (200, Seen::default()),
+                (300, Seen::default()),
+            ]),
+            ..Names::default()
+        };
+        let d = interval(
+            &[
+                (100, LOOP0, 0, Op::Read, 1),
+                (200, LOOP0, 0, Op::Read, 1),
+                (300, LOOP0, 0, Op::Read, 1),
+            ],
+            &[],
+        );
+        let comms = HashMap::from([(200, "fio".to_string())]);
+        let rows = join(&d, &names, &comms);
+        let by = |pid| rows.processes.iter().find(|r| r.pid == pid).unwrap();
+        assert!(by(100).exited);
+        assert_eq!(
+            by(100).vm.as_ref().unwrap().name,
+            "a",
+            "its exit interval keeps its name"
+        );
+        assert_eq!((by(200).comm.as_str(), by(200).exited), ("fio", true));
+        assert_eq!(by(200).vm, None);
+        assert_eq!(by(300).comm, "?");
+    }
+
+    #[test]
+    fn join_keeps_a_hostile_comm_as_data() {
+        let comm = "x\n\"},{\"pid\":1\u{1b}[2J\\";
+        let p = ident(42, 1, comm, None);
+        let names = Names {
+            processes: HashMap::from([(42, alive(&p))]),
+            ..Names::default()
+        };
+        let rows = join(
+            &interval(&[(42, LOOP0, 0, Op::Read, 1)], &[]),
+            &names,
+            &HashMap::new(),
+        );
+        assert_eq!(rows.processes[0].comm, comm);
+        // JSON escapes it: one row, the comm intact.
+        let json = serde_json::to_string(&rows.processes).unwrap();
+        let back: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.as_array().unwrap().len(), 1);
+        assert_eq!(back[0]["comm"], comm);
+        assert!(!json.contains('\n') && !json.contains('\u{1b}'));
+    }
+
+    #[test]
+    fn join_splits_a_kernel_threads_io_by_cgroup() {
+        let kw = ident(11, 1, "kworker/u8:2", None);
+        let names = Names {
+            processes: HashMap::from([(11, alive(&kw))]),
+            cgroups: HashMap::from([(5, "/vm/a".to_string()), (6, "/".to_string())]),
+            ..Names::default()
+        };
+        let d = interval(
+            &[(11, LOOP0, 5, Op::Write, 4), (11, LOOP0, 6, Op::Write, 1)],
+            &[],
+        );
+        let rows = join(&d, &names, &HashMap::new());
+        let mut parts: Vec<_> = rows
+            .processes
+            .iter()
+            .map(|r| (r.io_cgroup.clone().unwrap(), r.counts.write_ops))
+            .collect();
+        parts.sort();
+        assert_eq!(parts, [("/".to_string(), 1), ("/vm/a".to_string(), 4)]);
+        assert_eq!(
+            rows.devices[0].counts.write_ops, 5,
+            "the device counts both"
+        );
+    }
+
+    #[test]
+    fn builder_names_a_vm_in_the_interval_it_exits_then_forgets_it() {
+        let host = FakeHost::default();
+        let qemu = ident(100, 1, "qemu-system-x86", Some("a"));
+        host.world().live.insert(100, Arc::clone(&qemu));
+        let mut b = host.builder();
+        let snap = Snapshot::empty();
+        let d = interval(&[(100, LOOP0, 0, Op::Read, 3)], &[]);
+        let r = b.build(&d, "test", &snap);
+        assert!(!r.processes[0].exited);
+        assert_eq!(r.vm_count(), 1);
+
+        // Gone: its final I/O (harvested after the exit) still carries its name ...
+        host.world().live.clear();
+        let r = b.build(&d, "test", &snap);
+        assert!(r.processes[0].exited);
+        assert_eq!(r.processes[0].vm.as_ref().unwrap().name, "a");
+        // ... for the grace intervals, and no longer after.
+        for _ in 0..RECENT_GRACE {
+            b.build(&d, "test", &snap);
+        }
+        let r = b.build(&d, "test", &snap);
+        assert_eq!(
+            (r.processes[0].vm.as_ref(), r.processes[0].comm.as_str()),
+            (None, "?")
+        );
+    }
+
+    #[test]
+    fn builder_gives_a_reused_pid_the_new_process_identity() {
+        let host = FakeHost::default();
+        host.world()
+            .live
+            .insert(100, ident(100, 1, "qemu-system-x86", Some("a")));
+        let mut b = host.builder();
+        let snap = Snapshot::empty();
+        let d = interval(&[(100, LOOP0, 0, Op::Read, 3)], &[]);
+        b.build(&d, "test", &snap);
+        // Same PID, another process (the resolver re-validates by start time).
+        host.world().live.insert(100, ident(100, 2, "bash", None));
+        let r = b.build(&d, "test", &snap);
+        let row = &r.processes[0];
+        assert_eq!(
+            (row.comm.as_str(), row.vm.as_ref(), row.exited),
+            ("bash", None, false)
+        );
+    }
+
+    #[test]
+    fn builder_asks_the_host_about_each_process_once_per_interval() {
+        let host = FakeHost::default();
+        host.world().live.insert(7, ident(7, 1, "fio", None));
+        let mut b = host.builder();
+        let d = interval(
+            &[
+                (7, LOOP0, 0, Op::Read, 1),
+                (7, LOOP0P1, 0, Op::Write, 1),
+                (0, LOOP0, 0, Op::Flush, 1),
+            ],
+            &[(7, LOOP0, 0, Op::Read, 1)],
+        );
+        b.build(&d, "test", &Snapshot::empty());
+        assert_eq!(host.world().asked, [7], "tgid 0 is never looked up");
+    }
+
+    #[test]
+    fn builder_feeds_the_self_check_with_whole_disks() {
+        let host = FakeHost::default();
+        {
+            let mut w = host.world();
+            w.devices
+                .insert(LOOP0, device(LOOP0, "loop0", "loop0", true));
+            w.devices
+                .insert(LOOP0P1, device(LOOP0P1, "loop0p1", "loop0", true));
+            w.diskstats.insert(
+                "loop0".into(),
+                DiskCounters {
+                    reads: 100,
+                    read_sectors: 800,
+                    ..DiskCounters::default()
+                },
+            );
+        }
+        let mut b = host.builder();
+        let snap = Snapshot::empty();
+        // The first read only takes diskstats' base.
+        let r = b.build(&interval(&[], &[]), "test", &snap);
+        assert!(r.parity.is_empty());
+        host.world().diskstats.insert(
+            "loop0".into(),
+            DiskCounters {
+                reads: 105,
+                read_sectors: 840,
+                ..DiskCounters::default()
+            },
+        );
+        let d = interval(
+            &[(0, LOOP0, 0, Op::Read, 2), (0, LOOP0P1, 0, Op::Read, 3)],
+            &[],
+        );
+        let r = b.build(&d, "test", &snap);
+        assert_eq!(r.parity.len(), 1);
+        let p = &r.parity[0];
+        assert_eq!(p.device, "loop0");
+        assert_eq!(
+            (p.overkvm.reads, p.overkvm.read_sectors),
+            (5, 40),
+            "a partition counts for its disk"
+        );
+        assert_eq!((p.diskstats.reads, p.diskstats.read_sectors), (5, 40));
+        assert!(p.difference.is_zero() && !p.settled);
+    }
+
+    #[test]
+    fn report_json_has_the_documented_fields() {
+        let host = FakeHost::default();
+        host.world()
+            .live
+            .insert(100, ident(100, 1, "qemu-system-x86", Some("a")));
+        let mut b = host.builder();
+        let r = b.build(
+            &interval(&[(100, LOOP0, 0, Op::Read, 1)], &[]),
+            "test",
+            &Snapshot::empty(),
+        );
+        let v = serde_json::to_value(&r).unwrap();
+        let keys = |v: &serde_json::Value| -> Vec<String> {
+            let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+            k.sort();
+            k
+        };
+        assert_eq!(
+            keys(&v),
+            [
+                "cgroups",
+                "devices",
+                "health",
+                "interval_s",
+                "mode",
+                "parity",
+                "processes",
+                "timestamp"
+            ]
+        );
+        assert_eq!(
+            keys(&v["processes"][0]),
+            [
+                "cgroup",
+                "comm",
+                "completions",
+                "device",
+                "discard_bytes",
+                "discard_ops",
+                "exited",
+                "flush_ops",
+                "io_cgroup",
+                "kernel_submitted_ops",
+                "kernel_thread",
+                "lat_avg_us",
+                "lat_p99_us",
+                "major",
+                "minor",
+                "other_ops",
+                "pid",
+                "read_bios",
+                "read_bytes",
+                "read_ops",
+                "source",
+                "vm",
+                "write_bios",
+                "write_bytes",
+                "write_ops",
+            ]
+        );
+        assert_eq!(v["timestamp"], "1970-01-01T00:00:00.000Z");
     }
 }

@@ -13,7 +13,8 @@ use crate::{
     cgroupfs,
     config::Config,
     devices,
-    identity::{cgroup, kubevirt, procfs, qemu::QemuArgs},
+    host::proc,
+    identity::{cgroup, kubevirt, qemu::QemuArgs},
     lifecycle::qemu_limits,
     text::sanitize,
     throttle::actuator,
@@ -87,24 +88,24 @@ proptest! {
 
     #[test]
     fn proc_stat_never_panics(b in prop_oneof![hostile_bytes(), mutated(STAT.as_bytes())]) {
-        let _ = procfs::parse_stat(&b);
+        let _ = proc::parse_stat(&b);
     }
 
     #[test]
     fn cmdline_and_qemu_args_never_panic(b in prop_oneof![hostile_bytes(), mutated(CMDLINE)]) {
-        let argv = procfs::parse_cmdline(&b);
+        let argv = proc::parse_cmdline(&b);
         let _ = QemuArgs::parse(&argv);
-        let _ = procfs::parse_comm(&b);
+        let _ = proc::parse_comm(&b);
     }
 
     #[test]
     fn proc_cgroup_and_cgroup_paths_never_panic(t in hostile_text()) {
-        let _ = procfs::parse_cgroup(t.as_bytes());
+        let _ = proc::parse_cgroup(t.as_bytes());
         let _ = cgroup::libvirt_machine(&t);
         let _ = cgroup::proxmox_vmid(&t);
         let _ = kubevirt::in_kubepods(&t);
         let _ = kubevirt::split_domain_name(&t);
-        let _ = procfs::parse_cgroup(t.as_bytes()).map(|e| procfs::manager_cgroup_path(&e).len());
+        let _ = proc::parse_cgroup(t.as_bytes()).map(|e| cgroup::manager_cgroup_path(&e).len());
         let _ = cgroup::unescape_systemd(&t);
         let _ = cgroupfs::parse_mountinfo(&t);
         let _ = actuator::check_cgroup_path(&t);

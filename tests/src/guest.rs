@@ -940,24 +940,19 @@ pub fn missing_tools() -> Option<String> {
 // Small helpers
 
 /// A temporary directory removed (with its content) on drop, for guest work dirs and disks.
-pub struct TempDir(PathBuf);
+pub struct TempDir(tempfile::TempDir);
 
 impl TempDir {
     pub fn new(tag: &str) -> Result<TempDir> {
-        let path =
-            std::env::temp_dir().join(format!("overkvm-{tag}-{}-{}", std::process::id(), unique()));
-        fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
-        Ok(TempDir(path))
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("overkvm-{tag}-"))
+            .tempdir()
+            .context("creating a temp dir")?;
+        Ok(TempDir(dir))
     }
 
     pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
+        self.0.path()
     }
 }
 

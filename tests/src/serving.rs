@@ -13,30 +13,21 @@ use std::{
 
 use crate::{throttling::wait_until, workspace_bin};
 
-/// A directory removed with everything in it when dropped.
-pub struct TempDir(pub PathBuf);
+/// A new directory `overkvm-TAG-*` under the temp dir, removed with everything in it when
+/// dropped (also when the test fails). The path is also kept as a plain `PathBuf` (`.0`).
+pub struct TempDir(pub PathBuf, tempfile::TempDir);
 
 impl TempDir {
     pub fn new(tag: &str) -> TempDir {
-        use std::sync::atomic::{AtomicU32, Ordering};
-        static N: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "overkvm-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        fs::create_dir_all(&dir).expect("creating a temp dir");
-        TempDir(dir)
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("overkvm-{tag}-"))
+            .tempdir()
+            .expect("creating a temp dir");
+        TempDir(dir.path().to_path_buf(), dir)
     }
 
     pub fn join(&self, p: impl AsRef<Path>) -> PathBuf {
-        self.0.join(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
+        self.1.path().join(p)
     }
 }
 

@@ -15,6 +15,7 @@ use std::{
 use overkvm_tests::{
     devices::LoopDevice,
     iogen::{self, IoPlan},
+    serving::TempDir,
     skip_unless_kernel, workspace_bin,
 };
 use serde_json::Value;
@@ -49,29 +50,6 @@ fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free port on loopback")
-}
-
-/// A directory removed with everything in it.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        use std::sync::atomic::{AtomicU32, Ordering};
-        static N: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "overkvm-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        fs::create_dir_all(&dir).expect("creating a temp dir");
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
 }
 
 /// A child process stopped with SIGTERM (then SIGKILL) when dropped.

@@ -73,8 +73,7 @@ fn unwritable_state_file_means_no_unrecorded_limit_and_one_log_line() {
         mut cgs,
         dirs,
     } = V1Scenario::new(&blkio, 64, &["vmA"]);
-    let tmp = std::env::temp_dir().join(format!("overkvm-faults-{}", std::process::id()));
-    fs::create_dir_all(&tmp).unwrap();
+    let tmp = TempDir::new("faults");
     let config = tmp.join("c.toml");
     // A path under a regular file can never be created (ENOTDIR), even by root.
     write_config(
@@ -87,7 +86,7 @@ fn unwritable_state_file_means_no_unrecorded_limit_and_one_log_line() {
     );
     let log = tmp.join("d.log");
     let mut daemon = Daemon::start(&config, &log);
-    let child = greedy_vm(&tmp, &lo.path, "vmA", &dirs[0], 0);
+    let child = greedy_vm(&tmp.0, &lo.path, "vmA", &dirs[0], 0);
     cgs.kids.push(child);
     std::thread::sleep(Duration::from_secs(4));
     carries_on_unlimited_logged_once(&mut daemon, &dirs, (major, minor), &log);
@@ -95,7 +94,6 @@ fn unwritable_state_file_means_no_unrecorded_limit_and_one_log_line() {
     assert!(metrics_answer(&log), "metrics still served");
     cgs.stop_all();
     assert!(daemon.terminate().success());
-    let _ = fs::remove_dir_all(&tmp);
 }
 
 #[test]
@@ -109,8 +107,7 @@ fn throttled_device_detached_mid_run() {
         mut cgs,
         dirs,
     } = V1Scenario::new(&blkio, 64, &["vmA", "vmB"]);
-    let tmp = std::env::temp_dir().join(format!("overkvm-detach-{}", std::process::id()));
-    fs::create_dir_all(&tmp).unwrap();
+    let tmp = TempDir::new("detach");
     let config = tmp.join("c.toml");
     write_config(
         &config,
@@ -123,7 +120,7 @@ fn throttled_device_detached_mid_run() {
     let log = tmp.join("d.log");
     let mut daemon = Daemon::start(&config, &log);
     for (i, n) in ["vmA", "vmB"].iter().enumerate() {
-        let child = greedy_vm(&tmp, &lo.path, n, &dirs[i], i as u64);
+        let child = greedy_vm(&tmp.0, &lo.path, n, &dirs[i], i as u64);
         cgs.kids.push(child);
     }
     assert!(
@@ -160,7 +157,6 @@ fn throttled_device_detached_mid_run() {
             .collect::<Vec<_>>()
             .join("\n")
     );
-    let _ = fs::remove_dir_all(&tmp);
 }
 
 /// The daemon's status file (its last tick's throttle view), if readable.

@@ -11,14 +11,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use overkvm_tests::{devices::LoopDevice, skip_unless_kernel, workspace_bin};
+use overkvm_tests::{devices::LoopDevice, serving::TempDir, skip_unless_kernel, workspace_bin};
 
 #[test]
 fn short_lived_and_exiting_qemus_keep_their_vm_names() {
     skip_unless_kernel!();
     let lo = LoopDevice::new(64).expect("loop device");
-    let dir = std::env::temp_dir().join(format!("overkvm-identity-{}", std::process::id()));
-    fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("identity");
     let qemu = dir.join("qemu-system-x86_64");
     fs::copy(workspace_bin("iogen"), &qemu).unwrap();
 
@@ -92,7 +91,6 @@ fn short_lived_and_exiting_qemus_keep_their_vm_names() {
         .args(["-TERM", &top.id().to_string()])
         .status();
     let _ = top.wait();
-    let _ = fs::remove_dir_all(&dir);
     if hybrid {
         let _ = fs::remove_dir(&cg);
     }

@@ -10,7 +10,6 @@
 
 use std::{
     collections::HashMap,
-    error::Error,
     fmt,
     path::{Path, PathBuf},
 };
@@ -95,27 +94,37 @@ mod kind {
 }
 
 /// Why a BTF blob could not be read or a lookup failed.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum BtfError {
     /// The file could not be read.
+    #[error("cannot read BTF from {}: {source}", .path.display())]
     Io {
         path: PathBuf,
         source: std::io::Error,
     },
     /// The blob does not start with the BTF magic 0xeB9F in either byte order.
+    #[error("not BTF data: magic is {found:#06x}, expected {:#06x}", MAGIC)]
     BadMagic { found: u16 },
     /// A BTF version other than 1.
+    #[error("unsupported BTF version {version} (only {} is known)", VERSION)]
     UnsupportedVersion { version: u8 },
     /// The blob ends before something it declares.
+    #[error("BTF data is truncated: {0}")]
     Truncated(String),
     /// The blob is inconsistent (bad header length, string offset or type id out of range...).
+    #[error("malformed BTF data: {0}")]
     Malformed(String),
     /// A type kind this reader does not know; its size is unknown so parsing must stop.
+    #[error(
+        "BTF type {id} has kind {kind}, which this reader does not know (kernel newer than overkvm?)"
+    )]
     UnknownKind { id: u32, kind: u32 },
     /// No struct or union of that name with members.
+    #[error("no struct {name}")]
     TypeNotFound { name: String },
     /// The struct exists but the field path does not resolve.
+    #[error("struct {type_name} has no field {path}{}", nothing_named(.path, .missing))]
     FieldNotFound {
         type_name: String,
         path: String,
@@ -123,17 +132,34 @@ pub enum BtfError {
         missing: String,
     },
     /// A non-final path component is not an embedded struct or union (a pointer, an int...).
+    #[error(
+        "{type_name}.{path} is not an embedded struct or union, so the path cannot continue through it"
+    )]
     NotEmbedded { type_name: String, path: String },
     /// The field is a bitfield that does not start on a byte boundary.
+    #[error("{type_name}.{path} is a bitfield at bit offset {bit_offset}, not on a byte boundary")]
     Unaligned {
         type_name: String,
         path: String,
         bit_offset: u64,
     },
     /// The lookup hit a depth or work limit: the types are cyclic or absurdly nested.
+    #[error(
+        "resolving {type_name}.{path} exceeded the nesting or work limit (cyclic or hostile BTF)"
+    )]
     TooComplex { type_name: String, path: String },
     /// The field path is empty or has an empty component.
+    #[error("invalid field path {path:?}")]
     BadPath { path: String },
+}
+
+/// " (nothing named X)" when the component not found is not the whole path.
+fn nothing_named(path: &str, missing: &str) -> String {
+    if missing == path {
+        String::new()
+    } else {
+        format!(" (nothing named {missing})")
+    }
 }
 
 impl BtfError {
@@ -144,74 +170,6 @@ impl BtfError {
             self,
             BtfError::TypeNotFound { .. } | BtfError::FieldNotFound { .. }
         )
-    }
-}
-
-impl fmt::Display for BtfError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            BtfError::Io { path, source } => {
-                write!(f, "cannot read BTF from {}: {source}", path.display())
-            }
-            BtfError::BadMagic { found } => write!(
-                f,
-                "not BTF data: magic is {found:#06x}, expected {MAGIC:#06x}"
-            ),
-            BtfError::UnsupportedVersion { version } => {
-                write!(
-                    f,
-                    "unsupported BTF version {version} (only {VERSION} is known)"
-                )
-            }
-            BtfError::Truncated(what) => write!(f, "BTF data is truncated: {what}"),
-            BtfError::Malformed(what) => write!(f, "malformed BTF data: {what}"),
-            BtfError::UnknownKind { id, kind } => write!(
-                f,
-                "BTF type {id} has kind {kind}, which this reader does not know \
-                 (kernel newer than overkvm?)"
-            ),
-            BtfError::TypeNotFound { name } => write!(f, "no struct {name}"),
-            BtfError::FieldNotFound {
-                type_name,
-                path,
-                missing,
-            } => {
-                write!(f, "struct {type_name} has no field {path}")?;
-                if missing != path {
-                    write!(f, " (nothing named {missing})")?;
-                }
-                Ok(())
-            }
-            BtfError::NotEmbedded { type_name, path } => write!(
-                f,
-                "{type_name}.{path} is not an embedded struct or union, so the path cannot \
-                 continue through it"
-            ),
-            BtfError::Unaligned {
-                type_name,
-                path,
-                bit_offset,
-            } => write!(
-                f,
-                "{type_name}.{path} is a bitfield at bit offset {bit_offset}, not on a byte \
-                 boundary"
-            ),
-            BtfError::TooComplex { type_name, path } => write!(
-                f,
-                "resolving {type_name}.{path} exceeded the nesting or work limit \
-                 (cyclic or hostile BTF)"
-            ),
-            BtfError::BadPath { path } => write!(f, "invalid field path {path:?}"),
-        }
-    }
-}
-
-impl Error for BtfError {
-    fn source(&self) -> Option<&(dyn Error + 'static)> {
-        match self {
-            BtfError::Io { source, .. } => Some(source),
-            _ => None,
-        }
     }
 }
 
@@ -1147,7 +1105,10 @@ mod tests {
         assert_eq!(e.to_string(), "struct outer has no field nope");
         let e = btf.field_offset("outer", "nested.zz").unwrap_err();
         assert!(e.is_not_found());
-        assert!(e.to_string().contains("nested.zz"), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "struct outer has no field nested.zz (nothing named zz)"
+        );
         let e = btf.field_offset("missing", "x").unwrap_err();
         assert!(matches!(e, BtfError::TypeNotFound { .. }), "{e}");
         // A forward declaration alone does not count as the struct.
@@ -1409,29 +1370,20 @@ mod tests {
         assert!(t.elapsed().as_secs() < 10);
     }
 
-    /// A tiny deterministic PRNG (xorshift64*), so fuzz-like tests are reproducible.
-    fn rng(seed: u64) -> impl FnMut() -> u64 {
-        let mut s = seed | 1;
-        move || {
-            s ^= s >> 12;
-            s ^= s << 25;
-            s ^= s >> 27;
-            s.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-    }
-
-    #[test]
-    fn garbage_and_mutations_do_not_panic() {
-        let mut next = rng(0x5eed);
-        // Pure garbage, with and without a valid-looking header.
-        for i in 0..2000 {
-            let len = (next() % 512) as usize;
-            let mut b: Vec<u8> = (0..len).map(|_| next() as u8).collect();
-            if i % 2 == 0 && len >= 24 {
+    proptest::proptest! {
+        /// Garbage, with and without a valid-looking header (types and strings splitting the
+        /// body at `split`), never panics.
+        #[test]
+        fn garbage_does_not_panic(
+            mut b in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+            header: bool,
+            split: u32,
+        ) {
+            if header && b.len() >= 24 {
                 b[..4].copy_from_slice(&[0x9f, 0xeb, 1, 0]);
                 b[4..8].copy_from_slice(&24u32.to_le_bytes());
-                let body = (len - 24) as u32;
-                let split = (next() as u32) % (body + 1);
+                let body = (b.len() - 24) as u32;
+                let split = split % (body + 1);
                 let fields = [0, split, split, body - split];
                 for (j, v) in fields.iter().enumerate() {
                     b[8 + 4 * j..12 + 4 * j].copy_from_slice(&v.to_le_bytes());
@@ -1441,17 +1393,23 @@ mod tests {
                 exercise(&btf);
             }
         }
-        // Random byte flips of valid blobs.
-        for base in [sample(), kernel_like(true, true)] {
-            for _ in 0..3000 {
-                let mut b = base.clone();
-                for _ in 0..1 + next() % 4 {
-                    let i = (next() as usize) % b.len();
-                    b[i] = next() as u8;
-                }
-                if let Ok(btf) = Btf::parse(&b) {
-                    exercise(&btf);
-                }
+
+        /// Valid blobs with one to four bytes overwritten never panic.
+        #[test]
+        fn flipped_bytes_of_valid_blobs_do_not_panic(
+            kernel: bool,
+            flips in proptest::collection::vec(
+                (proptest::prelude::any::<usize>(), proptest::prelude::any::<u8>()),
+                1..5,
+            ),
+        ) {
+            let mut b = if kernel { kernel_like(true, true) } else { sample() };
+            for (i, v) in flips {
+                let n = b.len();
+                b[i % n] = v;
+            }
+            if let Ok(btf) = Btf::parse(&b) {
+                exercise(&btf);
             }
         }
     }
@@ -1463,7 +1421,7 @@ mod tests {
             source: std::io::Error::from(std::io::ErrorKind::NotFound),
         };
         assert!(e.to_string().starts_with("cannot read BTF from /nope"));
-        assert!(e.source().is_some());
+        assert!(std::error::Error::source(&e).is_some());
         assert!(Btf::from_file(Path::new("/nonexistent/btf")).is_err());
     }
 

@@ -29,9 +29,9 @@ mod tests {
 
     #[test]
     fn finds_the_first_mounted_candidate() {
-        let tmp = std::env::temp_dir().join(format!("overkvm-tracefs-{}", std::process::id()));
-        let unmounted = tmp.join("tracing");
-        let debug = tmp.join("debug_tracing");
+        let tmp = tempfile::tempdir().unwrap();
+        let unmounted = tmp.path().join("tracing");
+        let debug = tmp.path().join("debug_tracing");
         std::fs::create_dir_all(&unmounted).unwrap();
         std::fs::create_dir_all(debug.join("events/block")).unwrap();
         assert_eq!(find_tracefs_in([unmounted.as_path()]), None);
@@ -39,6 +39,5 @@ mod tests {
             find_tracefs_in([unmounted.as_path(), debug.as_path()]),
             Some(debug.clone())
         );
-        let _ = std::fs::remove_dir_all(&tmp);
     }
 }

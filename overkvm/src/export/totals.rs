@@ -13,14 +13,14 @@
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
-    path::Path,
     time::{Duration, Instant},
 };
 
 use overkvm_common::{HEALTH_SLOTS, LAT_BUCKETS, OP_COUNT, Op};
 
 use crate::{
-    identity::{Manager, procfs},
+    host::proc,
+    identity::Manager,
     report::{OpCounts, ProcessRow, VmRef},
     sample::{Counters, Histogram, MapFill},
     tick::{ProgramStat, ThrottleView, Tick},
@@ -183,9 +183,7 @@ pub struct ProcFs;
 
 impl ProcessTable for ProcFs {
     fn start_time(&self, pid: u32) -> Option<u64> {
-        let path = format!("/proc/{pid}/stat");
-        let (buf, _) = procfs::read_capped(Path::new(&path), 4 << 10).ok()?;
-        procfs::parse_stat(&buf).ok().map(|s| s.start_time)
+        proc::start_time(pid)
     }
 }
 

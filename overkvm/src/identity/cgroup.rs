@@ -5,6 +5,11 @@
 //! `/machine`, `/qemu.slice`): a user with a delegated subtree can create a cgroup *named*
 //! `machine-qemu\x2d1\x2dvictim.scope`, but only below `/user.slice`.
 
+use crate::{
+    cgroupfs::IoController,
+    host::proc::{CgroupEntry, block_cgroup_path, io_cgroup_path},
+};
+
 /// Decodes systemd unit-name escaping (`\xNN` for every byte outside `[A-Za-z0-9:_.]`).
 ///
 /// Malformed escapes are kept as they are; decoded bytes that are not UTF-8 are replaced.
@@ -109,9 +114,48 @@ pub fn proxmox_vmid(path: &str) -> Option<u32> {
     super::decimal_u32(comps.next()?.strip_suffix(".scope")?)
 }
 
+/// The path that says who manages the process: the v2 line's or the v1 blkio line's, whichever
+/// is in a manager's layout (on a hybrid host a manager may have placed the process in only
+/// one of them: libvirt without systemd, a kubelet on the cgroupfs driver), else
+/// [`io_cgroup_path`].
+pub fn manager_cgroup_path(entries: &[CgroupEntry]) -> &str {
+    [IoController::V2, IoController::V1]
+        .into_iter()
+        .filter_map(|api| block_cgroup_path(entries, api))
+        .find(|p| is_manager_layout(p))
+        .unwrap_or_else(|| io_cgroup_path(entries))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::host::proc::parse_cgroup;
+
+    #[test]
+    fn the_manager_is_read_from_whichever_line_holds_its_layout() {
+        // Hybrid host, kubelet on the cgroupfs driver: the pod shows only in v1.
+        let raw = b"12:blkio:/kubepods/burstable/pod1/c1\n1:name=systemd:/system.slice/containerd.service\n\
+            0::/system.slice/containerd.service\n";
+        let e = parse_cgroup(raw).unwrap();
+        assert_eq!(manager_cgroup_path(&e), "/kubepods/burstable/pod1/c1");
+        // blkio is on v1 here: the pod's blkio cgroup is also the one its I/O is charged to.
+        assert_eq!(io_cgroup_path(&e), "/kubepods/burstable/pod1/c1");
+        // libvirt without systemd on a hybrid host.
+        let raw = b"12:blkio:/machine/qemu-3-vm3.libvirt-qemu\n0::/user.slice/s.scope\n";
+        let e = parse_cgroup(raw).unwrap();
+        assert_eq!(manager_cgroup_path(&e), "/machine/qemu-3-vm3.libvirt-qemu");
+        // Both in a layout: the v2 line names the manager (I/O is still charged to blkio).
+        let raw = b"12:blkio:/machine/qemu-3-vm3.libvirt-qemu\n0::/machine.slice/machine-qemu\\x2d3\\x2dvm3.scope\n";
+        let e = parse_cgroup(raw).unwrap();
+        assert_eq!(
+            manager_cgroup_path(&e),
+            "/machine.slice/machine-qemu\\x2d3\\x2dvm3.scope"
+        );
+        // Neither: the I/O cgroup (the block controller's, blkio here).
+        let raw = b"12:blkio:/a\n0::/b\n";
+        assert_eq!(manager_cgroup_path(&parse_cgroup(raw).unwrap()), "/a");
+        assert_eq!(manager_cgroup_path(&[]), "");
+    }
 
     fn m(id: Option<u32>, name: &str) -> Option<LibvirtMachine> {
         Some(LibvirtMachine {

@@ -131,7 +131,7 @@ fn watch(
         }
         rounds = rounds.wrapping_add(1);
         if rounds.is_multiple_of(64) {
-            resolver.retain(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
+            resolver.retain(crate::host::proc::alive);
         }
     }
 }

@@ -11,7 +11,6 @@ pub mod cgroup;
 pub mod early;
 pub mod kubevirt;
 pub mod managers;
-pub mod procfs;
 pub mod qemu;
 
 pub use qemu::is_qemu;
@@ -21,6 +20,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::Serialize;
+
+// `decimal_u32` is imported here for the child modules too (`super::decimal_u32`).
+use crate::host::{
+    decimal_u32,
+    proc::{self, ProcError, ProcessDir},
+    read_capped,
+};
 
 /// Who runs a VM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
@@ -64,7 +70,7 @@ pub struct ProcessIdentity {
     pub comm: String,
     /// The process's cgroup for the block controller: the v1 blkio line's path where blkio is
     /// bound to v1 (hybrid and v1 hosts), else the v2 `0::` path, else "" (also when the file
-    /// is malformed, see [`procfs::parse_cgroup`]).
+    /// is malformed, see [`proc::parse_cgroup`]).
     pub cgroup: String,
     pub vm: Option<VmIdentity>,
     /// A kernel thread (PF_KTHREAD): it submits I/O on behalf of others (writeback,
@@ -76,12 +82,8 @@ pub struct ProcessIdentity {
 /// in case `retain` is not called.
 pub const MAX_CACHED: usize = 65536;
 
-// Caps on bytes read per file; each is well above what a genuine file holds.
-const STAT_MAX: usize = 4 << 10;
-/// qemu command lines with many `-blockdev` JSON arguments reach tens of KiB; anything past
-/// 1 MiB is dropped (options qemu managers put first, like `-name` and `-id`, survive).
-const CMDLINE_MAX: usize = 1 << 20;
-const CGROUP_MAX: usize = 64 << 10;
+// Caps on bytes read per manager file (the /proc files' caps live in `host::proc`); each is
+// well above what a genuine file holds.
 const PIDFILE_MAX: usize = 64;
 /// libvirt status XML puts a preamble (capabilities, per-device state) before `<domain>`;
 /// together they stay far below 1 MiB, and the fields we want open `<domain>`.
@@ -157,8 +159,8 @@ impl Resolver {
     /// comm is checked too: a process resolved between fork and exec (libvirtd's child before
     /// it becomes qemu) keeps its start time across exec, but not its comm.
     pub fn resolve(&mut self, pid: u32) -> Option<Arc<ProcessIdentity>> {
-        let dir = self.proc_dir.join(pid.to_string());
-        let Some(stat) = read_stat(&dir, pid) else {
+        let dir = ProcessDir::under(&self.proc_dir, pid);
+        let Ok(stat) = dir.stat() else {
             self.cache.remove(&pid);
             return None;
         };
@@ -168,7 +170,7 @@ impl Resolver {
         {
             return Some(Arc::clone(hit));
         }
-        match self.build(pid, &dir, stat) {
+        match self.build(&dir, stat) {
             Some(ident) => {
                 let ident = Arc::new(ident);
                 self.insert(pid, Arc::clone(&ident));
@@ -197,13 +199,15 @@ impl Resolver {
     }
 
     /// Everything after the first stat read. Any failed read means the process is gone.
-    fn build(&mut self, pid: u32, dir: &Path, stat: procfs::Stat) -> Option<ProcessIdentity> {
-        let (raw, _) = self.read(&dir.join("cgroup"), CGROUP_MAX)?;
-        let (cgroup, manager_cgroup) = match procfs::parse_cgroup(&raw) {
+    fn build(&mut self, dir: &ProcessDir, stat: proc::Stat) -> Option<ProcessIdentity> {
+        let pid = dir.pid();
+        self.checkpoint(&dir.file("cgroup"));
+        let (cgroup, manager_cgroup) = match dir.cgroups() {
             Ok(entries) => (
-                procfs::io_cgroup_path(&entries).to_owned(),
-                procfs::manager_cgroup_path(&entries).to_owned(),
+                proc::io_cgroup_path(&entries).to_owned(),
+                cgroup::manager_cgroup_path(&entries).to_owned(),
             ),
+            Err(ProcError::Unreadable { .. }) => return None,
             Err(e) => {
                 log::debug!("pid {pid}: ignoring its cgroup file: {e}");
                 (String::new(), String::new())
@@ -213,14 +217,10 @@ impl Resolver {
         let vm = if stat.is_kernel_thread() {
             None
         } else {
-            let (raw, truncated) = self.read(&dir.join("cmdline"), CMDLINE_MAX)?;
-            let mut argv = procfs::parse_cmdline(&raw);
-            if truncated {
-                // Cut short at the cap: a partial value is worse than none.
-                argv.pop();
-            }
-            // Unreadable for zombies and, without privileges, other users' processes: optional.
-            let exe = std::fs::read_link(dir.join("exe")).ok();
+            self.checkpoint(&dir.file("cmdline"));
+            let argv = dir.cmdline().ok()?;
+            // Optional: unreadable for zombies and other users' processes.
+            let exe = dir.exe();
             let exe = exe.as_deref().map(Path::to_string_lossy);
             let argv0 = argv.first().map_or("", String::as_str);
             if is_qemu(argv0, exe.as_deref(), &stat.comm) {
@@ -233,8 +233,8 @@ impl Resolver {
 
         // The PID may have been reused while we read; then the files above can mix two
         // processes, so discard them.
-        self.checkpoint(&dir.join("stat"));
-        let again = read_stat(dir, pid)?;
+        self.checkpoint(&dir.file("stat"));
+        let again = dir.stat().ok()?;
         if again.start_time != stat.start_time {
             return None;
         }
@@ -248,11 +248,6 @@ impl Resolver {
         })
     }
 
-    fn read(&mut self, path: &Path, cap: usize) -> Option<(Vec<u8>, bool)> {
-        self.checkpoint(path);
-        procfs::read_capped(path, cap).ok()
-    }
-
     #[cfg_attr(not(test), allow(unused_variables))]
     fn checkpoint(&mut self, path: &Path) {
         #[cfg(test)]
@@ -260,11 +255,6 @@ impl Resolver {
             hook(path);
         }
     }
-}
-
-fn read_stat(dir: &Path, pid: u32) -> Option<procfs::Stat> {
-    let (raw, _) = procfs::read_capped(&dir.join("stat"), STAT_MAX).ok()?;
-    procfs::parse_stat(&raw).ok().filter(|s| s.pid == pid)
 }
 
 /// Manager state directories under the resolver's root.
@@ -291,48 +281,33 @@ impl managers::HostFiles for HostDirs {
 }
 
 fn read_text(path: &Path, cap: usize) -> Option<String> {
-    let (raw, _) = procfs::read_capped(path, cap).ok()?;
+    let (raw, _) = read_capped(path, cap).ok()?;
     Some(String::from_utf8_lossy(&raw).into_owned())
-}
-
-/// A plain decimal `u32`: no sign, no spaces, no radix prefix (`str::parse` accepts `+1`).
-fn decimal_u32(s: &str) -> Option<u32> {
-    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    s.parse().ok()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::fs;
-    use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// A throw-away directory tree standing in for `/`.
     struct FakeRoot {
-        dir: PathBuf,
+        dir: tempfile::TempDir,
     }
 
     impl FakeRoot {
         fn new() -> FakeRoot {
-            static NEXT: AtomicUsize = AtomicUsize::new(0);
-            let dir = std::env::temp_dir().join(format!(
-                "overkvm-identity-{}-{}",
-                std::process::id(),
-                NEXT.fetch_add(1, Ordering::Relaxed)
-            ));
-            let _ = fs::remove_dir_all(&dir);
-            fs::create_dir_all(&dir).unwrap();
-            FakeRoot { dir }
+            FakeRoot {
+                dir: tempfile::tempdir().unwrap(),
+            }
         }
 
         fn resolver(&self) -> Resolver {
-            Resolver::with_root(&self.dir)
+            Resolver::with_root(self.dir.path())
         }
 
         fn write(&self, rel: &str, data: impl AsRef<[u8]>) {
-            let path = self.dir.join(rel);
+            let path = self.dir.path().join(rel);
             fs::create_dir_all(path.parent().unwrap()).unwrap();
             fs::write(path, data).unwrap();
         }
@@ -365,7 +340,7 @@ mod tests {
             self.write(&format!("proc/{pid}/cmdline"), cmdline);
             self.write(&format!("proc/{pid}/cgroup"), cgroup);
             self.write(&format!("proc/{pid}/comm"), format!("{comm}\n"));
-            let link = self.dir.join(format!("proc/{pid}/exe"));
+            let link = self.dir.path().join(format!("proc/{pid}/exe"));
             let _ = fs::remove_file(&link);
             if let Some(exe) = exe {
                 std::os::unix::fs::symlink(exe, link).unwrap();
@@ -373,15 +348,9 @@ mod tests {
         }
 
         fn remove(&self, rel: &str) {
-            let path = self.dir.join(rel);
+            let path = self.dir.path().join(rel);
             let _ = fs::remove_dir_all(&path);
             let _ = fs::remove_file(&path);
-        }
-    }
-
-    impl Drop for FakeRoot {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.dir);
         }
     }
 
@@ -528,7 +497,11 @@ mod tests {
         root.write("proc/9/stat", "9 (trunc");
         assert!(r.resolve(9).is_none());
         root.stat(10, "x", 1, 0);
-        fs::rename(root.dir.join("proc/10"), root.dir.join("proc/11")).unwrap();
+        fs::rename(
+            root.dir.path().join("proc/10"),
+            root.dir.path().join("proc/11"),
+        )
+        .unwrap();
         assert!(r.resolve(11).is_none());
     }
 
@@ -540,7 +513,7 @@ mod tests {
         for victim in ["cgroup", "cmdline", "stat"] {
             root.process(20, "kvm", 5, argv, "0::/\n", None);
             let mut r = root.resolver();
-            let dir = root.dir.join("proc/20");
+            let dir = root.dir.path().join("proc/20");
             r.before_read = Some(Box::new(move |path: &Path| {
                 if path.ends_with(victim) {
                     let _ = fs::remove_dir_all(&dir);
@@ -553,7 +526,7 @@ mod tests {
         // PID reused while we read: the final stat shows another start time.
         root.process(21, "kvm", 5, argv, "0::/\n", None);
         let mut r = root.resolver();
-        let stat = root.dir.join("proc/21/stat");
+        let stat = root.dir.path().join("proc/21/stat");
         r.before_read = Some(Box::new(move |path: &Path| {
             if path.ends_with("cmdline") {
                 let line = "21 (bash) S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 6 0 0\n";
@@ -576,7 +549,7 @@ mod tests {
             (32, "kvm-nx-lpage-re"),
             (33, "qemu-system-x86"),
         ] {
-            root.stat(pid, comm, 1, procfs::PF_KTHREAD | 0x40);
+            root.stat(pid, comm, 1, proc::PF_KTHREAD | 0x40);
             root.write(&format!("proc/{pid}/cgroup"), "0::/\n");
             let p = r.resolve(pid).unwrap();
             assert_eq!((p.comm.as_str(), &p.vm), (comm, &None));
@@ -776,14 +749,5 @@ mod tests {
         assert!(!p.comm.is_empty());
         assert_eq!(p.vm, None);
         assert!(Arc::ptr_eq(&p, &r.resolve(me).unwrap()));
-    }
-
-    #[test]
-    fn decimal() {
-        assert_eq!(decimal_u32("0"), Some(0));
-        assert_eq!(decimal_u32("4294967295"), Some(u32::MAX));
-        for bad in ["", "+1", "-1", " 1", "1 ", "4294967296", "0x1", "١"] {
-            assert_eq!(decimal_u32(bad), None, "{bad:?}");
-        }
     }
 }

@@ -221,7 +221,7 @@ pub fn rows(vms: &[(VmDefinition, VmPaths)], limits: &[ActiveLimit], measure: bo
     let guests = super::overcommit::guests(vms);
     let block_cgroup = |pid| {
         api.as_ref()
-            .and_then(|a| crate::throttle::block_cgroup_of(pid, a.api))
+            .and_then(|a| crate::host::proc::block_cgroup(pid, a.api))
     };
     for (row, own) in foreign_rows(&guests, limits, block_cgroup) {
         cgroups.push(own.and_then(|path| {

@@ -130,8 +130,9 @@ mod tests {
 
     #[test]
     fn load_reports_clearly() {
-        let dir = std::env::temp_dir().join(format!("overkvm-lc-load-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
+        let tmp = tempfile::tempdir().unwrap();
+        // Not created yet: an absent state directory holds no VMs.
+        let dir = tmp.path().join("vms");
         let (vms, problems) = load_all(&dir).unwrap();
         assert!(vms.is_empty() && problems.is_empty());
         fs::create_dir_all(dir.join("a")).unwrap();
@@ -143,6 +144,5 @@ mod tests {
         assert!(vms.is_empty());
         assert_eq!(problems.len(), 1, "{problems:?}");
         assert!(problems[0].starts_with("a: "), "{problems:?}");
-        let _ = fs::remove_dir_all(&dir);
     }
 }

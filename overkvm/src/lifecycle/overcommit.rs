@@ -24,7 +24,8 @@ use super::{
 use crate::{
     config::Config,
     devices::DeviceTable,
-    identity::{Manager, Resolver, procfs},
+    host::proc::{self, ProcessDir},
+    identity::{Manager, Resolver},
     text::sanitize,
     tick::ThrottleView,
 };
@@ -283,25 +284,16 @@ fn host_facts() -> HostFacts {
 
 /// vCPU threads of a process.
 fn vcpu_threads(pid: u32) -> u32 {
-    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
-    };
-    tasks
-        .filter_map(|t| t.ok())
-        .filter(|t| {
-            fs::read(t.path().join("comm")).is_ok_and(|c| is_vcpu_thread(&procfs::parse_comm(&c)))
-        })
+    ProcessDir::host(pid)
+        .threads()
+        .iter()
+        .filter(|t| t.comm().is_ok_and(|c| is_vcpu_thread(&c)))
         .count() as u32
 }
 
 fn resident_mib(pid: u32) -> u64 {
-    fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        })
+    ProcessDir::host(pid)
+        .status_kib("VmRSS")
         .map_or(0, |kb| kb >> 10)
 }
 
@@ -309,23 +301,14 @@ fn resident_mib(pid: u32) -> u64 {
 pub fn guests(defined: &[(VmDefinition, VmPaths)]) -> Vec<GuestProc> {
     let mut resolver = Resolver::new();
     let mut out = Vec::new();
-    let Ok(dir) = fs::read_dir("/proc") else {
-        return out;
-    };
-    let mut pids: Vec<u32> = dir
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
-    pids.sort_unstable();
-    for pid in pids {
+    for pid in proc::pids() {
         let Some(p) = resolver.resolve(pid) else {
             continue;
         };
         let Some(vm) = &p.vm else {
             continue;
         };
-        let argv = procfs::read_capped(Path::new(&format!("/proc/{pid}/cmdline")), 1 << 20)
-            .map(|(raw, _)| procfs::parse_cmdline(&raw))
-            .unwrap_or_default();
+        let argv = ProcessDir::host(pid).cmdline().unwrap_or_default();
         let (smp, mem) = smp_and_memory(&argv);
         let threads = vcpu_threads(pid);
         out.push(GuestProc {

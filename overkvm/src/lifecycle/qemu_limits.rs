@@ -201,8 +201,7 @@ pub fn from_pve_config(conf: &str) -> Vec<DiskLimits> {
 /// QEMU limits of Proxmox VM `vmid` from its config (None when it cannot be read).
 pub fn of_proxmox_vm(pve_dir: &Path, vmid: u32) -> Option<Vec<DiskLimits>> {
     let (raw, _) =
-        crate::identity::procfs::read_capped(&pve_dir.join(format!("{vmid}.conf")), 64 << 10)
-            .ok()?;
+        crate::host::read_capped(&pve_dir.join(format!("{vmid}.conf")), 64 << 10).ok()?;
     Some(from_pve_config(&String::from_utf8_lossy(&raw)))
 }
 
@@ -220,7 +219,7 @@ pub fn of_libvirt_domain(run_dir: &Path, name: &str, pid: u32) -> Option<Vec<Dis
         return None;
     }
     let (raw, truncated) =
-        crate::identity::procfs::read_capped(&run_dir.join(format!("{name}.xml")), 1 << 20).ok()?;
+        crate::host::read_capped(&run_dir.join(format!("{name}.xml")), 1 << 20).ok()?;
     if truncated {
         return None;
     }

@@ -11,7 +11,6 @@
 //! serves one client at a time, so connections here are short.
 
 use std::{
-    fmt,
     io::{self, BufRead as _, BufReader, Read as _, Write as _},
     os::unix::net::UnixStream,
     path::Path,
@@ -27,43 +26,33 @@ const MAX_EVENTS: usize = 64;
 
 /// Why a QMP exchange failed. Callers branch on `Closed` (qemu exited, e.g. after `quit`)
 /// and `Command` (qemu refused the command).
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum QmpError {
+    // Not a `source`: the text already carries the I/O error, and anyhow's chain would print
+    // it twice.
+    #[error("{}", io_text(.0))]
     Io(io::Error),
     /// qemu closed the connection.
+    #[error("qemu closed the QMP connection")]
     Closed,
     /// Something that is not QMP.
+    #[error("QMP protocol: {0}")]
     Protocol(String),
     /// qemu answered with an error.
-    Command {
-        class: String,
-        desc: String,
-    },
+    #[error("qemu refused: {class}: {desc}")]
+    Command { class: String, desc: String },
 }
 
-impl fmt::Display for QmpError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            QmpError::Io(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                write!(
-                    f,
-                    "QMP did not answer in time (another client may hold the monitor)"
-                )
-            }
-            QmpError::Io(e) => write!(f, "QMP I/O: {e}"),
-            QmpError::Closed => f.write_str("qemu closed the QMP connection"),
-            QmpError::Protocol(m) => write!(f, "QMP protocol: {m}"),
-            QmpError::Command { class, desc } => write!(f, "qemu refused: {class}: {desc}"),
-        }
+fn io_text(e: &io::Error) -> String {
+    if matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    ) {
+        "QMP did not answer in time (another client may hold the monitor)".into()
+    } else {
+        format!("QMP I/O: {e}")
     }
 }
-
-impl std::error::Error for QmpError {}
 
 impl From<io::Error> for QmpError {
     fn from(e: io::Error) -> Self {
@@ -325,10 +314,8 @@ mod tests {
     /// A fake qemu monitor: greeting, then answers by script, with events in between.
     #[test]
     fn client_against_fake_server() {
-        let dir = std::env::temp_dir().join(format!("overkvm-qmp-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let sock = dir.join("q.sock");
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("q.sock");
         let listener = UnixListener::bind(&sock).unwrap();
         let server = thread::spawn(move || {
             let (s, _) = listener.accept().unwrap();
@@ -374,7 +361,23 @@ mod tests {
             server.join().unwrap(),
             ["qmp_capabilities", "query-status", "x", "quit"]
         );
-        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn errors_say_what_happened() {
+        let slow = QmpError::Io(io::Error::from(io::ErrorKind::WouldBlock));
+        assert!(
+            slow.to_string().contains("did not answer in time"),
+            "{slow}"
+        );
+        let io = QmpError::Io(io::Error::from(io::ErrorKind::ConnectionReset));
+        assert!(io.to_string().starts_with("QMP I/O: "), "{io}");
+        assert!(std::error::Error::source(&io).is_none(), "printed once");
+        let refused = QmpError::Command {
+            class: "GenericError".into(),
+            desc: "no".into(),
+        };
+        assert_eq!(refused.to_string(), "qemu refused: GenericError: no");
     }
 
     #[test]

@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
 use super::definition::{VmDefinition, VmPaths};
-use crate::identity::procfs;
+use crate::host::{proc::ProcessDir, read_capped};
 
 /// What `vm start` writes next to the definition once qemu runs (`run.json`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,13 +90,13 @@ pub fn classify(
 
 /// Reads a pidfile: a decimal pid and a newline; None if absent or malformed.
 pub fn read_pidfile(path: &Path) -> Option<u32> {
-    let (raw, _) = procfs::read_capped(path, 64).ok()?;
+    let (raw, _) = read_capped(path, 64).ok()?;
     let text = std::str::from_utf8(&raw).ok()?.trim();
     text.parse().ok().filter(|p| *p > 0)
 }
 
 pub fn read_record(path: &Path) -> Option<RunRecord> {
-    let (raw, _) = procfs::read_capped(path, 64 << 10).ok()?;
+    let (raw, _) = read_capped(path, 64 << 10).ok()?;
     serde_json::from_slice(&raw).ok()
 }
 
@@ -107,12 +107,9 @@ pub fn write_record(path: &Path, r: &RunRecord) -> anyhow::Result<()> {
 
 /// /proc's view of a pid, for [`classify`].
 pub fn proc_view(pid: u32, uuid: &str) -> Option<ProcView> {
-    let dir = Path::new("/proc").join(pid.to_string());
-    let (raw, _) = procfs::read_capped(&dir.join("stat"), 4096).ok()?;
-    let stat = procfs::parse_stat(&raw).ok()?;
-    let argv = procfs::read_capped(&dir.join("cmdline"), 1 << 20)
-        .map(|(raw, _)| procfs::parse_cmdline(&raw))
-        .unwrap_or_default();
+    let dir = ProcessDir::host(pid);
+    let stat = dir.stat().ok()?;
+    let argv = dir.cmdline().unwrap_or_default();
     let args = crate::identity::qemu::QemuArgs::parse(&argv);
     Some(ProcView {
         start_time: stat.start_time,
@@ -237,8 +234,8 @@ mod tests {
 
     #[test]
     fn pidfiles_and_records() {
-        let dir = std::env::temp_dir().join(format!("overkvm-state-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let p = dir.join("qemu.pid");
         for (text, want) in [
             ("1234\n", Some(1234)),
@@ -257,7 +254,6 @@ mod tests {
         assert_eq!(read_record(&dir.join("run.json")), Some(r));
         fs::write(dir.join("bad.json"), "{").unwrap();
         assert_eq!(read_record(&dir.join("bad.json")), None);
-        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -52,25 +52,6 @@ fn is_gone(e: &anyhow::Error) -> bool {
     })
 }
 
-/// The cgroup of a process in the block controller's hierarchy, from /proc/PID/cgroup: the
-/// `blkio` line on v1, the `0::` line on v2 (on a hybrid host the two differ).
-pub(crate) fn block_cgroup_of(pid: u32, api: crate::cgroupfs::IoController) -> Option<String> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    block_cgroup_in(&text, api)
-}
-
-fn block_cgroup_in(text: &str, api: crate::cgroupfs::IoController) -> Option<String> {
-    text.lines().find_map(|l| {
-        let mut f = l.splitn(3, ':');
-        let (id, controllers, path) = (f.next()?, f.next()?, f.next()?);
-        let ours = match api {
-            crate::cgroupfs::IoController::V1 => controllers.split(',').any(|c| c == "blkio"),
-            crate::cgroupfs::IoController::V2 => id == "0" && controllers.is_empty(),
-        };
-        (ours && path.starts_with('/')).then(|| path.to_string())
-    })
-}
-
 /// Policy knobs from the config, defaults where unset.
 pub fn knobs(config: &Config) -> Knobs {
     let p = &config.policy;
@@ -413,7 +394,7 @@ impl ThrottleService {
             report,
             secs,
             |row| table.get(make_dev(row.major, row.minor)).disk_dev == disk,
-            |pid| block_cgroup_of(pid, api?),
+            |pid| crate::host::proc::block_cgroup(pid, api?),
         );
         let guest = |u: &VmUse, name: &str, bytes: bool| -> GuestUse {
             let rule = self.config.rule_for(name, u.uuid.as_deref(), &u.manager);
@@ -716,7 +697,7 @@ impl ThrottleService {
     /// Moves a VM's qemu into `/overkvm/<name>`, recording how to undo it.
     fn adopt(&mut self, vm: &str, pid: u32, from: &str) -> anyhow::Result<String> {
         let act = self.act.clone().context("no cgroup controller")?;
-        let start_time = state::process_start_time(pid).context("the VM's process is gone")?;
+        let start_time = crate::host::proc::start_time(pid).context("the VM's process is gone")?;
         let to = act.adopt(vm, pid)?;
         if !self.state.created.contains(&"/overkvm".to_string()) {
             self.state.created.push("/overkvm".into());
@@ -921,23 +902,6 @@ mod tests {
             svc.vanished("vmB", &format!("/machine/vmB-{i}"));
         }
         assert!(svc.warned.len() <= 4097, "bounded: {}", svc.warned.len());
-    }
-
-    #[test]
-    fn block_cgroup_is_read_from_the_block_controllers_line() {
-        use crate::cgroupfs::IoController::{V1, V2};
-        let hybrid = "12:blkio:/machine/vm1\n3:cpu,cpuacct:/x\n0::/user.slice/s.scope\n";
-        assert_eq!(block_cgroup_in(hybrid, V1).as_deref(), Some("/machine/vm1"));
-        assert_eq!(
-            block_cgroup_in(hybrid, V2).as_deref(),
-            Some("/user.slice/s.scope")
-        );
-        assert_eq!(block_cgroup_in("0::/a\n", V1), None);
-        assert_eq!(
-            block_cgroup_in("2:blkio,io:/b\n", V1).as_deref(),
-            Some("/b")
-        );
-        assert_eq!(block_cgroup_in("garbage\n1:blkio:relative\n", V1), None);
     }
 
     #[test]

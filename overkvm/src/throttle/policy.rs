@@ -855,32 +855,28 @@ mod tests {
         assert!(allocate(100.0, &[]).is_empty());
     }
 
-    #[test]
-    fn allocation_never_exceeds_capacity_or_demand() {
-        // A small deterministic sweep instead of a property-testing crate.
-        let mut seed = 12345u64;
-        let mut rnd = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed % 10_000) as f64
-        };
-        for _ in 0..500 {
-            let n = 1 + (rnd() as usize % 6);
-            let claims: Vec<Claim> = (0..n)
-                .map(|_| claim(rnd(), 1.0 + rnd() / 2000.0, rnd() / 10.0))
-                .collect();
-            let cap = rnd();
+    proptest::proptest! {
+        #[test]
+        fn allocation_never_exceeds_capacity_or_demand(
+            // (demand, weight, reservation) of one to six claims.
+            claims in proptest::collection::vec(
+                (0.0..10_000.0f64, 1.0..6.0f64, 0.0..1_000.0f64),
+                1..7,
+            ),
+            cap in 0.0..10_000.0f64,
+        ) {
+            let claims: Vec<Claim> = claims.into_iter().map(|(d, w, r)| claim(d, w, r)).collect();
             let a = allocate(cap, &claims);
             let total: f64 = a.iter().sum();
-            assert!(total <= cap + 1e-6, "{total} > {cap}");
+            proptest::prop_assert!(total <= cap + 1e-6, "{} > {}", total, cap);
             for (x, c) in a.iter().zip(&claims) {
-                assert!(*x <= c.demand + 1e-6 && *x >= -1e-9);
+                proptest::prop_assert!(*x <= c.demand + 1e-6 && *x >= -1e-9);
             }
             let demand: f64 = claims.iter().map(|c| c.demand).sum();
-            assert!(
+            proptest::prop_assert!(
                 total >= demand.min(cap) - 1e-6,
-                "work-conserving: {total} vs {}",
+                "work-conserving: {} vs {}",
+                total,
                 demand.min(cap)
             );
         }

@@ -11,6 +11,7 @@ use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
 use super::actuator::Actuator;
+use crate::host::proc;
 
 /// A limit this service wrote.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,13 +80,6 @@ impl ThrottleState {
     }
 }
 
-/// Start time of a live process (field 22 of /proc/PID/stat), if it exists.
-pub fn process_start_time(pid: u32) -> Option<u64> {
-    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = &text[text.rfind(')')? + 1..];
-    after.split_whitespace().nth(19)?.parse().ok()
-}
-
 /// Undoes everything in `state`: removes limits, moves processes back, removes created
 /// cgroups. Goes on past failures (a cgroup already gone is fine) and returns what it could not
 /// undo, one line each.
@@ -107,7 +101,7 @@ pub fn undo(state: &ThrottleState, act: &Actuator) -> Vec<String> {
         }
     }
     for m in &state.moved {
-        if process_start_time(m.pid) == Some(m.start_time)
+        if proc::start_time(m.pid) == Some(m.start_time)
             && let Err(e) = act.move_process(&m.from, m.pid)
         {
             failed.push(format!("moving pid {} back to {}: {e:#}", m.pid, m.from));
@@ -133,7 +127,9 @@ mod tests {
 
     #[test]
     fn state_round_trips_and_dedups() {
-        let dir = std::env::temp_dir().join(format!("overkvm-state-{}", std::process::id()));
+        let root = tempfile::tempdir().unwrap();
+        // Not there yet: saving creates it.
+        let dir = root.path().join("state");
         let path = dir.join("throttle.json");
         let mut s = ThrottleState::default();
         assert!(s.note_limit("/a", 7, 0));
@@ -155,13 +151,12 @@ mod tests {
         );
         fs::write(&path, "{not json").unwrap();
         assert!(ThrottleState::load(&path).is_err());
-        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn save_replaces_a_planted_symlink_and_never_writes_its_target() {
-        let dir = std::env::temp_dir().join(format!("overkvm-state-link-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path();
         let outside = dir.join("outside.txt");
         fs::write(&outside, "precious").unwrap();
         let path = dir.join("throttle.json");
@@ -181,11 +176,5 @@ mod tests {
         );
         assert_eq!(ThrottleState::load(&path).unwrap(), s);
         assert!(!tmp.exists());
-        fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn own_start_time_is_readable() {
-        assert!(process_start_time(std::process::id()).is_some());
     }
 }

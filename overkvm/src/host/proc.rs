@@ -1,28 +1,185 @@
-//! Parsers for the `/proc/PID` files the identity layer reads.
+//! The one reader of `/proc/PID`: stat, cmdline, comm, cgroup, status and the thread list.
 //!
-//! They take bytes and never panic. A process can exit or be replaced while we read, and comm,
-//! argv and cgroup names are chosen by whoever runs the process, so every input is untrusted.
+//! Every other module asks here, so each file is read with the same cap and parsed by the same
+//! strict parser. Parsers take bytes and never panic: a process can exit or be replaced while
+//! we read, and comm, argv and cgroup names are chosen by whoever runs the process, so every
+//! input is untrusted. [`ProcessDir`] is the thin reading layer; the `parse_*` functions are
+//! pure.
 
-use std::fmt;
-use std::fs::File;
-use std::io::{self, Read};
-use std::path::Path;
+use std::{
+    io,
+    path::{Path, PathBuf},
+};
+
+use super::{decimal_u32, read_capped};
+use crate::cgroupfs::IoController;
 
 /// `PF_KTHREAD` in the stat `flags` field (include/linux/sched.h). Kernel threads such as
 /// `kvm-pit/1234` must never be taken for a VM, whatever their name.
 pub const PF_KTHREAD: u32 = 0x0020_0000;
 
+// Caps on bytes read per file; each is well above what a genuine file holds.
+const STAT_MAX: usize = 4 << 10;
+/// qemu command lines with many `-blockdev` JSON arguments reach tens of KiB; anything past
+/// 1 MiB is dropped (options qemu managers put first, like `-name` and `-id`, survive).
+const CMDLINE_MAX: usize = 1 << 20;
+const CGROUP_MAX: usize = 64 << 10;
+/// A task's comm is at most 15 bytes, but kernel threads show longer names (a workqueue
+/// worker's adds its workqueue, a kthread's full name is up to 64 bytes).
+const COMM_MAX: usize = 256;
+const STATUS_MAX: usize = 16 << 10;
+
 /// Why a /proc file could not be parsed. Static text keeps the error path allocation-free.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
 pub struct ParseError(pub &'static str);
 
-impl fmt::Display for ParseError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.0)
+/// Why a process's file gave no answer. Callers branch on it: a file that cannot be read means
+/// the process is gone (or was never there); one that reads but does not parse is hostile or
+/// cut short, and the caller decides whether the rest of what it read still stands.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcError {
+    // The I/O error is in the text, not a `source`, so that an error chain prints it once.
+    #[error("reading {}: {error}", path.display())]
+    Unreadable { path: PathBuf, error: io::Error },
+    #[error("{}: {reason}", path.display())]
+    Malformed { path: PathBuf, reason: ParseError },
+}
+
+/// One process's directory: `/proc/PID` on the host, or the same layout under a fake root.
+#[derive(Clone, Debug)]
+pub struct ProcessDir {
+    pid: u32,
+    dir: PathBuf,
+}
+
+impl ProcessDir {
+    /// `/proc/PID` of the host.
+    pub fn host(pid: u32) -> ProcessDir {
+        ProcessDir::under(Path::new("/proc"), pid)
+    }
+
+    /// `proc_root/PID`, so tests can use a fake tree.
+    pub fn under(proc_root: &Path, pid: u32) -> ProcessDir {
+        ProcessDir {
+            pid,
+            dir: proc_root.join(pid.to_string()),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// The path of one of the process's files.
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// True while the process exists (in this PID namespace).
+    pub fn exists(&self) -> bool {
+        self.dir.exists()
+    }
+
+    fn read(&self, name: &str, cap: usize) -> Result<(Vec<u8>, bool), ProcError> {
+        let path = self.file(name);
+        read_capped(&path, cap).map_err(|error| ProcError::Unreadable { path, error })
+    }
+
+    fn malformed(&self, name: &str, reason: ParseError) -> ProcError {
+        ProcError::Malformed {
+            path: self.file(name),
+            reason,
+        }
+    }
+
+    /// `stat`, checked to be this PID's: a file naming another PID is malformed.
+    pub fn stat(&self) -> Result<Stat, ProcError> {
+        let (raw, _) = self.read("stat", STAT_MAX)?;
+        let stat = parse_stat(&raw).map_err(|e| self.malformed("stat", e))?;
+        if stat.pid != self.pid {
+            return Err(self.malformed("stat", ParseError("stat: another pid")));
+        }
+        Ok(stat)
+    }
+
+    /// `cmdline` as arguments. An argument cut short by the cap is dropped: a partial value is
+    /// worse than none.
+    pub fn cmdline(&self) -> Result<Vec<String>, ProcError> {
+        let (raw, truncated) = self.read("cmdline", CMDLINE_MAX)?;
+        let mut argv = parse_cmdline(&raw);
+        if truncated {
+            argv.pop();
+        }
+        Ok(argv)
+    }
+
+    /// `comm`, without the kernel's newline.
+    pub fn comm(&self) -> Result<String, ProcError> {
+        self.read("comm", COMM_MAX).map(|(raw, _)| parse_comm(&raw))
+    }
+
+    /// `cgroup`, every hierarchy's line (see [`parse_cgroup`] for what is rejected).
+    pub fn cgroups(&self) -> Result<Vec<CgroupEntry>, ProcError> {
+        let (raw, _) = self.read("cgroup", CGROUP_MAX)?;
+        parse_cgroup(&raw).map_err(|e| self.malformed("cgroup", e))
+    }
+
+    /// The `exe` link's target; unreadable for zombies and, without privileges, for other
+    /// users' processes.
+    pub fn exe(&self) -> Option<PathBuf> {
+        std::fs::read_link(self.file("exe")).ok()
+    }
+
+    /// A `kB` field of `status` (`VmRSS`, ...), in KiB.
+    pub fn status_kib(&self, field: &str) -> Option<u64> {
+        let (raw, _) = self.read("status", STATUS_MAX).ok()?;
+        parse_status_kib(&raw, field)
+    }
+
+    /// The process's threads (`task/TID`), each readable like a process.
+    pub fn threads(&self) -> Vec<ProcessDir> {
+        let task = self.file("task");
+        let Ok(entries) = std::fs::read_dir(&task) else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(|e| e.ok()?.file_name().to_str().and_then(decimal_u32))
+            .map(|tid| ProcessDir::under(&task, tid))
+            .collect()
     }
 }
 
-impl std::error::Error for ParseError {}
+/// True while the host's /proc has the process (host PID namespace).
+pub fn alive(pid: u32) -> bool {
+    ProcessDir::host(pid).exists()
+}
+
+/// The start time of a live process (field 22 of stat, clock ticks since boot), which with the
+/// PID identifies a process across PID reuse.
+pub fn start_time(pid: u32) -> Option<u64> {
+    ProcessDir::host(pid).stat().ok().map(|s| s.start_time)
+}
+
+/// The PIDs in the host's /proc, ascending.
+pub fn pids() -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut pids: Vec<u32> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str().and_then(decimal_u32))
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
+/// A process's cgroup in the hierarchy of the given block controller interface: the `blkio`
+/// line's path for v1, the `0::` line's for v2 (on a hybrid host the two differ). None when the
+/// process is gone, the file is malformed, or it has no such line.
+pub fn block_cgroup(pid: u32, api: IoController) -> Option<String> {
+    let entries = ProcessDir::host(pid).cgroups().ok()?;
+    block_cgroup_path(&entries, api).map(str::to_owned)
+}
 
 /// The fields of `/proc/PID/stat` the resolver needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -61,7 +218,7 @@ pub fn parse_stat(buf: &[u8]) -> Result<Stat, ParseError> {
         .ok_or(ParseError("stat: no ')' after comm"))?;
     let pid = std::str::from_utf8(&buf[..open])
         .ok()
-        .and_then(|s| super::decimal_u32(s.trim()))
+        .and_then(|s| decimal_u32(s.trim()))
         .ok_or(ParseError("stat: bad pid"))?;
     let comm = String::from_utf8_lossy(&buf[open + 1..close]).into_owned();
     let rest = std::str::from_utf8(&buf[close + 1..]).map_err(|_| ParseError("stat: not ASCII"))?;
@@ -148,7 +305,7 @@ pub fn parse_cgroup(buf: &[u8]) -> Result<Vec<CgroupEntry>, ParseError> {
         else {
             return Err(ParseError("cgroup: line without two ':'"));
         };
-        let hierarchy = super::decimal_u32(id).ok_or(ParseError("cgroup: bad hierarchy id"))?;
+        let hierarchy = decimal_u32(id).ok_or(ParseError("cgroup: bad hierarchy id"))?;
         if !path.starts_with('/') {
             return Err(ParseError("cgroup: path not absolute"));
         }
@@ -171,46 +328,28 @@ pub fn parse_cgroup(buf: &[u8]) -> Result<Vec<CgroupEntry>, ParseError> {
 /// controller: the blkio path is the one `blkio.throttle.*` and the charged bios use. Without
 /// one, the v2 (`0::`) path; else "".
 pub fn io_cgroup_path(entries: &[CgroupEntry]) -> &str {
+    block_cgroup_path(entries, IoController::V1)
+        .or_else(|| block_cgroup_path(entries, IoController::V2))
+        .unwrap_or("")
+}
+
+/// The path of the line for one block controller interface: `blkio` for v1, `0::` for v2.
+pub fn block_cgroup_path(entries: &[CgroupEntry], api: IoController) -> Option<&str> {
     entries
         .iter()
-        .find(|e| e.has_controller("blkio"))
-        .or_else(|| {
-            entries
-                .iter()
-                .find(|e| e.hierarchy == 0 && e.controllers.is_empty())
+        .find(|e| match api {
+            IoController::V1 => e.has_controller("blkio"),
+            IoController::V2 => e.hierarchy == 0 && e.controllers.is_empty(),
         })
-        .map_or("", |e| e.path.as_str())
-}
-
-/// The path that says who manages the process: the v2 line's or the v1 blkio line's, whichever
-/// is in a manager's layout (on a hybrid host a manager may have placed the process in only
-/// one of them: libvirt without systemd, a kubelet on the cgroupfs driver), else
-/// [`io_cgroup_path`].
-pub fn manager_cgroup_path(entries: &[CgroupEntry]) -> &str {
-    let v2 = entries
-        .iter()
-        .find(|e| e.hierarchy == 0 && e.controllers.is_empty());
-    let blkio = entries.iter().find(|e| e.has_controller("blkio"));
-    [v2, blkio]
-        .into_iter()
-        .flatten()
         .map(|e| e.path.as_str())
-        .find(|p| super::cgroup::is_manager_layout(p))
-        .unwrap_or_else(|| io_cgroup_path(entries))
 }
 
-/// Reads at most `cap` bytes of a file; the flag says whether the file was longer.
-///
-/// /proc files are generated on read, so their size is unknown beforehand; the cap keeps a
-/// hostile 100 MB argv (or a huge status XML) from costing more than `cap` bytes.
-pub fn read_capped(path: &Path, cap: usize) -> io::Result<(Vec<u8>, bool)> {
-    let mut buf = Vec::new();
-    File::open(path)?
-        .take(cap as u64 + 1)
-        .read_to_end(&mut buf)?;
-    let truncated = buf.len() > cap;
-    buf.truncate(cap);
-    Ok((buf, truncated))
+/// Parses one `Name:   N kB` field of `/proc/PID/status`.
+pub fn parse_status_kib(buf: &[u8], field: &str) -> Option<u64> {
+    let text = std::str::from_utf8(buf).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().strip_suffix("kB")?.trim().parse().ok())
 }
 
 #[cfg(test)]
@@ -386,32 +525,6 @@ mod tests {
     }
 
     #[test]
-    fn the_manager_is_read_from_whichever_line_holds_its_layout() {
-        // Hybrid host, kubelet on the cgroupfs driver: the pod shows only in v1.
-        let raw = b"12:blkio:/kubepods/burstable/pod1/c1\n1:name=systemd:/system.slice/containerd.service\n\
-            0::/system.slice/containerd.service\n";
-        let e = parse_cgroup(raw).unwrap();
-        assert_eq!(manager_cgroup_path(&e), "/kubepods/burstable/pod1/c1");
-        // blkio is on v1 here: the pod's blkio cgroup is also the one its I/O is charged to.
-        assert_eq!(io_cgroup_path(&e), "/kubepods/burstable/pod1/c1");
-        // libvirt without systemd on a hybrid host.
-        let raw = b"12:blkio:/machine/qemu-3-vm3.libvirt-qemu\n0::/user.slice/s.scope\n";
-        let e = parse_cgroup(raw).unwrap();
-        assert_eq!(manager_cgroup_path(&e), "/machine/qemu-3-vm3.libvirt-qemu");
-        // Both in a layout: the v2 line names the manager (I/O is still charged to blkio).
-        let raw = b"12:blkio:/machine/qemu-3-vm3.libvirt-qemu\n0::/machine.slice/machine-qemu\\x2d3\\x2dvm3.scope\n";
-        let e = parse_cgroup(raw).unwrap();
-        assert_eq!(
-            manager_cgroup_path(&e),
-            "/machine.slice/machine-qemu\\x2d3\\x2dvm3.scope"
-        );
-        // Neither: the I/O cgroup (the block controller's, blkio here).
-        let raw = b"12:blkio:/a\n0::/b\n";
-        assert_eq!(manager_cgroup_path(&parse_cgroup(raw).unwrap()), "/a");
-        assert_eq!(manager_cgroup_path(&[]), "");
-    }
-
-    #[test]
     fn cgroup_path_with_colons() {
         let e = parse_cgroup(b"0::/a:b:c/d\n").unwrap();
         assert_eq!(e[0].path, "/a:b:c/d");
@@ -443,17 +556,64 @@ mod tests {
     }
 
     #[test]
-    fn read_capped_reports_truncation() {
-        let dir = std::env::temp_dir().join(format!("overkvm-procfs-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let f = dir.join("f");
-        std::fs::write(&f, b"0123456789").unwrap();
-        assert_eq!(read_capped(&f, 4).unwrap(), (b"0123".to_vec(), true));
+    fn block_cgroup_is_read_from_the_block_controllers_line() {
+        use IoController::{V1, V2};
+        let lines = |raw: &[u8]| parse_cgroup(raw).unwrap();
+        let hybrid = lines(b"12:blkio:/machine/vm1\n3:cpu,cpuacct:/x\n0::/user.slice/s.scope\n");
+        assert_eq!(block_cgroup_path(&hybrid, V1), Some("/machine/vm1"));
+        assert_eq!(block_cgroup_path(&hybrid, V2), Some("/user.slice/s.scope"));
+        assert_eq!(block_cgroup_path(&lines(b"0::/a\n"), V1), None);
         assert_eq!(
-            read_capped(&f, 10).unwrap(),
-            (b"0123456789".to_vec(), false)
+            block_cgroup_path(&lines(b"2:blkio,io:/b\n"), V1),
+            Some("/b")
         );
-        assert!(read_capped(&dir.join("missing"), 4).is_err());
-        std::fs::remove_dir_all(&dir).unwrap();
+        // A forged second line rejects the whole file, so no caller picks the first match.
+        assert!(parse_cgroup(b"12:blkio:/user/x\n12:blkio:/machine/vm1\n").is_err());
+    }
+
+    #[test]
+    fn status_kib_fields() {
+        let raw = b"Name:\tqemu\nVmRSS:\t  524288 kB\nThreads:\t9\n";
+        assert_eq!(parse_status_kib(raw, "VmRSS"), Some(524288));
+        assert_eq!(parse_status_kib(raw, "VmSwap"), None);
+        assert_eq!(parse_status_kib(raw, "Threads"), None, "not a kB field");
+        assert_eq!(parse_status_kib(b"VmRSS:\tx kB\n", "VmRSS"), None);
+        assert_eq!(parse_status_kib(b"\xff", "VmRSS"), None);
+    }
+
+    #[test]
+    fn process_dir_reads_a_fake_tree() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("42");
+        std::fs::create_dir_all(dir.join("task/43")).unwrap();
+        std::fs::write(
+            dir.join("stat"),
+            b"42 (q) S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 777 0 0\n",
+        )
+        .unwrap();
+        std::fs::write(dir.join("cgroup"), b"0::/a\n0::/b\n").unwrap();
+        std::fs::write(dir.join("task/43/comm"), b"CPU 0/KVM\n").unwrap();
+        let p = ProcessDir::under(root.path(), 42);
+        assert_eq!(p.stat().unwrap().start_time, 777);
+        assert!(matches!(p.cgroups(), Err(ProcError::Malformed { .. })));
+        assert!(matches!(p.cmdline(), Err(ProcError::Unreadable { .. })));
+        let threads = p.threads();
+        assert_eq!(threads.len(), 1);
+        assert_eq!(threads[0].comm().unwrap(), "CPU 0/KVM");
+        // A stat file that names another PID is not this process's.
+        let other = ProcessDir::under(root.path(), 7);
+        std::fs::create_dir_all(root.path().join("7")).unwrap();
+        std::fs::copy(dir.join("stat"), root.path().join("7/stat")).unwrap();
+        assert!(matches!(other.stat(), Err(ProcError::Malformed { .. })));
+        assert!(!ProcessDir::under(root.path(), 8).exists());
+    }
+
+    #[test]
+    fn this_process_is_readable() {
+        let me = std::process::id();
+        assert!(alive(me));
+        assert!(start_time(me).is_some());
+        assert!(pids().contains(&me));
+        assert!(!ProcessDir::host(me).cmdline().unwrap().is_empty());
     }
 }
