@@ -4,8 +4,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use overkvm::devices::parse_maj_min;
-use overkvm::lifecycle::cgroup::{parse_v1_serviced, parse_v2_stat};
-use overkvm::throttle::actuator::{Limits, io_max_line, parse_io_max, parse_v1};
+use overkvm::host::cgroup::counters::{parse_v1_serviced, parse_v2_stat};
+use overkvm::host::cgroup::limits::{Limits, io_max_line, parse_io_max, parse_v1};
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use overkvm::cgroupfs::parse_mountinfo;
+use overkvm::host::cgroup::parse_mountinfo;
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);

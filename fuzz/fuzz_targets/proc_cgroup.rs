@@ -5,9 +5,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use overkvm::host::cgroup::limits::check_cgroup_path;
 use overkvm::host::proc;
 use overkvm::identity::cgroup;
-use overkvm::throttle::actuator::check_cgroup_path;
 
 fn paths(p: &str) {
     let _ = cgroup::unescape_systemd(p);

@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use crate::{
     bpf::{self, HookMode, LoadOptions, Programs, btf::Btf, layout, tracefs},
-    cgroupfs,
+    host::cgroup,
 };
 
 #[derive(Debug, Default, Serialize)]
@@ -19,7 +19,7 @@ pub struct Tracepoints {
 #[derive(Debug, Serialize)]
 pub struct CgroupSupport {
     /// "v2", "v1" or null when no block controller is mounted.
-    pub io_controller: Option<cgroupfs::IoController>,
+    pub io_controller: Option<cgroup::IoController>,
     pub io_mount: Option<String>,
     pub cgroup2_mount: Option<String>,
     /// cgroup2 is mounted but its io controller is bound to v1 (hybrid host).
@@ -136,8 +136,8 @@ pub fn run_checks() -> CheckReport {
         warnings.push("tracefs is not mounted (not needed: overkvm attaches through BTF; `mount -t tracefs nodev /sys/kernel/tracing` to inspect events)".into());
     }
 
-    let mounts = cgroupfs::host_mounts();
-    let io = cgroupfs::find_io_hierarchy(&mounts);
+    let mounts = cgroup::host_mounts();
+    let io = cgroup::find_io_hierarchy(&mounts);
     let cgroup2 = mounts.iter().find(|m| m.fs_type == "cgroup2");
     let cgroups = CgroupSupport {
         io_controller: io.as_ref().map(|h| h.controller),
@@ -146,14 +146,14 @@ pub fn run_checks() -> CheckReport {
         hybrid: cgroup2.is_some()
             && io
                 .as_ref()
-                .is_some_and(|h| h.controller == cgroupfs::IoController::V1),
+                .is_some_and(|h| h.controller == cgroup::IoController::V1),
     };
     match cgroups.io_controller {
         None => warnings.push("no block cgroup controller mounted: throttling is not possible".into()),
-        Some(cgroupfs::IoController::V1) => warnings.push(
+        Some(cgroup::IoController::V1) => warnings.push(
             "block controller is cgroup v1 blkio: throttling uses blkio.throttle.* (effective on direct I/O only; buffered writeback is not limited by v1)".into(),
         ),
-        Some(cgroupfs::IoController::V2) => {}
+        Some(cgroup::IoController::V2) => {}
     }
     let bpf_stats_enabled = read_trim("/proc/sys/kernel/bpf_stats_enabled").as_deref() == Some("1");
 
@@ -217,8 +217,8 @@ pub fn print_human(r: &CheckReport) {
         r.hook_mode.map(|m| m.name()).unwrap_or("none")
     );
     let ctl = match r.cgroups.io_controller {
-        Some(cgroupfs::IoController::V2) => "cgroup v2 io (io.max)",
-        Some(cgroupfs::IoController::V1) => "cgroup v1 blkio (blkio.throttle.*)",
+        Some(cgroup::IoController::V2) => "cgroup v2 io (io.max)",
+        Some(cgroup::IoController::V1) => "cgroup v1 blkio (blkio.throttle.*)",
         None => "none",
     };
     println!(

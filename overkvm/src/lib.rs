@@ -2,12 +2,11 @@
 //!
 //! The binary `overkvm-io` is a thin front-end over this library; integration tests drive the
 //! same code. Data flows one way: `bpf` loads the kernel programs, `sample` turns their maps into
-//! snapshots and deltas, `report` joins deltas with `identity`, `devices` and `cgroupfs`, and
+//! snapshots and deltas, `report` joins deltas with `identity`, `devices` and `host`, and
 //! the front-ends (`top`, later the exporter and the throttle) consume reports.
 
 pub mod bpf;
 pub mod calibrate;
-pub mod cgroupfs;
 pub mod check;
 pub mod choice;
 pub mod config;

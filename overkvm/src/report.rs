@@ -16,8 +16,8 @@ use overkvm_common::{Health, IoKey, OP_COUNT, Op};
 use serde::Serialize;
 
 use crate::{
-    cgroupfs::CgroupNames,
     devices::{DeviceInfo, DeviceTable},
+    host::cgroup::CgroupNames,
     host::proc,
     identity::{Manager, ProcessIdentity, Resolver},
     parity::{DeviceParity, DiskCounters, ParityCheck},

@@ -10,14 +10,12 @@ use proptest::prelude::*;
 
 use crate::{
     bpf::btf::Btf,
-    cgroupfs,
     config::Config,
     devices,
-    host::proc,
+    host::{cgroup::limits, proc},
     identity::{cgroup, kubevirt, qemu::QemuArgs},
     lifecycle::qemu_limits,
     text::sanitize,
-    throttle::actuator,
 };
 
 /// Bytes biased towards what these parsers look for.
@@ -107,8 +105,8 @@ proptest! {
         let _ = kubevirt::split_domain_name(&t);
         let _ = proc::parse_cgroup(t.as_bytes()).map(|e| cgroup::manager_cgroup_path(&e).len());
         let _ = cgroup::unescape_systemd(&t);
-        let _ = cgroupfs::parse_mountinfo(&t);
-        let _ = actuator::check_cgroup_path(&t);
+        let _ = crate::host::cgroup::parse_mountinfo(&t);
+        let _ = limits::check_cgroup_path(&t);
     }
 
     #[test]
@@ -135,8 +133,8 @@ proptest! {
 
     #[test]
     fn limit_files_and_device_numbers_never_panic(t in hostile_text()) {
-        let _ = actuator::parse_io_max(&t, 7, 0);
-        let _ = actuator::parse_v1(&t, 7, 0);
+        let _ = limits::parse_io_max(&t, 7, 0);
+        let _ = limits::parse_v1(&t, 7, 0);
         let _ = devices::parse_maj_min(&t);
     }
 

@@ -195,10 +195,10 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 
 /// The host's cgroup v1 blkio mount, or why a v1 throttling test cannot run here.
 pub fn v1_blkio() -> Result<PathBuf, &'static str> {
-    use overkvm::cgroupfs;
-    match cgroupfs::find_io_hierarchy(&cgroupfs::host_mounts()) {
+    use overkvm::host::cgroup;
+    match cgroup::find_io_hierarchy(&cgroup::host_mounts()) {
         None => Err("no block cgroup controller mounted"),
-        Some(h) if h.controller != cgroupfs::IoController::V1 => {
+        Some(h) if h.controller != cgroup::IoController::V1 => {
             Err("this host's block controller is cgroup v2 (io.max is tested in the guest tests)")
         }
         Some(h) => Ok(h.mount_point),
@@ -254,7 +254,7 @@ pub fn v1_limits(cgroup_dir: &Path, major: u32, minor: u32) -> [Option<u64>; 4] 
     {
         let text = fs::read_to_string(cgroup_dir.join(format!("blkio.throttle.{f}_device")))
             .unwrap_or_default();
-        out[i] = overkvm::throttle::actuator::parse_v1(&text, major, minor);
+        out[i] = overkvm::host::cgroup::limits::parse_v1(&text, major, minor);
     }
     out
 }

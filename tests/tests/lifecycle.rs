@@ -82,7 +82,8 @@ fn entries(dir: &Path) -> Vec<String> {
 
 /// The block controller's hierarchy (v1 blkio here, v2 io elsewhere).
 fn io_root() -> Option<PathBuf> {
-    overkvm::cgroupfs::find_io_hierarchy(&overkvm::cgroupfs::host_mounts()).map(|h| h.mount_point)
+    overkvm::host::cgroup::find_io_hierarchy(&overkvm::host::cgroup::host_mounts())
+        .map(|h| h.mount_point)
 }
 
 fn vm_cgroup_dir(name: &str) -> Option<PathBuf> {

@@ -12,7 +12,7 @@ use std::{
 };
 
 use super::{decimal_u32, read_capped};
-use crate::cgroupfs::IoController;
+use crate::host::cgroup::IoController;
 
 /// `PF_KTHREAD` in the stat `flags` field (include/linux/sched.h). Kernel threads such as
 /// `kvm-pit/1234` must never be taken for a VM, whatever their name.

@@ -6,7 +6,7 @@
 //! `machine-qemu\x2d1\x2dvictim.scope`, but only below `/user.slice`.
 
 use crate::{
-    cgroupfs::IoController,
+    host::cgroup::IoController,
     host::proc::{CgroupEntry, block_cgroup_path, io_cgroup_path},
 };
 

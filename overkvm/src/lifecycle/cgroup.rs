@@ -1,12 +1,11 @@
 //! Each VM's own block cgroup, `/overkvm/vm-NAME`, in the hierarchy that has the block
-//! controller (v2 `io`, else v1 `blkio`), and the per-cgroup I/O counters the kernel keeps.
+//! controller (v2 `io`, else v1 `blkio`).
 //!
 //! qemu enters its cgroup between fork and exec (see [`join_before_exec`]), so even its first
 //! I/O (opening and probing the overlay) is charged there and a limit on the cgroup holds the
 //! whole VM, which is what lets the throttle act on one guest alone.
 
 use std::{
-    collections::BTreeMap,
     ffi::CString,
     fs,
     os::unix::{ffi::OsStrExt as _, process::CommandExt as _},
@@ -18,7 +17,11 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{cgroupfs::IoController, throttle::actuator::Actuator};
+use crate::host::cgroup::{
+    IoController,
+    counters::{DeviceOps, parse_v1_serviced, parse_v2_stat},
+    limits::Actuator,
+};
 
 /// Parent of every VM cgroup (shared with the throttle's `manage_cgroups`, which also creates
 /// its groups under it; so it is never removed here).
@@ -153,64 +156,6 @@ impl VmCgroup {
     }
 }
 
-/// Cumulative operations per disk (major, minor).
-pub type DeviceOps = BTreeMap<(u32, u32), IoOps>;
-
-/// Read and write operations.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct IoOps {
-    pub read: u64,
-    pub write: u64,
-}
-
-/// Parses v1 `blkio.throttle.io_serviced`: `MAJ:MIN Read N` ... lines and a `Total` line.
-pub fn parse_v1_serviced(text: &str) -> DeviceOps {
-    let mut out = DeviceOps::new();
-    for line in text.lines() {
-        let mut f = line.split_whitespace();
-        let (Some(dev), Some(kind), Some(n), None) = (f.next(), f.next(), f.next(), f.next())
-        else {
-            continue;
-        };
-        let (Some(dev), Ok(n)) = (maj_min(dev), n.parse::<u64>()) else {
-            continue;
-        };
-        let e = out.entry(dev).or_default();
-        match kind {
-            "Read" => e.read = n,
-            "Write" => e.write = n,
-            _ => {}
-        }
-    }
-    out
-}
-
-/// Parses v2 `io.stat`: `MAJ:MIN rbytes=.. wbytes=.. rios=.. wios=.. dbytes=.. dios=..`.
-pub fn parse_v2_stat(text: &str) -> DeviceOps {
-    let mut out = DeviceOps::new();
-    for line in text.lines() {
-        let mut f = line.split_whitespace();
-        let Some(dev) = f.next().and_then(maj_min) else {
-            continue;
-        };
-        let mut ops = IoOps::default();
-        for kv in f {
-            match kv.split_once('=') {
-                Some(("rios", v)) => ops.read = v.parse().unwrap_or(0),
-                Some(("wios", v)) => ops.write = v.parse().unwrap_or(0),
-                _ => {}
-            }
-        }
-        out.insert(dev, ops);
-    }
-    out
-}
-
-fn maj_min(s: &str) -> Option<(u32, u32)> {
-    let (a, b) = s.split_once(':')?;
-    Some((a.parse().ok()?, b.parse().ok()?))
-}
-
 /// Makes the child of `cmd` move itself into the cgroup whose `cgroup.procs` is `procs`
 /// after fork and before exec, so the program's very first I/O is charged to it. If the move
 /// fails, spawning fails with that error and nothing runs.
@@ -252,32 +197,6 @@ mod tests {
         };
         assert_eq!(cg.dir(), Path::new("/sys/fs/cgroup/blkio/overkvm/vm-a"));
         // Our path is one the throttle's actuator accepts.
-        crate::throttle::actuator::check_cgroup_path(&cg.path).unwrap();
-    }
-
-    #[test]
-    fn v1_serviced() {
-        let text = "7:0 Read 120\n7:0 Write 80\n7:0 Sync 200\n7:0 Async 0\n7:0 Discard 0\n7:0 Total 200\n\
-                    8:16 Read 5\n8:16 Write 0\nTotal 205\ngarbage line here x\n7:x Read 1\n";
-        let m = parse_v1_serviced(text);
-        assert_eq!(m.len(), 2);
-        assert_eq!(
-            m[&(7, 0)],
-            IoOps {
-                read: 120,
-                write: 80
-            }
-        );
-        assert_eq!(m[&(8, 16)], IoOps { read: 5, write: 0 });
-        assert!(parse_v1_serviced("").is_empty());
-    }
-
-    #[test]
-    fn v2_stat() {
-        let text = "254:0 rbytes=4096 wbytes=8192 rios=1 wios=2 dbytes=0 dios=0\n7:0 rios=x wios=3\n\nbad\n";
-        let m = parse_v2_stat(text);
-        assert_eq!(m[&(254, 0)], IoOps { read: 1, write: 2 });
-        assert_eq!(m[&(7, 0)], IoOps { read: 0, write: 3 });
-        assert_eq!(m.len(), 2);
+        crate::host::cgroup::limits::check_cgroup_path(&cg.path).unwrap();
     }
 }

@@ -15,14 +15,14 @@ use std::{collections::BTreeMap, path::Path, thread::sleep, time::Duration};
 use serde::Serialize;
 
 use super::{
-    cgroup::{IoOps, VmCgroup},
+    cgroup::VmCgroup,
     definition::{VmDefinition, VmPaths},
     overcommit::GuestProc,
     qemu_limits::{self, DiskLimits},
     state::{self, VmState},
 };
 use crate::identity::Manager;
-use crate::{config::Config, text::sanitize, tick::ActiveLimit};
+use crate::{config::Config, host::cgroup::counters::IoOps, text::sanitize, tick::ActiveLimit};
 
 /// `vm list` (the command line fills it in).
 #[derive(Clone, Debug, Default)]
@@ -181,7 +181,7 @@ fn foreign_rows(
 pub fn rows(vms: &[(VmDefinition, VmPaths)], limits: &[ActiveLimit], measure: bool) -> Vec<VmRow> {
     let mut rows = Vec::new();
     let mut cgroups: Vec<Option<VmCgroup>> = Vec::new();
-    let api = crate::throttle::actuator::Actuator::for_host().ok();
+    let api = crate::host::cgroup::limits::Actuator::for_host().ok();
     for (def, paths) in vms {
         let found = state::inspect(def, paths);
         let record = found

@@ -229,7 +229,7 @@ fn cgroup_of(def: &VmDefinition, record: Option<&RunRecord>) -> Option<VmCgroup>
     if let Some(r) = record
         && let (Some(path), Some(root)) = (&r.cgroup, &r.cgroup_root)
     {
-        let act = crate::throttle::actuator::Actuator::for_host().ok()?;
+        let act = crate::host::cgroup::limits::Actuator::for_host().ok()?;
         return Some(VmCgroup {
             api: act.api,
             root: root.clone(),
@@ -408,8 +408,8 @@ pub fn start(args: &StartOptions) -> anyhow::Result<()> {
                             "cgroup {} ({})",
                             c.path,
                             match c.api {
-                                crate::cgroupfs::IoController::V1 => "blkio",
-                                crate::cgroupfs::IoController::V2 => "io",
+                                crate::host::cgroup::IoController::V1 => "blkio",
+                                crate::host::cgroup::IoController::V2 => "io",
                             }
                         )),
                     s.ready_after.as_secs_f64(),

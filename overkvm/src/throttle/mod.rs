@@ -1,14 +1,14 @@
 //! Automatic IOPS throttling: keep each budgeted device under its budget by limiting the VMs
 //! responsible through cgroup `io.max` (v2) or `blkio.throttle.*` (v1), then let go.
 //!
-//! `policy` decides (pure), `actuator` writes cgroup files, `state` records every change so a
+//! `aggregate` sums each VM's use (pure), `policy` decides (pure), `host::cgroup::limits`
+//! writes cgroup files, `state` records every change so a
 //! crash can be undone. `ThrottleService` is the thin layer joining them to the daemon's ticks.
 //!
 //! Every decision (engage, each limit set, tightened, relaxed or removed, release) and every
 //! fault handled is logged at the default level (target `overkvm::throttle`), one line each,
 //! rate-limited per VM and device by `ratelimit` so that a flapping device cannot flood the log.
 
-pub mod actuator;
 pub mod aggregate;
 pub mod command;
 pub mod policy;
@@ -26,7 +26,6 @@ use anyhow::{Context as _, bail};
 use overkvm_common::make_dev;
 
 use self::{
-    actuator::{Actuator, Limits},
     aggregate::{DeviceUse, VmUse},
     policy::{
         Budget, DeviceController, DirLimits, GuestUse, Knobs, LatencyController, LatencyKnobs,
@@ -38,6 +37,7 @@ use self::{
 use crate::{
     config::{Config, DeviceBudgetSpec},
     devices::{DeviceInfo, DeviceTable},
+    host::cgroup::limits::{self, Actuator, Limits},
     report::Report,
     status_file::{self, state_path, status_path},
     tick::{ActiveLimit, BudgetUse, ThrottleView},
@@ -170,7 +170,7 @@ fn describe(l: &Limits) -> String {
 /// Whether a new limit is tighter, looser or mixed against the old one (None: unlimited).
 fn change_word(old: &Limits, new: &Limits) -> &'static str {
     let (mut tighter, mut looser) = (false, false);
-    for (o, n) in actuator::fields(old).into_iter().zip(actuator::fields(new)) {
+    for (o, n) in limits::fields(old).into_iter().zip(limits::fields(new)) {
         match (o, n) {
             (None, Some(_)) => tighter = true,
             (Some(_), None) => looser = true,

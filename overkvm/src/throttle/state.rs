@@ -10,7 +10,7 @@ use std::{
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
-use super::actuator::Actuator;
+use crate::host::cgroup::limits::Actuator;
 use crate::host::proc;
 
 /// A limit this service wrote.

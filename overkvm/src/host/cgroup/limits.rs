@@ -13,7 +13,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::cgroupfs::{self, IoController};
+use super::{IoController, find_io_hierarchy, host_mounts};
 
 /// Limits of one cgroup on one disk; `None` is unlimited.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,7 +47,8 @@ const V1_FILES: [&str; 4] = [
 ];
 const V2_KEYS: [&str; 4] = ["riops", "wiops", "rbps", "wbps"];
 
-pub(super) fn fields(l: &Limits) -> [Option<u64>; 4] {
+/// The four limits in the order of the v1 files and v2 keys.
+pub fn fields(l: &Limits) -> [Option<u64>; 4] {
     [l.riops, l.wiops, l.rbps, l.wbps]
 }
 
@@ -131,7 +132,7 @@ fn write_file(path: &Path, text: &str) -> std::io::Result<()> {
 impl Actuator {
     /// The host's block controller, or an error saying why throttling cannot work here.
     pub fn for_host() -> anyhow::Result<Actuator> {
-        let h = cgroupfs::find_io_hierarchy(&cgroupfs::host_mounts()).context(
+        let h = find_io_hierarchy(&host_mounts()).context(
             "no block cgroup controller (cgroup v2 `io` or v1 `blkio`) is mounted: throttling \
              cannot work on this host",
         )?;

@@ -1,7 +1,12 @@
-//! Where the block controller lives (cgroup v2 `io` or v1 `blkio`) and cgroup ids to paths.
+//! cgroups as overkvm uses them, v1 `blkio` and v2 `io` alike: where the block controller
+//! lives and cgroup ids to paths (here), the limit files (`limits`), the I/O counters
+//! (`counters`).
 //!
 //! The kernel programs record the kernfs id of the cgroup that owns each I/O; in cgroupfs that
 //! id is the directory's inode number, so a walk of the hierarchy maps ids back to paths.
+
+pub mod counters;
+pub mod limits;
 
 use std::{
     collections::HashMap,
