@@ -712,10 +712,20 @@ mod tests {
                 rbps: None,
                 wbps: Some(1 << 20),
                 since_s: 12.5,
+                qemu_disks: None,
             }],
             decisions_total: 3,
             throttled_seconds_total: 40.25,
             problems: vec![],
+            qemu_limits: vec![crate::tick::VmQemuLimits {
+                vm: "web".into(),
+                disks: vec![crate::lifecycle::qemu_limits::DiskLimits {
+                    disk: "vda".into(),
+                    iops: Some(500),
+                    bps_wr: Some(1 << 20),
+                    ..Default::default()
+                }],
+            }],
         });
         t.apply(&tk, &procs);
         let text = render(t);

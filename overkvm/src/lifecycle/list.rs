@@ -400,6 +400,7 @@ mod tests {
                 rbps: None,
                 wbps: None,
                 since_s: 3.0,
+                qemu_disks: None,
             }],
             qemu_limits: Some(vec![DiskLimits {
                 disk: "vda".into(),
@@ -455,6 +456,7 @@ mod tests {
             rbps: None,
             wbps: None,
             since_s: 1.0,
+            qemu_disks: None,
         }];
         let cg = |pid| match pid {
             11 => Some("/machine/qemu-1-web01.libvirt-qemu".to_string()),

@@ -11,6 +11,7 @@
 pub mod actuator;
 pub mod command;
 pub mod policy;
+pub mod qemu_actuator;
 pub mod ratelimit;
 pub mod state;
 
@@ -30,11 +31,13 @@ use self::{
         Budget, DeviceController, DirLimits, GuestUse, Knobs, LatencyController, LatencyKnobs,
         LatencySample,
     },
+    qemu_actuator::{ActuatorFacts, Choice, Control, DiskRef, QemuLimitRecord, QemuSide},
     ratelimit::{LogLimiter, Verdict},
     state::{MovedProcess, STATE_DIR, ThrottleState},
 };
 use crate::{
-    config::{Config, DeviceBudgetSpec},
+    cgroupfs::IoController,
+    config::{ActuatorMode, Config, DeviceBudgetSpec},
     devices::{DeviceInfo, DeviceTable},
     report::Report,
     tick::{ActiveLimit, BudgetUse, ThrottleView},
@@ -66,6 +69,27 @@ fn block_cgroup_in(text: &str, api: crate::cgroupfs::IoController) -> Option<Str
         };
         (ours && path.starts_with('/')).then(|| path.to_string())
     })
+}
+
+/// The other processes (VMs or not) whose I/O is charged to `cgroup` in the interval: with
+/// any, a limit on it would hold them too.
+fn shared_with(report: &Report, vm: &str, pid: u32, cgroup: &str) -> Vec<String> {
+    report
+        .processes
+        .iter()
+        .filter(|r| {
+            // An exited process (a restarted VM's old one) shares nothing any more.
+            r.pid != pid
+                && !r.kernel_thread
+                && !r.exited
+                && r.vm.as_ref().is_none_or(|v| v.name != vm)
+                && r.io_cgroup.as_deref() == Some(cgroup)
+        })
+        .map(|r| match &r.vm {
+            Some(v) => format!("VM {}", v.name),
+            None => format!("{} ({})", r.comm, r.pid),
+        })
+        .collect()
 }
 
 /// Policy knobs from the config, defaults where unset.
@@ -170,6 +194,16 @@ struct Applied {
     cgroup: String,
     limits: Limits,
     since: Instant,
+    /// Set when QEMU holds this limit instead of the cgroup.
+    qemu: Option<AppliedQemu>,
+}
+
+/// Where a QEMU-held limit is: the VM's qemu process, its monitor's owner and the disks.
+#[derive(Clone)]
+struct AppliedQemu {
+    pid: u32,
+    start_time: u64,
+    disks: Vec<DiskRef>,
 }
 
 /// One VM's use of a device in a tick.
@@ -203,6 +237,10 @@ pub struct ThrottleService {
     warned: HashSet<String>,
     /// Decision lines per subject (VM and device, or device) are rate-limited.
     log_limit: LogLimiter,
+    /// `[policy] actuator`.
+    mode: ActuatorMode,
+    /// QEMU's side: VMs' disks (cached), QEMU limits set and restored.
+    qemu: QemuSide,
 }
 
 /// Limits as an operator reads them: `riops=990 wiops=20` (unset directions left out).
@@ -300,6 +338,8 @@ impl ThrottleService {
             problems: VecDeque::new(),
             warned: HashSet::new(),
             log_limit: LogLimiter::default(),
+            mode: config.policy.actuator.unwrap_or_default(),
+            qemu: QemuSide::default(),
         };
         if !dry_run {
             svc.reconcile()?;
@@ -415,6 +455,20 @@ impl ThrottleService {
     /// One control step over the interval's report.
     pub fn on_tick(&mut self, report: &Report) -> ThrottleView {
         let secs = report.interval_s.max(1e-3);
+        // What each living VM's disks are (cached, re-read every FACTS_REFRESH): the choice of
+        // actuator, QEMU-side counts of host-cached disks and the QEMU limits shown.
+        self.qemu.prune();
+        let mut seen = HashSet::new();
+        for row in &report.processes {
+            if let Some(vm) = row
+                .vm
+                .as_ref()
+                .filter(|_| !row.exited && !row.kernel_thread)
+                && seen.insert(row.pid)
+            {
+                self.qemu.facts(vm, row.pid, &mut self.table);
+            }
+        }
         for i in 0..self.devices.len() {
             self.step_device(i, report, secs);
         }
@@ -442,6 +496,8 @@ impl ThrottleService {
         let mut vms: BTreeMap<String, VmUse> = BTreeMap::new();
         let mut bg_iops = (0.0, 0.0);
         let mut bg_bps = (0.0, 0.0);
+        // Writes kernel threads did on the device (IOPS, B/s): the flusher's writeback.
+        let mut flusher = (0.0, 0.0);
         // The device's latency: every process's reads and writes on it, merged.
         let mut device_latency = crate::sample::Histogram::default();
         for row in &report.processes {
@@ -486,9 +542,14 @@ impl ThrottleService {
                     bg_iops.1 += iops.1;
                     bg_bps.0 += bps.0;
                     bg_bps.1 += bps.1;
+                    if row.kernel_thread {
+                        flusher.0 += iops.1;
+                        flusher.1 += bps.1;
+                    }
                 }
             }
         }
+        self.count_host_cached(disk, &mut vms, &mut bg_iops, &mut bg_bps, flusher);
         let guest = |u: &VmUse, name: &str, bytes: bool| -> GuestUse {
             let rule = self.config.rule_for(name, u.uuid.as_deref(), &u.manager);
             let (r, w) = if bytes { u.bps } else { u.iops };
@@ -624,7 +685,9 @@ impl ThrottleService {
         if want.is_unlimited() {
             if let Some(a) = self.applied.remove(&key) {
                 self.decisions_total += 1;
-                if let Some(act) = self.act.as_ref().filter(|_| !self.dry_run) {
+                if let Some(q) = &a.qemu {
+                    self.release_qemu(vm, &info, q);
+                } else if let Some(act) = self.act.as_ref().filter(|_| !self.dry_run) {
                     match act.clear(&a.cgroup, major, minor) {
                         Err(e) if is_gone(&e) => {
                             self.vanished(vm, &a.cgroup);
@@ -648,14 +711,34 @@ impl ThrottleService {
                 self.decided(
                     &format!("{vm}@{}", info.name),
                     format!(
-                        "VM {vm} on {}: limit removed ({why}; was {}, cgroup {})",
+                        "VM {vm} on {}: limit removed ({why}; was {}, {})",
                         info.name,
                         describe(&a.limits),
-                        a.cgroup
+                        match &a.qemu {
+                            Some(q) => format!(
+                                "in QEMU on disk(s) {}: their own settings put back",
+                                q.disks
+                                    .iter()
+                                    .map(|d| d.name())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            ),
+                            None => format!("cgroup {}", a.cgroup),
+                        }
                     ),
                 );
             }
             return;
+        }
+        if let Some(reason) = self.qemu_choice(i, vm, usage, report) {
+            self.enforce_qemu(i, vm, usage, want, reason);
+            return;
+        }
+        if let Some(q) = self.applied.get(&key).and_then(|a| a.qemu.clone()) {
+            // The cgroup takes over (QEMU cannot be reached any more, or the reason for it
+            // went): QEMU's settings go back first.
+            self.release_qemu(vm, &info, &q);
+            self.applied.remove(&key);
         }
         // Where to write: the cgroup the kernel charges this VM's I/O to.
         let mut cgroup = match (usage.and_then(|u| u.cgroup.clone()), self.applied.get(&key)) {
@@ -670,22 +753,7 @@ impl ThrottleService {
             }
         };
         let pid = usage.map(|u| u.pid).unwrap_or(0);
-        let shared_with: Vec<String> = report
-            .processes
-            .iter()
-            .filter(|r| {
-                // An exited process (a restarted VM's old one) shares nothing any more.
-                r.pid != pid
-                    && !r.kernel_thread
-                    && !r.exited
-                    && r.vm.as_ref().is_none_or(|v| v.name != vm)
-                    && r.io_cgroup.as_deref() == Some(cgroup.as_str())
-            })
-            .map(|r| match &r.vm {
-                Some(v) => format!("VM {}", v.name),
-                None => format!("{} ({})", r.comm, r.pid),
-            })
-            .collect();
+        let shared_with = shared_with(report, vm, pid, &cgroup);
         if cgroup == "/" || !shared_with.is_empty() {
             let others = if cgroup == "/" {
                 "the whole host (root cgroup)".to_string()
@@ -798,8 +866,369 @@ impl ThrottleService {
                 cgroup,
                 limits: want,
                 since,
+                qemu: None,
             },
         );
+    }
+
+    /// On a v1 host a VM whose disk on device `dev` goes through the host page cache has its
+    /// writes done by the flusher, charged to the root cgroup and to no VM: its use is taken
+    /// from QEMU's counters of its guest's requests (overkvm's own VMs, one QMP exchange per
+    /// tick), and the kernel threads' writes on the device, up to that much, are not counted
+    /// again as load of non-VM processes.
+    fn count_host_cached(
+        &mut self,
+        dev: u32,
+        vms: &mut BTreeMap<String, VmUse>,
+        bg_iops: &mut (f64, f64),
+        bg_bps: &mut (f64, f64),
+        flusher: (f64, f64),
+    ) {
+        if self.act.as_ref().map(|a| a.api) != Some(IoController::V1) {
+            return;
+        }
+        let (mut fl_iops, mut fl_bps) = flusher;
+        for (name, pid) in self.qemu.host_cached_on(dev) {
+            let Some(f) = self.qemu.cached(pid) else {
+                continue;
+            };
+            let Some(control) = f.control.clone() else {
+                continue;
+            };
+            let disks: Vec<DiskRef> = f
+                .disks_on(dev)
+                .iter()
+                .filter(|d| d.host_cache)
+                .map(|d| d.disk.clone())
+                .collect();
+            let (uuid, manager) = (f.uuid.clone(), f.manager);
+            let Some(r) = self.qemu.guest_rates(pid, &control, &disks) else {
+                continue;
+            };
+            let u = vms.entry(name).or_default();
+            let extra = ((r[1] - u.iops.1).max(0.0), (r[3] - u.bps.1).max(0.0));
+            u.iops = (u.iops.0.max(r[0]), u.iops.1.max(r[1]));
+            u.bps = (u.bps.0.max(r[2]), u.bps.1.max(r[3]));
+            u.pid = pid;
+            u.uuid = uuid;
+            u.manager = serde_json::to_value(manager)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            if u.cgroup.is_none() {
+                u.cgroup = block_cgroup_of(pid, IoController::V1);
+            }
+            let take = extra.0.min(fl_iops);
+            fl_iops -= take;
+            bg_iops.1 = (bg_iops.1 - take).max(0.0);
+            let take = extra.1.min(fl_bps);
+            fl_bps -= take;
+            bg_bps.1 = (bg_bps.1 - take).max(0.0);
+        }
+    }
+
+    /// Whether QEMU holds `vm` on device `i` (and why), from the pure [`qemu_actuator::choose`].
+    fn qemu_choice(
+        &mut self,
+        i: usize,
+        vm: &str,
+        usage: Option<&VmUse>,
+        report: &Report,
+    ) -> Option<&'static str> {
+        let dev = self.devices[i].info.dev;
+        let applied = self.applied.get(&(vm.to_string(), dev));
+        let pid = usage
+            .map(|u| u.pid)
+            .or_else(|| applied.and_then(|a| a.qemu.as_ref()).map(|q| q.pid))?;
+        let f = self.qemu.cached(pid)?;
+        let disks = f.disks_on(dev);
+        let cgroup = usage
+            .and_then(|u| u.cgroup.clone())
+            .or_else(|| applied.map(|a| a.cgroup.clone()));
+        let reachable = f.control.is_some() && !disks.is_empty();
+        let facts = ActuatorFacts {
+            mode: self.mode,
+            cgroup_v1: self.act.as_ref().is_some_and(|a| a.api == IoController::V1),
+            host_cache: disks.iter().any(|d| d.host_cache),
+            shared_cgroup: cgroup
+                .as_deref()
+                .is_some_and(|c| c == "/" || !shared_with(report, vm, pid, c).is_empty()),
+            manage_cgroups: self.manage_cgroups,
+            qemu_reachable: reachable,
+        };
+        match qemu_actuator::choose(&facts) {
+            Choice::Qemu(why) => Some(why),
+            Choice::Cgroup => {
+                if self.mode == ActuatorMode::Qemu && !reachable {
+                    let name = self.devices[i].info.name.clone();
+                    self.problem(
+                        &format!("noqemu-{vm}"),
+                        format!(
+                            "VM {vm}: actuator = \"qemu\", but overkvm cannot set its QEMU limits \
+                             on {name} (only its own VMs over QMP and libvirt domains through \
+                             virsh, with a disk image on the device): its cgroup is used"
+                        ),
+                    );
+                }
+                None
+            }
+        }
+    }
+
+    /// Holds `vm` on device `i` to `want` with QEMU's own throttling of its disks there.
+    fn enforce_qemu(&mut self, i: usize, vm: &str, usage: Option<&VmUse>, want: Limits, why: &str) {
+        let info = self.devices[i].info.clone();
+        let key = (vm.to_string(), info.dev);
+        let pid = usage
+            .map(|u| u.pid)
+            .or_else(|| self.applied.get(&key)?.qemu.as_ref().map(|q| q.pid))
+            .unwrap_or(0);
+        let Some(f) = self.qemu.cached(pid).cloned() else {
+            return;
+        };
+        let Some(control) = f.control.clone() else {
+            return;
+        };
+        let disks: Vec<DiskRef> = f
+            .disks_on(info.dev)
+            .iter()
+            .map(|d| d.disk.clone())
+            .collect();
+        let held = AppliedQemu {
+            pid,
+            start_time: f.start_time,
+            disks: disks.clone(),
+        };
+        if let Some(a) = self.applied.get(&key) {
+            let same_place = a
+                .qemu
+                .as_ref()
+                .is_some_and(|q| q.pid == pid && q.start_time == f.start_time && q.disks == disks);
+            if same_place && a.limits == want {
+                return;
+            }
+            if !same_place {
+                // Held elsewhere before (its cgroup, or a former qemu of a restarted VM).
+                let a = self.applied.remove(&key).map(|a| (a.cgroup, a.qemu));
+                match a {
+                    Some((_, Some(q))) => self.release_qemu(vm, &info, &q),
+                    Some((cg, None)) => {
+                        if let Some(act) = self.act.clone().filter(|_| !self.dry_run) {
+                            match act.clear(&cg, info.major, info.minor) {
+                                Err(e) if !is_gone(&e) => self.problem(
+                                    &format!("clear-{vm}"),
+                                    format!(
+                                        "removing the cgroup limit of VM {vm} on {} ({cg}): {e:#}",
+                                        info.name
+                                    ),
+                                ),
+                                _ => {}
+                            }
+                            self.state.forget_limit(&cg, info.major, info.minor);
+                            self.save_state();
+                        }
+                    }
+                    None => {}
+                }
+            }
+        }
+        let ours = |r: &QemuLimitRecord, d: &DiskRef| {
+            r.pid == pid && r.start_time == f.start_time && r.disk == *d
+        };
+        let mut written = Vec::new();
+        if !self.dry_run {
+            // The disks' own settings (an operator's, Nova's) are read before overkvm first
+            // writes them and kept on record from then on: they are what goes back.
+            let missing: Vec<DiskRef> = disks
+                .iter()
+                .filter(|d| !self.state.qemu.iter().any(|r| ours(r, d)))
+                .cloned()
+                .collect();
+            if !missing.is_empty() {
+                let now = match self.qemu.read_disks(&control) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        self.qemu_failed(vm, &info.name, pid, f.start_time, &control, e);
+                        return;
+                    }
+                };
+                let mut added = Vec::new();
+                for d in missing {
+                    let Some(cur) = now.iter().find(|q| q.disk == d) else {
+                        continue;
+                    };
+                    let rec = QemuLimitRecord {
+                        vm: vm.to_string(),
+                        pid,
+                        start_time: f.start_time,
+                        control: control.clone(),
+                        disk: d.clone(),
+                        major: info.major,
+                        minor: info.minor,
+                        original: cur.throttle.clone(),
+                    };
+                    if self.state.note_qemu(rec) {
+                        added.push(d);
+                    }
+                }
+                // A limit is written only once what it replaces is on record.
+                if !added.is_empty() && !self.save_state() {
+                    self.state
+                        .qemu
+                        .retain(|r| !added.iter().any(|d| ours(r, d)));
+                    return;
+                }
+            }
+            let per_disk = qemu_actuator::split(&want, disks.len());
+            for d in &disks {
+                let Some(orig) = self.state.qemu.iter().find(|r| ours(r, d)) else {
+                    continue;
+                };
+                let t = qemu_actuator::engage(&orig.original, &per_disk);
+                if let Err(e) = self.qemu.write(&control, d, &t) {
+                    self.qemu_failed(vm, &info.name, pid, f.start_time, &control, e);
+                    return;
+                }
+                written.push(format!("{} {}", d.name(), t.shown("").text().trim_start()));
+            }
+            let name = info.name.clone();
+            self.resolved(&format!("qemu-{vm}"), || {
+                format!("VM {vm} on {name}: QEMU limits written again")
+            });
+        }
+        self.decisions_total += 1;
+        let what = match self.applied.get(&key) {
+            Some(a) => format!(
+                "limit {} to {} (was {})",
+                change_word(&a.limits, &want),
+                describe(&want),
+                describe(&a.limits)
+            ),
+            None => format!("limited to {}", describe(&want)),
+        };
+        let used = usage
+            .map(|u| format!(", using {:.0}r+{:.0}w IOPS", u.iops.0, u.iops.1))
+            .unwrap_or_default();
+        self.decided(
+            &format!("{vm}@{}", info.name),
+            format!(
+                "VM {vm} on {}: {what} in QEMU through {} ({}; {why}){used}",
+                info.name,
+                control.describe(),
+                if written.is_empty() {
+                    disks
+                        .iter()
+                        .map(|d| d.name())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                } else {
+                    written.join(", ")
+                }
+            ),
+        );
+        let since = self
+            .applied
+            .get(&key)
+            .map(|a| a.since)
+            .unwrap_or_else(Instant::now);
+        let cgroup = usage.and_then(|u| u.cgroup.clone()).unwrap_or_default();
+        self.applied.insert(
+            key,
+            Applied {
+                cgroup,
+                limits: want,
+                since,
+                qemu: Some(held),
+            },
+        );
+    }
+
+    /// A QEMU read or write failed: the VM is gone (its limits went with it) or it is a
+    /// problem, logged once.
+    fn qemu_failed(
+        &mut self,
+        vm: &str,
+        dev: &str,
+        pid: u32,
+        start_time: u64,
+        control: &Control,
+        e: anyhow::Error,
+    ) {
+        if state::process_start_time(pid) != Some(start_time) {
+            self.qemu_vanished(vm, pid, start_time);
+        } else {
+            self.problem(
+                &format!("qemu-{vm}"),
+                format!(
+                    "limiting VM {vm} on {dev} through {}: {e:#}",
+                    control.describe()
+                ),
+            );
+        }
+    }
+
+    /// A VM's qemu exited while QEMU held it: nothing to put back; its records go.
+    fn qemu_vanished(&mut self, vm: &str, pid: u32, start_time: u64) {
+        if self.warned.insert(format!("gone-qemu-{pid}-{start_time}")) {
+            log::info!(
+                "VM {vm}: its qemu (pid {pid}) is gone while QEMU held its limit: the limit went \
+                 with it"
+            );
+        }
+        let before = self.state.qemu.len();
+        self.state
+            .qemu
+            .retain(|r| !(r.pid == pid && r.start_time == start_time));
+        if self.state.qemu.len() != before {
+            self.save_state();
+        }
+        self.applied
+            .retain(|_, a| a.qemu.as_ref().is_none_or(|q| q.pid != pid));
+    }
+
+    /// Puts back the settings QEMU-held disks of `vm` on a device had before overkvm.
+    fn release_qemu(&mut self, vm: &str, info: &DeviceInfo, q: &AppliedQemu) {
+        if self.dry_run {
+            return;
+        }
+        if state::process_start_time(q.pid) != Some(q.start_time) {
+            self.qemu_vanished(vm, q.pid, q.start_time);
+            return;
+        }
+        let recs: Vec<QemuLimitRecord> = self
+            .state
+            .qemu
+            .iter()
+            .filter(|r| {
+                r.pid == q.pid
+                    && r.start_time == q.start_time
+                    && (r.major, r.minor) == (info.major, info.minor)
+            })
+            .cloned()
+            .collect();
+        let mut done = Vec::new();
+        for r in recs {
+            match self.qemu.write(&r.control, &r.disk, &r.original) {
+                Ok(()) => done.push(r),
+                Err(e) => {
+                    if state::process_start_time(q.pid) != Some(q.start_time) {
+                        self.qemu_vanished(vm, q.pid, q.start_time);
+                        return;
+                    }
+                    // Kept on record: shutdown and `throttle reset` try again.
+                    self.problem(
+                        &format!("qemu-{vm}"),
+                        format!(
+                            "putting back the QEMU settings of VM {vm} disk {} on {}: {e:#}",
+                            r.disk.name(),
+                            info.name
+                        ),
+                    );
+                }
+            }
+        }
+        self.state.qemu.retain(|r| !done.contains(r));
+        self.save_state();
     }
 
     /// Moves a VM's qemu into `/overkvm/<name>`, recording how to undo it.
@@ -868,11 +1297,21 @@ impl ThrottleService {
                     rbps: a.limits.rbps,
                     wbps: a.limits.wbps,
                     since_s: a.since.elapsed().as_secs_f64(),
+                    qemu_disks: a
+                        .qemu
+                        .as_ref()
+                        .map(|q| q.disks.iter().map(|d| d.name().to_string()).collect()),
                 })
                 .collect(),
             decisions_total: self.decisions_total,
             throttled_seconds_total: self.throttled_seconds,
             problems: self.problems.iter().map(|(_, m)| m.clone()).collect(),
+            qemu_limits: self
+                .qemu
+                .shown(&self.state.qemu)
+                .into_iter()
+                .map(|(vm, disks)| crate::tick::VmQemuLimits { vm, disks })
+                .collect(),
         }
     }
 
@@ -921,10 +1360,12 @@ pub fn reset(config: &Config) -> anyhow::Result<String> {
     }
     std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
     Ok(format!(
-        "removed {} limit(s), moved back {} process(es), removed {} cgroup(s)",
+        "removed {} limit(s), moved back {} process(es), removed {} cgroup(s), put back the \
+         QEMU settings of {} disk(s)",
         old.limits.len(),
         old.moved.len(),
-        old.created.len()
+        old.created.len(),
+        old.qemu.len()
     ))
 }
 
@@ -1006,6 +1447,8 @@ mod tests {
             problems: VecDeque::new(),
             warned: HashSet::new(),
             log_limit: LogLimiter::default(),
+            mode: ActuatorMode::Auto,
+            qemu: QemuSide::default(),
         }
     }
 

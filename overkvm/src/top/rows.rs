@@ -437,6 +437,7 @@ mod tests {
                 rbps: None,
                 wbps: Some(5_000_000),
                 since_s: 3.0,
+                qemu_disks: None,
             }],
             ..ThrottleView::default()
         };
