@@ -261,6 +261,10 @@ pub struct VmCreateArgs {
     /// Kernel command line for --kernel (e.g. "console=ttyS0 root=/dev/vda").
     #[arg(long, value_name = "ARGS", requires = "kernel")]
     pub append: Option<String>,
+    /// Host cache of the disk: none (O_DIRECT, every I/O charged to the VM's cgroup) or
+    /// writeback (host page cache; on cgroup v1 the throttle holds such a VM through QEMU).
+    #[arg(long, value_enum, default_value = "none")]
+    pub cache: crate::lifecycle::definition::DiskCache,
     #[command(flatten)]
     pub state: StateDirArgs,
 }

@@ -127,6 +127,7 @@ pub fn create(args: &VmCreateArgs) -> anyhow::Result<()> {
         kernel,
         initrd,
         append: args.append.clone(),
+        cache: args.cache,
     };
     def.validate()?;
 

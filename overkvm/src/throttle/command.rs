@@ -71,8 +71,17 @@ pub fn run(cmd: &ThrottleCommand) -> anyhow::Result<()> {
                             f(l.rbps),
                             f(l.wbps),
                             l.since_s,
-                            sanitize(&l.cgroup)
+                            match &l.qemu_disks {
+                                Some(d) => format!("in QEMU: {}", sanitize(&d.join(", "))),
+                                None => sanitize(&l.cgroup),
+                            }
                         );
+                    }
+                    // QEMU's own limits, as their owner (operator, Nova, Proxmox) set them.
+                    for q in &v.qemu_limits {
+                        for d in &q.disks {
+                            println!("qemu   vm {:<20} {}", sanitize(&q.vm), sanitize(&d.text()));
+                        }
                     }
                     for p in &v.problems {
                         println!("problem: {}", sanitize(p));
@@ -91,8 +100,9 @@ pub fn run(cmd: &ThrottleCommand) -> anyhow::Result<()> {
                 }
             }
             println!(
-                "recorded limits (undone by `throttle reset`): {}",
-                st.recorded.limits.len()
+                "recorded limits (undone by `throttle reset`): {} cgroup, {} QEMU",
+                st.recorded.limits.len(),
+                st.recorded.qemu.len()
             );
             Ok(())
         }
