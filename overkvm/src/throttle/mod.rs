@@ -458,6 +458,7 @@ impl ThrottleService {
         // What each living VM's disks are (cached, re-read every FACTS_REFRESH): the choice of
         // actuator, QEMU-side counts of host-cached disks and the QEMU limits shown.
         self.qemu.prune();
+        self.qemu.discover(&mut self.table);
         let mut seen = HashSet::new();
         for row in &report.processes {
             if let Some(vm) = row

@@ -509,6 +509,7 @@ pub struct QemuSide {
     cache: HashMap<u32, Cached>,
     /// Last guest counters per (pid, disk) for rates.
     counters: HashMap<(u32, String), (Instant, [u64; 4])>,
+    last_discovery: Option<Instant>,
 }
 
 impl Default for QemuSide {
@@ -520,6 +521,7 @@ impl Default for QemuSide {
             pve_dir: PathBuf::from("/etc/pve/qemu-server"),
             cache: HashMap::new(),
             counters: HashMap::new(),
+            last_discovery: None,
         }
     }
 }
@@ -601,6 +603,64 @@ impl QemuSide {
     /// What is cached of the VM run by `pid`, however old.
     pub fn cached(&self, pid: u32) -> Option<&VmFacts> {
         self.cache.get(&pid).map(|c| &c.facts)
+    }
+
+    /// Finds the VMs overkvm can reach whether or not they did I/O (a host-cached VM's qemu
+    /// may do none of its own for minutes): overkvm's running VMs and libvirt's domains, every
+    /// [`FACTS_REFRESH`].
+    pub fn discover(&mut self, table: &mut crate::devices::DeviceTable) {
+        if self
+            .last_discovery
+            .is_some_and(|t| t.elapsed() < FACTS_REFRESH)
+        {
+            return;
+        }
+        self.last_discovery = Some(Instant::now());
+        let mut found: Vec<(VmRef, u32)> = Vec::new();
+        if let Ok((vms, _)) = crate::lifecycle::load_all(&self.vm_state_dir) {
+            for (name, pid) in crate::lifecycle::list::running(&vms) {
+                let uuid = vms
+                    .iter()
+                    .find(|(d, _)| d.name == name)
+                    .map(|(d, _)| d.uuid.clone());
+                found.push((
+                    VmRef {
+                        name,
+                        uuid,
+                        manager: Manager::Qemu,
+                        namespace: None,
+                    },
+                    pid,
+                ));
+            }
+        }
+        if let Ok(dir) = std::fs::read_dir(&self.libvirt_run) {
+            for e in dir.flatten().take(4096) {
+                let file = e.file_name().to_string_lossy().into_owned();
+                let Some(domain) = file.strip_suffix(".xml") else {
+                    continue;
+                };
+                let Some(xml) = self.libvirt_xml(domain) else {
+                    continue;
+                };
+                if let Some(pid) = managers::domstatus_pid(&xml) {
+                    found.push((
+                        VmRef {
+                            name: domain.to_string(),
+                            uuid: managers::domain_uuid(&xml),
+                            manager: Manager::Libvirt,
+                            namespace: None,
+                        },
+                        pid,
+                    ));
+                }
+            }
+        }
+        for (vm, pid) in found {
+            if pid != 0 && !self.cache.contains_key(&pid) {
+                self.facts(&vm, pid, table);
+            }
+        }
     }
 
     /// Forgets VMs whose process is gone.
