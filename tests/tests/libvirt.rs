@@ -688,6 +688,77 @@ fn libvirt_domains_are_named_counted_exactly_and_throttled_in_their_own_cgroups(
     ] {
         assert!(log.contains(want), "{want:?} not logged:\n{log}");
     }
+
+    // QEMU as the actuator, through libvirt (`actuator = "qemu"`): the limit goes into the
+    // domain's live <iotune> with `virsh blkdeviotune`, within the total of 5000 set above (as
+    // Nova sets a flavor's quota), nothing into its cgroup; SIGTERM puts the 5000 back.
+    let kept = &domains[0];
+    let iotune = || {
+        overkvm::throttle::qemu_actuator::parse_virsh_blkdeviotune(&virsh_ok(&[
+            "blkdeviotune",
+            &kept.name,
+            "vda",
+            "--live",
+        ]))
+    };
+    write_config(
+        &config,
+        &work.join("state/throttle.json"),
+        "release_ticks = 6\nactuator = \"qemu\"\n",
+        &dev,
+        BUDGET,
+        "",
+    );
+    let mut daemon = Daemon::start(work.join("serve-qemu.log"), Some(&config));
+    let engaged = wait_until(Duration::from_secs(60), || iotune().get("iops_rd") > 0);
+    assert!(
+        engaged,
+        "no limit in the domain's iotune:\n{}",
+        daemon.log()
+    );
+    std::thread::sleep(Duration::from_secs(4));
+    let before = serviced(&dirs[0], major, minor, "Total");
+    std::thread::sleep(window);
+    let held = serviced(&dirs[0], major, minor, "Total").saturating_sub(before) as f64
+        / window.as_secs_f64();
+    let during = iotune();
+    eprintln!(
+        "actuator qemu through libvirt: virsh blkdeviotune shows {:?}; the domain did {held:.0} \
+         IOPS (blkio io_serviced), budget {BUDGET}",
+        during.values
+    );
+    assert_eq!(during.get("iops"), 0, "per direction inside the total");
+    assert!(
+        during.get("iops_rd") + during.get("iops_wr") <= 5000,
+        "never looser than the domain's own total: {during:?}"
+    );
+    assert_eq!(
+        v1_limits(&dirs[0], major, minor),
+        [None; 4],
+        "nothing in the cgroup"
+    );
+    assert!(
+        held <= BUDGET * 1.1 && held >= BUDGET * 0.5,
+        "{held:.0} IOPS, budget {BUDGET}:\n{}",
+        daemon.log()
+    );
+    assert!(
+        daemon.log().contains("in QEMU through libvirt domain"),
+        "{}",
+        daemon.log()
+    );
+    let st = daemon.stop();
+    assert!(st.is_some_and(|s| s.success()), "{}", daemon.log());
+    let after = iotune();
+    assert_eq!(
+        (
+            after.get("iops"),
+            after.get("iops_rd"),
+            after.get("iops_wr")
+        ),
+        (5000, 0, 0),
+        "SIGTERM puts the domain's own iotune back: {after:?}"
+    );
     drop(domains);
     drop(libvirt);
 }

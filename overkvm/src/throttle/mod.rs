@@ -1,8 +1,11 @@
 //! Automatic IOPS throttling: keep each budgeted device under its budget by limiting the VMs
-//! responsible through cgroup `io.max` (v2) or `blkio.throttle.*` (v1), then let go.
+//! responsible through cgroup `io.max` (v2) or `blkio.throttle.*` (v1), or QEMU's own disk
+//! throttling where a cgroup cannot hold a VM, then let go.
 //!
-//! `policy` decides (pure), `actuator` writes cgroup files, `state` records every change so a
-//! crash can be undone. `ThrottleService` is the thin layer joining them to the daemon's ticks.
+//! `policy` decides (pure), `actuator` writes cgroup files, `qemu_actuator` picks the actuator
+//! per VM (pure) and sets QEMU limits through the monitor's owner, `state` records every change
+//! so a crash can be undone. `ThrottleService` is the thin layer joining them to the daemon's
+//! ticks.
 //!
 //! Every decision (engage, each limit set, tightened, relaxed or removed, release) and every
 //! fault handled is logged at the default level (target `overkvm::throttle`), one line each,
@@ -457,7 +460,6 @@ impl ThrottleService {
         let secs = report.interval_s.max(1e-3);
         // What each living VM's disks are (cached, re-read every FACTS_REFRESH): the choice of
         // actuator, QEMU-side counts of host-cached disks and the QEMU limits shown.
-        self.qemu.prune();
         self.qemu.discover(&mut self.table);
         let mut seen = HashSet::new();
         for row in &report.processes {
@@ -1490,6 +1492,57 @@ mod tests {
             svc.vanished("vmB", &format!("/machine/vmB-{i}"));
         }
         assert!(svc.warned.len() <= 4097, "bounded: {}", svc.warned.len());
+    }
+
+    #[test]
+    fn a_qemu_held_vm_that_vanished_is_logged_once_and_its_records_dropped() {
+        let dir = std::env::temp_dir().join(format!("overkvm-thr-qgone-{}", std::process::id()));
+        let mut svc = bare_service(dir.join("throttle.json"));
+        // A pid that cannot exist (above pid_max): its qemu is gone.
+        let record = |disk: &str| QemuLimitRecord {
+            vm: "gone".into(),
+            pid: u32::MAX - 1,
+            start_time: 7,
+            control: Control::Libvirt {
+                domain: "gone".into(),
+            },
+            disk: DiskRef::Device(disk.into()),
+            major: 7,
+            minor: 0,
+            original: qemu_actuator::QemuThrottle::default(),
+        };
+        assert!(svc.state.note_qemu(record("vda")));
+        assert!(
+            !svc.state.note_qemu(record("vda")),
+            "the first original stays"
+        );
+        assert!(svc.state.note_qemu(record("vdb")));
+        let info = DeviceInfo {
+            dev: make_dev(7, 0),
+            name: "loop0".into(),
+            major: 7,
+            minor: 0,
+            disk: "loop0".into(),
+            disk_dev: make_dev(7, 0),
+            request_based: true,
+            present: true,
+        };
+        let held = AppliedQemu {
+            pid: u32::MAX - 1,
+            start_time: 7,
+            disks: vec![DiskRef::Device("vda".into())],
+        };
+        svc.release_qemu("gone", &info, &held);
+        svc.release_qemu("gone", &info, &held);
+        assert!(
+            svc.state.qemu.is_empty(),
+            "nothing to put back: {:?}",
+            svc.state
+        );
+        assert_eq!(svc.warned.len(), 1, "logged once: {:?}", svc.warned);
+        assert!(svc.view().problems.is_empty());
+        assert!(ThrottleState::load(&svc.state_path).unwrap().is_empty());
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -540,9 +540,13 @@ fn host_disk_of(file: &str, table: &mut crate::devices::DeviceTable) -> Option<u
 
 /// Runs virsh with a timeout; its stdout, or an error with its stderr.
 fn virsh(args: &[String]) -> anyhow::Result<String> {
-    let out = Command::new("timeout")
-        .arg(VIRSH_TIMEOUT_S)
-        .arg("virsh")
+    let mut cmd = Command::new("timeout");
+    cmd.arg(VIRSH_TIMEOUT_S).arg("virsh");
+    if std::env::var_os("LIBVIRT_DEFAULT_URI").is_none() {
+        // The system daemon: the one whose status XML under /run/libvirt/qemu named the domain.
+        cmd.args(["-c", "qemu:///system"]);
+    }
+    let out = cmd
         .args(args)
         .output()
         .context("running virsh (libvirt's client, needed to change a domain's QEMU limits)")?;
@@ -616,6 +620,7 @@ impl QemuSide {
             return;
         }
         self.last_discovery = Some(Instant::now());
+        self.prune();
         let mut found: Vec<(VmRef, u32)> = Vec::new();
         if let Ok((vms, _)) = crate::lifecycle::load_all(&self.vm_state_dir) {
             for (name, pid) in crate::lifecycle::list::running(&vms) {
@@ -664,7 +669,7 @@ impl QemuSide {
     }
 
     /// Forgets VMs whose process is gone.
-    pub fn prune(&mut self) {
+    fn prune(&mut self) {
         self.cache
             .retain(|pid, c| super::state::process_start_time(*pid) == Some(c.facts.start_time));
         let live: std::collections::HashSet<u32> = self.cache.keys().copied().collect();
