@@ -27,6 +27,7 @@ use overkvm::lifecycle::qmp::Qmp;
 use overkvm_tests::{
     devices::MountedFs,
     guest::{self, GuestSpec, TempDir},
+    serving::{metric, metrics_addr, scrape},
     skip_unless_kernel,
     throttling::{v1_blkio, wait_until},
     workspace_bin,
@@ -418,6 +419,15 @@ fn qemu_holds_a_host_cached_guest_to_its_budget_where_blkio_cannot() {
     assert!(
         stj["recorded"]["qemu"][0]["original"]["values"]["bps_rd"] == 50_000_000,
         "{t0_status}"
+    );
+    let body = metrics_addr(&d.log).and_then(scrape).unwrap_or_default();
+    let series = format!(
+        r#"overkvm_vm_qemu_limit_bytes_per_second{{vm="{name}",disk="disk0",direction="read"}}"#
+    );
+    assert_eq!(
+        metric(&body, &series),
+        Some(50_000_000.0),
+        "{series} in:\n{body}"
     );
     d.terminate();
     let back = disk_throttle(&socket);

@@ -48,7 +48,10 @@ pub const FACTS_REFRESH: Duration = Duration::from_secs(30);
 
 /// Timeout of one QMP exchange and of one virsh run.
 const QMP_TIMEOUT: Duration = Duration::from_secs(2);
-const VIRSH_TIMEOUT_S: &str = "15";
+const VIRSH_TIMEOUT_S: &str = "5";
+/// After a failed write through a monitor's owner, writes through it wait this long: a hung
+/// libvirtd must not stall every control tick by a virsh timeout.
+const WRITE_BACKOFF: Duration = Duration::from_secs(10);
 
 /// QMP's name of each numeric throttle setting, and libvirt's (`<iotune>` element, and the
 /// `virsh blkdeviotune` option with `-` for `_`).
@@ -510,6 +513,8 @@ pub struct QemuSide {
     /// Last guest counters per (pid, disk) for rates.
     counters: HashMap<(u32, String), (Instant, [u64; 4])>,
     last_discovery: Option<Instant>,
+    /// Until when writes through a monitor's owner (by [`Control::describe`]) wait.
+    backoff: HashMap<String, Instant>,
 }
 
 impl Default for QemuSide {
@@ -522,6 +527,7 @@ impl Default for QemuSide {
             cache: HashMap::new(),
             counters: HashMap::new(),
             last_discovery: None,
+            backoff: HashMap::new(),
         }
     }
 }
@@ -818,8 +824,36 @@ impl QemuSide {
         }
     }
 
-    /// Writes a disk's settings through its owner and reads them back.
-    pub fn write(&self, control: &Control, disk: &DiskRef, t: &QemuThrottle) -> anyhow::Result<()> {
+    /// Writes a disk's settings through its owner and reads them back; after a failure,
+    /// writes through the same owner wait [`WRITE_BACKOFF`].
+    pub fn write(
+        &mut self,
+        control: &Control,
+        disk: &DiskRef,
+        t: &QemuThrottle,
+    ) -> anyhow::Result<()> {
+        let key = control.describe();
+        if let Some(until) = self.backoff.get(&key)
+            && Instant::now() < *until
+        {
+            bail!(
+                "{key}: not tried again until {:.0} s after its last failure",
+                WRITE_BACKOFF.as_secs_f64()
+            );
+        }
+        let r = Self::write_now(control, disk, t);
+        if r.is_err() {
+            if self.backoff.len() > 4096 {
+                self.backoff.clear();
+            }
+            self.backoff.insert(key, Instant::now() + WRITE_BACKOFF);
+        } else {
+            self.backoff.remove(&key);
+        }
+        r
+    }
+
+    fn write_now(control: &Control, disk: &DiskRef, t: &QemuThrottle) -> anyhow::Result<()> {
         let back = match control {
             Control::Qmp { socket } => {
                 let mut q = qmp(socket)?;
@@ -888,7 +922,7 @@ impl QemuSide {
 /// Puts back the original settings of every recorded disk whose qemu still runs; returns what
 /// it could not, one line each. A VM that is gone took its limits with it.
 pub fn restore(records: &[QemuLimitRecord]) -> Vec<String> {
-    let side = QemuSide::default();
+    let mut side = QemuSide::default();
     let mut failed = Vec::new();
     for r in records {
         if super::state::process_start_time(r.pid) != Some(r.start_time) {
