@@ -458,8 +458,42 @@ fn qemu_holds_a_host_cached_guest_to_its_budget_where_blkio_cannot() {
         (Some(0), Some(50_000_000)),
         "reset puts the operator's settings back: {back}"
     );
-    ok(ovk(
-        &state,
-        &["vm", "stop", &name, "--timeout", "2s", "--state-dir", st],
-    ));
+
+    // 4. The VM's qemu killed while QEMU holds it: logged, the daemon carries on, nothing left
+    //    on record.
+    let mut d = Serve::start(&config, &work.path().join("serve-vanish.log"), &state);
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            disk_throttle(&socket)["iops_wr"].as_u64().unwrap_or(0) > 0
+        }),
+        "no QEMU limit:\n{}",
+        d.log()
+    );
+    let pid: i32 = fs::read_to_string(state.join(&name).join("qemu.pid"))
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .expect("the VM's pidfile");
+    // SAFETY: kill(2) of the qemu this test started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    assert!(
+        wait_until(Duration::from_secs(20), || d.log().contains("is gone")),
+        "the vanished VM is not logged:\n{}",
+        d.log()
+    );
+    let alive = d
+        .child
+        .as_mut()
+        .is_some_and(|c| c.try_wait().ok().flatten().is_none());
+    assert!(alive, "the daemon carries on:\n{}", d.log());
+    d.terminate();
+    let left = fs::read_to_string(&state_file).unwrap_or_default();
+    assert!(!left.contains("\"qemu\""), "a record left: {left}");
+    eprintln!(
+        "vanished VM: {}",
+        d.log()
+            .lines()
+            .filter(|l| l.contains("gone"))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
 }

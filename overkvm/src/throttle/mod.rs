@@ -688,8 +688,9 @@ impl ThrottleService {
         if want.is_unlimited() {
             if let Some(a) = self.applied.remove(&key) {
                 self.decisions_total += 1;
+                let mut qemu_outcome = "";
                 if let Some(q) = &a.qemu {
-                    self.release_qemu(vm, &info, q);
+                    qemu_outcome = self.release_qemu(vm, &info, q);
                 } else if let Some(act) = self.act.as_ref().filter(|_| !self.dry_run) {
                     match act.clear(&a.cgroup, major, minor) {
                         Err(e) if is_gone(&e) => {
@@ -719,7 +720,7 @@ impl ThrottleService {
                         describe(&a.limits),
                         match &a.qemu {
                             Some(q) => format!(
-                                "in QEMU on disk(s) {}: their own settings put back",
+                                "in QEMU on disk(s) {}: {qemu_outcome}",
                                 q.disks
                                     .iter()
                                     .map(|d| d.name())
@@ -740,7 +741,14 @@ impl ThrottleService {
         if let Some(q) = self.applied.get(&key).and_then(|a| a.qemu.clone()) {
             // The cgroup takes over (QEMU cannot be reached any more, or the reason for it
             // went): QEMU's settings go back first.
-            self.release_qemu(vm, &info, &q);
+            let outcome = self.release_qemu(vm, &info, &q);
+            self.decided(
+                &format!("{vm}@{}", info.name),
+                format!(
+                    "VM {vm} on {}: QEMU lets go of it, the cgroup takes over ({outcome})",
+                    info.name
+                ),
+            );
             self.applied.remove(&key);
         }
         // Where to write: the cgroup the kernel charges this VM's I/O to.
@@ -1014,7 +1022,9 @@ impl ThrottleService {
                 // Held elsewhere before (its cgroup, or a former qemu of a restarted VM).
                 let a = self.applied.remove(&key).map(|a| (a.cgroup, a.qemu));
                 match a {
-                    Some((_, Some(q))) => self.release_qemu(vm, &info, &q),
+                    Some((_, Some(q))) => {
+                        self.release_qemu(vm, &info, &q);
+                    }
                     Some((cg, None)) => {
                         if let Some(act) = self.act.clone().filter(|_| !self.dry_run) {
                             match act.clear(&cg, info.major, info.minor) {
@@ -1157,7 +1167,7 @@ impl ThrottleService {
         control: &Control,
         e: anyhow::Error,
     ) {
-        if state::process_start_time(pid) != Some(start_time) {
+        if !qemu_actuator::is_running(pid, start_time) {
             self.qemu_vanished(vm, pid, start_time);
         } else {
             self.problem(
@@ -1189,14 +1199,15 @@ impl ThrottleService {
             .retain(|_, a| a.qemu.as_ref().is_none_or(|q| q.pid != pid));
     }
 
-    /// Puts back the settings QEMU-held disks of `vm` on a device had before overkvm.
-    fn release_qemu(&mut self, vm: &str, info: &DeviceInfo, q: &AppliedQemu) {
+    /// Puts back the settings QEMU-held disks of `vm` on a device had before overkvm; says
+    /// what became of them.
+    fn release_qemu(&mut self, vm: &str, info: &DeviceInfo, q: &AppliedQemu) -> &'static str {
         if self.dry_run {
-            return;
+            return "their own settings put back";
         }
-        if state::process_start_time(q.pid) != Some(q.start_time) {
+        if !qemu_actuator::is_running(q.pid, q.start_time) {
             self.qemu_vanished(vm, q.pid, q.start_time);
-            return;
+            return "its qemu is gone, and its limits with it";
         }
         let recs: Vec<QemuLimitRecord> = self
             .state
@@ -1214,9 +1225,9 @@ impl ThrottleService {
             match self.qemu.write(&r.control, &r.disk, &r.original) {
                 Ok(()) => done.push(r),
                 Err(e) => {
-                    if state::process_start_time(q.pid) != Some(q.start_time) {
+                    if !qemu_actuator::is_running(q.pid, q.start_time) {
                         self.qemu_vanished(vm, q.pid, q.start_time);
-                        return;
+                        return "its qemu is gone, and its limits with it";
                     }
                     // Kept on record: shutdown and `throttle reset` try again.
                     self.problem(
@@ -1230,8 +1241,24 @@ impl ThrottleService {
                 }
             }
         }
+        let all = self
+            .state
+            .qemu
+            .iter()
+            .filter(|r| {
+                r.pid == q.pid
+                    && r.start_time == q.start_time
+                    && (r.major, r.minor) == (info.major, info.minor)
+            })
+            .count()
+            == done.len();
         self.state.qemu.retain(|r| !done.contains(r));
         self.save_state();
+        if all {
+            "their own settings put back"
+        } else {
+            "putting their own settings back failed: kept on record for stop and reset"
+        }
     }
 
     /// Moves a VM's qemu into `/overkvm/<name>`, recording how to undo it.

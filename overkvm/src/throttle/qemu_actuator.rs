@@ -566,6 +566,23 @@ fn virsh(args: &[String]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// The start time of a process that runs (a zombie does not: a daemonized qemu killed in a
+/// container whose init does not reap stays one, its monitor closed).
+fn running_start_time(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &text[text.rfind(')')? + 1..];
+    let mut f = after.split_whitespace();
+    if matches!(f.next()?, "Z" | "X" | "x") {
+        return None;
+    }
+    f.nth(18)?.parse().ok()
+}
+
+/// Whether the process `pid` started at `start_time` still runs.
+pub fn is_running(pid: u32, start_time: u64) -> bool {
+    running_start_time(pid) == Some(start_time)
+}
+
 /// qemu's arguments from /proc/PID/cmdline.
 fn read_args(pid: u32) -> Option<crate::identity::qemu::QemuArgs> {
     let (raw, _) =
@@ -589,7 +606,7 @@ impl QemuSide {
         pid: u32,
         table: &mut crate::devices::DeviceTable,
     ) -> Option<&VmFacts> {
-        let start_time = super::state::process_start_time(pid)?;
+        let start_time = running_start_time(pid)?;
         let fresh = self.cache.get(&pid).is_some_and(|c| {
             c.facts.start_time == start_time
                 && c.facts.vm == vm.name
@@ -677,7 +694,7 @@ impl QemuSide {
     /// Forgets VMs whose process is gone.
     fn prune(&mut self) {
         self.cache
-            .retain(|pid, c| super::state::process_start_time(*pid) == Some(c.facts.start_time));
+            .retain(|pid, c| is_running(*pid, c.facts.start_time));
         let live: std::collections::HashSet<u32> = self.cache.keys().copied().collect();
         self.counters.retain(|(pid, _), _| live.contains(pid));
     }
@@ -925,12 +942,12 @@ pub fn restore(records: &[QemuLimitRecord]) -> Vec<String> {
     let mut side = QemuSide::default();
     let mut failed = Vec::new();
     for r in records {
-        if super::state::process_start_time(r.pid) != Some(r.start_time) {
+        if !is_running(r.pid, r.start_time) {
             continue;
         }
         if let Err(e) = side.write(&r.control, &r.disk, &r.original) {
             // It may have exited meanwhile.
-            if super::state::process_start_time(r.pid) == Some(r.start_time) {
+            if is_running(r.pid, r.start_time) {
                 failed.push(format!(
                     "QEMU limits of VM {} disk {} ({}): {e:#}",
                     r.vm,
@@ -1226,6 +1243,16 @@ mod tests {
             Some([0, 9, 0, 0])
         );
         assert_eq!(blockstats_of(&v, &DiskRef::Device("q1".into())), None);
+    }
+
+    #[test]
+    fn own_process_runs_and_a_missing_one_does_not() {
+        let me = std::process::id();
+        let st = running_start_time(me).unwrap();
+        assert_eq!(Some(st), super::super::state::process_start_time(me));
+        assert!(is_running(me, st));
+        assert!(!is_running(me, st + 1));
+        assert!(!is_running(u32::MAX - 1, st));
     }
 
     #[test]
