@@ -884,9 +884,10 @@ impl ThrottleService {
 
     /// On a v1 host a VM whose disk on device `dev` goes through the host page cache has its
     /// writes done by the flusher, charged to the root cgroup and to no VM: its use is taken
-    /// from QEMU's counters of its guest's requests (overkvm's own VMs, one QMP exchange per
-    /// tick), and the kernel threads' writes on the device, up to that much, are not counted
-    /// again as load of non-VM processes.
+    /// from QEMU's counters of its guest's requests (overkvm's own VMs: one QMP exchange each
+    /// per tick; libvirt domains: one `virsh domstats --block` for all per tick), and the
+    /// kernel threads' writes on the device, up to that much, are not counted again as load
+    /// of non-VM processes.
     fn count_host_cached(
         &mut self,
         dev: u32,
@@ -899,7 +900,17 @@ impl ThrottleService {
             return;
         }
         let (mut fl_iops, mut fl_bps) = flusher;
-        for (name, pid) in self.qemu.host_cached_on(dev) {
+        let cached = self.qemu.host_cached_on(dev);
+        // libvirt domains: one `virsh domstats --block` for all of them.
+        let domains: Vec<String> = cached
+            .iter()
+            .filter_map(|(_, pid)| match &self.qemu.cached(*pid)?.control {
+                Some(Control::Libvirt { domain }) => Some(domain.clone()),
+                _ => None,
+            })
+            .collect();
+        let libvirt = QemuSide::libvirt_stats(&domains);
+        for (name, pid) in cached {
             let Some(f) = self.qemu.cached(pid) else {
                 continue;
             };
@@ -913,7 +924,7 @@ impl ThrottleService {
                 .map(|d| d.disk.clone())
                 .collect();
             let (uuid, manager) = (f.uuid.clone(), f.manager);
-            let Some(r) = self.qemu.guest_rates(pid, &control, &disks) else {
+            let Some(r) = self.qemu.guest_rates(pid, &control, &disks, &libvirt) else {
                 continue;
             };
             let u = vms.entry(name).or_default();

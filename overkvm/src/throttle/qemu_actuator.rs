@@ -320,6 +320,67 @@ pub fn parse_virsh_blkdeviotune(text: &str) -> QemuThrottle {
     QemuThrottle::from_libvirt(|k| map.get(k).map(|v| v.to_string()))
 }
 
+/// Guest counters per domain and disk: (read ops, write ops, read bytes, write bytes).
+pub type DomainStats = HashMap<String, HashMap<String, [u64; 4]>>;
+
+/// `virsh domstats --block` output (`Domain: 'NAME'`, then `block.N.name=vda`,
+/// `block.N.rd.reqs=...` lines).
+pub fn parse_domstats_block(text: &str) -> DomainStats {
+    let mut out = DomainStats::new();
+    let mut domain: Option<String> = None;
+    // Per domain: block index → (name, counters).
+    let mut blocks: BTreeMap<u32, (Option<String>, [u64; 4])> = BTreeMap::new();
+    let mut flush = |domain: &Option<String>,
+                     blocks: &mut BTreeMap<u32, (Option<String>, [u64; 4])>| {
+        if let Some(d) = domain {
+            let disks = out.entry(d.clone()).or_default();
+            for (_, (name, c)) in std::mem::take(blocks) {
+                if let Some(n) = name {
+                    disks.insert(n, c);
+                }
+            }
+        }
+        blocks.clear();
+    };
+    for line in text.lines().map(str::trim) {
+        if let Some(rest) = line.strip_prefix("Domain:") {
+            flush(&domain, &mut blocks);
+            domain = Some(rest.trim().trim_matches(['\'', '"']).to_string());
+            continue;
+        }
+        let Some((key, value)) = line.split_once('=') else {
+            continue;
+        };
+        let Some(rest) = key.strip_prefix("block.") else {
+            continue;
+        };
+        let Some((idx, field)) = rest.split_once('.') else {
+            continue;
+        };
+        let Ok(idx) = idx.parse::<u32>() else {
+            continue;
+        };
+        if blocks.len() > 1024 && !blocks.contains_key(&idx) {
+            continue;
+        }
+        let b = blocks.entry(idx).or_default();
+        let slot = match field {
+            "name" => {
+                b.0 = Some(value.to_string());
+                continue;
+            }
+            "rd.reqs" => 0,
+            "wr.reqs" => 1,
+            "rd.bytes" => 2,
+            "wr.bytes" => 3,
+            _ => continue,
+        };
+        b.1[slot] = value.trim().parse().unwrap_or(0);
+    }
+    flush(&domain, &mut blocks);
+    out
+}
+
 /// Guest-side counters of one disk from `query-blockstats`, matched by device or qdev name:
 /// (read ops, write ops, read bytes, write bytes).
 pub fn blockstats_of(reply: &Value, disk: &DiskRef) -> Option<[u64; 4]> {
@@ -904,24 +965,53 @@ impl QemuSide {
         Ok(())
     }
 
+    /// Guest counters of libvirt domains' disks, all in one `virsh domstats --block` run (one
+    /// per tick, however many domains): domain → disk → counters.
+    pub fn libvirt_stats(domains: &[String]) -> DomainStats {
+        if domains.is_empty() {
+            return DomainStats::new();
+        }
+        let mut args: Vec<String> = vec!["domstats".into(), "--block".into()];
+        args.extend(domains.iter().cloned());
+        match virsh(&args) {
+            Ok(text) => parse_domstats_block(&text),
+            Err(e) => {
+                log::debug!("{e:#}");
+                DomainStats::new()
+            }
+        }
+    }
+
     /// Guest-side rates of the VM's `disks` over the time since the last call: (read ops/s,
     /// write ops/s, read B/s, write B/s); None on the first call or when QEMU cannot be asked.
-    /// Only overkvm's own VMs (one QMP round trip); libvirt's would cost a virsh per tick.
+    /// overkvm's own VMs: one QMP round trip; libvirt's: from `libvirt` ([`Self::libvirt_stats`]).
     pub fn guest_rates(
         &mut self,
         pid: u32,
         control: &Control,
         disks: &[DiskRef],
+        libvirt: &DomainStats,
     ) -> Option<[f64; 4]> {
-        let Control::Qmp { socket } = control else {
-            return None;
+        let counters: Vec<[u64; 4]> = match control {
+            Control::Qmp { socket } => {
+                let reply = qmp(socket).ok()?.execute("query-blockstats", None).ok()?;
+                disks
+                    .iter()
+                    .map(|d| blockstats_of(&reply, d))
+                    .collect::<Option<_>>()?
+            }
+            Control::Libvirt { domain } => {
+                let of = libvirt.get(domain)?;
+                disks
+                    .iter()
+                    .map(|d| of.get(d.name()).copied())
+                    .collect::<Option<_>>()?
+            }
         };
-        let reply = qmp(socket).ok()?.execute("query-blockstats", None).ok()?;
         let now = Instant::now();
         let mut sum = [0.0; 4];
         let mut complete = true;
-        for d in disks {
-            let c = blockstats_of(&reply, d)?;
+        for (d, c) in disks.iter().zip(counters) {
             match self.counters.insert((pid, d.name().to_string()), (now, c)) {
                 Some((t0, c0)) => {
                     let dt = now.duration_since(t0).as_secs_f64().max(1e-3);
@@ -1253,6 +1343,19 @@ mod tests {
         assert!(is_running(me, st));
         assert!(!is_running(me, st + 1));
         assert!(!is_running(u32::MAX - 1, st));
+    }
+
+    #[test]
+    fn domstats_are_read_per_domain_and_disk() {
+        let text = "Domain: 'web'\n  block.count=2\n  block.0.name=vda\n  block.0.path=/v/a.img\n\
+            block.0.rd.reqs=10\n  block.0.rd.bytes=40960\n  block.0.wr.reqs=5\n  block.0.wr.bytes=20480\n\
+            block.1.name=vdb\n  block.1.wr.reqs=x\n\nDomain: 'db'\n  block.count=0\n\
+            block.7.rd.reqs=3\n";
+        let s = parse_domstats_block(text);
+        assert_eq!(s["web"]["vda"], [10, 5, 40960, 20480]);
+        assert_eq!(s["web"]["vdb"], [0, 0, 0, 0]);
+        assert!(s["db"].is_empty(), "a block without a name is left out");
+        assert!(parse_domstats_block("garbage\nblock.x.name=1\n").is_empty());
     }
 
     #[test]
