@@ -751,7 +751,7 @@ fn libvirt_domains_are_named_counted_exactly_and_throttled_in_their_own_cgroups(
         "nothing in the cgroup"
     );
     assert!(
-        held <= BUDGET * 1.1 && held >= BUDGET * 0.5,
+        (BUDGET * 0.5..=BUDGET * 1.1).contains(&held),
         "{held:.0} IOPS, budget {BUDGET}:\n{}",
         daemon.log()
     );
