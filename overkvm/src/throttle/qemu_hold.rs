@@ -14,7 +14,7 @@ use crate::{
     throttle::actuator::Limits,
 };
 
-/// Where a QEMU-held limit is: the VM's qemu process, its monitor's owner and the disks.
+/// Where a QEMU-held limit is: the VM's qemu process (pid and start time) and its disks.
 #[derive(Clone)]
 pub(super) struct AppliedQemu {
     pub(super) pid: u32,
