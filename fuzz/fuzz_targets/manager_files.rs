@@ -8,7 +8,9 @@ use overkvm::identity::managers::{
     domain_id_attr, domain_uuid, domstatus_pid, element_text, parse_pidfile, pve_config_name,
 };
 use overkvm::identity::qemu::normalize_uuid;
-use overkvm::lifecycle::qemu_limits::{from_libvirt_xml, from_pve_config};
+use overkvm::qemu::limits::{from_libvirt_xml, from_pve_config};
+use overkvm::host::cgroup::limits::Limits;
+use overkvm::throttle::qemu_actuator::{disks_from_libvirt_xml, engage, parse_virsh_blkdeviotune};
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
@@ -32,4 +34,20 @@ fuzz_target!(|data: &[u8]| {
         assert!(!l.is_unlimited(), "a disk without limits is left out: {l:?}");
         assert!(!l.disk.is_empty());
     }
+    // The throttle's reading of the same files: engaging nothing changes nothing, and
+    // engaging a limit is never looser than the disk's own settings.
+    let ours = Limits {
+        riops: Some(100),
+        wiops: Some(50),
+        ..Limits::default()
+    };
+    for d in disks_from_libvirt_xml(&text) {
+        assert!(!d.disk.name().is_empty());
+        assert_eq!(engage(&d.throttle, &Limits::default()), d.throttle);
+        let e = engage(&d.throttle, &ours);
+        assert!(e.get("iops_rd") >= 1 && e.get("iops_rd") <= 100, "{e:?}");
+        let total = d.throttle.get("iops");
+        assert!(total == 0 || e.get("iops_rd") + e.get("iops_wr") <= total.max(2), "{e:?}");
+    }
+    let _ = parse_virsh_blkdeviotune(&text);
 });

@@ -3,7 +3,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use overkvm::lifecycle::qmp::{Message, QmpError, disk_ops, parse_message};
+use overkvm::qemu::qmp::{Message, QmpError, disk_ops, parse_message};
+use overkvm::throttle::qemu_actuator::{blockstats_of, disks_from_query_block};
 
 fuzz_target!(|data: &[u8]| {
     let line = String::from_utf8_lossy(data);
@@ -13,6 +14,11 @@ fuzz_target!(|data: &[u8]| {
                 if let Some(ops) = disk_ops(&value, device) {
                     let _ = ops.total();
                 }
+            }
+            // `query-block` and `query-blockstats` as the throttle's QEMU actuator reads them.
+            for d in disks_from_query_block(&value) {
+                let _ = d.throttle.qmp_arguments(&d.disk);
+                let _ = blockstats_of(&value, &d.disk);
             }
         }
         Ok(_) => {}

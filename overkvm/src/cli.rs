@@ -13,6 +13,7 @@ use overkvm::{
     choice::Choice,
     export::latency::LatencyBuckets,
     lifecycle::{
+        definition::DiskCache,
         list::ListOptions,
         ops::{CreateOptions, DestroyOptions, StartOptions, StopOptions},
         overcommit::OvercommitOptions,
@@ -359,6 +360,10 @@ pub struct VmCreateArgs {
     /// Kernel command line for --kernel (e.g. "console=ttyS0 root=/dev/vda").
     #[arg(long, value_name = "ARGS", requires = "kernel")]
     pub append: Option<String>,
+    /// Host cache of the disk: none (O_DIRECT, every I/O charged to the VM's cgroup) or
+    /// writeback (host page cache; on cgroup v1 the throttle holds such a VM through QEMU).
+    #[arg(long, value_parser = choice::<DiskCache>(), default_value = "none")]
+    pub cache: DiskCache,
     #[command(flatten)]
     pub state: StateDirArgs,
 }
@@ -459,6 +464,7 @@ impl VmCreateArgs {
             kernel: self.kernel.clone(),
             initrd: self.initrd.clone(),
             append: self.append.clone(),
+            cache: self.cache,
             state_dir: self.state.state_dir.clone(),
         }
     }

@@ -68,6 +68,23 @@ pub struct Policy {
     pub manage_cgroups: Option<bool>,
     /// Where the record of written limits is kept (default /run/overkvm/throttle.json).
     pub state_file: Option<String>,
+    /// What holds a VM to its limit: its block cgroup, QEMU's own disk throttling
+    /// (`block_set_io_throttle`, through libvirt for its domains), or `auto` (default): QEMU
+    /// where a cgroup cannot act (see `throttle::qemu_actuator::choose`).
+    pub actuator: Option<ActuatorMode>,
+}
+
+/// `[policy] actuator`.
+#[derive(Clone, Copy, Debug, Default, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ActuatorMode {
+    /// QEMU where the cgroup cannot hold the VM, else the cgroup.
+    #[default]
+    Auto,
+    /// Always the cgroup (overkvm's behaviour before QEMU throttling).
+    Cgroup,
+    /// QEMU wherever overkvm can reach it (its own VMs, libvirt's domains), else the cgroup.
+    Qemu,
 }
 
 /// One device's budget. Budgets apply to whole disks, by name, /dev path or "MAJ:MIN".
@@ -444,6 +461,15 @@ max_vm = 10
         assert!(e.contains("exactly one"), "{e}");
         let e = err("[[vm]]\nmanager = \"vmware\"\n");
         assert!(e.contains("vmware"), "{e}");
+        let e = err("[policy]\nactuator = \"kernel\"\n");
+        assert!(e.contains("unknown variant"), "{e}");
+        assert_eq!(
+            Config::parse("[policy]\nactuator = \"qemu\"\n")
+                .unwrap()
+                .policy
+                .actuator,
+            Some(ActuatorMode::Qemu)
+        );
         let e = err("[policy]\ninterval = \"soon\"\n");
         assert!(e.contains("line 2") && e.contains("not a duration"), "{e}");
         let e = err("[policy]\nrelease_below = 0.9\nengage_above = 0.8\n");

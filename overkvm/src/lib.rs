@@ -19,6 +19,7 @@ mod layers;
 pub mod lifecycle;
 pub mod parity;
 pub mod pipeline;
+pub mod qemu;
 pub mod report;
 #[cfg(test)]
 mod robustness;

@@ -14,7 +14,7 @@ use crate::{
     devices,
     host::{cgroup::limits, proc},
     identity::{cgroup, kubevirt, qemu::QemuArgs},
-    lifecycle::qemu_limits,
+    qemu::limits as qemu_limits,
     text::sanitize,
 };
 
@@ -82,6 +82,14 @@ proptest! {
         for l in qemu_limits::from_pve_config(&xml) {
             prop_assert!(!l.is_unlimited());
         }
+        // The throttle's reading of the same XML (every disk, with its cache mode and every
+        // iotune setting), and of `virsh blkdeviotune` output.
+        for d in crate::throttle::qemu_actuator::disks_from_libvirt_xml(&xml) {
+            prop_assert!(!d.disk.name().is_empty());
+            let t = crate::throttle::qemu_actuator::engage(&d.throttle, &Default::default());
+            prop_assert_eq!(t, d.throttle);
+        }
+        let _ = crate::throttle::qemu_actuator::parse_virsh_blkdeviotune(&xml);
     }
 
     #[test]

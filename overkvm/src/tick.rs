@@ -32,6 +32,18 @@ pub struct ActiveLimit {
     pub wbps: Option<u64>,
     /// Seconds since this VM was first limited on this device (this engagement).
     pub since_s: f64,
+    /// Set when QEMU holds the limit (`block_set_io_throttle`, directly or through libvirt)
+    /// instead of the cgroup: the VM's disks on the device that carry it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qemu_disks: Option<Vec<String>>,
+}
+
+/// Limits QEMU itself enforces on a VM's disks as their owner set them (an operator, Nova's
+/// flavor, Proxmox), next to the throttle's own.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct VmQemuLimits {
+    pub vm: String,
+    pub disks: Vec<crate::qemu::limits::DiskLimits>,
 }
 
 /// A device budget and how much of it the last interval used.
@@ -70,6 +82,9 @@ pub struct ThrottleView {
     pub throttled_seconds_total: f64,
     /// Problems that degrade throttling (a VM sharing a cgroup, a vanished device), latest first.
     pub problems: Vec<String>,
+    /// QEMU's own limits on the VMs' disks (only VMs that have some), re-read every 30 s.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub qemu_limits: Vec<VmQemuLimits>,
 }
 
 /// One tick of the daemon.

@@ -218,6 +218,18 @@ struct Domain {
 
 impl Domain {
     fn start(name: &str, fs_dir: &Path, work: &Path) -> Domain {
+        Self::start_with(name, fs_dir, work, "none", None)
+    }
+
+    /// A domain whose disk has libvirt's `cache` mode, running `script` (default: writes, waits
+    /// for the go-ahead, then reads).
+    fn start_with(
+        name: &str,
+        fs_dir: &Path,
+        work: &Path,
+        cache: &str,
+        script: Option<String>,
+    ) -> Domain {
         let uuid = format!(
             "{:08x}-7e57-4b1d-8a1e-{:012x}",
             std::process::id(),
@@ -232,14 +244,14 @@ impl Domain {
             .status()
             .unwrap();
         assert!(st.success(), "writing {}", disk.display());
-        let script = format!(
+        let script = script.unwrap_or_else(|| format!(
             "dd if=/dev/urandom of=/dev/vda bs=4096 count={GUEST_WRITES} oflag=direct 2>/dev/null || echo IO-FAILED\n\
              echo WRITES-DONE\n\
              while ! dd if=/dev/vda bs=4096 skip={FLAG_BLOCK} count=1 iflag=direct 2>/dev/null | grep -q {go}; do usleep 300000; done\n\
              echo READING\n\
              while true; do dd if=/dev/vda of=/dev/null bs=4096 count=2000 iflag=direct 2>/dev/null; done\n",
             go = String::from_utf8_lossy(GO)
-        );
+        ));
         let spec = GuestSpec {
             name: name.into(),
             uuid: uuid.clone(),
@@ -268,7 +280,7 @@ impl Domain {
                <devices>\n\
                  <emulator>/usr/bin/qemu-system-x86_64</emulator>\n\
                  <disk type='file' device='disk'>\n\
-                   <driver name='qemu' type='raw' cache='none' io='native'/>\n\
+                   <driver name='qemu' type='raw' cache='{cache}' io='{io}'/>\n\
                    <source file='{disk}'/>\n\
                    <target dev='vda' bus='virtio'/>\n\
                  </disk>\n\
@@ -281,6 +293,7 @@ impl Domain {
             args = guest::kernel_args(),
             disk = disk.display(),
             console = console.display(),
+            io = if cache == "none" { "native" } else { "threads" },
         );
         let xml_path = work.join(format!("{name}.xml"));
         fs::write(&xml_path, xml).unwrap();
@@ -688,6 +701,188 @@ fn libvirt_domains_are_named_counted_exactly_and_throttled_in_their_own_cgroups(
     ] {
         assert!(log.contains(want), "{want:?} not logged:\n{log}");
     }
+
+    // QEMU as the actuator, through libvirt (`actuator = "qemu"`): the limit goes into the
+    // domain's live <iotune> with `virsh blkdeviotune`, within the total of 5000 set above (as
+    // Nova sets a flavor's quota), nothing into its cgroup; SIGTERM puts the 5000 back.
+    let kept = &domains[0];
+    let iotune = || {
+        overkvm::throttle::qemu_actuator::parse_virsh_blkdeviotune(&virsh_ok(&[
+            "blkdeviotune",
+            &kept.name,
+            "vda",
+            "--live",
+        ]))
+    };
+    write_config(
+        &config,
+        &work.join("state/throttle.json"),
+        "release_ticks = 6\nactuator = \"qemu\"\n",
+        &dev,
+        BUDGET,
+        "",
+    );
+    let mut daemon = Daemon::start(work.join("serve-qemu.log"), Some(&config));
+    let engaged = wait_until(Duration::from_secs(60), || iotune().get("iops_rd") > 0);
+    assert!(
+        engaged,
+        "no limit in the domain's iotune:\n{}",
+        daemon.log()
+    );
+    std::thread::sleep(Duration::from_secs(4));
+    let before = serviced(&dirs[0], major, minor, "Total");
+    std::thread::sleep(window);
+    let held = serviced(&dirs[0], major, minor, "Total").saturating_sub(before) as f64
+        / window.as_secs_f64();
+    let during = iotune();
+    eprintln!(
+        "actuator qemu through libvirt: virsh blkdeviotune shows {:?}; the domain did {held:.0} \
+         IOPS (blkio io_serviced), budget {BUDGET}",
+        during.values
+    );
+    assert_eq!(during.get("iops"), 0, "per direction inside the total");
+    assert!(
+        during.get("iops_rd") + during.get("iops_wr") <= 5000,
+        "never looser than the domain's own total: {during:?}"
+    );
+    assert_eq!(
+        v1_limits(&dirs[0], major, minor),
+        [None; 4],
+        "nothing in the cgroup"
+    );
+    assert!(
+        (BUDGET * 0.5..=BUDGET * 1.1).contains(&held),
+        "{held:.0} IOPS, budget {BUDGET}:\n{}",
+        daemon.log()
+    );
+    assert!(
+        daemon.log().contains("in QEMU through libvirt domain"),
+        "{}",
+        daemon.log()
+    );
+    let st = daemon.stop();
+    assert!(st.is_some_and(|s| s.success()), "{}", daemon.log());
+    let after = iotune();
+    assert_eq!(
+        (
+            after.get("iops"),
+            after.get("iops_rd"),
+            after.get("iops_wr")
+        ),
+        (5000, 0, 0),
+        "SIGTERM puts the domain's own iotune back: {after:?}"
+    );
     drop(domains);
+    drop(libvirt);
+}
+
+/// Guest write requests of a domain's vda so far (`virsh domstats --block`).
+fn domain_writes(name: &str) -> u64 {
+    let stats = overkvm::throttle::qemu_actuator::parse_domstats_block(&virsh_ok(&[
+        "domstats", "--block", name,
+    ]));
+    stats
+        .get(name)
+        .and_then(|d| d.get("vda"))
+        .map(|c| c[1])
+        .unwrap_or_else(|| panic!("no vda in domstats of {name}: {stats:?}"))
+}
+
+/// A `cache='writeback'` domain on the v1 host: its writes reach the disk from the flusher,
+/// which the domain's blkio cgroup never limits. `actuator = "auto"` holds it through libvirt
+/// (`virsh blkdeviotune`), measured by libvirt's own counters (`virsh domstats --block`), and
+/// SIGTERM puts its iotune back.
+#[test]
+fn libvirt_writeback_domain_is_held_through_qemu_on_v1() {
+    skip_unless_kernel!();
+    let _blkio = overkvm_tests::v1_blkio_or_skip!();
+    if let Some(reason) = tools_missing() {
+        overkvm_tests::skipped(module_path!(), &reason);
+        return;
+    }
+    let fs = MountedFs::new(192, "ext4", &[]).expect("ext4 on a loop device");
+    let dev = fs.dev.name();
+    let work = TempDir::new("libvirt-wb");
+    let _kernel = guest::guest_kernel().expect("guest kernel");
+    let libvirt = Libvirt::start();
+    let name = format!("ovk-lvwb{}", std::process::id());
+    let script = format!(
+        "echo WRITING\n\
+         while :; do dd if=/dev/zero of=/dev/vda bs=4096 count={DISK_BLOCKS} oflag=direct 2>/dev/null; done\n"
+    );
+    let dom = Domain::start_with(&name, &fs.dir, &work.0, "writeback", Some(script));
+    assert!(
+        wait_until(Duration::from_secs(90), || dom
+            .console_text()
+            .contains("WRITING")),
+        "the guest did not start writing:\n{}",
+        dom.console_text()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let rate = |d: Duration| {
+        let (a, t0) = (domain_writes(&name), std::time::Instant::now());
+        std::thread::sleep(d);
+        (domain_writes(&name) - a) as f64 / t0.elapsed().as_secs_f64()
+    };
+    let free = rate(Duration::from_secs(4));
+    let budget = (free / 4.0).min(300.0).round();
+    eprintln!("domain alone: {free:.0} writes/s (virsh domstats); budget {budget} IOPS on {dev}");
+    if budget < 40.0 {
+        overkvm_tests::skipped(
+            module_path!(),
+            format!("the guest writes only {free:.0}/s under TCG here: too slow to show a budget"),
+        );
+        return;
+    }
+    let config = work.join("overkvm.toml");
+    write_config(
+        &config,
+        &work.join("state/throttle.json"),
+        "",
+        &dev,
+        budget,
+        "",
+    );
+    let mut daemon = Daemon::start(work.join("serve.log"), Some(&config));
+    let iotune = || {
+        overkvm::throttle::qemu_actuator::parse_virsh_blkdeviotune(&virsh_ok(&[
+            "blkdeviotune",
+            &name,
+            "vda",
+            "--live",
+        ]))
+    };
+    let engaged = wait_until(Duration::from_secs(60), || iotune().get("iops_wr") > 0);
+    assert!(
+        engaged,
+        "no limit in the domain's iotune:\n{}",
+        daemon.log()
+    );
+    std::thread::sleep(Duration::from_secs(4));
+    let held = rate(Duration::from_secs(8));
+    eprintln!(
+        "held through libvirt: virsh blkdeviotune {:?}; {held:.0} writes/s (virsh domstats), \
+         {:.2}x the budget of {budget}",
+        iotune().values,
+        held / budget
+    );
+    assert!(
+        (held - budget).abs() <= budget * 0.25,
+        "{held:.0} writes/s, budget {budget}:\n{}",
+        daemon.log()
+    );
+    let log = daemon.log();
+    assert!(
+        log.contains("in QEMU through libvirt domain") && log.contains("v1 blkio cannot limit"),
+        "{log}"
+    );
+    let st = daemon.stop();
+    assert!(st.is_some_and(|s| s.success()), "{}", daemon.log());
+    let after = iotune();
+    assert!(
+        after.values.is_empty(),
+        "SIGTERM puts the iotune back: {after:?}"
+    );
+    drop(dom);
     drop(libvirt);
 }

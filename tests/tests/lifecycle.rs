@@ -19,7 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use overkvm::lifecycle::qmp::{Qmp, disk_ops};
+use overkvm::qemu::qmp::{Qmp, disk_ops};
 use overkvm_tests::{
     devices::{LoopDevice, MountedFs},
     guest::{self, GuestSpec, TempDir},

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use overkvm::lifecycle::qemu_limits::{DiskLimits, of_own_vm};
+use overkvm::qemu::limits::{DiskLimits, of_own_vm};
 use overkvm_tests::guest::{self, Guest, GuestSpec, TempDir};
 use serde_json::json;
 

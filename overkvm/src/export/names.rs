@@ -92,8 +92,10 @@ pub mod label {
     pub const MAP: &str = "map";
     /// `overkvm_common::Health::name`.
     pub const EVENT: &str = "event";
-    /// read or write.
+    /// read or write (and total, for QEMU's own limits).
     pub const DIRECTION: &str = "direction";
+    /// A VM's disk as QEMU or libvirt names it (`-drive` id, qdev, libvirt target `vda`).
+    pub const DISK: &str = "disk";
     pub const VERSION: &str = "version";
     pub const HOOK_MODE: &str = "hook_mode";
     /// Why the exporter closed a connection: `timeout` or `oversized`.
@@ -360,6 +362,22 @@ pub const THROTTLE_LIMIT_AGE: Metric = Metric {
     help: "Time since the throttle first limited a VM on a device (this engagement).",
 };
 
+pub const VM_QEMU_LIMIT_IOPS: Metric = Metric {
+    name: "vm_qemu_limit_iops",
+    kind: Kind::Gauge,
+    unit: None,
+    labels: &[VM, DISK, DIRECTION],
+    help: "IOPS limit QEMU itself enforces on a VM's disk as its owner set it (an operator, Nova quota:disk_*, libvirt iotune, Proxmox iops_*; direction total, read or write), re-read every 30 s; only limits that are set.",
+};
+
+pub const VM_QEMU_LIMIT_BPS: Metric = Metric {
+    name: "vm_qemu_limit_bytes_per_second",
+    kind: Kind::Gauge,
+    unit: None,
+    labels: &[VM, DISK, DIRECTION],
+    help: "Bandwidth limit QEMU itself enforces on a VM's disk as its owner set it (direction total, read or write), re-read every 30 s; only limits that are set.",
+};
+
 pub const THROTTLE_BUDGET_IOPS: Metric = Metric {
     name: "throttle_budget_iops",
     kind: Kind::Gauge,
@@ -458,6 +476,8 @@ pub const ALL: &[Metric] = &[
     THROTTLE_LIMIT_IOPS,
     THROTTLE_LIMIT_BPS,
     THROTTLE_LIMIT_AGE,
+    VM_QEMU_LIMIT_IOPS,
+    VM_QEMU_LIMIT_BPS,
     THROTTLE_BUDGET_IOPS,
     THROTTLE_USED_IOPS,
     THROTTLE_ENGAGED,

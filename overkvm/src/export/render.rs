@@ -432,6 +432,37 @@ fn encode_totals(t: &Totals, shape: Shape, enc: &mut DescriptorEncoder) -> fmt::
             )?;
         }
     }
+    // QEMU's own limits: series only for the limits that are set, so a VM without any costs
+    // nothing.
+    for (metric, bytes) in [
+        (&names::VM_QEMU_LIMIT_IOPS, false),
+        (&names::VM_QEMU_LIMIT_BPS, true),
+    ] {
+        let values = |d: &crate::qemu::limits::DiskLimits| {
+            if bytes {
+                [("total", d.bps), ("read", d.bps_rd), ("write", d.bps_wr)]
+            } else {
+                [("total", d.iops), ("read", d.iops_rd), ("write", d.iops_wr)]
+            }
+        };
+        let any = th
+            .qemu_limits
+            .iter()
+            .flat_map(|q| q.disks.iter())
+            .any(|d| values(d).iter().any(|(_, v)| v.is_some()));
+        if let Some(mut m) = family(enc, metric, any)? {
+            for q in &th.qemu_limits {
+                for d in &q.disks {
+                    for (dir, v) in values(d) {
+                        if let Some(v) = v {
+                            let ls = [(VM, Lv(&q.vm)), (DISK, Lv(&d.disk)), (DIRECTION, Lv(dir))];
+                            gauge(&mut m, &ls, v)?;
+                        }
+                    }
+                }
+            }
+        }
+    }
     let has_budget = th.budgets.iter().any(|b| b.iops_budget.is_some());
     if let Some(mut m) = family(enc, &names::THROTTLE_BUDGET_IOPS, has_budget)? {
         for b in &th.budgets {
@@ -712,10 +743,20 @@ mod tests {
                 rbps: None,
                 wbps: Some(1 << 20),
                 since_s: 12.5,
+                qemu_disks: None,
             }],
             decisions_total: 3,
             throttled_seconds_total: 40.25,
             problems: vec![],
+            qemu_limits: vec![crate::tick::VmQemuLimits {
+                vm: "web".into(),
+                disks: vec![crate::qemu::limits::DiskLimits {
+                    disk: "vda".into(),
+                    iops: Some(500),
+                    bps_wr: Some(1 << 20),
+                    ..Default::default()
+                }],
+            }],
         });
         t.apply(&tk, &procs);
         let text = render(t);
@@ -776,6 +817,24 @@ mod tests {
             Some("300".into())
         );
         assert!(!text.contains(r#"direction="write"} 300"#));
+        assert_eq!(
+            sample(
+                &text,
+                r#"overkvm_vm_qemu_limit_iops{vm="web",disk="vda",direction="total"}"#
+            ),
+            Some("500".into())
+        );
+        assert_eq!(
+            sample(
+                &text,
+                r#"overkvm_vm_qemu_limit_bytes_per_second{vm="web",disk="vda",direction="write"}"#
+            ),
+            Some("1048576".into())
+        );
+        assert!(
+            !text.contains(r#"overkvm_vm_qemu_limit_iops{vm="web",disk="vda",direction="read"}"#),
+            "only limits that are set"
+        );
         assert_eq!(
             sample(&text, r#"overkvm_device_capacity_iops{device="vda"}"#),
             Some("950.0".into())

@@ -150,6 +150,55 @@ pub struct VmDefinition {
     /// Kernel command line (`-append`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub append: Option<String>,
+    /// Host cache mode of the disk (default `none`).
+    #[serde(default, skip_serializing_if = "DiskCache::is_default")]
+    pub cache: DiskCache,
+}
+
+/// How qemu opens the overlay: `none` (O_DIRECT: every guest I/O is qemu's own, charged to its
+/// cgroup) or `writeback` (through the host page cache: the kernel's flusher threads write it
+/// back, which cgroup v1 blkio cannot limit; overkvm's throttle then uses QEMU's own).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskCache {
+    #[default]
+    None,
+    Writeback,
+}
+
+impl crate::choice::Choice for DiskCache {
+    const VALUES: &'static [DiskCache] = &[DiskCache::None, DiskCache::Writeback];
+
+    fn name(self) -> &'static str {
+        match self {
+            DiskCache::None => "none",
+            DiskCache::Writeback => "writeback",
+        }
+    }
+
+    fn help(self) -> &'static str {
+        match self {
+            DiskCache::None => "O_DIRECT: every guest I/O is qemu's own, charged to its cgroup",
+            DiskCache::Writeback => {
+                "the host page cache: the kernel's flusher writes it back (cgroup v1 cannot \
+                 limit that; the throttle then uses QEMU's own)"
+            }
+        }
+    }
+}
+
+impl DiskCache {
+    pub fn is_default(&self) -> bool {
+        *self == DiskCache::None
+    }
+
+    /// The `-drive` options of this mode.
+    pub fn drive_options(&self) -> &'static str {
+        match self {
+            DiskCache::None => "cache=none,aio=native",
+            DiskCache::Writeback => "cache=writeback,aio=threads",
+        }
+    }
 }
 
 impl VmDefinition {
@@ -377,6 +426,7 @@ mod tests {
             kernel: Some("/boot/vmlinuz".into()),
             initrd: None,
             append: Some("console=ttyS0 \"quoted\" x=1".into()),
+            cache: DiskCache::None,
         }
     }
 

@@ -18,11 +18,13 @@ use super::{
     cgroup::VmCgroup,
     definition::{VmDefinition, VmPaths},
     overcommit::GuestProc,
-    qemu_limits::{self, DiskLimits},
     state::{self, VmState},
 };
-use crate::identity::Manager;
 use crate::{config::Config, host::cgroup::counters::IoOps, text::sanitize, tick::ActiveLimit};
+use crate::{
+    identity::Manager,
+    qemu::limits::{self as qemu_limits, DiskLimits},
+};
 
 /// `vm list` (the command line fills it in).
 #[derive(Clone, Debug, Default)]
@@ -410,6 +412,7 @@ mod tests {
                 rbps: None,
                 wbps: None,
                 since_s: 3.0,
+                qemu_disks: None,
             }],
             qemu_limits: Some(vec![DiskLimits {
                 disk: "vda".into(),
@@ -465,6 +468,7 @@ mod tests {
             rbps: None,
             wbps: None,
             since_s: 1.0,
+            qemu_disks: None,
         }];
         let cg = |pid| match pid {
             11 => Some("/machine/qemu-1-web01.libvirt-qemu".to_string()),

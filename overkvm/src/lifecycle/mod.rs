@@ -20,8 +20,6 @@ pub mod ops;
 pub mod overcommit;
 pub mod qemu;
 pub mod qemu_img;
-pub mod qemu_limits;
-pub mod qmp;
 pub mod state;
 
 use std::{

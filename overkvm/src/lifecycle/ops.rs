@@ -12,13 +12,14 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
+use crate::qemu::qmp::{Qmp, QmpError};
+
 use super::{
     admit::{AdmitPolicy, DeviceMeter, waiting_line},
     cgroup::{self, VmCgroup},
     definition::{self, VmDefinition, VmPaths},
     qemu::{self, Accel, QEMU_SYSTEM},
     qemu_img,
-    qmp::{Qmp, QmpError},
     state::{self, RunRecord, VmState},
 };
 
@@ -36,6 +37,8 @@ pub struct CreateOptions {
     pub kernel: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
     pub append: Option<String>,
+    /// Host cache mode of the overlay.
+    pub cache: super::definition::DiskCache,
     /// `None`: `$OVERKVM_STATE_DIR`, else the default.
     pub state_dir: Option<PathBuf>,
 }
@@ -181,6 +184,7 @@ pub fn create(args: &CreateOptions) -> anyhow::Result<()> {
         kernel,
         initrd,
         append: args.append.clone(),
+        cache: args.cache,
     };
     def.validate()?;
 

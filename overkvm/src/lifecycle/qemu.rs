@@ -144,8 +144,9 @@ pub fn qemu_argv(def: &VmDefinition, paths: &VmPaths, accel: Accel) -> Vec<OsStr
     push(def.vcpus.to_string());
     push("-drive".into());
     push(format!(
-        "file={},if=none,id={DISK_ID},format=qcow2,cache=none,aio=native",
-        opt_value(&def.overlay)
+        "file={},if=none,id={DISK_ID},format=qcow2,{}",
+        opt_value(&def.overlay),
+        def.cache.drive_options()
     ));
     push("-device".into());
     push(format!(
@@ -291,6 +292,7 @@ mod tests {
             kernel: Some("/k/vmlinuz".into()),
             initrd: Some("/k/initrd".into()),
             append: Some("console=ttyS0 quiet".into()),
+            cache: crate::lifecycle::definition::DiskCache::None,
         }
     }
 
@@ -326,6 +328,14 @@ mod tests {
             "file=/v,,ms/web01/disk.qcow2,if=none,id=disk0,format=qcow2,cache=none,aio=native"
         );
         assert_eq!(after(&a, "-device"), "virtio-blk-pci,drive=disk0,id=vd0");
+        let wb = VmDefinition {
+            cache: crate::lifecycle::definition::DiskCache::Writeback,
+            ..def()
+        };
+        assert!(
+            after(&argv(&wb, Accel::Tcg), "-drive").ends_with(",cache=writeback,aio=threads"),
+            "aio=native needs O_DIRECT"
+        );
         assert_eq!(
             after(&a, "-qmp"),
             "unix:/v,,ms/web01/qmp.sock,server=on,wait=off"

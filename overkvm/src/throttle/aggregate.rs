@@ -36,6 +36,9 @@ pub struct DeviceUse {
     /// per second.
     pub background_iops: (f64, f64),
     pub background_bps: (f64, f64),
+    /// Writes kernel threads did on the device, (IOPS, B/s): the flusher's writeback, which
+    /// cgroup v1 charges to no VM (part of the background).
+    pub flusher: (f64, f64),
     /// Every process's read and write latencies on the device, merged.
     pub latency: Histogram,
 }
@@ -76,6 +79,9 @@ pub fn device_use(
             None => {
                 add(&mut out.background_iops, iops);
                 add(&mut out.background_bps, bps);
+                if row.kernel_thread {
+                    add(&mut out.flusher, (iops.1, bps.1));
+                }
             }
         }
     }

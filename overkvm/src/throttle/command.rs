@@ -72,8 +72,17 @@ pub fn status(config: Option<&Path>, json: bool) -> anyhow::Result<()> {
                     f(l.rbps),
                     f(l.wbps),
                     l.since_s,
-                    sanitize(&l.cgroup)
+                    match &l.qemu_disks {
+                        Some(d) => format!("in QEMU: {}", sanitize(&d.join(", "))),
+                        None => sanitize(&l.cgroup),
+                    }
                 );
+            }
+            // QEMU's own limits, as their owner (operator, Nova, Proxmox) set them.
+            for q in &v.qemu_limits {
+                for d in &q.disks {
+                    println!("qemu   vm {:<20} {}", sanitize(&q.vm), sanitize(&d.text()));
+                }
             }
             for p in &v.problems {
                 println!("problem: {}", sanitize(p));
@@ -92,8 +101,9 @@ pub fn status(config: Option<&Path>, json: bool) -> anyhow::Result<()> {
         }
     }
     println!(
-        "recorded limits (undone by `throttle reset`): {}",
-        st.recorded.limits.len()
+        "recorded limits (undone by `throttle reset`): {} cgroup, {} QEMU",
+        st.recorded.limits.len(),
+        st.recorded.qemu.len()
     );
     Ok(())
 }

@@ -1,9 +1,11 @@
 //! Automatic IOPS throttling: keep each budgeted device under its budget by limiting the VMs
-//! responsible through cgroup `io.max` (v2) or `blkio.throttle.*` (v1), then let go.
+//! responsible through cgroup `io.max` (v2) or `blkio.throttle.*` (v1), or QEMU's own disk
+//! throttling where a cgroup cannot hold a VM, then let go.
 //!
 //! `aggregate` sums each VM's use (pure), `policy` decides (pure), `host::cgroup::limits`
-//! writes cgroup files, `state` records every change so a
-//! crash can be undone. `ThrottleService` is the thin layer joining them to the daemon's ticks.
+//! writes cgroup files, `qemu_actuator` picks the actuator per VM (pure) and sets QEMU limits
+//! through the monitor's owner, `state` records every change so a crash can be undone.
+//! `ThrottleService` is the thin layer joining them to the daemon's ticks.
 //!
 //! Every decision (engage, each limit set, tightened, relaxed or removed, release) and every
 //! fault handled is logged at the default level (target `overkvm::throttle`), one line each,
@@ -12,6 +14,8 @@
 pub mod aggregate;
 pub mod command;
 pub mod policy;
+pub mod qemu_actuator;
+mod qemu_hold;
 pub mod ratelimit;
 pub mod state;
 
@@ -31,11 +35,12 @@ use self::{
         Budget, DeviceController, DirLimits, GuestUse, Knobs, LatencyController, LatencyKnobs,
         LatencySample,
     },
+    qemu_actuator::QemuSide,
     ratelimit::{LogLimiter, Verdict},
     state::{MovedProcess, ThrottleState},
 };
 use crate::{
-    config::{Config, DeviceBudgetSpec},
+    config::{ActuatorMode, Config, DeviceBudgetSpec},
     devices::{DeviceInfo, DeviceTable},
     host::cgroup::limits::{self, Actuator, Limits},
     report::Report,
@@ -125,6 +130,8 @@ struct Applied {
     cgroup: String,
     limits: Limits,
     since: Instant,
+    /// Set when QEMU holds this limit instead of the cgroup.
+    qemu: Option<qemu_hold::AppliedQemu>,
 }
 
 /// The throttle inside `overkvm-io serve`.
@@ -147,6 +154,10 @@ pub struct ThrottleService {
     warned: HashSet<String>,
     /// Decision lines per subject (VM and device, or device) are rate-limited.
     log_limit: LogLimiter,
+    /// `[policy] actuator`.
+    mode: ActuatorMode,
+    /// QEMU's side: VMs' disks (cached), QEMU limits set and restored.
+    qemu: QemuSide,
 }
 
 /// Limits as an operator reads them: `riops=990 wiops=20` (unset directions left out).
@@ -245,6 +256,8 @@ impl ThrottleService {
             problems: VecDeque::new(),
             warned: HashSet::new(),
             log_limit: LogLimiter::default(),
+            mode: config.policy.actuator.unwrap_or_default(),
+            qemu: QemuSide::default(),
         };
         if !dry_run {
             svc.reconcile()?;
@@ -360,6 +373,20 @@ impl ThrottleService {
     /// One control step over the interval's report.
     pub fn on_tick(&mut self, report: &Report) -> ThrottleView {
         let secs = report.interval_s.max(1e-3);
+        // What each living VM's disks are (cached, re-read every FACTS_REFRESH): the choice of
+        // actuator, QEMU-side counts of host-cached disks and the QEMU limits shown.
+        self.qemu.discover(&mut self.table);
+        let mut seen = HashSet::new();
+        for row in &report.processes {
+            if let Some(vm) = row
+                .vm
+                .as_ref()
+                .filter(|_| !row.exited && !row.kernel_thread)
+                && seen.insert(row.pid)
+            {
+                self.qemu.facts(vm, row.pid, &mut self.table);
+            }
+        }
         for i in 0..self.devices.len() {
             self.step_device(i, report, secs);
         }
@@ -386,9 +413,10 @@ impl ThrottleService {
         let disk = self.devices[i].info.dev;
         let (table, api) = (&mut self.table, self.act.as_ref().map(|a| a.api));
         let DeviceUse {
-            vms,
-            background_iops: bg_iops,
-            background_bps: bg_bps,
+            mut vms,
+            background_iops: mut bg_iops,
+            background_bps: mut bg_bps,
+            flusher,
             latency: device_latency,
         } = aggregate::device_use(
             report,
@@ -396,6 +424,7 @@ impl ThrottleService {
             |row| table.get(make_dev(row.major, row.minor)).disk_dev == disk,
             |pid| crate::host::proc::block_cgroup(pid, api?),
         );
+        self.count_host_cached(disk, &mut vms, &mut bg_iops, &mut bg_bps, flusher);
         let guest = |u: &VmUse, name: &str, bytes: bool| -> GuestUse {
             let rule = self.config.rule_for(name, u.uuid.as_deref(), &u.manager);
             let (r, w) = if bytes { u.bps } else { u.iops };
@@ -531,7 +560,10 @@ impl ThrottleService {
         if want.is_unlimited() {
             if let Some(a) = self.applied.remove(&key) {
                 self.decisions_total += 1;
-                if let Some(act) = self.act.as_ref().filter(|_| !self.dry_run) {
+                let mut qemu_outcome = "";
+                if let Some(q) = &a.qemu {
+                    qemu_outcome = self.release_qemu(vm, &info, q);
+                } else if let Some(act) = self.act.as_ref().filter(|_| !self.dry_run) {
                     match act.clear(&a.cgroup, major, minor) {
                         Err(e) if is_gone(&e) => {
                             self.vanished(vm, &a.cgroup);
@@ -555,14 +587,41 @@ impl ThrottleService {
                 self.decided(
                     &format!("{vm}@{}", info.name),
                     format!(
-                        "VM {vm} on {}: limit removed ({why}; was {}, cgroup {})",
+                        "VM {vm} on {}: limit removed ({why}; was {}, {})",
                         info.name,
                         describe(&a.limits),
-                        a.cgroup
+                        match &a.qemu {
+                            Some(q) => format!(
+                                "in QEMU on disk(s) {}: {qemu_outcome}",
+                                q.disks
+                                    .iter()
+                                    .map(|d| d.name())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            ),
+                            None => format!("cgroup {}", a.cgroup),
+                        }
                     ),
                 );
             }
             return;
+        }
+        if let Some(reason) = self.qemu_choice(i, vm, usage, report) {
+            self.enforce_qemu(i, vm, usage, want, reason);
+            return;
+        }
+        if let Some(q) = self.applied.get(&key).and_then(|a| a.qemu.clone()) {
+            // The cgroup takes over (QEMU cannot be reached any more, or the reason for it
+            // went): QEMU's settings go back first.
+            let outcome = self.release_qemu(vm, &info, &q);
+            self.decided(
+                &format!("{vm}@{}", info.name),
+                format!(
+                    "VM {vm} on {}: QEMU lets go of it, the cgroup takes over ({outcome})",
+                    info.name
+                ),
+            );
+            self.applied.remove(&key);
         }
         // Where to write: the cgroup the kernel charges this VM's I/O to.
         let mut cgroup = match (usage.and_then(|u| u.cgroup.clone()), self.applied.get(&key)) {
@@ -690,6 +749,7 @@ impl ThrottleService {
                 cgroup,
                 limits: want,
                 since,
+                qemu: None,
             },
         );
     }
@@ -760,11 +820,21 @@ impl ThrottleService {
                     rbps: a.limits.rbps,
                     wbps: a.limits.wbps,
                     since_s: a.since.elapsed().as_secs_f64(),
+                    qemu_disks: a
+                        .qemu
+                        .as_ref()
+                        .map(|q| q.disks.iter().map(|d| d.name().to_string()).collect()),
                 })
                 .collect(),
             decisions_total: self.decisions_total,
             throttled_seconds_total: self.throttled_seconds,
             problems: self.problems.iter().map(|(_, m)| m.clone()).collect(),
+            qemu_limits: self
+                .qemu
+                .shown(&self.state.qemu)
+                .into_iter()
+                .map(|(vm, disks)| crate::tick::VmQemuLimits { vm, disks })
+                .collect(),
         }
     }
 
@@ -813,10 +883,12 @@ pub fn reset(config: &Config) -> anyhow::Result<String> {
     }
     std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
     Ok(format!(
-        "removed {} limit(s), moved back {} process(es), removed {} cgroup(s)",
+        "removed {} limit(s), moved back {} process(es), removed {} cgroup(s), put back the \
+         QEMU settings of {} disk(s)",
         old.limits.len(),
         old.moved.len(),
-        old.created.len()
+        old.created.len(),
+        old.qemu.len()
     ))
 }
 
@@ -844,7 +916,7 @@ mod tests {
 
     use super::*;
 
-    fn bare_service(state_path: PathBuf) -> ThrottleService {
+    pub(super) fn bare_service(state_path: PathBuf) -> ThrottleService {
         ThrottleService {
             config: Config::default(),
             knobs: Knobs::default(),
@@ -862,6 +934,8 @@ mod tests {
             problems: VecDeque::new(),
             warned: HashSet::new(),
             log_limit: LogLimiter::default(),
+            mode: ActuatorMode::Auto,
+            qemu: QemuSide::default(),
         }
     }
 

@@ -10,8 +10,8 @@ use std::{
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
-use crate::host::cgroup::limits::Actuator;
-use crate::host::proc;
+use super::qemu_actuator::QemuLimitRecord;
+use crate::host::{cgroup::limits::Actuator, proc};
 
 /// A limit this service wrote.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,11 +39,32 @@ pub struct ThrottleState {
     pub limits: Vec<WrittenLimit>,
     pub moved: Vec<MovedProcess>,
     pub created: Vec<String>,
+    /// QEMU limits written on VMs' disks, with the settings to put back (absent in files of
+    /// versions without QEMU throttling).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub qemu: Vec<QemuLimitRecord>,
 }
 
 impl ThrottleState {
     pub fn is_empty(&self) -> bool {
-        self.limits.is_empty() && self.moved.is_empty() && self.created.is_empty()
+        self.limits.is_empty()
+            && self.moved.is_empty()
+            && self.created.is_empty()
+            && self.qemu.is_empty()
+    }
+
+    /// Records a QEMU limit on a disk unless one is on record for it (its original must stay
+    /// the one read before overkvm first touched the disk).
+    pub fn note_qemu(&mut self, r: QemuLimitRecord) -> bool {
+        if self
+            .qemu
+            .iter()
+            .any(|q| q.pid == r.pid && q.start_time == r.start_time && q.disk == r.disk)
+        {
+            return false;
+        }
+        self.qemu.push(r);
+        true
     }
 
     /// Loads a state file; a missing file is an empty state.
@@ -84,7 +105,7 @@ impl ThrottleState {
 /// cgroups. Goes on past failures (a cgroup already gone is fine) and returns what it could not
 /// undo, one line each.
 pub fn undo(state: &ThrottleState, act: &Actuator) -> Vec<String> {
-    let mut failed = Vec::new();
+    let mut failed = super::qemu_actuator::restore(&state.qemu);
     for w in &state.limits {
         if let Err(e) = act.clear(&w.cgroup, w.major, w.minor) {
             let gone = e.chain().any(|c| {

@@ -192,7 +192,7 @@ impl Column {
             Column::LatAvg => "mean latency, submission to completion, in µs",
             Column::LatP99 => "99th percentile latency in µs (within its log2 bucket)",
             Column::IopsShare => "the row's share of all operations on its devices",
-            Column::Throttle => "limits the throttle has set on this VM and device",
+            Column::Throttle => "the throttle's limits (@q: held by QEMU); q: QEMU's own limits",
             Column::Host => "the host (Prometheus instance) of the VM",
         }
     }

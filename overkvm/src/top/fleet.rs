@@ -53,6 +53,7 @@ impl Limits {
             rbps: whole(self.rbps),
             wbps: whole(self.wbps),
             since_s: 0.0,
+            qemu_disks: None,
         })
     }
 }

@@ -254,7 +254,9 @@ pub fn merged_latency(parts: &[&ProcessRow]) -> (Option<f64>, Option<f64>) {
     (Some(avg), p99)
 }
 
-/// What the THROTTLE column says for a VM on some devices: one limit in full, several counted.
+/// What the THROTTLE column says for a VM on some devices: one limit in full (`@q` when QEMU
+/// holds it), several counted; then the limits QEMU itself has on the VM's disks as their owner
+/// set them (`q:500` total IOPS, `q:r500/w300`, `q:wb10M`; `q:2 disks`).
 pub fn throttle_text(view: Option<&ThrottleView>, vm: Option<&str>, devices: &[&str]) -> String {
     let (Some(view), Some(vm)) = (view, vm) else {
         return String::new();
@@ -264,16 +266,55 @@ pub fn throttle_text(view: Option<&ThrottleView>, vm: Option<&str>, devices: &[&
         .iter()
         .filter(|l| l.vm == vm && devices.contains(&l.device.as_str()))
         .collect();
-    let text = match limits.as_slice() {
-        [] => return String::new(),
+    let mut text = match limits.as_slice() {
+        [] => String::new(),
+        [one] if one.qemu_disks.is_some() => format!("{}@q", limit_text(one)),
         [one] => limit_text(one),
         many => format!("{} limits", many.len()),
     };
-    if view.dry_run {
+    let qemu: Vec<_> = view
+        .qemu_limits
+        .iter()
+        .filter(|q| q.vm == vm)
+        .flat_map(|q| q.disks.iter())
+        .collect();
+    let own = match qemu.as_slice() {
+        [] => String::new(),
+        [one] => format!("q:{}", qemu_limit_text(one)),
+        many => format!("q:{} disks", many.len()),
+    };
+    if !own.is_empty() {
+        if !text.is_empty() {
+            text.push(' ');
+        }
+        text.push_str(&own);
+    }
+    if text.is_empty() {
+        return text;
+    }
+    if view.dry_run && !limits.is_empty() {
         sanitize(&format!("dry {text}"))
     } else {
         sanitize(&text)
     }
+}
+
+/// A disk's QEMU limits compactly: `500` (total IOPS), `r500/w300`, `b10M`, `rb10M/wb5M`.
+pub fn qemu_limit_text(d: &crate::qemu::limits::DiskLimits) -> String {
+    let iops = |p: &str, v: Option<u64>| v.map(|v| format!("{p}{v}"));
+    let mb = |p: &str, v: Option<u64>| v.map(|v| format!("{p}b{}M", v / 1_000_000));
+    [
+        iops("", d.iops),
+        iops("r", d.iops_rd),
+        iops("w", d.iops_wr),
+        mb("", d.bps),
+        mb("r", d.bps_rd),
+        mb("w", d.bps_wr),
+    ]
+    .into_iter()
+    .flatten()
+    .collect::<Vec<_>>()
+    .join("/")
 }
 
 /// `r500 w300` for IOPS limits, `rb10M wb5M` for byte limits (decimal MB/s).
@@ -437,6 +478,7 @@ mod tests {
                 rbps: None,
                 wbps: Some(5_000_000),
                 since_s: 3.0,
+                qemu_disks: None,
             }],
             ..ThrottleView::default()
         };
@@ -469,5 +511,31 @@ mod tests {
         assert_eq!(throttle_text(None, Some("web01"), &["vda"]), "");
         let r = report_with(vec![vm_process("web01", 10, "vda", 1, 0)]);
         assert_eq!(groups(&r, Some(&view))[0].merged.throttle, "r500 w300 wb5M");
+        // Held by QEMU, next to a QEMU limit of the operator's.
+        let mut q = view.clone();
+        q.limits[0].qemu_disks = Some(vec!["vda".into()]);
+        let disk = |iops, bps_wr| crate::qemu::limits::DiskLimits {
+            disk: "vda".into(),
+            iops,
+            bps_wr,
+            ..Default::default()
+        };
+        q.qemu_limits = vec![crate::tick::VmQemuLimits {
+            vm: "web01".into(),
+            disks: vec![disk(Some(800), Some(10_000_000))],
+        }];
+        assert_eq!(
+            throttle_text(Some(&q), Some("web01"), &["vda"]),
+            "r500 w300 wb5M@q q:800/wb10M"
+        );
+        assert_eq!(
+            throttle_text(Some(&q), Some("web01"), &["vdb"]),
+            "q:800/wb10M"
+        );
+        q.qemu_limits[0].disks.push(disk(Some(5), None));
+        assert_eq!(
+            throttle_text(Some(&q), Some("web01"), &["vdb"]),
+            "q:2 disks"
+        );
     }
 }

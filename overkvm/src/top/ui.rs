@@ -716,6 +716,7 @@ mod tests {
                 rbps: None,
                 wbps: None,
                 since_s: 1.0,
+                qemu_disks: None,
             }],
             ..ThrottleView::default()
         }));

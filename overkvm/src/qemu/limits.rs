@@ -11,13 +11,13 @@
 
 use std::{path::Path, time::Duration};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::identity::managers::{self, domstatus_pid};
 
 /// QEMU's limits on one disk; `None` where unlimited (QEMU and libvirt write 0 for that).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskLimits {
     /// The disk as its owner names it: libvirt's target (`vda`), QEMU's device or qdev id.
     pub disk: String,

@@ -1,0 +1,1364 @@
+//! QEMU's own disk throttling (`block_set_io_throttle`) as the throttle's second actuator.
+//!
+//! A cgroup cannot hold every VM: on cgroup v1 `blkio` a disk with the host page cache in
+//! between (`cache=writeback`, libvirt's and QEMU's default) is written back by the kernel's
+//! flusher threads, charged to the root cgroup, so a limit on the VM's cgroup never sees those
+//! writes; and VMs that share a cgroup cannot be limited one by one. QEMU throttles inside the
+//! VM's own block layer, before the page cache, whoever writes back later.
+//!
+//! Only through the owner of the monitor: overkvm's own VMs over their QMP socket (overkvm
+//! started them and owns it), libvirt's domains through `virsh blkdeviotune --live` (libvirt
+//! owns their monitor; talking to it behind libvirt's back would be undone by libvirt and
+//! confuse it). Other VMs (plain qemu, Proxmox, KubeVirt) keep the cgroup actuator.
+//!
+//! An operator's (or Nova's, or Proxmox's) limits on a disk are read before overkvm first
+//! touches it and recorded in the state file with overkvm's own; overkvm then writes the
+//! tighter of the two per field ([`engage`]) and puts the operator's settings back verbatim
+//! when it lets go, on SIGTERM, at the next start after a crash and with `throttle reset`.
+//!
+//! The choice of actuator ([`choose`]), the combination of limits ([`engage`]), the split over
+//! several disks ([`split`]) and the parsers are pure; `QemuSide` is the thin layer that talks
+//! to QMP and virsh, with a cache of what each VM's disks are (re-read every
+//! [`FACTS_REFRESH`], never on every tick).
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    os::unix::fs::{FileTypeExt as _, MetadataExt as _},
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use overkvm_common::make_dev;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::host::cgroup::limits::Limits;
+use crate::{
+    config::ActuatorMode,
+    identity::{Manager, managers},
+    qemu::{limits::DiskLimits, qmp::Qmp},
+    report::VmRef,
+};
+
+/// How often a VM's disks (names, files, cache mode, QEMU limits) are re-read. Reading them
+/// costs a QMP round trip (overkvm's VMs) or a status XML read (libvirt), so not every tick.
+pub const FACTS_REFRESH: Duration = Duration::from_secs(30);
+
+/// Timeout of one QMP exchange and of one virsh run.
+const QMP_TIMEOUT: Duration = Duration::from_secs(2);
+const VIRSH_TIMEOUT_S: &str = "5";
+/// After a failed write through a monitor's owner, writes through it wait this long: a hung
+/// libvirtd must not stall every control tick by a virsh timeout.
+const WRITE_BACKOFF: Duration = Duration::from_secs(10);
+
+/// QMP's name of each numeric throttle setting, and libvirt's (`<iotune>` element, and the
+/// `virsh blkdeviotune` option with `-` for `_`).
+pub const SETTINGS: [(&str, &str); 19] = [
+    ("bps", "total_bytes_sec"),
+    ("bps_rd", "read_bytes_sec"),
+    ("bps_wr", "write_bytes_sec"),
+    ("iops", "total_iops_sec"),
+    ("iops_rd", "read_iops_sec"),
+    ("iops_wr", "write_iops_sec"),
+    ("bps_max", "total_bytes_sec_max"),
+    ("bps_rd_max", "read_bytes_sec_max"),
+    ("bps_wr_max", "write_bytes_sec_max"),
+    ("iops_max", "total_iops_sec_max"),
+    ("iops_rd_max", "read_iops_sec_max"),
+    ("iops_wr_max", "write_iops_sec_max"),
+    ("bps_max_length", "total_bytes_sec_max_length"),
+    ("bps_rd_max_length", "read_bytes_sec_max_length"),
+    ("bps_wr_max_length", "write_bytes_sec_max_length"),
+    ("iops_max_length", "total_iops_sec_max_length"),
+    ("iops_rd_max_length", "read_iops_sec_max_length"),
+    ("iops_wr_max_length", "write_iops_sec_max_length"),
+    ("iops_size", "size_iops_sec"),
+];
+
+/// Every throttle setting of one disk, by QMP name; absent is 0 (QEMU's "unlimited"). A burst
+/// length of 1 is QEMU's default and is kept absent too.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QemuThrottle {
+    #[serde(default)]
+    pub values: BTreeMap<String, u64>,
+    /// QEMU throttle group (disks of one VM sharing limits), libvirt's `group_name`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+}
+
+impl QemuThrottle {
+    pub fn get(&self, k: &str) -> u64 {
+        self.values.get(k).copied().unwrap_or(0)
+    }
+
+    pub fn set(&mut self, k: &str, v: u64) {
+        if v == 0 || (k.ends_with("_length") && v <= 1) {
+            self.values.remove(k);
+        } else {
+            self.values.insert(k.to_string(), v);
+        }
+    }
+
+    /// From QMP-named numbers (a `query-block` entry's `inserted`).
+    fn from_qmp(inserted: &Value) -> QemuThrottle {
+        let mut t = QemuThrottle::default();
+        for (k, _) in SETTINGS {
+            t.set(k, inserted.get(k).and_then(Value::as_u64).unwrap_or(0));
+        }
+        t.group = inserted
+            .get("group")
+            .and_then(Value::as_str)
+            .filter(|g| !g.is_empty())
+            .map(str::to_string);
+        t
+    }
+
+    /// From libvirt-named values (`<iotune>` children, or `virsh blkdeviotune` lines).
+    fn from_libvirt(get: impl Fn(&str) -> Option<String>) -> QemuThrottle {
+        let mut t = QemuThrottle::default();
+        for (q, l) in SETTINGS {
+            t.set(q, get(l).and_then(|v| v.trim().parse().ok()).unwrap_or(0));
+        }
+        t.group = get("group_name")
+            .map(|g| g.trim().to_string())
+            .filter(|g| !g.is_empty());
+        t
+    }
+
+    /// The six rates that limit (not the bursts): what a read back must show.
+    fn rates(&self) -> [u64; 6] {
+        std::array::from_fn(|i| self.get(SETTINGS[i].0))
+    }
+
+    /// What `vm list`, `throttle status`, top and the metrics show of it.
+    pub fn shown(&self, disk: &str) -> DiskLimits {
+        let n = |k: &str| Some(self.get(k)).filter(|&v| v > 0);
+        DiskLimits {
+            disk: disk.to_string(),
+            iops: n("iops"),
+            iops_rd: n("iops_rd"),
+            iops_wr: n("iops_wr"),
+            bps: n("bps"),
+            bps_rd: n("bps_rd"),
+            bps_wr: n("bps_wr"),
+        }
+    }
+
+    /// Arguments of `block_set_io_throttle` for a disk: the six rates are mandatory, the rest
+    /// is sent when set (QEMU's defaults otherwise: no burst, length 1).
+    pub fn qmp_arguments(&self, disk: &DiskRef) -> Value {
+        let mut a = match disk {
+            DiskRef::Device(d) => json!({ "device": d }),
+            DiskRef::Qdev(q) => json!({ "id": q }),
+        };
+        for (i, (k, _)) in SETTINGS.iter().enumerate() {
+            let v = self.get(k);
+            if i < 6 || v > 0 {
+                a[*k] = json!(v);
+            }
+        }
+        if let Some(g) = &self.group {
+            a["group"] = json!(g);
+        }
+        a
+    }
+
+    /// `virsh blkdeviotune DOMAIN TARGET --live --total-bytes-sec N ...`: every setting, so
+    /// that libvirt keeps none of the values it had (it merges unset groups from the old ones).
+    pub fn virsh_arguments(&self, domain: &str, target: &str) -> Vec<String> {
+        let mut a: Vec<String> = vec![
+            "blkdeviotune".into(),
+            domain.into(),
+            target.into(),
+            "--live".into(),
+        ];
+        for (q, l) in SETTINGS {
+            a.push(format!("--{}", l.replace('_', "-")));
+            a.push(self.get(q).to_string());
+        }
+        if let Some(g) = &self.group {
+            a.push("--group-name".into());
+            a.push(g.clone());
+        }
+        a
+    }
+}
+
+/// How QMP names a disk: by its `-drive` id (`device`) or by its guest device (`qdev`, for
+/// `-blockdev` disks).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskRef {
+    Device(String),
+    Qdev(String),
+}
+
+impl DiskRef {
+    pub fn name(&self) -> &str {
+        match self {
+            DiskRef::Device(s) | DiskRef::Qdev(s) => s,
+        }
+    }
+}
+
+/// Who can change a VM's QEMU limits for overkvm.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Control {
+    /// overkvm's own VM: its QMP socket.
+    Qmp { socket: PathBuf },
+    /// A libvirt domain: `virsh blkdeviotune` on it.
+    Libvirt { domain: String },
+}
+
+impl Control {
+    pub fn describe(&self) -> String {
+        match self {
+            Control::Qmp { socket } => format!("QMP {}", socket.display()),
+            Control::Libvirt { domain } => format!("libvirt domain {domain}"),
+        }
+    }
+}
+
+/// One disk of a VM as QEMU (or libvirt) shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QemuDisk {
+    /// QMP's name for it, or libvirt's target (`vda`).
+    pub disk: DiskRef,
+    /// The image file or block device on the host, when known.
+    pub file: Option<String>,
+    /// The host page cache is between the guest and the disk (`cache=writeback`,
+    /// `writethrough`, `unsafe`): writes reach the disk from the kernel's flusher threads.
+    pub host_cache: bool,
+    pub throttle: QemuThrottle,
+}
+
+/// Disks of a `query-block` reply (entries without a medium are left out).
+pub fn disks_from_query_block(reply: &Value) -> Vec<QemuDisk> {
+    let Some(list) = reply.as_array() else {
+        return Vec::new();
+    };
+    list.iter()
+        .filter_map(|b| {
+            let ins = b.get("inserted")?;
+            let disk = match b.get("device").and_then(Value::as_str) {
+                Some(d) if !d.is_empty() => DiskRef::Device(d.to_string()),
+                _ => DiskRef::Qdev(b.get("qdev").and_then(Value::as_str)?.to_string()),
+            };
+            Some(QemuDisk {
+                disk,
+                file: ins.get("file").and_then(Value::as_str).map(str::to_string),
+                // `cache.direct` is O_DIRECT on the image: no host page cache.
+                host_cache: !ins
+                    .get("cache")
+                    .and_then(|c| c.get("direct"))
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false),
+                throttle: QemuThrottle::from_qmp(ins),
+            })
+        })
+        .collect()
+}
+
+/// Disks of a libvirt domain XML (status XML: the live definition), named by their target.
+/// A disk without `cache=` runs with QEMU's default, writeback.
+pub fn disks_from_libvirt_xml(xml: &str) -> Vec<QemuDisk> {
+    let Some((at, _, _)) = managers::find_start_tag(xml, "domain") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let mut rest = &xml[at..];
+    while let Some((_, tag, after)) = managers::find_start_tag(rest, "disk") {
+        if tag.ends_with('/') {
+            rest = after;
+            continue;
+        }
+        let Some(end) = after.find("</disk>") else {
+            break;
+        };
+        let disk = &after[..end];
+        rest = &after[end..];
+        let Some(target) = managers::find_start_tag(disk, "target")
+            .and_then(|(_, t, _)| managers::attribute(t, "dev"))
+            .filter(|d| !d.is_empty())
+        else {
+            continue;
+        };
+        let file = managers::find_start_tag(disk, "source").and_then(|(_, t, _)| {
+            managers::attribute(t, "file")
+                .or_else(|| managers::attribute(t, "dev"))
+                .map(str::to_string)
+        });
+        let cache = managers::find_start_tag(disk, "driver")
+            .and_then(|(_, t, _)| managers::attribute(t, "cache"))
+            .unwrap_or("default");
+        let iotune = match managers::find_start_tag(disk, "iotune") {
+            Some((_, t, body)) if !t.ends_with('/') => {
+                body.find("</iotune>").map_or(body, |e| &body[..e])
+            }
+            _ => "",
+        };
+        out.push(QemuDisk {
+            disk: DiskRef::Device(target.to_string()),
+            file,
+            host_cache: !matches!(cache, "none" | "directsync"),
+            throttle: QemuThrottle::from_libvirt(|k| managers::element_text(iotune, k)),
+        });
+    }
+    out
+}
+
+/// `virsh blkdeviotune DOMAIN TARGET` output (`total_iops_sec: 500` lines).
+pub fn parse_virsh_blkdeviotune(text: &str) -> QemuThrottle {
+    let map: HashMap<&str, &str> = text
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim(), v.trim()))
+        .collect();
+    QemuThrottle::from_libvirt(|k| map.get(k).map(|v| v.to_string()))
+}
+
+/// Guest counters per domain and disk: (read ops, write ops, read bytes, write bytes).
+pub type DomainStats = HashMap<String, HashMap<String, [u64; 4]>>;
+
+/// `virsh domstats --block` output (`Domain: 'NAME'`, then `block.N.name=vda`,
+/// `block.N.rd.reqs=...` lines).
+pub fn parse_domstats_block(text: &str) -> DomainStats {
+    let mut out = DomainStats::new();
+    let mut domain: Option<String> = None;
+    // Per domain: block index → (name, counters).
+    let mut blocks: BTreeMap<u32, (Option<String>, [u64; 4])> = BTreeMap::new();
+    let mut flush = |domain: &Option<String>,
+                     blocks: &mut BTreeMap<u32, (Option<String>, [u64; 4])>| {
+        if let Some(d) = domain {
+            let disks = out.entry(d.clone()).or_default();
+            for (_, (name, c)) in std::mem::take(blocks) {
+                if let Some(n) = name {
+                    disks.insert(n, c);
+                }
+            }
+        }
+        blocks.clear();
+    };
+    for line in text.lines().map(str::trim) {
+        if let Some(rest) = line.strip_prefix("Domain:") {
+            flush(&domain, &mut blocks);
+            domain = Some(rest.trim().trim_matches(['\'', '"']).to_string());
+            continue;
+        }
+        let Some((key, value)) = line.split_once('=') else {
+            continue;
+        };
+        let Some(rest) = key.strip_prefix("block.") else {
+            continue;
+        };
+        let Some((idx, field)) = rest.split_once('.') else {
+            continue;
+        };
+        let Ok(idx) = idx.parse::<u32>() else {
+            continue;
+        };
+        if blocks.len() > 1024 && !blocks.contains_key(&idx) {
+            continue;
+        }
+        let b = blocks.entry(idx).or_default();
+        let slot = match field {
+            "name" => {
+                b.0 = Some(value.to_string());
+                continue;
+            }
+            "rd.reqs" => 0,
+            "wr.reqs" => 1,
+            "rd.bytes" => 2,
+            "wr.bytes" => 3,
+            _ => continue,
+        };
+        b.1[slot] = value.trim().parse().unwrap_or(0);
+    }
+    flush(&domain, &mut blocks);
+    out
+}
+
+/// Guest-side counters of one disk from `query-blockstats`, matched by device or qdev name:
+/// (read ops, write ops, read bytes, write bytes).
+pub fn blockstats_of(reply: &Value, disk: &DiskRef) -> Option<[u64; 4]> {
+    let entry = reply.as_array()?.iter().find(|e| {
+        let key = match disk {
+            DiskRef::Device(_) => "device",
+            DiskRef::Qdev(_) => "qdev",
+        };
+        e.get(key).and_then(Value::as_str) == Some(disk.name())
+    })?;
+    let s = entry.get("stats")?;
+    let n = |k: &str| s.get(k).and_then(Value::as_u64).unwrap_or(0);
+    Some([
+        n("rd_operations"),
+        n("wr_operations"),
+        n("rd_bytes"),
+        n("wr_bytes"),
+    ])
+}
+
+/// What decides the actuator of one VM on one device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ActuatorFacts {
+    pub mode: ActuatorMode,
+    /// The host's block controller is cgroup v1 `blkio`.
+    pub cgroup_v1: bool,
+    /// A disk of the VM on this device goes through the host page cache.
+    pub host_cache: bool,
+    /// The VM's cgroup is the root or holds other processes.
+    pub shared_cgroup: bool,
+    /// `[policy] manage_cgroups`: a shared cgroup is solved by moving the VM instead.
+    pub manage_cgroups: bool,
+    /// overkvm can set QEMU limits on the VM's disks on this device (its own VM over QMP, a
+    /// libvirt domain through virsh, with at least one disk on the device).
+    pub qemu_reachable: bool,
+}
+
+/// Which actuator holds a VM, and why.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Choice {
+    Cgroup,
+    Qemu(&'static str),
+}
+
+/// The actuator for one VM on one device. `auto` takes QEMU only where the cgroup cannot act:
+/// host-cached writes on a v1 host (blkio never sees them), or a shared cgroup that overkvm
+/// is not allowed to split (`manage_cgroups` off). QEMU is never chosen when overkvm cannot
+/// reach the VM's monitor through its owner.
+pub fn choose(f: &ActuatorFacts) -> Choice {
+    if f.mode == ActuatorMode::Cgroup || !f.qemu_reachable {
+        return Choice::Cgroup;
+    }
+    if f.mode == ActuatorMode::Qemu {
+        return Choice::Qemu("actuator = \"qemu\"");
+    }
+    if f.cgroup_v1 && f.host_cache {
+        return Choice::Qemu("its disk uses the host page cache, which v1 blkio cannot limit");
+    }
+    if f.shared_cgroup && !f.manage_cgroups {
+        return Choice::Qemu("it shares its cgroup");
+    }
+    Choice::Cgroup
+}
+
+/// overkvm's per-VM limit on a device divided over the VM's `n` disks on it (rounded up,
+/// never 0), so that together they do not exceed it.
+pub fn split(l: &Limits, n: usize) -> Limits {
+    let n = n.max(1) as u64;
+    let d = |v: Option<u64>| v.map(|v| v.div_ceil(n).max(1));
+    Limits {
+        riops: d(l.riops),
+        wiops: d(l.wiops),
+        rbps: d(l.rbps),
+        wbps: d(l.wbps),
+    }
+}
+
+/// Clears the burst of a rate (`iops_rd` → `iops_rd_max`, `iops_rd_max_length`).
+fn clear_burst(t: &mut QemuThrottle, rate: &str) {
+    t.set(&format!("{rate}_max"), 0);
+    t.set(&format!("{rate}_max_length"), 0);
+}
+
+/// One family (IOPS or bytes) of [`engage`].
+fn engage_family(t: &mut QemuThrottle, prefix: &str, ours: (Option<u64>, Option<u64>)) {
+    if ours == (None, None) {
+        return;
+    }
+    let (total, rd, wr) = (
+        prefix.to_string(),
+        format!("{prefix}_rd"),
+        format!("{prefix}_wr"),
+    );
+    let cap = |v: u64| (v > 0).then_some(v);
+    let op_total = cap(t.get(&total));
+    // The operator's per-direction caps; a total caps each direction too.
+    let op_r = cap(t.get(&rd)).or(op_total);
+    let op_w = cap(t.get(&wr)).or(op_total);
+    let min = |a: Option<u64>, b: Option<u64>| match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    let mut r = min(op_r, ours.0.map(|v| v.max(1)));
+    let mut w = min(op_w, ours.1.map(|v| v.max(1)));
+    if let Some(tot) = op_total {
+        // QEMU takes a total or per-direction rates on a disk, never both: the directions
+        // are scaled down together until they fit inside the operator's total.
+        let (rv, wv) = (r.unwrap_or(tot), w.unwrap_or(tot));
+        let sum = rv.saturating_add(wv);
+        if sum > tot {
+            let scale = |v: u64| ((v as u128 * tot as u128 / sum as u128) as u64).max(1);
+            r = Some(scale(rv));
+            w = Some(scale(wv));
+        }
+        t.set(&total, 0);
+        clear_burst(t, &total);
+    }
+    for (k, v) in [(&rd, r), (&wr, w)] {
+        let v = v.unwrap_or(0);
+        if v != t.get(k) {
+            t.set(k, v);
+            // A burst above a rate overkvm lowered would let the guest past it.
+            clear_burst(t, k);
+        }
+    }
+}
+
+/// The settings overkvm writes on a disk: per field the tighter of the operator's `original`
+/// and overkvm's `ours`, the operator's bursts, size and group kept where overkvm did not
+/// lower the rate. Never looser than `original` in any direction.
+pub fn engage(original: &QemuThrottle, ours: &Limits) -> QemuThrottle {
+    let mut t = original.clone();
+    engage_family(&mut t, "iops", (ours.riops, ours.wiops));
+    engage_family(&mut t, "bps", (ours.rbps, ours.wbps));
+    t
+}
+
+/// A QEMU limit overkvm holds on one disk: what to put back.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QemuLimitRecord {
+    pub vm: String,
+    pub pid: u32,
+    /// Start time of the qemu process, so a reused PID is never touched.
+    pub start_time: u64,
+    pub control: Control,
+    pub disk: DiskRef,
+    /// The host disk (MAJ:MIN) the limit is for.
+    pub major: u32,
+    pub minor: u32,
+    /// The disk's settings before overkvm touched it (the operator's), restored verbatim.
+    pub original: QemuThrottle,
+}
+
+/// What overkvm knows of one VM's disks (cached for [`FACTS_REFRESH`]).
+#[derive(Clone, Debug)]
+pub struct VmFacts {
+    pub vm: String,
+    pub uuid: Option<String>,
+    pub manager: Manager,
+    pub start_time: u64,
+    pub control: Option<Control>,
+    /// Each disk and the whole host disk (kernel dev_t) its image is on, when known.
+    pub disks: Vec<(QemuDisk, Option<u32>)>,
+    /// QEMU limits read from a manager's config where overkvm cannot act (Proxmox).
+    pub shown_only: Vec<DiskLimits>,
+}
+
+impl VmFacts {
+    /// The disks on host disk `dev`.
+    pub fn disks_on(&self, dev: u32) -> Vec<&QemuDisk> {
+        self.disks
+            .iter()
+            .filter(|(_, d)| *d == Some(dev))
+            .map(|(q, _)| q)
+            .collect()
+    }
+}
+
+struct Cached {
+    at: Instant,
+    facts: VmFacts,
+}
+
+/// The impure side: reads VMs' disks, sets and restores QEMU limits, reads guest counters.
+pub struct QemuSide {
+    /// overkvm's VM state directory (its VMs' QMP sockets are under it).
+    pub vm_state_dir: PathBuf,
+    pub libvirt_run: PathBuf,
+    pub pve_dir: PathBuf,
+    cache: HashMap<u32, Cached>,
+    /// Last guest counters per (pid, disk) for rates.
+    counters: HashMap<(u32, String), (Instant, [u64; 4])>,
+    last_discovery: Option<Instant>,
+    /// Until when writes through a monitor's owner (by [`Control::describe`]) wait.
+    backoff: HashMap<String, Instant>,
+}
+
+impl Default for QemuSide {
+    fn default() -> Self {
+        QemuSide {
+            vm_state_dir: crate::lifecycle::state_dir(None)
+                .unwrap_or_else(|_| PathBuf::from(crate::lifecycle::definition::DEFAULT_STATE_DIR)),
+            libvirt_run: PathBuf::from("/run/libvirt/qemu"),
+            pve_dir: PathBuf::from("/etc/pve/qemu-server"),
+            cache: HashMap::new(),
+            counters: HashMap::new(),
+            last_discovery: None,
+            backoff: HashMap::new(),
+        }
+    }
+}
+
+/// The whole disk (kernel dev_t, major << 20 | minor) an image file or block device is on.
+fn host_disk_of(file: &str, table: &mut crate::devices::DeviceTable) -> Option<u32> {
+    let meta = std::fs::metadata(file).ok()?;
+    let raw = if meta.file_type().is_block_device() {
+        meta.rdev()
+    } else {
+        meta.dev()
+    };
+    let info = table.get(make_dev(libc::major(raw), libc::minor(raw)));
+    info.present.then_some(info.disk_dev)
+}
+
+/// Runs virsh with a timeout; its stdout, or an error with its stderr.
+fn virsh(args: &[String]) -> anyhow::Result<String> {
+    let mut cmd = Command::new("timeout");
+    cmd.arg(VIRSH_TIMEOUT_S).arg("virsh");
+    if std::env::var_os("LIBVIRT_DEFAULT_URI").is_none() {
+        // The system daemon: the one whose status XML under /run/libvirt/qemu named the domain.
+        cmd.args(["-c", "qemu:///system"]);
+    }
+    let out = cmd
+        .args(args)
+        .output()
+        .context("running virsh (libvirt's client, needed to change a domain's QEMU limits)")?;
+    if !out.status.success() {
+        bail!(
+            "virsh {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The start time of a process that runs (a zombie does not: a daemonized qemu killed in a
+/// container whose init does not reap stays one, its monitor closed).
+fn running_start_time(pid: u32) -> Option<u64> {
+    let stat = crate::host::proc::ProcessDir::host(pid).stat().ok()?;
+    (!matches!(stat.state, 'Z' | 'X' | 'x')).then_some(stat.start_time)
+}
+
+/// Whether the process `pid` started at `start_time` still runs.
+pub fn is_running(pid: u32, start_time: u64) -> bool {
+    running_start_time(pid) == Some(start_time)
+}
+
+/// qemu's arguments from /proc/PID/cmdline.
+fn read_args(pid: u32) -> Option<crate::identity::qemu::QemuArgs> {
+    let argv = crate::host::proc::ProcessDir::host(pid).cmdline().ok()?;
+    Some(crate::identity::qemu::QemuArgs::parse(&argv))
+}
+
+fn qmp(socket: &Path) -> anyhow::Result<Qmp> {
+    Qmp::connect(socket, QMP_TIMEOUT).with_context(|| format!("QMP {}", socket.display()))
+}
+
+impl QemuSide {
+    /// What overkvm knows of VM `vm` run by `pid` (cached; re-read after [`FACTS_REFRESH`]
+    /// or when the PID belongs to another process now).
+    pub fn facts(
+        &mut self,
+        vm: &VmRef,
+        pid: u32,
+        table: &mut crate::devices::DeviceTable,
+    ) -> Option<&VmFacts> {
+        let start_time = running_start_time(pid)?;
+        let fresh = self.cache.get(&pid).is_some_and(|c| {
+            c.facts.start_time == start_time
+                && c.facts.vm == vm.name
+                && c.at.elapsed() < FACTS_REFRESH
+        });
+        if !fresh {
+            let mut facts = self.read_facts(&vm.name, pid, start_time, vm.manager, table);
+            facts.uuid = vm.uuid.clone();
+            facts.manager = vm.manager;
+            self.cache.insert(
+                pid,
+                Cached {
+                    at: Instant::now(),
+                    facts,
+                },
+            );
+        }
+        self.cache.get(&pid).map(|c| &c.facts)
+    }
+
+    /// What is cached of the VM run by `pid`, however old.
+    pub fn cached(&self, pid: u32) -> Option<&VmFacts> {
+        self.cache.get(&pid).map(|c| &c.facts)
+    }
+
+    /// Finds the VMs overkvm can reach whether or not they did I/O (a host-cached VM's qemu
+    /// may do none of its own for minutes): overkvm's running VMs and libvirt's domains, every
+    /// [`FACTS_REFRESH`].
+    pub fn discover(&mut self, table: &mut crate::devices::DeviceTable) {
+        if self
+            .last_discovery
+            .is_some_and(|t| t.elapsed() < FACTS_REFRESH)
+        {
+            return;
+        }
+        self.last_discovery = Some(Instant::now());
+        self.prune();
+        let mut found: Vec<(VmRef, u32)> = Vec::new();
+        if let Ok((vms, _)) = crate::lifecycle::load_all(&self.vm_state_dir) {
+            for (name, pid) in crate::lifecycle::list::running(&vms) {
+                let uuid = vms
+                    .iter()
+                    .find(|(d, _)| d.name == name)
+                    .map(|(d, _)| d.uuid.clone());
+                found.push((
+                    VmRef {
+                        name,
+                        uuid,
+                        manager: Manager::Qemu,
+                        namespace: None,
+                    },
+                    pid,
+                ));
+            }
+        }
+        if let Ok(dir) = std::fs::read_dir(&self.libvirt_run) {
+            for e in dir.flatten().take(4096) {
+                let file = e.file_name().to_string_lossy().into_owned();
+                let Some(domain) = file.strip_suffix(".xml") else {
+                    continue;
+                };
+                let Some(xml) = self.libvirt_xml(domain) else {
+                    continue;
+                };
+                if let Some(pid) = managers::domstatus_pid(&xml) {
+                    found.push((
+                        VmRef {
+                            name: domain.to_string(),
+                            uuid: managers::domain_uuid(&xml),
+                            manager: Manager::Libvirt,
+                            namespace: None,
+                        },
+                        pid,
+                    ));
+                }
+            }
+        }
+        for (vm, pid) in found {
+            if pid != 0 && !self.cache.contains_key(&pid) {
+                self.facts(&vm, pid, table);
+            }
+        }
+    }
+
+    /// Forgets VMs whose process is gone.
+    fn prune(&mut self) {
+        self.cache
+            .retain(|pid, c| is_running(*pid, c.facts.start_time));
+        let live: std::collections::HashSet<u32> = self.cache.keys().copied().collect();
+        self.counters.retain(|(pid, _), _| live.contains(pid));
+    }
+
+    /// Known VMs (name, pid) with a host-cached disk on `dev`: their writes are invisible
+    /// per VM at the device (the flusher does them), so they are looked at even when the
+    /// interval has no I/O of theirs.
+    pub fn host_cached_on(&self, dev: u32) -> Vec<(String, u32)> {
+        self.cache
+            .iter()
+            .filter(|(_, c)| c.facts.disks_on(dev).iter().any(|d| d.host_cache))
+            .map(|(pid, c)| (c.facts.vm.clone(), *pid))
+            .collect()
+    }
+
+    /// Every cached VM's QEMU limits as the operator set them: for disks overkvm holds, the
+    /// recorded originals, else what QEMU (or the manager's config) shows.
+    pub fn shown(&self, held: &[QemuLimitRecord]) -> Vec<(String, Vec<DiskLimits>)> {
+        let mut out: Vec<(String, Vec<DiskLimits>)> = self
+            .cache
+            .iter()
+            .map(|(pid, c)| {
+                let mut disks: Vec<DiskLimits> = c
+                    .facts
+                    .disks
+                    .iter()
+                    .map(|(d, _)| {
+                        let orig = held
+                            .iter()
+                            .find(|r| r.pid == *pid && r.disk == d.disk)
+                            .map_or(&d.throttle, |r| &r.original);
+                        orig.shown(d.disk.name())
+                    })
+                    .chain(c.facts.shown_only.iter().cloned())
+                    .filter(|l| !l.is_unlimited())
+                    .collect();
+                disks.sort_by(|a, b| a.disk.cmp(&b.disk));
+                (c.facts.vm.clone(), disks)
+            })
+            .filter(|(_, d)| !d.is_empty())
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    fn read_facts(
+        &self,
+        vm: &str,
+        pid: u32,
+        start_time: u64,
+        manager: Manager,
+        table: &mut crate::devices::DeviceTable,
+    ) -> VmFacts {
+        let mut facts = VmFacts {
+            vm: vm.to_string(),
+            uuid: None,
+            manager,
+            start_time,
+            control: None,
+            disks: Vec::new(),
+            shown_only: Vec::new(),
+        };
+        match manager {
+            Manager::Libvirt | Manager::Nova => {
+                facts.control = self
+                    .libvirt_domain(vm, pid)
+                    .map(|d| Control::Libvirt { domain: d });
+            }
+            Manager::Proxmox => {
+                if let Some(id) = read_args(pid).and_then(|a| a.id) {
+                    facts.shown_only =
+                        crate::qemu::limits::of_proxmox_vm(&self.pve_dir, id).unwrap_or_default();
+                }
+                return facts;
+            }
+            Manager::Qemu => {
+                facts.control = self
+                    .own_qmp_socket(vm, pid)
+                    .map(|socket| Control::Qmp { socket });
+            }
+            Manager::Kubevirt => return facts,
+        }
+        if let Some(c) = &facts.control {
+            match self.read_disks(c) {
+                Ok(disks) => {
+                    facts.disks = disks
+                        .into_iter()
+                        .map(|d| {
+                            let dev = d.file.as_deref().and_then(|f| host_disk_of(f, table));
+                            (d, dev)
+                        })
+                        .collect();
+                }
+                Err(e) => log::debug!("VM {vm}: reading its disks: {e:#}"),
+            }
+        }
+        facts
+    }
+
+    /// The QMP socket of overkvm's own VM `vm`, when qemu `pid` was started with it.
+    fn own_qmp_socket(&self, vm: &str, pid: u32) -> Option<PathBuf> {
+        crate::lifecycle::definition::validate_name(vm).ok()?;
+        let socket =
+            crate::lifecycle::definition::VmPaths::new(&self.vm_state_dir, vm).qmp_socket();
+        read_args(pid)?
+            .qmp_sockets
+            .iter()
+            .any(|s| Path::new(s) == socket)
+            .then_some(socket)
+    }
+
+    /// The libvirt domain `vm` when libvirt's status XML says qemu `pid` runs it.
+    fn libvirt_domain(&self, vm: &str, pid: u32) -> Option<String> {
+        let xml = self.libvirt_xml(vm)?;
+        (managers::domstatus_pid(&xml) == Some(pid)).then(|| vm.to_string())
+    }
+
+    fn libvirt_xml(&self, domain: &str) -> Option<String> {
+        if !managers::is_safe_file_stem(domain) {
+            return None;
+        }
+        let (raw, truncated) =
+            crate::host::read_capped(&self.libvirt_run.join(format!("{domain}.xml")), 1 << 20)
+                .ok()?;
+        (!truncated).then(|| String::from_utf8_lossy(&raw).into_owned())
+    }
+
+    /// The VM's disks as they are now (no cache).
+    pub fn read_disks(&self, control: &Control) -> anyhow::Result<Vec<QemuDisk>> {
+        match control {
+            Control::Qmp { socket } => {
+                let reply = qmp(socket)?.execute("query-block", None)?;
+                Ok(disks_from_query_block(&reply))
+            }
+            Control::Libvirt { domain } => {
+                let xml = self
+                    .libvirt_xml(domain)
+                    .with_context(|| format!("libvirt's status XML of domain {domain}"))?;
+                Ok(disks_from_libvirt_xml(&xml))
+            }
+        }
+    }
+
+    /// Writes a disk's settings through its owner and reads them back; after a failure,
+    /// writes through the same owner wait [`WRITE_BACKOFF`].
+    pub fn write(
+        &mut self,
+        control: &Control,
+        disk: &DiskRef,
+        t: &QemuThrottle,
+    ) -> anyhow::Result<()> {
+        let key = control.describe();
+        if let Some(until) = self.backoff.get(&key)
+            && Instant::now() < *until
+        {
+            bail!(
+                "{key}: not tried again until {:.0} s after its last failure",
+                WRITE_BACKOFF.as_secs_f64()
+            );
+        }
+        let r = Self::write_now(control, disk, t);
+        if r.is_err() {
+            if self.backoff.len() > 4096 {
+                self.backoff.clear();
+            }
+            self.backoff.insert(key, Instant::now() + WRITE_BACKOFF);
+        } else {
+            self.backoff.remove(&key);
+        }
+        r
+    }
+
+    fn write_now(control: &Control, disk: &DiskRef, t: &QemuThrottle) -> anyhow::Result<()> {
+        let back = match control {
+            Control::Qmp { socket } => {
+                let mut q = qmp(socket)?;
+                q.execute("block_set_io_throttle", Some(t.qmp_arguments(disk)))?;
+                let reply = q.execute("query-block", None)?;
+                disks_from_query_block(&reply)
+                    .into_iter()
+                    .find(|d| d.disk == *disk)
+                    .map(|d| d.throttle)
+                    .with_context(|| format!("disk {} is gone", disk.name()))?
+            }
+            Control::Libvirt { domain } => {
+                virsh(&t.virsh_arguments(domain, disk.name()))?;
+                parse_virsh_blkdeviotune(&virsh(&[
+                    "blkdeviotune".into(),
+                    domain.clone(),
+                    disk.name().into(),
+                    "--live".into(),
+                ])?)
+            }
+        };
+        if back.rates() != t.rates() {
+            bail!(
+                "{} disk {}: wrote {:?} but it reports {:?}",
+                control.describe(),
+                disk.name(),
+                t.values,
+                back.values
+            );
+        }
+        Ok(())
+    }
+
+    /// Guest counters of libvirt domains' disks, all in one `virsh domstats --block` run (one
+    /// per tick, however many domains): domain → disk → counters.
+    pub fn libvirt_stats(domains: &[String]) -> DomainStats {
+        if domains.is_empty() {
+            return DomainStats::new();
+        }
+        let mut args: Vec<String> = vec!["domstats".into(), "--block".into()];
+        args.extend(domains.iter().cloned());
+        match virsh(&args) {
+            Ok(text) => parse_domstats_block(&text),
+            Err(e) => {
+                log::debug!("{e:#}");
+                DomainStats::new()
+            }
+        }
+    }
+
+    /// Guest-side rates of the VM's `disks` over the time since the last call: (read ops/s,
+    /// write ops/s, read B/s, write B/s); None on the first call or when QEMU cannot be asked.
+    /// overkvm's own VMs: one QMP round trip; libvirt's: from `libvirt` ([`Self::libvirt_stats`]).
+    pub fn guest_rates(
+        &mut self,
+        pid: u32,
+        control: &Control,
+        disks: &[DiskRef],
+        libvirt: &DomainStats,
+    ) -> Option<[f64; 4]> {
+        let counters: Vec<[u64; 4]> = match control {
+            Control::Qmp { socket } => {
+                let reply = qmp(socket).ok()?.execute("query-blockstats", None).ok()?;
+                disks
+                    .iter()
+                    .map(|d| blockstats_of(&reply, d))
+                    .collect::<Option<_>>()?
+            }
+            Control::Libvirt { domain } => {
+                let of = libvirt.get(domain)?;
+                disks
+                    .iter()
+                    .map(|d| of.get(d.name()).copied())
+                    .collect::<Option<_>>()?
+            }
+        };
+        let now = Instant::now();
+        let mut sum = [0.0; 4];
+        let mut complete = true;
+        for (d, c) in disks.iter().zip(counters) {
+            match self.counters.insert((pid, d.name().to_string()), (now, c)) {
+                Some((t0, c0)) => {
+                    let dt = now.duration_since(t0).as_secs_f64().max(1e-3);
+                    for i in 0..4 {
+                        sum[i] += c[i].saturating_sub(c0[i]) as f64 / dt;
+                    }
+                }
+                None => complete = false,
+            }
+        }
+        complete.then_some(sum)
+    }
+}
+
+/// Puts back the original settings of every recorded disk whose qemu still runs; returns what
+/// it could not, one line each. A VM that is gone took its limits with it.
+pub fn restore(records: &[QemuLimitRecord]) -> Vec<String> {
+    let mut side = QemuSide::default();
+    let mut failed = Vec::new();
+    for r in records {
+        if !is_running(r.pid, r.start_time) {
+            continue;
+        }
+        if let Err(e) = side.write(&r.control, &r.disk, &r.original) {
+            // It may have exited meanwhile.
+            if is_running(r.pid, r.start_time) {
+                failed.push(format!(
+                    "QEMU limits of VM {} disk {} ({}): {e:#}",
+                    r.vm,
+                    r.disk.name(),
+                    r.control.describe()
+                ));
+            }
+        }
+    }
+    failed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(pairs: &[(&str, u64)]) -> QemuThrottle {
+        let mut t = QemuThrottle::default();
+        for (k, v) in pairs {
+            t.set(k, *v);
+        }
+        t
+    }
+
+    fn iops(r: Option<u64>, w: Option<u64>) -> Limits {
+        Limits {
+            riops: r,
+            wiops: w,
+            ..Limits::default()
+        }
+    }
+
+    #[test]
+    fn the_actuator_is_qemu_only_where_the_cgroup_cannot_act_and_qemu_is_reachable() {
+        let base = ActuatorFacts {
+            mode: ActuatorMode::Auto,
+            cgroup_v1: true,
+            host_cache: false,
+            shared_cgroup: false,
+            manage_cgroups: false,
+            qemu_reachable: true,
+        };
+        assert_eq!(choose(&base), Choice::Cgroup);
+        let wb = ActuatorFacts {
+            host_cache: true,
+            ..base
+        };
+        assert!(matches!(choose(&wb), Choice::Qemu(r) if r.contains("page cache")));
+        // cgroup v2 with io and memory limits writeback itself.
+        assert_eq!(
+            choose(&ActuatorFacts {
+                cgroup_v1: false,
+                ..wb
+            }),
+            Choice::Cgroup
+        );
+        let shared = ActuatorFacts {
+            shared_cgroup: true,
+            ..base
+        };
+        assert!(matches!(choose(&shared), Choice::Qemu(r) if r.contains("shares")));
+        assert_eq!(
+            choose(&ActuatorFacts {
+                manage_cgroups: true,
+                ..shared
+            }),
+            Choice::Cgroup
+        );
+        for unreachable in [wb, shared] {
+            assert_eq!(
+                choose(&ActuatorFacts {
+                    qemu_reachable: false,
+                    ..unreachable
+                }),
+                Choice::Cgroup
+            );
+        }
+        assert_eq!(
+            choose(&ActuatorFacts {
+                mode: ActuatorMode::Cgroup,
+                ..wb
+            }),
+            Choice::Cgroup
+        );
+        assert!(matches!(
+            choose(&ActuatorFacts {
+                mode: ActuatorMode::Qemu,
+                ..base
+            }),
+            Choice::Qemu(_)
+        ));
+        assert_eq!(
+            choose(&ActuatorFacts {
+                mode: ActuatorMode::Qemu,
+                qemu_reachable: false,
+                ..base
+            }),
+            Choice::Cgroup
+        );
+    }
+
+    #[test]
+    fn engaging_takes_the_tighter_value_and_keeps_what_overkvm_does_not_lower() {
+        // Nothing set by the operator: ours, as per-direction rates.
+        assert_eq!(
+            engage(&QemuThrottle::default(), &iops(Some(300), Some(200))),
+            t(&[("iops_rd", 300), ("iops_wr", 200)])
+        );
+        // The operator's tighter read rate and its burst stay; our write rate goes in.
+        let op = t(&[
+            ("iops_rd", 100),
+            ("iops_rd_max", 400),
+            ("iops_rd_max_length", 5),
+            ("bps_wr", 10_000_000),
+            ("iops_size", 4096),
+        ]);
+        let mut op_g = op.clone();
+        op_g.group = Some("g".into());
+        let e = engage(&op_g, &iops(Some(300), Some(200)));
+        let mut want = t(&[
+            ("iops_rd", 100),
+            ("iops_rd_max", 400),
+            ("iops_rd_max_length", 5),
+            ("iops_wr", 200),
+            ("bps_wr", 10_000_000),
+            ("iops_size", 4096),
+        ]);
+        want.group = Some("g".into());
+        assert_eq!(e, want);
+        // Where ours is lower, the operator's burst above it goes with it.
+        assert_eq!(
+            engage(&op, &iops(Some(50), None)),
+            t(&[("iops_rd", 50), ("bps_wr", 10_000_000), ("iops_size", 4096)])
+        );
+        // A bandwidth limit of ours under the operator's.
+        assert_eq!(
+            engage(
+                &op,
+                &Limits {
+                    wbps: Some(1_000_000),
+                    ..Limits::default()
+                }
+            ),
+            t(&[
+                ("iops_rd", 100),
+                ("iops_rd_max", 400),
+                ("iops_rd_max_length", 5),
+                ("bps_wr", 1_000_000),
+                ("iops_size", 4096)
+            ])
+        );
+        // Nothing of ours: the operator's settings unchanged.
+        assert_eq!(engage(&op, &Limits::default()), op);
+    }
+
+    #[test]
+    fn an_operators_total_is_never_exceeded_by_the_two_directions() {
+        let op = t(&[("iops", 500), ("iops_max", 1000)]);
+        // Ours fit inside: per direction, the total (and its burst) replaced.
+        assert_eq!(
+            engage(&op, &iops(Some(300), Some(100))),
+            t(&[("iops_rd", 300), ("iops_wr", 100)])
+        );
+        // Ours add up to more than the total: scaled down together to fit.
+        let e = engage(&op, &iops(Some(400), Some(400)));
+        assert_eq!(e, t(&[("iops_rd", 250), ("iops_wr", 250)]));
+        // Only writes limited by us: reads keep what the total leaves them.
+        let e = engage(&op, &iops(None, Some(100)));
+        assert!(e.get("iops_rd") + e.get("iops_wr") <= 500, "{e:?}");
+        assert!(e.get("iops_wr") <= 100 && e.get("iops") == 0, "{e:?}");
+        // Property: never looser than either side, in any direction.
+        for (tot, r, w) in [(500, 1, 1), (10, 100, 3), (1, 1, 1), (7, 5, u64::MAX / 2)] {
+            let e = engage(&t(&[("iops", tot)]), &iops(Some(r), Some(w)));
+            assert!(e.get("iops_rd") + e.get("iops_wr") <= tot.max(2), "{e:?}");
+            assert!(e.get("iops_rd") <= r && e.get("iops_wr") <= w, "{e:?}");
+            assert!(e.get("iops_rd") >= 1 && e.get("iops_wr") >= 1, "{e:?}");
+        }
+    }
+
+    #[test]
+    fn a_vms_limit_is_split_over_its_disks_on_the_device() {
+        let l = Limits {
+            riops: Some(301),
+            wiops: Some(1),
+            rbps: None,
+            wbps: Some(10),
+        };
+        assert_eq!(
+            split(&l, 2),
+            Limits {
+                riops: Some(151),
+                wiops: Some(1),
+                rbps: None,
+                wbps: Some(5)
+            }
+        );
+        assert_eq!(split(&l, 0), l);
+    }
+
+    #[test]
+    fn disks_are_read_from_query_block() {
+        let reply = json!([
+            {"device": "disk0", "qdev": "vd0", "inserted": {"file": "/var/lib/overkvm/vms/a/disk.qcow2",
+              "cache": {"writeback": true, "direct": false, "no-flush": false},
+              "iops": 0, "iops_rd": 500, "iops_wr": 0, "bps": 0, "bps_rd": 0, "bps_wr": 0,
+              "iops_rd_max": 0, "iops_rd_max_length": 1, "group": "disk0"}},
+            {"device": "", "qdev": "/machine/peripheral/virtio-disk1/virtio-backend",
+             "inserted": {"file": "/dev/sdb", "cache": {"direct": true}}},
+            {"device": "ide1-cd0", "locked": false},
+            "garbage"
+        ]);
+        let d = disks_from_query_block(&reply);
+        assert_eq!(d.len(), 2);
+        assert_eq!(d[0].disk, DiskRef::Device("disk0".into()));
+        assert!(d[0].host_cache);
+        let mut want = t(&[("iops_rd", 500)]);
+        want.group = Some("disk0".into());
+        assert_eq!(d[0].throttle, want);
+        assert_eq!(
+            d[1].disk,
+            DiskRef::Qdev("/machine/peripheral/virtio-disk1/virtio-backend".into())
+        );
+        assert!(!d[1].host_cache);
+        assert!(disks_from_query_block(&json!({"x": 1})).is_empty());
+        let a = d[0].throttle.qmp_arguments(&d[0].disk);
+        assert_eq!(
+            a,
+            json!({"device": "disk0", "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0,
+                   "iops_rd": 500, "iops_wr": 0, "group": "disk0"})
+        );
+        assert_eq!(
+            d[1].throttle.qmp_arguments(&d[1].disk)["id"],
+            "/machine/peripheral/virtio-disk1/virtio-backend"
+        );
+    }
+
+    #[test]
+    fn disks_are_read_from_libvirt_xml_and_virsh() {
+        let xml = "<domstatus state='running' pid='42'><domain type='qemu' id='3'><devices>\n\
+            <disk type='file' device='disk'><driver name='qemu' type='raw' cache='none' io='native'/>\n\
+            <source file='/v/a.img'/><target dev='vda' bus='virtio'/>\n\
+            <iotune><total_iops_sec>500</total_iops_sec><total_iops_sec_max>900</total_iops_sec_max>\n\
+            <group_name>g1</group_name></iotune></disk>\n\
+            <disk type='block' device='disk'><driver name='qemu' type='raw'/>\n\
+            <source dev='/dev/sdb'/><target dev='vdb' bus='virtio'/></disk>\n\
+            <disk type='file'><target dev=''/></disk>\n\
+            </devices></domain></domstatus>";
+        let d = disks_from_libvirt_xml(xml);
+        assert_eq!(d.len(), 2);
+        assert_eq!(d[0].disk.name(), "vda");
+        assert_eq!(d[0].file.as_deref(), Some("/v/a.img"));
+        assert!(!d[0].host_cache);
+        let mut want = t(&[("iops", 500), ("iops_max", 900)]);
+        want.group = Some("g1".into());
+        assert_eq!(d[0].throttle, want);
+        assert_eq!(d[1].file.as_deref(), Some("/dev/sdb"));
+        assert!(d[1].host_cache, "no cache= is QEMU's writeback");
+        assert!(d[1].throttle.values.is_empty());
+        for bad in ["", "<domain>", "<domain><disk><target dev='x'/>"] {
+            assert!(disks_from_libvirt_xml(bad).is_empty(), "{bad}");
+        }
+        let virsh = "total_bytes_sec: 0\nread_bytes_sec : 0\ntotal_iops_sec : 500\n\
+            total_iops_sec_max: 900\ntotal_iops_sec_max_length: 0\ngroup_name   : g1\nsize_iops_sec: x\n";
+        assert_eq!(parse_virsh_blkdeviotune(virsh), want);
+        let args = want.virsh_arguments("web", "vda");
+        assert_eq!(&args[..4], ["blkdeviotune", "web", "vda", "--live"]);
+        let at = args.iter().position(|a| a == "--total-iops-sec").unwrap();
+        assert_eq!(args[at + 1], "500");
+        let at = args
+            .iter()
+            .position(|a| a == "--read-iops-sec-max")
+            .unwrap();
+        assert_eq!(
+            args[at + 1],
+            "0",
+            "every setting is given, so libvirt merges none"
+        );
+        assert_eq!(args[args.len() - 2..], ["--group-name", "g1"]);
+    }
+
+    #[test]
+    fn guest_counters_are_found_by_device_or_qdev() {
+        let v = json!([
+            {"device": "disk0", "qdev": "vd0", "stats": {"rd_operations": 3, "wr_operations": 4, "rd_bytes": 5, "wr_bytes": 6}},
+            {"device": "", "qdev": "q1", "stats": {"wr_operations": 9}}
+        ]);
+        assert_eq!(
+            blockstats_of(&v, &DiskRef::Device("disk0".into())),
+            Some([3, 4, 5, 6])
+        );
+        assert_eq!(
+            blockstats_of(&v, &DiskRef::Qdev("q1".into())),
+            Some([0, 9, 0, 0])
+        );
+        assert_eq!(blockstats_of(&v, &DiskRef::Device("q1".into())), None);
+    }
+
+    #[test]
+    fn own_process_runs_and_a_missing_one_does_not() {
+        let me = std::process::id();
+        let st = running_start_time(me).unwrap();
+        assert_eq!(Some(st), crate::host::proc::start_time(me));
+        assert!(is_running(me, st));
+        assert!(!is_running(me, st + 1));
+        assert!(!is_running(u32::MAX - 1, st));
+    }
+
+    #[test]
+    fn domstats_are_read_per_domain_and_disk() {
+        let text = "Domain: 'web'\n  block.count=2\n  block.0.name=vda\n  block.0.path=/v/a.img\n\
+            block.0.rd.reqs=10\n  block.0.rd.bytes=40960\n  block.0.wr.reqs=5\n  block.0.wr.bytes=20480\n\
+            block.1.name=vdb\n  block.1.wr.reqs=x\n\nDomain: 'db'\n  block.count=0\n\
+            block.7.rd.reqs=3\n";
+        let s = parse_domstats_block(text);
+        assert_eq!(s["web"]["vda"], [10, 5, 40960, 20480]);
+        assert_eq!(s["web"]["vdb"], [0, 0, 0, 0]);
+        assert!(s["db"].is_empty(), "a block without a name is left out");
+        assert!(parse_domstats_block("garbage\nblock.x.name=1\n").is_empty());
+    }
+
+    #[test]
+    fn records_round_trip() {
+        let r = QemuLimitRecord {
+            vm: "a".into(),
+            pid: 1,
+            start_time: 2,
+            control: Control::Libvirt { domain: "a".into() },
+            disk: DiskRef::Device("vda".into()),
+            major: 7,
+            minor: 0,
+            original: t(&[("iops", 5)]),
+        };
+        let s = serde_json::to_string(&r).unwrap();
+        assert_eq!(serde_json::from_str::<QemuLimitRecord>(&s).unwrap(), r);
+    }
+}
