@@ -590,7 +590,7 @@ pub struct LatencyKnobs {
     /// meet it.
     pub min_fraction: f64,
     /// A miss after a cut is not taken for the rate's fault when the window was cut by at
-    /// least `1.5·close` since the first miss of the series and the latency is still at least
+    /// least `1.5·close` since the last miss that moved it and the latency is still at least
     /// this fraction of that miss's: latency that does not follow the rate is the host's or
     /// the device's own (a loaded host, a hiccup), and cutting further would only starve the
     /// guests. The window holds instead.
@@ -718,9 +718,9 @@ pub struct LatencyController {
     draining: u32,
     /// The window's lower bound for this engagement (`min_fraction` of the rate at engaging).
     min_window: f64,
-    /// (window, judged latency) of the first miss since the window last met the target (at
-    /// engaging: the rate delivered unthrottled).
-    first_miss: Option<(f64, f64)>,
+    /// (window, judged latency) of the last miss that moved the window, since it last met
+    /// the target (at engaging: the rate delivered unthrottled).
+    last_miss: Option<(f64, f64)>,
     /// The miss a probe showed stale, while the ramp has not yet gone clearly past it.
     stale_from: Option<f64>,
     /// Ticks since the window last stepped back from the known-good rate after a miss there.
@@ -755,7 +755,7 @@ impl LatencyController {
             self.min_window = (k.min_fraction * iops).max(k.floor);
             self.bad = Some(iops.max(k.floor));
             self.bad_measured = iops.max(k.floor);
-            self.first_miss = Some((iops, l));
+            self.last_miss = Some((iops, l));
             self.since_suspect = u32::MAX;
             // A capacity learned in an earlier engagement is a good first guess if it is below
             // what just missed the target.
@@ -824,7 +824,7 @@ impl LatencyController {
         // above the device's capacity (a rate limiter's bucket), and a window barely under
         // that burst is still above the capacity, not a cut.
         let unmoved = binding
-            && self.first_miss.is_some_and(|(w0, l0)| {
+            && self.last_miss.is_some_and(|(w0, l0)| {
                 w <= w0 * (1.0 - 1.5 * k.close) && judged >= k.unmoved * l0
             });
         let missed = 2 * overs > n;
@@ -842,12 +842,12 @@ impl LatencyController {
             // few slow ticks on a loaded host) or a device that got slower. Step back by
             // `close` knowing nothing new yet; a miss there too, with the latency down by the
             // step (see `unmoved`), or another one soon, says the device got slower.
-            self.first_miss = Some((w, judged));
+            self.last_miss = Some((w, judged));
             self.since_suspect = 0;
             let g = self.good.unwrap_or(w);
             self.cut_to(g * (1.0 - k.close), k);
         } else if missed {
-            self.first_miss.get_or_insert((w, judged));
+            self.last_miss = Some((w, judged));
             // The rate the device delivered while missing: a saturated device delivers its
             // capacity, whatever the window above it.
             let b = iops.max(k.floor);
@@ -871,7 +871,7 @@ impl LatencyController {
             };
             self.cut_to(next.min(w * (1.0 - 0.5 * k.close)), k);
         } else if 2 * meets > n && binding {
-            self.first_miss = None;
+            self.last_miss = None;
             let rate = self
                 .recent
                 .iter()
@@ -1844,6 +1844,38 @@ mod tests {
         }
         // Engaging cut to 800; the latency did not follow, so it holds there.
         assert_eq!(w, Some(800.0), "held at the first cut");
+    }
+
+    #[test]
+    fn a_latency_floor_over_the_target_stops_the_cuts() {
+        // Seen in the 6.1 guest on a loaded host: the saturated disk's 8 ms fell to ~3 ms
+        // once under its 600 IOPS, and stayed there at any rate (TCG starved of CPU). One cut
+        // learns that latency follows the rate; the next, that it no longer does: the window
+        // holds there instead of going down to its floor.
+        let lk = LatencyKnobs::default();
+        let mut lc = LatencyController::default();
+        let mut w: Option<f64> = None;
+        let mut windows = vec![];
+        for _ in 0..60 {
+            let offered = w.unwrap_or(1e6);
+            let got = offered.min(600.0);
+            let lat = if offered > 600.0 { 8000.0 } else { 3000.0 };
+            w = lc.step(
+                2000.0,
+                &LatencySample {
+                    latency_us: Some(lat),
+                    completions: got as u64,
+                    iops: got,
+                },
+                &lk,
+            );
+            windows.push(w.unwrap_or(0.0));
+        }
+        let last = windows[windows.len() - 1];
+        assert!(
+            (360.0..=480.0).contains(&last) && windows[20..].iter().all(|x| *x == last),
+            "{windows:.0?}"
+        );
     }
 
     #[test]
