@@ -1225,6 +1225,11 @@ struct LatencyTick {
     engaged: bool,
 }
 
+/// A figure that may be absent, for the printed summary.
+fn shown(v: Option<f64>, prec: usize) -> String {
+    v.map_or("-".into(), |v| format!("{v:.prec$}"))
+}
+
 /// What one run of the scenario measured.
 struct LatencyScenario {
     mode: LatencyMode,
@@ -1284,14 +1289,14 @@ impl LatencyScenario {
         let r = &self.rates;
         eprintln!(
             "guest61 latency scenario {}: vda limited by QEMU to {CAPACITY} IOPS, target p95 \
-             {LATENCY_TARGET_MS} ms: calibrate {:?} IOPS; engaged {:?} s, settled {:?} s after \
-             load start; from {SETTLED_S} s on: A={:.0} B={:.0} C={:.0} total={:.0} ({:.1}% of \
+             {LATENCY_TARGET_MS} ms: calibrate {} IOPS; engaged {} s, settled {} s after load \
+             start; from {SETTLED_S} s on: A={:.0} B={:.0} C={:.0} total={:.0} ({:.1}% of \
              capacity), per-tick p95 median {:.2} ms, {:.0}% of {} ticks over the target; \
-             learned capacity {:?}; released {:.1} s after the load stopped",
+             learned capacity {} IOPS; released {:.1} s after the load stopped",
             self.mode.name(),
-            self.calibrate_iops.map(f64::round),
-            self.engaged_at,
-            self.settled_at,
+            shown(self.calibrate_iops, 0),
+            shown(self.engaged_at, 1),
+            shown(self.settled_at, 1),
             r[0],
             r[1],
             r[2],
@@ -1300,7 +1305,7 @@ impl LatencyScenario {
             self.median_p95_us() / 1000.0,
             100.0 * self.over_target(),
             self.steady_p95_us.len(),
-            self.capacity(),
+            shown(self.capacity(), 0),
             self.release_s
         );
     }

@@ -725,6 +725,9 @@ pub struct LatencyController {
     stale_from: Option<f64>,
     /// Ticks since the window last stepped back from the known-good rate after a miss there.
     since_suspect: u32,
+    /// The current window was judged to meet the target at least once. A miss at a window
+    /// just cut to (not yet seen to meet) says that window is too high, not noise.
+    held: bool,
 }
 
 impl LatencyController {
@@ -837,8 +840,10 @@ impl LatencyController {
             && binding
             && self.good.is_some()
             && self.since_suspect > k.suspect_memory
+            && self.held
         {
-            // A miss at the rate known to meet the target, the window kept up with: noise (a
+            // A miss at the rate known to meet the target, seen to meet it at this window and
+            // kept up with: noise (a
             // few slow ticks on a loaded host) or a device that got slower. Step back by
             // `close` knowing nothing new yet; a miss there too, with the latency down by the
             // step (see `unmoved`), or another one soon, says the device got slower.
@@ -849,8 +854,14 @@ impl LatencyController {
         } else if missed {
             self.last_miss = Some((w, judged));
             // The rate the device delivered while missing: a saturated device delivers its
-            // capacity, whatever the window above it.
-            let b = iops.max(k.floor);
+            // capacity, whatever the window above it. The lowest of the window's ticks: the
+            // first can carry a burst a rate limiter's bucket let through.
+            let b = self
+                .recent
+                .iter()
+                .map(|t| t.iops)
+                .fold(iops, f64::min)
+                .max(k.floor);
             self.bad = Some(self.bad.map_or(b, |x| x.min(b)));
             self.bad_measured = b;
             if probe {
@@ -879,6 +890,7 @@ impl LatencyController {
                 .fold(f64::INFINITY, f64::min);
             let g = self.good.map_or(rate, |g| g.max(rate));
             self.good = Some(g);
+            self.held = true;
             // A rate that missed before now meets the target: that miss is stale.
             if self.bad.is_some() && rate >= self.bad_measured {
                 self.bad = None;
@@ -921,6 +933,7 @@ impl LatencyController {
         let w = w.max(self.min_window).max(k.floor);
         if self.window != Some(w) {
             self.recent.clear();
+            self.held = false;
         }
         self.window = Some(w);
     }
