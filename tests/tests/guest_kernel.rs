@@ -1174,9 +1174,11 @@ for f in ds0 ds1 io0 io1; do okvm_section $f /tmp/$f; done
 /// QEMU holds the guest's vda to this many IOPS (`block_set_io_throttle`, as `iops-total=`):
 /// a device that saturates at a known rate, its latency jumping to depth/capacity past it.
 const CAPACITY: f64 = 600.0;
-/// Three QD1 readers on a saturated vda wait ~3/600 s = 5 ms; unthrottled under TCG a read
-/// takes ~0.1-0.3 ms. The target sits in between.
-const LATENCY_TARGET_MS: f64 = 2.0;
+/// Three QD1 readers on a saturated vda see a p95 of ~8 ms; unthrottled under TCG a read's
+/// p95 is ~0.3-0.5 ms on a quiet host, but on a host loaded by other builds (load 5 on 2
+/// cores) a quarter of the half-second ticks reach 2-3.5 ms at any rate. The target sits
+/// between, above that noise: a target inside it tests the host, not the controller.
+const LATENCY_TARGET_MS: f64 = 3.0;
 /// The fixed budget the latency target is compared with: 90% of the capacity, what
 /// `calibrate` suggests and an operator who knows the device would write.
 const BUDGET_IOPS: f64 = 540.0;
@@ -1187,7 +1189,7 @@ const SETTLED_S: f64 = 10.0;
 /// How the daemon runs in the latency scenario (the test, and `cargo xtask bench throttle`).
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum LatencyMode {
-    /// `latency_target = "2ms"`: the controller under test.
+    /// `latency_target = "3ms"`: the controller under test.
     Target,
     /// `iops = 540`, and a 10 s latency target that never engages: only so the daemon reports
     /// the device's p95 each tick, as in the other modes.
