@@ -562,7 +562,8 @@ pub struct LatencyKnobs {
     /// faster, or the miss was noise).
     pub forget: f64,
     /// When the bracket [meets, misses] is narrower than this (relative), hold at "meets";
-    /// after a miss, the known-good rate is put this far under it.
+    /// after a miss, the known-good rate is put twice this far under it (a miss's delivered
+    /// rate can carry a burst, and the backlog drains only under the capacity).
     pub close: f64,
     /// Largest step of the ramp (relative, per confirmed rate) while nothing above the
     /// known-good rate is known to miss. The ramp starts at `close` and doubles per step.
@@ -662,7 +663,7 @@ struct Tick {
 ///   backlog of the rate before drains first).
 /// - **Bracket.** `good` is the highest delivered rate known to meet the target, `bad` the
 ///   lowest known to miss it. A miss sets `bad` to the rate the device delivered while
-///   missing (a saturated device delivers its capacity) and lowers `good` to `close` under
+///   missing (a saturated device delivers its capacity) and lowers `good` to `2·close` under
 ///   it, never drops it: a miss just above the knee costs a few percent, not a restart from
 ///   below. With no `good` yet a miss cuts by `T/L` (to `max_cut` at most).
 /// - **Move up only after a judgement.** When the window meets the target: with `bad`
@@ -872,7 +873,7 @@ impl LatencyController {
             // The known-good rate stays, put just under the miss if the miss is at or below
             // it (the device got slower, or that rate was judged on a burst the device
             // absorbed): never dropped, so one miss never restarts the search from below.
-            self.good = self.good.map(|g| g.min(b / (1.0 + k.close)));
+            self.good = self.good.map(|g| g.min(b / (1.0 + 2.0 * k.close)));
             if self.good.is_some() {
                 self.capacity = self.good;
             }
