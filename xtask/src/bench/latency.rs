@@ -218,7 +218,7 @@ pub fn run(
          greedy QD1 4 KiB random readers in their own cgroups, weights 2:1:1; `serve -i 0.5`; \
          30 s of load. Rates from the guest's io.stat from 10 s after the load started to its \
          end; p95 is the daemon's per-tick (0.5 s) p95 of the device; *settle* is the first tick \
-         from which every 10 s had a median per-tick p95 at or under the target; *release* is the time \
+         at or under the target after engaging from which every 10 s had a median per-tick p95 at or under it; *release* is the time \
          from the load stopping to no io.max line left.\n\
          - it needs the guest: this host has no device whose latency rises at a known capacity \
          (no null_blk or device-mapper; blk-throttle on a loop device delays bios before they \
