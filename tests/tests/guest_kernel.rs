@@ -1611,9 +1611,10 @@ okvm_section serve-log /tmp/serve.log
 /// degrade with the load (printed with each run).
 // Out of the default run: it holds on a quiet host, but TCG makes the guest's own latency
 // rise with the host's load at any rate, past the 3 ms target in a quarter to a half of the
-// ticks at load 4-5 on 2 cores (even under a fixed 540 IOPS budget: 23% at load 4.4). Passed
-// at load 1.4 and 3.4, failed at 3.6-4.6 (BENCHMARKS.md, section 3). `cargo xtask bench
-// throttle` runs it with the load recorded; by hand: `cargo test --release -p overkvm-tests
+// ticks at load 4-5 on 2 cores (even under a fixed 540 IOPS budget: 23% at load 4.4). With
+// this controller it passed 5 runs at load 1.4-3.4 and failed 2 at load 3.6 and 4.6 (settling:
+// some 10 s had a median tick over the target). `cargo xtask bench throttle` runs it with the
+// load recorded (BENCHMARKS.md, section 3); by hand: `cargo test --release -p overkvm-tests
 // --test guest_kernel -- --ignored guest61_latency_target`.
 #[test]
 #[ignore = "needs a quiet host: TCG latency noise passes the 3 ms target at host load ~4 (run by cargo xtask bench throttle)"]
