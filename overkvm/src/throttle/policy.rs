@@ -855,13 +855,10 @@ impl LatencyController {
         } else if missed {
             self.last_miss = Some((w, judged));
             // The rate the device delivered while missing: a saturated device delivers its
-            // capacity, whatever the window above it. The lowest of the window's ticks: the
-            // first can carry a burst a rate limiter's bucket let through.
-            let b = self
-                .recent
-                .iter()
-                .map(|t| t.iops)
-                .fold(iops, f64::min)
+            // capacity, whatever the window above it. The mean of the window's ticks: one can
+            // carry a burst a rate limiter's bucket let through, the next pay it back.
+            let b = (self.recent.iter().map(|t| t.iops).sum::<f64>()
+                / self.recent.len().max(1) as f64)
                 .max(k.floor);
             self.bad = Some(self.bad.map_or(b, |x| x.min(b)));
             self.bad_measured = b;
