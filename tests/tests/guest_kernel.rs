@@ -1609,15 +1609,18 @@ okvm_section serve-log /tmp/serve.log
 /// per-tick median that is held. A loaded host raises the guest's latency at any rate
 /// (TCG): the controller then holds rather than starve the guests, and the p95 figures
 /// degrade with the load (printed with each run).
-// Out of the default run: it holds on a quiet host, but TCG makes the guest's own latency
+// Out of the default run: it does not pass every time yet. TCG makes the guest's own latency
 // rise with the host's load at any rate, past the 3 ms target in a quarter to a half of the
-// ticks at load 4-5 on 2 cores (even under a fixed 540 IOPS budget: 23% at load 4.4). With
-// this controller it passed 5 runs at load 1.4-3.4 and failed 2 at load 3.6 and 4.6 (settling:
-// some 10 s had a median tick over the target). `cargo xtask bench throttle` runs it with the
-// load recorded (BENCHMARKS.md, section 3); by hand: `cargo test --release -p overkvm-tests
-// --test guest_kernel -- --ignored guest61_latency_target`.
+// ticks at load 4-5 on 2 cores (even under a fixed 540 IOPS budget: 23% at load 4.4); and
+// QEMU's bucket hides a probe a few percent over the 600 IOPS for 1-2 s, so a ramp can be
+// confirmed above the knee and the 2 s of backlog after it can put one 10 s span's median
+// over the target (settled at 13.7 s once, at load 2). Record of the last controller
+// versions: 8 passes at load 1.4-3.4, failures at load 3.6 and 4.6 (host noise) and 2.1
+// (that overshoot). `cargo xtask bench throttle` runs it with the load recorded
+// (BENCHMARKS.md, section 3); by hand: `cargo test --release -p overkvm-tests --test
+// guest_kernel -- --ignored guest61_latency_target`.
 #[test]
-#[ignore = "needs a quiet host: TCG latency noise passes the 3 ms target at host load ~4 (run by cargo xtask bench throttle)"]
+#[ignore = "not yet reliable: host-load latency noise under TCG and probe overshoot hidden by QEMU's bucket break the 10 s settle in some runs (run by cargo xtask bench throttle)"]
 fn guest61_latency_target_finds_the_capacity_holds_the_target_and_releases() {
     skip_unless_guest!();
     let s = run_latency_scenario(LatencyMode::Target);
