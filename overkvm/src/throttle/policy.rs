@@ -663,7 +663,8 @@ struct Tick {
 ///   backlog of the rate before drains first).
 /// - **Bracket.** `good` is the highest delivered rate known to meet the target, `bad` the
 ///   lowest known to miss it. A miss sets `bad` to the rate the device delivered while
-///   missing (a saturated device delivers its capacity) and lowers `good` to `2·close` under
+///   missing (a saturated device delivers its capacity; the mean of the window's ticks, at
+///   least `max_cut` of the window) and lowers `good` to `2·close` under
 ///   it, never drops it: a miss just above the knee costs a few percent, not a restart from
 ///   below. With no `good` yet a miss cuts by `T/L` (to `max_cut` at most).
 /// - **Move up only after a judgement.** When the window meets the target: with `bad`
