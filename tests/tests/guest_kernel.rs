@@ -1614,7 +1614,7 @@ okvm_section serve-log /tmp/serve.log
 // ticks at load 4-5 on 2 cores (even under a fixed 540 IOPS budget: 23% at load 4.4); and
 // QEMU's bucket hides a probe a few percent over the 600 IOPS for 1-2 s, so a ramp can be
 // confirmed above the knee and the 2 s of backlog after it can put one 10 s span's median
-// over the target. This controller passed its 3 runs (load 0.4-3.1); since the 3 ms target
+// over the target. This controller passed its 6 runs (load 0.3-3.1); since the 3 ms target
 // the earlier versions passed 7 (load 1.4-3.6) and failed 8: settling at load 3.6, 3.9 and
 // 4.6 (host noise), and five from faults fixed since (a burst's payback, a host stall, a cut
 // to just over the capacity taken for latency that does not follow the rate). `cargo xtask
