@@ -1174,19 +1174,181 @@ for f in ds0 ds1 io0 io1; do okvm_section $f /tmp/$f; done
 /// QEMU holds the guest's vda to this many IOPS (`block_set_io_throttle`, as `iops-total=`):
 /// a device that saturates at a known rate, its latency jumping to depth/capacity past it.
 const CAPACITY: f64 = 600.0;
-/// Three QD1 readers on a saturated vda wait ~3/600 s = 5 ms; unthrottled under TCG a read
-/// takes ~0.1-0.3 ms. The target sits in between.
-const LATENCY_TARGET_MS: f64 = 2.0;
+/// Three QD1 readers on a saturated vda see a p95 of ~8 ms; unthrottled under TCG a read's
+/// p95 is ~0.3-0.5 ms on a quiet host, but on a host loaded by other builds (load 5 on 2
+/// cores) a quarter of the half-second ticks reach 2-3.5 ms at any rate. The target sits
+/// between, above that noise: a target inside it tests the host, not the controller.
+const LATENCY_TARGET_MS: f64 = 3.0;
+/// The fixed budget the latency target is compared with: 90% of the capacity, what
+/// `calibrate` suggests and an operator who knows the device would write.
+const BUDGET_IOPS: f64 = 540.0;
+/// Seconds of load; the steady window is from `SETTLED_S` after the load started to its end.
+const LOAD_S: u64 = 30;
+const SETTLED_S: f64 = 10.0;
+/// Settled: from then on every span of this many ticks (10 s) has a median per-tick p95 at or
+/// under the target. Shorter spans catch a few seconds of host noise (TCG on a loaded host).
+const SPAN_TICKS: usize = 20;
 
-// Out of the default run until the controller is fixed: in about 1 run in 4 it cuts the
-// window too deep after an early miss (learned capacity 266 IOPS on a 600 IOPS device) and
-// stays there (throughput 362 < 90%). The test is right; the controller is not yet (issue:
-// latency QoS). Run it with `cargo test --release -p overkvm-tests --test guest_kernel --
-// --ignored guest61_latency_target`.
-#[test]
-#[ignore = "latency-target controller sometimes settles far under capacity (known, open)"]
-fn guest61_latency_target_finds_the_capacity_holds_the_target_and_releases() {
-    skip_unless_guest!();
+/// How the daemon runs in the latency scenario (the test, and `cargo xtask bench throttle`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum LatencyMode {
+    /// `latency_target = "3ms"`: the controller under test.
+    Target,
+    /// `iops = 540`, and a 10 s latency target that never engages: only so the daemon reports
+    /// the device's p95 each tick, as in the other modes.
+    Budget,
+    /// Only the 10 s target: nothing is ever limited.
+    Unthrottled,
+}
+
+impl LatencyMode {
+    fn name(self) -> &'static str {
+        match self {
+            LatencyMode::Target => "latency_target",
+            LatencyMode::Budget => "iops_budget",
+            LatencyMode::Unthrottled => "none",
+        }
+    }
+
+    /// The `[[device]]` lines after `device = "vda"`.
+    fn device_lines(self) -> String {
+        match self {
+            LatencyMode::Target => format!("latency_target = \"{LATENCY_TARGET_MS}ms\""),
+            LatencyMode::Budget => format!("iops = {BUDGET_IOPS}\nlatency_target = \"10s\""),
+            LatencyMode::Unthrottled => "latency_target = \"10s\"".into(),
+        }
+    }
+}
+
+/// One daemon tick as the guest sampled its status: seconds after the load started, the
+/// device's p95 (µs), the latency window, the learned capacity, engaged.
+struct LatencyTick {
+    at: f64,
+    p95_us: Option<f64>,
+    window: Option<f64>,
+    capacity: Option<f64>,
+    engaged: bool,
+}
+
+/// A figure that may be absent, for the printed summary.
+fn shown(v: Option<f64>, prec: usize) -> String {
+    v.map_or("-".into(), |v| format!("{v:.prec$}"))
+}
+
+/// What one run of the scenario measured.
+struct LatencyScenario {
+    mode: LatencyMode,
+    ran: Ran,
+    calibrate_iops: Option<f64>,
+    ticks: Vec<LatencyTick>,
+    /// First engaged tick, seconds after the load started.
+    engaged_at: Option<f64>,
+    /// Earliest tick, at or under the target after the throttle engaged, from which every
+    /// 10 s (`SPAN_TICKS`) until the load stopped had a median per-tick p95 at or under it.
+    settled_at: Option<f64>,
+    /// Per VM (A weight 2, B, C) IOPS from `SETTLED_S` to the end of the load (io.stat).
+    rates: Vec<f64>,
+    total: f64,
+    /// Per-tick p95 over the same window, sorted.
+    steady_p95_us: Vec<f64>,
+    release_s: f64,
+}
+
+impl LatencyScenario {
+    fn median_p95_us(&self) -> f64 {
+        let v = &self.steady_p95_us;
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    }
+
+    fn over_target(&self) -> f64 {
+        let over = self
+            .steady_p95_us
+            .iter()
+            .filter(|l| **l > LATENCY_TARGET_MS * 1000.0)
+            .count();
+        over as f64 / self.steady_p95_us.len().max(1) as f64
+    }
+
+    fn capacity(&self) -> Option<f64> {
+        self.ticks.iter().rev().find_map(|t| t.capacity)
+    }
+
+    fn print(&self) {
+        eprintln!(
+            "guest61 latency scenario {} ticks (s after start: p95 ms / window IOPS / capacity \
+             IOPS):\n  {}",
+            self.mode.name(),
+            self.ticks
+                .iter()
+                .map(|t| format!(
+                    "{:.1}s {} / {} / {}",
+                    t.at,
+                    t.p95_us
+                        .map_or("-".into(), |l| format!("{:.2}", l / 1000.0)),
+                    t.window.map_or("-".into(), |w| format!("{w:.0}")),
+                    t.capacity.map_or("-".into(), |c| format!("{c:.0}"))
+                ))
+                .collect::<Vec<_>>()
+                .join("\n  ")
+        );
+        let r = &self.rates;
+        eprintln!(
+            "guest61 latency scenario {}: vda limited by QEMU to {CAPACITY} IOPS, target p95 \
+             {LATENCY_TARGET_MS} ms: calibrate {} IOPS; engaged {} s, settled {} s after load \
+             start; from {SETTLED_S} s on: A={:.0} B={:.0} C={:.0} total={:.0} ({:.1}% of \
+             capacity), per-tick p95 median {:.2} ms, {:.0}% of {} ticks over the target; \
+             learned capacity {} IOPS; released {:.1} s after the load stopped",
+            self.mode.name(),
+            shown(self.calibrate_iops, 0),
+            shown(self.engaged_at, 1),
+            shown(self.settled_at, 1),
+            r[0],
+            r[1],
+            r[2],
+            self.total,
+            100.0 * self.total / CAPACITY,
+            self.median_p95_us() / 1000.0,
+            100.0 * self.over_target(),
+            self.steady_p95_us.len(),
+            shown(self.capacity(), 0),
+            self.release_s
+        );
+    }
+
+    /// `cargo xtask bench throttle` runs the scenario's tests and reports these figures.
+    fn write_figures(&self) {
+        let Some(out) = std::env::var_os("OVERKVM_BENCH_OUT") else {
+            return;
+        };
+        let r = &self.rates;
+        let figures = serde_json::json!({
+            "mode": self.mode.name(),
+            "capacity_iops": CAPACITY,
+            "target_ms": LATENCY_TARGET_MS,
+            "budget_iops": (self.mode == LatencyMode::Budget).then_some(BUDGET_IOPS),
+            "calibrate_iops": self.calibrate_iops,
+            "engage_s": self.engaged_at,
+            "settle_s": self.settled_at,
+            "median_p95_ms": self.median_p95_us() / 1000.0,
+            "over_target_pct": 100.0 * self.over_target(),
+            "steady_ticks": self.steady_p95_us.len(),
+            "total_iops": self.total,
+            "pct_of_capacity": 100.0 * self.total / CAPACITY,
+            "rates": r,
+            "weighted_ratio": r[0] / (0.5 * (r[1] + r[2])),
+            "jain_equal_weight": jain_index(&r[1..]),
+            "learned_capacity_iops": self.capacity(),
+            "release_s": self.release_s,
+        });
+        std::fs::write(out, figures.to_string()).expect("writing the bench figures");
+    }
+}
+
+/// The scenario: a 6.1 guest whose vda QEMU limits to `CAPACITY` IOPS; in Target mode
+/// `calibrate` measures it first; `serve` with the mode's `[[device]]` and 0.5 s ticks; three
+/// greedy QD1 random readers (`vmA` weight 2, `vmB`, `vmC`) in their own cgroups for
+/// `LOAD_S`; then they stop (SIGSTOP) and the limits must go.
+fn run_latency_scenario(mode: LatencyMode) -> LatencyScenario {
     let names = ["vmA", "vmB", "vmC"];
     let mut vms = String::new();
     for (i, n) in names.iter().enumerate() {
@@ -1200,6 +1362,13 @@ fn guest61_latency_target_finds_the_capacity_holds_the_target_and_releases() {
             vm_uuid(i)
         ));
     }
+    let calibrate = if mode == LatencyMode::Target {
+        r#"overkvm-io calibrate vda --json --seconds 2 --depths 1,4,8 > /tmp/cal.json 2> /tmp/cal.err \
+    || { okvm_section calibrate-stderr /tmp/cal.err; okvm_fail "calibrate failed"; }
+okvm_section calibrate /tmp/cal.json"#
+    } else {
+        ""
+    };
     let script = format!(
         r#"
 ifconfig lo 127.0.0.1 up || ip link set lo up || okvm_fail "cannot bring up lo"
@@ -1221,11 +1390,20 @@ okvm_sample() {{
 }}
 # The host sets QEMU's limit on vda right after this script starts.
 sleep 3
-overkvm-io calibrate vda --json --seconds 2 --depths 1,4,8 > /tmp/cal.json 2> /tmp/cal.err \
-    || {{ okvm_section calibrate-stderr /tmp/cal.err; okvm_fail "calibrate failed"; }}
-okvm_section calibrate /tmp/cal.json
+{calibrate}
 mkdir -p /tmp/okvm-state
-printf '[policy]\nstate_file = "/tmp/okvm-state/throttle.json"\n\n[[device]]\ndevice = "vda"\nlatency_target = "{target}ms"\n\n[[vm]]\nname = "vmA"\nweight = 2\n' > /tmp/cfg.toml
+cat > /tmp/cfg.toml <<'CFG'
+[policy]
+state_file = "/tmp/okvm-state/throttle.json"
+
+[[device]]
+device = "vda"
+{device}
+
+[[vm]]
+name = "vmA"
+weight = 2
+CFG
 RUST_LOG=info overkvm-io serve --config /tmp/cfg.toml --listen 127.0.0.1:0 -i 0.5 \
     > /tmp/serve.out 2> /tmp/serve.log &
 D=$!
@@ -1264,11 +1442,11 @@ okvm_section limits-after-exit /tmp/limits
 okvm_section serve-log /tmp/serve.log
 "#,
         names = names.join(" "),
-        target = LATENCY_TARGET_MS,
-        run = 30,
+        device = mode.device_lines(),
+        run = LOAD_S,
     );
     let ran = run_guest_with(
-        "guest61_latency",
+        &format!("guest61_latency_{}", mode.name()),
         64,
         &script,
         Duration::from_secs(400),
@@ -1297,56 +1475,71 @@ okvm_section serve-log /tmp/serve.log
     let (start, stopped) = (t("start"), t("stopped"));
     let release_s = t("released") - stopped;
 
-    // calibrate on the limited device.
-    let cal = ran.json_lines("calibrate");
-    let peak = cal[0]["steps"]
-        .as_array()
-        .expect("steps")
-        .iter()
-        .filter(|s| s["pattern"] == "rand_read")
-        .filter_map(|s| s["iops"].as_f64())
-        .fold(0.0, f64::max);
+    let calibrate_iops = (mode == LatencyMode::Target).then(|| {
+        let cal = ran.json_lines("calibrate");
+        cal[0]["steps"]
+            .as_array()
+            .expect("steps")
+            .iter()
+            .filter(|s| s["pattern"] == "rand_read")
+            .filter_map(|s| s["iops"].as_f64())
+            .fold(0.0, f64::max)
+    });
 
-    // The daemon's per-tick view: (seconds after start, p95 µs, window, capacity).
-    type Tick = (f64, Option<f64>, Option<f64>, Option<f64>);
-    let ticks: Vec<Tick> = ran
+    // The guest samples the status file every 0.5 s, the daemon rewrites it every 0.5 s: a
+    // tick read twice is counted once (same figures back to back are dropped).
+    let mut ticks: Vec<LatencyTick> = Vec::new();
+    let mut last_json = String::new();
+    for rest in ran
         .console
         .lines()
         .filter_map(|l| l.strip_prefix("OKVM-L "))
-        .filter_map(|rest| {
-            let (up, json) = rest.split_once(' ')?;
-            let v: Value = serde_json::from_str(json).ok()?;
-            let b = &v["budgets"][0];
-            Some((
-                parse_f64(up) - start,
-                b["latency_us"].as_f64(),
-                b["latency_window_iops"].as_f64(),
-                b["capacity_iops"].as_f64(),
-            ))
-        })
-        .collect();
+    {
+        let Some((up, json)) = rest.split_once(' ') else {
+            continue;
+        };
+        if json == last_json {
+            continue;
+        }
+        last_json = json.to_string();
+        let Ok(v) = serde_json::from_str::<Value>(json) else {
+            continue;
+        };
+        let b = &v["budgets"][0];
+        ticks.push(LatencyTick {
+            at: parse_f64(up) - start,
+            p95_us: b["latency_us"].as_f64(),
+            window: b["latency_window_iops"].as_f64(),
+            capacity: b["capacity_iops"].as_f64(),
+            engaged: b["engaged"].as_bool().unwrap_or(false),
+        });
+    }
+    let engaged_at = ticks.iter().find(|t| t.engaged).map(|t| t.at);
     let target_us = LATENCY_TARGET_MS * 1000.0;
-    eprintln!(
-        "guest61 latency ticks (s after start: p95 ms / window IOPS / capacity IOPS):\n  {}",
-        ticks
-            .iter()
-            .map(|(s, l, w, c)| format!(
-                "{s:.1}s {} / {} / {}",
-                l.map_or("-".into(), |l| format!("{:.2}", l / 1000.0)),
-                w.map_or("-".into(), |w| format!("{w:.0}")),
-                c.map_or("-".into(), |c| format!("{c:.0}"))
-            ))
-            .collect::<Vec<_>>()
-            .join("\n  ")
-    );
-    let engaged_at = ticks
+    let loaded: Vec<&LatencyTick> = ticks
         .iter()
-        .find(|t| t.2.is_some())
-        .map(|t| t.0)
-        .expect("the latency controller never engaged");
+        .filter(|t| t.at >= 0.0 && t.at <= stopped - start && t.p95_us.is_some())
+        .collect();
+    let span_ok = |from: usize| {
+        let mut l: Vec<f64> = loaded[from..from + SPAN_TICKS]
+            .iter()
+            .filter_map(|t| t.p95_us)
+            .collect();
+        l.sort_by(f64::total_cmp);
+        l[l.len() / 2] <= target_us
+    };
+    let spans = loaded.len().saturating_sub(SPAN_TICKS);
+    // It starts at a tick at or under the target once the throttle engaged (not inside the
+    // saturated ticks before it, which a 10 s median would hide).
+    let settled_at = (0..spans)
+        .filter(|i| {
+            let t = loaded[*i];
+            t.at >= engaged_at.unwrap_or(0.0) && t.p95_us.is_some_and(|l| l <= target_us)
+        })
+        .find(|from| (*from..spans).all(span_ok))
+        .map(|i| loaded[i].at);
 
-    // Steady window: from 10 s after the load started to its end.
-    let settled = start + 10.0;
+    // Steady window: from SETTLED_S after the load started to its end.
     let samples: Vec<(f64, BTreeMap<String, f64>)> = ran
         .values("S")
         .iter()
@@ -1361,7 +1554,7 @@ okvm_section serve-log /tmp/serve.log
         .collect();
     let first = samples
         .iter()
-        .position(|s| s.0 >= settled)
+        .position(|s| s.0 >= start + SETTLED_S)
         .expect("samples after settling");
     let (t1, a) = (&samples[first].0, &samples[first].1);
     let (t2, b) = samples
@@ -1375,53 +1568,87 @@ okvm_section serve-log /tmp/serve.log
         .map(|n| (b.get(*n).copied().unwrap_or(0.0) - a.get(*n).copied().unwrap_or(0.0)) / window)
         .collect();
     let total: f64 = rates.iter().sum();
-    let mut steady_p95: Vec<f64> = ticks
+    let mut steady_p95_us: Vec<f64> = ticks
         .iter()
-        .filter(|t| t.0 >= 10.0 && t.0 <= stopped - start)
-        .filter_map(|t| t.1)
+        .filter(|t| t.at >= SETTLED_S && t.at <= stopped - start)
+        .filter_map(|t| t.p95_us)
         .collect();
-    steady_p95.sort_by(f64::total_cmp);
-    assert!(!steady_p95.is_empty(), "no latency figures after settling");
-    let median = steady_p95[steady_p95.len() / 2];
-    let over = steady_p95.iter().filter(|l| **l > target_us * 1.1).count();
-    let capacity = ticks.iter().rev().find_map(|t| t.3);
-    eprintln!(
-        "guest61 latency target {LATENCY_TARGET_MS} ms p95 on vda limited by QEMU to {CAPACITY} \
-         IOPS: calibrate peak {peak:.0} IOPS; engaged {engaged_at:.1}s after load start; over \
-         {window:.1}s from 10 s on: A={:.0} B={:.0} C={:.0} total={total:.0} ({:.1}% of \
-         capacity), per-tick p95 median {:.2} ms, {over} of {} ticks over target+10%; learned \
-         capacity {capacity:?}; released {release_s:.1}s after the load stopped",
-        rates[0],
-        rates[1],
-        rates[2],
-        100.0 * total / CAPACITY,
-        median / 1000.0,
-        steady_p95.len()
-    );
+    steady_p95_us.sort_by(f64::total_cmp);
+    let s = LatencyScenario {
+        mode,
+        ran,
+        calibrate_iops,
+        ticks,
+        engaged_at,
+        settled_at,
+        rates,
+        total,
+        steady_p95_us,
+        release_s,
+    };
+    s.print();
+    s.write_figures();
+    s
+}
+
+/// What the latency target guarantees on a device QEMU limits to 600 IOPS, under TCG on a
+/// shared 2-core host, and what it does not:
+/// - `calibrate` finds the capacity within 10%;
+/// - the controller engages and the latency settles within 10 s of the load starting:
+///   from then on, in every 10 s (20 ticks of 0.5 s), the median of the per-tick p95 is at or
+///   under the target;
+/// - from 10 s on: the median per-tick p95 at or under the target; throughput at least 90%
+///   of the capacity; shares 2:1:1 (±0.4) with Jain ≥ 0.95 between the equal weights; a
+///   learned capacity within 85-105% of the real one;
+/// - the limits go within 30 s of the load stopping, and none is left after SIGTERM.
+///
+/// Not every tick: the controller finds a faster device only by probing above the knee, and
+/// QEMU's bucket (a tenth of a second of I/O) lets a small overshoot through for seconds
+/// before its backlog shows, so some ticks end over the target (printed: the share of ticks
+/// over). The p95 over the whole window is therefore not the target either: it is the
+/// per-tick median that is held. A loaded host raises the guest's latency at any rate
+/// (TCG): the controller then holds rather than starve the guests, and the p95 figures
+/// degrade with the load (printed with each run).
+// Out of the default run: it does not pass every time yet. TCG makes the guest's own latency
+// rise with the host's load at any rate, past the 3 ms target in a quarter to a half of the
+// ticks at load 4-5 on 2 cores (even under a fixed 540 IOPS budget: 23% at load 4.4); and
+// QEMU's bucket hides a probe a few percent over the 600 IOPS for 1-2 s, so a ramp can be
+// confirmed above the knee and the 2 s of backlog after it can put one 10 s span's median
+// over the target. This controller passed its 6 runs (load 0.3-3.1); since the 3 ms target
+// the earlier versions passed 7 (load 1.4-3.6) and failed 8: settling at load 3.6, 3.9 and
+// 4.6 (host noise), and five from faults fixed since (a burst's payback, a host stall, a cut
+// to just over the capacity taken for latency that does not follow the rate). `cargo xtask
+// bench throttle` runs it with the load recorded
+// (BENCHMARKS.md, section 3); by hand: `cargo test --release -p overkvm-tests --test
+// guest_kernel -- --ignored guest61_latency_target`.
+#[test]
+#[ignore = "not yet reliable: host-load latency noise under TCG and probe overshoot hidden by QEMU's bucket break the 10 s settle in some runs (run by cargo xtask bench throttle)"]
+fn guest61_latency_target_finds_the_capacity_holds_the_target_and_releases() {
+    skip_unless_guest!();
+    let s = run_latency_scenario(LatencyMode::Target);
+    let target_us = LATENCY_TARGET_MS * 1000.0;
+    let peak = s.calibrate_iops.unwrap_or(0.0);
     assert!(
         (peak / CAPACITY - 1.0).abs() <= 0.1,
         "calibrate found {peak:.0} IOPS on a device limited to {CAPACITY}"
     );
+    let engaged = s.engaged_at.expect("the latency controller never engaged");
     assert!(
-        engaged_at <= 10.0,
-        "engaged only {engaged_at:.1}s after load start"
+        engaged <= SETTLED_S,
+        "engaged only {engaged:.1}s after load start"
     );
-    // What holds on every run: the latency is far below what the saturated device gives (the
-    // first ticks, before the window engages) and near the target. What does not (yet): the
-    // controller probes a little above the knee to find out whether the device got faster, and
-    // QEMU's bucket lets a burst through before the backlog shows, so 25-60% of the half-second
-    // ticks end over the target (median per-tick p95 0.5-1.5 ms on some runs, 3.5 ms on
-    // others). Printed above for each run.
-    let saturated = ticks
-        .iter()
-        .take_while(|t| t.2.is_none())
-        .filter_map(|t| t.1)
-        .fold(0.0, f64::max);
+    let settled = s.settled_at.unwrap_or(f64::INFINITY);
     assert!(
-        median <= 2.0 * target_us && median <= 0.5 * saturated,
-        "p95 not brought down to the target: median {median:.0} us (saturated {saturated:.0} \
-         us): {steady_p95:?}"
+        settled <= SETTLED_S,
+        "p95 not settled at the target within {SETTLED_S} s (from {settled:.1} s on)"
     );
+    let median = s.median_p95_us();
+    assert!(
+        median <= target_us,
+        "median per-tick p95 {median:.0} us over the target from {SETTLED_S} s on: {:?}",
+        s.steady_p95_us
+    );
+    let (rates, total) = (&s.rates, s.total);
     assert!(
         total >= 0.9 * CAPACITY,
         "throughput {total:.0} below 90% of the capacity {CAPACITY}"
@@ -1434,19 +1661,43 @@ okvm_section serve-log /tmp/serve.log
         jain_index(&rates[1..]) >= 0.95,
         "equal weights not fair: {rates:?}"
     );
-    let capacity = capacity.expect("no capacity learned");
+    let capacity = s.capacity().expect("no capacity learned");
     assert!(
-        (CAPACITY * 0.8..=CAPACITY * 1.05).contains(&capacity),
+        (CAPACITY * 0.85..=CAPACITY * 1.05).contains(&capacity),
         "learned capacity {capacity:.0} vs {CAPACITY}"
     );
-    assert!(release_s <= 30.0, "released only after {release_s:.1}s");
+    assert!(
+        s.release_s <= 30.0,
+        "released only after {:.1}s",
+        s.release_s
+    );
     assert_eq!(
-        ran.value("DAEMON-RC"),
+        s.ran.value("DAEMON-RC"),
         ["0"],
         "daemon exit status on SIGTERM"
     );
     assert!(
-        ran.section("limits-after-exit").is_empty(),
+        s.ran.section("limits-after-exit").is_empty(),
         "io.max lines left for vda"
     );
+}
+
+/// The same scenario under a fixed budget of 540 IOPS (no latency target): what
+/// `cargo xtask bench throttle` compares the latency target with.
+#[test]
+#[ignore = "benchmark scenario, run by `cargo xtask bench throttle` (a 50 s guest)"]
+fn guest61_bench_latency_scenario_with_an_iops_budget() {
+    skip_unless_guest!();
+    let s = run_latency_scenario(LatencyMode::Budget);
+    assert_eq!(s.ran.value("DAEMON-RC"), ["0"]);
+    assert!(s.ran.section("limits-after-exit").is_empty());
+}
+
+/// The same scenario with nothing limited: the device saturated, for the bench.
+#[test]
+#[ignore = "benchmark scenario, run by `cargo xtask bench throttle` (a 50 s guest)"]
+fn guest61_bench_latency_scenario_unthrottled() {
+    skip_unless_guest!();
+    let s = run_latency_scenario(LatencyMode::Unthrottled);
+    assert_eq!(s.ran.value("DAEMON-RC"), ["0"]);
 }

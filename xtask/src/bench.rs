@@ -6,7 +6,9 @@
 //!
 //! - `io`: cost per I/O and IOPS kept (fio; nothing / overkvm-io serve / bpftrace peer).
 //! - `scale`: the daemon with 300 trickling VMs (CPU, RSS), `/metrics` with 1000 VMs.
-//! - `throttle`: the cgroup v1 throttle test, repeated, against the targets of issue 5.
+//! - `throttle`: the cgroup v1 throttle test, repeated, against the targets of issue 5; then
+//!   the latency target's scenario in the 6.1 guest (issue 17) against a fixed budget and no
+//!   throttle.
 //! - `http`: `/metrics` under 1000 scraping clients and slow or hostile ones (issue 9): tick
 //!   lateness, scrapes/s and latency, daemon RSS.
 //!
@@ -15,6 +17,7 @@
 
 mod http;
 mod io;
+mod latency;
 mod scale;
 mod stats;
 mod sys;

@@ -1,5 +1,6 @@
 //! The throttle's figures (issue 5): the cgroup v1 integration test `throttle_v1` run a few
-//! times; each run writes its figures as JSON to $OVERKVM_BENCH_OUT.
+//! times; each run writes its figures as JSON to $OVERKVM_BENCH_OUT. Then the latency target's
+//! scenario in the 6.1 guest (issue 17, `super::latency`).
 
 use std::{fmt::Write as _, fs, time::Duration};
 
@@ -85,7 +86,7 @@ enum Outcome {
     Failed(String),
 }
 
-fn tail(text: &str, n: usize) -> String {
+pub fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
@@ -340,6 +341,11 @@ pub fn run(ctx: &Ctx, args: &BenchArgs) -> anyhow::Result<Section> {
         ),
     ];
     md.push_str(&Target::table(&targets));
+    let mut targets = targets;
+    let (latency_md, latency_targets) = super::latency::run(args, &tmp.0, &tmp.0.join("target"))?;
+    md.push_str(&latency_md);
+    md.push_str(&Target::table(&latency_targets));
+    targets.extend(latency_targets);
     Ok(Section {
         name: "throttle",
         markdown: md,
