@@ -42,7 +42,7 @@ use self::{
 use crate::{
     config::{ActuatorMode, Config, DeviceBudgetSpec},
     devices::{DeviceInfo, DeviceTable},
-    host::cgroup::limits::{self, Actuator, Limits},
+    host::cgroup::limits::{self, Actuator, LimitWriter, Limits},
     report::Report,
     status_file::{self, state_path, status_path},
     tick::{ActiveLimit, BudgetUse, ThrottleView},
@@ -140,7 +140,7 @@ pub struct ThrottleService {
     knobs: Knobs,
     dry_run: bool,
     manage_cgroups: bool,
-    act: Option<Actuator>,
+    act: Option<Arc<dyn LimitWriter>>,
     state_path: PathBuf,
     status_path: PathBuf,
     state: ThrottleState,
@@ -230,7 +230,7 @@ impl ThrottleService {
             });
         }
         let act = match Actuator::for_host() {
-            Ok(a) => Some(a),
+            Ok(a) => Some(Arc::new(a) as Arc<dyn LimitWriter>),
             Err(e) if dry_run => {
                 log::warn!("{e:#} (dry run: deciding only)");
                 None
@@ -262,7 +262,7 @@ impl ThrottleService {
         if !dry_run {
             svc.reconcile()?;
             if let Some(act) = &svc.act {
-                svc.state.root = act.root.clone();
+                svc.state.root = act.root().to_path_buf();
             }
         }
         log::info!(
@@ -296,7 +296,7 @@ impl ThrottleService {
             old.limits.len(),
             self.state_path.display()
         );
-        for f in state::undo(&old, act) {
+        for f in state::undo(&old, act.as_ref()) {
             log::warn!("could not undo: {f}");
         }
         ThrottleState::default().save(&self.state_path)
@@ -411,7 +411,7 @@ impl ThrottleService {
 
     fn step_device(&mut self, i: usize, report: &Report, secs: f64) {
         let disk = self.devices[i].info.dev;
-        let (table, api) = (&mut self.table, self.act.as_ref().map(|a| a.api));
+        let (table, api) = (&mut self.table, self.act.as_ref().map(|a| a.api()));
         let DeviceUse {
             mut vms,
             background_iops: mut bg_iops,
@@ -846,13 +846,13 @@ impl ThrottleService {
         let Some(act) = self.act.clone() else {
             return;
         };
-        let failed = state::undo(&self.state, &act);
+        let failed = state::undo(&self.state, act.as_ref());
         for f in &failed {
             log::error!("could not undo on exit: {f}");
         }
         if failed.is_empty() {
             self.state = ThrottleState {
-                root: act.root.clone(),
+                root: act.root().to_path_buf(),
                 ..ThrottleState::default()
             };
             let _ = std::fs::remove_file(&self.state_path);
@@ -937,6 +937,119 @@ mod tests {
             mode: ActuatorMode::Auto,
             qemu: QemuSide::default(),
         }
+    }
+
+    /// The block controller as the apply step sees it, in memory: limits by (cgroup, disk).
+    #[derive(Default)]
+    struct FakeWriter {
+        limits: std::sync::Mutex<BTreeMap<(String, u32, u32), Limits>>,
+    }
+
+    impl LimitWriter for FakeWriter {
+        fn api(&self) -> crate::host::cgroup::IoController {
+            crate::host::cgroup::IoController::V2
+        }
+        fn root(&self) -> &std::path::Path {
+            std::path::Path::new("/fake")
+        }
+        fn read(&self, cgroup: &str, major: u32, minor: u32) -> anyhow::Result<Limits> {
+            let m = self.limits.lock().unwrap();
+            Ok(m.get(&(cgroup.to_string(), major, minor))
+                .copied()
+                .unwrap_or_default())
+        }
+        fn apply(&self, cgroup: &str, major: u32, minor: u32, l: &Limits) -> anyhow::Result<()> {
+            limits::check_cgroup_path(cgroup)?;
+            let mut m = self.limits.lock().unwrap();
+            let key = (cgroup.to_string(), major, minor);
+            if l.is_unlimited() {
+                m.remove(&key);
+            } else {
+                m.insert(key, *l);
+            }
+            Ok(())
+        }
+        fn adopt(&self, _: &str, _: u32) -> anyhow::Result<String> {
+            bail!("not in this test")
+        }
+        fn move_process(&self, _: &str, _: u32) -> anyhow::Result<()> {
+            bail!("not in this test")
+        }
+        fn remove_cgroup(&self, _: &str) -> anyhow::Result<()> {
+            bail!("not in this test")
+        }
+    }
+
+    /// Aggregate, decide and apply without root: two VMs over a device's budget get limits in
+    /// their own cgroups (recorded in the state file first), within the budget and weighted
+    /// 2:1, and lose them once the load stops.
+    #[test]
+    fn over_budget_vms_are_limited_in_their_cgroups_recorded_and_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let sysfs = crate::devices::fake_sysfs("thr-apply");
+        let mut svc = bare_service(dir.path().join("throttle.json"));
+        let fake = Arc::new(FakeWriter::default());
+        svc.act = Some(fake.clone());
+        svc.table = DeviceTable::with_sysfs(&sysfs);
+        svc.config.vms.push(crate::config::VmRule {
+            name: Some("a".into()),
+            uuid: None,
+            manager: None,
+            weight: Some(2.0),
+            reservation_iops: None,
+            exempt: false,
+        });
+        let info = svc.table.resolve_disk("vda").unwrap();
+        svc.devices.push(Managed {
+            info,
+            iops: Some(Budget::Total(300.0)),
+            bps: None,
+            ctl_iops: DeviceController::default(),
+            ctl_bps: DeviceController::default(),
+            used_iops: 0.0,
+            latency: None,
+            ctl_latency: LatencyController::default(),
+        });
+        let tick = |svc: &mut ThrottleService, ops: u64| {
+            let rows = ["a", "b"]
+                .iter()
+                .enumerate()
+                .map(|(i, n)| {
+                    let mut r = crate::testdata::vm_process(n, 100 + i as u32, "vda", 0, ops);
+                    (r.major, r.minor) = (254, 0);
+                    r.io_cgroup = Some(format!("/machine/{n}"));
+                    r
+                })
+                .collect();
+            svc.on_tick(&crate::testdata::report_with(rows))
+        };
+        for _ in 0..12 {
+            tick(&mut svc, 1000);
+        }
+        let written = fake.limits.lock().unwrap().clone();
+        let w = |n: &str| {
+            written[&(format!("/machine/{n}"), 254, 0)]
+                .wiops
+                .unwrap_or(0)
+        };
+        assert_eq!(written.len(), 2, "{written:?}");
+        let (a, b) = (w("a") as f64, w("b") as f64);
+        assert!(a + b <= 300.0 * 1.02 && a + b >= 300.0 * 0.9, "a={a} b={b}");
+        assert!((1.8..=2.2).contains(&(a / b)), "weight 2: a={a} b={b}");
+        let recorded = ThrottleState::load(&svc.state_path).unwrap();
+        assert_eq!(recorded.limits.len(), 2, "every limit is on record");
+        assert_eq!(svc.view().limits.len(), 2);
+        for _ in 0..40 {
+            tick(&mut svc, 0);
+        }
+        assert!(fake.limits.lock().unwrap().is_empty(), "released");
+        assert!(
+            ThrottleState::load(&svc.state_path)
+                .unwrap()
+                .limits
+                .is_empty()
+        );
+        std::fs::remove_dir_all(&sysfs).unwrap();
     }
 
     #[test]

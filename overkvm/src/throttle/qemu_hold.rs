@@ -41,7 +41,7 @@ impl ThrottleService {
         bg_bps: &mut (f64, f64),
         flusher: (f64, f64),
     ) {
-        if self.act.as_ref().map(|a| a.api) != Some(IoController::V1) {
+        if self.act.as_ref().map(|a| a.api()) != Some(IoController::V1) {
             return;
         }
         let (mut fl_iops, mut fl_bps) = flusher;
@@ -115,7 +115,10 @@ impl ThrottleService {
         let reachable = f.control.is_some() && !disks.is_empty();
         let facts = ActuatorFacts {
             mode: self.mode,
-            cgroup_v1: self.act.as_ref().is_some_and(|a| a.api == IoController::V1),
+            cgroup_v1: self
+                .act
+                .as_ref()
+                .is_some_and(|a| a.api() == IoController::V1),
             host_cache: disks.iter().any(|d| d.host_cache),
             shared_cgroup: cgroup
                 .as_deref()

@@ -11,7 +11,7 @@ use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
 use super::qemu_actuator::QemuLimitRecord;
-use crate::host::{cgroup::limits::Actuator, proc};
+use crate::host::{cgroup::limits::LimitWriter, proc};
 
 /// A limit this service wrote.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,7 +104,7 @@ impl ThrottleState {
 /// Undoes everything in `state`: removes limits, moves processes back, removes created
 /// cgroups. Goes on past failures (a cgroup already gone is fine) and returns what it could not
 /// undo, one line each.
-pub fn undo(state: &ThrottleState, act: &Actuator) -> Vec<String> {
+pub fn undo(state: &ThrottleState, act: &dyn LimitWriter) -> Vec<String> {
     let mut failed = super::qemu_actuator::restore(&state.qemu);
     for w in &state.limits {
         if let Err(e) = act.clear(&w.cgroup, w.major, w.minor) {

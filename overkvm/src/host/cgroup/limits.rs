@@ -129,6 +129,54 @@ fn write_file(path: &Path, text: &str) -> std::io::Result<()> {
     f.write_all(text.as_bytes())
 }
 
+/// What the throttle needs of the block controller: limits written (and read back), read and
+/// cleared, a process moved into a cgroup of its own and back, that cgroup removed. The host's
+/// is [`Actuator`]; unit tests drive the throttle's apply step with a fake.
+pub trait LimitWriter: Send + Sync {
+    /// v1 `blkio` or v2 `io`.
+    fn api(&self) -> IoController;
+    /// Mount point of the block controller's hierarchy.
+    fn root(&self) -> &Path;
+    fn read(&self, cgroup: &str, major: u32, minor: u32) -> anyhow::Result<Limits>;
+    fn apply(&self, cgroup: &str, major: u32, minor: u32, l: &Limits) -> anyhow::Result<()>;
+    fn clear(&self, cgroup: &str, major: u32, minor: u32) -> anyhow::Result<()> {
+        self.apply(cgroup, major, minor, &Limits::default())
+    }
+    fn adopt(&self, name: &str, pid: u32) -> anyhow::Result<String>;
+    fn move_process(&self, cgroup: &str, pid: u32) -> anyhow::Result<()>;
+    fn remove_cgroup(&self, cgroup: &str) -> anyhow::Result<()>;
+}
+
+impl LimitWriter for Actuator {
+    fn api(&self) -> IoController {
+        self.api
+    }
+
+    fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn read(&self, cgroup: &str, major: u32, minor: u32) -> anyhow::Result<Limits> {
+        Actuator::read(self, cgroup, major, minor)
+    }
+
+    fn apply(&self, cgroup: &str, major: u32, minor: u32, l: &Limits) -> anyhow::Result<()> {
+        Actuator::apply(self, cgroup, major, minor, l)
+    }
+
+    fn adopt(&self, name: &str, pid: u32) -> anyhow::Result<String> {
+        Actuator::adopt(self, name, pid)
+    }
+
+    fn move_process(&self, cgroup: &str, pid: u32) -> anyhow::Result<()> {
+        Actuator::move_process(self, cgroup, pid)
+    }
+
+    fn remove_cgroup(&self, cgroup: &str) -> anyhow::Result<()> {
+        Actuator::remove_cgroup(self, cgroup)
+    }
+}
+
 impl Actuator {
     /// The host's block controller, or an error saying why throttling cannot work here.
     pub fn for_host() -> anyhow::Result<Actuator> {
