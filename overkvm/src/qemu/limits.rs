@@ -96,9 +96,9 @@ pub fn from_query_block(reply: &Value) -> Vec<DiskLimits> {
         .collect()
 }
 
-/// Limits from a libvirt domain XML (a status XML holds the live definition): the `<iotune>`
-/// of each `<disk>`, named by its `<target dev=...>`. Disks without limits are left out.
-pub fn from_libvirt_xml(xml: &str) -> Vec<DiskLimits> {
+/// The `<disk>` elements of a libvirt domain XML that have a `<target dev=...>`: (target,
+/// the disk element's body, the `<iotune>` body or "" when it has none).
+pub fn libvirt_disks(xml: &str) -> Vec<(&str, &str, &str)> {
     let Some(at) = managers::find_start_tag(xml, "domain").map(|(at, _, _)| at) else {
         return Vec::new();
     };
@@ -117,34 +117,41 @@ pub fn from_libvirt_xml(xml: &str) -> Vec<DiskLimits> {
         let Some(target) = managers::find_start_tag(disk, "target")
             .and_then(|(_, t, _)| managers::attribute(t, "dev"))
             .filter(|d| !d.is_empty())
-            .map(str::to_string)
         else {
             continue;
         };
-        let Some((_, iotune_tag, iotune)) = managers::find_start_tag(disk, "iotune") else {
-            continue;
+        let iotune = match managers::find_start_tag(disk, "iotune") {
+            Some((_, t, body)) if !t.ends_with('/') => {
+                body.find("</iotune>").map_or(body, |e| &body[..e])
+            }
+            _ => "",
         };
-        if iotune_tag.ends_with('/') {
-            continue;
-        }
-        let iotune = iotune.find("</iotune>").map_or(iotune, |e| &iotune[..e]);
-        let n = |k: &str| {
-            nonzero(managers::element_text(iotune, k).and_then(|t| t.trim().parse().ok()))
-        };
-        let l = DiskLimits {
-            disk: target,
-            iops: n("total_iops_sec"),
-            iops_rd: n("read_iops_sec"),
-            iops_wr: n("write_iops_sec"),
-            bps: n("total_bytes_sec"),
-            bps_rd: n("read_bytes_sec"),
-            bps_wr: n("write_bytes_sec"),
-        };
-        if !l.is_unlimited() {
-            out.push(l);
-        }
+        out.push((target, disk, iotune));
     }
     out
+}
+
+/// Limits from a libvirt domain XML (a status XML holds the live definition): the `<iotune>`
+/// of each `<disk>`, named by its `<target dev=...>`. Disks without limits are left out.
+pub fn from_libvirt_xml(xml: &str) -> Vec<DiskLimits> {
+    libvirt_disks(xml)
+        .into_iter()
+        .filter_map(|(target, _, iotune)| {
+            let n = |k: &str| {
+                nonzero(managers::element_text(iotune, k).and_then(|t| t.trim().parse().ok()))
+            };
+            let l = DiskLimits {
+                disk: target.to_string(),
+                iops: n("total_iops_sec"),
+                iops_rd: n("read_iops_sec"),
+                iops_wr: n("write_iops_sec"),
+                bps: n("total_bytes_sec"),
+                bps_rd: n("read_bytes_sec"),
+                bps_wr: n("write_bytes_sec"),
+            };
+            (!l.is_unlimited()).then_some(l)
+        })
+        .collect()
 }
 
 /// Disk keys of a Proxmox VM config that can carry throttling (`scsi0`, `virtio3`...).

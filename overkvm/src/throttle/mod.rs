@@ -335,6 +335,30 @@ impl ThrottleService {
         }
     }
 
+    /// How a new limit on (VM, device) `key` differs from the one in place, and the VM's use,
+    /// in an operator's words for the decision line: ("limit tightened to ... (was ...)",
+    /// ", using 300r+20w IOPS").
+    fn limit_change(
+        &self,
+        key: &(String, u32),
+        want: &Limits,
+        usage: Option<&VmUse>,
+    ) -> (String, String) {
+        let what = match self.applied.get(key) {
+            Some(a) => format!(
+                "limit {} to {} (was {})",
+                change_word(&a.limits, want),
+                describe(want),
+                describe(&a.limits)
+            ),
+            None => format!("limited to {}", describe(want)),
+        };
+        let used = usage
+            .map(|u| format!(", using {:.0}r+{:.0}w IOPS", u.iops.0, u.iops.1))
+            .unwrap_or_default();
+        (what, used)
+    }
+
     /// Logs one throttle decision at the default level, rate-limited per `subject`.
     fn decided(&mut self, subject: &str, line: String) {
         let dry = if self.dry_run { " (dry run)" } else { "" };
@@ -722,18 +746,7 @@ impl ThrottleService {
         }
         // Counted once in place (or decided, in a dry run), not per attempt.
         self.decisions_total += 1;
-        let what = match self.applied.get(&key) {
-            Some(a) => format!(
-                "limit {} to {} (was {})",
-                change_word(&a.limits, &want),
-                describe(&want),
-                describe(&a.limits)
-            ),
-            None => format!("limited to {}", describe(&want)),
-        };
-        let used = usage
-            .map(|u| format!(", using {:.0}r+{:.0}w IOPS", u.iops.0, u.iops.1))
-            .unwrap_or_default();
+        let (what, used) = self.limit_change(&key, &want, usage);
         self.decided(
             &format!("{vm}@{}", info.name),
             format!("VM {vm} on {}: {what} in {cgroup}{used}", info.name),

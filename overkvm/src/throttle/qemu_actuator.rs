@@ -265,49 +265,25 @@ pub fn disks_from_query_block(reply: &Value) -> Vec<QemuDisk> {
 /// Disks of a libvirt domain XML (status XML: the live definition), named by their target.
 /// A disk without `cache=` runs with QEMU's default, writeback.
 pub fn disks_from_libvirt_xml(xml: &str) -> Vec<QemuDisk> {
-    let Some((at, _, _)) = managers::find_start_tag(xml, "domain") else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    let mut rest = &xml[at..];
-    while let Some((_, tag, after)) = managers::find_start_tag(rest, "disk") {
-        if tag.ends_with('/') {
-            rest = after;
-            continue;
-        }
-        let Some(end) = after.find("</disk>") else {
-            break;
-        };
-        let disk = &after[..end];
-        rest = &after[end..];
-        let Some(target) = managers::find_start_tag(disk, "target")
-            .and_then(|(_, t, _)| managers::attribute(t, "dev"))
-            .filter(|d| !d.is_empty())
-        else {
-            continue;
-        };
-        let file = managers::find_start_tag(disk, "source").and_then(|(_, t, _)| {
-            managers::attribute(t, "file")
-                .or_else(|| managers::attribute(t, "dev"))
-                .map(str::to_string)
-        });
-        let cache = managers::find_start_tag(disk, "driver")
-            .and_then(|(_, t, _)| managers::attribute(t, "cache"))
-            .unwrap_or("default");
-        let iotune = match managers::find_start_tag(disk, "iotune") {
-            Some((_, t, body)) if !t.ends_with('/') => {
-                body.find("</iotune>").map_or(body, |e| &body[..e])
+    crate::qemu::limits::libvirt_disks(xml)
+        .into_iter()
+        .map(|(target, disk, iotune)| {
+            let file = managers::find_start_tag(disk, "source").and_then(|(_, t, _)| {
+                managers::attribute(t, "file")
+                    .or_else(|| managers::attribute(t, "dev"))
+                    .map(str::to_string)
+            });
+            let cache = managers::find_start_tag(disk, "driver")
+                .and_then(|(_, t, _)| managers::attribute(t, "cache"))
+                .unwrap_or("default");
+            QemuDisk {
+                disk: DiskRef::Device(target.to_string()),
+                file,
+                host_cache: !matches!(cache, "none" | "directsync"),
+                throttle: QemuThrottle::from_libvirt(|k| managers::element_text(iotune, k)),
             }
-            _ => "",
-        };
-        out.push(QemuDisk {
-            disk: DiskRef::Device(target.to_string()),
-            file,
-            host_cache: !matches!(cache, "none" | "directsync"),
-            throttle: QemuThrottle::from_libvirt(|k| managers::element_text(iotune, k)),
-        });
-    }
-    out
+        })
+        .collect()
 }
 
 /// `virsh blkdeviotune DOMAIN TARGET` output (`total_iops_sec: 500` lines).

@@ -5,7 +5,7 @@
 use std::{collections::BTreeMap, time::Instant};
 
 use super::{
-    Applied, ThrottleService, VmUse, aggregate, change_word, describe, is_gone,
+    Applied, ThrottleService, VmUse, aggregate, is_gone,
     qemu_actuator::{self, ActuatorFacts, Choice, Control, DiskRef, QemuLimitRecord, QemuSide},
 };
 use crate::{
@@ -276,18 +276,7 @@ impl ThrottleService {
             });
         }
         self.decisions_total += 1;
-        let what = match self.applied.get(&key) {
-            Some(a) => format!(
-                "limit {} to {} (was {})",
-                change_word(&a.limits, &want),
-                describe(&want),
-                describe(&a.limits)
-            ),
-            None => format!("limited to {}", describe(&want)),
-        };
-        let used = usage
-            .map(|u| format!(", using {:.0}r+{:.0}w IOPS", u.iops.0, u.iops.1))
-            .unwrap_or_default();
+        let (what, used) = self.limit_change(&key, &want, usage);
         self.decided(
             &format!("{vm}@{}", info.name),
             format!(
