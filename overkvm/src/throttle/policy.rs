@@ -600,11 +600,20 @@ pub struct LatencyKnobs {
     /// meets (or misses) the target when most of its last `smooth_ticks` ticks, and at least
     /// this many, did. One tick alone moves nothing.
     pub confirm_ticks: u32,
-    /// The ticks a judgement looks back on (at one window).
+    /// The ticks a judgement of a probe looks back on (at one window).
     pub smooth_ticks: usize,
+    /// The ticks a judgement of any other window looks back on: at a rate known to meet the
+    /// target, slow ticks scattered by a loaded host (two of three now and then, at one tick
+    /// in ten) must not read as a miss, while a real one (every tick over) is seen as soon.
+    pub hold_smooth_ticks: usize,
     /// A miss at the known-good rate within this many ticks of the last one is taken at its
     /// word (the device got slower), not stepped back from as possible noise.
     pub suspect_memory: u32,
+    /// Ticks a window must have met the target before a miss at it may be taken for noise:
+    /// a rate limiter's bucket lets a rate a few percent over its capacity through for
+    /// seconds (QEMU's: a tenth of a second of I/O), so a window met for a tick or two may
+    /// still be over the capacity.
+    pub trust_ticks: u32,
 }
 
 impl Default for LatencyKnobs {
@@ -628,7 +637,9 @@ impl Default for LatencyKnobs {
             unmoved: 0.8,
             confirm_ticks: 2,
             smooth_ticks: 3,
+            hold_smooth_ticks: 5,
             suspect_memory: 20,
+            trust_ticks: 8,
         }
     }
 }
@@ -656,32 +667,40 @@ struct Tick {
 ///
 /// The law, per tick while engaged:
 /// - **Judge a window, not a tick.** The ticks since the window last moved (the last
-///   `smooth_ticks`) decide by majority, and only once there are `confirm_ticks` of them: the
-///   window *meets* the target when most had `L ≤ setpoint·T` with the window binding, and
-///   *misses* it when most had `L > T`. A single slow tick (a host hiccup, a burst absorbed
-///   by the device) moves nothing; after a cut, `drain_ticks` ticks are not judged at all (the
-///   backlog of the rate before drains first).
+///   `smooth_ticks` for a probe, `hold_smooth_ticks` otherwise) decide by majority, and only
+///   once there are `confirm_ticks` of them: the window *meets* the target when most had
+///   `L ≤ setpoint·T` with the window binding, and *misses* it when most had `L > T`. A
+///   single slow tick (a host hiccup, a burst absorbed by the device) moves nothing; after a
+///   cut, `drain_ticks` ticks are not judged at all (the backlog of the rate before drains
+///   first).
 /// - **Bracket.** `good` is the highest delivered rate known to meet the target, `bad` the
 ///   lowest known to miss it. A miss sets `bad` to the rate the device delivered while
-///   missing (a saturated device delivers its capacity; the mean of the window's ticks, at
-///   least `max_cut` of the window) and lowers `good` to `2·close` under
+///   missing (a saturated device delivers its capacity; the mean of the ticks over the
+///   target, at least `max_cut` of the window) and lowers `good` to `2·close` under
 ///   it, never drops it: a miss just above the knee costs a few percent, not a restart from
 ///   below. With no `good` yet a miss cuts by `T/L` (to `max_cut` at most).
 /// - **Move up only after a judgement.** When the window meets the target: with `bad`
 ///   known, go to the middle of `[good, bad]`, or hold `good` once the bracket is narrower
 ///   than `close` (twice that while holding: hysteresis); with no `bad`, ramp from `good` by
 ///   a step that starts at `close` and doubles per confirmed step up to `ramp` (slow start).
-/// - **Forget.** `bad` grows by `forget × speed-up` per tick, so a held bracket reopens and
-///   the window probes its middle. A probe that meets the target at the rate that missed
-///   before shows that miss was stale (the device got faster, or it was noise or a backlog):
+///   A probe within `3·close` of the highest rate seen saturated in this engagement is
+///   learned only after it met the target for `trust_ticks`: a rate limiter's bucket hides
+///   an overshoot of a few percent for seconds (seen in the 6.1 guest: 625 IOPS met for 1 s
+///   on a 600 IOPS disk, then 8 ms).
+/// - **Forget.** While holding at `good`, `bad` grows by `forget × speed-up` per tick, so the
+///   bracket reopens and the window probes its middle. A probe that meets the target clearly
+///   above the rate that missed before (by `close`) shows that miss was stale (the device got
+///   faster, or it was noise or a backlog):
 ///   `bad` is dropped and the ramp takes over; going clearly past it doubles the speed-up, a
 ///   probe that misses halves it (a rate limiter's step is found again and again: probes get
 ///   rarer there).
 /// - **Misses that are not the rate's.** A miss at the known-good rate the window kept up with
-///   first steps back by `close` without learning anything (noise, or a slower device: a miss
-///   there too, or another soon, says which). A miss after a cut whose latency did not fall
-///   with the rate (`unmoved`) is the host's or the device's own: the window holds instead of
-///   starving the guests, and never goes under `min_fraction` of the rate at engaging.
+///   first steps back by `close`, closing the bracket just over it (noise, or a slower
+///   device: a miss there too, or another soon, says which). A miss after a cut that lowered
+///   the delivered rate but not the latency (`unmoved`) is the host's or the device's own:
+///   the window holds instead of starving the guests, and never goes under `min_fraction` of
+///   the rate at engaging. A cut that did not lower the delivered rate (still at a rate
+///   limiter's capacity) is no cut: its miss is the rate's.
 ///
 /// Why: the window always lies in a bracket of measured points and the bracket halves with
 /// each judged probe, so it converges in log2(range/width) judgements whatever the slope of
@@ -727,9 +746,12 @@ pub struct LatencyController {
     stale_from: Option<f64>,
     /// Ticks since the window last stepped back from the known-good rate after a miss there.
     since_suspect: u32,
-    /// The current window was judged to meet the target at least once. A miss at a window
-    /// just cut to (not yet seen to meet) says that window is too high, not noise.
-    held: bool,
+    /// Ticks the current window met the target (judged or not). A miss at a window not yet
+    /// met for `trust_ticks` says that window is too high, not noise.
+    met_ticks: u32,
+    /// The highest rate the device delivered while missing the target in this engagement
+    /// (at engaging: unthrottled). A rate limiter's capacity lies just under it.
+    miss_high: Option<f64>,
 }
 
 impl LatencyController {
@@ -760,6 +782,7 @@ impl LatencyController {
             self.min_window = (k.min_fraction * iops).max(k.floor);
             self.bad = Some(iops.max(k.floor));
             self.bad_measured = iops.max(k.floor);
+            self.miss_high = Some(iops.max(k.floor));
             self.last_miss = Some((iops, l));
             self.since_suspect = u32::MAX;
             // A capacity learned in an earlier engagement is a good first guess if it is below
@@ -791,7 +814,11 @@ impl LatencyController {
         let Some(l) = lat else {
             return self.window;
         };
-        if let Some(b) = self.bad.as_mut() {
+        // Forget only while holding at the known-good rate: during a search the bracket's
+        // upper end is fresh, and forgetting it would send the next probe past a miss just
+        // measured.
+        let holding = self.good.is_some_and(|g| w <= g * (1.0 + 0.5 * k.close));
+        if let Some(b) = self.bad.as_mut().filter(|_| holding || self.good.is_none()) {
             let speed = self.speedup.clamp(k.min_speedup, k.max_speedup);
             *b *= 1.0 + k.forget * speed;
         }
@@ -803,39 +830,53 @@ impl LatencyController {
             latency_us: l,
             iops,
         });
-        if self.recent.len() > k.smooth_ticks.max(1) {
+        if l <= k.setpoint * target_us && binding {
+            self.met_ticks = self.met_ticks.saturating_add(1);
+        }
+        let keep = k.smooth_ticks.max(k.hold_smooth_ticks).max(1);
+        if self.recent.len() > keep {
             self.recent.remove(0);
         }
-        let n = self.recent.len();
+        // This window is above the rate known to meet the target: it is a probe.
+        let probe = self.good.is_some_and(|g| w > g * (1.0 + 0.5 * k.close));
+        let span = if probe {
+            k.smooth_ticks
+        } else {
+            k.hold_smooth_ticks
+        };
+        let recent = self.recent[self.recent.len().saturating_sub(span.max(1))..].to_vec();
+        let n = recent.len();
         if n < k.confirm_ticks.max(1) as usize {
             return self.window;
         }
-        let overs = self
-            .recent
-            .iter()
-            .filter(|t| t.latency_us > target_us)
-            .count();
-        let meets = self
-            .recent
+        let overs = recent.iter().filter(|t| t.latency_us > target_us).count();
+        let meets = recent
             .iter()
             .filter(|t| t.latency_us <= k.setpoint * target_us)
             .count();
-        // This window is above the rate known to meet the target: it is a probe.
-        let probe = self.good.is_some_and(|g| w > g * (1.0 + 0.5 * k.close));
-        let mut sorted: Vec<f64> = self.recent.iter().map(|t| t.latency_us).collect();
+        let mut sorted: Vec<f64> = recent.iter().map(|t| t.latency_us).collect();
         sorted.sort_by(f64::total_cmp);
         let judged = sorted[n / 2];
-        let delivered =
-            self.recent.iter().map(|t| t.iops).sum::<f64>() / self.recent.len().max(1) as f64;
-        // The window against what the device delivered at the last miss (the mean over its
-        // window's ticks): a window cut from a probe far over a rate limiter's capacity to
-        // just over it is no cut under what the device does (seen in the 6.1 guest: held at
-        // 597 with 8 ms for 6 s, the probe having been 658, the device 600).
+        let missed = 2 * overs > n;
+        // What the device delivered while missing: the mean over the window's ticks over the
+        // target. Not over all its ticks: a probe's first tick can carry a burst a rate
+        // limiter's bucket let through (seen in the 6.1 guest: 633 on a 600 IOPS disk, then
+        // 600 with 8 ms), and a saturated device delivers its capacity.
+        let delivered = {
+            let over: Vec<f64> = recent
+                .iter()
+                .filter(|t| !missed || t.latency_us > target_us)
+                .map(|t| t.iops)
+                .collect();
+            over.iter().sum::<f64>() / over.len().max(1) as f64
+        };
+        // The rate delivered now against the rate at the last miss: a cut that did not lower
+        // what the device delivers (a window cut from a probe far over a rate limiter's
+        // capacity to just over it) is no cut, and its miss is the rate's.
         let unmoved = binding
             && self.last_miss.is_some_and(|(u0, l0)| {
-                w <= u0 * (1.0 - 1.5 * k.close) && judged >= k.unmoved * l0
+                w.min(delivered) <= u0 * (1.0 - 1.5 * k.close) && judged >= k.unmoved * l0
             });
-        let missed = 2 * overs > n;
         if missed && unmoved {
             // Cut and no better: not the rate's fault. Hold, and judge again after a while.
             self.recent.clear();
@@ -845,7 +886,7 @@ impl LatencyController {
             && binding
             && self.good.is_some()
             && self.since_suspect > k.suspect_memory
-            && self.held
+            && self.met_ticks >= k.confirm_ticks
         {
             // A miss at the rate known to meet the target, seen to meet it at this window and
             // kept up with: noise (a
@@ -854,6 +895,10 @@ impl LatencyController {
             // step (see `unmoved`), or another one soon, says the device got slower.
             self.last_miss = Some((delivered, judged));
             self.since_suspect = 0;
+            // Not learned as a miss, but no ramp above it either until it is met again for a
+            // while: the bracket closes just over it, and the forgetting reopens it.
+            let cap = w * (1.0 + k.close);
+            self.bad = Some(self.bad.map_or(cap, |b| b.min(cap)));
             let g = self.good.unwrap_or(w);
             self.cut_to(g * (1.0 - k.close), k);
         } else if missed {
@@ -867,6 +912,7 @@ impl LatencyController {
             let b = delivered.max(k.max_cut * w).max(k.floor);
             self.bad = Some(self.bad.map_or(b, |x| x.min(b)));
             self.bad_measured = b;
+            self.miss_high = Some(self.miss_high.map_or(b, |m| m.max(b)));
             if probe {
                 self.speedup = (0.5 * self.speedup).max(k.min_speedup);
             }
@@ -884,18 +930,24 @@ impl LatencyController {
                 None => iops * (target_us / l).clamp(k.max_cut, 0.95),
             };
             self.cut_to(next.min(w * (1.0 - 0.5 * k.close)), k);
+        } else if 2 * meets > n
+            && binding
+            && probe
+            && self
+                .miss_high
+                .is_some_and(|m| w > m * (1.0 - 3.0 * k.close) && w < m * (1.0 + 3.0 * k.close))
+            && self.met_ticks < k.trust_ticks
+        {
+            // A probe close to the last miss: a rate limiter's bucket hides an overshoot of a
+            // few percent for seconds, so it must meet the target for `trust_ticks` before it
+            // is learned. Far under the miss, the majority of a few ticks is enough.
         } else if 2 * meets > n && binding {
             self.last_miss = None;
-            let rate = self
-                .recent
-                .iter()
-                .map(|t| t.iops)
-                .fold(f64::INFINITY, f64::min);
+            let rate = recent.iter().map(|t| t.iops).fold(f64::INFINITY, f64::min);
             let g = self.good.map_or(rate, |g| g.max(rate));
             self.good = Some(g);
-            self.held = true;
             // A rate that missed before now meets the target: that miss is stale.
-            if self.bad.is_some() && rate >= self.bad_measured {
+            if self.bad.is_some() && rate >= self.bad_measured * (1.0 + k.close) {
                 self.bad = None;
                 self.stale_from = Some(self.bad_measured);
             }
@@ -936,7 +988,7 @@ impl LatencyController {
         let w = w.max(self.min_window).max(k.floor);
         if self.window != Some(w) {
             self.recent.clear();
-            self.held = false;
+            self.met_ticks = 0;
         }
         self.window = Some(w);
     }
@@ -1314,6 +1366,8 @@ mod tests {
         dt: f64,
         level: f64,
         was_full: bool,
+        /// A level above this fraction of the bucket makes clumps wait.
+        sticky: f64,
         tick: usize,
         spike: std::ops::Range<usize>,
         p_spike: f64,
@@ -1330,6 +1384,7 @@ mod tests {
                 dt: 0.5,
                 level: 0.0,
                 was_full: false,
+                sticky: 0.5,
                 tick: 0,
                 spike: 0..0,
                 p_spike: 0.0,
@@ -1352,7 +1407,11 @@ mod tests {
             let want = total * self.dt;
             let (got, full) = if want <= passes {
                 self.level = (self.level + want - leak).max(0.0);
-                (total, false)
+                // Requests arrive in clumps (three guests, blk-throttle's slices): near the
+                // top of the bucket a clump waits even when the rate is just under the leak.
+                // Seen in the guest: at 598 IOPS after a probe had filled the bucket, 8 ms
+                // for 20 s; the bucket drains only at the difference.
+                (total, self.level > self.sticky * size)
             } else {
                 self.level = size;
                 // p95: full once more than 5% of the tick's requests waited.
@@ -1704,7 +1763,7 @@ mod tests {
         // ticks): slow ticks at any rate right after engaging (a loaded host) drove the window
         // far down, a miss measured there closed the bracket at 266 IOPS, and it held there
         // (throughput 362). Here 3 s of 8 ms ticks whatever the rate, right after engaging.
-        for (h, run) in rate_limited_runs(|d| d.spike = 3..9, 40, 10, 0.9) {
+        for (h, run) in rate_limited_runs(|d| d.spike = 3..9, 40, 20, 0.9) {
             let why = || format!("seed {}:\n{}", h.seed, trace(&run));
             // Back to at least 90% of the device within 15 s (30 ticks) of the spike's end.
             assert!(h.settled <= 9 + 30, "settled at {}: {}", h.settled, why());
@@ -1726,6 +1785,8 @@ mod tests {
             good: Some(255.0),
             bad: Some(266.0),
             bad_measured: 266.0,
+            // Engaged when the device did its 600 unthrottled.
+            miss_high: Some(600.0),
             speedup: 1.0,
             step: lk.close,
             min_window: 150.0,
@@ -1750,8 +1811,10 @@ mod tests {
                 at = Some(tick);
             }
         }
+        // The ramp is quick far under the rate seen saturated at engaging; within 12% of it
+        // each step must meet the target for `trust_ticks` (a rate limiter's bucket).
         let at = at.expect("never back to 90% of the knee");
-        assert!(at <= 30, "back at 90% only after {at} ticks");
+        assert!(at <= 40, "back at 90% only after {at} ticks");
         let w = w.unwrap_or(0.0);
         assert!((540.0..=650.0).contains(&w), "window {w:.0}");
     }
@@ -1805,6 +1868,65 @@ mod tests {
     }
 
     #[test]
+    fn a_cut_to_just_under_a_full_rate_limiter_is_cut_again() {
+        // Seen in the 6.1 guest (QEMU limit 600 IOPS, p95 target 3 ms, 0.5 s ticks): 600 met
+        // the target; a probe at 625-633 met it for a second (the bucket's burst, 633
+        // delivered), then missed; the window went to 598 and held there with 8 ms for 20 s,
+        // the device delivering 598-601: the bucket drains only at the difference, and the
+        // cut was taken for one that had not lowered the latency.
+        let lk = LatencyKnobs::default();
+        let mut lc = LatencyController {
+            engaged: true,
+            window: Some(633.0),
+            good: Some(623.0),
+            bad: None,
+            bad_measured: 600.0,
+            miss_high: Some(600.0),
+            speedup: 1.0,
+            step: lk.close,
+            min_window: 150.0,
+            since_suspect: u32::MAX,
+            met_ticks: 2,
+            ..LatencyController::default()
+        };
+        // The bucket: full after a tick over 600, and full until the rate is clearly under
+        // it (590); while full, 8 ms at 600.
+        let mut full = false;
+        let mut first = true;
+        let mut w = lc.window;
+        let mut trace = vec![];
+        for _ in 0..60 {
+            let offered = w.unwrap_or(1e6);
+            let (got, lat) = if first {
+                (offered, 1100.0)
+            } else {
+                full = offered > 600.0 || (full && offered > 590.0);
+                if full {
+                    (offered.min(600.0), 8000.0)
+                } else {
+                    (offered, 400.0)
+                }
+            };
+            first = false;
+            w = lc.step(
+                3000.0,
+                &LatencySample {
+                    latency_us: Some(lat),
+                    completions: got as u64,
+                    iops: got,
+                },
+                &lk,
+            );
+            trace.push((w.unwrap_or(0.0), lat));
+        }
+        // Out of the full bucket within 10 ticks, and from then on mostly under the target
+        // at 85% of the device or more.
+        let over = trace[10..].iter().filter(|(_, l)| *l > 3000.0).count();
+        let low = trace[10..].iter().filter(|(w, _)| *w < 510.0).count();
+        assert!(over * 5 <= trace.len() - 10 && low == 0, "{trace:.0?}");
+    }
+
+    #[test]
     fn latency_target_holds_on_a_rate_limited_device_on_a_noisy_host() {
         // One tick in ten is slow whatever the rate (TCG on a loaded host): no tick alone
         // moves the window, and a miss that was noise is forgotten.
@@ -1828,7 +1950,7 @@ mod tests {
 
     #[test]
     fn latency_target_holds_on_a_quiet_rate_limited_device() {
-        for (h, run) in rate_limited_runs(|_| {}, 20, 10, 0.9) {
+        for (h, run) in rate_limited_runs(|_| {}, 20, 20, 0.9) {
             let why = || format!("seed {}:\n{}", h.seed, trace(&run));
             assert!(h.settled <= 20, "settled at {}: {}", h.settled, why());
             assert!(h.kept >= 0.9, "kept {:.2}: {}", h.kept, why());
