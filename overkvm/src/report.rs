@@ -111,6 +111,10 @@ pub struct DeviceRow {
 #[derive(Clone, Debug, Serialize)]
 pub struct ProcessRow {
     pub pid: u32,
+    /// When the process started (clock ticks after boot), if known: with the PID, it names
+    /// one process across intervals.
+    #[serde(skip)]
+    pub start_time: Option<u64>,
     pub comm: String,
     pub vm: Option<VmRef>,
     /// The process's own cgroup (v2 path, or the v1 blkio path on v1 hosts); "" if unknown.
@@ -230,6 +234,9 @@ pub trait Processes {
     fn identity(&mut self, pid: u32) -> Option<Arc<ProcessIdentity>>;
     /// True while the process exists.
     fn alive(&self, pid: u32) -> bool;
+    /// When the process now at this PID started (clock ticks after boot); None when there
+    /// is none. With the PID it names one process: a reused PID has another start time.
+    fn start_time(&self, pid: u32) -> Option<u64>;
     /// Forgets what is cached about processes that are gone.
     fn forget_exited(&mut self);
 }
@@ -259,6 +266,10 @@ impl Processes for Resolver {
 
     fn alive(&self, pid: u32) -> bool {
         proc::alive(pid)
+    }
+
+    fn start_time(&self, pid: u32) -> Option<u64> {
+        proc::start_time(pid)
     }
 
     fn forget_exited(&mut self) {
@@ -381,7 +392,7 @@ impl ReportBuilder {
         let rows = join(delta, &names, &self.kernel_comms);
         let host_processes = &self.host.processes;
         learn_cgroup_owners(&mut self.cgroup_owners, &rows.processes, |pid| {
-            host_processes.alive(pid)
+            host_processes.start_time(pid)
         });
         let mut processes = fold_kernel_rows_into_vms(rows.processes, &self.cgroup_owners);
         processes.sort_by(row_order);
@@ -702,6 +713,7 @@ fn process_row(
     };
     ProcessRow {
         pid: tgid,
+        start_time: ident.as_ref().map(|p| p.start_time),
         comm,
         vm: ident.as_ref().and_then(|p| {
             p.vm.as_ref().map(|v| VmRef {
@@ -752,19 +764,27 @@ fn round2(v: f64) -> f64 {
 #[derive(Clone, Debug)]
 pub struct CgroupOwner {
     pub pid: u32,
+    /// The owner's start time when it was learned: after the VM exits its PID may be reused,
+    /// and the new process owns nothing of the old one's.
+    pub start_time: Option<u64>,
     pub comm: String,
     pub vm: VmRef,
     pub cgroup: String,
 }
 
 /// Learns which VM owns which cgroup from this interval's VM rows (a cgroup holding two VMs
-/// owns nobody), keeping earlier owners whose process is still alive.
+/// owns nobody), keeping earlier owners whose process is still alive. `started` gives the
+/// start time of the process now at a PID (None: no process there): an owner is the same
+/// process only with the same start time, so a reused PID inherits nothing.
 pub fn learn_cgroup_owners(
     owners: &mut HashMap<String, Option<CgroupOwner>>,
     rows: &[ProcessRow],
-    alive: impl Fn(u32) -> bool,
+    started: impl Fn(u32) -> Option<u64>,
 ) {
-    owners.retain(|_, o| o.as_ref().is_some_and(|o| alive(o.pid)));
+    let alive = |o: &CgroupOwner| {
+        started(o.pid).is_some_and(|now| o.start_time.is_none_or(|then| then == now))
+    };
+    owners.retain(|_, o| o.as_ref().is_some_and(alive));
     for r in rows {
         // A process that exited owns nothing any more (its VM may be starting again in a new
         // cgroup); its last I/O still carries its name.
@@ -779,12 +799,13 @@ pub fn learn_cgroup_owners(
         }
         let new = CgroupOwner {
             pid: r.pid,
+            start_time: r.start_time,
             comm: r.comm.clone(),
             vm: vm.clone(),
             cgroup: cg.clone(),
         };
         match owners.get(cg) {
-            Some(Some(o)) if o.vm.name != vm.name && alive(o.pid) => {
+            Some(Some(o)) if o.vm.name != vm.name && alive(o) => {
                 owners.insert(cg.clone(), None);
             }
             Some(None) => {}
@@ -962,6 +983,7 @@ mod tests {
     ) -> ProcessRow {
         ProcessRow {
             pid,
+            start_time: Some(1),
             comm: comm.into(),
             vm: vm.map(|n| VmRef {
                 name: n.into(),
@@ -1001,7 +1023,7 @@ mod tests {
             row(200, "bash", None, "/vm/a2", 5, false),
         ];
         let mut owners = HashMap::new();
-        learn_cgroup_owners(&mut owners, &rows, |_| true);
+        learn_cgroup_owners(&mut owners, &rows, |_| Some(1));
         let out = fold_kernel_rows_into_vms(rows, &owners);
         assert_eq!(out.len(), 3);
         let a = out.iter().find(|r| r.pid == 100).unwrap();
@@ -1014,13 +1036,13 @@ mod tests {
 
         // Next interval the VM itself did nothing: the kernel row becomes the VM's.
         let rows = vec![row(11, "kworker/0:1-kthrotld", None, "/vm/a", 70, true)];
-        learn_cgroup_owners(&mut owners, &rows, |_| true);
+        learn_cgroup_owners(&mut owners, &rows, |_| Some(1));
         let out = fold_kernel_rows_into_vms(rows, &owners);
         assert_eq!(out[0].vm.as_ref().unwrap().name, "a");
         assert_eq!((out[0].pid, out[0].kernel_submitted_ops), (100, 70));
 
         // Once the VM's process is gone, nothing is attributed to it any more.
-        learn_cgroup_owners(&mut owners, &[], |_| false);
+        learn_cgroup_owners(&mut owners, &[], |_| None);
         let rows = vec![row(11, "kworker/0:1-kthrotld", None, "/vm/a", 7, true)];
         let out = fold_kernel_rows_into_vms(rows, &owners);
         assert!(out[0].vm.is_none());
@@ -1037,7 +1059,7 @@ mod tests {
             row(12, "kworker/u8:2", None, "/other", 30, true),
         ];
         let mut owners = HashMap::new();
-        learn_cgroup_owners(&mut owners, &rows, |_| true);
+        learn_cgroup_owners(&mut owners, &rows, |_| Some(1));
         let out = fold_kernel_rows_into_vms(rows, &owners);
         assert_eq!(out.len(), 2, "{out:#?}");
         let a = out.iter().find(|r| r.pid == 100).unwrap();
@@ -1055,6 +1077,22 @@ mod tests {
     }
 
     #[test]
+    fn a_reused_pid_inherits_no_cgroup() {
+        // VM a (pid 100, started at tick 1) owned /vm/a; it exited and pid 100 now belongs to
+        // a process started at tick 9: kernel I/O still charged to /vm/a is nobody's.
+        let mut owners = HashMap::new();
+        learn_cgroup_owners(
+            &mut owners,
+            &[row(100, "qemu", Some("a"), "/vm/a", 5, false)],
+            |_| Some(1),
+        );
+        learn_cgroup_owners(&mut owners, &[], |_| Some(9));
+        let rows = vec![row(11, "kworker/0:1-kthrotld", None, "/vm/a", 7, true)];
+        let out = fold_kernel_rows_into_vms(rows, &owners);
+        assert!(out[0].vm.is_none(), "{out:#?}");
+    }
+
+    #[test]
     fn a_cgroup_shared_by_two_vms_owns_nobody() {
         let rows = vec![
             row(1, "qemu", Some("a"), "/shared", 5, false),
@@ -1062,7 +1100,7 @@ mod tests {
             row(11, "kworker", None, "/shared", 9, true),
         ];
         let mut owners = HashMap::new();
-        learn_cgroup_owners(&mut owners, &rows, |_| true);
+        learn_cgroup_owners(&mut owners, &rows, |_| Some(1));
         let out = fold_kernel_rows_into_vms(rows, &owners);
         assert_eq!(out.len(), 3);
     }
@@ -1151,6 +1189,9 @@ mod tests {
         }
         fn alive(&self, pid: u32) -> bool {
             self.world().live.contains_key(&pid)
+        }
+        fn start_time(&self, pid: u32) -> Option<u64> {
+            self.world().live.get(&pid).map(|p| p.start_time)
         }
         fn forget_exited(&mut self) {}
     }

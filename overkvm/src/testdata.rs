@@ -11,6 +11,7 @@ use crate::{
 pub fn process(comm: &str, pid: u32, device: &str, reads: u64, writes: u64) -> ProcessRow {
     ProcessRow {
         pid,
+        start_time: None,
         comm: comm.into(),
         vm: None,
         cgroup: String::new(),

@@ -509,6 +509,7 @@ pub(crate) mod tests {
         latency[Op::Write as usize].record(1_500_000, writes);
         ProcessRow {
             pid,
+            start_time: None,
             comm: if vm.is_some() {
                 "qemu-system-x86".into()
             } else {
