@@ -119,9 +119,15 @@ pub fn human_duration(s: f64) -> String {
     }
 }
 
+/// `loop0 r=200 w=max iops`, with `via qemu vda` when QEMU holds the limit on those disks
+/// (the throttle's QEMU actuator) rather than the cgroup.
 fn limit_text(l: &ActiveLimit) -> String {
     let v = |x: Option<u64>| x.map_or("max".to_string(), |n| n.to_string());
-    format!("{} r={} w={} iops", l.device, v(l.riops), v(l.wiops))
+    let mut t = format!("{} r={} w={} iops", l.device, v(l.riops), v(l.wiops));
+    if let Some(disks) = &l.qemu_disks {
+        t.push_str(&format!(" via qemu {}", disks.join(" ")));
+    }
+    t
 }
 
 /// The manager's name as the rest of overkvm writes it (`libvirt`, `kubevirt`...).
@@ -426,6 +432,16 @@ mod tests {
         assert!(text.contains("crashed"), "{text}");
         assert!(text.contains("loop0 r=200 w=max iops"), "{text}");
         assert!(text.contains("qemu vda iops=500"), "{text}");
+        // The same limit held by QEMU says so (and on which disks).
+        let mut held = row.clone();
+        held.limits[0].qemu_disks = Some(vec!["vda".into(), "vdb".into()]);
+        let mut out = Vec::new();
+        write_table(std::slice::from_ref(&held), &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.contains("loop0 r=200 w=max iops via qemu vda vdb"),
+            "{text}"
+        );
         let json = serde_json::to_value(&row).unwrap();
         assert_eq!(json["state"], "crashed");
         assert_eq!(json["iops"]["total"], 3.0);

@@ -22,10 +22,12 @@ use super::{
     batch::fit,
     columns::{Column, SortKey, compare_keys},
     prometheus::{Client, PromUrl, Sample},
-    rows::{RowGroup, RowKey, RowKind, TopRow, limit_text},
+    rows::{RowGroup, RowKey, RowKind, TopRow, limit_text, qemu_part},
     sort::SortOrder,
 };
-use crate::{export::names, report::OpCounts, text::sanitize, tick::ActiveLimit};
+use crate::{
+    export::names, qemu::limits::DiskLimits, report::OpCounts, text::sanitize, tick::ActiveLimit,
+};
 
 /// The throttle's limits on one VM and device (absent where none).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
@@ -78,7 +80,11 @@ pub struct FleetRow {
     /// All operations per second on the row's device of its host (VMs or not).
     pub device_iops: Option<f64>,
     pub limits: Limits,
-    /// The limits as text (`r990 w20`), "" when none.
+    /// Limits QEMU itself enforces on the VM's disks as their owner set them (the host's
+    /// `overkvm_vm_qemu_limit_*` gauges; per disk, not per host device).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub qemu_limits: Vec<DiskLimits>,
+    /// The limits as text (`r990 w20`, then `q:500` for QEMU's own), "" when none.
     pub throttle: String,
 }
 
@@ -126,8 +132,19 @@ pub struct Queries {
     /// Limits by instance, vm, device and direction.
     pub limit_iops: String,
     pub limit_bps: String,
+    /// QEMU's own limits by instance, vm, disk and direction.
+    pub qemu_iops: String,
+    pub qemu_bps: String,
     /// All operations per second by instance and device.
     pub device_ops: String,
+}
+
+/// QEMU's own limits are per disk of a VM, not per host device.
+const QEMU_BY: &str = "instance, vm, disk, direction";
+
+/// A gauge's value by these labels (one series each: `max`, as a limit is one figure).
+fn gauge(by: &str, m: &names::Metric) -> String {
+    format!("max by ({by}) ({})", m.exposed())
 }
 
 impl Queries {
@@ -146,14 +163,10 @@ impl Queries {
             ),
             lat_sum: format!("sum by ({by}) (rate({lat}_sum[{w}]))"),
             lat_count: format!("sum by ({by}) (rate({lat}_count[{w}]))"),
-            limit_iops: format!(
-                "max by ({by}, direction) ({})",
-                names::THROTTLE_LIMIT_IOPS.exposed()
-            ),
-            limit_bps: format!(
-                "max by ({by}, direction) ({})",
-                names::THROTTLE_LIMIT_BPS.exposed()
-            ),
+            limit_iops: gauge(&format!("{by}, direction"), &names::THROTTLE_LIMIT_IOPS),
+            limit_bps: gauge(&format!("{by}, direction"), &names::THROTTLE_LIMIT_BPS),
+            qemu_iops: gauge(QEMU_BY, &names::VM_QEMU_LIMIT_IOPS),
+            qemu_bps: gauge(QEMU_BY, &names::VM_QEMU_LIMIT_BPS),
             device_ops: format!(
                 "sum by (instance, device) (rate({}[{w}]))",
                 names::DEVICE_IO_OPERATIONS.exposed()
@@ -171,6 +184,8 @@ pub struct Answers {
     pub lat_count: Vec<Sample>,
     pub limit_iops: Vec<Sample>,
     pub limit_bps: Vec<Sample>,
+    pub qemu_iops: Vec<Sample>,
+    pub qemu_bps: Vec<Sample>,
     pub device_ops: Vec<Sample>,
 }
 
@@ -183,6 +198,8 @@ impl Answers {
             lat_count: client.query(&q.lat_count)?,
             limit_iops: client.query(&q.limit_iops)?,
             limit_bps: client.query(&q.limit_bps)?,
+            qemu_iops: client.query(&q.qemu_iops)?,
+            qemu_bps: client.query(&q.qemu_bps)?,
             device_ops: client.query(&q.device_ops)?,
         })
     }
@@ -250,6 +267,31 @@ pub fn join(a: &Answers) -> Vec<FleetRow> {
             *slot = Some(s.value);
         }
     }
+    // QEMU's own limits, by host and VM, then disk.
+    let mut qemu: BTreeMap<(&str, &str), BTreeMap<&str, DiskLimits>> = BTreeMap::new();
+    for (samples, iops) in [(&a.qemu_iops, true), (&a.qemu_bps, false)] {
+        for s in samples {
+            let disk = s.label("disk");
+            let d = qemu
+                .entry((s.label("instance"), s.label("vm")))
+                .or_default()
+                .entry(disk)
+                .or_insert_with(|| DiskLimits {
+                    disk: disk.to_string(),
+                    ..DiskLimits::default()
+                });
+            let slot = match (iops, s.label("direction")) {
+                (true, "total") => &mut d.iops,
+                (true, "read") => &mut d.iops_rd,
+                (true, "write") => &mut d.iops_wr,
+                (false, "total") => &mut d.bps,
+                (false, "read") => &mut d.bps_rd,
+                (false, "write") => &mut d.bps_wr,
+                _ => continue,
+            };
+            *slot = (s.value.is_finite() && s.value >= 0.0).then(|| s.value.round() as u64);
+        }
+    }
     let device_ops: HashMap<(&str, &str), f64> = a
         .device_ops
         .iter()
@@ -262,8 +304,19 @@ pub fn join(a: &Answers) -> Vec<FleetRow> {
                 .get(&(instance.as_str(), device.as_str()))
                 .copied()
                 .unwrap_or(0.0);
+            let qemu_limits: Vec<DiskLimits> = qemu
+                .get(&(instance.as_str(), vm.as_str()))
+                .map(|d| d.values().cloned().collect())
+                .unwrap_or_default();
+            let own = qemu_part(&qemu_limits.iter().collect::<Vec<_>>());
+            let throttle = [e.limits.text(), own]
+                .into_iter()
+                .filter(|t| !t.is_empty())
+                .collect::<Vec<_>>()
+                .join(" ");
             FleetRow {
-                throttle: e.limits.text(),
+                throttle,
+                qemu_limits,
                 iops_share: (dev_total > 0.0).then(|| e.ops * 100.0 / dev_total),
                 device_iops: (dev_total > 0.0).then_some(dev_total),
                 lat_avg_us: (e.lat_count > 0.0).then(|| e.lat_sum / e.lat_count * 1e6),
@@ -684,6 +737,35 @@ mod tests {
                 at(with(&web, &[("direction", "sideways")]), 1.0),
             ],
             limit_bps: vec![at(with(&web, &[("direction", "write")]), 5_000_000.0)],
+            qemu_iops: vec![
+                sample(
+                    &[
+                        ("instance", "h2:9746"),
+                        ("vm", "hog"),
+                        ("disk", "vda"),
+                        ("direction", "total"),
+                    ],
+                    500.0,
+                ),
+                sample(
+                    &[
+                        ("instance", "h1:9746"),
+                        ("vm", "hog"),
+                        ("disk", "vda"),
+                        ("direction", "total"),
+                    ],
+                    7.0,
+                ),
+            ],
+            qemu_bps: vec![sample(
+                &[
+                    ("instance", "h2:9746"),
+                    ("vm", "hog"),
+                    ("disk", "vda"),
+                    ("direction", "write"),
+                ],
+                10_000_000.0,
+            )],
             device_ops: vec![
                 sample(&[("instance", "h1:9746"), ("device", "nvme0n1")], 500.0),
                 sample(&[("instance", "h2:9746"), ("device", "sda")], 1000.0),
@@ -712,6 +794,11 @@ mod tests {
         assert_eq!((db.iops, db.read_iops, db.lat_avg_us), (5.0, 0.0, None));
         assert_eq!(db.throttle, "");
         assert_eq!(rows[0].iops_share, Some(100.0));
+        // QEMU's own limits join by host and VM (another host's VM of the same name has
+        // its own).
+        assert_eq!(rows[0].throttle, "q:500/wb10M");
+        assert_eq!(rows[0].qemu_limits[0].iops, Some(500));
+        assert!(web.qemu_limits.is_empty());
     }
 
     #[test]

@@ -278,11 +278,7 @@ pub fn throttle_text(view: Option<&ThrottleView>, vm: Option<&str>, devices: &[&
         .filter(|q| q.vm == vm)
         .flat_map(|q| q.disks.iter())
         .collect();
-    let own = match qemu.as_slice() {
-        [] => String::new(),
-        [one] => format!("q:{}", qemu_limit_text(one)),
-        many => format!("q:{} disks", many.len()),
-    };
+    let own = qemu_part(&qemu);
     if !own.is_empty() {
         if !text.is_empty() {
             text.push(' ');
@@ -300,6 +296,16 @@ pub fn throttle_text(view: Option<&ThrottleView>, vm: Option<&str>, devices: &[&
 }
 
 /// A disk's QEMU limits compactly: `500` (total IOPS), `r500/w300`, `b10M`, `rb10M/wb5M`.
+/// The THROTTLE column's part for the limits QEMU has on a VM's disks: `q:500` for one disk,
+/// `q:2 disks` for several, "" for none (the local and the fleet view).
+pub fn qemu_part(disks: &[&crate::qemu::limits::DiskLimits]) -> String {
+    match disks {
+        [] => String::new(),
+        [one] => format!("q:{}", qemu_limit_text(one)),
+        many => format!("q:{} disks", many.len()),
+    }
+}
+
 pub fn qemu_limit_text(d: &crate::qemu::limits::DiskLimits) -> String {
     let iops = |p: &str, v: Option<u64>| v.map(|v| format!("{p}{v}"));
     let mb = |p: &str, v: Option<u64>| v.map(|v| format!("{p}b{}M", v / 1_000_000));
