@@ -6,7 +6,8 @@
 //!
 //! Only stable series are read: the operation and byte counters, the latency histogram's
 //! exact `_sum` and `_count` (never its buckets, whose layout may change), the throttle's
-//! limit gauges and the device counters. Joining the answers into rows is pure.
+//! limit gauges, QEMU's own limit gauges and the device counters. Joining the answers into
+//! rows is pure.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -830,7 +831,8 @@ mod tests {
             (Column::TotalIops, true, ["db01", "web01", "hog"]),
             // Without a latency (db01) or a limit, a row sorts last either way.
             (Column::LatAvg, false, ["web01", "hog", "db01"]),
-            (Column::Throttle, false, ["web01", "db01", "hog"]),
+            // By the column's text: hog's `q:500/wb10M` (QEMU's own) before web01's `r990...`.
+            (Column::Throttle, false, ["hog", "web01", "db01"]),
             // No PID in the fleet view: host, VM and device decide.
             (Column::Pid, false, ["db01", "web01", "hog"]),
         ] {

@@ -18,6 +18,7 @@ pub fn fleet_row(instance: &str, vm: &str, device: &str, reads: f64, writes: f64
         iops_share: None,
         device_iops: Some(2000.0),
         limits: Limits::default(),
+        qemu_limits: Vec::new(),
         throttle: String::new(),
     }
 }
