@@ -1627,10 +1627,10 @@ okvm_section serve-log /tmp/serve.log
 /// (TCG): the controller then holds rather than starve the guests, and the p95 figures
 /// degrade with the load (printed with each run).
 // Host load: TCG makes the guest's own latency rise with the host's load at any rate. With
-// this controller the test passed 9 runs of 9 on a quiet 2-core host (load 0.4-1.2) and 3 of 3
-// with one more core kept busy beside it; with both cores kept busy (2 spinning processes
-// besides qemu) the guest's p95 was 2-5 ms at any rate and it failed 2 of 2 (throughput
-// 67-82%, never settled). `cargo xtask bench throttle` runs it with the load recorded
+// this controller the test passed 10 runs of 10 on a quiet 2-core host (load 0.3-1.7; one
+// more failed with a compile running beside it) and 3 of 3 with one more core kept busy;
+// with both cores kept busy (2 spinning processes besides qemu) the guest's p95 was 2-5 ms at
+// any rate and it failed 2 of 2 (throughput 67-82%, never settled). `cargo xtask bench throttle` runs it with the load recorded
 // (BENCHMARKS.md, section 3). The printed summary names the host's load at start and end.
 #[test]
 fn guest61_latency_target_finds_the_capacity_holds_the_target_and_releases() {
