@@ -760,6 +760,16 @@ fn libvirt_domains_are_named_counted_exactly_and_throttled_in_their_own_cgroups(
         "{}",
         daemon.log()
     );
+    // The operator adds a bandwidth cap while overkvm holds the disk (`virsh blkdeviotune`
+    // with one field keeps the other family's values): it is theirs, and stays after release.
+    virsh_ok(&[
+        "blkdeviotune",
+        &kept.name,
+        "vda",
+        "--write-bytes-sec",
+        "50000000",
+        "--live",
+    ]);
     let st = daemon.stop();
     assert!(st.is_some_and(|s| s.success()), "{}", daemon.log());
     let after = iotune();
@@ -767,10 +777,19 @@ fn libvirt_domains_are_named_counted_exactly_and_throttled_in_their_own_cgroups(
         (
             after.get("iops"),
             after.get("iops_rd"),
-            after.get("iops_wr")
+            after.get("iops_wr"),
+            after.get("bps_wr")
         ),
-        (5000, 0, 0),
-        "SIGTERM puts the domain's own iotune back: {after:?}"
+        (5000, 0, 0, 50_000_000),
+        "SIGTERM puts the domain's own iotune back, with the cap the operator added while \
+         overkvm held it: {after:?}"
+    );
+    assert!(
+        daemon
+            .log()
+            .contains("bps_wr=50000000 set by someone else while overkvm held it"),
+        "the operator's change is logged:\n{}",
+        daemon.log()
     );
     drop(domains);
     drop(libvirt);

@@ -506,8 +506,53 @@ pub struct QemuLimitRecord {
     /// The host disk (MAJ:MIN) the limit is for.
     pub major: u32,
     pub minor: u32,
-    /// The disk's settings before overkvm touched it (the operator's), restored verbatim.
+    /// The disk's settings before overkvm touched it (the operator's): what goes back, but
+    /// for what someone else changed while overkvm held the disk (see [`adopt`]).
     pub original: QemuThrottle,
+    /// What overkvm last wrote on the disk: a setting that no longer reads so was changed by
+    /// someone else (absent in state files of earlier versions: the original goes back
+    /// verbatim).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub written: Option<QemuThrottle>,
+}
+
+/// The disk's own settings as its owner wants them now: the recorded original, except the
+/// settings that no longer read what overkvm last wrote, which someone else (an operator,
+/// `virsh blkdeviotune`, Nova) changed while overkvm held the disk: those are theirs now,
+/// kept as they read. Returns them and the names of the settings taken over.
+pub fn adopt(
+    original: &QemuThrottle,
+    written: Option<&QemuThrottle>,
+    current: &QemuThrottle,
+) -> (QemuThrottle, Vec<String>) {
+    let Some(written) = written else {
+        return (original.clone(), Vec::new());
+    };
+    let mut own = original.clone();
+    let mut changed = Vec::new();
+    for (k, _) in SETTINGS {
+        if current.get(k) != written.get(k) {
+            own.set(k, current.get(k));
+            changed.push(k.to_string());
+        }
+    }
+    if current.group != written.group {
+        own.group = current.group.clone();
+        changed.push("group".into());
+    }
+    (own, changed)
+}
+
+/// The settings [`adopt`] took over, with the values they read now (`iops_wr=300`).
+pub fn adopted_text(t: &QemuThrottle, changed: &[String]) -> String {
+    changed
+        .iter()
+        .map(|k| match k.as_str() {
+            "group" => format!("group={}", t.group.as_deref().unwrap_or("none")),
+            k => format!("{k}={}", t.get(k)),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// What overkvm knows of one VM's disks (cached for [`FACTS_REFRESH`]).
@@ -866,6 +911,38 @@ impl QemuSide {
         }
     }
 
+    /// What to put back on a recorded disk: its original settings with what someone else
+    /// changed while overkvm held it kept ([`adopt`]; logged). When the disk cannot be read,
+    /// the original.
+    pub fn own_settings(&self, r: &QemuLimitRecord) -> QemuThrottle {
+        let Some(written) = &r.written else {
+            return r.original.clone();
+        };
+        let Some(now) = self.disk_now(&r.control, &r.disk) else {
+            return r.original.clone();
+        };
+        let (own, changed) = adopt(&r.original, Some(written), &now);
+        if !changed.is_empty() {
+            log::info!(
+                "VM {} disk {}: {} set by someone else while overkvm held it: kept",
+                r.vm,
+                r.disk.name(),
+                adopted_text(&own, &changed)
+            );
+        }
+        own
+    }
+
+    /// One disk's settings as its owner reports them now (the reader [`adopt`]'s two sides
+    /// both come from); None when they cannot be read.
+    pub fn disk_now(&self, control: &Control, disk: &DiskRef) -> Option<QemuThrottle> {
+        self.read_disks(control)
+            .ok()?
+            .into_iter()
+            .find(|d| d.disk == *disk)
+            .map(|d| d.throttle)
+    }
+
     /// Writes a disk's settings through its owner and reads them back; after a failure,
     /// writes through the same owner wait [`WRITE_BACKOFF`].
     pub fn write(
@@ -990,8 +1067,9 @@ impl QemuSide {
     }
 }
 
-/// Puts back the original settings of every recorded disk whose qemu still runs; returns what
-/// it could not, one line each. A VM that is gone took its limits with it.
+/// Puts back the original settings of every recorded disk whose qemu still runs (keeping what
+/// someone else changed while overkvm held it, see [`adopt`]); returns what it could not, one
+/// line each. A VM that is gone took its limits with it.
 pub fn restore(records: &[QemuLimitRecord]) -> Vec<String> {
     let mut side = QemuSide::default();
     let mut failed = Vec::new();
@@ -999,7 +1077,8 @@ pub fn restore(records: &[QemuLimitRecord]) -> Vec<String> {
         if !is_running(r.pid, r.start_time) {
             continue;
         }
-        if let Err(e) = side.write(&r.control, &r.disk, &r.original) {
+        let back = side.own_settings(r);
+        if let Err(e) = side.write(&r.control, &r.disk, &back) {
             // It may have exited meanwhile.
             if is_running(r.pid, r.start_time) {
                 failed.push(format!(
@@ -1155,6 +1234,35 @@ mod tests {
         );
         // Nothing of ours: the operator's settings unchanged.
         assert_eq!(engage(&op, &Limits::default()), op);
+    }
+
+    #[test]
+    fn what_someone_else_changed_while_held_is_kept_on_release() {
+        // The operator had total 5000; overkvm wrote its read/write limits on top; meanwhile
+        // the operator set iops_wr=300 (and nothing else).
+        let original = t(&[("iops", 5000)]);
+        let written = t(&[("iops", 5000), ("iops_rd", 990), ("iops_wr", 20)]);
+        let current = t(&[("iops", 5000), ("iops_rd", 990), ("iops_wr", 300)]);
+        let (own, changed) = adopt(&original, Some(&written), &current);
+        assert_eq!(own, t(&[("iops", 5000), ("iops_wr", 300)]));
+        assert_eq!(changed, ["iops_wr"]);
+        assert_eq!(adopted_text(&own, &changed), "iops_wr=300");
+        // Nothing changed: the original, verbatim.
+        let (own, changed) = adopt(&original, Some(&written), &written);
+        assert_eq!((own, changed.len()), (original.clone(), 0));
+        // The operator removed the total: gone on release too.
+        let current = t(&[("iops_rd", 990), ("iops_wr", 20)]);
+        assert_eq!(adopt(&original, Some(&written), &current).0, t(&[]));
+        // A record of an earlier version (nothing on record as written): verbatim.
+        assert_eq!(adopt(&original, None, &current).0, original);
+        // A throttle group set meanwhile is kept too.
+        let mut grouped = written.clone();
+        grouped.group = Some("g1".into());
+        let (own, changed) = adopt(&original, Some(&written), &grouped);
+        assert_eq!(
+            (own.group.as_deref(), changed),
+            (Some("g1"), vec!["group".to_string()])
+        );
     }
 
     #[test]
@@ -1333,6 +1441,7 @@ mod tests {
             major: 7,
             minor: 0,
             original: t(&[("iops", 5)]),
+            written: Some(t(&[("iops", 5), ("iops_wr", 3)])),
         };
         let s = serde_json::to_string(&r).unwrap();
         assert_eq!(serde_json::from_str::<QemuLimitRecord>(&s).unwrap(), r);

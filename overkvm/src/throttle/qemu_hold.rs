@@ -245,6 +245,7 @@ impl ThrottleService {
                         major: info.major,
                         minor: info.minor,
                         original: cur.throttle.clone(),
+                        written: None,
                     };
                     if self.state.note_qemu(rec) {
                         added.push(d);
@@ -260,15 +261,40 @@ impl ThrottleService {
             }
             let per_disk = qemu_actuator::split(&want, disks.len());
             for d in &disks {
-                let Some(orig) = self.state.qemu.iter().find(|r| ours(r, d)) else {
+                let Some(i) = self.state.qemu.iter().position(|r| ours(r, d)) else {
                     continue;
                 };
-                let t = qemu_actuator::engage(&orig.original, &per_disk);
+                // What someone else changed since overkvm last wrote the disk is theirs: it
+                // becomes part of the disk's own settings, under overkvm's limit now and put
+                // back on release.
+                if let Some(last) = self.state.qemu[i].written.clone()
+                    && let Some(now) = self.qemu.disk_now(&control, d)
+                {
+                    let r = &mut self.state.qemu[i];
+                    let (own, changed) = qemu_actuator::adopt(&r.original, Some(&last), &now);
+                    if !changed.is_empty() {
+                        log::info!(
+                            "VM {vm} disk {} on {}: {} set by someone else while overkvm held \
+                             it: kept as the disk's own setting",
+                            d.name(),
+                            info.name,
+                            qemu_actuator::adopted_text(&own, &changed)
+                        );
+                        r.original = own;
+                    }
+                }
+                let t = qemu_actuator::engage(&self.state.qemu[i].original, &per_disk);
                 if let Err(e) = self.qemu.write(&control, d, &t) {
                     self.qemu_failed(vm, &info.name, pid, f.start_time, &control, e);
                     return;
                 }
+                // As the same reader will see it at the next write or the release (None:
+                // unread, and the original goes back verbatim).
+                self.state.qemu[i].written = self.qemu.disk_now(&control, d);
                 written.push(format!("{} {}", d.name(), t.shown("").text().trim_start()));
+            }
+            if !written.is_empty() {
+                self.save_state();
             }
             let name = info.name.clone();
             self.resolved(&format!("qemu-{vm}"), || {
@@ -382,7 +408,8 @@ impl ThrottleService {
             .collect();
         let mut done = Vec::new();
         for r in recs {
-            match self.qemu.write(&r.control, &r.disk, &r.original) {
+            let back = self.qemu.own_settings(&r);
+            match self.qemu.write(&r.control, &r.disk, &back) {
                 Ok(()) => done.push(r),
                 Err(e) => {
                     if !qemu_actuator::is_running(q.pid, q.start_time) {
@@ -447,6 +474,7 @@ mod tests {
             major: 7,
             minor: 0,
             original: qemu_actuator::QemuThrottle::default(),
+            written: None,
         };
         assert!(svc.state.note_qemu(record("vda")));
         assert!(
