@@ -8,7 +8,7 @@
 //! null_blk, no device-mapper `delay`, and blk-throttle on a loop device delays bios before
 //! they become requests, so the device's latency does not show it).
 
-use std::{fmt::Write as _, fs, path::Path, time::Duration};
+use std::{fmt::Write as _, fs, path::Path};
 
 use serde_json::Value;
 
@@ -84,12 +84,7 @@ pub fn parse_latency_figures(json: &str) -> Result<LatencyFigures, String> {
     })
 }
 
-enum Outcome {
-    /// The figures, and whether the test failed after writing them (a later assertion).
-    Figures(LatencyFigures, bool),
-    Skipped(String),
-    Failed(String),
-}
+type Outcome = super::throttle::Outcome<LatencyFigures>;
 
 fn opt(v: Option<f64>, unit: &str, prec: usize) -> String {
     v.map_or("-".into(), |v| format!("{v:.prec$}{unit}"))
@@ -156,47 +151,28 @@ pub fn run(
             .current_dir(crate::workspace_root().join("tests"))
             .env("OVERKVM_BENCH_OUT", &out)
             .env("CARGO_TARGET_DIR", pinned_target);
-            let ok = super::run_logged(c, &log, Duration::from_secs(600), test)?;
-            let text = fs::read_to_string(&log).unwrap_or_default();
-            let outcome = match (ok, fs::read_to_string(&out)) {
-                (_, Ok(json)) => match parse_latency_figures(&json) {
-                    Ok(f) => Outcome::Figures(f, !ok),
-                    Err(e) => Outcome::Failed(e),
+            let outcome = super::throttle::figures_run(
+                c,
+                (&out, &log),
+                test,
+                parse_latency_figures,
+                |f: &LatencyFigures| {
+                    format!(
+                        "settled {}, median p95 {:.2} ms, {:.0}% of ticks over, {:.0} IOPS \
+                         ({:.1}% of {:.0}), weight-2 {:.2}x, Jain {:.3}, released {:.1} s",
+                        opt(f.settle_s, " s", 1),
+                        f.median_p95_ms,
+                        f.over_target_pct,
+                        f.total_iops,
+                        f.pct_of_capacity,
+                        f.capacity_iops,
+                        f.weighted_ratio,
+                        f.jain_equal_weight,
+                        f.release_s
+                    )
                 },
-                (true, Err(_)) if text.contains("SKIPPED") => Outcome::Skipped(
-                    text.lines()
-                        .find(|l| l.contains("SKIPPED"))
-                        .unwrap_or("")
-                        .trim()
-                        .to_string(),
-                ),
-                (true, Err(_)) => Outcome::Failed(format!(
-                    "the test wrote no figures (is it still named {test}?)"
-                )),
-                (false, _) => Outcome::Failed(tail(&text, 15)),
-            };
-            match &outcome {
-                Outcome::Figures(f, failed_after) => progress(format!(
-                    "throttle:   settled {}, median p95 {:.2} ms, {:.0}% of ticks over, {:.0} IOPS \
-                     ({:.1}% of {:.0}), weight-2 {:.2}x, Jain {:.3}, released {:.1} s{}",
-                    opt(f.settle_s, " s", 1),
-                    f.median_p95_ms,
-                    f.over_target_pct,
-                    f.total_iops,
-                    f.pct_of_capacity,
-                    f.capacity_iops,
-                    f.weighted_ratio,
-                    f.jain_equal_weight,
-                    f.release_s,
-                    if *failed_after {
-                        format!("; the test FAILED after writing them:\n{}", tail(&text, 15))
-                    } else {
-                        String::new()
-                    }
-                )),
-                Outcome::Skipped(why) => progress(format!("throttle:   {why}")),
-                Outcome::Failed(why) => progress(format!("throttle:   FAILED:\n{why}")),
-            }
+                "throttle",
+            )?;
             outcomes.push((round, m, load1, outcome));
         }
     }

@@ -79,11 +79,57 @@ pub fn parse_figures(json: &str) -> Result<Figures, String> {
     })
 }
 
-enum Outcome {
+/// What one run of a figures-writing test gave.
+pub enum Outcome<F> {
     /// The figures, and whether the test failed after writing them (a later assertion).
-    Figures(Figures, bool),
+    Figures(F, bool),
     Skipped(String),
     Failed(String),
+}
+
+/// Runs a test that writes its figures to `out` (`OVERKVM_BENCH_OUT`), logging to `log`, and
+/// reads what it gave; `describe` words the figures for the progress line (`area:   ...`).
+pub fn figures_run<F>(
+    c: std::process::Command,
+    (out, log): (&std::path::Path, &std::path::Path),
+    test: &str,
+    parse: impl Fn(&str) -> Result<F, String>,
+    describe: impl Fn(&F) -> String,
+    area: &str,
+) -> anyhow::Result<Outcome<F>> {
+    let ok = super::run_logged(c, log, Duration::from_secs(600), test)?;
+    let text = fs::read_to_string(log).unwrap_or_default();
+    let outcome = match (ok, fs::read_to_string(out)) {
+        (_, Ok(json)) => match parse(&json) {
+            Ok(f) => Outcome::Figures(f, !ok),
+            Err(e) => Outcome::Failed(e),
+        },
+        (true, Err(_)) if text.contains("SKIPPED") => Outcome::Skipped(
+            text.lines()
+                .find(|l| l.contains("SKIPPED"))
+                .unwrap_or("")
+                .trim()
+                .to_string(),
+        ),
+        (true, Err(_)) => Outcome::Failed(format!(
+            "the test wrote no figures (is it still named {test}?)"
+        )),
+        (false, _) => Outcome::Failed(tail(&text, 15)),
+    };
+    match &outcome {
+        Outcome::Figures(f, failed_after) => progress(format!(
+            "{area}:   {}{}",
+            describe(f),
+            if *failed_after {
+                format!("; the test FAILED after writing them:\n{}", tail(&text, 15))
+            } else {
+                String::new()
+            }
+        )),
+        Outcome::Skipped(why) => progress(format!("{area}:   {why}")),
+        Outcome::Failed(why) => progress(format!("{area}:   FAILED:\n{why}")),
+    }
+    Ok(outcome)
 }
 
 pub fn tail(text: &str, n: usize) -> String {
@@ -145,44 +191,26 @@ pub fn run(ctx: &Ctx, args: &BenchArgs) -> anyhow::Result<Section> {
             .current_dir(crate::workspace_root().join("tests"))
             .env("OVERKVM_BENCH_OUT", &out)
             .env("CARGO_TARGET_DIR", tmp.0.join("target"));
-        let ok = super::run_logged(c, &log, Duration::from_secs(600), "throttle_v1")?;
-        let text = fs::read_to_string(&log).unwrap_or_default();
-        let outcome = match (ok, fs::read_to_string(&out)) {
-            (_, Ok(json)) => match parse_figures(&json) {
-                Ok(f) => Outcome::Figures(f, !ok),
-                Err(e) => Outcome::Failed(e),
+        let outcome = figures_run(
+            c,
+            (&out, &log),
+            FIGURES_TEST,
+            parse_figures,
+            |f: &Figures| {
+                format!(
+                    "engaged {:.1} s, steady {:.1}% of budget, Jain {:.3}, min share {:.0} IOPS \
+                     (floor {:.0}), released {:.1} s, weighted {:.2}x",
+                    f.engage_s,
+                    f.steady_pct_of_budget,
+                    f.jain_equal_weight,
+                    f.min_share_iops,
+                    f.floor_iops,
+                    f.release_s,
+                    f.weighted_ratio
+                )
             },
-            (true, Err(_)) if text.contains("SKIPPED") => Outcome::Skipped(
-                text.lines()
-                    .find(|l| l.contains("SKIPPED"))
-                    .unwrap_or("")
-                    .trim()
-                    .to_string(),
-            ),
-            (true, Err(_)) => Outcome::Failed(format!(
-                "the test wrote no figures (is it still named {FIGURES_TEST}?)"
-            )),
-            (false, _) => Outcome::Failed(tail(&text, 15)),
-        };
-        match &outcome {
-            Outcome::Figures(f, failed_after) => progress(format!(
-                "throttle:   engaged {:.1} s, steady {:.1}% of budget, Jain {:.3}, min share {:.0} IOPS (floor {:.0}), released {:.1} s, weighted {:.2}x{}",
-                f.engage_s,
-                f.steady_pct_of_budget,
-                f.jain_equal_weight,
-                f.min_share_iops,
-                f.floor_iops,
-                f.release_s,
-                f.weighted_ratio,
-                if *failed_after {
-                    format!("; the test FAILED after writing them:\n{}", tail(&text, 15))
-                } else {
-                    String::new()
-                }
-            )),
-            Outcome::Skipped(why) => progress(format!("throttle:   {why}")),
-            Outcome::Failed(why) => progress(format!("throttle:   FAILED:\n{why}")),
-        }
+            "throttle",
+        )?;
         outcomes.push((round, load1, outcome));
     }
     let load_end = sys::loadavg();
