@@ -231,6 +231,59 @@ fn make_base(path: &Path, mib: usize) {
     f.sync_all().unwrap();
 }
 
+/// Creates and starts one of overkvm's VMs (`--cache` as given, TCG) whose guest writes 4 KiB
+/// O_DIRECT blocks over its disk in a loop; returns its QMP socket once it writes.
+fn boot_writer(fs_dir: &Path, work: &Path, state: &Path, name: &str, cache: &str) -> PathBuf {
+    let base = fs_dir.join("base.raw");
+    make_base(&base, 64);
+    // 4 KiB O_DIRECT writes over the disk, round and round: every one a guest request.
+    let spec = GuestSpec {
+        disk: Some(PathBuf::from("/dev/vda")),
+        script: "echo WRITING\n\
+                 while :; do dd if=/dev/zero of=/dev/vda bs=4096 count=16000 oflag=direct 2>/dev/null; done\n"
+            .into(),
+        ..GuestSpec::default()
+    };
+    let initrd = work.join("initrd.cpio");
+    let kernel = guest::write_initramfs(&spec, &initrd).expect("building the initramfs");
+    let st = state.to_str().unwrap();
+    ok(ovk(
+        state,
+        &[
+            "vm",
+            "create",
+            name,
+            "--base",
+            base.to_str().unwrap(),
+            "--memory",
+            "256",
+            "--cache",
+            cache,
+            "--kernel",
+            kernel.vmlinuz.to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--append",
+            guest::kernel_args(),
+            "--state-dir",
+            st,
+        ],
+    ));
+    ok(ovk(
+        state,
+        &["vm", "start", name, "--accel", "tcg", "--state-dir", st],
+    ));
+    let socket = state.join(name).join("qmp.sock");
+    let serial = state.join(name).join("serial.log");
+    assert!(
+        wait_until(Duration::from_secs(90), || fs::read_to_string(&serial)
+            .is_ok_and(|s| s.contains("WRITING"))),
+        "the guest did not start writing:\n{}",
+        fs::read_to_string(&serial).unwrap_or_default()
+    );
+    socket
+}
+
 #[test]
 fn qemu_holds_a_host_cached_guest_to_its_budget_where_blkio_cannot() {
     skip_unless_kernel!();
@@ -252,53 +305,7 @@ fn qemu_holds_a_host_cached_guest_to_its_budget_where_blkio_cannot() {
         state: state.clone(),
         name: name.clone(),
     };
-    let base = fs_.dir.join("base.raw");
-    make_base(&base, 64);
-    // 4 KiB O_DIRECT writes over the disk, round and round: every one a guest request.
-    let spec = GuestSpec {
-        disk: Some(PathBuf::from("/dev/vda")),
-        script: "echo WRITING\n\
-                 while :; do dd if=/dev/zero of=/dev/vda bs=4096 count=16000 oflag=direct 2>/dev/null; done\n"
-            .into(),
-        ..GuestSpec::default()
-    };
-    let initrd = work.path().join("initrd.cpio");
-    let kernel = guest::write_initramfs(&spec, &initrd).expect("building the initramfs");
-    let st = state.to_str().unwrap();
-    ok(ovk(
-        &state,
-        &[
-            "vm",
-            "create",
-            &name,
-            "--base",
-            base.to_str().unwrap(),
-            "--memory",
-            "256",
-            "--cache",
-            "writeback",
-            "--kernel",
-            kernel.vmlinuz.to_str().unwrap(),
-            "--initrd",
-            initrd.to_str().unwrap(),
-            "--append",
-            guest::kernel_args(),
-            "--state-dir",
-            st,
-        ],
-    ));
-    ok(ovk(
-        &state,
-        &["vm", "start", &name, "--accel", "tcg", "--state-dir", st],
-    ));
-    let socket = state.join(&name).join("qmp.sock");
-    let serial = state.join(&name).join("serial.log");
-    assert!(
-        wait_until(Duration::from_secs(90), || fs::read_to_string(&serial)
-            .is_ok_and(|s| s.contains("WRITING"))),
-        "the guest did not start writing:\n{}",
-        fs::read_to_string(&serial).unwrap_or_default()
-    );
+    let socket = boot_writer(&fs_.dir, work.path(), &state, &name, "writeback");
     sleep(Duration::from_secs(2));
     let free = guest_write_rate(&socket, Duration::from_secs(5));
     // A budget well under what the guest does alone, so that holding it is visible.
@@ -495,5 +502,130 @@ fn qemu_holds_a_host_cached_guest_to_its_budget_where_blkio_cannot() {
             .filter(|l| l.contains("gone"))
             .collect::<Vec<_>>()
             .join(" | ")
+    );
+}
+
+/// Another process whose I/O is charged to a VM's cgroup (a shell loop reading the device),
+/// killed on drop.
+struct Neighbour(Child);
+
+impl Drop for Neighbour {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A VM whose cgroup also holds another process doing I/O on the device (VMs of one service
+/// in one cgroup, a helper started beside qemu), with `manage_cgroups = false`: a limit in that
+/// cgroup would hold the other process too, so `auto` holds the VM with QEMU's own throttling
+/// (its disk uses no host cache: only the shared cgroup decides), and the cgroup stays free.
+#[test]
+fn qemu_holds_a_vm_that_shares_its_cgroup() {
+    skip_unless_kernel!();
+    let test = "qemu_holds_a_vm_that_shares_its_cgroup";
+    if let Some(reason) = guest::missing_tools() {
+        overkvm_tests::skipped(test, reason);
+        return;
+    }
+    if let Err(reason) = v1_blkio() {
+        overkvm_tests::skipped(test, format!("needs cgroup v1 blkio: {reason}"));
+        return;
+    }
+    let fs_ = MountedFs::new(512, "ext4", &[]).expect("ext4 on a loop device");
+    let dev = fs_.dev.name();
+    let work = TempDir::new("qemu-shared").unwrap();
+    let state = fs_.dir.join("vms");
+    let name = format!("oks{}", std::process::id());
+    let _cleanup = VmCleanup {
+        state: state.clone(),
+        name: name.clone(),
+    };
+    let socket = boot_writer(&fs_.dir, work.path(), &state, &name, "none");
+    sleep(Duration::from_secs(2));
+    let free = guest_write_rate(&socket, Duration::from_secs(5));
+    let budget = ((free / 4.0).min(300.0)).round();
+    eprintln!("guest alone: {free:.0} writes/s (QMP); budget {budget:.0} IOPS on {dev}");
+    if budget < 40.0 {
+        overkvm_tests::skipped(
+            test,
+            format!("the guest writes only {free:.0}/s under TCG here: too slow to show a budget"),
+        );
+        return;
+    }
+    // The neighbour: a few direct reads of the device every 0.2 s, from inside the VM's
+    // cgroup (dropped before the VM's cleanup, which removes the cgroup).
+    let cg_dir = v1_blkio().unwrap().join(format!("overkvm/vm-{name}"));
+    let child = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {}/cgroup.procs || exit 1; while :; do dd if=/dev/{dev} of=/dev/null \
+             bs=4096 count=4 iflag=direct 2>/dev/null; sleep 0.2; done",
+            cg_dir.display()
+        ))
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("starting the neighbour");
+    let _neighbour = Neighbour(child);
+    let config = work.path().join("overkvm.toml");
+    fs::write(
+        &config,
+        format!(
+            "[policy]\nstate_file = \"{}\"\nactuator = \"auto\"\nmanage_cgroups = false\n\n\
+             [[device]]\ndevice = \"{dev}\"\niops = {budget}\n",
+            work.path().join("run/throttle.json").display()
+        ),
+    )
+    .unwrap();
+    let mut d = Serve::start(&config, &work.path().join("serve-shared.log"), &state);
+    let engaged = wait_until(Duration::from_secs(30), || {
+        disk_throttle(&socket)["iops_wr"].as_u64().unwrap_or(0) > 0
+    });
+    assert!(engaged, "no QEMU limit on disk0:\n{}", d.log());
+    let log = d.log();
+    assert!(
+        log.contains("in QEMU through QMP") && log.contains("it shares its cgroup"),
+        "{log}"
+    );
+    sleep(Duration::from_secs(4));
+    let rate = guest_write_rate(&socket, Duration::from_secs(10));
+    let stj = status(&config, &state);
+    let used = stj["daemon"]["budgets"][0]["iops_used"]
+        .as_f64()
+        .unwrap_or(-1.0);
+    let (major, minor) = (fs_.dev.dev() >> 20, fs_.dev.dev() & 0xfffff);
+    let cgroup_limits = ["read", "write"].map(|dir| {
+        fs::read_to_string(cg_dir.join(format!("blkio.throttle.{dir}_iops_device")))
+            .unwrap_or_default()
+    });
+    eprintln!(
+        "shared cgroup: iops_wr={} on disk0; the guest wrote {rate:.0}/s (QMP), the daemon \
+         counted {used:.0} IOPS on {dev} (budget {budget}); blkio limits in {}: {:?}",
+        disk_throttle(&socket)["iops_wr"],
+        cg_dir.display(),
+        cgroup_limits
+    );
+    assert!(
+        (used - budget).abs() <= budget * TOLERANCE,
+        "the daemon counted {used:.0} IOPS, budget {budget} ± {:.0}%\n{}",
+        TOLERANCE * 100.0,
+        d.log()
+    );
+    assert!(
+        rate <= budget * (1.0 + TOLERANCE),
+        "the guest wrote {rate:.0}/s, over the budget {budget}"
+    );
+    assert!(
+        cgroup_limits
+            .iter()
+            .all(|t| !t.contains(&format!("{major}:{minor} "))),
+        "a limit in the shared cgroup would hold the neighbour too: {cgroup_limits:?}"
+    );
+    d.terminate();
+    let back = disk_throttle(&socket);
+    assert_eq!(
+        back["iops_wr"].as_u64(),
+        Some(0),
+        "SIGTERM puts the disk's settings back: {back}"
     );
 }
