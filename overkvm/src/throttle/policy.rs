@@ -609,9 +609,9 @@ pub struct LatencyKnobs {
     /// A miss at the known-good rate within this many ticks of the last one is taken at its
     /// word (the device got slower), not stepped back from as possible noise.
     pub suspect_memory: u32,
-    /// Ticks a window must have met the target before a miss at it may be taken for noise:
-    /// a rate limiter's bucket lets a rate a few percent over its capacity through for
-    /// seconds (QEMU's: a tenth of a second of I/O), so a window met for a tick or two may
+    /// Ticks a probe near the highest rate seen saturated must meet the target before it is
+    /// learned: a rate limiter's bucket lets a rate a few percent over its capacity through
+    /// for seconds (QEMU's: a tenth of a second of I/O), so a probe met for a tick or two may
     /// still be over the capacity.
     pub trust_ticks: u32,
 }
@@ -747,7 +747,8 @@ pub struct LatencyController {
     /// Ticks since the window last stepped back from the known-good rate after a miss there.
     since_suspect: u32,
     /// Ticks the current window met the target (judged or not). A miss at a window not yet
-    /// met for `trust_ticks` says that window is too high, not noise.
+    /// met for `confirm_ticks` says that window is too high, not noise; a probe near
+    /// `miss_high` is learned only once met for `trust_ticks`.
     met_ticks: u32,
     /// The highest rate the device delivered while missing the target in this engagement
     /// (at engaging: unthrottled). A rate limiter's capacity lies just under it.
