@@ -939,9 +939,10 @@ impl LatencyController {
                 .is_some_and(|m| w > m * (1.0 - 3.0 * k.close) && w < m * (1.0 + 3.0 * k.close))
             && self.met_ticks < k.trust_ticks
         {
-            // A probe close to the last miss: a rate limiter's bucket hides an overshoot of a
-            // few percent for seconds, so it must meet the target for `trust_ticks` before it
-            // is learned. Far under the miss, the majority of a few ticks is enough.
+            // A probe close to the highest rate seen saturated: a rate limiter's bucket hides
+            // an overshoot of a few percent for seconds, so it must meet the target for
+            // `trust_ticks` before it is learned. Far from it, the majority of a few ticks is
+            // enough.
         } else if 2 * meets > n && binding {
             self.last_miss = None;
             let rate = recent.iter().map(|t| t.iops).fold(f64::INFINITY, f64::min);
