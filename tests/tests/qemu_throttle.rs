@@ -505,8 +505,8 @@ fn qemu_holds_a_host_cached_guest_to_its_budget_where_blkio_cannot() {
     );
 }
 
-/// Another process whose I/O is charged to a VM's cgroup (a shell loop reading the device),
-/// killed on drop.
+/// Another process whose I/O is charged to a VM's cgroup (`iogen` reading the device at a
+/// trickle), killed on drop.
 struct Neighbour(Child);
 
 impl Drop for Neighbour {
@@ -522,6 +522,8 @@ impl Drop for Neighbour {
 /// (its disk uses no host cache: only the shared cgroup decides), and the cgroup stays free.
 #[test]
 fn qemu_holds_a_vm_that_shares_its_cgroup() {
+    // (The neighbour's reads count in the device's use: they are left out of what the VM
+    // may have, as any process the throttle cannot limit.)
     skip_unless_kernel!();
     let test = "qemu_holds_a_vm_that_shares_its_cgroup";
     if let Some(reason) = guest::missing_tools() {
@@ -553,15 +555,19 @@ fn qemu_holds_a_vm_that_shares_its_cgroup() {
         );
         return;
     }
-    // The neighbour: a few direct reads of the device every 0.2 s, from inside the VM's
-    // cgroup (dropped before the VM's cleanup, which removes the cgroup).
+    // The neighbour: one long-lived process reading the device directly at 20 IOPS, moved
+    // into the VM's cgroup before it starts (dropped before the VM's cleanup, which removes
+    // the cgroup). Long-lived: a process that has exited by the time an interval is read
+    // shares nothing (a loop of short `dd`s is seen only by chance).
     let cg_dir = v1_blkio().unwrap().join(format!("overkvm/vm-{name}"));
     let child = Command::new("sh")
         .arg("-c")
         .arg(format!(
-            "echo $$ > {}/cgroup.procs || exit 1; while :; do dd if=/dev/{dev} of=/dev/null \
-             bs=4096 count=4 iflag=direct 2>/dev/null; sleep 0.2; done",
-            cg_dir.display()
+            "echo $$ > {}/cgroup.procs || exit 1; exec {} /dev/{dev} 100000000 0 4096 0 {} 7 \
+             --rate 20",
+            cg_dir.display(),
+            workspace_bin("iogen").display(),
+            256u64 << 20
         ))
         .stdin(Stdio::null())
         .spawn()
