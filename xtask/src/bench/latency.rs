@@ -8,7 +8,7 @@
 //! null_blk, no device-mapper `delay`, and blk-throttle on a loop device delays bios before
 //! they become requests, so the device's latency does not show it).
 
-use std::{fmt::Write as _, fs, path::Path};
+use std::{fmt::Write as _, path::Path};
 
 use serde_json::Value;
 
@@ -16,7 +16,6 @@ use super::{
     BenchArgs, Target,
     stats::{median, spread},
     sys::{self, progress},
-    throttle::{tail, test_executable},
 };
 
 const BUILD_ARGS: [&str; 6] = [
@@ -103,30 +102,7 @@ pub fn run(
         "throttle: latency scenario: building the guest test (it needs the 6.1 guest: qemu \
          under TCG, about a minute per run)",
     );
-    let mut build = crate::cargo();
-    build
-        .args(BUILD_ARGS)
-        .args(["--no-run", "--message-format=json"]);
-    let build_json = tmp.join("guest-build.json");
-    let build_log = tmp.join("guest-build.log");
-    let built = build
-        .stdin(std::process::Stdio::null())
-        .stdout(fs::File::create(&build_json)?)
-        .stderr(fs::File::create(&build_log)?)
-        .status()?;
-    sys::check_interrupt()?;
-    let exe = test_executable(
-        &fs::read_to_string(&build_json).unwrap_or_default(),
-        "guest_kernel",
-    );
-    let Some(exe) = exe.filter(|_| built.success()) else {
-        anyhow::bail!(
-            "building guest_kernel failed:\n{}",
-            tail(&fs::read_to_string(&build_log).unwrap_or_default(), 30)
-        );
-    };
-    let test_bin = tmp.join("guest_kernel");
-    fs::copy(&exe, &test_bin)?;
+    let test_bin = super::throttle::build_test(&BUILD_ARGS, "guest_kernel", tmp)?;
 
     let mut outcomes: Vec<(u64, usize, f64, Outcome)> = Vec::new();
     for round in 1..=args.rounds {

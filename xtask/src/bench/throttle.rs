@@ -79,6 +79,37 @@ pub fn parse_figures(json: &str) -> Result<Figures, String> {
     })
 }
 
+/// Builds test target `name` once (`cargo <build_args> --no-run`) and copies its executable
+/// into `dir`, so that every run measures that binary whatever is rebuilt meanwhile.
+pub fn build_test(
+    build_args: &[&str],
+    name: &str,
+    dir: &std::path::Path,
+) -> anyhow::Result<std::path::PathBuf> {
+    let mut build = crate::cargo();
+    build
+        .args(build_args)
+        .args(["--no-run", "--message-format=json"]);
+    let build_json = dir.join(format!("{name}-build.json"));
+    let build_log = dir.join(format!("{name}-build.log"));
+    let built = build
+        .stdin(std::process::Stdio::null())
+        .stdout(fs::File::create(&build_json)?)
+        .stderr(fs::File::create(&build_log)?)
+        .status()?;
+    sys::check_interrupt()?;
+    let exe = test_executable(&fs::read_to_string(&build_json).unwrap_or_default(), name);
+    let Some(exe) = exe.filter(|_| built.success()) else {
+        anyhow::bail!(
+            "building {name} failed:\n{}",
+            tail(&fs::read_to_string(&build_log).unwrap_or_default(), 30)
+        );
+    };
+    let test_bin = dir.join(name);
+    fs::copy(&exe, &test_bin)?;
+    Ok(test_bin)
+}
+
 /// What one run of a figures-writing test gave.
 pub enum Outcome<F> {
     /// The figures, and whether the test failed after writing them (a later assertion).
@@ -145,32 +176,9 @@ pub fn run(ctx: &Ctx, args: &BenchArgs) -> anyhow::Result<Section> {
     progress("throttle: building the test (waits while another cargo holds the build lock)");
     // Build once and run that binary every time, with the overkvm-io pinned at the start and
     // the iogen just built: a concurrent edit or rebuild cannot change what is measured.
-    let mut build = crate::cargo();
-    build
-        .args(BUILD_ARGS)
-        .args(["--no-run", "--message-format=json"]);
-    let build_json = tmp.0.join("build.json");
-    let build_log = tmp.0.join("build.log");
-    let built = build
-        .stdin(std::process::Stdio::null())
-        .stdout(fs::File::create(&build_json)?)
-        .stderr(fs::File::create(&build_log)?)
-        .status()?;
-    sys::check_interrupt()?;
-    let exe = test_executable(
-        &fs::read_to_string(&build_json).unwrap_or_default(),
-        "throttle_v1",
-    );
-    let Some(exe) = exe.filter(|_| built.success()) else {
-        anyhow::bail!(
-            "building throttle_v1 failed:\n{}",
-            tail(&fs::read_to_string(&build_log).unwrap_or_default(), 30)
-        );
-    };
+    let test_bin = build_test(&BUILD_ARGS, "throttle_v1", &tmp.0)?;
     let pinned = tmp.0.join("target/release");
     fs::create_dir_all(&pinned)?;
-    let test_bin = tmp.0.join("throttle_v1");
-    fs::copy(&exe, &test_bin)?;
     fs::copy(&ctx.overkvm, pinned.join("overkvm-io"))?;
     fs::copy(
         crate::workspace_root().join("target/release/iogen"),
