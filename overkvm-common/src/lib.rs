@@ -21,9 +21,14 @@ pub mod maps {
     pub const FREE_SLOTS: &str = "FREE_SLOTS";
     /// Who asked last for a flush on each request queue: `queue id -> FlushOwner`.
     pub const FLUSH_OWNERS: &str = "FLUSH_OWNERS";
-    /// New processes seen doing I/O, as `u32` tgids, so userspace can name them while they
-    /// live: a ring buffer.
+    /// Notices to userspace's naming thread, as `ProcessNotice` records: a process's first I/O
+    /// (so it is named while it lives) and the exec of a process that did I/O (so a name read
+    /// before or during the exec is read again). A ring buffer.
     pub const NEW_TGIDS: &str = "NEW_TGIDS";
+    /// Processes that have created an I/O key: `tgid -> 0`, an LRU hash written on the slow
+    /// path of a new key, looked up at exec, so only the execs of processes userspace may have
+    /// named reach it.
+    pub const IO_TGIDS: &str = "IO_TGIDS";
     /// Bios counted at `block_bio_queue`, on every device including bio-based and stacked ones:
     /// `IoKey -> IoCounters`, per-CPU hash.
     pub const BIO_STATS: &str = "BIO_STATS";
@@ -56,6 +61,9 @@ pub mod programs {
     pub const RQ_ISSUE: &str = "rq_issue";
     /// Fallback: `block:block_rq_complete`, (part of) a request completed.
     pub const RQ_COMPLETE: &str = "rq_complete";
+    /// `sched:sched_process_exec`: a process finished an exec (its new command line is in
+    /// place); a process that did I/O is re-named.
+    pub const PROC_EXEC: &str = "proc_exec";
     /// Name of the global holding `KernelLayout`.
     pub const LAYOUT_GLOBAL: &str = "LAYOUT";
 }
@@ -203,6 +211,21 @@ pub struct IoCounters {
     /// entry has it; the others read zeroes.
     pub comm: [u8; 16],
 }
+
+/// One record of the `NEW_TGIDS` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcessNotice {
+    pub tgid: u32,
+    /// `NOTICE_NEW_KEY` or `NOTICE_EXEC`; anything else is ignored by userspace.
+    pub kind: u32,
+}
+
+/// `ProcessNotice::kind`: the process created a new I/O key (its first I/O on a device, per op).
+pub const NOTICE_NEW_KEY: u32 = 0;
+/// `ProcessNotice::kind`: the process, which has done I/O before, completed an exec. What was
+/// read of it before (a command line, an empty one mid-exec) no longer holds.
+pub const NOTICE_EXEC: u32 = 1;
 
 /// Which `IO_STATS` slot a key owns, and the slot's generation when the key took it.
 #[repr(C)]
@@ -553,6 +576,9 @@ pub mod capacity {
     pub const IO_STATS: u32 = 16384;
     /// Distinct keys with bio counters.
     pub const BIO_STATS: u32 = 16384;
+    /// Processes remembered as having done I/O, for the exec notice (`IO_TGIDS`, an LRU: the
+    /// least recently keyed fall out first).
+    pub const IO_TGIDS: u32 = 16384;
 }
 
 /// Major number of a kernel `dev_t` (MINORBITS = 20; not glibc's encoding).
@@ -578,6 +604,7 @@ mod pod {
     unsafe impl aya::Pod for IoCounters {}
     unsafe impl aya::Pod for IoStats {}
     unsafe impl aya::Pod for KeySlot {}
+    unsafe impl aya::Pod for ProcessNotice {}
     unsafe impl aya::Pod for Inflight {}
     unsafe impl aya::Pod for BioInflight {}
     unsafe impl aya::Pod for FlushOwner {}

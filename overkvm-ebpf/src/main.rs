@@ -15,6 +15,8 @@
 //!
 //! `bio_queue` counts bios on every device, including bio-based and stacked ones (zram, md, dm),
 //! the way the cgroup throttler sees them.
+//!
+//! `proc_exec` tells userspace when a process that did I/O execs, so its name is read again.
 #![no_std]
 #![no_main]
 
@@ -22,6 +24,7 @@ mod bio;
 mod complete;
 mod kernel;
 mod maps;
+mod process;
 mod submit;
 
 #[cfg(not(test))]

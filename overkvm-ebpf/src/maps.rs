@@ -11,11 +11,12 @@ use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::bpf_get_current_comm,
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, Queue, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, Queue, RingBuf},
 };
 use overkvm_common::{
     BioInflight, FLUSH_OWNER_SLOTS, FlushOwner, HEALTH_SLOTS, Health, INFLIGHT_SLOTS, Inflight,
-    IoCounters, IoKey, IoStats, KeySlot, OP_COUNT, bio_slot, capacity, inflight_slot, lat_bucket,
+    IoCounters, IoKey, IoStats, KeySlot, NOTICE_NEW_KEY, OP_COUNT, ProcessNotice, bio_slot,
+    capacity, inflight_slot, lat_bucket,
 };
 
 #[map]
@@ -58,11 +59,28 @@ pub static HEALTH: PerCpuArray<u64> = PerCpuArray::with_max_entries(HEALTH_SLOTS
 #[map]
 pub static FLUSH_OWNERS: Array<FlushOwner> = Array::with_max_entries(FLUSH_OWNER_SLOTS, 0);
 
-/// Tgids of new keys (a process's first I/O on a device, per op): written only on the slow
-/// path that creates a key, so a few per process. 64 KiB hold 16K notifications; a full buffer
-/// loses only the early naming (the process is still named at the next interval if alive).
+/// Notices for userspace's naming thread (`ProcessNotice`): new keys (a process's first I/O on
+/// a device, per op), written only on the slow path that creates a key, so a few per process,
+/// and execs of processes that did I/O. 64 KiB hold 4K notices (16 bytes each with the ring's
+/// header); a full buffer loses only the early naming (the process is still named at the next
+/// interval if alive) and is counted.
 #[map]
 pub static NEW_TGIDS: RingBuf = RingBuf::with_byte_size(64 << 10, 0);
+
+/// Processes that created a key (see `maps::IO_TGIDS` in overkvm-common). Slow path only.
+#[map]
+pub static IO_TGIDS: LruHashMap<u32, u32> = LruHashMap::with_max_entries(capacity::IO_TGIDS, 0);
+
+/// Sends `notice` to userspace's naming thread, counting a full buffer.
+#[inline(always)]
+pub fn notify(tgid: u32, kind: u32) {
+    if NEW_TGIDS
+        .output::<ProcessNotice>(&ProcessNotice { tgid, kind }, 0)
+        .is_err()
+    {
+        health(Health::NameNoticeLost);
+    }
+}
 
 /// Counts one event in a health slot.
 #[inline(always)]
@@ -123,10 +141,10 @@ fn lookup_or_add(key: &IoKey) -> Option<KeySlot> {
         unsafe { (*v).io.comm = bpf_get_current_comm().unwrap_or([0; 16]) };
         // Tell userspace now, so it can read the process's command line while it lives (a VM
         // that crashes while booting is gone before the next interval). Best effort: a full
-        // buffer only delays naming to the next interval.
-        if NEW_TGIDS.output::<u32>(key.tgid, 0).is_err() {
-            health(Health::NameNoticeLost);
-        }
+        // buffer only delays naming to the next interval. Remember the process for its next
+        // exec (an LRU: a full map evicts, never fails for want of room).
+        notify(key.tgid, NOTICE_NEW_KEY);
+        let _ = IO_TGIDS.insert(&key.tgid, &0, 0);
         return Some(slot);
     }
     // Another CPU added the key in between (or the hash is full): give the slot back.

@@ -445,7 +445,12 @@ okvm_section uname /tmp/uname
         .collect();
     assert_eq!(
         attached,
-        ["block_getrq", "block_rq_issue", "block_rq_complete"]
+        [
+            "block_getrq",
+            "block_rq_issue",
+            "block_rq_complete",
+            "sched_process_exec"
+        ]
     );
     // The guest has no bio-based device: the bio hook was verified and waits for one.
     assert_eq!(check["bio_hook"], "on-demand", "{check}");

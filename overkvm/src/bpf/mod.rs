@@ -290,6 +290,7 @@ impl Programs {
         for (prog_name, tracepoint) in mode.hooks() {
             programs.attach(prog_name, tracepoint)?;
         }
+        programs.attach_exec_hook(&aya_btf);
         if opts.bio && opts.all_bios {
             programs.attach_bio_hooks()?;
         } else {
@@ -308,6 +309,28 @@ impl Programs {
             .with_context(|| format!("attaching {prog_name} to tracepoint {tracepoint}"))?;
         self.attached.push(tracepoint);
         Ok(())
+    }
+
+    /// The exec notice (see overkvm-ebpf's `process.rs`). Without it a process that execs after
+    /// its first I/O keeps the name read before the exec when its comm does not change; that
+    /// is a degradation, not a reason to refuse to count, so a failure is a note.
+    fn attach_exec_hook(&mut self, btf: &aya::Btf) {
+        let tracepoint = "sched_process_exec";
+        let attached = (|| -> anyhow::Result<()> {
+            let prog: &mut BtfTracePoint = self
+                .ebpf
+                .program_mut(programs::PROC_EXEC)
+                .ok_or_else(|| anyhow!("program {} missing", programs::PROC_EXEC))?
+                .try_into()?;
+            prog.load(tracepoint, btf)?;
+            self.attach(programs::PROC_EXEC, tracepoint)
+        })();
+        if let Err(e) = attached {
+            self.notes.push(format!(
+                "no exec notice ({tracepoint}: {e:#}): a process that execs after its first \
+                 I/O without changing its comm keeps the name it had before"
+            ));
+        }
     }
 
     /// Attaches the bio hook once a bio-based device with a size exists (see
