@@ -151,6 +151,9 @@ pub struct Snapshot {
     /// Processes named at their first I/O since the previous snapshot (see
     /// `identity::early`): they may be gone by now.
     pub early_names: HashMap<u32, std::sync::Arc<ProcessIdentity>>,
+    /// Processes that exec'd since the previous snapshot, after doing I/O: what is cached
+    /// about them describes the program before the exec.
+    pub execed: std::collections::HashSet<u32>,
     /// New processes that could not be kept for naming since the previous snapshot (counted,
     /// not silent: such a process is named only if it lives until the next interval).
     pub early_names_dropped: u64,
@@ -183,6 +186,7 @@ impl Snapshot {
             flushes: HashMap::new(),
             comms: HashMap::new(),
             early_names: HashMap::new(),
+            execed: Default::default(),
             early_names_dropped: 0,
             health: [0; HEALTH_SLOTS as usize],
             fill: Vec::new(),
@@ -534,7 +538,9 @@ impl Sampler {
         }
         snap.read_errors = read_errors + self.recycle_errors.take();
         if let Some(early) = &self.early {
-            snap.early_names = early.take();
+            let named = early.take();
+            snap.early_names = named.idents;
+            snap.execed = named.execed;
             snap.early_names_dropped = early.take_dropped();
         }
         snap.at = Instant::now();

@@ -1,23 +1,27 @@
-//! Naming processes at their first I/O, while they still live.
+//! Naming processes at their first I/O, while they still live, and again after they exec.
 //!
 //! The kernel programs tell userspace, through a ring buffer, the tgid of every new key (a
-//! process's first I/O on a device, per op). A thread here wakes on each notification and
-//! resolves the process at once, so that a qemu that does its I/O and exits between two
-//! sampling ticks (a VM crashing while it boots) is still named in the interval's report. The
-//! report builder takes these identities with each snapshot.
+//! process's first I/O on a device, per op) and of every process that did I/O and then
+//! completed an exec. A thread here wakes on each notice and resolves the process at once, so
+//! that a qemu that does its I/O and exits between two sampling ticks (a VM crashing while it
+//! boots) is still named in the interval's report. An exec notice first drops what was read of
+//! the process before: a qemu that did I/O inside its own exec (on a cold page cache) was read
+//! with an empty command line, and one that exec'd itself keeps its comm. The report builder
+//! takes these identities, and the PIDs that exec'd, with each snapshot.
 
 use std::{
-    collections::HashMap,
-    os::fd::AsRawFd as _,
+    collections::{HashMap, HashSet},
+    os::fd::{AsRawFd as _, RawFd},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
     thread::JoinHandle,
     time::Duration,
 };
 
 use aya::maps::{MapData, RingBuf};
+use overkvm_common::{NOTICE_EXEC, NOTICE_NEW_KEY, ProcessNotice};
 
 use super::{ProcessIdentity, Resolver};
 
@@ -26,51 +30,73 @@ use super::{ProcessIdentity, Resolver};
 /// interval, so this bounds a fork storm's cost, not normal use.
 const MAX_PENDING: usize = 16384;
 
-/// Identities resolved since the last `take`, and how many could not be kept.
-#[derive(Default)]
-struct Pending {
-    idents: HashMap<u32, Arc<ProcessIdentity>>,
+/// What the sampler takes from the naming thread each interval.
+#[derive(Debug, Default)]
+pub struct Named {
+    /// Identities resolved at a process's first I/O or right after its exec.
+    pub idents: HashMap<u32, Arc<ProcessIdentity>>,
+    /// Processes that exec'd since the last take: whatever was cached about them is stale.
+    pub execed: HashSet<u32>,
+}
+
+/// The ring, the resolver reading what it names, and what they found since the last take.
+/// One lock for all: whoever holds it drains the ring in the kernel's order.
+struct Watcher {
+    ring: RingBuf<MapData>,
+    resolver: Resolver,
+    pending: Named,
+    /// Notices that could not be kept (pending sets full) since the last `take_dropped`.
+    dropped: u64,
+    drains: u32,
 }
 
 /// The watcher thread and what it found.
 pub struct EarlyNames {
-    pending: Arc<Mutex<Pending>>,
+    watcher: Arc<Mutex<Watcher>>,
     stop: Arc<AtomicBool>,
-    dropped: Arc<AtomicU64>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl EarlyNames {
     /// Starts the thread reading `ring` (the programs' `NEW_TGIDS`).
     pub fn start(ring: RingBuf<MapData>) -> std::io::Result<EarlyNames> {
-        let pending = Arc::new(Mutex::new(Pending::default()));
+        let fd = ring.as_raw_fd();
+        let watcher = Arc::new(Mutex::new(Watcher {
+            ring,
+            resolver: Resolver::new().with_cache_capacity(4096),
+            pending: Named::default(),
+            dropped: 0,
+            drains: 0,
+        }));
         let stop = Arc::new(AtomicBool::new(false));
-        let dropped = Arc::new(AtomicU64::new(0));
         let thread = {
-            let (pending, stop, dropped) = (pending.clone(), stop.clone(), dropped.clone());
+            let (watcher, stop) = (watcher.clone(), stop.clone());
             std::thread::Builder::new()
                 .name("overkvm-names".into())
-                .spawn(move || watch(ring, &pending, &stop, &dropped))?
+                .spawn(move || watch(fd, &watcher, &stop))?
         };
         Ok(EarlyNames {
-            pending,
+            watcher,
             stop,
-            dropped,
             thread: Some(thread),
         })
     }
 
-    /// The identities resolved since the last call.
-    pub fn take(&self) -> HashMap<u32, Arc<ProcessIdentity>> {
-        match self.pending.lock() {
-            Ok(mut p) => std::mem::take(&mut p.idents),
-            Err(poisoned) => std::mem::take(&mut poisoned.into_inner().idents),
-        }
+    /// The identities resolved, and the processes that exec'd, since the last call.
+    ///
+    /// The ring is drained first, on the caller's thread: every notice the kernel wrote
+    /// before this call is in the answer. The sampler calls it after reading the counting
+    /// maps, so an exec that came before any I/O those maps counted is always seen with them,
+    /// whatever the naming thread was doing.
+    pub fn take(&self) -> Named {
+        let mut w = lock(&self.watcher);
+        w.drain();
+        std::mem::take(&mut w.pending)
     }
 
     /// Notifications that could not be kept (pending set full) since the last call.
     pub fn take_dropped(&self) -> u64 {
-        self.dropped.swap(0, Ordering::Relaxed)
+        std::mem::take(&mut lock(&self.watcher).dropped)
     }
 }
 
@@ -83,17 +109,16 @@ impl Drop for EarlyNames {
     }
 }
 
-fn watch(
-    mut ring: RingBuf<MapData>,
-    pending: &Mutex<Pending>,
-    stop: &AtomicBool,
-    dropped: &AtomicU64,
-) {
-    let mut resolver = Resolver::new().with_cache_capacity(4096);
-    let fd = ring.as_raw_fd();
-    // Tgids already named whose process has not changed: one resolve per process, however
-    // many keys it creates. Cleared with the resolver's cache now and then.
-    let mut rounds = 0u32;
+fn lock(watcher: &Mutex<Watcher>) -> std::sync::MutexGuard<'_, Watcher> {
+    match watcher.lock() {
+        Ok(w) => w,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+/// Wakes on each notice (`fd` is the ring's, which `watcher` keeps open) and drains the ring,
+/// so a short-lived process is read while it lives.
+fn watch(fd: RawFd, watcher: &Mutex<Watcher>, stop: &AtomicBool) {
     while !stop.load(Ordering::Relaxed) {
         let mut pfd = libc::pollfd {
             fd,
@@ -106,32 +131,90 @@ fn watch(
             std::thread::sleep(Duration::from_millis(50));
             continue;
         }
-        let mut tgids = Vec::new();
-        while let Some(item) = ring.next() {
-            if let Ok(raw) = <[u8; 4]>::try_from(&item[..item.len().min(4)]) {
-                tgids.push(u32::from_ne_bytes(raw));
+        lock(watcher).drain();
+    }
+}
+
+impl Watcher {
+    /// Reads every notice in the ring and acts on each in the kernel's order: an exec notice
+    /// drops what the resolver read before it, then the process is read (again).
+    fn drain(&mut self) {
+        let mut notices = Vec::new();
+        while let Some(item) = self.ring.next() {
+            notices.extend(parse_notice(&item));
+        }
+        for notice in notices {
+            self.note(notice);
+        }
+        self.drains = self.drains.wrapping_add(1);
+        if self.drains.is_multiple_of(64) {
+            self.resolver.retain(crate::host::proc::alive);
+        }
+    }
+
+    fn note(&mut self, notice: ProcessNotice) {
+        let tgid = notice.tgid;
+        let p = &mut self.pending;
+        if notice.kind == NOTICE_EXEC {
+            self.resolver.forget(tgid);
+            if p.execed.len() < MAX_PENDING || p.execed.contains(&tgid) {
+                p.execed.insert(tgid);
+            } else {
+                self.dropped += 1;
             }
         }
-        for tgid in tgids {
-            if tgid == 0 {
-                continue;
-            }
-            let Some(ident) = resolver.resolve(tgid) else {
-                continue;
-            };
-            let mut p = match pending.lock() {
-                Ok(p) => p,
-                Err(poisoned) => poisoned.into_inner(),
-            };
-            if p.idents.len() >= MAX_PENDING && !p.idents.contains_key(&tgid) {
-                dropped.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
+        let Some(ident) = self.resolver.resolve(tgid) else {
+            return;
+        };
+        if p.idents.len() >= MAX_PENDING && !p.idents.contains_key(&tgid) {
+            self.dropped += 1;
+            return;
+        }
+        // Half a process (inside its exec) never replaces a whole one.
+        if ident.complete || !p.idents.get(&tgid).is_some_and(|i| i.complete) {
             p.idents.insert(tgid, ident);
         }
-        rounds = rounds.wrapping_add(1);
-        if rounds.is_multiple_of(64) {
-            resolver.retain(crate::host::proc::alive);
-        }
+    }
+}
+
+/// One ring buffer record, or None for a record this version does not know (a shorter one, an
+/// unknown kind, tgid 0).
+fn parse_notice(item: &[u8]) -> Option<ProcessNotice> {
+    let field = |at: usize| -> Option<u32> {
+        let raw = item.get(at..at + 4)?;
+        Some(u32::from_ne_bytes(raw.try_into().ok()?))
+    };
+    let notice = ProcessNotice {
+        tgid: field(0)?,
+        kind: field(4)?,
+    };
+    (notice.tgid != 0 && matches!(notice.kind, NOTICE_NEW_KEY | NOTICE_EXEC)).then_some(notice)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(tgid: u32, kind: u32) -> Vec<u8> {
+        [tgid.to_ne_bytes(), kind.to_ne_bytes()].concat()
+    }
+
+    #[test]
+    fn notices_are_parsed_and_strange_ones_ignored() {
+        assert_eq!(
+            parse_notice(&record(42, NOTICE_EXEC)),
+            Some(ProcessNotice {
+                tgid: 42,
+                kind: NOTICE_EXEC
+            })
+        );
+        assert_eq!(
+            parse_notice(&record(7, NOTICE_NEW_KEY)).map(|n| n.tgid),
+            Some(7)
+        );
+        assert_eq!(parse_notice(&record(0, NOTICE_NEW_KEY)), None, "tgid 0");
+        assert_eq!(parse_notice(&record(7, 99)), None, "unknown kind");
+        assert_eq!(parse_notice(&42u32.to_ne_bytes()), None, "a bare tgid");
+        assert_eq!(parse_notice(&[]), None);
     }
 }
