@@ -199,6 +199,12 @@ impl Stat {
     pub fn is_kernel_thread(&self) -> bool {
         self.flags & PF_KTHREAD != 0
     }
+
+    /// Exited and not yet reaped (`Z`), or being torn down (`X`): its memory, hence its
+    /// command line, is gone.
+    pub fn is_zombie(&self) -> bool {
+        matches!(self.state, 'Z' | 'X')
+    }
 }
 
 /// Parses `/proc/PID/stat`.

@@ -76,6 +76,13 @@ pub struct ProcessIdentity {
     /// A kernel thread (PF_KTHREAD): it submits I/O on behalf of others (writeback,
     /// blk-throttle dispatch, loop workers), never a VM.
     pub kernel_thread: bool,
+    /// False when /proc gave only half a process: a live user process with an empty command
+    /// line, which is what a process inside an exec shows (its comm and exe are already the
+    /// new program's, its argv not yet in place) and can do I/O in (page faults on the new
+    /// binary on a cold cache). Such an identity names no VM, since a qemu's `-name` is not
+    /// readable yet, and is never cached: the next lookup reads the process again.
+    #[serde(skip)]
+    pub complete: bool,
 }
 
 /// Default bound on cached processes. PIDs go up to 4M, so the cache needs a bound of its own
@@ -173,7 +180,11 @@ impl Resolver {
         match self.build(&dir, stat) {
             Some(ident) => {
                 let ident = Arc::new(ident);
-                self.insert(pid, Arc::clone(&ident));
+                if ident.complete {
+                    self.insert(pid, Arc::clone(&ident));
+                } else {
+                    self.cache.remove(&pid);
+                }
                 Some(ident)
             }
             None => {
@@ -181,6 +192,12 @@ impl Resolver {
                 None
             }
         }
+    }
+
+    /// Forgets what is cached about `pid`, so the next lookup reads it again: the process
+    /// exec'd (its start time and often its comm survive an exec, its command line does not).
+    pub fn forget(&mut self, pid: u32) {
+        self.cache.remove(&pid);
     }
 
     /// Drop cache entries for pids not in `alive` (called once per sampling tick).
@@ -214,16 +231,20 @@ impl Resolver {
             }
         };
 
+        let mut complete = true;
         let vm = if stat.is_kernel_thread() {
             None
         } else {
             self.checkpoint(&dir.file("cmdline"));
             let argv = dir.cmdline().ok()?;
+            // A zombie's command line is empty for good (its memory is gone): comm is all
+            // that is left. Anyone else's is empty only for a moment (inside an exec).
+            complete = !argv.is_empty() || stat.is_zombie();
             // Optional: unreadable for zombies and other users' processes.
             let exe = dir.exe();
             let exe = exe.as_deref().map(Path::to_string_lossy);
             let argv0 = argv.first().map_or("", String::as_str);
-            if is_qemu(argv0, exe.as_deref(), &stat.comm) {
+            if complete && is_qemu(argv0, exe.as_deref(), &stat.comm) {
                 let args = qemu::QemuArgs::parse(&argv);
                 Some(managers::identify(pid, &args, &manager_cgroup, &self.host))
             } else {
@@ -245,6 +266,7 @@ impl Resolver {
             comm: stat.comm,
             cgroup,
             vm,
+            complete,
         })
     }
 
@@ -313,13 +335,24 @@ mod tests {
         }
 
         fn stat(&self, pid: u32, comm: &str, start: u64, flags: u32) {
+            self.stat_in(pid, comm, start, flags, 'S');
+        }
+
+        fn stat_in(&self, pid: u32, comm: &str, start: u64, flags: u32, state: char) {
             self.write(
                 &format!("proc/{pid}/stat"),
                 format!(
-                    "{pid} ({comm}) S 1 {pid} {pid} 0 -1 {flags} 0 0 0 0 0 0 0 0 20 0 1 0 {start} \
-                     123456 789 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 0 0 0 0 0 0\n"
+                    "{pid} ({comm}) {state} 1 {pid} {pid} 0 -1 {flags} 0 0 0 0 0 0 0 0 20 0 1 0 \
+                     {start} 123456 789 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 0 0 0 0 \
+                     0 0\n"
                 ),
             );
+        }
+
+        /// The process exited and was not reaped: state `Z`, its command line gone.
+        fn zombie(&self, pid: u32, comm: &str, start: u64) {
+            self.stat_in(pid, comm, start, 0x0040_0040, 'Z');
+            self.write(&format!("proc/{pid}/cmdline"), "");
         }
 
         /// A whole process: stat, cmdline (args joined with NULs), cgroup and an exe link.
@@ -465,6 +498,63 @@ mod tests {
         assert_eq!(r.resolve(600).unwrap().vm.as_ref().unwrap().name, "v1465");
     }
 
+    /// What /proc shows of a qemu inside its exec on a cold page cache, where it does I/O
+    /// (page faults on its binary): comm and exe already qemu's, the command line still empty.
+    #[test]
+    fn inside_exec_a_process_is_half_read_and_read_again() {
+        let root = FakeRoot::new();
+        let mut r = root.resolver();
+        let qemu = Some("/usr/bin/qemu-system-x86_64");
+        root.process(800, "qemu-system-x86", 50, &[], "0::/vms\n", qemu);
+        let half = r.resolve(800).unwrap();
+        assert!(!half.complete);
+        assert_eq!(half.vm, None, "no VM named from an empty command line");
+        assert_eq!(r.cached(), 0, "half a process is never cached");
+
+        // The exec completes: same PID, start time and comm, the argv in place.
+        root.process(
+            800,
+            "qemu-system-x86",
+            50,
+            &["/usr/bin/qemu-system-x86_64", "-name", "guest=web01"],
+            "0::/vms\n",
+            qemu,
+        );
+        let whole = r.resolve(800).unwrap();
+        assert!(whole.complete);
+        assert_eq!(whole.vm.as_ref().unwrap().name, "web01");
+        assert!(Arc::ptr_eq(&whole, &r.resolve(800).unwrap()), "now cached");
+    }
+
+    /// A qemu-named process without `-name` that execs itself with one keeps its PID, start
+    /// time and comm: only the exec notice (`forget`) makes the resolver read it again.
+    #[test]
+    fn an_exec_with_the_same_comm_is_read_again_once_forgotten() {
+        let root = FakeRoot::new();
+        let mut r = root.resolver();
+        let argv0 = "/usr/bin/qemu-system-x86_64";
+        root.process(810, "qemu-system-x86", 60, &[argv0], "0::/\n", None);
+        assert_eq!(
+            r.resolve(810).unwrap().vm.as_ref().unwrap().name,
+            "qemu-810"
+        );
+        root.process(
+            810,
+            "qemu-system-x86",
+            60,
+            &[argv0, "-name", "guest=later"],
+            "0::/\n",
+            None,
+        );
+        assert_eq!(
+            r.resolve(810).unwrap().vm.as_ref().unwrap().name,
+            "qemu-810",
+            "nothing /proc/PID/stat shows changed: the cache holds"
+        );
+        r.forget(810);
+        assert_eq!(r.resolve(810).unwrap().vm.as_ref().unwrap().name, "later");
+    }
+
     #[test]
     fn missing_and_vanishing_processes() {
         let root = FakeRoot::new();
@@ -559,6 +649,7 @@ mod tests {
         assert_eq!(r.resolve(34).unwrap().vm, None);
         // A zombie qemu: empty cmdline, no exe, comm is the only hint.
         root.process(35, "kvm", 1, &[], "0::/qemu.slice/135.scope\n", None);
+        root.zombie(35, "kvm", 1);
         let vm = r.resolve(35).unwrap().vm.clone().unwrap();
         assert_eq!((vm.manager, vm.vmid), (Manager::Proxmox, Some(135)));
     }
@@ -703,8 +794,10 @@ mod tests {
         root.write("proc/41/cmdline", &big);
         assert_eq!(r.resolve(41).unwrap().vm.as_ref().unwrap().name, "first");
 
-        // Empty and truncated cgroup and cmdline files.
+        // Empty and truncated cgroup and cmdline files (of a zombie: a live process with an
+        // empty command line is only half read, see `inside_exec_*`).
         root.process(42, "kvm", 9, &[], "", None);
+        root.zombie(42, "kvm", 9);
         root.write("proc/42/cgroup", "0:");
         let p = r.resolve(42).unwrap();
         assert_eq!(
