@@ -15,11 +15,13 @@ use std::{
 use overkvm_common::{Health, IoKey, OP_COUNT, Op};
 use serde::Serialize;
 
+mod held;
+
 use crate::{
     devices::{DeviceInfo, DeviceTable},
     host::cgroup::CgroupNames,
     host::proc,
-    identity::{Manager, ProcessIdentity, Resolver},
+    identity::{Manager, ProcessIdentity, Resolver, VmIdentity},
     parity::{DeviceParity, DiskCounters, ParityCheck},
     sample::{Counters, Delta, Histogram, MapFill, Snapshot},
     stats,
@@ -93,6 +95,17 @@ pub struct VmRef {
     /// The Kubernetes namespace of a KubeVirt VM (its name is `<namespace>/<vmi>`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
+}
+
+impl From<&VmIdentity> for VmRef {
+    fn from(v: &VmIdentity) -> VmRef {
+        VmRef {
+            name: v.name.clone(),
+            uuid: v.uuid.clone(),
+            manager: v.manager,
+            namespace: v.namespace.clone(),
+        }
+    }
 }
 
 /// Per device totals (the numbers iostat would give, for the traced interval).
@@ -239,6 +252,8 @@ pub trait Processes {
     fn start_time(&self, pid: u32) -> Option<u64>;
     /// Forgets what is cached about processes that are gone.
     fn forget_exited(&mut self);
+    /// Forgets what is cached about one process: it exec'd.
+    fn forget(&mut self, pid: u32);
 }
 
 /// What block devices are called.
@@ -274,6 +289,10 @@ impl Processes for Resolver {
 
     fn forget_exited(&mut self) {
         self.retain(proc::alive);
+    }
+
+    fn forget(&mut self, pid: u32) {
+        Resolver::forget(self, pid);
     }
 }
 
@@ -334,6 +353,8 @@ pub struct ReportBuilder {
     recent: HashMap<u32, Recent>,
     /// Device totals since start against `/proc/diskstats`.
     parity: ParityCheck,
+    /// Rows of processes caught inside their exec, waiting to be named.
+    held: held::HeldRows,
 }
 
 /// A process's identity as last resolved, and for how many intervals it has been gone.
@@ -366,6 +387,7 @@ impl ReportBuilder {
             cgroup_owners: HashMap::new(),
             recent: HashMap::new(),
             parity: ParityCheck::new(),
+            held: held::HeldRows::default(),
         }
     }
 
@@ -378,6 +400,10 @@ impl ReportBuilder {
 
     /// Builds the report of `delta`, whose end is `snap`.
     pub fn build(&mut self, delta: &Delta, mode: &str, snap: &Snapshot) -> Report {
+        // What was read of a process before its exec names the old program.
+        for pid in &snap.execed {
+            self.host.processes.forget(*pid);
+        }
         // Processes named at their first I/O since the last snapshot (some gone already).
         for (pid, ident) in &snap.early_names {
             self.recent.insert(
@@ -395,6 +421,19 @@ impl ReportBuilder {
             host_processes.start_time(pid)
         });
         let mut processes = fold_kernel_rows_into_vms(rows.processes, &self.cgroup_owners);
+        // Rows of processes caught inside their exec wait to be named (see `held`).
+        let mut held = std::mem::take(&mut self.held);
+        let expired = held.release(&mut processes, |pid| match names.processes.get(&pid) {
+            Some(s) => s.clone(),
+            None => self.seen(pid),
+        });
+        held.hold(&mut processes, |pid| {
+            names
+                .processes
+                .get(&pid)
+                .is_some_and(|s| s.alive && s.ident.as_ref().is_some_and(|p| !p.complete))
+        });
+        self.held = held;
         processes.sort_by(row_order);
         // Read right after the maps, so both sides end at (nearly) the same instant.
         let parity = self.parity.update(
@@ -411,7 +450,13 @@ impl ReportBuilder {
             devices: rows.devices,
             processes,
             cgroups: rows.cgroups,
-            health: health_report(delta, snap),
+            health: {
+                let mut h = health_report(delta, snap);
+                if expired != 0 {
+                    h.events.insert(held::EXPIRED_EVENT, expired);
+                }
+                h
+            },
             parity,
         }
     }
@@ -715,14 +760,7 @@ fn process_row(
         pid: tgid,
         start_time: ident.as_ref().map(|p| p.start_time),
         comm,
-        vm: ident.as_ref().and_then(|p| {
-            p.vm.as_ref().map(|v| VmRef {
-                name: v.name.clone(),
-                uuid: v.uuid.clone(),
-                manager: v.manager,
-                namespace: v.namespace.clone(),
-            })
-        }),
+        vm: ident.as_ref().and_then(|p| p.vm.as_ref().map(VmRef::from)),
         cgroup: ident.as_ref().map(|p| p.cgroup.clone()).unwrap_or_default(),
         io_cgroup: None,
         device: info.name.clone(),
@@ -1136,6 +1174,7 @@ mod tests {
                 namespace: None,
             }),
             kernel_thread: comm.starts_with("kworker"),
+            complete: true,
         })
     }
 
@@ -1161,6 +1200,8 @@ mod tests {
         diskstats: BTreeMap<String, DiskCounters>,
         /// Processes asked for, in order.
         asked: Vec<u32>,
+        /// Processes whose cached identity was dropped, in order.
+        forgotten: Vec<u32>,
     }
 
     #[derive(Clone, Default)]
@@ -1194,6 +1235,9 @@ mod tests {
             self.world().live.get(&pid).map(|p| p.start_time)
         }
         fn forget_exited(&mut self) {}
+        fn forget(&mut self, pid: u32) {
+            self.world().forgotten.push(pid);
+        }
     }
 
     impl Devices for FakeHost {
@@ -1465,6 +1509,24 @@ mod tests {
         );
         b.build(&d, "test", &Snapshot::empty());
         assert_eq!(host.world().asked, [7], "tgid 0 is never looked up");
+    }
+
+    #[test]
+    fn an_exec_drops_the_cached_identity_before_the_interval_is_named() {
+        let host = FakeHost::default();
+        host.world()
+            .live
+            .insert(7, ident(7, 1, "qemu-system-x86", Some("vm7")));
+        let mut b = host.builder();
+        let d = interval(&[(7, LOOP0, 0, Op::Read, 1)], &[]);
+        let mut snap = Snapshot::empty();
+        snap.execed.insert(7);
+        b.build(&d, "test", &snap);
+        let w = host.world();
+        assert_eq!(
+            (w.forgotten.as_slice(), w.asked.as_slice()),
+            (&[7][..], &[7][..])
+        );
     }
 
     #[test]
