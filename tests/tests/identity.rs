@@ -161,3 +161,207 @@ fn short_lived_and_exiting_qemus_keep_their_vm_names() {
         eprintln!("not a hybrid host: the blkio cgroup shown was not checked");
     }
 }
+
+/// `overkvm-io top -b --json` running, its lines arriving on a channel.
+struct Top {
+    child: std::process::Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Top {
+    fn start(interval: &str) -> Top {
+        let mut child = Command::new(workspace_bin("overkvm-io"))
+            .args(["top", "-b", "--json", "-d", interval])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting overkvm-io top");
+        let (tx, lines) = mpsc::channel::<String>();
+        let out = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        lines
+            .recv_timeout(Duration::from_secs(30))
+            .expect("top printed its first interval");
+        Top { child, lines }
+    }
+
+    /// (VM name or None, reads) of each row of `pid` on `disk` in the next interval printed.
+    fn next_rows(&self, pid: u32, disk: &str) -> Vec<(Option<String>, u64)> {
+        let line = self
+            .lines
+            .recv_timeout(Duration::from_secs(10))
+            .expect("top prints an interval every 0.5 s");
+        let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+        v["processes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["pid"].as_u64() == Some(u64::from(pid)) && p["device"] == disk)
+            .map(|p| {
+                (
+                    p["vm"]["name"].as_str().map(str::to_string),
+                    p["read_ops"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect()
+    }
+}
+
+impl Drop for Top {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A stand-in whose command line changes under the same PID, start time and comm
+/// (`tests/src/bin/execvm.rs`): each phase does 20 direct reads, prints its name, waits.
+struct Changeling {
+    child: std::process::Child,
+    out: BufReader<std::process::ChildStdout>,
+}
+
+impl Changeling {
+    fn start(qemu: &std::path::Path, dev: &std::path::Path, mode: &str, extra: &[&str]) -> Self {
+        let mut child = Command::new(qemu)
+            .arg(dev)
+            .args([mode, NAME])
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting the stand-in");
+        let out = BufReader::new(child.stdout.take().unwrap());
+        Changeling { child, out }
+    }
+
+    fn expect_phase(&mut self, phase: &str) {
+        let mut line = String::new();
+        self.out.read_line(&mut line).expect("stand-in output");
+        assert_eq!(line.trim(), phase, "stand-in phase");
+    }
+
+    fn next_phase(&mut self) {
+        use std::io::Write as _;
+        let stdin = self.child.stdin.as_mut().unwrap();
+        stdin.write_all(b"go\n").expect("writing to the stand-in");
+    }
+}
+
+impl Drop for Changeling {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const NAME: &str = "edge-vm";
+
+/// Rows top reported for one process: its VM name (if any) and the reads counted.
+type Rows = Vec<(Option<String>, u64)>;
+
+/// Runs a changeling in `mode` through its two phases. `first_phase_reported` reads top's
+/// intervals while the first phase holds and returns its rows (once no later row can hold one of
+/// its reads); then come the rows of the second phase, until `reads_in_all` reads are reported.
+fn two_phases(
+    mode: &str,
+    first: &str,
+    extra: &[&str],
+    first_phase_reported: impl Fn(&Top, u32, &str) -> Rows,
+    reads_in_all: u64,
+) -> (Rows, Rows, u32) {
+    let lo = LoopDevice::new(64).expect("loop device");
+    let dir = TempDir::new("identity-exec");
+    let qemu = dir.join("qemu-system-x86_64");
+    fs::copy(workspace_bin("execvm"), &qemu).unwrap();
+    let disk = lo.name();
+    let top = Top::start("0.5");
+    let mut vm = Changeling::start(&qemu, &lo.path, mode, extra);
+    let pid = vm.child.id();
+    vm.expect_phase(first);
+    let before = first_phase_reported(&top, pid, &disk);
+    vm.next_phase();
+    vm.expect_phase("after");
+    let mut after = Vec::new();
+    let total = |rows: &[(Option<String>, u64)]| rows.iter().map(|r| r.1).sum::<u64>();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while total(&before) + total(&after) < reads_in_all {
+        assert!(
+            Instant::now() < deadline,
+            "second phase reported: {after:?}"
+        );
+        after.extend(top.next_rows(pid, &disk));
+    }
+    vm.next_phase();
+    let status = vm.child.wait().expect("stand-in exit");
+    assert!(status.success(), "stand-in failed: {status}");
+    eprintln!("{mode}: pid {pid} first phase {before:?} second {after:?}");
+    (before, after, pid)
+}
+
+/// A qemu named `qemu-PID` (no `-name`) that execs itself with `-name`: its PID, start time and
+/// comm stay, so nothing /proc/PID/stat shows tells the exec. The kernel's exec notice does:
+/// every row after the exec carries the new name, none the old.
+#[test]
+fn a_qemu_that_execs_with_the_same_comm_is_named_anew() {
+    skip_unless_kernel!();
+    let all_20_reported = |top: &Top, pid: u32, disk: &str| {
+        let mut rows = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while rows
+            .iter()
+            .map(|r: &(Option<String>, u64)| r.1)
+            .sum::<u64>()
+            < 20
+        {
+            assert!(Instant::now() < deadline, "first phase reported: {rows:?}");
+            rows.extend(top.next_rows(pid, disk));
+        }
+        rows
+    };
+    let (before, after, pid) = two_phases("exec", "before", &[], all_20_reported, 40);
+    let unnamed = format!("qemu-{pid}");
+    assert!(
+        before
+            .iter()
+            .all(|r| r.0.as_deref() == Some(unnamed.as_str())),
+        "before the exec it is a qemu without -name: {before:?}"
+    );
+    assert_eq!(after.iter().map(|r| r.1).sum::<u64>(), 20, "{after:?}");
+    for r in &after {
+        assert_eq!(
+            r.0.as_deref(),
+            Some(NAME),
+            "every row after the exec: {after:?}"
+        );
+    }
+}
+
+/// What /proc shows of a qemu inside its exec (comm and exe already qemu's, its command line
+/// empty), held over two intervals: its I/O is not reported under any name while its `-name`
+/// cannot be read, and comes with its first interval once it can, under its own name: all 40
+/// reads named, never `qemu-PID`, never nameless.
+#[test]
+fn io_done_with_a_command_line_read_empty_waits_for_the_name() {
+    skip_unless_kernel!();
+    let two_intervals_without_a_row = |top: &Top, pid: u32, disk: &str| {
+        let rows: Vec<_> = (0..2).flat_map(|_| top.next_rows(pid, disk)).collect();
+        assert!(
+            rows.is_empty(),
+            "no row while its command line reads empty: {rows:?}"
+        );
+        rows
+    };
+    let extra = ["-name", "guest=edge-vm"];
+    let (_, after, _) = two_phases("blank", "blank", &extra, two_intervals_without_a_row, 40);
+    assert_eq!(after.iter().map(|r| r.1).sum::<u64>(), 40, "{after:?}");
+    for r in &after {
+        assert_eq!(r.0.as_deref(), Some(NAME), "every row: {after:?}");
+    }
+}
