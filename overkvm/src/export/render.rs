@@ -397,6 +397,9 @@ fn encode_totals(t: &Totals, shape: Shape, enc: &mut DescriptorEncoder) -> fmt::
     if let Some(mut m) = family(enc, &names::MAP_READ_ERRORS, true)? {
         m.encode_counter::<NoLabelSet, _, f64>(&s.read_errors, None)?;
     }
+    if let Some(mut m) = family(enc, &names::EXEC_NAMING_EXPIRED, true)? {
+        m.encode_counter::<NoLabelSet, _, f64>(&s.exec_naming_expired, None)?;
+    }
     if let Some(mut m) = family(enc, &names::SAMPLE_DURATION, s.ticks > 0)? {
         m.encode_gauge(&s.sample_seconds)?;
     }
