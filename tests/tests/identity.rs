@@ -11,7 +11,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use overkvm_tests::{devices::LoopDevice, serving::TempDir, skip_unless_kernel, workspace_bin};
+use overkvm_tests::{
+    devices::{LoopDevice, MountedFs},
+    serving::TempDir,
+    skip_unless_kernel, workspace_bin,
+};
 
 #[test]
 fn short_lived_and_exiting_qemus_keep_their_vm_names() {
@@ -371,16 +375,25 @@ fn io_done_with_a_command_line_read_empty_waits_for_the_name() {
 /// kernel reads the binary's last data page while clearing its bss), while `/proc/PID` shows
 /// the new comm and an empty command line. Every row of every one of them, on every device,
 /// carries its own `-name`, and each one's 20 direct reads are all counted under it.
+///
+/// This is the scale of the report, not its race: the unfixed daemon (ae54d79) named all 50
+/// here too (9 of 9 runs: 3 with the binaries on the root disk, 4 on ext4 on a loop device, 2
+/// with that device limited to 20 read IOPS): the notice
+/// of the first I/O is sent when it starts, but on these devices the read and the rest of the
+/// exec end before the daemon reads /proc. The race needs a slower window (a second cold read
+/// inside the same exec, the loader's, with the whole page cache dropped); the two tests above
+/// reproduce what /proc shows then deterministically.
 #[test]
 fn fifty_cold_qemus_started_at_once_are_each_named_from_their_first_io() {
     skip_unless_kernel!();
     const VMS: usize = 50;
     let lo = LoopDevice::new(64).expect("loop device");
     let disk = lo.name();
-    let dir = TempDir::new("identity-storm");
+    // The binaries on a filesystem of their own, on a loop device, as in the report.
+    let fs_of_binaries = MountedFs::new(256, "ext4", &[]).expect("ext4 on a loop device");
     let binaries: Vec<_> = (0..VMS)
         .map(|k| {
-            let sub = dir.join(format!("vm{k}"));
+            let sub = fs_of_binaries.dir.join(format!("vm{k}"));
             fs::create_dir(&sub).unwrap();
             let qemu = sub.join("qemu-system-x86_64");
             fs::copy(workspace_bin("execvm"), &qemu).unwrap();
