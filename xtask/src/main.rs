@@ -188,7 +188,10 @@ fn is_test_binary(name: &str) -> bool {
 
 /// `cargo xtask test --repeat N [FILTER]`.
 fn test_repeatedly(n: u32, filter: Option<&str>) -> anyhow::Result<()> {
-    eprintln!("==> integration tests, {n} times");
+    eprintln!(
+        "==> integration tests, {n} time{}",
+        if n == 1 { "" } else { "s" }
+    );
     build_integration_tests()?;
     repeat::run(
         n,
