@@ -748,6 +748,70 @@ fn native_histograms_reach_prometheus_as_one_series_each() {
     drop(lo);
 }
 
+/// A tenant names its VM `ev"il<ESC>[31m<newline>vm`: two real Prometheus servers, one scraping
+/// text (OpenMetrics) and one protobuf (native histograms on), store the same `vm` label, with
+/// the ESC and the newline shown as `top` shows them, and the VM's reads counted exactly.
+#[test]
+fn a_hostile_vm_name_is_one_escaped_label_in_prometheus_whatever_the_format() {
+    skip_unless_kernel!();
+    if !have_tools(&["prometheus"]) {
+        return;
+    }
+    let dir = TempDir::new("exporter-hostile");
+    let lo = LoopDevice::new(64).expect("loop device");
+    let dev = lo.name();
+    let exporter = Exporter::start(&dir.0, &["--grace", "60"]);
+    let text_dir = dir.join("text");
+    let proto_dir = dir.join("protobuf");
+    fs::create_dir_all(&text_dir).unwrap();
+    fs::create_dir_all(&proto_dir).unwrap();
+    let text = Prometheus::start(&text_dir, exporter.addr);
+    let proto = Prometheus::start_with(
+        &proto_dir,
+        exporter.addr,
+        &["--enable-feature=native-histograms"],
+    );
+    let name = format!("ev\"il\x1b[31m\nvm-{}", std::process::id());
+    let shown = format!("ev\"il\\x1b[31m\\x0avm-{}", std::process::id());
+    let plan = VmPlan {
+        reads: 120,
+        writes: 0,
+        final_reads: 0,
+        final_writes: 0,
+        start_mb: 0,
+        len_mb: 16,
+    };
+    let mut vm = FakeVm::start(&dir.0, &name, &lo.path, &plan);
+    let reads = format!("overkvm_vm_io_operations_total{{device=\"{dev}\",op=\"read\"}}");
+    for (format, prom) in [("text", &text), ("protobuf", &proto)] {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let series = loop {
+            let got = prom.query(&reads);
+            if got.iter().any(|(_, v)| *v >= plan.reads as f64) {
+                break got;
+            }
+            assert!(Instant::now() < deadline, "{format}: {got:?}");
+            std::thread::sleep(Duration::from_millis(250));
+        };
+        let labels: Vec<(&str, f64)> = series
+            .iter()
+            .filter_map(|(m, v)| Some((m["vm"].as_str()?, *v)))
+            .collect();
+        assert_eq!(labels, [(shown.as_str(), plan.reads as f64)], "{format}");
+        let values = prom.api("/api/v1/label/vm/values");
+        let values: Vec<&str> = values["data"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        assert!(
+            values.iter().all(|v| !v.chars().any(char::is_control)),
+            "{format}: a control character in a vm label: {values:?}"
+        );
+    }
+    vm.finish();
+    drop(lo);
+}
+
 /// Over `--max-vms`, VMs are left out of `/metrics`, counted and logged, never all exported.
 #[test]
 fn vms_over_the_cap_are_left_out_and_counted() {
