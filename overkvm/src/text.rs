@@ -9,10 +9,13 @@ pub fn sanitize(s: &str) -> String {
     escape(s, true)
 }
 
-/// [`sanitize`] for a cgroup path: the same escapes for control characters, but a backslash
-/// stays single, because systemd's own escapes (`machine-qemu\x2d1\x2dvm.scope`) are printable
-/// already and an operator looks for the path as `/sys/fs/cgroup` spells it.
-pub fn sanitize_path(s: &str) -> String {
+/// [`sanitize`] with backslashes left as they are: control characters and disguising
+/// characters shown as `\xNN` / `\u{..}`, everything else kept. For Prometheus label values,
+/// where a name should read as its owner wrote it (`quoted\name`, systemd's
+/// `machine-qemu\x2d1\x2dvm.scope`). Idempotent: its output has nothing left to escape. Two
+/// inputs can give one output (a literal `\x1b` and an ESC), so a label that must be unique is
+/// made unique after this (see `export::totals`).
+pub fn escape_controls(s: &str) -> String {
     escape(s, false)
 }
 
@@ -55,9 +58,12 @@ mod tests {
     }
 
     #[test]
-    fn a_cgroup_path_keeps_systemds_escapes_and_loses_its_controls() {
+    fn escape_controls_keeps_backslashes_and_is_idempotent() {
         let p = r"/machine.slice/machine-qemu\x2d1\x2dvm.scope";
-        assert_eq!(sanitize_path(p), p);
-        assert_eq!(sanitize_path("/a\x1b[2J\nb"), r"/a\x1b[2J\x0ab");
+        assert_eq!(escape_controls(p), p);
+        assert_eq!(escape_controls(r"quoted\name"), r"quoted\name");
+        let shown = escape_controls("/a\x1b[2J\nb\u{202e}");
+        assert_eq!(shown, r"/a\x1b[2J\x0ab\u{202e}");
+        assert_eq!(escape_controls(&shown), shown);
     }
 }

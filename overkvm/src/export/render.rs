@@ -27,44 +27,23 @@ use crate::identity::Manager;
 /// lines and cgroup paths, which anyone starting a process chooses.
 const MAX_LABEL_BYTES: usize = 256;
 
-/// A label value: escaped as `top` shows it (control characters as `\xNN`, see
-/// [`crate::text::sanitize`]), then cut to `MAX_LABEL_BYTES`. Escaping here, before any encoder,
-/// gives a series one identity in OpenMetrics, classic text and protobuf alike: the text encoders
-/// would escape only `"`, `\\` and newline, and protobuf nothing, so a raw ESC in a tenant's VM
-/// name would reach whatever terminal or alert shows the label.
-struct Lv<'a> {
-    text: &'a str,
-    /// A cgroup path: [`crate::text::sanitize_path`], which keeps systemd's `\x2d` escapes as
-    /// the path spells them.
-    path: bool,
-}
-
-fn lv(text: &str) -> Lv<'_> {
-    Lv { text, path: false }
-}
-
-fn path_lv(text: &str) -> Lv<'_> {
-    Lv { text, path: true }
-}
+/// A label value: control characters shown as `top` shows them (`\x1b`, see
+/// [`crate::text::escape_controls`]), then cut to `MAX_LABEL_BYTES`. Escaping here, before any
+/// encoder, gives a series one identity in OpenMetrics, classic text and protobuf alike: the
+/// text encoders would escape only `"`, `\\` and newline, and protobuf nothing, so a raw ESC in
+/// a tenant's VM name would reach whatever terminal or alert shows the label. Backslashes stay:
+/// a label reads as its owner wrote it.
+struct Lv<'a>(&'a str);
 
 impl EncodeLabelValue for Lv<'_> {
     fn encode(&self, enc: &mut LabelValueEncoder) -> fmt::Result {
         // Most values need no escaping (a tick renders thousands of them): no copy for those.
-        let plain = self
-            .text
-            .bytes()
-            .all(|b| (0x20..0x7f).contains(&b) && b != b'\\');
         let escaped;
-        let s = match (plain, self.path) {
-            (true, _) => self.text,
-            (false, false) => {
-                escaped = crate::text::sanitize(self.text);
-                &escaped
-            }
-            (false, true) => {
-                escaped = crate::text::sanitize_path(self.text);
-                &escaped
-            }
+        let s = if self.0.chars().any(char::is_control) || !self.0.is_ascii() {
+            escaped = crate::text::escape_controls(self.0);
+            &escaped
+        } else {
+            self.0
         };
         let mut end = s.len().min(MAX_LABEL_BYTES);
         while !s.is_char_boundary(end) {
@@ -149,8 +128,8 @@ fn encode_self(
     }
     if let Some(mut m) = family(enc, &names::EXPORTER_CONNECTIONS_DROPPED, true)? {
         let reason = names::label::REASON;
-        counter(&mut m, &[(reason, lv("timeout"))], http.timed_out)?;
-        counter(&mut m, &[(reason, lv("oversized"))], http.oversized)?;
+        counter(&mut m, &[(reason, Lv("timeout"))], http.timed_out)?;
+        counter(&mut m, &[(reason, Lv("oversized"))], http.oversized)?;
     }
     Ok(())
 }
@@ -251,7 +230,7 @@ fn encode_totals(t: &Totals, shape: Shape, enc: &mut DescriptorEncoder) -> fmt::
                     if c.ops == 0 {
                         continue;
                     }
-                    let l = [(VM, lv(&vm.label)), (DEVICE, lv(dev)), (OP, lv(op.name()))];
+                    let l = [(VM, Lv(&vm.label)), (DEVICE, Lv(dev)), (OP, Lv(op.name()))];
                     counter(&mut m, &l, c.ops)?;
                 }
             }
@@ -265,7 +244,7 @@ fn encode_totals(t: &Totals, shape: Shape, enc: &mut DescriptorEncoder) -> fmt::
                     if c.ops == 0 && c.bytes == 0 {
                         continue;
                     }
-                    let l = [(VM, lv(&vm.label)), (DEVICE, lv(dev)), (OP, lv(op.name()))];
+                    let l = [(VM, Lv(&vm.label)), (DEVICE, Lv(dev)), (OP, Lv(op.name()))];
                     counter(&mut m, &l, c.bytes)?;
                 }
             }
@@ -279,7 +258,7 @@ fn encode_totals(t: &Totals, shape: Shape, enc: &mut DescriptorEncoder) -> fmt::
                     if h.count() == 0 {
                         continue;
                     }
-                    let l = [(VM, lv(&vm.label)), (DEVICE, lv(dev)), (OP, lv(op.name()))];
+                    let l = [(VM, Lv(&vm.label)), (DEVICE, Lv(dev)), (OP, Lv(op.name()))];
                     histogram(&mut m, &l, h, shape)?;
                 }
             }
@@ -289,18 +268,18 @@ fn encode_totals(t: &Totals, shape: Shape, enc: &mut DescriptorEncoder) -> fmt::
         for vm in &vms {
             let pid = vm.pid.to_string();
             let mut l = vec![
-                (VM, lv(&vm.label)),
-                (UUID, lv(vm.uuid.as_deref().unwrap_or(""))),
-                (MANAGER, lv(manager_name(vm.manager))),
-                (PID, lv(&pid)),
-                (CGROUP, path_lv(&vm.cgroup)),
+                (VM, Lv(&vm.label)),
+                (UUID, Lv(vm.uuid.as_deref().unwrap_or(""))),
+                (MANAGER, Lv(manager_name(vm.manager))),
+                (PID, Lv(&pid)),
+                (CGROUP, Lv(&vm.cgroup)),
             ];
             // Only KubeVirt VMs have a namespace (their `vm` is `<namespace>/<vmi>`).
             if let Some(ns) = (vm.manager == Manager::Kubevirt)
                 .then(|| crate::identity::kubevirt::namespace_of(&vm.label))
                 .flatten()
             {
-                l.push((NAMESPACE, lv(ns)));
+                l.push((NAMESPACE, Lv(ns)));
             }
             gauge(&mut m, &l, 1i64)?;
         }
@@ -318,11 +297,11 @@ fn encode_totals(t: &Totals, shape: Shape, enc: &mut DescriptorEncoder) -> fmt::
             let v = if bytes { c.bytes } else { c.ops };
             match name_label {
                 Some((k, name)) => {
-                    let l = [(k, lv(name)), (DEVICE, lv(dev)), (OP, lv(op.name()))];
+                    let l = [(k, Lv(name)), (DEVICE, Lv(dev)), (OP, Lv(op.name()))];
                     counter(m, &l, v)?;
                 }
                 None => {
-                    let l = [(DEVICE, lv(dev)), (OP, lv(op.name()))];
+                    let l = [(DEVICE, Lv(dev)), (OP, Lv(op.name()))];
                     counter(m, &l, v)?;
                 }
             }
@@ -358,40 +337,40 @@ fn encode_totals(t: &Totals, shape: Shape, enc: &mut DescriptorEncoder) -> fmt::
     let s = &t.stats;
     if let Some(mut m) = family(enc, &names::BPF_PROGRAM_RUNS, !s.programs.is_empty())? {
         for p in &s.programs {
-            counter(&mut m, &[(PROGRAM, lv(&p.name))], p.run_count)?;
+            counter(&mut m, &[(PROGRAM, Lv(&p.name))], p.run_count)?;
         }
     }
     if let Some(mut m) = family(enc, &names::BPF_PROGRAM_RUN_TIME, !s.programs.is_empty())? {
         for p in &s.programs {
             let secs = p.run_time_ns as f64 / 1e9;
-            counter_f64(&mut m, &[(PROGRAM, lv(&p.name))], secs)?;
+            counter_f64(&mut m, &[(PROGRAM, Lv(&p.name))], secs)?;
         }
     }
     if let Some(mut m) = family(enc, &names::BPF_MAP_ENTRIES, !s.maps.is_empty())? {
         for (name, fill) in &s.maps {
-            gauge(&mut m, &[(MAP, lv(name))], fill.entries)?;
+            gauge(&mut m, &[(MAP, Lv(name))], fill.entries)?;
         }
     }
     if let Some(mut m) = family(enc, &names::BPF_MAP_CAPACITY, !s.maps.is_empty())? {
         for (name, fill) in &s.maps {
-            gauge(&mut m, &[(MAP, lv(name))], fill.capacity)?;
+            gauge(&mut m, &[(MAP, Lv(name))], fill.capacity)?;
         }
     }
     if let Some(mut m) = family(enc, &names::KERNEL_EVENTS, true)? {
         for h in Health::ALL {
-            counter(&mut m, &[(EVENT, lv(h.name()))], s.health_total[h as usize])?;
+            counter(&mut m, &[(EVENT, Lv(h.name()))], s.health_total[h as usize])?;
         }
     }
     if let Some(mut m) = family(enc, &names::DEVICE_PARITY_DIFFERENCE, !s.parity.is_empty())? {
         for p in &s.parity {
             for (op, d) in p.difference.by_op() {
-                gauge(&mut m, &[(DEVICE, lv(&p.device)), (OP, lv(op))], d)?;
+                gauge(&mut m, &[(DEVICE, Lv(&p.device)), (OP, Lv(op))], d)?;
             }
         }
     }
     if let Some(mut m) = family(enc, &names::DEVICE_PARITY_SETTLED, !s.parity.is_empty())? {
         for p in &s.parity {
-            gauge(&mut m, &[(DEVICE, lv(&p.device))], u64::from(p.settled))?;
+            gauge(&mut m, &[(DEVICE, Lv(&p.device))], u64::from(p.settled))?;
         }
     }
     if let Some(mut m) = family(enc, &names::MAP_READ_ERRORS, true)? {
@@ -414,8 +393,8 @@ fn encode_totals(t: &Totals, shape: Shape, enc: &mut DescriptorEncoder) -> fmt::
     }
     if let Some(mut m) = family(enc, &names::EXPORTER_INFO, true)? {
         let l = [
-            (VERSION, lv(env!("CARGO_PKG_VERSION"))),
-            (HOOK_MODE, lv(&s.mode)),
+            (VERSION, Lv(env!("CARGO_PKG_VERSION"))),
+            (HOOK_MODE, Lv(&s.mode)),
         ];
         gauge(&mut m, &l, 1i64)?;
     }
@@ -432,9 +411,9 @@ fn encode_totals(t: &Totals, shape: Shape, enc: &mut DescriptorEncoder) -> fmt::
             for (dir, v) in [("read", l.riops), ("write", l.wiops)] {
                 if let Some(v) = v {
                     let ls = [
-                        (VM, lv(&l.vm)),
-                        (DEVICE, lv(&l.device)),
-                        (DIRECTION, lv(dir)),
+                        (VM, Lv(&l.vm)),
+                        (DEVICE, Lv(&l.device)),
+                        (DIRECTION, Lv(dir)),
                     ];
                     gauge(&mut m, &ls, v)?;
                 }
@@ -450,9 +429,9 @@ fn encode_totals(t: &Totals, shape: Shape, enc: &mut DescriptorEncoder) -> fmt::
             for (dir, v) in [("read", l.rbps), ("write", l.wbps)] {
                 if let Some(v) = v {
                     let ls = [
-                        (VM, lv(&l.vm)),
-                        (DEVICE, lv(&l.device)),
-                        (DIRECTION, lv(dir)),
+                        (VM, Lv(&l.vm)),
+                        (DEVICE, Lv(&l.device)),
+                        (DIRECTION, Lv(dir)),
                     ];
                     gauge(&mut m, &ls, v)?;
                 }
@@ -463,7 +442,7 @@ fn encode_totals(t: &Totals, shape: Shape, enc: &mut DescriptorEncoder) -> fmt::
         for l in &th.limits {
             gauge(
                 &mut m,
-                &[(VM, lv(&l.vm)), (DEVICE, lv(&l.device))],
+                &[(VM, Lv(&l.vm)), (DEVICE, Lv(&l.device))],
                 l.since_s,
             )?;
         }
@@ -491,7 +470,7 @@ fn encode_totals(t: &Totals, shape: Shape, enc: &mut DescriptorEncoder) -> fmt::
                 for d in &q.disks {
                     for (dir, v) in values(d) {
                         if let Some(v) = v {
-                            let ls = [(VM, lv(&q.vm)), (DISK, lv(&d.disk)), (DIRECTION, lv(dir))];
+                            let ls = [(VM, Lv(&q.vm)), (DISK, Lv(&d.disk)), (DIRECTION, Lv(dir))];
                             gauge(&mut m, &ls, v)?;
                         }
                     }
@@ -503,18 +482,18 @@ fn encode_totals(t: &Totals, shape: Shape, enc: &mut DescriptorEncoder) -> fmt::
     if let Some(mut m) = family(enc, &names::THROTTLE_BUDGET_IOPS, has_budget)? {
         for b in &th.budgets {
             if let Some(v) = b.iops_budget {
-                gauge(&mut m, &[(DEVICE, lv(&b.device))], v)?;
+                gauge(&mut m, &[(DEVICE, Lv(&b.device))], v)?;
             }
         }
     }
     if let Some(mut m) = family(enc, &names::THROTTLE_USED_IOPS, !th.budgets.is_empty())? {
         for b in &th.budgets {
-            gauge(&mut m, &[(DEVICE, lv(&b.device))], b.iops_used)?;
+            gauge(&mut m, &[(DEVICE, Lv(&b.device))], b.iops_used)?;
         }
     }
     if let Some(mut m) = family(enc, &names::THROTTLE_ENGAGED, !th.budgets.is_empty())? {
         for b in &th.budgets {
-            gauge(&mut m, &[(DEVICE, lv(&b.device))], i64::from(b.engaged))?;
+            gauge(&mut m, &[(DEVICE, Lv(&b.device))], i64::from(b.engaged))?;
         }
     }
     let has_capacity = th.budgets.iter().any(|b| b.capacity_iops.is_some());
@@ -522,7 +501,7 @@ fn encode_totals(t: &Totals, shape: Shape, enc: &mut DescriptorEncoder) -> fmt::
         for b in th.budgets.iter().filter(|b| b.capacity_iops.is_some()) {
             gauge(
                 &mut m,
-                &[(DEVICE, lv(&b.device))],
+                &[(DEVICE, Lv(&b.device))],
                 b.capacity_iops.unwrap_or(0.0),
             )?;
         }
@@ -746,7 +725,7 @@ mod tests {
     fn a_hostile_vm_name_is_one_escaped_label_in_every_format() {
         use prometheus_client::encoding::prometheus_protobuf;
         let hostile = "ev\"il\x1b[31m\nvm";
-        let shown = crate::text::sanitize(hostile);
+        let shown = crate::text::escape_controls(hostile);
         assert_eq!(shown, r#"ev"il\x1b[31m\x0avm"#);
         let totals = || {
             let procs = FakeProcs::default();
@@ -769,7 +748,7 @@ mod tests {
                 "{format}:\n{text}"
             );
             assert!(text.contains(label), "{format}:\n{text}");
-            // The cgroup keeps systemd's escapes single; its ESC is shown, not sent.
+            // The cgroup keeps systemd's escapes; its ESC is shown, not sent.
             assert!(
                 text.contains(r#"cgroup="/machine.slice/machine-qemu\\x2d1\\x2dev\\x1bil.scope""#),
                 "{format}:\n{text}"
@@ -844,9 +823,9 @@ mod tests {
         });
         t.apply(&tk, &procs);
         let text = render(t);
-        // The name's backslash doubled and its newline shown as `\x0a` (as `top` shows it),
-        // then the text format's own escaping of `"` and `\`.
-        let vm = r#"vm="web\"01\\\\\\x0ax",device="vda""#;
+        // The name's newline shown as `\x0a` (as `top` shows it), its backslash kept, then the
+        // text format's own escaping of `"` and `\`.
+        let vm = r#"vm="web\"01\\\\x0ax",device="vda""#;
         assert_eq!(
             sample(
                 &text,
@@ -880,7 +859,7 @@ mod tests {
             Some("12".into())
         );
         assert!(text.contains("# UNIT overkvm_vm_io_latency_seconds seconds"));
-        assert!(text.contains(r#"overkvm_vm_info{vm="web\"01\\\\\\x0ax",uuid="uuid-web\"01\\\\\\x0ax",manager="qemu",pid="100",cgroup="/machine/100"} 1"#), "{text}");
+        assert!(text.contains(r#"overkvm_vm_info{vm="web\"01\\\\x0ax",uuid="uuid-web\"01\\\\x0ax",manager="qemu",pid="100",cgroup="/machine/100"} 1"#), "{text}");
         assert_eq!(
             sample(
                 &text,

@@ -396,16 +396,19 @@ impl Totals {
         s
     }
 
-    /// The `vm` label of a new VM: its name unless an exported VM already has that label. The
+    /// The `vm` label of a new VM: its name (control characters shown escaped, as every label
+    /// value is rendered) unless an exported VM already has that label. Made unique after the
+    /// escaping, so a name with a literal `\x1b` and one with an ESC never share a series. The
     /// label never changes while the series exist, so a series never changes owner.
     fn unique_label(&self, key: &VmKey, pid: u32) -> String {
         let taken = |l: &str| self.vms.values().any(|s| s.label == l);
-        if !taken(&key.name) {
-            return key.name.clone();
+        let name = crate::text::escape_controls(&key.name);
+        if !taken(&name) {
+            return name;
         }
         let base = match &key.uuid {
-            Some(u) => format!("{}/{u}", key.name),
-            None => format!("{}/pid{pid}", key.name),
+            Some(u) => format!("{name}/{}", crate::text::escape_controls(u)),
+            None => format!("{name}/pid{pid}"),
         };
         let mut label = base.clone();
         let mut n = 2;
@@ -838,6 +841,29 @@ pub(crate) mod tests {
         t.apply(&tick(secs(t0, 1), vec![other]), &procs);
         assert_eq!(reads(&t, "web", "vda"), Some(1));
         assert_eq!(reads(&t, "web/u2", "vda"), Some(4));
+    }
+
+    /// A tenant cannot take another VM's series by naming its VM the way the other's name is
+    /// shown: labels are made unique after control characters are escaped.
+    #[test]
+    fn a_name_spelling_out_anothers_escape_gets_its_own_label() {
+        let procs = FakeProcs::default();
+        procs.start(100, 1);
+        procs.start(200, 1);
+        let mut t = totals(300);
+        let mut mimic = row(200, Some(r"ev\x1bil"), "vda", 2, 0);
+        if let Some(vm) = mimic.vm.as_mut() {
+            vm.uuid = Some("u2".into());
+        }
+        t.apply(
+            &tick(
+                Instant::now(),
+                vec![row(100, Some("ev\x1bil"), "vda", 1, 0), mimic],
+            ),
+            &procs,
+        );
+        assert_eq!(reads(&t, r"ev\x1bil", "vda"), Some(1));
+        assert_eq!(reads(&t, r"ev\x1bil/u2", "vda"), Some(2));
     }
 
     #[test]

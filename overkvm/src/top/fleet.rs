@@ -30,7 +30,7 @@ use crate::{
     export::names,
     qemu::limits::DiskLimits,
     report::OpCounts,
-    text::{sanitize, sanitize_path},
+    text::{escape_controls, sanitize},
     tick::ActiveLimit,
 };
 
@@ -512,7 +512,7 @@ pub fn groups(report: &FleetReport) -> Vec<RowGroup> {
                 pid: 0,
                 // Our exporter has escaped the name already (`\x1b`): show the label as
                 // Prometheus holds it, and still never a raw control from another exporter.
-                label: format!("vm:{}", sanitize_path(vm)),
+                label: format!("vm:{}", escape_controls(vm)),
             };
             let merged = row(&key, &parts, RowKind::Merged { expanded: false });
             let per_device = parts
@@ -618,7 +618,7 @@ pub fn write_table(out: &mut impl std::io::Write, r: &FleetReport) -> std::io::R
             out,
             "{:<24} {:<24} {:<10} {:>8.0} {:>8.0} {:>8.0} {:>7.1} {:>7.1} {:>8} {:>6}  {}",
             fit(&sanitize(&v.instance), 24),
-            fit(&sanitize_path(&v.vm), 24),
+            fit(&escape_controls(&v.vm), 24),
             fit(&sanitize(&v.device), 10),
             v.iops,
             v.read_iops,
