@@ -454,6 +454,126 @@ fn device_totals_equal_diskstats_request_fallback() {
     parity(HookMode::RequestFallback);
 }
 
+/// Many flushes in flight at once on one device, from many submitters: 8 fio jobs on a raw loop
+/// device (4 buffered writers with an fsync after each write, so each fsync is an empty preflush
+/// of its own, and 4 O_DSYNC direct writers, whose writes are preflush/FUA sequences) and 4 more
+/// with fdatasync on ext4. The flush machinery then merges waiting flushes into one device flush,
+/// lends it the tag of the first waiter and keeps a second batch pending while one runs: every
+/// device flush `/proc/diskstats` counts (fields 19-20) must be counted once, with nothing lost.
+fn concurrent_flushes(mode: HookMode) {
+    for tool in ["fio", "mkfs.ext4"] {
+        assert!(
+            has_tool(tool),
+            "{tool} is missing: `cargo xtask setup --test-deps` installs it"
+        );
+    }
+    let mut sampler = Sampler::new(
+        Programs::load(&LoadOptions {
+            mode: Some(mode),
+            ..LoadOptions::default()
+        })
+        .expect("loading the programs"),
+    );
+    let mut builder = ReportBuilder::new();
+    let jobs: &[(On, &[&str])] = &[
+        (
+            On::Raw,
+            &[
+                "--name=fsync",
+                "--rw=randwrite",
+                "--bs=4k",
+                "--fsync=1",
+                "--number_ios=250",
+                "--numjobs=4",
+                "--name=dsync",
+                "--rw=randwrite",
+                "--bs=4k",
+                "--direct=1",
+                "--sync=dsync",
+                "--number_ios=250",
+                "--numjobs=4",
+            ],
+        ),
+        (
+            On::Ext4,
+            &[
+                "--name=fdatasync",
+                "--rw=randwrite",
+                "--bs=4k",
+                "--size=4M",
+                "--fdatasync=1",
+                "--number_ios=250",
+                "--numjobs=4",
+            ],
+        ),
+    ];
+    let mut failures = Vec::new();
+    eprintln!("mode {mode}: device flushes under concurrent syncs vs /proc/diskstats");
+    for (on, args) in jobs {
+        let target = make_target(*on).expect("making the device");
+        let disk = target.disk();
+        let d0 = settle(&disk);
+        let s0 = sampler.snapshot().expect("snapshot");
+        // Each job writes its own file (on ext4) or its own 8 MiB region of the raw device.
+        let place = match &target {
+            Target::Fs(f) => format!("--directory={}", f.dir.display()),
+            _ => format!("--filename={}", target.file().display()),
+        };
+        let out = Command::new("fio")
+            .args([place.as_str(), "--size=8M", "--offset_increment=8M"])
+            .args(*args)
+            .args(["--randrepeat=0", "--output=/dev/null"])
+            .output()
+            .expect("starting fio");
+        assert!(
+            out.status.success(),
+            "fio {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        unsafe { libc::sync() };
+        let d1 = settle(&disk);
+        let s1 = sampler.snapshot().expect("snapshot");
+        assert_eq!(d1, diskstats(&disk).0, "{disk} did I/O while the snapshot was read");
+        let want = d1.since(d0);
+        let report = builder.build(&delta(&s0, &s1), mode.name(), &s1);
+        let got = report
+            .devices
+            .iter()
+            .find(|r| r.device == disk)
+            .map(|r| DiskCounts::of_report(&r.counts))
+            .unwrap_or_default();
+        let events: Vec<_> = report.health.events.iter().collect();
+        eprintln!(
+            "  {:7} {disk}: diskstats w={} f={}, overkvm w={} f={}, health {events:?}",
+            if got == want { "exact" } else { "DIFFERS" },
+            want.writes,
+            want.flushes,
+            got.writes,
+            got.flushes,
+        );
+        // Without many flushes there was no contention to prove anything with.
+        assert!(want.flushes >= 500, "only {} flushes reached {disk}", want.flushes);
+        if got != want {
+            failures.push(format!("{disk}: diskstats {want:?}, overkvm {got:?}"));
+        }
+        sampler.prune(&s1, overkvm::report::pid_alive);
+        drop(target);
+    }
+    assert!(failures.is_empty(), "mode {mode}: {failures:#?}");
+}
+
+#[test]
+fn concurrent_flushes_counted_once_io_start_done() {
+    overkvm_tests::skip_unless_io_start_done!();
+    concurrent_flushes(HookMode::IoStartDone);
+}
+
+#[test]
+fn concurrent_flushes_counted_once_request_fallback() {
+    skip_unless_kernel!();
+    concurrent_flushes(HookMode::RequestFallback);
+}
+
 /// The kernel's own per-cgroup counters: a v1 blkio cgroup's `blkio.throttle.io_serviced`
 /// (kept once a throttle rule exists on the device) against overkvm's bio counts of that
 /// cgroup (`cgroups[].read_bios` / `write_bios` / `discard_bios`, every bio counted with
