@@ -184,8 +184,9 @@ pub fn asks_for_flush(opf: u32, codes: &OpCodes) -> bool {
 /// the entry at the borrowed tag (`borrowed`) is its submitter. In the fallback mode entries are
 /// taken at `block_rq_issue`, and a request waiting for a preflush has not been issued yet (an
 /// empty preflush, as fsync sends, never is): whatever sits at that tag is stale, left by an
-/// earlier request whose entry a collision displaced, and may name a pruned key or another
-/// device, which lost one flush of the device in about 1 parity run in 8. There only the latest
+/// earlier request whose completion did not take it, and may name a key since pruned: charged
+/// there, the flush is lost to the device (`flush_unattributed`; parity.rs plants such entries
+/// to prove it never happens). There only the latest
 /// requester of a flush on the queue (`requester`) is right. Lazy, so the kernel side does not
 /// look the borrowed entry up when it would not use it.
 #[inline(always)]
