@@ -4,7 +4,7 @@
 //! never used for attribution.
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::btf_tracepoint, programs::BtfTracePointContext};
-use overkvm_common::Health;
+use overkvm_common::{Health, flush_charge};
 
 use crate::{
     kernel::{KPtr, in_flush_sequence, off, read, read_addr, rq_ident, rq_queue_id},
@@ -48,23 +48,15 @@ fn finish(rq: KPtr, fallback: bool) {
 }
 
 /// A device cache flush completed: the flush machinery's own `REQ_OP_FLUSH` request, which
-/// `/proc/diskstats` counts as a flush and which never passes `block_io_start`. It borrows the
-/// tag of the first request waiting for it, so it is charged to that request's submitter; if
-/// that request was not seen, to the latest requester of a flush on the queue.
+/// `/proc/diskstats` counts as a flush and which never passes `block_io_start`. Charged by
+/// `flush_charge`: to the request whose tag it borrows, or to the queue's latest requester.
 #[inline(always)]
 fn device_flush(rq: KPtr, fallback: bool) {
-    // In the fallback mode the request waiting for this flush has not been issued yet, so it
-    // holds no in-flight entry: whatever sits at the borrowed tag is stale (left by a slot
-    // collision) and may belong to another device. Only the queue's requester is right there.
-    let borrowed = if fallback {
-        None
-    } else {
-        rq_ident(rq).and_then(|(queue, tag)| inflight_peek(queue, tag))
-    };
-    let owner = match borrowed {
-        Some(slot) => Some(slot),
-        None => rq_queue_id(rq).and_then(flush_owner),
-    };
+    let owner = flush_charge(
+        fallback,
+        || rq_ident(rq).and_then(|(queue, tag)| inflight_peek(queue, tag)),
+        || rq_queue_id(rq).and_then(flush_owner),
+    );
     let Some(slot) = owner else {
         health(Health::FlushUnattributed);
         return;
