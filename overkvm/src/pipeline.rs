@@ -23,7 +23,12 @@ pub struct Pipeline {
     builder: ReportBuilder,
     prev: Snapshot,
     mode: String,
+    /// Recursion misses of all programs at the last tick.
+    recursion_misses: u64,
 }
+
+/// Health event: tracepoint runs the kernel skipped (see `bpf::RunStats::recursion_misses`).
+pub const RECURSION_MISSES: &str = "recursion_misses";
 
 impl Pipeline {
     /// Starts counting from now with loaded programs.
@@ -36,6 +41,7 @@ impl Pipeline {
             builder: ReportBuilder::new(),
             prev,
             mode,
+            recursion_misses: 0,
         })
     }
 
@@ -55,25 +61,35 @@ impl Pipeline {
         let started = Instant::now();
         let cur = self.sampler.snapshot()?;
         self.builder.note_comms(&cur.comms);
-        let report = self
+        let mut report = self
             .builder
             .build(&delta(&self.prev, &cur), &self.mode, &cur);
+        let programs: Vec<ProgramStat> = self
+            .sampler
+            .programs()
+            .run_stats()
+            .into_iter()
+            .map(|r| ProgramStat {
+                name: r.name,
+                run_count: r.run_count,
+                run_time_ns: r.run_time_ns,
+                recursion_misses: r.recursion_misses.unwrap_or(0),
+            })
+            .collect();
+        // Runs the kernel skipped are I/O events no map saw: a health event like a full map,
+        // so `top` and the report show the loss in the interval it happened.
+        let misses: u64 = programs.iter().map(|p| p.recursion_misses).sum();
+        let new_misses = misses.saturating_sub(self.recursion_misses);
+        self.recursion_misses = misses;
+        if new_misses > 0 {
+            *report.health.events.entry(RECURSION_MISSES).or_default() += new_misses;
+        }
         let tick = Tick {
             at: started,
             report: Arc::new(report),
             health_total: cur.health,
             maps: cur.fill.clone(),
-            programs: self
-                .sampler
-                .programs()
-                .run_stats()
-                .into_iter()
-                .map(|(name, run_count, run_time_ns)| ProgramStat {
-                    name,
-                    run_count,
-                    run_time_ns,
-                })
-                .collect(),
+            programs,
             sample_seconds: started.elapsed().as_secs_f64(),
             throttle: None,
         };

@@ -18,6 +18,8 @@ pub struct ProgramStat {
     pub name: String,
     pub run_count: u64,
     pub run_time_ns: u64,
+    /// Runs the kernel skipped (the program already running on that CPU): events not counted.
+    pub recursion_misses: u64,
 }
 
 /// A limit the throttle has in place on one VM and device.

@@ -378,6 +378,7 @@ fn parity(mode: HookMode) {
             );
         }
         let d0 = settle(&disk);
+        let m0 = recursion_misses(&sampler);
         let s0 = sampler.snapshot().expect("snapshot");
         fio(&file, w.fio);
         unsafe { libc::sync() };
@@ -424,8 +425,9 @@ fn parity(mode: HookMode) {
             failures.push(w.name);
         }
         let losses: Vec<_> = report.health.events.iter().collect();
-        if !losses.is_empty() {
-            eprintln!("  kernel health events: {losses:?}");
+        let missed = recursion_misses(&sampler) - m0;
+        if !losses.is_empty() || missed > 0 {
+            eprintln!("  kernel health events: {losses:?}, program runs skipped: {missed}");
         }
         // A workload that did nothing of its kind would prove nothing.
         assert!(
@@ -513,6 +515,7 @@ fn concurrent_flushes(mode: HookMode) {
         let target = make_target(*on).expect("making the device");
         let disk = target.disk();
         let d0 = settle(&disk);
+        let m0 = recursion_misses(&sampler);
         let s0 = sampler.snapshot().expect("snapshot");
         // Each job writes its own file (on ext4) or its own 8 MiB region of the raw device.
         let place = match &target {
@@ -548,12 +551,14 @@ fn concurrent_flushes(mode: HookMode) {
             .unwrap_or_default();
         let events: Vec<_> = report.health.events.iter().collect();
         eprintln!(
-            "  {:7} {disk}: diskstats w={} f={}, overkvm w={} f={}, health {events:?}",
+            "  {:7} {disk}: diskstats w={} f={}, overkvm w={} f={}, health {events:?}, \
+             program runs skipped {}",
             if got == want { "exact" } else { "DIFFERS" },
             want.writes,
             want.flushes,
             got.writes,
             got.flushes,
+            recursion_misses(&sampler) - m0,
         );
         // Without many flushes there was no contention to prove anything with.
         assert!(
@@ -669,6 +674,7 @@ fn device_flushes_ignore_stale_entries_at_borrowed_tags_request_fallback() {
     assert_eq!(planted, depth, "every tag of {disk} holds a stale entry");
 
     let d0 = settle(&disk);
+    let m0 = recursion_misses(&sampler);
     let s0 = sampler.snapshot().expect("snapshot");
     fio(
         &lo.path,
@@ -690,6 +696,7 @@ fn device_flushes_ignore_stale_entries_at_borrowed_tags_request_fallback() {
         .map(|r| DiskCounts::of_report(&r.counts))
         .unwrap_or_default();
     let events = &report.health.events;
+    eprintln!("program runs skipped: {}", recursion_misses(&sampler) - m0);
     eprintln!(
         "{disk}: diskstats {want:?}\n{:7} overkvm {got:?}\nhealth {events:?}",
         ""
@@ -845,4 +852,20 @@ fn cgroup_bios_equal_blkio_io_serviced() {
         failures.is_empty(),
         "per-cgroup bios differ from io_serviced for {failures:?}"
     );
+}
+
+/// Runs of the programs the kernel skipped so far (a tracepoint fired again on a CPU where the
+/// program was running): events no map saw. Printed with every comparison, so a difference can
+/// be told from a skipped run.
+fn recursion_misses(sampler: &Sampler) -> u64 {
+    sampler
+        .programs()
+        .run_stats()
+        .iter()
+        .map(|r| {
+            r.recursion_misses.unwrap_or_else(|| {
+                panic!("{}: the kernel did not say its recursion misses", r.name)
+            })
+        })
+        .sum()
 }

@@ -381,24 +381,75 @@ impl Programs {
         &mut self.ebpf
     }
 
-    /// Kernel run statistics of each attached program: (name, run count, run time in ns).
-    /// Zero unless `kernel.bpf_stats_enabled` is on (see `enable_run_stats`).
-    pub fn run_stats(&self) -> Vec<(String, u64, u64)> {
+    /// Kernel run statistics of each attached program. Run count and time are zero unless
+    /// `kernel.bpf_stats_enabled` is on (see `enable_run_stats`); recursion misses are always
+    /// counted.
+    pub fn run_stats(&self) -> Vec<RunStats> {
         self.ebpf
             .programs()
             .filter_map(|(name, prog)| {
                 let info = prog.info().ok()?;
-                Some((
-                    name.to_string(),
-                    info.run_count(),
-                    info.run_time().as_nanos() as u64,
-                ))
+                let fd = prog.fd().ok()?;
+                Some(RunStats {
+                    name: name.to_string(),
+                    run_count: info.run_count(),
+                    run_time_ns: info.run_time().as_nanos() as u64,
+                    recursion_misses: recursion_misses(std::os::fd::AsFd::as_fd(fd))
+                        .inspect_err(|e| log::debug!("{name}: no recursion misses: {e}"))
+                        .ok(),
+                })
             })
             .collect()
     }
 }
 
 /// Turns on the kernel's per-program run-time statistics while the returned fd lives.
+/// What the kernel counts of one program's runs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RunStats {
+    pub name: String,
+    pub run_count: u64,
+    pub run_time_ns: u64,
+    /// Runs the kernel skipped because the program was already running on that CPU (a
+    /// tracepoint fired again from an interrupt while the program ran in a task): each is an
+    /// event the program never saw, an I/O not counted. None: the kernel did not tell (before
+    /// 5.12 it reads 0).
+    pub recursion_misses: Option<u64>,
+}
+
+/// `bpf_prog_info.recursion_misses` of the program behind `fd` (aya 0.14 has no accessor).
+fn recursion_misses(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<u64> {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: all-zero is a valid bpf_prog_info (plain integers and pointers as u64).
+    let mut info: aya_obj::generated::bpf_prog_info = unsafe { std::mem::zeroed() };
+    // The `info` member of `union bpf_attr` for BPF_OBJ_GET_INFO_BY_FD.
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let attr = InfoAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: std::mem::size_of_val(&info) as u32,
+        info: std::ptr::from_mut(&mut info) as u64,
+    };
+    // SAFETY: `attr` points at `info`, which outlives the call and is `info_len` bytes long;
+    // the kernel writes at most that many.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            aya_obj::generated::bpf_cmd::BPF_OBJ_GET_INFO_BY_FD as libc::c_long,
+            std::ptr::from_ref(&attr),
+            std::mem::size_of::<InfoAttr>() as libc::c_long,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(info.recursion_misses)
+}
+
 pub fn enable_run_stats() -> anyhow::Result<std::os::fd::OwnedFd> {
     aya::sys::enable_stats(aya::sys::Stats::RunTime).context("enabling BPF run-time statistics")
 }

@@ -210,6 +210,14 @@ pub const BPF_PROGRAM_RUN_TIME: Metric = Metric {
     help: "CPU time the kernel spent in an overkvm eBPF program since it was loaded.",
 };
 
+pub const BPF_PROGRAM_RECURSION_MISSES: Metric = Metric {
+    name: "bpf_program_recursion_misses",
+    kind: Kind::Counter,
+    unit: None,
+    labels: &[PROGRAM],
+    help: "Runs of an overkvm eBPF program the kernel skipped because it was already running on that CPU: block events never counted.",
+};
+
 pub const BPF_MAP_ENTRIES: Metric = Metric {
     name: "bpf_map_entries",
     kind: Kind::Gauge,
@@ -465,6 +473,7 @@ pub const ALL: &[Metric] = &[
     PROCESS_IO_DROPPED,
     BPF_PROGRAM_RUNS,
     BPF_PROGRAM_RUN_TIME,
+    BPF_PROGRAM_RECURSION_MISSES,
     BPF_MAP_ENTRIES,
     BPF_MAP_CAPACITY,
     KERNEL_EVENTS,

@@ -346,6 +346,12 @@ fn encode_totals(t: &Totals, shape: Shape, enc: &mut DescriptorEncoder) -> fmt::
             counter_f64(&mut m, &[(PROGRAM, Lv(&p.name))], secs)?;
         }
     }
+    let misses = &names::BPF_PROGRAM_RECURSION_MISSES;
+    if let Some(mut m) = family(enc, misses, !s.programs.is_empty())? {
+        for p in &s.programs {
+            counter(&mut m, &[(PROGRAM, Lv(&p.name))], p.recursion_misses)?;
+        }
+    }
     if let Some(mut m) = family(enc, &names::BPF_MAP_ENTRIES, !s.maps.is_empty())? {
         for (name, fill) in &s.maps {
             gauge(&mut m, &[(MAP, Lv(name))], fill.entries)?;
