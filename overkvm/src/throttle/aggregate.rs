@@ -121,6 +121,27 @@ fn add(sum: &mut (f64, f64), v: (f64, f64)) {
     sum.1 += v.1;
 }
 
+/// Living VM rows whose name another VM (another uuid) had before: (name, former uuid, new
+/// uuid). `known` (name to uuid, as last seen) is brought up to date. A VM deleted and created
+/// again under its name is a new VM: nothing the throttle held for the former one is its.
+/// An unknown uuid changes nothing (it matches any).
+pub fn replaced_vms(
+    known: &mut BTreeMap<String, String>,
+    report: &Report,
+) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    for r in report.processes.iter().filter(|r| !r.exited) {
+        let Some((name, Some(uuid))) = r.vm.as_ref().map(|v| (&v.name, &v.uuid)) else {
+            continue;
+        };
+        match known.insert(name.clone(), uuid.clone()) {
+            Some(old) if old != *uuid => out.push((name.clone(), old, uuid.clone())),
+            _ => {}
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,6 +217,32 @@ mod tests {
         assert_eq!(b.uuid.as_deref(), Some("uuid-b"));
         assert_eq!(u.vms["c"].iops.0, 2.0);
         assert_eq!(u.background_iops.0, 4.0, "the former c's");
+    }
+
+    #[test]
+    fn a_vm_created_again_under_its_name_is_a_new_vm() {
+        let mut known = BTreeMap::new();
+        let with_uuid = |pid, name: &str, uuid: Option<&str>, exited| {
+            let mut r = row(pid, Some(name), 0, 1, 0);
+            r.vm.as_mut().unwrap().uuid = uuid.map(str::to_string);
+            r.exited = exited;
+            r
+        };
+        let first = report(vec![with_uuid(10, "a", Some("u1"), false)]);
+        assert!(replaced_vms(&mut known, &first).is_empty());
+        // Restarted (same uuid), a uuid not read, the former process's last row: the same VM.
+        let same = report(vec![
+            with_uuid(11, "a", Some("u1"), false),
+            with_uuid(12, "a", None, false),
+            with_uuid(10, "a", Some("u0"), true),
+        ]);
+        assert!(replaced_vms(&mut known, &same).is_empty());
+        let again = report(vec![with_uuid(13, "a", Some("u2"), false)]);
+        assert_eq!(
+            replaced_vms(&mut known, &again),
+            [("a".to_string(), "u1".to_string(), "u2".to_string())]
+        );
+        assert!(replaced_vms(&mut known, &again).is_empty(), "said once");
     }
 
     #[test]

@@ -165,6 +165,9 @@ pub struct ThrottleService {
     qemu: QemuSide,
     /// Which VM cgroups also serve other processes, remembered for `[policy] shared_hold`.
     sharing: SharingMemory,
+    /// Each VM's uuid as last seen, by name: the throttle's state is a VM's (name and uuid),
+    /// kept across restarts of its qemu, not inherited by a new VM under the same name.
+    identities: BTreeMap<String, String>,
 }
 
 /// Whether a limit of the right value is in the wrong place: the VM's living process (`pid`,
@@ -273,6 +276,7 @@ impl ThrottleService {
             mode: config.policy.actuator.unwrap_or_default(),
             qemu: QemuSide::default(),
             sharing: SharingMemory::new(config.policy.shared_hold.unwrap_or(sharing::DEFAULT_HOLD)),
+            identities: BTreeMap::new(),
         };
         if !dry_run {
             svc.reconcile()?;
@@ -446,6 +450,13 @@ impl ThrottleService {
                 }
             };
             self.decided(&format!("cgroup {cgroup}"), line);
+        }
+        if self.identities.len() > 4096 {
+            // Bounded over months of VM churn: a name forgotten is matched again from scratch.
+            self.identities.clear();
+        }
+        for (vm, old, new) in aggregate::replaced_vms(&mut self.identities, report) {
+            self.new_vm_under_name(&vm, &old, &new);
         }
         for i in 0..self.devices.len() {
             self.step_device(i, report, secs);
@@ -622,6 +633,21 @@ impl ThrottleService {
             let want = limits_of(m.ctl_iops.limits.get(&vm), m.ctl_bps.limits.get(&vm));
             let usage = vms.get(&vm);
             self.enforce(i, &vm, usage, want);
+        }
+    }
+
+    /// Another VM (uuid `new`) runs under the name `vm` of a former one (uuid `old`): what the
+    /// throttle held for the former one goes, on every device, and the new VM starts afresh.
+    fn new_vm_under_name(&mut self, vm: &str, old: &str, new: &str) {
+        log::info!(
+            "VM {vm}: a new VM under this name (uuid {new}, was {old}): the former one's limits \
+             go, the new one starts afresh"
+        );
+        for i in 0..self.devices.len() {
+            let m = &mut self.devices[i];
+            m.ctl_iops.forget(vm);
+            m.ctl_bps.forget(vm);
+            self.enforce(i, vm, None, Limits::default());
         }
     }
 
@@ -1032,6 +1058,7 @@ mod tests {
             mode: ActuatorMode::Auto,
             qemu: QemuSide::default(),
             sharing: SharingMemory::default(),
+            identities: BTreeMap::new(),
         }
     }
 
@@ -1224,6 +1251,28 @@ mod tests {
         assert_eq!(
             svc.applied[&("a".to_string(), svc.devices[0].info.dev)].pid,
             a2
+        );
+        // Deleted and created again under its name (another uuid): a new VM. The former one's
+        // limit goes from its cgroup; the new one starts afresh (limited again on its own
+        // demand, in its own cgroup).
+        let mut again = vm("a", a1 - 100, "/machine/a-3", false);
+        again.vm.as_mut().unwrap().uuid = Some("uuid-another-a".into());
+        svc.on_tick(&crate::testdata::report_with(vec![
+            again,
+            vm("b", b, "/machine/b", false),
+        ]));
+        assert_eq!(limit("/machine/a-2"), None, "the former VM's limit went");
+        for _ in 0..4 {
+            let mut again = vm("a", a1 - 100, "/machine/a-3", false);
+            again.vm.as_mut().unwrap().uuid = Some("uuid-another-a".into());
+            svc.on_tick(&crate::testdata::report_with(vec![
+                again,
+                vm("b", b, "/machine/b", false),
+            ]));
+        }
+        assert!(
+            limit("/machine/a-3").is_some(),
+            "the new VM is held on its own"
         );
         std::fs::remove_dir_all(&sysfs).unwrap();
     }
