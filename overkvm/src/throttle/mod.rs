@@ -170,11 +170,22 @@ pub struct ThrottleService {
     identities: BTreeMap<String, String>,
 }
 
-/// Whether a limit of the right value is in the wrong place: the VM's living process (`pid`,
-/// 0 when none did I/O) is not the one it was placed for (a restart), or the actuator chosen
-/// now (`by_qemu`) is not the one holding it.
-fn misplaced(held_pid: u32, held_by_qemu: bool, pid: u32, by_qemu: bool) -> bool {
-    (pid != 0 && held_pid != 0 && pid != held_pid) || held_by_qemu != by_qemu
+/// Where a limit is held: for the VM's process `pid` (0: unknown), which still runs or not,
+/// by QEMU or the cgroup.
+#[derive(Clone, Copy, Debug)]
+struct Placed {
+    pid: u32,
+    running: bool,
+    by_qemu: bool,
+}
+
+/// Whether a limit of the right value is in the wrong place: the process it was placed for is
+/// gone and the VM does I/O from another (`pid`, 0 when none did I/O: a restart), or the
+/// actuator chosen now (`by_qemu`) is not the one holding it. A VM with a second process
+/// doing I/O (a helper under its name) while the first runs has not restarted.
+fn misplaced(held: Placed, pid: u32, by_qemu: bool) -> bool {
+    let restarted = pid != 0 && held.pid != 0 && pid != held.pid && !held.running;
+    restarted || held.by_qemu != by_qemu
 }
 
 /// Limits as an operator reads them: `riops=990 wiops=20` (unset directions left out).
@@ -614,11 +625,14 @@ impl ThrottleService {
                 touched.push(vm);
                 continue;
             };
-            let (held_pid, by_qemu) = (a.pid, a.qemu.is_some());
+            let held = Placed {
+                pid: a.pid,
+                running: a.pid != 0 && qemu_actuator::running_start_time(a.pid).is_some(),
+                by_qemu: a.qemu.is_some(),
+            };
             if a.limits != want
                 || misplaced(
-                    held_pid,
-                    by_qemu,
+                    held,
                     usage.map_or(0, |u| u.pid),
                     self.qemu_choice(i, &vm, usage).is_some(),
                 )
@@ -711,12 +725,12 @@ impl ThrottleService {
             // process shows (a restart), where the limit then moves.
             return;
         }
-        if let Some(old) = self
-            .applied
-            .get(&key)
-            .map(|a| a.pid)
-            .filter(|old| *old != 0 && pid != 0 && *old != pid)
-        {
+        if let Some(old) = self.applied.get(&key).map(|a| a.pid).filter(|old| {
+            *old != 0
+                && pid != 0
+                && *old != pid
+                && qemu_actuator::running_start_time(*old).is_none()
+        }) {
             // Its own subject: a restart is rare and must not be held back behind the VM's
             // limit changes.
             self.decided(
@@ -1279,18 +1293,33 @@ mod tests {
 
     #[test]
     fn a_limit_is_misplaced_after_a_restart_or_an_actuator_change_only() {
-        assert!(!misplaced(10, false, 10, false));
+        let held = |pid, running, by_qemu| Placed {
+            pid,
+            running,
+            by_qemu,
+        };
+        assert!(!misplaced(held(10, true, false), 10, false));
         assert!(
-            !misplaced(10, false, 0, false),
+            !misplaced(held(10, false, false), 0, false),
             "no living process: nowhere to move"
         );
         assert!(
-            !misplaced(0, false, 10, false),
+            !misplaced(held(0, false, false), 10, false),
             "placed for an unknown process"
         );
-        assert!(misplaced(10, false, 11, false), "restarted");
-        assert!(misplaced(10, false, 10, true), "its cgroup became shared");
-        assert!(misplaced(10, true, 10, false), "its cgroup is alone again");
+        assert!(misplaced(held(10, false, false), 11, false), "restarted");
+        assert!(
+            !misplaced(held(10, true, false), 11, false),
+            "a second process of the VM while the first runs"
+        );
+        assert!(
+            misplaced(held(10, true, false), 10, true),
+            "its cgroup became shared"
+        );
+        assert!(
+            misplaced(held(10, true, true), 10, false),
+            "its cgroup is alone again"
+        );
     }
 
     #[test]

@@ -650,7 +650,7 @@ fn virsh(args: &[String]) -> anyhow::Result<String> {
 
 /// The start time of a process that runs (a zombie does not: a daemonized qemu killed in a
 /// container whose init does not reap stays one, its monitor closed).
-fn running_start_time(pid: u32) -> Option<u64> {
+pub fn running_start_time(pid: u32) -> Option<u64> {
     let stat = crate::host::proc::ProcessDir::host(pid).stat().ok()?;
     (!matches!(stat.state, 'Z' | 'X' | 'x')).then_some(stat.start_time)
 }
