@@ -377,6 +377,7 @@ impl ThrottleService {
                  with it"
             );
         }
+        self.qemu.look_for_restarts();
         let before = self.state.qemu.len();
         self.state
             .qemu
