@@ -784,3 +784,125 @@ fn qemu_keeps_holding_a_vm_whose_cgroup_neighbour_runs_in_short_bursts() {
     d.terminate();
     assert!(!cgroup_limited(), "SIGTERM removes the cgroup limit");
 }
+
+/// The qemu of one of overkvm's VMs, from its pidfile.
+fn vm_pid(state: &Path, name: &str) -> i32 {
+    fs::read_to_string(state.join(name).join("qemu.pid"))
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .expect("the VM's pidfile")
+}
+
+/// A VM QEMU holds (host-cached on the v1 host) restarted with `vm stop` and `vm start`: a new
+/// qemu, the same name and uuid, the same QMP socket path. The throttle takes it for the same
+/// VM: the new qemu's disk is held as soon as its guest writes again (the device stays
+/// engaged: `release_ticks` outlasts the restart), the guest is held to the budget by QEMU's
+/// count, and nothing of the former qemu stays on record.
+#[test]
+fn qemu_holds_a_restarted_vm_again() {
+    skip_unless_kernel!();
+    let test = "qemu_holds_a_restarted_vm_again";
+    if let Some(reason) = guest::missing_tools() {
+        overkvm_tests::skipped(test, reason);
+        return;
+    }
+    if let Err(reason) = v1_blkio() {
+        overkvm_tests::skipped(test, format!("needs cgroup v1 blkio: {reason}"));
+        return;
+    }
+    let fs_ = MountedFs::new(512, "ext4", &[]).expect("ext4 on a loop device");
+    let dev = fs_.dev.name();
+    let work = TempDir::new("qemu-restart").unwrap();
+    let state = fs_.dir.join("vms");
+    let name = format!("okr{}", std::process::id());
+    let _cleanup = VmCleanup {
+        state: state.clone(),
+        name: name.clone(),
+    };
+    let socket = boot_writer(&fs_.dir, work.path(), &state, &name, "writeback");
+    sleep(Duration::from_secs(2));
+    let free = guest_write_rate(&socket, Duration::from_secs(5));
+    let budget = ((free / 4.0).min(300.0)).round();
+    eprintln!("guest alone: {free:.0} writes/s (QMP); budget {budget:.0} IOPS on {dev}");
+    if budget < 40.0 {
+        overkvm_tests::skipped(
+            test,
+            format!("the guest writes only {free:.0}/s under TCG here: too slow to show a budget"),
+        );
+        return;
+    }
+    let config = work.path().join("overkvm.toml");
+    let state_file = work.path().join("run/throttle.json");
+    fs::write(
+        &config,
+        format!(
+            "[policy]\nstate_file = \"{}\"\nactuator = \"auto\"\nrelease_ticks = 240\n\n\
+             [[device]]\ndevice = \"{dev}\"\niops = {budget}\n",
+            state_file.display()
+        ),
+    )
+    .unwrap();
+    let mut d = Serve::start(&config, &work.path().join("serve-restart.log"), &state);
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            disk_throttle(&socket)["iops_wr"].as_u64().unwrap_or(0) > 0
+        }),
+        "no QEMU limit on disk0:\n{}",
+        d.log()
+    );
+    let old_pid = vm_pid(&state, &name);
+    let st = state.to_str().unwrap();
+    ok(ovk(
+        &state,
+        &["vm", "stop", &name, "--timeout", "1s", "--state-dir", st],
+    ));
+    let serial = state.join(&name).join("serial.log");
+    let _ = fs::remove_file(&serial);
+    ok(ovk(
+        &state,
+        &["vm", "start", &name, "--accel", "tcg", "--state-dir", st],
+    ));
+    let new_pid = vm_pid(&state, &name);
+    assert_ne!(old_pid, new_pid, "a new qemu");
+    assert!(
+        wait_until(Duration::from_secs(90), || fs::read_to_string(&serial)
+            .is_ok_and(|s| s.contains("WRITING"))),
+        "the restarted guest did not write:\n{}",
+        fs::read_to_string(&serial).unwrap_or_default()
+    );
+    let writing = Instant::now();
+    let held = wait_until(Duration::from_secs(20), || {
+        disk_throttle(&socket)["iops_wr"].as_u64().unwrap_or(0) > 0
+    });
+    let held_s = writing.elapsed().as_secs_f64();
+    assert!(held, "the restarted VM is not held:\n{}", d.log());
+    sleep(Duration::from_secs(3));
+    let rate = guest_write_rate(&socket, Duration::from_secs(8));
+    let stj = status(&config, &state);
+    let recorded: Vec<i64> = stj["recorded"]["qemu"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["pid"].as_i64())
+        .collect();
+    eprintln!(
+        "restarted VM (pid {old_pid}, now {new_pid}): held by QEMU {held_s:.1}s after its guest \
+         wrote again, iops_wr={}; it wrote {rate:.0}/s (QMP), budget {budget}; on record: pids \
+         {recorded:?}",
+        disk_throttle(&socket)["iops_wr"]
+    );
+    assert!(
+        rate <= budget * (1.0 + TOLERANCE),
+        "the restarted guest wrote {rate:.0}/s, over the budget {budget}:\n{}",
+        d.log()
+    );
+    assert_eq!(recorded, [i64::from(new_pid)], "{stj}");
+    d.terminate();
+    assert_eq!(
+        disk_throttle(&socket)["iops_wr"].as_u64(),
+        Some(0),
+        "SIGTERM puts the new qemu's disk back"
+    );
+    let left = fs::read_to_string(&state_file).unwrap_or_default();
+    assert!(!left.contains("\"qemu\""), "a record left: {left}");
+}
