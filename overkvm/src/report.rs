@@ -17,6 +17,9 @@ use serde::Serialize;
 
 mod held;
 
+/// Health event: rows of a process inside exec released unnamed (see `held`).
+pub use held::EXPIRED_EVENT as EXEC_NAMING_EXPIRED;
+
 use crate::{
     devices::{DeviceInfo, DeviceTable},
     host::cgroup::CgroupNames,

@@ -3,11 +3,24 @@
 
 /// Makes untrusted text (process and VM names) safe for a terminal: control characters,
 /// escape sequences and invalid characters are shown as `\xNN` / `\u{..}`, never emitted raw.
+/// A backslash is doubled, so the result names one input only (two VMs whose names differ
+/// never show the same).
 pub fn sanitize(s: &str) -> String {
+    escape(s, true)
+}
+
+/// [`sanitize`] for a cgroup path: the same escapes for control characters, but a backslash
+/// stays single, because systemd's own escapes (`machine-qemu\x2d1\x2dvm.scope`) are printable
+/// already and an operator looks for the path as `/sys/fs/cgroup` spells it.
+pub fn sanitize_path(s: &str) -> String {
+    escape(s, false)
+}
+
+fn escape(s: &str, double_backslash: bool) -> String {
     let mut out = String::with_capacity(s.len());
     for ch in s.chars() {
         match ch {
-            '\\' => out.push_str("\\\\"),
+            '\\' if double_backslash => out.push_str("\\\\"),
             c if c.is_control() => {
                 let v = c as u32;
                 if v < 0x100 {
@@ -39,5 +52,12 @@ mod tests {
         assert_eq!(sanitize("back\\slash"), "back\\\\slash");
         assert_eq!(sanitize("vm-ünïcode"), "vm-ünïcode");
         assert!(!sanitize("\x07\x08\x7f").chars().any(|c| c.is_control()));
+    }
+
+    #[test]
+    fn a_cgroup_path_keeps_systemds_escapes_and_loses_its_controls() {
+        let p = r"/machine.slice/machine-qemu\x2d1\x2dvm.scope";
+        assert_eq!(sanitize_path(p), p);
+        assert_eq!(sanitize_path("/a\x1b[2J\nb"), r"/a\x1b[2J\x0ab");
     }
 }

@@ -365,3 +365,154 @@ fn io_done_with_a_command_line_read_empty_waits_for_the_name() {
         assert_eq!(r.0.as_deref(), Some(NAME), "every row: {after:?}");
     }
 }
+
+/// A host that just booted starts 50 VMs at once: each qemu binary is cold (its own copy, its
+/// pages dropped from the page cache), so each does block I/O inside its own `execve` (the
+/// kernel reads the binary's last data page while clearing its bss), while `/proc/PID` shows
+/// the new comm and an empty command line. Every row of every one of them, on every device,
+/// carries its own `-name`, and each one's 20 direct reads are all counted under it.
+#[test]
+fn fifty_cold_qemus_started_at_once_are_each_named_from_their_first_io() {
+    skip_unless_kernel!();
+    const VMS: usize = 50;
+    let lo = LoopDevice::new(64).expect("loop device");
+    let disk = lo.name();
+    let dir = TempDir::new("identity-storm");
+    let binaries: Vec<_> = (0..VMS)
+        .map(|k| {
+            let sub = dir.join(format!("vm{k}"));
+            fs::create_dir(&sub).unwrap();
+            let qemu = sub.join("qemu-system-x86_64");
+            fs::copy(workspace_bin("execvm"), &qemu).unwrap();
+            drop_from_page_cache(&qemu);
+            qemu
+        })
+        .collect();
+    let top = Top::start("0.5");
+    let mut vms: Vec<(String, Changeling)> = binaries
+        .iter()
+        .enumerate()
+        .map(|(k, qemu)| {
+            let name = format!("storm-{k}");
+            let vm = Changeling::start_named(qemu, &lo.path, &name);
+            (name, vm)
+        })
+        .collect();
+    for (_, vm) in &mut vms {
+        vm.expect_phase("after");
+    }
+    let names: std::collections::HashMap<u32, String> = vms
+        .iter()
+        .map(|(name, vm)| (vm.child.id(), name.clone()))
+        .collect();
+    // Every interval until each VM's 20 reads are in, then the hold's 4 intervals more: rows
+    // held while a command line read empty come out under their name at the latest then.
+    let mut rows = Vec::new();
+    let reads_on = |rows: &[StormRow], pid: u32| {
+        rows.iter()
+            .filter(|r| r.pid == pid && r.device == disk)
+            .map(|r| r.reads)
+            .sum::<u64>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while names.keys().any(|&pid| reads_on(&rows, pid) < 20) {
+        assert!(
+            Instant::now() < deadline,
+            "not all reads reported: {rows:?}"
+        );
+        rows.extend(top.next_storm_rows(&names));
+    }
+    for _ in 0..5 {
+        rows.extend(top.next_storm_rows(&names));
+    }
+    for (_, mut vm) in vms {
+        vm.next_phase();
+        assert!(vm.child.wait().expect("stand-in exit").success());
+    }
+    let misnamed: Vec<_> = rows
+        .iter()
+        .filter(|r| r.vm.as_deref() != Some(names[&r.pid].as_str()))
+        .collect();
+    assert!(
+        misnamed.is_empty(),
+        "rows not under their VM's name: {misnamed:?}"
+    );
+    for &pid in names.keys() {
+        assert_eq!(reads_on(&rows, pid), 20, "{}: {rows:?}", names[&pid]);
+    }
+    // What makes this the cold-boot case: I/O of the stand-ins on the binaries' own device,
+    // done while each was loading.
+    let exec_io = names
+        .keys()
+        .filter(|&&pid| rows.iter().any(|r| r.pid == pid && r.device != disk))
+        .count();
+    eprintln!(
+        "{VMS} cold qemus: {exec_io} did I/O on their binary's device, {} rows, all named",
+        rows.len()
+    );
+    assert!(
+        exec_io > 0,
+        "no stand-in read its binary from the device: the page cache was not cold"
+    );
+}
+
+/// One row of `top --json` for a process of the storm.
+#[derive(Debug)]
+struct StormRow {
+    pid: u32,
+    vm: Option<String>,
+    device: String,
+    reads: u64,
+}
+
+impl Top {
+    /// Rows of the processes in `pids`, on every device, in the next interval printed.
+    fn next_storm_rows(&self, pids: &std::collections::HashMap<u32, String>) -> Vec<StormRow> {
+        let line = self
+            .lines
+            .recv_timeout(Duration::from_secs(10))
+            .expect("top prints an interval every 0.5 s");
+        let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+        v["processes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|p| {
+                let pid = u32::try_from(p["pid"].as_u64()?).ok()?;
+                pids.contains_key(&pid).then(|| StormRow {
+                    pid,
+                    vm: p["vm"]["name"].as_str().map(str::to_string),
+                    device: p["device"].as_str().unwrap_or("").to_string(),
+                    reads: p["read_ops"].as_u64().unwrap_or(0),
+                })
+            })
+            .collect()
+    }
+}
+
+impl Changeling {
+    /// A stand-in started as a named qemu: it does its 20 reads, prints `after` and waits.
+    fn start_named(qemu: &std::path::Path, dev: &std::path::Path, name: &str) -> Self {
+        let guest = format!("guest={name}");
+        let mut child = Command::new(qemu)
+            .arg(dev)
+            .args(["after", name, "-name", &guest])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting the stand-in");
+        let out = BufReader::new(child.stdout.take().unwrap());
+        Changeling { child, out }
+    }
+}
+
+/// Writes `path` out and drops its pages from the page cache, as after a reboot: the next
+/// exec of it reads it from the device.
+fn drop_from_page_cache(path: &std::path::Path) {
+    use std::os::fd::AsRawFd as _;
+    let f = fs::File::open(path).unwrap();
+    f.sync_all().unwrap();
+    // SAFETY: a valid descriptor; the advice changes only the page cache.
+    let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(rc, 0, "posix_fadvise");
+}

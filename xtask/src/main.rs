@@ -3,6 +3,7 @@
 
 mod bench;
 mod fuzz;
+mod repeat;
 mod setup;
 
 use std::{
@@ -38,8 +39,14 @@ enum Task {
     /// Run every test: unit tests, then the integration tests that load the real programs
     /// (as root, one at a time: they share the kernel).
     Test {
-        /// Only tests whose name contains this.
+        /// Only tests whose name contains this; for the integration tests also a test file
+        /// (`identity` runs tests/tests/identity.rs) or a file and a name (`parity::fallback`).
         filter: Option<String>,
+        /// Run the selected integration tests (not the unit tests) this many times and print
+        /// how often each passed; each run's output is kept in target/repeat/. Fails unless
+        /// every test passed every time.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        repeat: Option<u32>,
     },
     /// Benchmarks: cost per I/O against a peer, IOPS kept under tracing, the daemon at scale.
     /// Prints figures and writes them into BENCHMARKS.md.
@@ -94,12 +101,101 @@ fn run(x: Xtask) -> anyhow::Result<()> {
             bench::run(&args)
         }
         Task::Fuzz(args) => fuzz::run(&args),
-        Task::Test { filter } => {
+        Task::Test { filter, repeat } => {
             setup::toolchain()?;
             setup::test_packages()?;
-            test(filter.as_deref())
+            match repeat {
+                Some(n) => test_repeatedly(n, filter.as_deref()),
+                None => test(filter.as_deref()),
+            }
         }
     }
+}
+
+/// Builds what the integration tests run, as the invoking user (the tests then run as root).
+fn build_integration_tests() -> anyhow::Result<()> {
+    if !is_root() {
+        eprintln!("==> they need root: running them through sudo");
+    }
+    let mut c = cargo();
+    c.args(["build", "--release", "-p", "overkvm", "--bin", "overkvm-io"]);
+    check(c, "cargo build")?;
+    let mut c = cargo();
+    c.args([
+        "test",
+        "--release",
+        "-p",
+        "overkvm-tests",
+        "--tests",
+        "--no-run",
+    ]);
+    check(c, "building the integration tests")
+}
+
+/// Where the tests record the tests that skipped and why (overkvm_tests::skipped).
+fn skip_log() -> PathBuf {
+    workspace_root().join("target/test-skips.log")
+}
+
+/// `cargo test` of the integration tests, as root, one test at a time (they share the
+/// kernel), with `extra` libtest arguments. `--no-fail-fast`: a failing binary does not hide
+/// the results of the binaries after it.
+fn integration_tests(filter: Option<&str>, extra: &[&str]) -> Command {
+    let mut c = if is_root() {
+        cargo()
+    } else {
+        let mut s = Command::new("sudo");
+        s.args(["-E", "env"])
+            .arg(format!(
+                "PATH={}",
+                std::env::var("PATH").unwrap_or_default()
+            ))
+            .arg(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(workspace_root());
+        s
+    };
+    c.args(["test", "--release", "-p", "overkvm-tests"]);
+    // `identity` selects the binary tests/tests/identity.rs, `identity::exec` the tests of it
+    // whose name contains `exec`; anything else filters test names in every binary.
+    let (binary, name) = match filter.map(|f| f.split_once("::").unwrap_or((f, ""))) {
+        Some((bin, name)) if is_test_binary(bin) => {
+            (Some(bin), Some(name).filter(|n| !n.is_empty()))
+        }
+        _ => (None, filter),
+    };
+    match binary {
+        Some(bin) => c.args(["--test", bin]),
+        None => c.arg("--tests"),
+    };
+    c.args(["--no-fail-fast", "--", "--test-threads=1"]);
+    c.args(extra);
+    if let Some(f) = name {
+        c.arg(f);
+    }
+    // A skip passes in libtest's count, so each is recorded here and reported on its own.
+    c.env("OVERKVM_SKIP_LOG", skip_log());
+    c
+}
+
+fn is_test_binary(name: &str) -> bool {
+    !name.is_empty()
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && workspace_root()
+            .join("tests/tests")
+            .join(format!("{name}.rs"))
+            .is_file()
+}
+
+/// `cargo xtask test --repeat N [FILTER]`.
+fn test_repeatedly(n: u32, filter: Option<&str>) -> anyhow::Result<()> {
+    eprintln!("==> integration tests, {n} times");
+    build_integration_tests()?;
+    repeat::run(
+        n,
+        |extra| integration_tests(filter, extra),
+        &skip_log(),
+        &workspace_root().join("target/repeat"),
+    )
 }
 
 /// The workspace root (xtask lives one level below it).
@@ -172,43 +268,12 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
     check(c, "unit tests")?;
 
     eprintln!("==> integration tests (real kernel: programs, loop devices, zram, qemu guests)");
-    if !is_root() {
-        eprintln!("==> they need root: running them through sudo");
-    }
-    // Build first as the invoking user, then run the test binaries as root one test at a time.
-    let mut c = cargo();
-    c.args(["build", "--release", "-p", "overkvm", "--bin", "overkvm-io"]);
-    check(c, "cargo build")?;
-    let mut c = if is_root() {
-        cargo()
-    } else {
-        let mut s = Command::new("sudo");
-        s.args(["-E", "env"])
-            .arg(format!(
-                "PATH={}",
-                std::env::var("PATH").unwrap_or_default()
-            ))
-            .arg(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .current_dir(workspace_root());
-        s
-    };
-    c.args([
-        "test",
-        "--release",
-        "-p",
-        "overkvm-tests",
-        "--tests",
-        "--",
-        "--test-threads=1",
-    ]);
-    if let Some(f) = filter {
-        c.arg(f);
-    }
+    build_integration_tests()?;
+    let c = integration_tests(filter, &[]);
     // Each test that skips records why here (overkvm_tests::skipped): a skip passes in
     // libtest's count, so it is reported on its own, and fails the run in CI.
-    let skip_log = workspace_root().join("target/test-skips.log");
+    let skip_log = skip_log();
     let _ = std::fs::remove_file(&skip_log);
-    c.env("OVERKVM_SKIP_LOG", &skip_log);
     let ran = check(c, "integration tests");
     let skips: Vec<String> = std::fs::read_to_string(&skip_log)
         .unwrap_or_default()

@@ -242,6 +242,14 @@ pub const MAP_READ_ERRORS: Metric = Metric {
     help: "Map entries that vanished while being read.",
 };
 
+pub const EXEC_NAMING_EXPIRED: Metric = Metric {
+    name: "exec_naming_expired",
+    kind: Kind::Counter,
+    unit: None,
+    labels: &[],
+    help: "Rows of a process caught inside exec (empty command line) held for their name and released unnamed after 4 intervals.",
+};
+
 pub const SAMPLE_DURATION: Metric = Metric {
     name: "sample_duration",
     kind: Kind::Gauge,
@@ -461,6 +469,7 @@ pub const ALL: &[Metric] = &[
     BPF_MAP_CAPACITY,
     KERNEL_EVENTS,
     MAP_READ_ERRORS,
+    EXEC_NAMING_EXPIRED,
     SAMPLE_DURATION,
     RENDER_DURATION,
     TICKS,

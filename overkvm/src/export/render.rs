@@ -27,17 +27,50 @@ use crate::identity::Manager;
 /// lines and cgroup paths, which anyone starting a process chooses.
 const MAX_LABEL_BYTES: usize = 256;
 
-/// A label value, cut to `MAX_LABEL_BYTES`. The text encoders escape it themselves; the
-/// protobuf format carries it raw.
-struct Lv<'a>(&'a str);
+/// A label value: escaped as `top` shows it (control characters as `\xNN`, see
+/// [`crate::text::sanitize`]), then cut to `MAX_LABEL_BYTES`. Escaping here, before any encoder,
+/// gives a series one identity in OpenMetrics, classic text and protobuf alike: the text encoders
+/// would escape only `"`, `\\` and newline, and protobuf nothing, so a raw ESC in a tenant's VM
+/// name would reach whatever terminal or alert shows the label.
+struct Lv<'a> {
+    text: &'a str,
+    /// A cgroup path: [`crate::text::sanitize_path`], which keeps systemd's `\x2d` escapes as
+    /// the path spells them.
+    path: bool,
+}
+
+fn lv(text: &str) -> Lv<'_> {
+    Lv { text, path: false }
+}
+
+fn path_lv(text: &str) -> Lv<'_> {
+    Lv { text, path: true }
+}
 
 impl EncodeLabelValue for Lv<'_> {
     fn encode(&self, enc: &mut LabelValueEncoder) -> fmt::Result {
-        let mut end = self.0.len().min(MAX_LABEL_BYTES);
-        while !self.0.is_char_boundary(end) {
+        // Most values need no escaping (a tick renders thousands of them): no copy for those.
+        let plain = self
+            .text
+            .bytes()
+            .all(|b| (0x20..0x7f).contains(&b) && b != b'\\');
+        let escaped;
+        let s = match (plain, self.path) {
+            (true, _) => self.text,
+            (false, false) => {
+                escaped = crate::text::sanitize(self.text);
+                &escaped
+            }
+            (false, true) => {
+                escaped = crate::text::sanitize_path(self.text);
+                &escaped
+            }
+        };
+        let mut end = s.len().min(MAX_LABEL_BYTES);
+        while !s.is_char_boundary(end) {
             end -= 1;
         }
-        enc.write_str(&self.0[..end])
+        enc.write_str(&s[..end])
     }
 }
 
@@ -116,8 +149,8 @@ fn encode_self(
     }
     if let Some(mut m) = family(enc, &names::EXPORTER_CONNECTIONS_DROPPED, true)? {
         let reason = names::label::REASON;
-        counter(&mut m, &[(reason, Lv("timeout"))], http.timed_out)?;
-        counter(&mut m, &[(reason, Lv("oversized"))], http.oversized)?;
+        counter(&mut m, &[(reason, lv("timeout"))], http.timed_out)?;
+        counter(&mut m, &[(reason, lv("oversized"))], http.oversized)?;
     }
     Ok(())
 }
@@ -218,7 +251,7 @@ fn encode_totals(t: &Totals, shape: Shape, enc: &mut DescriptorEncoder) -> fmt::
                     if c.ops == 0 {
                         continue;
                     }
-                    let l = [(VM, Lv(&vm.label)), (DEVICE, Lv(dev)), (OP, Lv(op.name()))];
+                    let l = [(VM, lv(&vm.label)), (DEVICE, lv(dev)), (OP, lv(op.name()))];
                     counter(&mut m, &l, c.ops)?;
                 }
             }
@@ -232,7 +265,7 @@ fn encode_totals(t: &Totals, shape: Shape, enc: &mut DescriptorEncoder) -> fmt::
                     if c.ops == 0 && c.bytes == 0 {
                         continue;
                     }
-                    let l = [(VM, Lv(&vm.label)), (DEVICE, Lv(dev)), (OP, Lv(op.name()))];
+                    let l = [(VM, lv(&vm.label)), (DEVICE, lv(dev)), (OP, lv(op.name()))];
                     counter(&mut m, &l, c.bytes)?;
                 }
             }
@@ -246,7 +279,7 @@ fn encode_totals(t: &Totals, shape: Shape, enc: &mut DescriptorEncoder) -> fmt::
                     if h.count() == 0 {
                         continue;
                     }
-                    let l = [(VM, Lv(&vm.label)), (DEVICE, Lv(dev)), (OP, Lv(op.name()))];
+                    let l = [(VM, lv(&vm.label)), (DEVICE, lv(dev)), (OP, lv(op.name()))];
                     histogram(&mut m, &l, h, shape)?;
                 }
             }
@@ -256,18 +289,18 @@ fn encode_totals(t: &Totals, shape: Shape, enc: &mut DescriptorEncoder) -> fmt::
         for vm in &vms {
             let pid = vm.pid.to_string();
             let mut l = vec![
-                (VM, Lv(&vm.label)),
-                (UUID, Lv(vm.uuid.as_deref().unwrap_or(""))),
-                (MANAGER, Lv(manager_name(vm.manager))),
-                (PID, Lv(&pid)),
-                (CGROUP, Lv(&vm.cgroup)),
+                (VM, lv(&vm.label)),
+                (UUID, lv(vm.uuid.as_deref().unwrap_or(""))),
+                (MANAGER, lv(manager_name(vm.manager))),
+                (PID, lv(&pid)),
+                (CGROUP, path_lv(&vm.cgroup)),
             ];
             // Only KubeVirt VMs have a namespace (their `vm` is `<namespace>/<vmi>`).
             if let Some(ns) = (vm.manager == Manager::Kubevirt)
                 .then(|| crate::identity::kubevirt::namespace_of(&vm.label))
                 .flatten()
             {
-                l.push((NAMESPACE, Lv(ns)));
+                l.push((NAMESPACE, lv(ns)));
             }
             gauge(&mut m, &l, 1i64)?;
         }
@@ -285,11 +318,11 @@ fn encode_totals(t: &Totals, shape: Shape, enc: &mut DescriptorEncoder) -> fmt::
             let v = if bytes { c.bytes } else { c.ops };
             match name_label {
                 Some((k, name)) => {
-                    let l = [(k, Lv(name)), (DEVICE, Lv(dev)), (OP, Lv(op.name()))];
+                    let l = [(k, lv(name)), (DEVICE, lv(dev)), (OP, lv(op.name()))];
                     counter(m, &l, v)?;
                 }
                 None => {
-                    let l = [(DEVICE, Lv(dev)), (OP, Lv(op.name()))];
+                    let l = [(DEVICE, lv(dev)), (OP, lv(op.name()))];
                     counter(m, &l, v)?;
                 }
             }
@@ -325,44 +358,47 @@ fn encode_totals(t: &Totals, shape: Shape, enc: &mut DescriptorEncoder) -> fmt::
     let s = &t.stats;
     if let Some(mut m) = family(enc, &names::BPF_PROGRAM_RUNS, !s.programs.is_empty())? {
         for p in &s.programs {
-            counter(&mut m, &[(PROGRAM, Lv(&p.name))], p.run_count)?;
+            counter(&mut m, &[(PROGRAM, lv(&p.name))], p.run_count)?;
         }
     }
     if let Some(mut m) = family(enc, &names::BPF_PROGRAM_RUN_TIME, !s.programs.is_empty())? {
         for p in &s.programs {
             let secs = p.run_time_ns as f64 / 1e9;
-            counter_f64(&mut m, &[(PROGRAM, Lv(&p.name))], secs)?;
+            counter_f64(&mut m, &[(PROGRAM, lv(&p.name))], secs)?;
         }
     }
     if let Some(mut m) = family(enc, &names::BPF_MAP_ENTRIES, !s.maps.is_empty())? {
         for (name, fill) in &s.maps {
-            gauge(&mut m, &[(MAP, Lv(name))], fill.entries)?;
+            gauge(&mut m, &[(MAP, lv(name))], fill.entries)?;
         }
     }
     if let Some(mut m) = family(enc, &names::BPF_MAP_CAPACITY, !s.maps.is_empty())? {
         for (name, fill) in &s.maps {
-            gauge(&mut m, &[(MAP, Lv(name))], fill.capacity)?;
+            gauge(&mut m, &[(MAP, lv(name))], fill.capacity)?;
         }
     }
     if let Some(mut m) = family(enc, &names::KERNEL_EVENTS, true)? {
         for h in Health::ALL {
-            counter(&mut m, &[(EVENT, Lv(h.name()))], s.health_total[h as usize])?;
+            counter(&mut m, &[(EVENT, lv(h.name()))], s.health_total[h as usize])?;
         }
     }
     if let Some(mut m) = family(enc, &names::DEVICE_PARITY_DIFFERENCE, !s.parity.is_empty())? {
         for p in &s.parity {
             for (op, d) in p.difference.by_op() {
-                gauge(&mut m, &[(DEVICE, Lv(&p.device)), (OP, Lv(op))], d)?;
+                gauge(&mut m, &[(DEVICE, lv(&p.device)), (OP, lv(op))], d)?;
             }
         }
     }
     if let Some(mut m) = family(enc, &names::DEVICE_PARITY_SETTLED, !s.parity.is_empty())? {
         for p in &s.parity {
-            gauge(&mut m, &[(DEVICE, Lv(&p.device))], u64::from(p.settled))?;
+            gauge(&mut m, &[(DEVICE, lv(&p.device))], u64::from(p.settled))?;
         }
     }
     if let Some(mut m) = family(enc, &names::MAP_READ_ERRORS, true)? {
         m.encode_counter::<NoLabelSet, _, f64>(&s.read_errors, None)?;
+    }
+    if let Some(mut m) = family(enc, &names::EXEC_NAMING_EXPIRED, true)? {
+        m.encode_counter::<NoLabelSet, _, f64>(&s.exec_naming_expired, None)?;
     }
     if let Some(mut m) = family(enc, &names::SAMPLE_DURATION, s.ticks > 0)? {
         m.encode_gauge(&s.sample_seconds)?;
@@ -378,8 +414,8 @@ fn encode_totals(t: &Totals, shape: Shape, enc: &mut DescriptorEncoder) -> fmt::
     }
     if let Some(mut m) = family(enc, &names::EXPORTER_INFO, true)? {
         let l = [
-            (VERSION, Lv(env!("CARGO_PKG_VERSION"))),
-            (HOOK_MODE, Lv(&s.mode)),
+            (VERSION, lv(env!("CARGO_PKG_VERSION"))),
+            (HOOK_MODE, lv(&s.mode)),
         ];
         gauge(&mut m, &l, 1i64)?;
     }
@@ -396,9 +432,9 @@ fn encode_totals(t: &Totals, shape: Shape, enc: &mut DescriptorEncoder) -> fmt::
             for (dir, v) in [("read", l.riops), ("write", l.wiops)] {
                 if let Some(v) = v {
                     let ls = [
-                        (VM, Lv(&l.vm)),
-                        (DEVICE, Lv(&l.device)),
-                        (DIRECTION, Lv(dir)),
+                        (VM, lv(&l.vm)),
+                        (DEVICE, lv(&l.device)),
+                        (DIRECTION, lv(dir)),
                     ];
                     gauge(&mut m, &ls, v)?;
                 }
@@ -414,9 +450,9 @@ fn encode_totals(t: &Totals, shape: Shape, enc: &mut DescriptorEncoder) -> fmt::
             for (dir, v) in [("read", l.rbps), ("write", l.wbps)] {
                 if let Some(v) = v {
                     let ls = [
-                        (VM, Lv(&l.vm)),
-                        (DEVICE, Lv(&l.device)),
-                        (DIRECTION, Lv(dir)),
+                        (VM, lv(&l.vm)),
+                        (DEVICE, lv(&l.device)),
+                        (DIRECTION, lv(dir)),
                     ];
                     gauge(&mut m, &ls, v)?;
                 }
@@ -427,7 +463,7 @@ fn encode_totals(t: &Totals, shape: Shape, enc: &mut DescriptorEncoder) -> fmt::
         for l in &th.limits {
             gauge(
                 &mut m,
-                &[(VM, Lv(&l.vm)), (DEVICE, Lv(&l.device))],
+                &[(VM, lv(&l.vm)), (DEVICE, lv(&l.device))],
                 l.since_s,
             )?;
         }
@@ -455,7 +491,7 @@ fn encode_totals(t: &Totals, shape: Shape, enc: &mut DescriptorEncoder) -> fmt::
                 for d in &q.disks {
                     for (dir, v) in values(d) {
                         if let Some(v) = v {
-                            let ls = [(VM, Lv(&q.vm)), (DISK, Lv(&d.disk)), (DIRECTION, Lv(dir))];
+                            let ls = [(VM, lv(&q.vm)), (DISK, lv(&d.disk)), (DIRECTION, lv(dir))];
                             gauge(&mut m, &ls, v)?;
                         }
                     }
@@ -467,18 +503,18 @@ fn encode_totals(t: &Totals, shape: Shape, enc: &mut DescriptorEncoder) -> fmt::
     if let Some(mut m) = family(enc, &names::THROTTLE_BUDGET_IOPS, has_budget)? {
         for b in &th.budgets {
             if let Some(v) = b.iops_budget {
-                gauge(&mut m, &[(DEVICE, Lv(&b.device))], v)?;
+                gauge(&mut m, &[(DEVICE, lv(&b.device))], v)?;
             }
         }
     }
     if let Some(mut m) = family(enc, &names::THROTTLE_USED_IOPS, !th.budgets.is_empty())? {
         for b in &th.budgets {
-            gauge(&mut m, &[(DEVICE, Lv(&b.device))], b.iops_used)?;
+            gauge(&mut m, &[(DEVICE, lv(&b.device))], b.iops_used)?;
         }
     }
     if let Some(mut m) = family(enc, &names::THROTTLE_ENGAGED, !th.budgets.is_empty())? {
         for b in &th.budgets {
-            gauge(&mut m, &[(DEVICE, Lv(&b.device))], i64::from(b.engaged))?;
+            gauge(&mut m, &[(DEVICE, lv(&b.device))], i64::from(b.engaged))?;
         }
     }
     let has_capacity = th.budgets.iter().any(|b| b.capacity_iops.is_some());
@@ -486,7 +522,7 @@ fn encode_totals(t: &Totals, shape: Shape, enc: &mut DescriptorEncoder) -> fmt::
         for b in th.budgets.iter().filter(|b| b.capacity_iops.is_some()) {
             gauge(
                 &mut m,
-                &[(DEVICE, Lv(&b.device))],
+                &[(DEVICE, lv(&b.device))],
                 b.capacity_iops.unwrap_or(0.0),
             )?;
         }
@@ -704,6 +740,54 @@ mod tests {
         assert_eq!(ops.metric.len(), 2, "read and write only");
     }
 
+    /// A tenant chooses its VM's name: a control character in it reaches no scraper raw, and
+    /// the series has the same `vm` label whichever format Prometheus negotiates.
+    #[test]
+    fn a_hostile_vm_name_is_one_escaped_label_in_every_format() {
+        use prometheus_client::encoding::prometheus_protobuf;
+        let hostile = "ev\"il\x1b[31m\nvm";
+        let shown = crate::text::sanitize(hostile);
+        assert_eq!(shown, r#"ev"il\x1b[31m\x0avm"#);
+        let totals = || {
+            let procs = FakeProcs::default();
+            procs.start(100, 1);
+            let mut t = Totals::new(retention());
+            let mut r = row(100, Some(hostile), "vda", 10, 4);
+            r.cgroup = "/machine.slice/machine-qemu\\x2d1\\x2dev\x1bil.scope".into();
+            t.apply(&tick(Instant::now(), vec![r]), &procs);
+            t
+        };
+        let om = render(totals());
+        let classic = openmetrics_to_text(&om);
+        // The text formats escape `"` and `\` of the shown name once more.
+        let label = r#"vm="ev\"il\\x1b[31m\\x0avm""#;
+        for (format, text) in [("OpenMetrics", &om), ("classic text", &classic)] {
+            assert!(!text.contains('\x1b'), "raw ESC in {format}:\n{text}");
+            assert_eq!(
+                vm_series(text, r#"ev\"il\\x1b[31m\\x0avm"#).len(),
+                vm_series(&om, r#"ev\"il\\x1b[31m\\x0avm"#).len(),
+                "{format}:\n{text}"
+            );
+            assert!(text.contains(label), "{format}:\n{text}");
+            // The cgroup keeps systemd's escapes single; its ESC is shown, not sent.
+            assert!(
+                text.contains(r#"cgroup="/machine.slice/machine-qemu\\x2d1\\x2dev\\x1bil.scope""#),
+                "{format}:\n{text}"
+            );
+        }
+        let families =
+            prometheus_protobuf::encode(&registry(totals(), LatencyBuckets::Compact, true))
+                .expect("encoding");
+        let vm_labels: std::collections::BTreeSet<&str> = families
+            .iter()
+            .flat_map(|f| &f.metric)
+            .flat_map(|m| &m.label)
+            .filter(|l| l.name == "vm")
+            .map(|l| l.value.as_str())
+            .collect();
+        assert_eq!(vm_labels.into_iter().collect::<Vec<_>>(), [shown.as_str()]);
+    }
+
     fn sample(text: &str, series: &str) -> Option<String> {
         text.lines().find_map(|l| {
             l.strip_prefix(series)?
@@ -760,7 +844,9 @@ mod tests {
         });
         t.apply(&tk, &procs);
         let text = render(t);
-        let vm = r#"vm="web\"01\\\nx",device="vda""#;
+        // The name's backslash doubled and its newline shown as `\x0a` (as `top` shows it),
+        // then the text format's own escaping of `"` and `\`.
+        let vm = r#"vm="web\"01\\\\\\x0ax",device="vda""#;
         assert_eq!(
             sample(
                 &text,
@@ -794,7 +880,7 @@ mod tests {
             Some("12".into())
         );
         assert!(text.contains("# UNIT overkvm_vm_io_latency_seconds seconds"));
-        assert!(text.contains(r#"overkvm_vm_info{vm="web\"01\\\nx",uuid="uuid-web\"01\\\nx",manager="qemu",pid="100",cgroup="/machine/100"} 1"#), "{text}");
+        assert!(text.contains(r#"overkvm_vm_info{vm="web\"01\\\\\\x0ax",uuid="uuid-web\"01\\\\\\x0ax",manager="qemu",pid="100",cgroup="/machine/100"} 1"#), "{text}");
         assert_eq!(
             sample(
                 &text,

@@ -206,6 +206,8 @@ pub struct SelfStats {
     pub maps: Vec<(&'static str, MapFill)>,
     pub health_total: [u64; HEALTH_SLOTS as usize],
     pub read_errors: u64,
+    /// Rows of a process inside exec released unnamed (`report::held`).
+    pub exec_naming_expired: u64,
     pub sample_seconds: f64,
     pub render_seconds: f64,
     pub throttle: Option<ThrottleView>,
@@ -318,6 +320,12 @@ impl Totals {
         }
         self.stats.mode.clone_from(&report.mode);
         self.stats.read_errors += report.health.read_errors;
+        self.stats.exec_naming_expired += report
+            .health
+            .events
+            .get(crate::report::EXEC_NAMING_EXPIRED)
+            .copied()
+            .unwrap_or(0);
         self.stats.programs.clone_from(&tick.programs);
         self.stats.maps.clone_from(&tick.maps);
         self.stats.health_total = tick.health_total;

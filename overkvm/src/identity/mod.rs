@@ -237,13 +237,17 @@ impl Resolver {
         } else {
             self.checkpoint(&dir.file("cmdline"));
             let argv = dir.cmdline().ok()?;
-            // A zombie's command line is empty for good (its memory is gone): comm is all
-            // that is left. Anyone else's is empty only for a moment (inside an exec).
-            complete = !argv.is_empty() || stat.is_zombie();
             // Optional: unreadable for zombies and other users' processes.
             let exe = dir.exe();
             let exe = exe.as_deref().map(Path::to_string_lossy);
             let argv0 = argv.first().map_or("", String::as_str);
+            // A zombie's command line is empty for good (its memory is gone): comm is all
+            // that is left. Anyone else's is empty only for a moment (inside an exec, where
+            // comm and exe are already the new program's). That moment matters only for a
+            // qemu, whose name is in its arguments; any other process is named by comm, final
+            // already, and is not held back.
+            complete =
+                !argv.is_empty() || stat.is_zombie() || !is_qemu("", exe.as_deref(), &stat.comm);
             if complete && is_qemu(argv0, exe.as_deref(), &stat.comm) {
                 let args = qemu::QemuArgs::parse(&argv);
                 Some(managers::identify(pid, &args, &manager_cgroup, &self.host))
@@ -524,6 +528,20 @@ mod tests {
         assert!(whole.complete);
         assert_eq!(whole.vm.as_ref().unwrap().name, "web01");
         assert!(Arc::ptr_eq(&whole, &r.resolve(800).unwrap()), "now cached");
+
+        // Not a qemu (by comm or exe): its name is its comm, final already, so an empty
+        // command line holds nothing back.
+        root.process(
+            801,
+            "postgres",
+            51,
+            &[],
+            "0::/db\n",
+            Some("/usr/bin/postgres"),
+        );
+        let other = r.resolve(801).unwrap();
+        assert!(other.complete);
+        assert_eq!((other.comm.as_str(), other.vm.as_ref()), ("postgres", None));
     }
 
     /// A qemu-named process without `-name` that execs itself with one keeps its PID, start

@@ -27,7 +27,11 @@ use super::{
     sort::SortOrder,
 };
 use crate::{
-    export::names, qemu::limits::DiskLimits, report::OpCounts, text::sanitize, tick::ActiveLimit,
+    export::names,
+    qemu::limits::DiskLimits,
+    report::OpCounts,
+    text::{sanitize, sanitize_path},
+    tick::ActiveLimit,
 };
 
 /// The throttle's limits on one VM and device (absent where none).
@@ -506,7 +510,9 @@ pub fn groups(report: &FleetReport) -> Vec<RowGroup> {
             let key = RowKey {
                 host: sanitize(instance),
                 pid: 0,
-                label: format!("vm:{}", sanitize(vm)),
+                // Our exporter has escaped the name already (`\x1b`): show the label as
+                // Prometheus holds it, and still never a raw control from another exporter.
+                label: format!("vm:{}", sanitize_path(vm)),
             };
             let merged = row(&key, &parts, RowKind::Merged { expanded: false });
             let per_device = parts
@@ -612,7 +618,7 @@ pub fn write_table(out: &mut impl std::io::Write, r: &FleetReport) -> std::io::R
             out,
             "{:<24} {:<24} {:<10} {:>8.0} {:>8.0} {:>8.0} {:>7.1} {:>7.1} {:>8} {:>6}  {}",
             fit(&sanitize(&v.instance), 24),
-            fit(&sanitize(&v.vm), 24),
+            fit(&sanitize_path(&v.vm), 24),
             fit(&sanitize(&v.device), 10),
             v.iops,
             v.read_iops,
