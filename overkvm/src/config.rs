@@ -66,6 +66,11 @@ pub struct Policy {
     pub relax_step: Option<f64>,
     /// Move a VM's qemu (all threads) into its own cgroup under `overkvm/` when it shares one.
     pub manage_cgroups: Option<bool>,
+    /// How long a VM's cgroup counts as shared after another process's last I/O in it
+    /// (default 10 min): a cron job's short bursts keep it shared between runs
+    /// (`throttle::sharing`).
+    #[serde(default, deserialize_with = "de_duration")]
+    pub shared_hold: Option<Duration>,
     /// Where the record of written limits is kept (default /run/overkvm/throttle.json).
     pub state_file: Option<String>,
     /// What holds a VM to its limit: its block cgroup, QEMU's own disk throttling

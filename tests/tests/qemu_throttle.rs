@@ -635,3 +635,274 @@ fn qemu_holds_a_vm_that_shares_its_cgroup() {
         "SIGTERM puts the disk's settings back: {back}"
     );
 }
+
+/// Reads of `major:minor` charged to a v1 blkio cgroup so far, as the kernel counts them.
+fn cgroup_reads(
+    cg_dir: &Path,
+    major: impl std::fmt::Display,
+    minor: impl std::fmt::Display,
+) -> u64 {
+    let text = fs::read_to_string(cg_dir.join("blkio.throttle.io_serviced")).unwrap_or_default();
+    let want = format!("{major}:{minor} Read ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&want).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0)
+}
+
+/// The cgroup's neighbour is a cron-like job: a loop of short `dd` bursts (40 direct reads
+/// each, then 1.5 s asleep), each `dd` a new process that has exited by the time the
+/// interval it read in is read. Judged per interval the cgroup would be shared in one tick of
+/// four or five; remembered for `shared_hold` (here 6 s), it stays shared: QEMU holds the VM
+/// the whole time and nothing is written in the cgroup. Once the job stops, the cgroup is
+/// alone again after the hold: that is logged once, and the cgroup takes over, once.
+#[test]
+fn qemu_keeps_holding_a_vm_whose_cgroup_neighbour_runs_in_short_bursts() {
+    skip_unless_kernel!();
+    let test = "qemu_keeps_holding_a_vm_whose_cgroup_neighbour_runs_in_short_bursts";
+    if let Some(reason) = guest::missing_tools() {
+        overkvm_tests::skipped(test, reason);
+        return;
+    }
+    if let Err(reason) = v1_blkio() {
+        overkvm_tests::skipped(test, format!("needs cgroup v1 blkio: {reason}"));
+        return;
+    }
+    let fs_ = MountedFs::new(512, "ext4", &[]).expect("ext4 on a loop device");
+    let dev = fs_.dev.name();
+    let work = TempDir::new("qemu-bursts").unwrap();
+    let state = fs_.dir.join("vms");
+    let name = format!("okb{}", std::process::id());
+    let _cleanup = VmCleanup {
+        state: state.clone(),
+        name: name.clone(),
+    };
+    let socket = boot_writer(&fs_.dir, work.path(), &state, &name, "none");
+    sleep(Duration::from_secs(2));
+    let free = guest_write_rate(&socket, Duration::from_secs(5));
+    let budget = ((free / 4.0).min(300.0)).round();
+    eprintln!("guest alone: {free:.0} writes/s (QMP); budget {budget:.0} IOPS on {dev}");
+    if budget < 40.0 {
+        overkvm_tests::skipped(
+            test,
+            format!("the guest writes only {free:.0}/s under TCG here: too slow to show a budget"),
+        );
+        return;
+    }
+    let cg_dir = v1_blkio().unwrap().join(format!("overkvm/vm-{name}"));
+    let (major, minor) = (fs_.dev.dev() >> 20, fs_.dev.dev() & 0xfffff);
+    // The job: a shell in the VM's cgroup (it does no I/O itself) starting short `dd`s,
+    // each reading a different 160 KiB of the device directly.
+    let child = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {}/cgroup.procs || exit 1; i=0; while :; do \
+             dd if=/dev/{dev} of=/dev/null bs=4096 count=40 skip=$((i * 40 % 60000)) \
+             iflag=direct 2>/dev/null; i=$((i + 1)); sleep 1.5; done",
+            cg_dir.display()
+        ))
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("starting the neighbour");
+    let neighbour = Neighbour(child);
+    let config = work.path().join("overkvm.toml");
+    fs::write(
+        &config,
+        format!(
+            "[policy]\nstate_file = \"{}\"\nactuator = \"auto\"\nmanage_cgroups = false\n\
+             shared_hold = \"6s\"\n\n[[device]]\ndevice = \"{dev}\"\niops = {budget}\n",
+            work.path().join("run/throttle.json").display()
+        ),
+    )
+    .unwrap();
+    let mut d = Serve::start(&config, &work.path().join("serve-bursts.log"), &state);
+    let engaged = wait_until(Duration::from_secs(30), || {
+        disk_throttle(&socket)["iops_wr"].as_u64().unwrap_or(0) > 0
+    });
+    assert!(engaged, "no QEMU limit on disk0:\n{}", d.log());
+    // For 15 s (30 ticks, 10 bursts): QEMU holds the VM at every look, the cgroup never.
+    let reads0 = cgroup_reads(&cg_dir, major, minor);
+    let limit_line = format!("{major}:{minor} ");
+    let cgroup_limited = || {
+        ["read", "write"].iter().any(|dir| {
+            fs::read_to_string(cg_dir.join(format!("blkio.throttle.{dir}_iops_device")))
+                .is_ok_and(|t| t.contains(&limit_line))
+        })
+    };
+    let t0 = Instant::now();
+    let mut looks = 0;
+    while t0.elapsed() < Duration::from_secs(15) {
+        assert!(
+            disk_throttle(&socket)["iops_wr"].as_u64().unwrap_or(0) > 0,
+            "QEMU let go after {:.1}s:\n{}",
+            t0.elapsed().as_secs_f64(),
+            d.log()
+        );
+        assert!(
+            !cgroup_limited(),
+            "a limit in the shared cgroup after {:.1}s:\n{}",
+            t0.elapsed().as_secs_f64(),
+            d.log()
+        );
+        looks += 1;
+        sleep(Duration::from_millis(250));
+    }
+    let burst_reads = cgroup_reads(&cg_dir, major, minor) - reads0;
+    let log = d.log();
+    eprintln!(
+        "short-lived neighbour: {burst_reads} reads charged to {} in 15 s (blkio), QEMU held \
+         the VM at all {looks} looks",
+        cg_dir.display()
+    );
+    assert!(
+        burst_reads >= 5 * 40,
+        "the neighbour's bursts did not reach the cgroup ({burst_reads} reads): the premise \
+         does not hold"
+    );
+    assert!(log.contains("it shares its cgroup"), "{log}");
+    assert!(log.contains("is shared: I/O of dd ("), "{log}");
+    assert!(!log.contains("QEMU lets go of it"), "{log}");
+
+    // The job stops: after the hold the cgroup is alone, and takes over, each said once.
+    drop(neighbour);
+    let alone = wait_until(Duration::from_secs(20), cgroup_limited);
+    let log = d.log();
+    assert!(alone, "the cgroup did not take over:\n{log}");
+    sleep(Duration::from_secs(3));
+    let log = d.log();
+    let count = |s: &str| log.lines().filter(|l| l.contains(s)).count();
+    assert_eq!(count("it is not shared any more"), 1, "{log}");
+    assert_eq!(
+        count("QEMU lets go of it, the cgroup takes over"),
+        1,
+        "{log}"
+    );
+    assert_eq!(
+        disk_throttle(&socket)["iops_wr"].as_u64(),
+        Some(0),
+        "QEMU's settings are back"
+    );
+    d.terminate();
+    assert!(!cgroup_limited(), "SIGTERM removes the cgroup limit");
+}
+
+/// The qemu of one of overkvm's VMs, from its pidfile.
+fn vm_pid(state: &Path, name: &str) -> i32 {
+    fs::read_to_string(state.join(name).join("qemu.pid"))
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .expect("the VM's pidfile")
+}
+
+/// A VM QEMU holds (host-cached on the v1 host) restarted with `vm stop` and `vm start`: a new
+/// qemu, the same name and uuid, the same QMP socket path. The throttle takes it for the same
+/// VM: the new qemu's disk is held as soon as its guest writes again (the device stays
+/// engaged: `release_ticks` outlasts the restart), the guest is held to the budget by QEMU's
+/// count, and nothing of the former qemu stays on record.
+#[test]
+fn qemu_holds_a_restarted_vm_again() {
+    skip_unless_kernel!();
+    let test = "qemu_holds_a_restarted_vm_again";
+    if let Some(reason) = guest::missing_tools() {
+        overkvm_tests::skipped(test, reason);
+        return;
+    }
+    if let Err(reason) = v1_blkio() {
+        overkvm_tests::skipped(test, format!("needs cgroup v1 blkio: {reason}"));
+        return;
+    }
+    let fs_ = MountedFs::new(512, "ext4", &[]).expect("ext4 on a loop device");
+    let dev = fs_.dev.name();
+    let work = TempDir::new("qemu-restart").unwrap();
+    let state = fs_.dir.join("vms");
+    let name = format!("okr{}", std::process::id());
+    let _cleanup = VmCleanup {
+        state: state.clone(),
+        name: name.clone(),
+    };
+    let socket = boot_writer(&fs_.dir, work.path(), &state, &name, "writeback");
+    sleep(Duration::from_secs(2));
+    let free = guest_write_rate(&socket, Duration::from_secs(5));
+    let budget = ((free / 4.0).min(300.0)).round();
+    eprintln!("guest alone: {free:.0} writes/s (QMP); budget {budget:.0} IOPS on {dev}");
+    if budget < 40.0 {
+        overkvm_tests::skipped(
+            test,
+            format!("the guest writes only {free:.0}/s under TCG here: too slow to show a budget"),
+        );
+        return;
+    }
+    let config = work.path().join("overkvm.toml");
+    let state_file = work.path().join("run/throttle.json");
+    fs::write(
+        &config,
+        format!(
+            "[policy]\nstate_file = \"{}\"\nactuator = \"auto\"\nrelease_ticks = 240\n\n\
+             [[device]]\ndevice = \"{dev}\"\niops = {budget}\n",
+            state_file.display()
+        ),
+    )
+    .unwrap();
+    let mut d = Serve::start(&config, &work.path().join("serve-restart.log"), &state);
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            disk_throttle(&socket)["iops_wr"].as_u64().unwrap_or(0) > 0
+        }),
+        "no QEMU limit on disk0:\n{}",
+        d.log()
+    );
+    let old_pid = vm_pid(&state, &name);
+    let st = state.to_str().unwrap();
+    ok(ovk(
+        &state,
+        &["vm", "stop", &name, "--timeout", "1s", "--state-dir", st],
+    ));
+    let serial = state.join(&name).join("serial.log");
+    let _ = fs::remove_file(&serial);
+    ok(ovk(
+        &state,
+        &["vm", "start", &name, "--accel", "tcg", "--state-dir", st],
+    ));
+    let new_pid = vm_pid(&state, &name);
+    assert_ne!(old_pid, new_pid, "a new qemu");
+    assert!(
+        wait_until(Duration::from_secs(90), || fs::read_to_string(&serial)
+            .is_ok_and(|s| s.contains("WRITING"))),
+        "the restarted guest did not write:\n{}",
+        fs::read_to_string(&serial).unwrap_or_default()
+    );
+    let writing = Instant::now();
+    let held = wait_until(Duration::from_secs(20), || {
+        disk_throttle(&socket)["iops_wr"].as_u64().unwrap_or(0) > 0
+    });
+    let held_s = writing.elapsed().as_secs_f64();
+    assert!(held, "the restarted VM is not held:\n{}", d.log());
+    sleep(Duration::from_secs(3));
+    let rate = guest_write_rate(&socket, Duration::from_secs(8));
+    let stj = status(&config, &state);
+    let recorded: Vec<i64> = stj["recorded"]["qemu"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["pid"].as_i64())
+        .collect();
+    eprintln!(
+        "restarted VM (pid {old_pid}, now {new_pid}): held by QEMU {held_s:.1}s after its guest \
+         wrote again, iops_wr={}; it wrote {rate:.0}/s (QMP), budget {budget}; on record: pids \
+         {recorded:?}",
+        disk_throttle(&socket)["iops_wr"]
+    );
+    assert!(
+        rate <= budget * (1.0 + TOLERANCE),
+        "the restarted guest wrote {rate:.0}/s, over the budget {budget}:\n{}",
+        d.log()
+    );
+    assert_eq!(recorded, [i64::from(new_pid)], "{stj}");
+    d.terminate();
+    assert_eq!(
+        disk_throttle(&socket)["iops_wr"].as_u64(),
+        Some(0),
+        "SIGTERM puts the new qemu's disk back"
+    );
+    let left = fs::read_to_string(&state_file).unwrap_or_default();
+    assert!(!left.contains("\"qemu\""), "a record left: {left}");
+}

@@ -14,7 +14,8 @@ use overkvm::throttle::policy::jain_index;
 use overkvm_tests::{
     skip_unless_kernel,
     throttling::{
-        Daemon, TestCgroups, V1Scenario, any_limit, greedy_vm, serviced, wait_until, write_config,
+        Daemon, TestCgroups, V1Scenario, any_limit, greedy_vm, serviced, v1_limits, wait_until,
+        write_config,
     },
 };
 
@@ -230,6 +231,90 @@ fn v1_kill9_at_random_moments_leaves_nothing_stale() {
     assert!(
         engaged_kills >= 5,
         "too few kills hit an engaged throttle to mean anything"
+    );
+    drop(cgs);
+    let _ = fs::remove_dir_all(&tmp);
+}
+
+/// A held VM restarted: its qemu killed and a new one with the same identity (name and uuid)
+/// started in a new blkio cgroup (as libvirt does: `qemu-ID-NAME` with a new ID; the old
+/// cgroup left behind here). The throttle takes it for the same VM: within a few ticks the new
+/// cgroup has the limit and the old has none, as the kernel's own files say, and it stays so.
+#[test]
+fn v1_a_restarted_vms_limit_moves_to_its_new_cgroup() {
+    skip_unless_kernel!();
+    let blkio = overkvm_tests::v1_blkio_or_skip!();
+    let V1Scenario {
+        lo,
+        major,
+        minor,
+        mut cgs,
+        dirs,
+    } = V1Scenario::new(&blkio, 128, &["vmA-1", "vmA-2", "vmB"]);
+    let tmp = std::env::temp_dir().join(format!("overkvm-restart-{}", std::process::id()));
+    fs::create_dir_all(&tmp).unwrap();
+    let state = tmp.join("state/throttle.json");
+    let config = tmp.join("overkvm.toml");
+    write_config(&config, &state, "", &lo.name(), 1000, "");
+    let log = tmp.join("daemon.log");
+    let daemon = Daemon::start(&config, &log);
+    let log_text = || fs::read_to_string(&log).unwrap_or_default();
+    // vmA and vmB, greedy, over the budget; vmA's uuid is its region's (0) in both lives.
+    cgs.kids.push(greedy_vm(&tmp, &lo.path, "vmA", &dirs[0], 0));
+    cgs.kids.push(greedy_vm(&tmp, &lo.path, "vmB", &dirs[2], 1));
+    let limited = |d: &std::path::Path| v1_limits(d, major, minor).iter().any(Option::is_some);
+    assert!(
+        wait_until(Duration::from_secs(10), || limited(&dirs[0])),
+        "vmA not limited:\n{}",
+        log_text()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let before = v1_limits(&dirs[0], major, minor);
+    let mut old = cgs.kids.remove(0);
+    let old_pid = old.id();
+    let _ = old.kill();
+    let _ = old.wait();
+    let t0 = Instant::now();
+    cgs.kids.push(greedy_vm(&tmp, &lo.path, "vmA", &dirs[1], 0));
+    let moved = wait_until(Duration::from_secs(10), || {
+        limited(&dirs[1]) && !limited(&dirs[0])
+    });
+    let moved_s = t0.elapsed().as_secs_f64();
+    assert!(
+        moved,
+        "after the restart: old cgroup {:?}, new cgroup {:?}\n{}",
+        v1_limits(&dirs[0], major, minor),
+        v1_limits(&dirs[1], major, minor),
+        log_text()
+    );
+    // It stays so: nothing writes the old cgroup again, the new one stays held.
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            !limited(&dirs[0]) && limited(&dirs[1]),
+            "old {:?}, new {:?}\n{}",
+            v1_limits(&dirs[0], major, minor),
+            v1_limits(&dirs[1], major, minor),
+            log_text()
+        );
+    }
+    let after = v1_limits(&dirs[1], major, minor);
+    eprintln!(
+        "vmA restarted (pid {old_pid} killed): limit moved from {} to {} in {moved_s:.1}s: \
+         {before:?} then {after:?}",
+        dirs[0].display(),
+        dirs[1].display()
+    );
+    let text = log_text();
+    assert!(
+        text.contains(&format!("restarted (pid {old_pid}, now ")),
+        "the restart is logged:\n{text}"
+    );
+    let st = daemon.terminate();
+    assert!(st.success(), "daemon exit on SIGTERM: {st}");
+    assert!(
+        !any_limit(&dirs, major, minor),
+        "SIGTERM removes every limit"
     );
     drop(cgs);
     let _ = fs::remove_dir_all(&tmp);

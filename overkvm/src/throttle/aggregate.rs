@@ -1,5 +1,5 @@
 //! The throttle's first step: the interval's rows become each VM's use of one device, plus the
-//! background (everything that is not a living VM) and the device's latency. The second step,
+//! background (everything that is no VM) and the device's latency. The second step,
 //! deciding limits, is `policy`; the third, writing them, is the service. This step is pure:
 //! where the host must be asked (a process's cgroup), the caller passes the answer in.
 
@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use overkvm_common::Op;
 
 use crate::{
-    report::{ProcessRow, Report},
+    report::{ProcessRow, Report, VmRef},
     sample::Histogram,
 };
 
@@ -21,6 +21,7 @@ pub struct VmUse {
     pub bps: (f64, f64),
     /// The cgroup the kernel charges its I/O to, where limits act.
     pub cgroup: Option<String>,
+    /// Its living process (0: none in the interval, only the last I/O of one that exited).
     pub pid: u32,
     pub uuid: Option<String>,
     /// The manager's name as config rules match it (`libvirt`, `nova`...).
@@ -30,10 +31,10 @@ pub struct VmUse {
 /// What one device carried in an interval.
 #[derive(Debug, Default)]
 pub struct DeviceUse {
-    /// Per VM, by name.
+    /// Per VM, by name (one VM is its name and uuid: see `same_vm`).
     pub vms: BTreeMap<String, VmUse>,
-    /// Everything else (other processes, kernel threads, exited VM processes), (read, write)
-    /// per second.
+    /// Everything else (other processes, kernel threads, the last I/O of a gone VM whose name
+    /// another VM has now), (read, write) per second.
     pub background_iops: (f64, f64),
     pub background_bps: (f64, f64),
     /// Writes kernel threads did on the device, (IOPS, B/s): the flusher's writeback, which
@@ -52,28 +53,45 @@ pub fn device_use(
     cgroup_of: impl Fn(u32) -> Option<String>,
 ) -> DeviceUse {
     let mut out = DeviceUse::default();
-    for row in report.processes.iter().filter(|r| on_device(r)) {
+    // Living processes first: they say where each VM is now (its pid, cgroup and uuid),
+    // which an exited one's last I/O is then matched against.
+    let (living, exited): (Vec<&ProcessRow>, Vec<&ProcessRow>) = report
+        .processes
+        .iter()
+        .filter(|r| on_device(r))
+        .partition(|r| !r.exited);
+    for row in living.into_iter().chain(exited) {
         out.latency.merge(&row.latency[Op::Read as usize]);
         out.latency.merge(&row.latency[Op::Write as usize]);
         let c = &row.counts;
         let iops = (c.read_ops as f64 / secs, c.write_ops as f64 / secs);
         let bps = (c.read_bytes as f64 / secs, c.write_bytes as f64 / secs);
-        // Reports name a VM's process in the interval it exits too (its last I/O). For the
-        // throttle only living processes are a VM: a VM whose process is gone is gone (its
-        // cgroup with it), and a restarted VM is where its new process is.
-        match row.vm.as_ref().filter(|_| !row.exited) {
+        match row
+            .vm
+            .as_ref()
+            .filter(|v| !row.exited || same_vm(&out.vms, v))
+        {
             Some(vm) => {
                 let u = out.vms.entry(vm.name.clone()).or_default();
                 add(&mut u.iops, iops);
                 add(&mut u.bps, bps);
-                u.pid = row.pid;
-                u.uuid = vm.uuid.clone();
-                u.manager = serde_json::to_value(vm.manager)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_string))
-                    .unwrap_or_default();
-                if let Some(cg) = row.io_cgroup.clone().or_else(|| cgroup_of(row.pid)) {
-                    u.cgroup = Some(cg);
+                if u.uuid.is_none() {
+                    u.uuid = vm.uuid.clone();
+                }
+                if u.manager.is_empty() {
+                    u.manager = serde_json::to_value(vm.manager)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_default();
+                }
+                // A VM's process in the interval it exits (a restarted VM's former qemu) did
+                // I/O of the VM, which counts towards its budget; but it is not where the VM
+                // is: its pid and cgroup are the living process's, or unknown (pid 0).
+                if !row.exited {
+                    u.pid = row.pid;
+                    if let Some(cg) = row.io_cgroup.clone().or_else(|| cgroup_of(row.pid)) {
+                        u.cgroup = Some(cg);
+                    }
                 }
             }
             None => {
@@ -88,30 +106,40 @@ pub fn device_use(
     out
 }
 
+/// Whether the exited process of `vm` ran the VM summed under its name (from its living
+/// processes), or another: one VM is its name and uuid (a VM deleted and created again under
+/// the same name has another uuid). An unknown uuid matches.
+fn same_vm(vms: &BTreeMap<String, VmUse>, vm: &VmRef) -> bool {
+    vms.get(&vm.name).is_none_or(|u| match (&u.uuid, &vm.uuid) {
+        (Some(a), Some(b)) => a == b,
+        _ => true,
+    })
+}
+
 fn add(sum: &mut (f64, f64), v: (f64, f64)) {
     sum.0 += v.0;
     sum.1 += v.1;
 }
 
-/// Who else (living, not kernel threads, not `vm` itself) did I/O charged to `cgroup` in the
-/// interval: a limit written there would hold them too.
-pub fn sharing(report: &Report, vm: &str, pid: u32, cgroup: &str) -> Vec<String> {
-    report
-        .processes
-        .iter()
-        .filter(|r| {
-            // An exited process (a restarted VM's old one) shares nothing any more.
-            r.pid != pid
-                && !r.kernel_thread
-                && !r.exited
-                && r.vm.as_ref().is_none_or(|v| v.name != vm)
-                && r.io_cgroup.as_deref() == Some(cgroup)
-        })
-        .map(|r| match &r.vm {
-            Some(v) => format!("VM {}", v.name),
-            None => format!("{} ({})", r.comm, r.pid),
-        })
-        .collect()
+/// Living VM rows whose name another VM (another uuid) had before: (name, former uuid, new
+/// uuid). `known` (name to uuid, as last seen) is brought up to date. A VM deleted and created
+/// again under its name is a new VM: nothing the throttle held for the former one is its.
+/// An unknown uuid changes nothing (it matches any).
+pub fn replaced_vms(
+    known: &mut BTreeMap<String, String>,
+    report: &Report,
+) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    for r in report.processes.iter().filter(|r| !r.exited) {
+        let Some((name, Some(uuid))) = r.vm.as_ref().map(|v| (&v.name, &v.uuid)) else {
+            continue;
+        };
+        match known.insert(name.clone(), uuid.clone()) {
+            Some(old) if old != *uuid => out.push((name.clone(), old, uuid.clone())),
+            _ => {}
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -141,27 +169,80 @@ mod tests {
 
     #[test]
     fn vms_sum_their_processes_and_the_rest_is_background() {
-        let mut exited = row(30, Some("b"), 0, 50, 0);
-        exited.exited = true;
         let r = report(vec![
             row(10, Some("a"), 0, 100, 20),
             row(11, Some("a"), 0, 100, 0),
             row(20, None, 0, 7, 3),
-            exited,
             row(40, Some("c"), 1, 999, 999),
         ]);
         let u = device_use(&r, 2.0, |r| r.minor == 0, |_| None);
-        assert_eq!(u.vms.len(), 1, "c is on another device, b's process exited");
+        assert_eq!(u.vms.len(), 1, "c is on another device");
         let a = &u.vms["a"];
         assert_eq!(a.iops, (100.0, 10.0));
         assert_eq!(a.bps, (100.0 * 4096.0, 10.0 * 4096.0));
         assert_eq!(a.cgroup.as_deref(), Some("/machine/a"));
         assert_eq!(a.manager, "libvirt");
-        assert_eq!(
-            u.background_iops,
-            (28.5, 1.5),
-            "the process and b's last I/O"
+        assert_eq!(u.background_iops, (3.5, 1.5), "the process");
+    }
+
+    /// A restarted VM: its former qemu's last I/O (the row of a process that exited, listed
+    /// first) counts towards the VM, which is where its new process is. A VM that stopped
+    /// counts its last I/O too, with no process to hold (pid 0, no cgroup). A VM created
+    /// again under the same name (another uuid) is another VM: the gone one's I/O is
+    /// background.
+    #[test]
+    fn a_restarted_vms_last_io_counts_towards_it_and_it_is_where_its_new_process_is() {
+        let mut old = row(10, Some("a"), 0, 50, 0);
+        old.exited = true;
+        old.io_cgroup = Some("/machine/a-1".into());
+        let mut new = row(11, Some("a"), 0, 30, 0);
+        new.io_cgroup = Some("/machine/a-2".into());
+        let mut stopped = row(20, Some("b"), 0, 8, 0);
+        stopped.exited = true;
+        let mut other = row(30, Some("c"), 0, 4, 0);
+        other.exited = true;
+        other.vm.as_mut().unwrap().uuid = Some("uuid-of-a-former-c".into());
+        let c = row(31, Some("c"), 0, 2, 0);
+        let u = device_use(
+            &report(vec![old, stopped, other, new, c]),
+            1.0,
+            |_| true,
+            |_| None,
         );
+        let a = &u.vms["a"];
+        assert_eq!(a.iops.0, 80.0, "both processes' reads");
+        assert_eq!((a.pid, a.cgroup.as_deref()), (11, Some("/machine/a-2")));
+        let b = &u.vms["b"];
+        assert_eq!((b.iops.0, b.pid, b.cgroup.as_deref()), (8.0, 0, None));
+        assert_eq!(b.uuid.as_deref(), Some("uuid-b"));
+        assert_eq!(u.vms["c"].iops.0, 2.0);
+        assert_eq!(u.background_iops.0, 4.0, "the former c's");
+    }
+
+    #[test]
+    fn a_vm_created_again_under_its_name_is_a_new_vm() {
+        let mut known = BTreeMap::new();
+        let with_uuid = |pid, name: &str, uuid: Option<&str>, exited| {
+            let mut r = row(pid, Some(name), 0, 1, 0);
+            r.vm.as_mut().unwrap().uuid = uuid.map(str::to_string);
+            r.exited = exited;
+            r
+        };
+        let first = report(vec![with_uuid(10, "a", Some("u1"), false)]);
+        assert!(replaced_vms(&mut known, &first).is_empty());
+        // Restarted (same uuid), a uuid not read, the former process's last row: the same VM.
+        let same = report(vec![
+            with_uuid(11, "a", Some("u1"), false),
+            with_uuid(12, "a", None, false),
+            with_uuid(10, "a", Some("u0"), true),
+        ]);
+        assert!(replaced_vms(&mut known, &same).is_empty());
+        let again = report(vec![with_uuid(13, "a", Some("u2"), false)]);
+        assert_eq!(
+            replaced_vms(&mut known, &again),
+            [("a".to_string(), "u1".to_string(), "u2".to_string())]
+        );
+        assert!(replaced_vms(&mut known, &again).is_empty(), "said once");
     }
 
     #[test]
@@ -179,33 +260,5 @@ mod tests {
         r.io_cgroup = None;
         let u = device_use(&report(vec![r]), 1.0, |_| true, |_| None);
         assert_eq!(u.vms["a"].cgroup, None, "unknown stays unknown");
-    }
-
-    #[test]
-    fn sharing_names_living_neighbours_only() {
-        let mut other = row(20, None, 0, 1, 0);
-        other.comm = "fio".into();
-        other.io_cgroup = Some("/machine/a".into());
-        let mut kthread = other.clone();
-        kthread.pid = 21;
-        kthread.kernel_thread = true;
-        let mut gone = other.clone();
-        gone.pid = 22;
-        gone.exited = true;
-        let mut second = row(30, Some("b"), 0, 1, 0);
-        second.io_cgroup = Some("/machine/a".into());
-        let r = report(vec![
-            row(10, Some("a"), 0, 1, 0),
-            row(11, Some("a"), 0, 1, 0),
-            other,
-            kthread,
-            gone,
-            second,
-        ]);
-        assert_eq!(
-            sharing(&r, "a", 10, "/machine/a"),
-            ["fio (20)".to_string(), "VM b".to_string()]
-        );
-        assert!(sharing(&r, "a", 10, "/machine/none").is_empty());
     }
 }

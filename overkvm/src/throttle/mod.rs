@@ -17,6 +17,7 @@ pub mod policy;
 pub mod qemu_actuator;
 mod qemu_hold;
 pub mod ratelimit;
+pub mod sharing;
 pub mod state;
 
 use std::{
@@ -37,6 +38,7 @@ use self::{
     },
     qemu_actuator::QemuSide,
     ratelimit::{LogLimiter, Verdict},
+    sharing::SharingMemory,
     state::{MovedProcess, ThrottleState},
 };
 use crate::{
@@ -128,6 +130,9 @@ struct Managed {
 
 struct Applied {
     cgroup: String,
+    /// The VM's process the limit was placed for (0: unknown). A VM restarted is the same VM
+    /// (name and uuid) in another process: its limit moves there.
+    pid: u32,
     limits: Limits,
     since: Instant,
     /// Set when QEMU holds this limit instead of the cgroup.
@@ -158,6 +163,29 @@ pub struct ThrottleService {
     mode: ActuatorMode,
     /// QEMU's side: VMs' disks (cached), QEMU limits set and restored.
     qemu: QemuSide,
+    /// Which VM cgroups also serve other processes, remembered for `[policy] shared_hold`.
+    sharing: SharingMemory,
+    /// Each VM's uuid as last seen, by name: the throttle's state is a VM's (name and uuid),
+    /// kept across restarts of its qemu, not inherited by a new VM under the same name.
+    identities: BTreeMap<String, String>,
+}
+
+/// Where a limit is held: for the VM's process `pid` (0: unknown), which still runs or not,
+/// by QEMU or the cgroup.
+#[derive(Clone, Copy, Debug)]
+struct Placed {
+    pid: u32,
+    running: bool,
+    by_qemu: bool,
+}
+
+/// Whether a limit of the right value is in the wrong place: the process it was placed for is
+/// gone and the VM does I/O from another (`pid`, 0 when none did I/O: a restart), or the
+/// actuator chosen now (`by_qemu`) is not the one holding it. A VM with a second process
+/// doing I/O (a helper under its name) while the first runs has not restarted.
+fn misplaced(held: Placed, pid: u32, by_qemu: bool) -> bool {
+    let restarted = pid != 0 && held.pid != 0 && pid != held.pid && !held.running;
+    restarted || held.by_qemu != by_qemu
 }
 
 /// Limits as an operator reads them: `riops=990 wiops=20` (unset directions left out).
@@ -258,6 +286,8 @@ impl ThrottleService {
             log_limit: LogLimiter::default(),
             mode: config.policy.actuator.unwrap_or_default(),
             qemu: QemuSide::default(),
+            sharing: SharingMemory::new(config.policy.shared_hold.unwrap_or(sharing::DEFAULT_HOLD)),
+            identities: BTreeMap::new(),
         };
         if !dry_run {
             svc.reconcile()?;
@@ -411,6 +441,34 @@ impl ThrottleService {
                 self.qemu.facts(vm, row.pid, &mut self.table);
             }
         }
+        for change in self.sharing.observe(report, Instant::now()) {
+            let (cgroup, line) = match change {
+                sharing::Change::Shared(cg, who) => {
+                    let line = format!(
+                        "cgroup {cg} is shared: I/O of {} was charged to it too; a limit there \
+                         would hold them, so it counts as shared until {} after their last I/O",
+                        who.join(", "),
+                        humantime::format_duration(self.sharing.hold())
+                    );
+                    (cg, line)
+                }
+                sharing::Change::Alone(cg, hold) => {
+                    let line = format!(
+                        "cgroup {cg}: no I/O but its VM's for {}: it is not shared any more",
+                        humantime::format_duration(hold)
+                    );
+                    (cg, line)
+                }
+            };
+            self.decided(&format!("cgroup {cgroup}"), line);
+        }
+        if self.identities.len() > 4096 {
+            // Bounded over months of VM churn: a name forgotten is matched again from scratch.
+            self.identities.clear();
+        }
+        for (vm, old, new) in aggregate::replaced_vms(&mut self.identities, report) {
+            self.new_vm_under_name(&vm, &old, &new);
+        }
         for i in 0..self.devices.len() {
             self.step_device(i, report, secs);
         }
@@ -547,16 +605,39 @@ impl ThrottleService {
         let m = &self.devices[i];
         // A limit the controllers hold but that is not in place (its state could not be saved,
         // its write failed) is tried again every tick: the controllers only report changes.
+        // So is one whose VM is somewhere else now (restarted: another process, maybe another
+        // cgroup) or now wants the other actuator (its cgroup became shared, or alone again).
         let dev = m.info.dev;
-        for vm in m.ctl_iops.limits.keys().chain(m.ctl_bps.limits.keys()) {
-            let want = limits_of(m.ctl_iops.limits.get(vm), m.ctl_bps.limits.get(vm));
-            if vms.contains_key(vm)
-                && self
-                    .applied
-                    .get(&(vm.clone(), dev))
-                    .is_none_or(|a| a.limits != want)
+        let held: Vec<(String, Limits)> = m
+            .ctl_iops
+            .limits
+            .keys()
+            .chain(m.ctl_bps.limits.keys())
+            .filter(|vm| vms.contains_key(*vm))
+            .map(|vm| {
+                let want = limits_of(m.ctl_iops.limits.get(vm), m.ctl_bps.limits.get(vm));
+                (vm.clone(), want)
+            })
+            .collect();
+        for (vm, want) in held {
+            let usage = vms.get(&vm);
+            let Some(a) = self.applied.get(&(vm.clone(), dev)) else {
+                touched.push(vm);
+                continue;
+            };
+            let held = Placed {
+                pid: a.pid,
+                running: a.pid != 0 && qemu_actuator::running_start_time(a.pid).is_some(),
+                by_qemu: a.qemu.is_some(),
+            };
+            if a.limits != want
+                || misplaced(
+                    held,
+                    usage.map_or(0, |u| u.pid),
+                    self.qemu_choice(i, &vm, usage).is_some(),
+                )
             {
-                touched.push(vm.clone());
+                touched.push(vm);
             }
         }
         touched.sort();
@@ -565,19 +646,27 @@ impl ThrottleService {
             let m = &self.devices[i];
             let want = limits_of(m.ctl_iops.limits.get(&vm), m.ctl_bps.limits.get(&vm));
             let usage = vms.get(&vm);
-            self.enforce(i, &vm, usage, want, report);
+            self.enforce(i, &vm, usage, want);
+        }
+    }
+
+    /// Another VM (uuid `new`) runs under the name `vm` of a former one (uuid `old`): what the
+    /// throttle held for the former one goes, on every device, and the new VM starts afresh.
+    fn new_vm_under_name(&mut self, vm: &str, old: &str, new: &str) {
+        log::info!(
+            "VM {vm}: a new VM under this name (uuid {new}, was {old}): the former one's limits \
+             go, the new one starts afresh"
+        );
+        for i in 0..self.devices.len() {
+            let m = &mut self.devices[i];
+            m.ctl_iops.forget(vm);
+            m.ctl_bps.forget(vm);
+            self.enforce(i, vm, None, Limits::default());
         }
     }
 
     /// Makes the limits of `vm` on device `i` what the controllers want.
-    fn enforce(
-        &mut self,
-        i: usize,
-        vm: &str,
-        usage: Option<&VmUse>,
-        want: Limits,
-        report: &Report,
-    ) {
+    fn enforce(&mut self, i: usize, vm: &str, usage: Option<&VmUse>, want: Limits) {
         let info = self.devices[i].info.clone();
         let key = (vm.to_string(), info.dev);
         let (major, minor) = (info.major, info.minor);
@@ -630,7 +719,30 @@ impl ThrottleService {
             }
             return;
         }
-        if let Some(reason) = self.qemu_choice(i, vm, usage, report) {
+        let pid = usage.map_or(0, |u| u.pid);
+        if usage.is_some() && pid == 0 {
+            // Only the last I/O of its process that exited: nothing to hold until its next
+            // process shows (a restart), where the limit then moves.
+            return;
+        }
+        if let Some(old) = self.applied.get(&key).map(|a| a.pid).filter(|old| {
+            *old != 0
+                && pid != 0
+                && *old != pid
+                && qemu_actuator::running_start_time(*old).is_none()
+        }) {
+            // Its own subject: a restart is rare and must not be held back behind the VM's
+            // limit changes.
+            self.decided(
+                &format!("restart {vm}@{}", info.name),
+                format!(
+                    "VM {vm} on {}: restarted (pid {old}, now {pid}): the same VM, its limit \
+                     moves to its new process",
+                    info.name
+                ),
+            );
+        }
+        if let Some(reason) = self.qemu_choice(i, vm, usage) {
             self.enforce_qemu(i, vm, usage, want, reason);
             return;
         }
@@ -638,8 +750,9 @@ impl ThrottleService {
             // The cgroup takes over (QEMU cannot be reached any more, or the reason for it
             // went): QEMU's settings go back first.
             let outcome = self.release_qemu(vm, &info, &q);
+            // Its own subject (an actuator change is rare), as the change the other way.
             self.decided(
-                &format!("{vm}@{}", info.name),
+                &format!("actuator {vm}@{}", info.name),
                 format!(
                     "VM {vm} on {}: QEMU lets go of it, the cgroup takes over ({outcome})",
                     info.name
@@ -659,8 +772,7 @@ impl ThrottleService {
                 return;
             }
         };
-        let pid = usage.map(|u| u.pid).unwrap_or(0);
-        let shared_with = aggregate::sharing(report, vm, pid, &cgroup);
+        let shared_with = self.sharing.shared_with(&cgroup, vm, pid);
         if cgroup == "/" || !shared_with.is_empty() {
             let others = if cgroup == "/" {
                 "the whole host (root cgroup)".to_string()
@@ -713,11 +825,15 @@ impl ThrottleService {
                 self.save_state();
             }
         }
-        if self
+        if let Some(a) = self
             .applied
-            .get(&key)
-            .is_some_and(|a| a.limits == want && a.cgroup == cgroup)
+            .get_mut(&key)
+            .filter(|a| a.limits == want && a.cgroup == cgroup)
         {
+            // Restarted in the same cgroup (overkvm's own VMs): the limit in place is its own.
+            if pid != 0 {
+                a.pid = pid;
+            }
             return;
         }
         if let Some(act) = self.act.clone().filter(|_| !self.dry_run) {
@@ -756,10 +872,16 @@ impl ThrottleService {
             .get(&key)
             .map(|a| a.since)
             .unwrap_or_else(Instant::now);
+        let pid = if pid != 0 {
+            pid
+        } else {
+            self.applied.get(&key).map_or(0, |a| a.pid)
+        };
         self.applied.insert(
             key,
             Applied {
                 cgroup,
+                pid,
                 limits: want,
                 since,
                 qemu: None,
@@ -949,6 +1071,8 @@ mod tests {
             log_limit: LogLimiter::default(),
             mode: ActuatorMode::Auto,
             qemu: QemuSide::default(),
+            sharing: SharingMemory::default(),
+            identities: BTreeMap::new(),
         }
     }
 
@@ -1063,6 +1187,139 @@ mod tests {
                 .is_empty()
         );
         std::fs::remove_dir_all(&sysfs).unwrap();
+    }
+
+    /// A held VM restarted (its qemu exits, a new one with the same name and uuid starts in a
+    /// new cgroup) is the same VM: its limit moves to the new cgroup at once, even where its
+    /// value stays within the deadband, and none is left on the old one or on record.
+    #[test]
+    fn a_restarted_vms_limit_moves_to_its_new_cgroup() {
+        let dir = tempfile::tempdir().unwrap();
+        let sysfs = crate::devices::fake_sysfs("thr-restart");
+        let mut svc = bare_service(dir.path().join("throttle.json"));
+        let fake = Arc::new(FakeWriter::default());
+        svc.act = Some(fake.clone());
+        svc.table = DeviceTable::with_sysfs(&sysfs);
+        let info = svc.table.resolve_disk("vda").unwrap();
+        svc.devices.push(Managed {
+            info,
+            iops: Some(Budget::Total(300.0)),
+            bps: None,
+            ctl_iops: DeviceController::default(),
+            ctl_bps: DeviceController::default(),
+            used_iops: 0.0,
+            latency: None,
+            ctl_latency: LatencyController::default(),
+        });
+        // PIDs above pid_max: no process of this host is taken for these VMs.
+        let vm = |n: &str, pid: u32, cg: &str, exited: bool| {
+            let mut r = crate::testdata::vm_process(n, pid, "vda", 0, 1000);
+            (r.major, r.minor) = (254, 0);
+            r.vm.as_mut().unwrap().uuid = Some(format!("uuid-{n}"));
+            r.io_cgroup = Some(cg.into());
+            r.exited = exited;
+            r
+        };
+        let (a1, a2, b) = (u32::MAX - 10, u32::MAX - 11, u32::MAX - 12);
+        for _ in 0..12 {
+            svc.on_tick(&crate::testdata::report_with(vec![
+                vm("a", a1, "/machine/a-1", false),
+                vm("b", b, "/machine/b", false),
+            ]));
+        }
+        let limit = |cg: &str| {
+            fake.limits
+                .lock()
+                .unwrap()
+                .get(&(cg.into(), 254, 0))
+                .copied()
+        };
+        let before = limit("/machine/a-1").expect("a is limited");
+        // The interval a restarts in: its former qemu's last I/O and the new one's.
+        svc.on_tick(&crate::testdata::report_with(vec![
+            vm("a", a1, "/machine/a-1", true),
+            vm("a", a2, "/machine/a-2", false),
+            vm("b", b, "/machine/b", false),
+        ]));
+        assert_eq!(limit("/machine/a-1"), None, "none left on the old cgroup");
+        let after = limit("/machine/a-2").expect("the limit moved to the new cgroup");
+        let w = |l: Limits| l.wiops.unwrap_or(0) as f64;
+        assert!(
+            (w(after) - w(before)).abs() <= w(before) * 0.3,
+            "the same VM keeps its share: {before:?} then {after:?}"
+        );
+        let recorded: Vec<String> = ThrottleState::load(&svc.state_path)
+            .unwrap()
+            .limits
+            .into_iter()
+            .map(|l| l.cgroup)
+            .collect();
+        assert!(
+            recorded.contains(&"/machine/a-2".to_string()),
+            "{recorded:?}"
+        );
+        assert!(
+            !recorded.contains(&"/machine/a-1".to_string()),
+            "{recorded:?}"
+        );
+        assert_eq!(
+            svc.applied[&("a".to_string(), svc.devices[0].info.dev)].pid,
+            a2
+        );
+        // Deleted and created again under its name (another uuid): a new VM. The former one's
+        // limit goes from its cgroup; the new one starts afresh (limited again on its own
+        // demand, in its own cgroup).
+        let mut again = vm("a", a1 - 100, "/machine/a-3", false);
+        again.vm.as_mut().unwrap().uuid = Some("uuid-another-a".into());
+        svc.on_tick(&crate::testdata::report_with(vec![
+            again,
+            vm("b", b, "/machine/b", false),
+        ]));
+        assert_eq!(limit("/machine/a-2"), None, "the former VM's limit went");
+        for _ in 0..4 {
+            let mut again = vm("a", a1 - 100, "/machine/a-3", false);
+            again.vm.as_mut().unwrap().uuid = Some("uuid-another-a".into());
+            svc.on_tick(&crate::testdata::report_with(vec![
+                again,
+                vm("b", b, "/machine/b", false),
+            ]));
+        }
+        assert!(
+            limit("/machine/a-3").is_some(),
+            "the new VM is held on its own"
+        );
+        std::fs::remove_dir_all(&sysfs).unwrap();
+    }
+
+    #[test]
+    fn a_limit_is_misplaced_after_a_restart_or_an_actuator_change_only() {
+        let held = |pid, running, by_qemu| Placed {
+            pid,
+            running,
+            by_qemu,
+        };
+        assert!(!misplaced(held(10, true, false), 10, false));
+        assert!(
+            !misplaced(held(10, false, false), 0, false),
+            "no living process: nowhere to move"
+        );
+        assert!(
+            !misplaced(held(0, false, false), 10, false),
+            "placed for an unknown process"
+        );
+        assert!(misplaced(held(10, false, false), 11, false), "restarted");
+        assert!(
+            !misplaced(held(10, true, false), 11, false),
+            "a second process of the VM while the first runs"
+        );
+        assert!(
+            misplaced(held(10, true, false), 10, true),
+            "its cgroup became shared"
+        );
+        assert!(
+            misplaced(held(10, true, true), 10, false),
+            "its cgroup is alone again"
+        );
     }
 
     #[test]

@@ -328,6 +328,13 @@ impl DeviceController {
         decision
     }
 
+    /// Forgets one guest (another VM took its name): its limit goes, and what was learned of
+    /// it. True when it had a limit.
+    pub fn forget(&mut self, guest: &str) -> bool {
+        self.under_ticks.remove(guest);
+        self.limits.remove(guest).is_some()
+    }
+
     /// Drops every limit at once (the latency controller let go and no fixed budget is left):
     /// returns the guests whose limits must be removed.
     pub fn release_all(&mut self) -> Vec<String> {

@@ -46,6 +46,12 @@ use crate::{
 /// costs a QMP round trip (overkvm's VMs) or a status XML read (libvirt), so not every tick.
 pub const FACTS_REFRESH: Duration = Duration::from_secs(30);
 
+/// How long after a held VM's qemu exited its restart is looked for, and how often: a VM's
+/// manager restarts it within seconds; reading every VM's facts each tick for that long
+/// would cost a libvirt host thousands of status files a second.
+pub const RESTART_WATCH: Duration = Duration::from_secs(60);
+pub const RESTART_REFRESH: Duration = Duration::from_secs(2);
+
 /// Timeout of one QMP exchange and of one virsh run.
 const QMP_TIMEOUT: Duration = Duration::from_secs(2);
 const VIRSH_TIMEOUT_S: &str = "5";
@@ -595,6 +601,9 @@ pub struct QemuSide {
     /// Last guest counters per (pid, disk) for rates.
     counters: HashMap<(u32, String), (Instant, [u64; 4])>,
     last_discovery: Option<Instant>,
+    /// Until when discovery runs every [`RESTART_REFRESH`] (a held VM's qemu exited: its
+    /// restart is looked for).
+    restarts_until: Option<Instant>,
     /// Until when writes through a monitor's owner (by [`Control::describe`]) wait.
     backoff: HashMap<String, Instant>,
 }
@@ -609,6 +618,7 @@ impl Default for QemuSide {
             cache: HashMap::new(),
             counters: HashMap::new(),
             last_discovery: None,
+            restarts_until: None,
             backoff: HashMap::new(),
         }
     }
@@ -650,7 +660,7 @@ fn virsh(args: &[String]) -> anyhow::Result<String> {
 
 /// The start time of a process that runs (a zombie does not: a daemonized qemu killed in a
 /// container whose init does not reap stays one, its monitor closed).
-fn running_start_time(pid: u32) -> Option<u64> {
+pub fn running_start_time(pid: u32) -> Option<u64> {
     let stat = crate::host::proc::ProcessDir::host(pid).stat().ok()?;
     (!matches!(stat.state, 'Z' | 'X' | 'x')).then_some(stat.start_time)
 }
@@ -705,14 +715,25 @@ impl QemuSide {
         self.cache.get(&pid).map(|c| &c.facts)
     }
 
+    /// A VM's qemu exited while QEMU held it: for [`RESTART_WATCH`] discovery runs every
+    /// [`RESTART_REFRESH`], so that its next qemu (a restart) is held as soon as it runs,
+    /// even if it does no block I/O of its own (a host-cached VM's qemu may do none for
+    /// minutes, and would be found only at the next regular discovery).
+    pub fn look_for_restarts(&mut self) {
+        self.restarts_until = Some(Instant::now() + RESTART_WATCH);
+    }
+
     /// Finds the VMs overkvm can reach whether or not they did I/O (a host-cached VM's qemu
     /// may do none of its own for minutes): overkvm's running VMs and libvirt's domains, every
-    /// [`FACTS_REFRESH`].
+    /// [`FACTS_REFRESH`] (every [`RESTART_REFRESH`] while looking for restarts).
     pub fn discover(&mut self, table: &mut crate::devices::DeviceTable) {
-        if self
-            .last_discovery
-            .is_some_and(|t| t.elapsed() < FACTS_REFRESH)
-        {
+        let watching = self.restarts_until.is_some_and(|t| Instant::now() < t);
+        let every = if watching {
+            RESTART_REFRESH
+        } else {
+            FACTS_REFRESH
+        };
+        if self.last_discovery.is_some_and(|t| t.elapsed() < every) {
             return;
         }
         self.last_discovery = Some(Instant::now());
@@ -758,6 +779,15 @@ impl QemuSide {
             }
         }
         for (vm, pid) in found {
+            // A qemu read while it was starting (its monitor not answering yet) has no disks:
+            // while restarts are looked for it is read again.
+            let unread = self
+                .cache
+                .get(&pid)
+                .is_some_and(|c| c.facts.control.is_some() && c.facts.disks.is_empty());
+            if watching && unread {
+                self.cache.remove(&pid);
+            }
             if pid != 0 && !self.cache.contains_key(&pid) {
                 self.facts(&vm, pid, table);
             }

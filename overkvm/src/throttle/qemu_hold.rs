@@ -5,7 +5,7 @@
 use std::{collections::BTreeMap, time::Instant};
 
 use super::{
-    Applied, ThrottleService, VmUse, aggregate, is_gone,
+    Applied, ThrottleService, VmUse, is_gone,
     qemu_actuator::{self, ActuatorFacts, Choice, Control, DiskRef, QemuLimitRecord, QemuSide},
 };
 use crate::{
@@ -15,7 +15,6 @@ use crate::{
         cgroup::{IoController, limits::Limits},
         proc::block_cgroup,
     },
-    report::Report,
 };
 
 /// Where a QEMU-held limit is: the VM's qemu process (pid and start time) and its disks.
@@ -100,12 +99,12 @@ impl ThrottleService {
         i: usize,
         vm: &str,
         usage: Option<&VmUse>,
-        report: &Report,
     ) -> Option<&'static str> {
         let dev = self.devices[i].info.dev;
         let applied = self.applied.get(&(vm.to_string(), dev));
         let pid = usage
             .map(|u| u.pid)
+            .filter(|p| *p != 0)
             .or_else(|| applied.and_then(|a| a.qemu.as_ref()).map(|q| q.pid))?;
         let f = self.qemu.cached(pid)?;
         let disks = f.disks_on(dev);
@@ -122,7 +121,7 @@ impl ThrottleService {
             host_cache: disks.iter().any(|d| d.host_cache),
             shared_cgroup: cgroup
                 .as_deref()
-                .is_some_and(|c| c == "/" || !aggregate::sharing(report, vm, pid, c).is_empty()),
+                .is_some_and(|c| c == "/" || !self.sharing.shared_with(c, vm, pid).is_empty()),
             manage_cgroups: self.manage_cgroups,
             qemu_reachable: reachable,
         };
@@ -206,6 +205,14 @@ impl ThrottleService {
                             self.state.forget_limit(&cg, info.major, info.minor);
                             self.save_state();
                         }
+                        self.decided(
+                            &format!("actuator {vm}@{}", info.name),
+                            format!(
+                                "VM {vm} on {}: its cgroup {cg} lets go of it, QEMU takes over \
+                                 ({why})",
+                                info.name
+                            ),
+                        );
                     }
                     None => {}
                 }
@@ -330,6 +337,7 @@ impl ThrottleService {
             key,
             Applied {
                 cgroup,
+                pid,
                 limits: want,
                 since,
                 qemu: Some(held),
@@ -369,6 +377,7 @@ impl ThrottleService {
                  with it"
             );
         }
+        self.qemu.look_for_restarts();
         let before = self.state.qemu.len();
         self.state
             .qemu
