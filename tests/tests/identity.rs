@@ -25,23 +25,7 @@ fn short_lived_and_exiting_qemus_keep_their_vm_names() {
     let qemu = dir.join("qemu-system-x86_64");
     fs::copy(workspace_bin("iogen"), &qemu).unwrap();
 
-    let mut top = Command::new(workspace_bin("overkvm-io"))
-        .args(["top", "-b", "--json", "-d", "1"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starting overkvm-io top");
-    let (tx, rx) = mpsc::channel::<String>();
-    let out = top.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(30))
-        .expect("top printed its first interval");
+    let top = Top::start("1");
 
     // 50 reads paced at 1000/s: about 50 ms of I/O, then exit, well inside one interval.
     let started = Instant::now();
@@ -87,14 +71,11 @@ fn short_lived_and_exiting_qemus_keep_their_vm_names() {
     let mut lines = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(4);
     while Instant::now() < deadline {
-        if let Ok(l) = rx.recv_timeout(Duration::from_millis(200)) {
+        if let Ok(l) = top.lines.recv_timeout(Duration::from_millis(200)) {
             lines.push(l);
         }
     }
-    let _ = Command::new("kill")
-        .args(["-TERM", &top.id().to_string()])
-        .status();
-    let _ = top.wait();
+    drop(top);
     if hybrid {
         let _ = fs::remove_dir(&cg);
     }
