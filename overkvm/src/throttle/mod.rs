@@ -6,7 +6,8 @@
 //! among the guests, `latency` finds the budget that meets a latency target), `host::cgroup::limits`
 //! writes cgroup files, `qemu_actuator` picks the actuator per VM (pure) and sets QEMU limits
 //! through the monitor's owner, `state` records every change so a crash can be undone.
-//! `ThrottleService` is the thin layer joining them to the daemon's ticks.
+//! `ThrottleService` joins them to the daemon's ticks; it also still holds the cgroup and QEMU
+//! bookkeeping that belongs behind one actuator seam (not yet split out).
 //!
 //! Every decision (engage, each limit set, tightened, relaxed or removed, release) and every
 //! fault handled is logged at the default level (target `overkvm::throttle`), one line each,
