@@ -122,24 +122,42 @@ struct Tick {
     iops: f64,
 }
 
+/// How the current window did over its recent ticks (see `LatencyController::judge`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Judgement {
+    /// Most ticks were over the target.
+    missed: bool,
+    /// Most ticks were at or under `setpoint` of the target.
+    met: bool,
+    /// The median latency of the ticks, µs.
+    judged: f64,
+    /// What the device delivered while missing (all ticks when it did not miss).
+    delivered: f64,
+    /// A miss after a cut that lowered the delivered rate but not the latency: the host's or
+    /// the device's own, not the rate's.
+    unmoved: bool,
+    /// The lowest rate among the ticks: what a met window is learned as.
+    slowest_rate: f64,
+}
+
 /// Finds the total IOPS at which a device meets a latency target: a bracketing search over
 /// measured points, with forgetting and a ramp, run only while the target is missed.
 ///
 /// The law, per tick while engaged:
-/// - **Judge a window, not a tick.** The ticks since the window last moved (the last
+/// - **Judge a window, not a tick** (`judge`). The ticks since the window last moved (the last
 ///   `smooth_ticks` for a probe, `hold_smooth_ticks` otherwise) decide by majority, and only
 ///   once there are `confirm_ticks` of them: the window *meets* the target when most had
 ///   `L ≤ setpoint·T` with the window binding, and *misses* it when most had `L > T`. A
 ///   single slow tick (a host hiccup, a burst absorbed by the device) moves nothing; after a
 ///   cut, `drain_ticks` ticks are not judged at all (the backlog of the rate before drains
 ///   first).
-/// - **Bracket.** `good` is the highest delivered rate known to meet the target, `bad` the
+/// - **Bracket** (`engage`, `learn_miss`). `good` is the highest delivered rate known to meet the target, `bad` the
 ///   lowest known to miss it. A miss sets `bad` to the rate the device delivered while
 ///   missing (a saturated device delivers its capacity; the mean of the ticks over the
 ///   target, at least `max_cut` of the window) and lowers `good` to `2·close` under
 ///   it, never drops it: a miss just above the knee costs a few percent, not a restart from
 ///   below. With no `good` yet a miss cuts by `T/L` (to `max_cut` at most).
-/// - **Move up only after a judgement.** When the window meets the target: with `bad`
+/// - **Move up only after a judgement** (`learn_meet`, `near_saturation`). When the window meets the target: with `bad`
 ///   known, go to the middle of `[good, bad]`, or hold `good` once the bracket is narrower
 ///   than `close` (twice that while holding: hysteresis); with no `bad`, ramp from `good` by
 ///   a step that starts at `close` and doubles per confirmed step up to `ramp` (slow start).
@@ -147,14 +165,14 @@ struct Tick {
 ///   learned only after it met the target for `trust_ticks`: a rate limiter's bucket hides
 ///   an overshoot of a few percent for seconds (seen in the 6.1 guest: 625 IOPS met for 1 s
 ///   on a 600 IOPS disk, then 8 ms).
-/// - **Forget.** While holding at `good`, `bad` grows by `forget × speed-up` per tick, so the
+/// - **Forget** (`forget`, and the stale-miss rule in `learn_meet`). While holding at `good`, `bad` grows by `forget × speed-up` per tick, so the
 ///   bracket reopens and the window probes its middle. A probe that meets the target clearly
 ///   above the rate that missed before (by `close`) shows that miss was stale (the device got
 ///   faster, or it was noise or a backlog):
 ///   `bad` is dropped and the ramp takes over; going clearly past it doubles the speed-up, a
 ///   probe that misses halves it (a rate limiter's step is found again and again: probes get
 ///   rarer there).
-/// - **Misses that are not the rate's.** A miss at the known-good rate the window kept up with
+/// - **Misses that are not the rate's** (`suspect_miss`; `Judgement::unmoved` holds). A miss at the known-good rate the window kept up with
 ///   first steps back by `close`, closing the bracket just over it (noise, or a slower
 ///   device: a miss there too, or another soon, says which). A miss after a cut that lowered
 ///   the delivered rate but not the latency (`unmoved`) is the host's or the device's own:
@@ -235,54 +253,19 @@ impl LatencyController {
             if self.over_ticks < k.engage_ticks {
                 return None;
             }
-            let l = lat.unwrap_or(target_us);
-            self.engaged = true;
-            self.low_ticks = 0;
-            self.speedup = 1.0;
-            self.step = k.close;
-            self.min_window = (k.min_fraction * iops).max(k.floor);
-            self.bad = Some(iops.max(k.floor));
-            self.bad_measured = iops.max(k.floor);
-            self.miss_high = Some(iops.max(k.floor));
-            self.last_miss = Some((iops, l));
-            self.since_suspect = u32::MAX;
-            // A capacity learned in an earlier engagement is a good first guess if it is below
-            // what just missed the target.
-            self.good = self.capacity.filter(|c| *c < iops * (1.0 - k.close));
-            let w = match self.good {
-                Some(g) => g,
-                None => iops * (target_us / l).clamp(k.max_cut, 0.95),
-            };
-            self.cut_to(w, k);
+            self.engage(iops, lat.unwrap_or(target_us), target_us, k);
             return self.window;
         }
         let w = self.window.unwrap_or(iops).max(k.floor);
         let binding = iops >= k.binding * w;
-        let low = match lat {
-            None => true,
-            Some(l) => l < k.release_below * target_us && !binding,
-        };
-        self.low_ticks = if low { self.low_ticks + 1 } else { 0 };
-        if self.low_ticks >= k.release_ticks {
-            *self = LatencyController {
-                capacity: self.capacity,
-                latency_us: self.latency_us,
-                ..LatencyController::default()
-            };
+        if self.let_go(lat, binding, target_us, k) {
             return None;
         }
         self.since_suspect = self.since_suspect.saturating_add(1);
         let Some(l) = lat else {
             return self.window;
         };
-        // Forget only while holding at the known-good rate: during a search the bracket's
-        // upper end is fresh, and forgetting it would send the next probe past a miss just
-        // measured.
-        let holding = self.good.is_some_and(|g| w <= g * (1.0 + 0.5 * k.close));
-        if let Some(b) = self.bad.as_mut().filter(|_| holding || self.good.is_none()) {
-            let speed = self.speedup.clamp(k.min_speedup, k.max_speedup);
-            *b *= 1.0 + k.forget * speed;
-        }
+        self.forget(w, k);
         if self.draining > 0 {
             self.draining -= 1;
             return self.window;
@@ -300,15 +283,118 @@ impl LatencyController {
         }
         // This window is above the rate known to meet the target: it is a probe.
         let probe = self.good.is_some_and(|g| w > g * (1.0 + 0.5 * k.close));
+        let Some(j) = self.judge(w, binding, probe, target_us, k) else {
+            return self.window;
+        };
+        if j.missed && j.unmoved {
+            // Cut and no better: not the rate's fault. Hold, and judge again after a while.
+            self.recent.clear();
+            self.draining = k.drain_ticks;
+        } else if j.missed
+            && !probe
+            && binding
+            && self.good.is_some()
+            && self.since_suspect > k.suspect_memory
+            && self.met_ticks >= k.confirm_ticks
+        {
+            self.suspect_miss(w, &j, k);
+        } else if j.missed {
+            let now = Tick {
+                latency_us: l,
+                iops,
+            };
+            self.learn_miss(w, now, probe, &j, target_us, k);
+        } else if j.met && binding && probe && self.near_saturation(w, k) {
+            // A probe close to the highest rate seen saturated: a rate limiter's bucket hides
+            // an overshoot of a few percent for seconds, so it must meet the target for
+            // `trust_ticks` before it is learned. Far from it, the majority of a few ticks is
+            // enough.
+        } else if j.met && binding {
+            self.learn_meet(&j, k);
+        }
+        self.window
+    }
+
+    /// Engages: the window starts under the rate that just missed the target (at a capacity
+    /// learned before, when it is below that rate; else cut by `T/L`).
+    fn engage(&mut self, iops: f64, l: f64, target_us: f64, k: &LatencyKnobs) {
+        self.engaged = true;
+        self.low_ticks = 0;
+        self.speedup = 1.0;
+        self.step = k.close;
+        self.min_window = (k.min_fraction * iops).max(k.floor);
+        self.bad = Some(iops.max(k.floor));
+        self.bad_measured = iops.max(k.floor);
+        self.miss_high = Some(iops.max(k.floor));
+        self.last_miss = Some((iops, l));
+        self.since_suspect = u32::MAX;
+        // A capacity learned in an earlier engagement is a good first guess if it is below
+        // what just missed the target.
+        self.good = self.capacity.filter(|c| *c < iops * (1.0 - k.close));
+        let w = match self.good {
+            Some(g) => g,
+            None => iops * (target_us / l).clamp(k.max_cut, 0.95),
+        };
+        self.cut_to(w, k);
+    }
+
+    /// After `release_ticks` well under the target and not held back (or idle), lets go:
+    /// everything but the capacity learned is forgotten. True when it did.
+    fn let_go(
+        &mut self,
+        lat: Option<f64>,
+        binding: bool,
+        target_us: f64,
+        k: &LatencyKnobs,
+    ) -> bool {
+        let low = match lat {
+            None => true,
+            Some(l) => l < k.release_below * target_us && !binding,
+        };
+        self.low_ticks = if low { self.low_ticks + 1 } else { 0 };
+        if self.low_ticks < k.release_ticks {
+            return false;
+        }
+        *self = LatencyController {
+            capacity: self.capacity,
+            latency_us: self.latency_us,
+            ..LatencyController::default()
+        };
+        true
+    }
+
+    /// The forgetting: while holding at the known-good rate, the lowest rate known to miss
+    /// grows a little each tick, so the bracket reopens. Not during a search: there the
+    /// bracket's upper end is fresh, and forgetting it would send the next probe past a miss
+    /// just measured.
+    fn forget(&mut self, w: f64, k: &LatencyKnobs) {
+        let holding = self.good.is_some_and(|g| w <= g * (1.0 + 0.5 * k.close));
+        if let Some(b) = self.bad.as_mut().filter(|_| holding || self.good.is_none()) {
+            let speed = self.speedup.clamp(k.min_speedup, k.max_speedup);
+            *b *= 1.0 + k.forget * speed;
+        }
+    }
+
+    /// The judgement of the current window from its recent ticks (a probe's last
+    /// `smooth_ticks`, any other's last `hold_smooth_ticks`), by majority; None until it has
+    /// `confirm_ticks` of them.
+    fn judge(
+        &self,
+        w: f64,
+        binding: bool,
+        probe: bool,
+        target_us: f64,
+        k: &LatencyKnobs,
+    ) -> Option<Judgement> {
         let span = if probe {
             k.smooth_ticks
         } else {
             k.hold_smooth_ticks
         };
-        let recent = self.recent[self.recent.len().saturating_sub(span.max(1))..].to_vec();
+        let recent = &self.recent[self.recent.len().saturating_sub(span.max(1))..];
         let n = recent.len();
         if n < k.confirm_ticks.max(1) as usize {
-            return self.window;
+            return None;
         }
         let overs = recent.iter().filter(|t| t.latency_us > target_us).count();
         let meets = recent
@@ -338,111 +424,120 @@ impl LatencyController {
             && self.last_miss.is_some_and(|(u0, l0)| {
                 w.min(delivered) <= u0 * (1.0 - 1.5 * k.close) && judged >= k.unmoved * l0
             });
-        if missed && unmoved {
-            // Cut and no better: not the rate's fault. Hold, and judge again after a while.
-            self.recent.clear();
-            self.draining = k.drain_ticks;
-        } else if missed
-            && !probe
-            && binding
-            && self.good.is_some()
-            && self.since_suspect > k.suspect_memory
-            && self.met_ticks >= k.confirm_ticks
-        {
-            // A miss at the rate known to meet the target, seen to meet it at this window and
-            // kept up with: noise (a
-            // few slow ticks on a loaded host) or a device that got slower. Step back by
-            // `close` knowing nothing new yet; a miss there too, with the latency down by the
-            // step (see `unmoved`), or another one soon, says the device got slower.
-            self.last_miss = Some((delivered, judged));
-            self.since_suspect = 0;
-            // Not learned as a miss, but no ramp above it either until it is met again for a
-            // while: the bracket closes just over it, and the forgetting reopens it.
-            let cap = w * (1.0 + k.close);
-            self.bad = Some(self.bad.map_or(cap, |b| b.min(cap)));
-            let g = self.good.unwrap_or(w);
-            self.cut_to(g * (1.0 - k.close), k);
-        } else if missed {
-            self.last_miss = Some((delivered, judged));
-            // The rate the device delivered while missing: a saturated device delivers its
-            // capacity, whatever the window above it. The mean of the window's ticks: one can
-            // carry a burst a rate limiter's bucket let through, the next pay it back. Never
-            // under `max_cut` of the window from one miss: a host that stalls delivers little
-            // and slowly too (seen under TCG: a 1 s stall learned 195 at a 595 window); a
-            // device that really got that much slower shows it again at the next window.
-            let b = delivered.max(k.max_cut * w).max(k.floor);
-            self.bad = Some(self.bad.map_or(b, |x| x.min(b)));
-            self.bad_measured = b;
-            self.miss_high = Some(self.miss_high.map_or(b, |m| m.max(b)));
-            if probe {
-                self.speedup = (0.5 * self.speedup).max(k.min_speedup);
-            }
-            self.stale_from = None;
-            self.step = k.close;
-            // The known-good rate stays, put just under the miss if the miss is at or below
-            // it (the device got slower, or that rate was judged on a burst the device
-            // absorbed): never dropped, so one miss never restarts the search from below.
-            self.good = self.good.map(|g| g.min(b / (1.0 + 2.0 * k.close)));
-            if self.good.is_some() {
-                self.capacity = self.good;
-            }
-            let next = match self.good {
-                Some(g) => g,
-                None => iops * (target_us / l).clamp(k.max_cut, 0.95),
-            };
-            self.cut_to(next.min(w * (1.0 - 0.5 * k.close)), k);
-        } else if 2 * meets > n
-            && binding
-            && probe
-            && self
-                .miss_high
-                .is_some_and(|m| w > m * (1.0 - 3.0 * k.close) && w < m * (1.0 + 3.0 * k.close))
-            && self.met_ticks < k.trust_ticks
-        {
-            // A probe close to the highest rate seen saturated: a rate limiter's bucket hides
-            // an overshoot of a few percent for seconds, so it must meet the target for
-            // `trust_ticks` before it is learned. Far from it, the majority of a few ticks is
-            // enough.
-        } else if 2 * meets > n && binding {
-            self.last_miss = None;
-            let rate = recent.iter().map(|t| t.iops).fold(f64::INFINITY, f64::min);
-            let g = self.good.map_or(rate, |g| g.max(rate));
-            self.good = Some(g);
-            // A rate that missed before now meets the target: that miss is stale.
-            if self.bad.is_some() && rate >= self.bad_measured * (1.0 + k.close) {
-                self.bad = None;
-                self.stale_from = Some(self.bad_measured);
-            }
-            // Clearly above the stale miss (not just a burst the device absorbed around
-            // it): the device is faster than that miss said, forget sooner next time.
-            if self
-                .stale_from
-                .is_some_and(|b| rate >= b * (1.0 + 2.0 * k.close))
-            {
-                self.stale_from = None;
-                self.speedup = (2.0 * self.speedup).min(k.max_speedup);
-            }
-            // Hysteresis: a bracket held at `good` reopens only at twice the width it closed
-            // at, so the forgetting leaves a held window in place for a while.
-            let holding = self.window.is_some_and(|w| w <= g * (1.0 + 0.5 * k.close));
-            let width = if holding { 2.0 * k.close } else { k.close };
-            let next = match self.bad {
-                Some(b) if b / g - 1.0 <= width => g,
-                Some(b) => 0.5 * (g + b),
-                None => {
-                    let up = g * (1.0 + self.step);
-                    self.step = (2.0 * self.step).min(k.ramp);
-                    up
-                }
-            };
-            // The capacity is the known-good rate once the search has closed in on it (a rate
-            // met while recovering from a cut is below it), or the first one known.
-            if self.capacity.is_none() || self.bad.is_some_and(|b| b / g - 1.0 < 2.0 * k.close) {
-                self.capacity = Some(g);
-            }
-            self.move_to(next, k);
+        Some(Judgement {
+            missed,
+            met: 2 * meets > n,
+            judged,
+            delivered,
+            unmoved,
+            slowest_rate: recent.iter().map(|t| t.iops).fold(f64::INFINITY, f64::min),
+        })
+    }
+
+    /// A miss at the rate known to meet the target, seen to meet it at this window and kept
+    /// up with: noise (a few slow ticks on a loaded host) or a device that got slower. Steps
+    /// back by `close` knowing nothing new yet; a miss there too, with the latency down by the
+    /// step (see `Judgement::unmoved`), or another one soon, says the device got slower.
+    fn suspect_miss(&mut self, w: f64, j: &Judgement, k: &LatencyKnobs) {
+        self.last_miss = Some((j.delivered, j.judged));
+        self.since_suspect = 0;
+        // Not learned as a miss, but no ramp above it either until it is met again for a
+        // while: the bracket closes just over it, and the forgetting reopens it.
+        let cap = w * (1.0 + k.close);
+        self.bad = Some(self.bad.map_or(cap, |b| b.min(cap)));
+        let g = self.good.unwrap_or(w);
+        self.cut_to(g * (1.0 - k.close), k);
+    }
+
+    /// A miss taken for the rate's: learned as the lowest rate known to miss, and the window
+    /// cut under it (by `T/L` from this tick, `now`, when no rate is known to meet the target).
+    fn learn_miss(
+        &mut self,
+        w: f64,
+        now: Tick,
+        probe: bool,
+        j: &Judgement,
+        target_us: f64,
+        k: &LatencyKnobs,
+    ) {
+        self.last_miss = Some((j.delivered, j.judged));
+        // The rate the device delivered while missing: a saturated device delivers its
+        // capacity, whatever the window above it. The mean of the window's ticks: one can
+        // carry a burst a rate limiter's bucket let through, the next pay it back. Never
+        // under `max_cut` of the window from one miss: a host that stalls delivers little
+        // and slowly too (seen under TCG: a 1 s stall learned 195 at a 595 window); a
+        // device that really got that much slower shows it again at the next window.
+        let b = j.delivered.max(k.max_cut * w).max(k.floor);
+        self.bad = Some(self.bad.map_or(b, |x| x.min(b)));
+        self.bad_measured = b;
+        self.miss_high = Some(self.miss_high.map_or(b, |m| m.max(b)));
+        if probe {
+            self.speedup = (0.5 * self.speedup).max(k.min_speedup);
         }
-        self.window
+        self.stale_from = None;
+        self.step = k.close;
+        // The known-good rate stays, put just under the miss if the miss is at or below
+        // it (the device got slower, or that rate was judged on a burst the device
+        // absorbed): never dropped, so one miss never restarts the search from below.
+        self.good = self.good.map(|g| g.min(b / (1.0 + 2.0 * k.close)));
+        if self.good.is_some() {
+            self.capacity = self.good;
+        }
+        let next = match self.good {
+            Some(g) => g,
+            None => now.iops * (target_us / now.latency_us).clamp(k.max_cut, 0.95),
+        };
+        self.cut_to(next.min(w * (1.0 - 0.5 * k.close)), k);
+    }
+
+    /// A probe within `3·close` of the highest rate seen saturated, not yet met for
+    /// `trust_ticks`.
+    fn near_saturation(&self, w: f64, k: &LatencyKnobs) -> bool {
+        self.miss_high
+            .is_some_and(|m| w > m * (1.0 - 3.0 * k.close) && w < m * (1.0 + 3.0 * k.close))
+            && self.met_ticks < k.trust_ticks
+    }
+
+    /// The window met the target: its rate is learned as known-good, and the window moves up
+    /// (to the middle of the bracket, or by the ramp when nothing above is known to miss).
+    fn learn_meet(&mut self, j: &Judgement, k: &LatencyKnobs) {
+        self.last_miss = None;
+        let rate = j.slowest_rate;
+        let g = self.good.map_or(rate, |g| g.max(rate));
+        self.good = Some(g);
+        // A rate that missed before now meets the target: that miss is stale.
+        if self.bad.is_some() && rate >= self.bad_measured * (1.0 + k.close) {
+            self.bad = None;
+            self.stale_from = Some(self.bad_measured);
+        }
+        // Clearly above the stale miss (not just a burst the device absorbed around
+        // it): the device is faster than that miss said, forget sooner next time.
+        if self
+            .stale_from
+            .is_some_and(|b| rate >= b * (1.0 + 2.0 * k.close))
+        {
+            self.stale_from = None;
+            self.speedup = (2.0 * self.speedup).min(k.max_speedup);
+        }
+        // Hysteresis: a bracket held at `good` reopens only at twice the width it closed
+        // at, so the forgetting leaves a held window in place for a while.
+        let holding = self.window.is_some_and(|w| w <= g * (1.0 + 0.5 * k.close));
+        let width = if holding { 2.0 * k.close } else { k.close };
+        let next = match self.bad {
+            Some(b) if b / g - 1.0 <= width => g,
+            Some(b) => 0.5 * (g + b),
+            None => {
+                let up = g * (1.0 + self.step);
+                self.step = (2.0 * self.step).min(k.ramp);
+                up
+            }
+        };
+        // The capacity is the known-good rate once the search has closed in on it (a rate
+        // met while recovering from a cut is below it), or the first one known.
+        if self.capacity.is_none() || self.bad.is_some_and(|b| b / g - 1.0 < 2.0 * k.close) {
+            self.capacity = Some(g);
+        }
+        self.move_to(next, k);
     }
 
     /// Sets the window to `w` (bounded below); the ticks judged so far were at another one.
