@@ -195,6 +195,14 @@ fn differs(old: u64, new: u64, deadband: f64) -> bool {
     (n - o).abs() > deadband * o.max(1.0)
 }
 
+/// What one allocation shares: a total budget, or one direction's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Channel {
+    Total,
+    Read,
+    Write,
+}
+
 /// What becomes of one guest's cap in a step.
 enum CapChange {
     Set(DirLimits),
@@ -418,19 +426,19 @@ impl DeviceController {
             }
             .max(0.0)
         };
-        let claims_for = |dir: Option<bool>| -> Vec<Claim> {
+        let claims_for = |ch: Channel| -> Vec<Claim> {
             names
                 .iter()
                 .map(|n| {
                     let g = &guests[*n];
                     let cap = self.limits.get(*n);
-                    let d = match dir {
-                        None => {
+                    let d = match ch {
+                        Channel::Total => {
                             demand_of(g.read, cap.map(|c| c.read))
                                 + demand_of(g.write, cap.map(|c| c.write))
                         }
-                        Some(true) => demand_of(g.read, cap.map(|c| c.read)),
-                        Some(false) => demand_of(g.write, cap.map(|c| c.write)),
+                        Channel::Read => demand_of(g.read, cap.map(|c| c.read)),
+                        Channel::Write => demand_of(g.write, cap.map(|c| c.write)),
                     };
                     Claim {
                         demand: d,
@@ -441,23 +449,24 @@ impl DeviceController {
                 .collect()
         };
         // Exempt guests use what they use; the others share what is left.
-        let exempt_use = |dir: Option<bool>| -> f64 {
+        let exempt_use = |ch: Channel| -> f64 {
             guests
                 .values()
                 .filter(|g| g.exempt)
-                .map(|g| match dir {
-                    None => g.read + g.write,
-                    Some(true) => g.read,
-                    Some(false) => g.write,
+                .map(|g| match ch {
+                    Channel::Total => g.read + g.write,
+                    Channel::Read => g.read,
+                    Channel::Write => g.write,
                 })
                 .sum()
         };
         let mut out: BTreeMap<String, Option<DirLimits>> = BTreeMap::new();
         match budget {
             Budget::Total(b) => {
-                let cap =
-                    self.capacity((b - background.0 - background.1 - exempt_use(None)).max(0.0));
-                let claims = claims_for(None);
+                let cap = self.capacity(
+                    (b - background.0 - background.1 - exempt_use(Channel::Total)).max(0.0),
+                );
+                let claims = claims_for(Channel::Total);
                 let alloc = allocate(cap, &claims);
                 for (i, n) in names.iter().enumerate() {
                     let g = &guests[*n];
@@ -478,12 +487,12 @@ impl DeviceController {
                 }
             }
             Budget::PerDirection { read, write } => {
-                let per_dir = |b: Option<f64>, is_read: bool, bg: f64| -> Vec<Option<u64>> {
+                let per_dir = |b: Option<f64>, ch: Channel, bg: f64| -> Vec<Option<u64>> {
                     let Some(b) = b else {
                         return vec![None; names.len()];
                     };
-                    let cap = self.capacity((b - bg - exempt_use(Some(is_read))).max(0.0));
-                    let claims = claims_for(Some(is_read));
+                    let cap = self.capacity((b - bg - exempt_use(ch)).max(0.0));
+                    let claims = claims_for(ch);
                     let alloc = allocate(cap, &claims);
                     names
                         .iter()
@@ -494,8 +503,8 @@ impl DeviceController {
                         })
                         .collect()
                 };
-                let r = per_dir(read, true, background.0);
-                let w = per_dir(write, false, background.1);
+                let r = per_dir(read, Channel::Read, background.0);
+                let w = per_dir(write, Channel::Write, background.1);
                 for (i, n) in names.iter().enumerate() {
                     let lim = match (r[i], w[i]) {
                         (None, None) => None,
