@@ -356,6 +356,27 @@ impl ThrottleService {
 
     /// A VM's cgroup vanished (the VM stopped and its manager removed the cgroup): logged once
     /// per cgroup, however many ticks still mention it. Not a problem: nothing is degraded.
+    /// Removes the limit of VM `vm` on a device from `cgroup` and from the record (a cgroup
+    /// gone took its limit with it; a failure is a problem, logged once). Nothing in a dry run.
+    fn clear_cgroup_limit(&mut self, vm: &str, info: &DeviceInfo, cgroup: &str) {
+        let Some(act) = self.act.clone().filter(|_| !self.dry_run) else {
+            return;
+        };
+        match act.clear(cgroup, info.major, info.minor) {
+            Err(e) if is_gone(&e) => self.vanished(vm, cgroup),
+            Err(e) => self.problem(
+                &format!("clear-{vm}"),
+                format!(
+                    "removing the limit of VM {vm} on {} ({cgroup}): {e:#}",
+                    info.name
+                ),
+            ),
+            Ok(()) => {}
+        }
+        self.state.forget_limit(cgroup, info.major, info.minor);
+        self.save_state();
+    }
+
     fn vanished(&mut self, vm: &str, cgroup: &str) {
         let key = format!("gone-{cgroup}");
         if self.warned.len() > 4096 {
@@ -678,21 +699,8 @@ impl ThrottleService {
                 let mut qemu_outcome = "";
                 if let Some(q) = &a.qemu {
                     qemu_outcome = self.release_qemu(vm, &info, q);
-                } else if let Some(act) = self.act.as_ref().filter(|_| !self.dry_run) {
-                    match act.clear(&a.cgroup, major, minor) {
-                        Err(e) if is_gone(&e) => {
-                            self.vanished(vm, &a.cgroup);
-                        }
-                        Err(e) => {
-                            self.problem(
-                                &format!("clear-{vm}"),
-                                format!("removing the limit of VM {vm} on {}: {e:#}", info.name),
-                            );
-                        }
-                        Ok(()) => {}
-                    }
-                    self.state.forget_limit(&a.cgroup, major, minor);
-                    self.save_state();
+                } else {
+                    self.clear_cgroup_limit(vm, &info, &a.cgroup);
                 }
                 let why = if usage.is_none() {
                     "no I/O from it on the device any more: VM stopped or gone"
@@ -811,21 +819,7 @@ impl ThrottleService {
             // The VM runs in another cgroup now (restarted under a new scope, or moved): the
             // limit on its old cgroup is not its own any more.
             self.applied.remove(&key);
-            if let Some(act) = self.act.clone().filter(|_| !self.dry_run) {
-                match act.clear(&old, major, minor) {
-                    Err(e) if is_gone(&e) => self.vanished(vm, &old),
-                    Err(e) => self.problem(
-                        &format!("clear-{vm}"),
-                        format!(
-                            "removing the limit of VM {vm} on {} ({old}): {e:#}",
-                            info.name
-                        ),
-                    ),
-                    Ok(()) => {}
-                }
-                self.state.forget_limit(&old, major, minor);
-                self.save_state();
-            }
+            self.clear_cgroup_limit(vm, &info, &old);
         }
         if let Some(a) = self
             .applied

@@ -5,7 +5,7 @@
 use std::{collections::BTreeMap, time::Instant};
 
 use super::{
-    Applied, ThrottleService, VmUse, is_gone,
+    Applied, ThrottleService, VmUse,
     qemu_actuator::{self, ActuatorFacts, Choice, Control, DiskRef, QemuLimitRecord, QemuSide},
 };
 use crate::{
@@ -191,20 +191,7 @@ impl ThrottleService {
                         self.release_qemu(vm, &info, &q);
                     }
                     Some((cg, None)) => {
-                        if let Some(act) = self.act.clone().filter(|_| !self.dry_run) {
-                            match act.clear(&cg, info.major, info.minor) {
-                                Err(e) if !is_gone(&e) => self.problem(
-                                    &format!("clear-{vm}"),
-                                    format!(
-                                        "removing the cgroup limit of VM {vm} on {} ({cg}): {e:#}",
-                                        info.name
-                                    ),
-                                ),
-                                _ => {}
-                            }
-                            self.state.forget_limit(&cg, info.major, info.minor);
-                            self.save_state();
-                        }
+                        self.clear_cgroup_limit(vm, &info, &cg);
                         self.decided(
                             &format!("actuator {vm}@{}", info.name),
                             format!(
