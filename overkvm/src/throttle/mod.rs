@@ -692,40 +692,9 @@ impl ThrottleService {
     fn enforce(&mut self, i: usize, vm: &str, usage: Option<&VmUse>, want: Limits) {
         let info = self.devices[i].info.clone();
         let key = (vm.to_string(), info.dev);
-        let (major, minor) = (info.major, info.minor);
         if want.is_unlimited() {
             if let Some(a) = self.applied.remove(&key) {
-                self.decisions_total += 1;
-                let mut qemu_outcome = "";
-                if let Some(q) = &a.qemu {
-                    qemu_outcome = self.release_qemu(vm, &info, q);
-                } else {
-                    self.clear_cgroup_limit(vm, &info, &a.cgroup);
-                }
-                let why = if usage.is_none() {
-                    "no I/O from it on the device any more: VM stopped or gone"
-                } else {
-                    "under its share"
-                };
-                self.decided(
-                    &format!("{vm}@{}", info.name),
-                    format!(
-                        "VM {vm} on {}: limit removed ({why}; was {}, {})",
-                        info.name,
-                        describe(&a.limits),
-                        match &a.qemu {
-                            Some(q) => format!(
-                                "in QEMU on disk(s) {}: {qemu_outcome}",
-                                q.disks
-                                    .iter()
-                                    .map(|d| d.name())
-                                    .collect::<Vec<_>>()
-                                    .join(", ")
-                            ),
-                            None => format!("cgroup {}", a.cgroup),
-                        }
-                    ),
-                );
+                self.remove_limit(vm, &info, usage.is_none(), a);
             }
             return;
         }
@@ -735,23 +704,7 @@ impl ThrottleService {
             // process shows (a restart), where the limit then moves.
             return;
         }
-        if let Some(old) = self.applied.get(&key).map(|a| a.pid).filter(|old| {
-            *old != 0
-                && pid != 0
-                && *old != pid
-                && qemu_actuator::running_start_time(*old).is_none()
-        }) {
-            // Its own subject: a restart is rare and must not be held back behind the VM's
-            // limit changes.
-            self.decided(
-                &format!("restart {vm}@{}", info.name),
-                format!(
-                    "VM {vm} on {}: restarted (pid {old}, now {pid}): the same VM, its limit \
-                     moves to its new process",
-                    info.name
-                ),
-            );
-        }
+        self.note_restart(&key, &info, pid);
         if let Some(reason) = self.qemu_choice(i, vm, usage) {
             self.enforce_qemu(i, vm, usage, want, reason);
             return;
@@ -770,46 +723,9 @@ impl ThrottleService {
             );
             self.applied.remove(&key);
         }
-        // Where to write: the cgroup the kernel charges this VM's I/O to.
-        let mut cgroup = match (usage.and_then(|u| u.cgroup.clone()), self.applied.get(&key)) {
-            (Some(c), _) => c,
-            (None, Some(a)) => a.cgroup.clone(),
-            (None, None) => {
-                self.problem(
-                    &format!("nocg-{vm}"),
-                    format!("VM {vm}: its I/O cgroup is unknown, cannot limit it"),
-                );
-                return;
-            }
+        let Some(cgroup) = self.cgroup_to_limit(&key, usage, pid) else {
+            return;
         };
-        let shared_with = self.sharing.shared_with(&cgroup, vm, pid);
-        if cgroup == "/" || !shared_with.is_empty() {
-            let others = if cgroup == "/" {
-                "the whole host (root cgroup)".to_string()
-            } else {
-                shared_with.join(", ")
-            };
-            if !self.manage_cgroups || pid == 0 || self.dry_run {
-                self.problem(
-                    &format!("shared-{vm}"),
-                    format!(
-                        "VM {vm} shares cgroup {cgroup} with {others}: it cannot be limited alone \
-                         (set [policy] manage_cgroups = true to move it into a cgroup of its own)"
-                    ),
-                );
-                return;
-            }
-            match self.adopt(vm, pid, &cgroup) {
-                Ok(c) => cgroup = c,
-                Err(e) => {
-                    self.problem(
-                        &format!("adopt-{vm}"),
-                        format!("moving VM {vm} into its own cgroup: {e:#}"),
-                    );
-                    return;
-                }
-            }
-        }
         if let Some(old) = self
             .applied
             .get(&key)
@@ -832,29 +748,8 @@ impl ThrottleService {
             }
             return;
         }
-        if let Some(act) = self.act.clone().filter(|_| !self.dry_run) {
-            // A limit is written only once it is on record: a crash must never leave a
-            // limit nobody knows to remove.
-            if self.state.note_limit(&cgroup, major, minor) && !self.save_state() {
-                self.state.forget_limit(&cgroup, major, minor);
-                return;
-            }
-            if let Err(e) = act.apply(&cgroup, major, minor, &want) {
-                if is_gone(&e) {
-                    // The cgroup vanished under us (VM stopped): nothing to keep, nothing
-                    // degraded.
-                    self.vanished(vm, &cgroup);
-                    self.state.forget_limit(&cgroup, major, minor);
-                    self.save_state();
-                    self.applied.remove(&key);
-                } else {
-                    self.problem(
-                        &format!("apply-{vm}-{cgroup}"),
-                        format!("limiting VM {vm} ({cgroup}) on {}: {e:#}", info.name),
-                    );
-                }
-                return;
-            }
+        if !self.write_cgroup_limit(&key, &info, &cgroup, &want) {
+            return;
         }
         // Counted once in place (or decided, in a dry run), not per attempt.
         self.decisions_total += 1;
@@ -883,6 +778,154 @@ impl ThrottleService {
                 qemu: None,
             },
         );
+    }
+
+    /// Takes a VM's limit on a device away (`a`, no longer applied): from QEMU or its cgroup,
+    /// and says so with why (`gone`: no I/O from it on the device any more).
+    fn remove_limit(&mut self, vm: &str, info: &DeviceInfo, gone: bool, a: Applied) {
+        self.decisions_total += 1;
+        let where_ = match &a.qemu {
+            Some(q) => {
+                let outcome = self.release_qemu(vm, info, q);
+                format!(
+                    "in QEMU on disk(s) {}: {outcome}",
+                    q.disks
+                        .iter()
+                        .map(|d| d.name())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            }
+            None => {
+                self.clear_cgroup_limit(vm, info, &a.cgroup);
+                format!("cgroup {}", a.cgroup)
+            }
+        };
+        let why = if gone {
+            "no I/O from it on the device any more: VM stopped or gone"
+        } else {
+            "under its share"
+        };
+        self.decided(
+            &format!("{vm}@{}", info.name),
+            format!(
+                "VM {vm} on {}: limit removed ({why}; was {}, {where_})",
+                info.name,
+                describe(&a.limits)
+            ),
+        );
+    }
+
+    /// Logs a restart of a limited VM (a new process while the old one is gone): the same VM,
+    /// whose limit moves to its new process. Its own subject: a restart is rare and must not
+    /// be held back behind the VM's limit changes.
+    fn note_restart(&mut self, key: &(String, u32), info: &DeviceInfo, pid: u32) {
+        let Some(old) = self.applied.get(key).map(|a| a.pid).filter(|old| {
+            *old != 0
+                && pid != 0
+                && *old != pid
+                && qemu_actuator::running_start_time(*old).is_none()
+        }) else {
+            return;
+        };
+        let vm = &key.0;
+        self.decided(
+            &format!("restart {vm}@{}", info.name),
+            format!(
+                "VM {vm} on {}: restarted (pid {old}, now {pid}): the same VM, its limit moves \
+                 to its new process",
+                info.name
+            ),
+        );
+    }
+
+    /// The cgroup to write a VM's limit in: the one the kernel charges its I/O to, or, when
+    /// that one is shared (the root, other processes), the VM's own one overkvm moves it into
+    /// (`manage_cgroups`). None (a problem, logged once) when it cannot be limited alone.
+    fn cgroup_to_limit(
+        &mut self,
+        key: &(String, u32),
+        usage: Option<&VmUse>,
+        pid: u32,
+    ) -> Option<String> {
+        let vm = key.0.as_str();
+        let cgroup = match (usage.and_then(|u| u.cgroup.clone()), self.applied.get(key)) {
+            (Some(c), _) => c,
+            (None, Some(a)) => a.cgroup.clone(),
+            (None, None) => {
+                self.problem(
+                    &format!("nocg-{vm}"),
+                    format!("VM {vm}: its I/O cgroup is unknown, cannot limit it"),
+                );
+                return None;
+            }
+        };
+        let shared_with = self.sharing.shared_with(&cgroup, vm, pid);
+        if cgroup != "/" && shared_with.is_empty() {
+            return Some(cgroup);
+        }
+        let others = if cgroup == "/" {
+            "the whole host (root cgroup)".to_string()
+        } else {
+            shared_with.join(", ")
+        };
+        if !self.manage_cgroups || pid == 0 || self.dry_run {
+            self.problem(
+                &format!("shared-{vm}"),
+                format!(
+                    "VM {vm} shares cgroup {cgroup} with {others}: it cannot be limited alone \
+                     (set [policy] manage_cgroups = true to move it into a cgroup of its own)"
+                ),
+            );
+            return None;
+        }
+        match self.adopt(vm, pid, &cgroup) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                self.problem(
+                    &format!("adopt-{vm}"),
+                    format!("moving VM {vm} into its own cgroup: {e:#}"),
+                );
+                None
+            }
+        }
+    }
+
+    /// Writes a limit into a cgroup, on record first: a crash must never leave a limit nobody
+    /// knows to remove. False when it was not written (a cgroup gone, a problem); true in a
+    /// dry run.
+    fn write_cgroup_limit(
+        &mut self,
+        key: &(String, u32),
+        info: &DeviceInfo,
+        cgroup: &str,
+        want: &Limits,
+    ) -> bool {
+        let Some(act) = self.act.clone().filter(|_| !self.dry_run) else {
+            return true;
+        };
+        let vm = key.0.as_str();
+        let (major, minor) = (info.major, info.minor);
+        if self.state.note_limit(cgroup, major, minor) && !self.save_state() {
+            self.state.forget_limit(cgroup, major, minor);
+            return false;
+        }
+        let Err(e) = act.apply(cgroup, major, minor, want) else {
+            return true;
+        };
+        if is_gone(&e) {
+            // The cgroup vanished under us (VM stopped): nothing to keep, nothing degraded.
+            self.vanished(vm, cgroup);
+            self.state.forget_limit(cgroup, major, minor);
+            self.save_state();
+            self.applied.remove(key);
+        } else {
+            self.problem(
+                &format!("apply-{vm}-{cgroup}"),
+                format!("limiting VM {vm} ({cgroup}) on {}: {e:#}", info.name),
+            );
+        }
+        false
     }
 
     /// Moves a VM's qemu into `/overkvm/<name>`, recording how to undo it.
