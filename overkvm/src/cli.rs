@@ -228,10 +228,18 @@ impl TopArgs {
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Address of the metrics endpoint (loopback by default: put a proxy or firewall rule in
-    /// front before exposing it).
+    /// Address of the metrics endpoint (loopback by default: before exposing it, secure it
+    /// with --web.config.file or put a proxy or firewall rule in front).
     #[arg(long, default_value = overkvm::serve::DEFAULT_LISTEN)]
     pub listen: std::net::SocketAddr,
+    /// Secure the metrics endpoint with a web configuration file in the format of
+    /// Prometheus's exporter-toolkit (as node_exporter's --web.config.file):
+    /// tls_server_config (cert_file, key_file, client_auth_type, client_ca_file, min_version),
+    /// basic_auth_users (bcrypt hashes) and http_server_config.headers. Checked at startup;
+    /// re-read when it or a file it names changes, so renewed certificates apply without a
+    /// restart. See README, "Endpoint security".
+    #[arg(long = "web.config.file", value_name = "FILE")]
+    pub web_config: Option<PathBuf>,
     /// TOML config: device budgets, VM rules, policy knobs (see README, "Throttling").
     #[arg(short, long)]
     pub config: Option<PathBuf>,
@@ -272,6 +280,7 @@ impl ServeArgs {
         ServeOptions {
             listen: self.listen,
             config: self.config.clone(),
+            web_config: self.web_config.clone(),
             interval: self.interval,
             dry_run: self.dry_run,
             per_process: self.per_process,
