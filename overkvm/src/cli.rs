@@ -177,13 +177,24 @@ pub struct TopArgs {
     pub reverse: bool,
     /// Fleet view: the busiest VMs of every host this Prometheus scrapes (host = its
     /// `instance` label), from the metrics of each host's `overkvm-io serve`. Needs no root
-    /// and loads nothing into the kernel. http://HOST[:PORT][/PREFIX].
+    /// and loads nothing into the kernel. http[s]://HOST[:PORT][/PREFIX].
     #[arg(
         long,
         value_name = "URL",
         conflicts_with_all = ["vms_only", "hooks", "no_bio", "all_bios"]
     )]
     pub prometheus: Option<String>,
+    /// Fleet view: credentials and TLS settings for reaching Prometheus, in the format of
+    /// promtool's --http.config.file (basic_auth with username and password_file,
+    /// authorization, tls_config with ca_file, cert_file, key_file, server_name). See README,
+    /// "Endpoint security".
+    #[arg(
+        long = "http.config.file",
+        alias = "prometheus-config",
+        value_name = "FILE",
+        requires = "prometheus"
+    )]
+    pub http_config: Option<PathBuf>,
     /// Fleet view: the window rates and mean latencies are taken over (PromQL range), e.g.
     /// 1m, 30s; at least two scrape intervals.
     #[arg(long, value_name = "DURATION", default_value = "1m", value_parser = parse_duration, requires = "prometheus")]
@@ -220,6 +231,7 @@ impl TopArgs {
             vms_only: self.vms_only,
             sort: self.sort_order(),
             prometheus: self.prometheus.clone(),
+            http_config: self.http_config.clone(),
             window: self.window,
             load: self.hooks.options(),
         }
