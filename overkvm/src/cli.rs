@@ -241,8 +241,9 @@ impl TopArgs {
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Address of the metrics endpoint (loopback by default: before exposing it, secure it
-    /// with --web.config.file or put a proxy or firewall rule in front).
-    #[arg(long, default_value = overkvm::serve::DEFAULT_LISTEN)]
+    /// with --web.config.file or put a proxy or firewall rule in front). The last one given
+    /// wins, so $OVERKVM_ARGS can move the packaged unit's.
+    #[arg(long, default_value = overkvm::serve::DEFAULT_LISTEN, overrides_with = "listen")]
     pub listen: std::net::SocketAddr,
     /// Secure the metrics endpoint with a web configuration file in the format of
     /// Prometheus's exporter-toolkit (as node_exporter's --web.config.file):
@@ -735,6 +736,43 @@ mod tests {
             help.contains("--sort <COLUMN>") && help.contains("read-iops"),
             "{help}"
         );
+    }
+
+    #[test]
+    fn serve_security_flags() {
+        let serve = |args: &[&str]| match Cli::try_parse_from(
+            ["overkvm-io", "serve"].iter().chain(args).copied(),
+        )
+        .map(|c| c.command)
+        {
+            Ok(Command::Serve(s)) => Ok(s.options()),
+            Ok(_) => Err("not serve".to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let o = serve(&[
+            "--listen",
+            "127.0.0.1:9746",
+            "--web.config.file",
+            "/etc/overkvm/web.yml",
+            "--listen",
+            "[::]:9746",
+        ])
+        .unwrap();
+        assert_eq!(o.listen, "[::]:9746".parse().unwrap());
+        assert_eq!(o.web_config, Some(PathBuf::from("/etc/overkvm/web.yml")));
+        let top = |args: &[&str]| {
+            Cli::try_parse_from(["overkvm-io", "top"].iter().chain(args).copied())
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        assert!(
+            top(&["--http.config.file", "c.yml"]).is_err(),
+            "needs --prometheus"
+        );
+        assert!(top(&["--prometheus", "https://p", "--http.config.file", "c.yml"]).is_ok());
+        assert!(top(&["--prometheus", "https://p", "--prometheus-config", "c.yml"]).is_ok());
+        let help = top(&["--help"]).unwrap_err();
+        assert!(help.contains("--http.config.file <FILE>"), "{help}");
     }
 
     #[test]
