@@ -380,21 +380,22 @@ fn lower(name: &'static str) -> &'static str {
 }
 
 impl TlsSettings {
-    /// None when the section names no certificate at all (the toolkit then serves plain HTTP
-    /// only if the whole section is empty; a half-filled one is an error).
+    /// None when the section is empty (plain HTTP, as in the toolkit); a section with any
+    /// setting but no certificate is an error rather than a silent plain-HTTP endpoint.
     fn from_file(t: TlsServerFile, base: &Path) -> anyhow::Result<Option<TlsSettings>> {
         let cert = Pem::from_pair("cert", t.cert, t.cert_file, base)?;
         let key = Pem::from_pair("key", t.key, t.key_file, base)?;
         let client_ca = Pem::from_pair("client_ca", t.client_ca, t.client_ca_file, base)?;
+        let only_keys = t.client_auth_type.is_none()
+            && t.client_allowed_sans.is_none()
+            && t.min_version.is_none()
+            && t.max_version.is_none()
+            && t.cipher_suites.is_none()
+            && t.prefer_server_cipher_suites.is_none()
+            && t.curve_preferences.is_none();
         let (cert, key) = match (cert, key) {
             (Some(c), Some(k)) => (c, k),
-            (None, None)
-                if client_ca.is_none()
-                    && t.client_auth_type.is_none()
-                    && t.min_version.is_none() =>
-            {
-                return Ok(None);
-            }
+            (None, None) if client_ca.is_none() && only_keys => return Ok(None),
             (None, _) => bail!("tls_server_config: missing cert_file (or cert)"),
             (_, None) => bail!("tls_server_config: missing key_file (or key)"),
         };
@@ -809,6 +810,10 @@ mod tests {
             ),
             ("tls_server_config:\n  cert_file: a\n", "missing key_file"),
             ("tls_server_config:\n  key_file: a\n", "missing cert_file"),
+            (
+                "tls_server_config:\n  min_version: TLS13\n",
+                "missing cert_file",
+            ),
             (
                 "tls_server_config:\n  cert_file: a\n  cert: b\n  key_file: c\n",
                 "give cert or cert_file, not both",

@@ -153,7 +153,8 @@ pub struct HttpClientConfig {
 pub struct LoadedClientConfig {
     /// The `Authorization` header value.
     pub authorization: Option<String>,
-    pub tls: Arc<ClientConfig>,
+    /// None: for plain HTTP.
+    pub tls: Option<Arc<ClientConfig>>,
     pub server_name: Option<String>,
 }
 
@@ -276,8 +277,9 @@ impl HttpClientConfig {
         HttpClientConfig::parse(&text, base).with_context(|| format!("in {}", path.display()))
     }
 
-    /// Reads the secrets, certificates and keys it names.
-    pub fn load(&self) -> anyhow::Result<LoadedClientConfig> {
+    /// Reads the secrets it names, and for `tls` the certificates and keys (and the system's
+    /// CAs when it names none).
+    pub fn load(&self, tls: bool) -> anyhow::Result<LoadedClientConfig> {
         let authorization = match &self.auth {
             None => None,
             Some(HttpAuth::Basic { username, password }) => {
@@ -298,6 +300,13 @@ impl HttpClientConfig {
             .is_some_and(|a| a.contains(['\r', '\n']))
         {
             bail!("the credentials contain a line break");
+        }
+        if !tls {
+            return Ok(LoadedClientConfig {
+                authorization,
+                tls: None,
+                server_name: None,
+            });
         }
         let mut roots = RootCertStore::empty();
         match &self.tls.ca {
@@ -351,7 +360,7 @@ impl HttpClientConfig {
         };
         Ok(LoadedClientConfig {
             authorization,
-            tls: Arc::new(config),
+            tls: Some(Arc::new(config)),
             server_name: self.tls.server_name.clone(),
         })
     }
@@ -442,7 +451,7 @@ mod tests {
             dir.path(),
         )
         .unwrap();
-        let l = c.load().unwrap();
+        let l = c.load(false).unwrap();
         // base64("prometheus:s3cret")
         assert_eq!(
             l.authorization.as_deref(),
@@ -451,7 +460,7 @@ mod tests {
         assert!(!format!("{l:?}").contains("cHJv"));
         let bad_ca = HttpClientConfig::parse("tls_config:\n  ca_file: ca.crt\n", dir.path())
             .unwrap()
-            .load()
+            .load(true)
             .unwrap_err();
         assert!(
             format!("{bad_ca:#}").contains("no PEM certificate"),

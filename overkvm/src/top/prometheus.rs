@@ -136,7 +136,7 @@ impl Client {
         if !url.tls && settings.tls != Default::default() {
             bail!("{url}: the HTTP client config has tls_config, but the URL is not https://");
         }
-        let loaded = settings.load().with_context(|| match config {
+        let loaded = settings.load(url.tls).with_context(|| match config {
             Some(p) => format!("loading what {} names", p.display()),
             None => "loading the system's CA certificates".into(),
         })?;
@@ -215,20 +215,21 @@ impl Client {
     fn exchange_tls(&self, tcp: TcpStream, request: &[u8]) -> anyhow::Result<Vec<u8>> {
         let loaded;
         let config = match &self.config {
-            Some(c) => c,
-            None => {
-                loaded = HttpClientConfig::default().load()?;
+            Some(c) if c.tls.is_some() => c,
+            _ => {
+                loaded = HttpClientConfig::default().load(true)?;
                 &loaded
             }
         };
+        let tls_config = config.tls.clone().context("no TLS configuration")?;
         let name = config
             .server_name
             .clone()
             .unwrap_or_else(|| self.url.host.clone());
         let server_name = rustls::pki_types::ServerName::try_from(name.clone())
             .with_context(|| format!("{name:?} is not a valid server name"))?;
-        let conn = rustls::ClientConnection::new(config.tls.clone(), server_name)
-            .context("starting TLS")?;
+        let conn =
+            rustls::ClientConnection::new(tls_config, server_name).context("starting TLS")?;
         let mut tls = rustls::StreamOwned::new(conn, tcp);
         tls.write_all(request)
             .context("the TLS handshake or sending the request")?;
