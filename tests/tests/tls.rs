@@ -285,8 +285,17 @@ fn prometheus_scrapes_over_tls_with_basic_auth_and_strangers_are_refused() {
     let mut seen: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     {
         let strangers = Prometheus::start(&bad_dir, &scrape_config(&bad));
-        let deadline = Instant::now() + Duration::from_secs(8);
-        while Instant::now() < deadline {
+        // Until their failures used up the address's allowance (Prometheus applies a new
+        // scrape config within 5 s of starting, so how soon that is varies), and each job's
+        // own error was seen at least once.
+        const LIMITED: &str = "too many failures from 127.0.0.1";
+        let deadline = Instant::now() + Duration::from_secs(40);
+        while !(serve.log().contains(LIMITED) && seen.len() == bad.len()) {
+            assert!(
+                Instant::now() < deadline,
+                "the strangers were not limited: {seen:#?}\n{}",
+                serve.log()
+            );
             for (job, (health, error)) in targets(&strangers) {
                 assert_ne!(health, "up", "{job} was let in");
                 if !error.is_empty() {
