@@ -177,13 +177,24 @@ pub struct TopArgs {
     pub reverse: bool,
     /// Fleet view: the busiest VMs of every host this Prometheus scrapes (host = its
     /// `instance` label), from the metrics of each host's `overkvm-io serve`. Needs no root
-    /// and loads nothing into the kernel. http://HOST[:PORT][/PREFIX].
+    /// and loads nothing into the kernel. http[s]://HOST[:PORT][/PREFIX].
     #[arg(
         long,
         value_name = "URL",
         conflicts_with_all = ["vms_only", "hooks", "no_bio", "all_bios"]
     )]
     pub prometheus: Option<String>,
+    /// Fleet view: credentials and TLS settings for reaching Prometheus, in the format of
+    /// promtool's --http.config.file (basic_auth with username and password_file,
+    /// authorization, tls_config with ca_file, cert_file, key_file, server_name). See README,
+    /// "Endpoint security".
+    #[arg(
+        long = "http.config.file",
+        alias = "prometheus-config",
+        value_name = "FILE",
+        requires = "prometheus"
+    )]
+    pub http_config: Option<PathBuf>,
     /// Fleet view: the window rates and mean latencies are taken over (PromQL range), e.g.
     /// 1m, 30s; at least two scrape intervals.
     #[arg(long, value_name = "DURATION", default_value = "1m", value_parser = parse_duration, requires = "prometheus")]
@@ -220,6 +231,7 @@ impl TopArgs {
             vms_only: self.vms_only,
             sort: self.sort_order(),
             prometheus: self.prometheus.clone(),
+            http_config: self.http_config.clone(),
             window: self.window,
             load: self.hooks.options(),
         }
@@ -228,10 +240,19 @@ impl TopArgs {
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Address of the metrics endpoint (loopback by default: put a proxy or firewall rule in
-    /// front before exposing it).
-    #[arg(long, default_value = overkvm::serve::DEFAULT_LISTEN)]
+    /// Address of the metrics endpoint (loopback by default: before exposing it, secure it
+    /// with --web.config.file or put a proxy or firewall rule in front). The last one given
+    /// wins, so $OVERKVM_ARGS can move the packaged unit's.
+    #[arg(long, default_value = overkvm::serve::DEFAULT_LISTEN, overrides_with = "listen")]
     pub listen: std::net::SocketAddr,
+    /// Secure the metrics endpoint with a web configuration file in the format of
+    /// Prometheus's exporter-toolkit (as node_exporter's --web.config.file):
+    /// tls_server_config (cert_file, key_file, client_auth_type, client_ca_file, min_version),
+    /// basic_auth_users (bcrypt hashes) and http_server_config.headers. Checked at startup;
+    /// re-read when it or a file it names changes, so renewed certificates apply without a
+    /// restart. See README, "Endpoint security".
+    #[arg(long = "web.config.file", value_name = "FILE")]
+    pub web_config: Option<PathBuf>,
     /// TOML config: device budgets, VM rules, policy knobs (see README, "Throttling").
     #[arg(short, long)]
     pub config: Option<PathBuf>,
@@ -272,6 +293,7 @@ impl ServeArgs {
         ServeOptions {
             listen: self.listen,
             config: self.config.clone(),
+            web_config: self.web_config.clone(),
             interval: self.interval,
             dry_run: self.dry_run,
             per_process: self.per_process,
@@ -714,6 +736,43 @@ mod tests {
             help.contains("--sort <COLUMN>") && help.contains("read-iops"),
             "{help}"
         );
+    }
+
+    #[test]
+    fn serve_security_flags() {
+        let serve = |args: &[&str]| match Cli::try_parse_from(
+            ["overkvm-io", "serve"].iter().chain(args).copied(),
+        )
+        .map(|c| c.command)
+        {
+            Ok(Command::Serve(s)) => Ok(s.options()),
+            Ok(_) => Err("not serve".to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let o = serve(&[
+            "--listen",
+            "127.0.0.1:9746",
+            "--web.config.file",
+            "/etc/overkvm/web.yml",
+            "--listen",
+            "[::]:9746",
+        ])
+        .unwrap();
+        assert_eq!(o.listen, "[::]:9746".parse().unwrap());
+        assert_eq!(o.web_config, Some(PathBuf::from("/etc/overkvm/web.yml")));
+        let top = |args: &[&str]| {
+            Cli::try_parse_from(["overkvm-io", "top"].iter().chain(args).copied())
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        assert!(
+            top(&["--http.config.file", "c.yml"]).is_err(),
+            "needs --prometheus"
+        );
+        assert!(top(&["--prometheus", "https://p", "--http.config.file", "c.yml"]).is_ok());
+        assert!(top(&["--prometheus", "https://p", "--prometheus-config", "c.yml"]).is_ok());
+        let help = top(&["--help"]).unwrap_err();
+        assert!(help.contains("--http.config.file <FILE>"), "{help}");
     }
 
     #[test]

@@ -19,7 +19,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::{
     bpf::{self, LoadOptions, Programs},
     config::Config,
-    export::{ExportOptions, Exporter, latency::LatencyBuckets},
+    export::{ExportOptions, Exporter, latency::LatencyBuckets, webconfig::WebConfigWatcher},
     pipeline::Pipeline,
     throttle::ThrottleService,
     tick::TickTiming,
@@ -33,6 +33,8 @@ pub struct ServeOptions {
     pub listen: SocketAddr,
     /// The TOML config (budgets, VM rules, policy, export).
     pub config: Option<std::path::PathBuf>,
+    /// exporter-toolkit web configuration: TLS, basic auth, response headers.
+    pub web_config: Option<std::path::PathBuf>,
     /// Sampling and control interval.
     pub interval: Option<Duration>,
     /// Decide and report limits, write none.
@@ -76,6 +78,12 @@ pub fn run(args: &ServeOptions) -> anyhow::Result<()> {
         Some(path) => Config::load(path)?,
         None => Config::default(),
     };
+    let web = args
+        .web_config
+        .as_deref()
+        .map(WebConfigWatcher::new)
+        .transpose()?
+        .map(Arc::new);
     bpf::preflight()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -93,7 +101,7 @@ pub fn run(args: &ServeOptions) -> anyhow::Result<()> {
     let listener = http
         .block_on(tokio::net::TcpListener::bind(listen))
         .with_context(|| format!("listening on {listen}"))?;
-    let result = runtime.block_on(serve(args, config, http.handle(), listener));
+    let result = runtime.block_on(serve(args, config, http.handle(), listener, web));
     http.shutdown_timeout(Duration::from_secs(1));
     result
 }
@@ -103,6 +111,7 @@ async fn serve(
     config: Config,
     http: &tokio::runtime::Handle,
     listener: tokio::net::TcpListener,
+    web: Option<Arc<WebConfigWatcher>>,
 ) -> anyhow::Result<()> {
     // Handlers first: a SIGTERM during start-up must still end in a clean exit.
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
@@ -143,8 +152,13 @@ async fn serve(
             .unwrap_or(crate::export::DEFAULT_MAX_VMS),
     }));
     let bound = listener.local_addr().unwrap_or(args.listen);
-    eprintln!("overkvm-io serve: metrics on http://{bound}/metrics");
-    let server = http.spawn(exporter.clone().serve(listener));
+    let scheme = if web.as_ref().is_some_and(|w| w.tls()) {
+        "https"
+    } else {
+        "http"
+    };
+    eprintln!("overkvm-io serve: metrics on {scheme}://{bound}/metrics");
+    let server = http.spawn(exporter.clone().serve(listener, web));
 
     let mut throttle = if config.devices.is_empty() {
         None

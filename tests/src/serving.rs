@@ -121,12 +121,14 @@ pub fn mounted_at(path: &Path, fstype: &str) -> bool {
         })
 }
 
-/// The metrics address the daemon announced in its log.
+/// The metrics address the daemon announced in its log (http:// or, with TLS, https://).
 pub fn metrics_addr(log: &Path) -> Option<SocketAddr> {
     fs::read_to_string(log)
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.split("metrics on http://").nth(1))
+        .find_map(|l| l.split("metrics on http").nth(1))
+        .map(|r| r.trim_start_matches('s'))
+        .and_then(|r| r.strip_prefix("://"))
         .and_then(|r| r.trim().strip_suffix("/metrics"))
         .and_then(|a| a.parse().ok())
 }

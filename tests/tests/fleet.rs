@@ -410,8 +410,11 @@ fn the_fleet_view_ranks_every_hosts_vms_with_the_rates_each_host_exported() {
     let closed = format!("http://127.0.0.1:{}", prometheus::free_port());
     let (ok, _, err) = fleet_top(&closed, &[]);
     assert!(!ok && err.contains("connecting to"), "{err}");
-    let (ok, _, err) = fleet_top("https://127.0.0.1:9090", &[]);
-    assert!(!ok && err.contains("only http://"), "{err}");
+    let (ok, _, err) = fleet_top("ftp://127.0.0.1:9090", &[]);
+    assert!(!ok && err.contains("only http:// and https://"), "{err}");
+    // Credentials never on the command line (`ps` shows it): in an --http.config.file.
+    let (ok, _, err) = fleet_top("https://user:pw@127.0.0.1:9090", &[]);
+    assert!(!ok && err.contains("--http.config.file"), "{err}");
     drop(prom);
     drop(hosts);
 }

@@ -13,15 +13,21 @@
 //!   one byte a second cannot hold a slot for a large exposition;
 //! - a connection that makes no progress for `idle_timeout` is closed (keep-alive between
 //!   scrapes).
+//!
+//! With `--web.config.file` ([`super::webconfig`]) the same listener speaks TLS (the handshake
+//! runs inside the connection's stream, under the same deadlines, so a slow handshake holds
+//! up nobody else) and every request passes [`Gate`]: basic authentication, then the
+//! configured response headers. Failed attempts (a wrong password, a failed handshake) are
+//! limited per client address ([`super::auth::FailureLimiter`]), logged and counted.
 
 use std::{
     future::Future,
     io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     pin::Pin,
     sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     task::{Context, Poll},
     time::Duration,
@@ -30,11 +36,12 @@ use std::{
 use anyhow::Context as _;
 use axum::{
     Router,
-    extract::State,
+    extract::{ConnectInfo, Request, State},
     http::{
-        HeaderMap, StatusCode,
-        header::{ACCEPT, CONTENT_TYPE, VARY},
+        HeaderMap, HeaderValue, StatusCode,
+        header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER, VARY, WWW_AUTHENTICATE},
     },
+    middleware::Next,
     response::{IntoResponse, Response},
     routing::get,
 };
@@ -45,7 +52,11 @@ use tokio::{
     time::{Instant, Sleep},
 };
 
-use super::Exporter;
+use super::{
+    Exporter,
+    auth::{Credentials, FAILURE_REFILL, FailureLimiter, FailureVerdict},
+    webconfig::WebConfigWatcher,
+};
 
 /// Content type of the OpenMetrics exposition (what Prometheus asks for).
 pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -103,6 +114,14 @@ pub struct HttpStats {
     refused: AtomicU64,
     timed_out: AtomicU64,
     oversized: AtomicU64,
+    /// A web config is in force (the authentication series are exported).
+    secured: AtomicBool,
+    no_credentials: AtomicU64,
+    bad_credentials: AtomicU64,
+    tls_handshake: AtomicU64,
+    rate_limited: AtomicU64,
+    pub(super) reloads_ok: AtomicU64,
+    pub(super) reloads_failed: AtomicU64,
 }
 
 /// A reading of [`HttpStats`].
@@ -116,6 +135,19 @@ pub struct HttpCounts {
     pub timed_out: u64,
     /// Connections closed for a request over the size limit.
     pub oversized: u64,
+    /// A web config is in force.
+    pub secured: bool,
+    /// Requests without credentials (answered 401).
+    pub no_credentials: u64,
+    /// Requests with a wrong user name or password (401).
+    pub bad_credentials: u64,
+    /// TLS handshakes that failed (an unknown client certificate, a client speaking HTTP).
+    pub tls_handshake: u64,
+    /// Requests (429) and connections (closed) refused after too many failures.
+    pub rate_limited: u64,
+    /// Web config reloads.
+    pub reloads_ok: u64,
+    pub reloads_failed: u64,
 }
 
 impl HttpStats {
@@ -125,6 +157,13 @@ impl HttpStats {
             refused: self.refused.load(Ordering::Relaxed),
             timed_out: self.timed_out.load(Ordering::Relaxed),
             oversized: self.oversized.load(Ordering::Relaxed),
+            secured: self.secured.load(Ordering::Relaxed),
+            no_credentials: self.no_credentials.load(Ordering::Relaxed),
+            bad_credentials: self.bad_credentials.load(Ordering::Relaxed),
+            tls_handshake: self.tls_handshake.load(Ordering::Relaxed),
+            rate_limited: self.rate_limited.load(Ordering::Relaxed),
+            reloads_ok: self.reloads_ok.load(Ordering::Relaxed),
+            reloads_failed: self.reloads_failed.load(Ordering::Relaxed),
         }
     }
 }
@@ -133,19 +172,145 @@ pub(super) async fn serve(
     exporter: Arc<Exporter>,
     listener: TcpListener,
     limits: Limits,
+    web: Option<Arc<WebConfigWatcher>>,
 ) -> anyhow::Result<()> {
     let stats = exporter.http.clone();
+    stats.secured.store(web.is_some(), Ordering::Relaxed);
+    let gate = Arc::new(Gate {
+        web,
+        limiter: Mutex::new(FailureLimiter::default()),
+        stats: stats.clone(),
+    });
     let app = Router::new()
         .route("/metrics", get(metrics))
         .fallback(not_found)
-        .with_state(exporter);
+        .with_state(exporter)
+        .layer(axum::middleware::from_fn_with_state(gate.clone(), guard));
     let listener = GuardedListener {
         inner: listener,
         slots: Arc::new(Semaphore::new(limits.max_connections)),
         limits,
         stats,
+        gate,
     };
-    axum::serve(listener, app).await.context("serving /metrics")
+    axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
+        .await
+        .context("serving /metrics")
+}
+
+/// The client's address, for the handlers.
+#[derive(Clone, Copy, Debug)]
+struct Peer(SocketAddr);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, GuardedListener>>
+    for Peer
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, GuardedListener>) -> Peer {
+        Peer(*stream.remote_addr())
+    }
+}
+
+/// Who may connect and read: the web configuration in force and the failed-attempt limiter.
+pub(super) struct Gate {
+    web: Option<Arc<WebConfigWatcher>>,
+    limiter: Mutex<FailureLimiter>,
+    stats: Arc<HttpStats>,
+}
+
+impl Gate {
+    fn allows(&self, ip: IpAddr) -> bool {
+        super::lock(&self.limiter).allows(ip, Instant::now().into_std())
+    }
+
+    /// Records, logs (unless the client is already refused) and counts a failed attempt.
+    fn failed(&self, ip: IpAddr, what: std::fmt::Arguments<'_>) {
+        match super::lock(&self.limiter).failed(ip, Instant::now().into_std()) {
+            FailureVerdict::Log => log::warn!("metrics endpoint: {what} from {ip}"),
+            FailureVerdict::NowLimited => log::warn!(
+                "metrics endpoint: {what} from {ip}; too many failures from {ip}: refused \
+                 for now, one more attempt every {}s",
+                FAILURE_REFILL.as_secs()
+            ),
+        }
+    }
+
+    fn limited(&self) {
+        self.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Basic authentication when configured, then the configured response headers.
+async fn guard(
+    State(gate): State<Arc<Gate>>,
+    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Some(web) = gate.web.as_ref().map(|w| w.current(&gate.stats)) else {
+        return next.run(request).await;
+    };
+    let mut response = match web.auth.clone() {
+        None => next.run(request).await,
+        Some(_) if !gate.allows(peer.ip()) => {
+            gate.limited();
+            let mut r = (
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many failed attempts: try again later\n",
+            )
+                .into_response();
+            let wait = HeaderValue::from(FAILURE_REFILL.as_secs());
+            r.headers_mut().insert(RETRY_AFTER, wait);
+            r
+        }
+        Some(auth) => {
+            let header = request
+                .headers()
+                .get(AUTHORIZATION)
+                .map(|v| v.as_bytes().to_vec());
+            let user = header
+                .as_deref()
+                .and_then(super::auth::parse_basic)
+                .map(|(u, _)| u);
+            // bcrypt takes tens of milliseconds of CPU: off the connection's thread.
+            let verdict = tokio::task::spawn_blocking(move || auth.check(header.as_deref()))
+                .await
+                .unwrap_or(Credentials::Invalid);
+            match verdict {
+                Credentials::Valid => next.run(request).await,
+                Credentials::Missing => {
+                    gate.stats.no_credentials.fetch_add(1, Ordering::Relaxed);
+                    unauthorized()
+                }
+                Credentials::Invalid => {
+                    gate.stats.bad_credentials.fetch_add(1, Ordering::Relaxed);
+                    match user {
+                        Some(u) => gate.failed(
+                            peer.ip(),
+                            format_args!("wrong user name or password (user {u:?})"),
+                        ),
+                        None => gate.failed(
+                            peer.ip(),
+                            format_args!("an Authorization header that is not Basic"),
+                        ),
+                    }
+                    unauthorized()
+                }
+            }
+        }
+    };
+    for (name, value) in &web.headers {
+        response.headers_mut().insert(name.clone(), value.clone());
+    }
+    response
+}
+
+fn unauthorized() -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        [(WWW_AUTHENTICATE, "Basic realm=\"overkvm\"")],
+        "unauthorized\n",
+    )
+        .into_response()
 }
 
 async fn metrics(State(exporter): State<Arc<Exporter>>, headers: HeaderMap) -> Response {
@@ -230,6 +395,7 @@ struct GuardedListener {
     slots: Arc<Semaphore>,
     limits: Limits,
     stats: Arc<HttpStats>,
+    gate: Arc<Gate>,
 }
 
 /// Answers a connection over the cap without waiting for anything: what already arrived of
@@ -242,16 +408,37 @@ fn refuse(stream: TcpStream) {
 }
 
 impl axum::serve::Listener for GuardedListener {
-    type Io = GuardedStream;
+    type Io = EndpointStream;
     type Addr = SocketAddr;
 
-    async fn accept(&mut self) -> (GuardedStream, SocketAddr) {
+    async fn accept(&mut self) -> (EndpointStream, SocketAddr) {
         loop {
             match self.inner.accept().await {
                 Ok((stream, addr)) => match self.slots.clone().try_acquire_owned() {
                     Ok(slot) => {
+                        let tls = self
+                            .gate
+                            .web
+                            .as_ref()
+                            .and_then(|w| w.current(&self.stats).tls.clone());
+                        if tls.is_some() && !self.gate.allows(addr.ip()) {
+                            // Refused before any handshake work; closing says enough.
+                            self.gate.limited();
+                            continue;
+                        }
                         let _ = stream.set_nodelay(true);
                         let s = GuardedStream::new(stream, slot, self.limits, self.stats.clone());
+                        let conn = match tls {
+                            None => Conn::Plain(s),
+                            Some(config) => Conn::Handshake(Box::new(
+                                tokio_rustls::TlsAcceptor::from(config).accept(s),
+                            )),
+                        };
+                        let s = EndpointStream {
+                            conn,
+                            peer: addr.ip(),
+                            gate: self.gate.clone(),
+                        };
                         return (s, addr);
                     }
                     Err(_) => {
@@ -271,6 +458,126 @@ impl axum::serve::Listener for GuardedListener {
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
         self.inner.local_addr()
+    }
+}
+
+/// A client connection as the HTTP server sees it: plain, or TLS (the handshake is driven by
+/// the first read or write, so it runs in the connection's own task).
+pub(super) struct EndpointStream {
+    conn: Conn,
+    peer: IpAddr,
+    gate: Arc<Gate>,
+}
+
+enum Conn {
+    Plain(GuardedStream),
+    Handshake(Box<tokio_rustls::Accept<GuardedStream>>),
+    Tls(Box<tokio_rustls::server::TlsStream<GuardedStream>>),
+    /// The handshake failed (already reported to the server).
+    Failed,
+}
+
+impl EndpointStream {
+    /// Finishes the TLS handshake if one is under way.
+    fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Conn::Handshake(accept) = &mut self.conn {
+            match Pin::new(accept.as_mut()).poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(tls)) => self.conn = Conn::Tls(Box::new(tls)),
+                Poll::Ready(Err(e)) => {
+                    self.conn = Conn::Failed;
+                    // rustls's own errors (an unknown certificate, not TLS at all) count as
+                    // failed attempts; a client that just went away or was too slow does not.
+                    if e.kind() == io::ErrorKind::InvalidData {
+                        self.gate
+                            .stats
+                            .tls_handshake
+                            .fetch_add(1, Ordering::Relaxed);
+                        self.gate
+                            .failed(self.peer, format_args!("TLS handshake failed ({e})"));
+                    }
+                    return Poll::Ready(Err(e));
+                }
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+fn handshake_failed() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "the TLS handshake failed")
+}
+
+impl AsyncRead for EndpointStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        std::task::ready!(this.poll_handshake(cx))?;
+        match &mut this.conn {
+            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Conn::Handshake(_) | Conn::Failed => Poll::Ready(Err(handshake_failed())),
+        }
+    }
+}
+
+impl AsyncWrite for EndpointStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        std::task::ready!(this.poll_handshake(cx))?;
+        match &mut this.conn {
+            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Conn::Handshake(_) | Conn::Failed => Poll::Ready(Err(handshake_failed())),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        std::task::ready!(this.poll_handshake(cx))?;
+        match &mut this.conn {
+            Conn::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            Conn::Handshake(_) | Conn::Failed => Poll::Ready(Err(handshake_failed())),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match &self.conn {
+            Conn::Plain(s) => s.is_write_vectored(),
+            Conn::Tls(s) => s.is_write_vectored(),
+            Conn::Handshake(_) | Conn::Failed => false,
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        std::task::ready!(this.poll_handshake(cx))?;
+        match &mut this.conn {
+            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Conn::Handshake(_) | Conn::Failed => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        match &mut this.conn {
+            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Conn::Handshake(_) | Conn::Failed => Poll::Ready(Ok(())),
+        }
     }
 }
 
@@ -531,7 +838,7 @@ mod tests {
     async fn start_with(exporter: Arc<Exporter>, limits: Limits) -> SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
-        tokio::spawn(serve(exporter, listener, limits));
+        tokio::spawn(serve(exporter, listener, limits, None));
         addr
     }
 
@@ -809,6 +1116,177 @@ mod tests {
         .await
         .expect("client thread");
         assert!(elapsed < Duration::from_secs(2), "{elapsed:?}");
+    }
+
+    /// One request over TLS, with an optional client certificate and Authorization header:
+    /// the whole response, or the error of the handshake or the exchange.
+    async fn tls_get(
+        addr: SocketAddr,
+        ca: &str,
+        client: Option<&(String, String)>,
+        authorization: Option<&str>,
+    ) -> io::Result<String> {
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(ca.as_bytes()).unwrap())
+            .unwrap();
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+            crate::export::webconfig::provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+        let config = match client {
+            Some((cert, key)) => builder
+                .with_client_auth_cert(
+                    vec![CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()],
+                    PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+                )
+                .unwrap(),
+            None => builder.with_no_client_auth(),
+        };
+        let tcp = TcpStream::connect(addr).await?;
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut s = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await?;
+        let auth = authorization
+            .map(|a| format!("Authorization: {a}\r\n"))
+            .unwrap_or_default();
+        s.write_all(
+            format!("GET /metrics HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await?;
+        Ok(out)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tls_client_certificates_and_basic_auth() {
+        use crate::export::webconfig::{WebConfigWatcher, testpki};
+        use base64::Engine as _;
+        let dir = tempfile::tempdir().unwrap();
+        let ca = testpki::Ca::new("clients and server");
+        testpki::write_server(dir.path(), &ca);
+        let hash = bcrypt::hash("right", 4).unwrap();
+        let path = dir.path().join("web.yml");
+        std::fs::write(
+            &path,
+            format!(
+                "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n\
+                 \x20 client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: ca.crt\n\
+                 http_server_config:\n  headers:\n    X-Content-Type-Options: nosniff\n\
+                 basic_auth_users:\n  prometheus: '{hash}'\n"
+            ),
+        )
+        .unwrap();
+        let web = Arc::new(WebConfigWatcher::new(&path).unwrap());
+        let e = exporter();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve(e.clone(), listener, short(), Some(web)));
+        let client = ca.issue(&["prometheus"]);
+        let basic = |u: &str, p: &str| {
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
+            )
+        };
+        let ok = tls_get(
+            addr,
+            &ca.pem,
+            Some(&client),
+            Some(&basic("prometheus", "right")),
+        )
+        .await
+        .unwrap();
+        assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+        assert!(ok.contains("x-content-type-options: nosniff"), "{ok}");
+        assert!(
+            ok.contains(r#"overkvm_vm_io_operations_total{vm="web",device="vda",op="read"} 5"#)
+        );
+        let wrong = tls_get(
+            addr,
+            &ca.pem,
+            Some(&client),
+            Some(&basic("prometheus", "wrong")),
+        )
+        .await
+        .unwrap();
+        assert!(wrong.starts_with("HTTP/1.1 401"), "{wrong}");
+        assert!(wrong.contains("x-content-type-options: nosniff"), "{wrong}");
+        let none = tls_get(addr, &ca.pem, Some(&client), None).await.unwrap();
+        assert!(none.starts_with("HTTP/1.1 401"), "{none}");
+        assert!(none.contains("www-authenticate: Basic"), "{none}");
+        // A certificate from another CA, and none at all: no handshake, so no HTTP.
+        let stranger = testpki::Ca::new("someone else").issue(&["prometheus"]);
+        let auth = basic("prometheus", "right");
+        assert!(
+            tls_get(addr, &ca.pem, Some(&stranger), Some(&auth))
+                .await
+                .is_err()
+        );
+        assert!(tls_get(addr, &ca.pem, None, Some(&auth)).await.is_err());
+        // Plain HTTP on the TLS port.
+        assert!(!get(addr, "/metrics", None).await.contains("HTTP/1.1 200"));
+        let c = e.http.counts();
+        assert!(c.secured);
+        assert_eq!((c.bad_credentials, c.no_credentials), (1, 1), "{c:?}");
+        // The client's handshake error reaches the server after the client's own check.
+        for _ in 0..50 {
+            if e.http.counts().tls_handshake >= 3 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(e.http.counts().tls_handshake, 3, "{:?}", e.http.counts());
+        // 4 failures so far (the wrong password and three handshakes); 6 more and this
+        // address is refused, even with good credentials.
+        for _ in 0..6 {
+            let r = tls_get(addr, &ca.pem, Some(&client), Some(&basic("x", "y"))).await;
+            assert!(r.unwrap().starts_with("HTTP/1.1 401"));
+        }
+        let refused = tls_get(addr, &ca.pem, Some(&client), Some(&auth)).await;
+        assert!(refused.is_err(), "{refused:?}");
+        assert_eq!(e.http.counts().rate_limited, 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn basic_auth_over_plain_http_answers_429_when_limited() {
+        use base64::Engine as _;
+        let hash = bcrypt::hash("right", 4).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("web.yml");
+        std::fs::write(&path, format!("basic_auth_users:\n  p: '{hash}'\n")).unwrap();
+        let web = Arc::new(crate::export::webconfig::WebConfigWatcher::new(&path).unwrap());
+        let e = exporter();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve(e.clone(), listener, short(), Some(web)));
+        let with = |p: &'static str| {
+            let h = base64::engine::general_purpose::STANDARD.encode(format!("p:{p}"));
+            tokio::task::spawn_blocking(move || {
+                let mut s = StdStream::connect(addr).expect("connect");
+                write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {h}\r\nConnection: close\r\n\r\n")
+                    .expect("write");
+                let mut out = String::new();
+                s.read_to_string(&mut out).expect("read");
+                out
+            })
+        };
+        assert!(with("right").await.unwrap().starts_with("HTTP/1.1 200"));
+        for _ in 0..10 {
+            assert!(with("wrong").await.unwrap().starts_with("HTTP/1.1 401"));
+        }
+        let limited = with("right").await.unwrap();
+        assert!(limited.starts_with("HTTP/1.1 429"), "{limited}");
+        assert!(limited.contains("retry-after: 6"), "{limited}");
+        let c = e.http.counts();
+        assert_eq!((c.bad_credentials, c.rate_limited), (10, 1), "{c:?}");
     }
 
     #[test]

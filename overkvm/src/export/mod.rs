@@ -8,6 +8,8 @@
 //!   native histograms).
 //! - `render`: OpenMetrics text via prometheus-client, and the classic text format.
 //! - `http`: axum on a listener with connection limits and deadlines.
+//! - `webconfig`: `--web.config.file` (exporter-toolkit's format): TLS, basic auth, headers.
+//! - `auth`: basic authentication and the per-client limit on failed attempts.
 //!
 //! Each format is rendered at most once per tick, on the first scrape in that format after it
 //! (a host scraped in one format pays for that one only), into a page shared as an `Arc`; a
@@ -17,11 +19,13 @@
 //! The tick's own timing and the endpoint's connection counts are kept beside the totals and
 //! rendered with them.
 
+pub mod auth;
 pub mod http;
 pub mod latency;
 pub mod names;
 pub mod render;
 pub mod totals;
+pub mod webconfig;
 
 use std::{
     sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError},
@@ -211,9 +215,14 @@ impl Exporter {
             .clone()
     }
 
-    /// Serves `/metrics` on the listener until the task is aborted.
-    pub async fn serve(self: Arc<Self>, listener: tokio::net::TcpListener) -> anyhow::Result<()> {
-        http::serve(self, listener, http::Limits::default()).await
+    /// Serves `/metrics` on the listener until the task is aborted; with a web config, over
+    /// TLS and/or behind basic authentication as it says.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: tokio::net::TcpListener,
+        web: Option<Arc<webconfig::WebConfigWatcher>>,
+    ) -> anyhow::Result<()> {
+        http::serve(self, listener, http::Limits::default(), web).await
     }
 }
 

@@ -98,8 +98,11 @@ pub mod label {
     pub const DISK: &str = "disk";
     pub const VERSION: &str = "version";
     pub const HOOK_MODE: &str = "hook_mode";
-    /// Why the exporter closed a connection: `timeout` or `oversized`.
+    /// Why the exporter closed a connection (`timeout`, `oversized`) or refused a client
+    /// (`no_credentials`, `bad_credentials`, `tls_handshake`, `rate_limited`).
     pub const REASON: &str = "reason";
+    /// How an attempt ended: `success` or `failure`.
+    pub const RESULT: &str = "result";
 }
 
 use label::*;
@@ -338,6 +341,22 @@ pub const EXPORTER_CONNECTIONS_DROPPED: Metric = Metric {
     help: "Connections to /metrics the exporter closed: too slow to send a request or read a response (timeout), or a request over the size limit (oversized).",
 };
 
+pub const EXPORTER_AUTH_FAILURES: Metric = Metric {
+    name: "exporter_auth_failures",
+    kind: Kind::Counter,
+    unit: None,
+    labels: &[REASON],
+    help: "Clients of /metrics refused under --web.config.file: no credentials (no_credentials), a wrong user or password (bad_credentials), a failed TLS handshake such as an unknown client certificate (tls_handshake), or too many failures from the same address (rate_limited).",
+};
+
+pub const EXPORTER_WEB_CONFIG_RELOADS: Metric = Metric {
+    name: "exporter_web_config_reloads",
+    kind: Kind::Counter,
+    unit: None,
+    labels: &[RESULT],
+    help: "Times the --web.config.file (or a certificate, key or CA file it names) changed and was read again; on failure the previous configuration stays in force.",
+};
+
 pub const EXPORTER_VMS_DROPPED: Metric = Metric {
     name: "exporter_vms_dropped",
     kind: Kind::Gauge,
@@ -489,6 +508,8 @@ pub const ALL: &[Metric] = &[
     EXPORTER_CONNECTIONS,
     EXPORTER_CONNECTIONS_REFUSED,
     EXPORTER_CONNECTIONS_DROPPED,
+    EXPORTER_AUTH_FAILURES,
+    EXPORTER_WEB_CONFIG_RELOADS,
     EXPORTER_VMS_DROPPED,
     EXPORTER_INFO,
     THROTTLE_LIMIT_IOPS,

@@ -131,6 +131,27 @@ fn encode_self(
         counter(&mut m, &[(reason, Lv("timeout"))], http.timed_out)?;
         counter(&mut m, &[(reason, Lv("oversized"))], http.oversized)?;
     }
+    // Only when a web config is in force: without one nobody is ever refused.
+    if let Some(mut m) = family(enc, &names::EXPORTER_AUTH_FAILURES, http.secured)? {
+        let reason = names::label::REASON;
+        counter(
+            &mut m,
+            &[(reason, Lv("no_credentials"))],
+            http.no_credentials,
+        )?;
+        counter(
+            &mut m,
+            &[(reason, Lv("bad_credentials"))],
+            http.bad_credentials,
+        )?;
+        counter(&mut m, &[(reason, Lv("tls_handshake"))], http.tls_handshake)?;
+        counter(&mut m, &[(reason, Lv("rate_limited"))], http.rate_limited)?;
+    }
+    if let Some(mut m) = family(enc, &names::EXPORTER_WEB_CONFIG_RELOADS, http.secured)? {
+        let result = names::label::RESULT;
+        counter(&mut m, &[(result, Lv("success"))], http.reloads_ok)?;
+        counter(&mut m, &[(result, Lv("failure"))], http.reloads_failed)?;
+    }
     Ok(())
 }
 

@@ -22,7 +22,7 @@ use super::TopOptions;
 use super::{
     batch::fit,
     columns::{Column, SortKey, compare_keys},
-    prometheus::{Client, PromUrl, Sample},
+    prometheus::{Client, Sample},
     rows::{RowGroup, RowKey, RowKind, TopRow, limit_text, qemu_part},
     sort::SortOrder,
 };
@@ -636,7 +636,7 @@ pub fn write_table(out: &mut impl std::io::Write, r: &FleetReport) -> std::io::R
 
 /// Runs the fleet view in batch mode: one table (or JSON line) per `-d`, the first at once.
 pub fn run_batch(args: &TopOptions, url: &str) -> anyhow::Result<()> {
-    let client = Client::new(PromUrl::parse(url)?);
+    let client = Client::with_config(url, args.http_config.as_deref())?;
     let queries = Queries::new(args.window);
     let stdout = std::io::stdout();
     let mut done = 0u64;

@@ -10,6 +10,7 @@ pub mod app;
 pub mod batch;
 pub mod columns;
 pub mod fleet;
+pub mod http_config;
 pub mod prometheus;
 pub mod rows;
 pub mod sort;
@@ -64,6 +65,8 @@ pub struct TopOptions {
     pub prometheus: Option<String>,
     /// Fleet view: the window rates are taken over.
     pub window: std::time::Duration,
+    /// Fleet view: credentials and TLS settings for Prometheus (promtool's format).
+    pub http_config: Option<std::path::PathBuf>,
     /// The kernel programs (local view).
     pub load: LoadOptions,
 }
@@ -221,7 +224,7 @@ fn run_interactive(args: &TopOptions, opts: LoadOptions) -> anyhow::Result<()> {
 /// The fleet view on a terminal: a refresher thread queries Prometheus every `-d` and sends
 /// each refresh by value; the view, keys and terminal handling are the local view's.
 fn run_fleet_interactive(args: &TopOptions, url: &str) -> anyhow::Result<()> {
-    let client = prometheus::Client::new(prometheus::PromUrl::parse(url)?);
+    let client = prometheus::Client::with_config(url, args.http_config.as_deref())?;
     let queries = fleet::Queries::new(args.window);
     // A wrong URL or a Prometheus that is down fails plainly, before taking the terminal.
     let first = fleet::fetch_report(&client, &queries, args.window, args.sort)?;

@@ -1,7 +1,8 @@
 //! Instant queries against a Prometheus server's HTTP API (`/api/v1/query`), for the fleet
-//! view. A plain blocking HTTP/1.0 GET over a TCP stream: the server answers without chunking
-//! and closes, so no HTTP library is needed. Only `http://` (put Prometheus behind a local
-//! proxy or tunnel for TLS). Parsing is pure and tested without a server.
+//! view. A plain blocking HTTP/1.0 GET over a TCP stream, or over rustls for `https://`: the
+//! server answers without chunking and closes, so no HTTP library is needed. Credentials and
+//! TLS settings come from an HTTP client config file ([`super::http_config`]). Parsing is pure
+//! and tested without a server.
 
 use std::{
     collections::BTreeMap,
@@ -12,9 +13,13 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
+use super::http_config::{HttpClientConfig, LoadedClientConfig};
+
 /// Where the Prometheus API is: host, port and an optional path prefix (`--web.route-prefix`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PromUrl {
+    /// https://
+    pub tls: bool,
     pub host: String,
     pub port: u16,
     /// "" or "/prefix" (no trailing slash).
@@ -22,23 +27,30 @@ pub struct PromUrl {
 }
 
 impl PromUrl {
-    /// Parses `http://HOST[:PORT][/PREFIX]` (port 9090 by default; a bare `HOST:PORT` too).
+    /// Parses `http[s]://HOST[:PORT][/PREFIX]` (port 9090 by default; a bare `HOST:PORT`
+    /// too, as http).
     pub fn parse(s: &str) -> anyhow::Result<PromUrl> {
         let t = s.trim();
-        let rest = match t.split_once("://") {
-            Some(("http", rest)) => rest,
-            Some((scheme, _)) => bail!(
-                "{s:?}: only http:// is supported (for {scheme}://, reach Prometheus through a \
-                 local proxy or an SSH tunnel)"
-            ),
-            None => t,
+        let (tls, rest) = match t.split_once("://") {
+            Some(("http", rest)) => (false, rest),
+            Some(("https", rest)) => (true, rest),
+            Some((scheme, _)) => {
+                bail!("{s:?}: only http:// and https:// are supported, not {scheme}://")
+            }
+            None => (false, t),
         };
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, ""),
         };
-        if authority.is_empty() || authority.contains('@') {
-            bail!("{s:?}: expected http://HOST[:PORT][/PREFIX] (no user or password)");
+        if authority.contains('@') {
+            bail!(
+                "{s:?}: no user or password in the URL (they would show in `ps`): give them in \
+                 an --http.config.file (basic_auth)"
+            );
+        }
+        if authority.is_empty() {
+            bail!("{s:?}: expected http[s]://HOST[:PORT][/PREFIX]");
         }
         let (host, port) = match authority.rsplit_once(':') {
             // An IPv6 literal without a port: [::1]
@@ -59,6 +71,7 @@ impl PromUrl {
             bail!("{s:?}: give the server's base URL, without a query");
         }
         Ok(PromUrl {
+            tls,
             host: host.to_string(),
             port,
             prefix: path.trim_end_matches('/').to_string(),
@@ -68,10 +81,11 @@ impl PromUrl {
 
 impl std::fmt::Display for PromUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let scheme = if self.tls { "https" } else { "http" };
         if self.host.contains(':') {
-            write!(f, "http://[{}]:{}{}", self.host, self.port, self.prefix)
+            write!(f, "{scheme}://[{}]:{}{}", self.host, self.port, self.prefix)
         } else {
-            write!(f, "http://{}:{}{}", self.host, self.port, self.prefix)
+            write!(f, "{scheme}://{}:{}{}", self.host, self.port, self.prefix)
         }
     }
 }
@@ -98,14 +112,39 @@ const MAX_RESPONSE: u64 = 256 << 20;
 pub struct Client {
     pub url: PromUrl,
     pub timeout: Duration,
+    /// Credentials and TLS settings (None: plain HTTP without credentials).
+    config: Option<LoadedClientConfig>,
 }
 
 impl Client {
+    /// A client without credentials (https:// URLs trust the system's CAs).
     pub fn new(url: PromUrl) -> Client {
         Client {
             url,
             timeout: Duration::from_secs(10),
+            config: None,
         }
+    }
+
+    /// A client for `url` with the HTTP client config file, if any (`--http.config.file`).
+    pub fn with_config(url: &str, config: Option<&std::path::Path>) -> anyhow::Result<Client> {
+        let url = PromUrl::parse(url)?;
+        let settings = config
+            .map(HttpClientConfig::read)
+            .transpose()?
+            .unwrap_or_default();
+        if !url.tls && settings.tls != Default::default() {
+            bail!("{url}: the HTTP client config has tls_config, but the URL is not https://");
+        }
+        let loaded = settings.load(url.tls).with_context(|| match config {
+            Some(p) => format!("loading what {} names", p.display()),
+            None => "loading the system's CA certificates".into(),
+        })?;
+        Ok(Client {
+            url,
+            timeout: Duration::from_secs(10),
+            config: Some(loaded),
+        })
     }
 
     /// Runs an instant query; the series of the resulting vector (NaN and infinite values,
@@ -128,7 +167,7 @@ impl Client {
             .with_context(|| format!("resolving {}", self.url.host))?
             .next()
             .with_context(|| format!("{} has no address", self.url.host))?;
-        let mut s = TcpStream::connect_timeout(&addr, self.timeout)
+        let s = TcpStream::connect_timeout(&addr, self.timeout)
             .with_context(|| format!("connecting to {addr}"))?;
         s.set_read_timeout(Some(self.timeout))?;
         s.set_write_timeout(Some(self.timeout))?;
@@ -137,18 +176,23 @@ impl Client {
         } else {
             self.url.host.clone()
         };
-        write!(
-            s,
+        let authorization = self
+            .config
+            .as_ref()
+            .and_then(|c| c.authorization.as_ref())
+            .map(|a| format!("Authorization: {a}\r\n"))
+            .unwrap_or_default();
+        let request = format!(
             "GET {target} HTTP/1.0\r\nHost: {host}:{}\r\nAccept: application/json\r\n\
-             User-Agent: overkvm-io/{}\r\n\r\n",
+             User-Agent: overkvm-io/{}\r\n{authorization}\r\n",
             self.url.port,
             env!("CARGO_PKG_VERSION")
-        )
-        .context("sending the request")?;
-        let mut raw = Vec::new();
-        s.take(MAX_RESPONSE + 1)
-            .read_to_end(&mut raw)
-            .context("reading the answer")?;
+        );
+        let raw = if self.url.tls {
+            self.exchange_tls(s, request.as_bytes())?
+        } else {
+            exchange(s, request.as_bytes())?
+        };
         if raw.len() as u64 > MAX_RESPONSE {
             bail!("the answer is larger than {} MiB", MAX_RESPONSE >> 20);
         }
@@ -164,6 +208,51 @@ impl Client {
         }
         Ok(body)
     }
+}
+
+impl Client {
+    /// The request over TLS; the whole answer.
+    fn exchange_tls(&self, tcp: TcpStream, request: &[u8]) -> anyhow::Result<Vec<u8>> {
+        let loaded;
+        let config = match &self.config {
+            Some(c) if c.tls.is_some() => c,
+            _ => {
+                loaded = HttpClientConfig::default().load(true)?;
+                &loaded
+            }
+        };
+        let tls_config = config.tls.clone().context("no TLS configuration")?;
+        let name = config
+            .server_name
+            .clone()
+            .unwrap_or_else(|| self.url.host.clone());
+        let server_name = rustls::pki_types::ServerName::try_from(name.clone())
+            .with_context(|| format!("{name:?} is not a valid server name"))?;
+        let conn =
+            rustls::ClientConnection::new(tls_config, server_name).context("starting TLS")?;
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        tls.write_all(request)
+            .context("the TLS handshake or sending the request")?;
+        let mut raw = Vec::new();
+        match tls.take(MAX_RESPONSE + 1).read_to_end(&mut raw) {
+            Ok(_) => {}
+            // A server that closes without a TLS close_notify: what arrived is checked by the
+            // HTTP and JSON parsers (a cut answer does not parse).
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
+            Err(e) => return Err(e).context("reading the answer"),
+        }
+        Ok(raw)
+    }
+}
+
+/// The request over plain TCP; the whole answer.
+fn exchange(mut s: TcpStream, request: &[u8]) -> anyhow::Result<Vec<u8>> {
+    s.write_all(request).context("sending the request")?;
+    let mut raw = Vec::new();
+    s.take(MAX_RESPONSE + 1)
+        .read_to_end(&mut raw)
+        .context("reading the answer")?;
+    Ok(raw)
 }
 
 /// The status code and body of a raw HTTP/1.x response (de-chunked when chunked).
@@ -291,8 +380,10 @@ mod tests {
         assert_eq!((u.host.as_str(), u.port), ("::1", 9090));
         assert_eq!(u.to_string(), "http://[::1]:9090");
         assert_eq!(PromUrl::parse("http://[::1]").unwrap().port, 9090);
+        let u = PromUrl::parse("https://prom.example.net/p").unwrap();
+        assert!(u.tls);
+        assert_eq!(u.to_string(), "https://prom.example.net:9090/p");
         for bad in [
-            "https://x:9090",
             "ftp://x",
             "http://",
             "http://:9090",
@@ -305,8 +396,10 @@ mod tests {
         ] {
             assert!(PromUrl::parse(bad).is_err(), "{bad}");
         }
-        let e = PromUrl::parse("https://x").unwrap_err().to_string();
-        assert!(e.contains("only http://"), "{e}");
+        let e = PromUrl::parse("ftp://x").unwrap_err().to_string();
+        assert!(e.contains("only http:// and https://"), "{e}");
+        let e = PromUrl::parse("https://u:p@x").unwrap_err().to_string();
+        assert!(e.contains("--http.config.file"), "{e}");
     }
 
     #[test]
