@@ -21,7 +21,7 @@ use super::{
     names::{self, Metric},
     totals::{LatencyTotals, OpTotals, Totals},
 };
-use crate::identity::Manager;
+use crate::{identity::Manager, tick::ThrottleView};
 
 /// Label values longer than this are cut (at a character boundary). Names come from command
 /// lines and cgroup paths, which anyone starting a process chooses.
@@ -228,6 +228,18 @@ fn histogram(
 }
 
 fn encode_totals(t: &Totals, shape: Shape, enc: &mut DescriptorEncoder) -> fmt::Result {
+    encode_vm_families(t, shape, enc)?;
+    encode_device_and_process_families(t, enc)?;
+    encode_self_families(t, enc)?;
+    let Some(th) = &t.stats.throttle else {
+        return Ok(());
+    };
+    encode_throttle_limits(th, enc)?;
+    encode_throttle_budgets(th, enc)
+}
+
+/// Per VM: ops, bytes and latency per device and op, and one info series each.
+fn encode_vm_families(t: &Totals, shape: Shape, enc: &mut DescriptorEncoder) -> fmt::Result {
     use names::label::*;
     let vms = t.vms();
     let any_vm_device = |f: &dyn Fn(&super::totals::VmDevice) -> bool| {
@@ -305,7 +317,12 @@ fn encode_totals(t: &Totals, shape: Shape, enc: &mut DescriptorEncoder) -> fmt::
             gauge(&mut m, &l, 1i64)?;
         }
     }
+    Ok(())
+}
 
+/// Per device, and per process name when per-process series are on.
+fn encode_device_and_process_families(t: &Totals, enc: &mut DescriptorEncoder) -> fmt::Result {
+    use names::label::*;
     let encode_ops = |m: &mut MetricEncoder,
                       name_label: Option<(&str, &str)>,
                       dev: &str,
@@ -354,7 +371,13 @@ fn encode_totals(t: &Totals, shape: Shape, enc: &mut DescriptorEncoder) -> fmt::
     if let Some(mut m) = family(enc, &names::PROCESS_IO_DROPPED, t.per_process())? {
         m.encode_counter::<NoLabelSet, _, f64>(&t.process_dropped_ops, None)?;
     }
+    Ok(())
+}
 
+/// overkvm's own health: its programs and maps, kernel-side events, the diskstats parity,
+/// errors, timings and version.
+fn encode_self_families(t: &Totals, enc: &mut DescriptorEncoder) -> fmt::Result {
+    use names::label::*;
     let s = &t.stats;
     if let Some(mut m) = family(enc, &names::BPF_PROGRAM_RUNS, !s.programs.is_empty())? {
         for p in &s.programs {
@@ -425,10 +448,12 @@ fn encode_totals(t: &Totals, shape: Shape, enc: &mut DescriptorEncoder) -> fmt::
         ];
         gauge(&mut m, &l, 1i64)?;
     }
+    Ok(())
+}
 
-    let Some(th) = &s.throttle else {
-        return Ok(());
-    };
+/// The limits the throttle holds: in cgroups (per VM and device) and in QEMU (per disk).
+fn encode_throttle_limits(th: &ThrottleView, enc: &mut DescriptorEncoder) -> fmt::Result {
+    use names::label::*;
     let has_limits = th
         .limits
         .iter()
@@ -505,6 +530,12 @@ fn encode_totals(t: &Totals, shape: Shape, enc: &mut DescriptorEncoder) -> fmt::
             }
         }
     }
+    Ok(())
+}
+
+/// The throttle's budgets, use and state per device, and its counters.
+fn encode_throttle_budgets(th: &ThrottleView, enc: &mut DescriptorEncoder) -> fmt::Result {
+    use names::label::*;
     let has_budget = th.budgets.iter().any(|b| b.iops_budget.is_some());
     if let Some(mut m) = family(enc, &names::THROTTLE_BUDGET_IOPS, has_budget)? {
         for b in &th.budgets {
