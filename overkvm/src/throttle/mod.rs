@@ -530,30 +530,56 @@ impl ThrottleService {
             |pid| crate::host::proc::block_cgroup(pid, api?),
         );
         self.count_host_cached(disk, &mut vms, &mut bg_iops, &mut bg_bps, flusher);
-        let guest = |u: &VmUse, name: &str, bytes: bool| -> GuestUse {
-            let rule = self.config.rule_for(name, u.uuid.as_deref(), &u.manager);
-            let (r, w) = if bytes { u.bps } else { u.iops };
-            GuestUse {
-                read: r,
-                write: w,
-                weight: rule.and_then(|r| r.weight).unwrap_or(1.0),
-                reservation: if bytes {
-                    0.0
-                } else {
-                    rule.and_then(|r| r.reservation_iops).unwrap_or(0) as f64
-                },
-                exempt: rule.is_some_and(|r| r.exempt),
-            }
+        let guests = |bytes: bool| -> BTreeMap<String, GuestUse> {
+            vms.iter()
+                .map(|(n, u)| (n.clone(), self.guest_use(u, n, bytes)))
+                .collect()
         };
-        let iops_guests: BTreeMap<String, GuestUse> = vms
-            .iter()
-            .map(|(n, u)| (n.clone(), guest(u, n, false)))
-            .collect();
-        let bps_guests: BTreeMap<String, GuestUse> = vms
-            .iter()
-            .map(|(n, u)| (n.clone(), guest(u, n, true)))
-            .collect();
+        let (iops_guests, bps_guests) = (guests(false), guests(true));
+        let mut touched = self.control_step(
+            i,
+            (&iops_guests, bg_iops),
+            (&bps_guests, bg_bps),
+            &device_latency,
+        );
+        touched.extend(self.not_in_place(i, &vms));
+        touched.sort();
+        touched.dedup();
+        for vm in touched {
+            let m = &self.devices[i];
+            let want = limits_of(m.ctl_iops.limits.get(&vm), m.ctl_bps.limits.get(&vm));
+            let usage = vms.get(&vm);
+            self.enforce(i, &vm, usage, want);
+        }
+    }
 
+    /// What a VM's use on a device is to the budget controller (IOPS, or bytes when `bytes`),
+    /// with its `[[vm]]` rule's weight, reservation and exemption.
+    fn guest_use(&self, u: &VmUse, name: &str, bytes: bool) -> GuestUse {
+        let rule = self.config.rule_for(name, u.uuid.as_deref(), &u.manager);
+        let (r, w) = if bytes { u.bps } else { u.iops };
+        GuestUse {
+            read: r,
+            write: w,
+            weight: rule.and_then(|r| r.weight).unwrap_or(1.0),
+            reservation: if bytes {
+                0.0
+            } else {
+                rule.and_then(|r| r.reservation_iops).unwrap_or(0) as f64
+            },
+            exempt: rule.is_some_and(|r| r.exempt),
+        }
+    }
+
+    /// One tick of device `i`'s controllers (IOPS with its latency target, bytes): returns
+    /// the VMs whose limits they changed, and logs when throttling engages or lets go.
+    fn control_step(
+        &mut self,
+        i: usize,
+        (iops_guests, bg_iops): (&BTreeMap<String, GuestUse>, (f64, f64)),
+        (bps_guests, bg_bps): (&BTreeMap<String, GuestUse>, (f64, f64)),
+        device_latency: &crate::sample::Histogram,
+    ) -> Vec<String> {
         let knobs = self.knobs.clone();
         let byte_knobs = Knobs {
             // The floor is in IOPS; for bandwidth keep guests above ~1 MB/s so they never
@@ -571,7 +597,7 @@ impl ThrottleService {
                 (
                     target_us,
                     LatencySample {
-                        latency_us: crate::stats::quantile_us(&device_latency, q),
+                        latency_us: crate::stats::quantile_us(device_latency, q),
                         completions: device_latency.count(),
                         iops: m.used_iops,
                     },
@@ -582,7 +608,7 @@ impl ThrottleService {
                 &mut m.ctl_iops,
                 sample.as_ref().map(|(t, s)| (&mut m.ctl_latency, *t, s)),
                 m.iops,
-                &iops_guests,
+                iops_guests,
                 bg_iops,
                 &knobs,
                 &LatencyKnobs::default(),
@@ -607,7 +633,7 @@ impl ThrottleService {
             touched.extend(d.clear);
         }
         if let Some(b) = m.bps {
-            let d = m.ctl_bps.step(b, &bps_guests, bg_bps, &byte_knobs);
+            let d = m.ctl_bps.step(b, bps_guests, bg_bps, &byte_knobs);
             touched.extend(d.set.into_keys());
             touched.extend(d.clear);
         }
@@ -625,11 +651,16 @@ impl ThrottleService {
             };
             self.decided(&name, line);
         }
+        touched
+    }
+
+    /// The VMs on device `i` whose limit the controllers hold but that is not in place: its
+    /// state could not be saved or its write failed (tried again every tick: the controllers
+    /// only report changes), its VM is somewhere else now (restarted: another process, maybe
+    /// another cgroup), or it now wants the other actuator (its cgroup became shared, or
+    /// alone again).
+    fn not_in_place(&mut self, i: usize, vms: &BTreeMap<String, VmUse>) -> Vec<String> {
         let m = &self.devices[i];
-        // A limit the controllers hold but that is not in place (its state could not be saved,
-        // its write failed) is tried again every tick: the controllers only report changes.
-        // So is one whose VM is somewhere else now (restarted: another process, maybe another
-        // cgroup) or now wants the other actuator (its cgroup became shared, or alone again).
         let dev = m.info.dev;
         let held: Vec<(String, Limits)> = m
             .ctl_iops
@@ -642,10 +673,11 @@ impl ThrottleService {
                 (vm.clone(), want)
             })
             .collect();
+        let mut out = Vec::new();
         for (vm, want) in held {
             let usage = vms.get(&vm);
             let Some(a) = self.applied.get(&(vm.clone(), dev)) else {
-                touched.push(vm);
+                out.push(vm);
                 continue;
             };
             let held = Placed {
@@ -660,17 +692,10 @@ impl ThrottleService {
                     self.qemu_choice(i, &vm, usage).is_some(),
                 )
             {
-                touched.push(vm);
+                out.push(vm);
             }
         }
-        touched.sort();
-        touched.dedup();
-        for vm in touched {
-            let m = &self.devices[i];
-            let want = limits_of(m.ctl_iops.limits.get(&vm), m.ctl_bps.limits.get(&vm));
-            let usage = vms.get(&vm);
-            self.enforce(i, &vm, usage, want);
-        }
+        out
     }
 
     /// Another VM (uuid `new`) runs under the name `vm` of a former one (uuid `old`): what the
