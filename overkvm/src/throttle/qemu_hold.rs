@@ -18,11 +18,27 @@ use crate::{
 };
 
 /// Where a QEMU-held limit is: the VM's qemu process (pid and start time) and its disks.
-#[derive(Clone)]
+#[derive(Clone, PartialEq)]
 pub(super) struct AppliedQemu {
     pub(super) pid: u32,
     pub(super) start_time: u64,
     pub(super) disks: Vec<DiskRef>,
+}
+
+/// The qemu a QEMU-held limit of a VM on a device goes to.
+struct QemuTarget<'a> {
+    vm: &'a str,
+    info: &'a DeviceInfo,
+    pid: u32,
+    start_time: u64,
+    control: &'a Control,
+}
+
+impl QemuTarget<'_> {
+    /// A record of one of this qemu's disks.
+    fn owns(&self, r: &QemuLimitRecord, d: &DiskRef) -> bool {
+        r.pid == self.pid && r.start_time == self.start_time && r.disk == *d
+    }
 }
 
 impl ThrottleService {
@@ -176,119 +192,30 @@ impl ThrottleService {
             disks: disks.clone(),
         };
         if let Some(a) = self.applied.get(&key) {
-            let same_place = a
-                .qemu
-                .as_ref()
-                .is_some_and(|q| q.pid == pid && q.start_time == f.start_time && q.disks == disks);
+            let same_place = a.qemu.as_ref() == Some(&held);
             if same_place && a.limits == want {
                 return;
             }
             if !same_place {
-                // Held elsewhere before (its cgroup, or a former qemu of a restarted VM).
-                let a = self.applied.remove(&key).map(|a| (a.cgroup, a.qemu));
-                match a {
-                    Some((_, Some(q))) => {
-                        self.release_qemu(vm, &info, &q);
-                    }
-                    Some((cg, None)) => {
-                        self.clear_cgroup_limit(vm, &info, &cg);
-                        self.decided(
-                            &format!("actuator {vm}@{}", info.name),
-                            format!(
-                                "VM {vm} on {}: its cgroup {cg} lets go of it, QEMU takes over \
-                                 ({why})",
-                                info.name
-                            ),
-                        );
-                    }
-                    None => {}
-                }
+                self.let_go_elsewhere(&key, &info, why);
             }
         }
-        let ours = |r: &QemuLimitRecord, d: &DiskRef| {
-            r.pid == pid && r.start_time == f.start_time && r.disk == *d
+        let target = QemuTarget {
+            vm,
+            info: &info,
+            pid,
+            start_time: f.start_time,
+            control: &control,
         };
         let mut written = Vec::new();
         if !self.dry_run {
-            // The disks' own settings (an operator's, Nova's) are read before overkvm first
-            // writes them and kept on record from then on: they are what goes back.
-            let missing: Vec<DiskRef> = disks
-                .iter()
-                .filter(|d| !self.state.qemu.iter().any(|r| ours(r, d)))
-                .cloned()
-                .collect();
-            if !missing.is_empty() {
-                let now = match self.qemu.read_disks(&control) {
-                    Ok(d) => d,
-                    Err(e) => {
-                        self.qemu_failed(vm, &info.name, pid, f.start_time, &control, e);
-                        return;
-                    }
-                };
-                let mut added = Vec::new();
-                for d in missing {
-                    let Some(cur) = now.iter().find(|q| q.disk == d) else {
-                        continue;
-                    };
-                    let rec = QemuLimitRecord {
-                        vm: vm.to_string(),
-                        pid,
-                        start_time: f.start_time,
-                        control: control.clone(),
-                        disk: d.clone(),
-                        major: info.major,
-                        minor: info.minor,
-                        original: cur.throttle.clone(),
-                        written: None,
-                    };
-                    if self.state.note_qemu(rec) {
-                        added.push(d);
-                    }
-                }
-                // A limit is written only once what it replaces is on record.
-                if !added.is_empty() && !self.save_state() {
-                    self.state
-                        .qemu
-                        .retain(|r| !added.iter().any(|d| ours(r, d)));
-                    return;
-                }
+            if !self.record_originals(&target, &disks) {
+                return;
             }
-            let per_disk = qemu_actuator::split(&want, disks.len());
-            for d in &disks {
-                let Some(i) = self.state.qemu.iter().position(|r| ours(r, d)) else {
-                    continue;
-                };
-                // What someone else changed since overkvm last wrote the disk is theirs: it
-                // becomes part of the disk's own settings, under overkvm's limit now and put
-                // back on release.
-                if let Some(last) = self.state.qemu[i].written.clone()
-                    && let Some(now) = self.qemu.disk_now(&control, d)
-                {
-                    let r = &mut self.state.qemu[i];
-                    let (own, changed) = qemu_actuator::adopt(&r.original, Some(&last), &now);
-                    if !changed.is_empty() {
-                        log::info!(
-                            "VM {vm} disk {} on {}: {} set by someone else while overkvm held \
-                             it: kept as the disk's own setting",
-                            d.name(),
-                            info.name,
-                            qemu_actuator::adopted_text(&own, &changed)
-                        );
-                        r.original = own;
-                    }
-                }
-                let t = qemu_actuator::engage(&self.state.qemu[i].original, &per_disk);
-                if let Err(e) = self.qemu.write(&control, d, &t) {
-                    self.qemu_failed(vm, &info.name, pid, f.start_time, &control, e);
-                    return;
-                }
-                self.state.qemu[i].written =
-                    qemu_actuator::written_as(&t, self.qemu.disk_now(&control, d));
-                written.push(format!("{} {}", d.name(), t.shown("").text().trim_start()));
-            }
-            if !written.is_empty() {
-                self.save_state();
-            }
+            let Some(w) = self.write_disk_limits(&target, &disks, &want) else {
+                return;
+            };
+            written = w;
             let name = info.name.clone();
             self.resolved(&format!("qemu-{vm}"), || {
                 format!("VM {vm} on {name}: QEMU limits written again")
@@ -329,6 +256,130 @@ impl ThrottleService {
                 qemu: Some(held),
             },
         );
+    }
+
+    /// A VM held elsewhere before (its cgroup, or a former qemu of a restarted VM) that QEMU
+    /// holds now: the limit there goes.
+    fn let_go_elsewhere(&mut self, key: &(String, u32), info: &DeviceInfo, why: &str) {
+        let vm = key.0.as_str();
+        match self.applied.remove(key).map(|a| (a.cgroup, a.qemu)) {
+            Some((_, Some(q))) => {
+                self.release_qemu(vm, info, &q);
+            }
+            Some((cg, None)) => {
+                self.clear_cgroup_limit(vm, info, &cg);
+                self.decided(
+                    &format!("actuator {vm}@{}", info.name),
+                    format!(
+                        "VM {vm} on {}: its cgroup {cg} lets go of it, QEMU takes over ({why})",
+                        info.name
+                    ),
+                );
+            }
+            None => {}
+        }
+    }
+
+    /// The disks' own settings (an operator's, Nova's) are read before overkvm first writes
+    /// them and kept on record from then on: they are what goes back. False when they could
+    /// not be read or recorded (then nothing is written).
+    fn record_originals(&mut self, t: &QemuTarget, disks: &[DiskRef]) -> bool {
+        let missing: Vec<DiskRef> = disks
+            .iter()
+            .filter(|d| !self.state.qemu.iter().any(|r| t.owns(r, d)))
+            .cloned()
+            .collect();
+        if missing.is_empty() {
+            return true;
+        }
+        let now = match self.qemu.read_disks(t.control) {
+            Ok(d) => d,
+            Err(e) => {
+                self.qemu_failed(t.vm, &t.info.name, t.pid, t.start_time, t.control, e);
+                return false;
+            }
+        };
+        let mut added = Vec::new();
+        for d in missing {
+            let Some(cur) = now.iter().find(|q| q.disk == d) else {
+                continue;
+            };
+            let rec = QemuLimitRecord {
+                vm: t.vm.to_string(),
+                pid: t.pid,
+                start_time: t.start_time,
+                control: t.control.clone(),
+                disk: d.clone(),
+                major: t.info.major,
+                minor: t.info.minor,
+                original: cur.throttle.clone(),
+                written: None,
+            };
+            if self.state.note_qemu(rec) {
+                added.push(d);
+            }
+        }
+        // A limit is written only once what it replaces is on record.
+        if !added.is_empty() && !self.save_state() {
+            self.state
+                .qemu
+                .retain(|r| !added.iter().any(|d| t.owns(r, d)));
+            return false;
+        }
+        true
+    }
+
+    /// Writes `want`, split over the VM's disks on the device, into QEMU on top of each disk's
+    /// own settings; returns what was written per disk, or None when a write failed.
+    fn write_disk_limits(
+        &mut self,
+        t: &QemuTarget,
+        disks: &[DiskRef],
+        want: &Limits,
+    ) -> Option<Vec<String>> {
+        let per_disk = qemu_actuator::split(want, disks.len());
+        let mut written = Vec::new();
+        for d in disks {
+            let Some(i) = self.state.qemu.iter().position(|r| t.owns(r, d)) else {
+                continue;
+            };
+            // What someone else changed since overkvm last wrote the disk is theirs: it
+            // becomes part of the disk's own settings, under overkvm's limit now and put
+            // back on release.
+            if let Some(last) = self.state.qemu[i].written.clone()
+                && let Some(now) = self.qemu.disk_now(t.control, d)
+            {
+                let r = &mut self.state.qemu[i];
+                let (own, changed) = qemu_actuator::adopt(&r.original, Some(&last), &now);
+                if !changed.is_empty() {
+                    log::info!(
+                        "VM {} disk {} on {}: {} set by someone else while overkvm held it: \
+                         kept as the disk's own setting",
+                        t.vm,
+                        d.name(),
+                        t.info.name,
+                        qemu_actuator::adopted_text(&own, &changed)
+                    );
+                    r.original = own;
+                }
+            }
+            let limit = qemu_actuator::engage(&self.state.qemu[i].original, &per_disk);
+            if let Err(e) = self.qemu.write(t.control, d, &limit) {
+                self.qemu_failed(t.vm, &t.info.name, t.pid, t.start_time, t.control, e);
+                return None;
+            }
+            self.state.qemu[i].written =
+                qemu_actuator::written_as(&limit, self.qemu.disk_now(t.control, d));
+            written.push(format!(
+                "{} {}",
+                d.name(),
+                limit.shown("").text().trim_start()
+            ));
+        }
+        if !written.is_empty() {
+            self.save_state();
+        }
+        Some(written)
     }
 
     /// A QEMU read or write failed: the VM is gone (its limits went with it) or it is a
