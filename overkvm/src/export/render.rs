@@ -53,16 +53,6 @@ impl EncodeLabelValue for Lv<'_> {
     }
 }
 
-fn manager_name(m: Manager) -> &'static str {
-    match m {
-        Manager::Qemu => "qemu",
-        Manager::Libvirt => "libvirt",
-        Manager::Nova => "nova",
-        Manager::Proxmox => "proxmox",
-        Manager::Kubevirt => "kubevirt",
-    }
-}
-
 /// Renders the exporter's totals on every encode; registered once in the registry.
 #[derive(Debug)]
 pub(super) struct TotalsCollector {
@@ -303,7 +293,7 @@ fn encode_vm_families(t: &Totals, shape: Shape, enc: &mut DescriptorEncoder) -> 
             let mut l = vec![
                 (VM, Lv(&vm.label)),
                 (UUID, Lv(vm.uuid.as_deref().unwrap_or(""))),
-                (MANAGER, Lv(manager_name(vm.manager))),
+                (MANAGER, Lv(vm.manager.name())),
                 (PID, Lv(&pid)),
                 (CGROUP, Lv(&vm.cgroup)),
             ];

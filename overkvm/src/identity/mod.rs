@@ -42,6 +42,20 @@ pub enum Manager {
     Kubevirt,
 }
 
+impl Manager {
+    /// How every output names it (JSON, labels, tables, logs): the one spelling, which the
+    /// serde names above must match.
+    pub fn name(self) -> &'static str {
+        match self {
+            Manager::Qemu => "qemu",
+            Manager::Libvirt => "libvirt",
+            Manager::Nova => "nova",
+            Manager::Proxmox => "proxmox",
+            Manager::Kubevirt => "kubevirt",
+        }
+    }
+}
+
 /// What a VM is called and by whom.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct VmIdentity {
@@ -315,6 +329,19 @@ fn read_text(path: &Path, cap: usize) -> Option<String> {
 mod tests {
     use super::*;
     use std::fs;
+
+    #[test]
+    fn a_managers_name_is_the_one_its_json_has() {
+        for m in [
+            Manager::Qemu,
+            Manager::Libvirt,
+            Manager::Nova,
+            Manager::Proxmox,
+            Manager::Kubevirt,
+        ] {
+            assert_eq!(serde_json::to_value(m).unwrap(), m.name());
+        }
+    }
 
     /// A throw-away directory tree standing in for `/`.
     struct FakeRoot {

@@ -130,14 +130,6 @@ fn limit_text(l: &ActiveLimit) -> String {
     t
 }
 
-/// The manager's name as the rest of overkvm writes it (`libvirt`, `kubevirt`...).
-fn manager_name(m: Manager) -> String {
-    serde_json::to_value(m)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default()
-}
-
 /// Rows for the VMs of other managers (`guests` minus overkvm's own), with the cgroup to
 /// measure each by, when it has one of its own.
 fn foreign_rows(
@@ -156,7 +148,7 @@ fn foreign_rows(
                 .map(str::to_owned);
             let row = VmRow {
                 name: g.name.clone(),
-                manager: manager_name(g.manager),
+                manager: g.manager.name().to_string(),
                 namespace: g.namespace.clone(),
                 state: VmState::Running,
                 pid: Some(g.pid),

@@ -79,10 +79,7 @@ pub fn device_use(
                     u.uuid = vm.uuid.clone();
                 }
                 if u.manager.is_empty() {
-                    u.manager = serde_json::to_value(vm.manager)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_string))
-                        .unwrap_or_default();
+                    u.manager = vm.manager.name().to_string();
                 }
                 // A VM's process in the interval it exits (a restarted VM's former qemu) did
                 // I/O of the VM, which counts towards its budget; but it is not where the VM

@@ -93,10 +93,7 @@ impl ThrottleService {
             u.bps = (u.bps.0.max(r[2]), u.bps.1.max(r[3]));
             u.pid = pid;
             u.uuid = uuid;
-            u.manager = serde_json::to_value(manager)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default();
+            u.manager = manager.name().to_string();
             if u.cgroup.is_none() {
                 u.cgroup = block_cgroup(pid, IoController::V1);
             }
