@@ -40,6 +40,18 @@ pub struct ActiveLimit {
     pub qemu_disks: Option<Vec<String>>,
 }
 
+impl ActiveLimit {
+    /// The rates it holds the VM to.
+    pub fn rates(&self) -> crate::host::cgroup::limits::Limits {
+        crate::host::cgroup::limits::Limits {
+            riops: self.riops,
+            wiops: self.wiops,
+            rbps: self.rbps,
+            wbps: self.wbps,
+        }
+    }
+}
+
 /// Limits QEMU itself enforces on a VM's disks as their owner set them (an operator, Nova's
 /// flavor, Proxmox), next to the throttle's own.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -28,10 +28,10 @@ use super::{
 };
 use crate::{
     export::names,
+    host::cgroup::limits::Limits as Rates,
     qemu::limits::DiskLimits,
     report::OpCounts,
     text::{escape_controls, sanitize},
-    tick::ActiveLimit,
 };
 
 /// The throttle's limits on one VM and device (absent where none).
@@ -51,16 +51,11 @@ impl Limits {
     /// `r990 w20` as the local view's THROTTLE column writes it.
     pub fn text(&self) -> String {
         let whole = |v: Option<f64>| v.map(|v| v.max(0.0).round() as u64);
-        limit_text(&ActiveLimit {
-            vm: String::new(),
-            cgroup: String::new(),
-            device: String::new(),
+        limit_text(&Rates {
             riops: whole(self.riops),
             wiops: whole(self.wiops),
             rbps: whole(self.rbps),
             wbps: whole(self.wbps),
-            since_s: 0.0,
-            qemu_disks: None,
         })
     }
 }

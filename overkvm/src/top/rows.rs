@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use crate::{
+    host::cgroup::limits::Limits,
     report::{OpCounts, ProcessRow, Report},
     sample::Histogram,
     stats,
@@ -268,8 +269,8 @@ pub fn throttle_text(view: Option<&ThrottleView>, vm: Option<&str>, devices: &[&
         .collect();
     let mut text = match limits.as_slice() {
         [] => String::new(),
-        [one] if one.qemu_disks.is_some() => format!("{}@q", limit_text(one)),
-        [one] => limit_text(one),
+        [one] if one.qemu_disks.is_some() => format!("{}@q", limit_text(&one.rates())),
+        [one] => limit_text(&one.rates()),
         many => format!("{} limits", many.len()),
     };
     let qemu: Vec<_> = view
@@ -324,7 +325,7 @@ pub fn qemu_limit_text(d: &crate::qemu::limits::DiskLimits) -> String {
 }
 
 /// `r500 w300` for IOPS limits, `rb10M wb5M` for byte limits (decimal MB/s).
-pub fn limit_text(l: &ActiveLimit) -> String {
+pub fn limit_text(l: &Limits) -> String {
     let mut parts = Vec::new();
     if let Some(v) = l.riops {
         parts.push(format!("r{v}"));
