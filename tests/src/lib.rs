@@ -2,6 +2,7 @@
 //! devices that clean up after themselves, an exact I/O generator, and real guests (`guest`).
 
 pub mod devices;
+pub mod diskstats;
 pub mod guest;
 pub mod iogen;
 pub mod prometheus;

@@ -10,6 +10,7 @@ use overkvm::{
 use overkvm_common::{Health, Op};
 use overkvm_tests::{
     devices::{LoopDevice, MountedFs, Zram},
+    diskstats,
     iogen::{self, IoPlan},
     skip_unless_kernel,
 };
@@ -61,12 +62,18 @@ fn losses(d: &Delta) -> Vec<(&'static str, u64)> {
         .collect()
 }
 
-/// Runs `plans` concurrently against `target`, between two snapshots.
+/// Runs `plans` concurrently against `target`, between two snapshots; the second is taken
+/// once the kernel has accounted every request of them (see `wait_for_completions`).
 fn run_plans(
     sampler: &Sampler,
     target: &std::path::Path,
     plans: &[IoPlan],
 ) -> (Delta, Vec<u32>, Snapshot) {
+    let disk = target
+        .file_name()
+        .and_then(|n| n.to_str())
+        .expect("a device path");
+    let ops0 = diskstats::ops(disk);
     let before = sampler.snapshot().expect("snapshot");
     let children: Vec<_> = plans
         .iter()
@@ -78,6 +85,8 @@ fn run_plans(
         let st = c.wait().expect("waiting for iogen");
         assert!(st.success(), "iogen failed: {st}");
     }
+    let planned: u64 = plans.iter().map(|p| p.reads + p.writes).sum();
+    diskstats::wait_for_completions(disk, ops0, planned);
     let after = sampler.snapshot().expect("snapshot");
     (delta(&before, &after), pids, after)
 }

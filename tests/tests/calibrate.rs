@@ -5,7 +5,7 @@ use std::process::Command;
 
 use overkvm_tests::{
     devices::{LoopDevice, MountedFs},
-    workspace_bin,
+    diskstats, workspace_bin,
 };
 
 fn skip() -> bool {
@@ -15,18 +15,6 @@ fn skip() -> bool {
         return true;
     }
     false
-}
-
-/// (reads, writes) completed on a device, from /proc/diskstats.
-fn diskstats(name: &str) -> (u64, u64) {
-    let text = std::fs::read_to_string("/proc/diskstats").expect("/proc/diskstats");
-    text.lines()
-        .find_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.get(2) == Some(&name))
-                .then(|| (f[3].parse().expect("reads"), f[7].parse().expect("writes")))
-        })
-        .expect("device in /proc/diskstats")
 }
 
 fn calibrate(args: &[&str]) -> std::process::Output {
@@ -44,9 +32,9 @@ fn calibrate_counts_what_the_kernel_counted() {
     }
     let dev = LoopDevice::new(128).expect("loop device");
     let path = dev.path.to_string_lossy().into_owned();
-    let before = diskstats(&dev.name());
+    let before = diskstats::ops(&dev.name());
     let out = calibrate(&[&path, "--json", "--seconds", "1", "--depths", "1,8,32"]);
-    let after = diskstats(&dev.name());
+    let after = diskstats::ops(&dev.name());
     assert!(
         out.status.success(),
         "{}",
@@ -115,7 +103,7 @@ fn calibrate_write_refuses_a_mounted_device_and_writes_a_scratch_one() {
     };
     std::fs::write(fs.dir.join("keep"), "data").unwrap();
     let path = fs.dev.path.to_string_lossy().into_owned();
-    let before = diskstats(&fs.dev.name());
+    let before = diskstats::ops(&fs.dev.name());
     let out = calibrate(&[&path, "--write", "--seconds", "0.2", "--depths", "1"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -126,7 +114,11 @@ fn calibrate_write_refuses_a_mounted_device_and_writes_a_scratch_one() {
         err.contains("mounted on") && err.contains("refusing"),
         "{err}"
     );
-    assert_eq!(diskstats(&fs.dev.name()).1, before.1, "nothing written");
+    assert_eq!(
+        diskstats::ops(&fs.dev.name()).1,
+        before.1,
+        "nothing written"
+    );
     assert_eq!(
         std::fs::read_to_string(fs.dir.join("keep")).unwrap(),
         "data"
@@ -135,7 +127,7 @@ fn calibrate_write_refuses_a_mounted_device_and_writes_a_scratch_one() {
     // A scratch device nothing uses: writes are measured and reach the device.
     let scratch = LoopDevice::new(64).expect("loop device");
     let sp = scratch.path.to_string_lossy().into_owned();
-    let before = diskstats(&scratch.name());
+    let before = diskstats::ops(&scratch.name());
     let out = calibrate(&[
         &sp,
         "--write",
@@ -158,7 +150,7 @@ fn calibrate_write_refuses_a_mounted_device_and_writes_a_scratch_one() {
         .filter(|s| s["pattern"] == "rand_write")
         .map(|s| s["ops"].as_u64().unwrap())
         .sum();
-    let kernel = diskstats(&scratch.name()).1 - before.1;
+    let kernel = diskstats::ops(&scratch.name()).1 - before.1;
     assert!(
         writes > 0 && kernel >= writes,
         "{writes} vs kernel {kernel}"
