@@ -46,20 +46,11 @@ use self::{
 use crate::{
     config::{ActuatorMode, Config, DeviceBudgetSpec},
     devices::{DeviceInfo, DeviceTable},
-    host::cgroup::limits::{self, Actuator, LimitWriter, Limits},
+    host::cgroup::limits::{self, Actuator, LimitError, LimitWriter, Limits},
     report::Report,
     status_file::{self, state_path, status_path},
     tick::{ActiveLimit, BudgetUse, ThrottleView},
 };
-
-/// True when an error means the cgroup (or its files) no longer exists.
-fn is_gone(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        c.downcast_ref::<std::io::Error>().is_some_and(|io| {
-            io.kind() == std::io::ErrorKind::NotFound || io.raw_os_error() == Some(libc::ENODEV)
-        })
-    })
-}
 
 /// Policy knobs from the config, defaults where unset.
 pub fn knobs(config: &Config) -> Knobs {
@@ -363,7 +354,7 @@ impl ThrottleService {
             return;
         };
         match act.clear(cgroup, info.major, info.minor) {
-            Err(e) if is_gone(&e) => self.vanished(vm, cgroup),
+            Err(LimitError::Gone { .. }) => self.vanished(vm, cgroup),
             Err(e) => self.problem(
                 &format!("clear-{vm}"),
                 format!(
@@ -938,7 +929,7 @@ impl ThrottleService {
         let Err(e) = act.apply(cgroup, major, minor, want) else {
             return true;
         };
-        if is_gone(&e) {
+        if matches!(e, LimitError::Gone { .. }) {
             // The cgroup vanished under us (VM stopped): nothing to keep, nothing degraded.
             self.vanished(vm, cgroup);
             self.state.forget_limit(cgroup, major, minor);
@@ -1159,7 +1150,13 @@ mod tests {
                 .copied()
                 .unwrap_or_default())
         }
-        fn apply(&self, cgroup: &str, major: u32, minor: u32, l: &Limits) -> anyhow::Result<()> {
+        fn apply(
+            &self,
+            cgroup: &str,
+            major: u32,
+            minor: u32,
+            l: &Limits,
+        ) -> Result<(), LimitError> {
             limits::check_cgroup_path(cgroup)?;
             let mut m = self.limits.lock().unwrap();
             let key = (cgroup.to_string(), major, minor);

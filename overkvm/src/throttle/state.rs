@@ -11,7 +11,10 @@ use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
 use super::qemu_actuator::QemuLimitRecord;
-use crate::host::{cgroup::limits::LimitWriter, proc};
+use crate::host::{
+    cgroup::limits::{LimitError, LimitWriter},
+    proc,
+};
 
 /// A limit this service wrote.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,18 +110,15 @@ impl ThrottleState {
 pub fn undo(state: &ThrottleState, act: &dyn LimitWriter) -> Vec<String> {
     let mut failed = super::qemu_actuator::restore(&state.qemu);
     for w in &state.limits {
-        if let Err(e) = act.clear(&w.cgroup, w.major, w.minor) {
-            let gone = e.chain().any(|c| {
-                c.downcast_ref::<std::io::Error>().is_some_and(|io| {
-                    matches!(io.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENODEV))
-                })
-            });
-            if !gone {
-                failed.push(format!(
-                    "limit of {} on {}:{}: {e:#}",
-                    w.cgroup, w.major, w.minor
-                ));
-            }
+        match act.clear(&w.cgroup, w.major, w.minor) {
+            Ok(()) | Err(LimitError::Gone { .. }) => {}
+            Err(e) => failed.push(format!(
+                "limit of {} on {}:{}: {:#}",
+                w.cgroup,
+                w.major,
+                w.minor,
+                anyhow::Error::from(e)
+            )),
         }
     }
     for m in &state.moved {

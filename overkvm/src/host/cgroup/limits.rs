@@ -15,6 +15,41 @@ use serde::{Deserialize, Serialize};
 
 use super::{IoController, find_io_hierarchy, host_mounts};
 
+/// Why a limit could not be written or removed: the one distinction callers act on.
+#[derive(Debug, thiserror::Error)]
+pub enum LimitError {
+    /// The cgroup or the disk is gone (a VM that stopped took its cgroup, a detached device):
+    /// the limit went with it, nothing is degraded.
+    #[error("{what} is gone: {source}")]
+    Gone {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Anything else: a problem to report.
+    #[error(transparent)]
+    Failed(#[from] anyhow::Error),
+}
+
+impl LimitError {
+    /// Sorts an error of a cgroup write: a missing file or directory (ENOENT) or a device the
+    /// kernel no longer has (ENODEV) is `Gone`.
+    fn sort(e: anyhow::Error, what: &str) -> LimitError {
+        let gone = e.chain().find_map(|c| {
+            c.downcast_ref::<std::io::Error>()
+                .filter(|io| matches!(io.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENODEV)))
+                .map(|io| std::io::Error::from_raw_os_error(io.raw_os_error().unwrap_or(0)))
+        });
+        match gone {
+            Some(source) => LimitError::Gone {
+                what: what.to_string(),
+                source,
+            },
+            None => LimitError::Failed(e),
+        }
+    }
+}
+
 /// Limits of one cgroup on one disk; `None` is unlimited.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Limits {
@@ -138,8 +173,8 @@ pub trait LimitWriter: Send + Sync {
     /// Mount point of the block controller's hierarchy.
     fn root(&self) -> &Path;
     fn read(&self, cgroup: &str, major: u32, minor: u32) -> anyhow::Result<Limits>;
-    fn apply(&self, cgroup: &str, major: u32, minor: u32, l: &Limits) -> anyhow::Result<()>;
-    fn clear(&self, cgroup: &str, major: u32, minor: u32) -> anyhow::Result<()> {
+    fn apply(&self, cgroup: &str, major: u32, minor: u32, l: &Limits) -> Result<(), LimitError>;
+    fn clear(&self, cgroup: &str, major: u32, minor: u32) -> Result<(), LimitError> {
         self.apply(cgroup, major, minor, &Limits::default())
     }
     fn adopt(&self, name: &str, pid: u32) -> anyhow::Result<String>;
@@ -160,7 +195,7 @@ impl LimitWriter for Actuator {
         Actuator::read(self, cgroup, major, minor)
     }
 
-    fn apply(&self, cgroup: &str, major: u32, minor: u32, l: &Limits) -> anyhow::Result<()> {
+    fn apply(&self, cgroup: &str, major: u32, minor: u32, l: &Limits) -> Result<(), LimitError> {
         Actuator::apply(self, cgroup, major, minor, l)
     }
 
@@ -223,7 +258,18 @@ impl Actuator {
     }
 
     /// Sets the limits of a cgroup on a disk (whole disk numbers only), then reads them back.
-    pub fn apply(&self, cgroup: &str, major: u32, minor: u32, l: &Limits) -> anyhow::Result<()> {
+    pub fn apply(
+        &self,
+        cgroup: &str,
+        major: u32,
+        minor: u32,
+        l: &Limits,
+    ) -> Result<(), LimitError> {
+        self.write_limits(cgroup, major, minor, l)
+            .map_err(|e| LimitError::sort(e, &format!("cgroup {cgroup} or disk {major}:{minor}")))
+    }
+
+    fn write_limits(&self, cgroup: &str, major: u32, minor: u32, l: &Limits) -> anyhow::Result<()> {
         let dir = self.dir(cgroup)?;
         match self.api {
             IoController::V2 => {
@@ -254,7 +300,7 @@ impl Actuator {
     }
 
     /// Removes every limit of a cgroup on a disk.
-    pub fn clear(&self, cgroup: &str, major: u32, minor: u32) -> anyhow::Result<()> {
+    pub fn clear(&self, cgroup: &str, major: u32, minor: u32) -> Result<(), LimitError> {
         self.apply(cgroup, major, minor, &Limits::default())
     }
 
@@ -367,7 +413,7 @@ mod tests {
             riops: Some(100),
             ..Limits::default()
         };
-        let e = act.apply("/vm", 7, 0, &l).unwrap_err();
+        let e = anyhow::Error::from(act.apply("/vm", 7, 0, &l).unwrap_err());
         assert!(
             e.chain().any(|c| c
                 .downcast_ref::<std::io::Error>()
@@ -379,6 +425,35 @@ mod tests {
         assert!(act.move_process("/link", 1).is_err());
         assert_eq!(fs::read_to_string(&outside).unwrap(), "precious");
         fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// What callers act on: a cgroup that is gone (a stopped VM's) is `Gone`, anything else
+    /// (here a refused path) `Failed`.
+    #[test]
+    fn a_missing_cgroup_is_gone_and_other_errors_are_failures() {
+        let root = tempfile::tempdir().unwrap();
+        let act = Actuator {
+            api: IoController::V2,
+            root: root.path().to_path_buf(),
+        };
+        let l = Limits {
+            riops: Some(10),
+            ..Limits::default()
+        };
+        match act.apply("/stopped-vm", 7, 0, &l) {
+            Err(LimitError::Gone { source, .. }) => {
+                assert_eq!(source.raw_os_error(), Some(libc::ENOENT))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            act.clear("/stopped-vm", 7, 0),
+            Err(LimitError::Gone { .. })
+        ));
+        assert!(matches!(
+            act.apply("/../etc", 7, 0, &l),
+            Err(LimitError::Failed(_))
+        ));
     }
 
     #[test]
