@@ -72,16 +72,32 @@ pub struct OffScreen {
 /// Identifies the selected line across refreshes: a process, or one of its devices.
 type RowId = (RowKey, Option<String>);
 
+/// What `top` shows: this host's processes, or a fleet's VMs read from a Prometheus.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Local,
+    Fleet,
+}
+
+impl Mode {
+    /// The columns the table may show, in order.
+    pub fn columns(self) -> &'static [Column] {
+        match self {
+            Mode::Local => &Column::ALL,
+            Mode::Fleet => &Column::FLEET,
+        }
+    }
+}
+
 /// State of the interactive view.
 #[derive(Debug)]
 pub struct App {
+    mode: Mode,
     report: Option<Report>,
     /// The fleet view's latest refresh (the fleet view has no local report).
     fleet: Option<FleetReport>,
     /// Why the last fleet refresh failed, until one succeeds.
     fleet_error: Option<String>,
-    /// The table's columns: the local or the fleet view's.
-    columns: &'static [Column],
     throttle: Option<ThrottleView>,
     groups: Vec<RowGroup>,
     rows: Vec<TopRow>,
@@ -103,10 +119,10 @@ pub struct App {
 impl App {
     pub fn new(interval: Duration, vms_only: bool, sort: SortOrder) -> App {
         App {
+            mode: Mode::Local,
             report: None,
             fleet: None,
             fleet_error: None,
-            columns: &Column::ALL,
             throttle: None,
             groups: Vec::new(),
             rows: Vec::new(),
@@ -127,7 +143,7 @@ impl App {
     /// The fleet view: rows from a Prometheus, its columns (HOST, no PID).
     pub fn new_fleet(interval: Duration, sort: SortOrder) -> App {
         App {
-            columns: &Column::FLEET,
+            mode: Mode::Fleet,
             ..App::new(interval, false, sort)
         }
     }
@@ -160,9 +176,13 @@ impl App {
         self.fleet_error.as_deref()
     }
 
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
     /// The columns the table may show, in order.
     pub fn columns(&self) -> &'static [Column] {
-        self.columns
+        self.mode.columns()
     }
 
     /// Shows a new interval; ignored (false) while paused.
@@ -323,8 +343,8 @@ impl App {
             }
             KeyCode::Char('h' | '?') => self.help = true,
             KeyCode::Char('/') => self.filter_input = Some(self.filter.clone()),
-            KeyCode::Char('<' | ',') => self.sort_by(self.sort.column.prev_in(self.columns)),
-            KeyCode::Char('>' | '.') => self.sort_by(self.sort.column.next_in(self.columns)),
+            KeyCode::Char('<' | ',') => self.sort_by(self.sort.column.prev_in(self.columns())),
+            KeyCode::Char('>' | '.') => self.sort_by(self.sort.column.next_in(self.columns())),
             KeyCode::Char('i') => self.sort_by(Column::TotalIops),
             KeyCode::Char('n') => self.sort_by(Column::Name),
             KeyCode::Char('r') => {

@@ -11,7 +11,7 @@ use ratatui::{
 };
 
 use super::{
-    app::{App, KEYS, OffScreen},
+    app::{App, KEYS, Mode, OffScreen},
     batch::fit,
     columns::{Column, fit_columns, fmt_mbs, fmt_rate},
     rows::{RowKind, budget_text, mb_per_second, per_second},
@@ -66,10 +66,16 @@ fn fmt_interval(d: std::time::Duration) -> String {
 }
 
 fn header_lines(app: &App, area: Rect) -> Vec<Line<'static>> {
-    let bold = Style::new().add_modifier(Modifier::BOLD);
-    if app.columns() == Column::FLEET {
-        return fleet_header_lines(app, area);
+    match app.mode() {
+        Mode::Local => local_header_lines(app, area),
+        Mode::Fleet => fleet_header_lines(app, area),
     }
+}
+
+/// The local view's header: the interval, the devices busiest first, what the kernel side
+/// lost and the diskstats parity.
+fn local_header_lines(app: &App, area: Rect) -> Vec<Line<'static>> {
+    let bold = Style::new().add_modifier(Modifier::BOLD);
     let Some(report) = app.report() else {
         return vec![Line::from(vec![
             Span::styled("overkvm-io top", bold),
@@ -329,7 +335,7 @@ fn draw_table(frame: &mut Frame, app: &App, area: Rect, state: &mut TableState) 
     state.select(app.selected());
     frame.render_stateful_widget(table, area, state);
     if app.rows().is_empty() && area.height > 2 {
-        let fleet = app.columns() == Column::FLEET;
+        let fleet = app.mode() == Mode::Fleet;
         let why = if app.report().is_none() && app.fleet().is_none() {
             "waiting for the first sample…".to_string()
         } else if fleet && app.filter().is_empty() {
@@ -399,7 +405,7 @@ fn status_line(app: &App, off: Option<OffScreen>, width: u16) -> Line<'static> {
         "sort {}{}  {}",
         sort.column.header(),
         sort_arrow(sort.descending()),
-        if app.columns() == Column::FLEET {
+        if app.mode() == Mode::Fleet {
             "fleet"
         } else if app.vms_only() {
             "VMs only"
