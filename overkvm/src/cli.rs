@@ -1,10 +1,15 @@
 //! Command-line interface: clap's definitions, and their mapping onto the library's plain
 //! option structs. It lives in the binary: nothing in the library knows clap or this module.
 
-use std::{marker::PhantomData, path::PathBuf, time::Duration};
+use std::{
+    marker::PhantomData,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
+use anyhow::Context as _;
 use clap::{
-    Args, Parser, Subcommand,
+    Args, CommandFactory as _, Parser, Subcommand,
     builder::{PossibleValue, PossibleValuesParser, TypedValueParser},
 };
 use overkvm::{
@@ -108,6 +113,14 @@ pub enum Command {
     /// suggest a [[device]] block. Read-only by default; stops early when other processes'
     /// I/O on the device slows down.
     Calibrate(CalibrateArgs),
+    /// Write the man pages and the bash, zsh and fish completions of this command line into
+    /// a directory (`cargo xtask package` runs it, so a package's pages are its binary's own
+    /// help).
+    #[command(hide = true)]
+    PackageFiles {
+        /// Gets `man/` (one page per command) and `completions/`.
+        out_dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -757,4 +770,28 @@ impl CalibrateArgs {
             json: self.json,
         }
     }
+}
+
+/// `overkvm-io package-files DIR`: man pages (`man/overkvm-io.1`, `man/overkvm-io-serve.1`, ...)
+/// and completions (`completions/overkvm-io.bash`, `_overkvm-io`, `overkvm-io.fish`), all
+/// rendered from [`Cli`], the one definition of the command line.
+pub fn write_package_files(out_dir: &Path) -> anyhow::Result<()> {
+    let man = out_dir.join("man");
+    let completions = out_dir.join("completions");
+    for dir in [&man, &completions] {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    clap_mangen::generate_to(Cli::command(), &man)
+        .with_context(|| format!("writing man pages into {}", man.display()))?;
+    let name = Cli::command().get_name().to_string();
+    for shell in [
+        clap_complete::Shell::Bash,
+        clap_complete::Shell::Zsh,
+        clap_complete::Shell::Fish,
+    ] {
+        clap_complete::generate_to(shell, &mut Cli::command(), &name, &completions).with_context(
+            || format!("writing {shell} completions into {}", completions.display()),
+        )?;
+    }
+    Ok(())
 }
