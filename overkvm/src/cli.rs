@@ -68,10 +68,13 @@ impl<T: Choice> TypedValueParser for ChoiceParser<T> {
     }
 }
 
+/// The binary's name: in help, man pages and completions.
+const BIN_NAME: &str = "overkvm-io";
+
 /// See which VM does the disk I/O on a KVM host, per process, device and operation, from the
 /// kernel's block layer (eBPF). Needs root.
 #[derive(Debug, Parser)]
-#[command(name = "overkvm-io", version, propagate_version = true)]
+#[command(name = BIN_NAME, version, propagate_version = true)]
 pub struct Cli {
     /// More logging (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
@@ -585,6 +588,38 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+        visible_command().debug_assert();
+    }
+
+    /// The completions offer every command an operator can see, and not `package-files`.
+    #[test]
+    fn completions_leave_out_hidden_commands() {
+        let visible: Vec<String> = Cli::command()
+            .get_subcommands()
+            .filter(|s| !s.is_hide_set())
+            .map(|s| s.get_name().to_string())
+            .collect();
+        assert!(visible.contains(&"serve".to_string()));
+        assert_eq!(
+            visible_command()
+                .get_subcommands()
+                .map(|s| s.get_name().to_string())
+                .collect::<Vec<_>>(),
+            visible
+        );
+        for shell in [
+            clap_complete::Shell::Bash,
+            clap_complete::Shell::Zsh,
+            clap_complete::Shell::Fish,
+        ] {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut visible_command(), "overkvm-io", &mut script);
+            let script = String::from_utf8(script).unwrap();
+            assert!(!script.contains("package-files"), "{shell}");
+            for name in &visible {
+                assert!(script.contains(name.as_str()), "{shell}: {name}");
+            }
+        }
     }
 
     #[test]
@@ -772,6 +807,25 @@ impl CalibrateArgs {
     }
 }
 
+/// [`Cli`] without its hidden subcommands, for clap_complete, which (unlike `--help` and
+/// clap_mangen) would offer them.
+fn visible_command() -> clap::Command {
+    let full = Cli::command();
+    let mut cmd = clap::Command::new(BIN_NAME)
+        .propagate_version(full.is_propagate_version_set())
+        .subcommand_required(full.is_subcommand_required_set())
+        .args(full.get_arguments().cloned())
+        .subcommands(full.get_subcommands().filter(|s| !s.is_hide_set()).cloned());
+    if let Some(about) = full.get_about() {
+        cmd = cmd.about(about.clone());
+    }
+    // Where the derive's `version` takes it from (clap's strings here are 'static).
+    if full.get_version().is_some() {
+        cmd = cmd.version(env!("CARGO_PKG_VERSION"));
+    }
+    cmd
+}
+
 /// `overkvm-io package-files DIR`: man pages (`man/overkvm-io.1`, `man/overkvm-io-serve.1`, ...)
 /// and completions (`completions/overkvm-io.bash`, `_overkvm-io`, `overkvm-io.fish`), all
 /// rendered from [`Cli`], the one definition of the command line.
@@ -783,15 +837,15 @@ pub fn write_package_files(out_dir: &Path) -> anyhow::Result<()> {
     }
     clap_mangen::generate_to(Cli::command(), &man)
         .with_context(|| format!("writing man pages into {}", man.display()))?;
-    let name = Cli::command().get_name().to_string();
     for shell in [
         clap_complete::Shell::Bash,
         clap_complete::Shell::Zsh,
         clap_complete::Shell::Fish,
     ] {
-        clap_complete::generate_to(shell, &mut Cli::command(), &name, &completions).with_context(
-            || format!("writing {shell} completions into {}", completions.display()),
-        )?;
+        clap_complete::generate_to(shell, &mut visible_command(), BIN_NAME, &completions)
+            .with_context(|| {
+                format!("writing {shell} completions into {}", completions.display())
+            })?;
     }
     Ok(())
 }
