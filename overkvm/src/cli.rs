@@ -579,6 +579,71 @@ pub fn parse_interval(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(v))
 }
 
+/// [`Cli`] without its hidden subcommands, for clap_complete, which (unlike `--help` and
+/// clap_mangen) would offer them.
+fn visible_command() -> clap::Command {
+    let full = Cli::command();
+    let mut cmd = clap::Command::new(BIN_NAME)
+        .propagate_version(full.is_propagate_version_set())
+        .subcommand_required(full.is_subcommand_required_set())
+        .args(full.get_arguments().cloned())
+        .subcommands(full.get_subcommands().filter(|s| !s.is_hide_set()).cloned());
+    if let Some(about) = full.get_about() {
+        cmd = cmd.about(about.clone());
+    }
+    // Where the derive's `version` takes it from (clap's strings here are 'static).
+    if full.get_version().is_some() {
+        cmd = cmd.version(env!("CARGO_PKG_VERSION"));
+    }
+    cmd
+}
+
+/// The completion script for a shell, and the file name that shell's completion directory
+/// wants.
+fn completion(shell: clap_complete::Shell) -> (String, String) {
+    use clap_complete::Generator as _;
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut visible_command(), BIN_NAME, &mut script);
+    let mut script = String::from_utf8_lossy(&script).into_owned();
+    if shell == clap_complete::Shell::Bash {
+        // clap_complete 4.6.12 spells the case arms of a hyphenated binary's subcommands
+        // `overkvm__subcmd__io__subcmd__serve)` while its loop computes
+        // `overkvm__io__subcmd__serve`: no option after a subcommand would ever complete
+        // (clap-rs/clap#6421). The arms are spelled as the loop does.
+        script = script.replace(
+            &BIN_NAME.replace('-', "__subcmd__"),
+            &BIN_NAME.replace('-', "__"),
+        );
+    }
+    (shell.file_name(BIN_NAME), script)
+}
+
+/// `overkvm-io package-files DIR`: man pages (`man/overkvm-io.1`, `man/overkvm-io-serve.1`, ...)
+/// and completions (`completions/overkvm-io.bash`, `_overkvm-io`, `overkvm-io.fish`), all
+/// rendered from [`Cli`], the one definition of the command line.
+pub fn write_package_files(out_dir: &Path) -> anyhow::Result<()> {
+    let man = out_dir.join("man");
+    let completions = out_dir.join("completions");
+    for dir in [&man, &completions] {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    clap_mangen::generate_to(Cli::command(), &man)
+        .with_context(|| format!("writing man pages into {}", man.display()))?;
+    for shell in SHELLS {
+        let (name, script) = completion(shell);
+        let path = completions.join(name);
+        std::fs::write(&path, script).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// The shells the packages ship completions for.
+const SHELLS: [clap_complete::Shell; 3] = [
+    clap_complete::Shell::Bash,
+    clap_complete::Shell::Zsh,
+    clap_complete::Shell::Fish,
+];
+
 #[cfg(test)]
 mod tests {
     use clap::CommandFactory;
@@ -607,19 +672,57 @@ mod tests {
                 .collect::<Vec<_>>(),
             visible
         );
-        for shell in [
-            clap_complete::Shell::Bash,
-            clap_complete::Shell::Zsh,
-            clap_complete::Shell::Fish,
-        ] {
-            let mut script = Vec::new();
-            clap_complete::generate(shell, &mut visible_command(), "overkvm-io", &mut script);
-            let script = String::from_utf8(script).unwrap();
+        for shell in SHELLS {
+            let (_, script) = completion(shell);
             assert!(!script.contains("package-files"), "{shell}");
             for name in &visible {
                 assert!(script.contains(name.as_str()), "{shell}: {name}");
             }
         }
+    }
+
+    /// What bash offers for a command line (the script sourced in a real bash).
+    fn bash_completes(words: &[&str]) -> Vec<String> {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("overkvm-io.bash");
+        std::fs::write(&file, completion(clap_complete::Shell::Bash).1).unwrap();
+        let cword = words.len() - 1;
+        let program = format!(
+            "source {file}; COMP_WORDS=({words}); COMP_CWORD={cword}; \
+             _overkvm__io overkvm-io '{cur}' '{prev}'; printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+            file = file.display(),
+            words = words.join(" "),
+            cur = words[cword],
+            prev = words[cword - 1],
+        );
+        let out = std::process::Command::new("bash")
+            .args(["-c", &program])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn bash_completes_commands_and_their_options() {
+        assert_eq!(bash_completes(&["overkvm-io", "se"]), ["serve"]);
+        assert_eq!(
+            bash_completes(&["overkvm-io", "serve", "--li"]),
+            ["--listen"]
+        );
+        assert_eq!(
+            bash_completes(&["overkvm-io", "throttle", "reset", "--con"]),
+            ["--config"]
+        );
+        assert!(bash_completes(&["overkvm-io", "pack"]).is_empty());
     }
 
     #[test]
@@ -805,47 +908,4 @@ impl CalibrateArgs {
             json: self.json,
         }
     }
-}
-
-/// [`Cli`] without its hidden subcommands, for clap_complete, which (unlike `--help` and
-/// clap_mangen) would offer them.
-fn visible_command() -> clap::Command {
-    let full = Cli::command();
-    let mut cmd = clap::Command::new(BIN_NAME)
-        .propagate_version(full.is_propagate_version_set())
-        .subcommand_required(full.is_subcommand_required_set())
-        .args(full.get_arguments().cloned())
-        .subcommands(full.get_subcommands().filter(|s| !s.is_hide_set()).cloned());
-    if let Some(about) = full.get_about() {
-        cmd = cmd.about(about.clone());
-    }
-    // Where the derive's `version` takes it from (clap's strings here are 'static).
-    if full.get_version().is_some() {
-        cmd = cmd.version(env!("CARGO_PKG_VERSION"));
-    }
-    cmd
-}
-
-/// `overkvm-io package-files DIR`: man pages (`man/overkvm-io.1`, `man/overkvm-io-serve.1`, ...)
-/// and completions (`completions/overkvm-io.bash`, `_overkvm-io`, `overkvm-io.fish`), all
-/// rendered from [`Cli`], the one definition of the command line.
-pub fn write_package_files(out_dir: &Path) -> anyhow::Result<()> {
-    let man = out_dir.join("man");
-    let completions = out_dir.join("completions");
-    for dir in [&man, &completions] {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    clap_mangen::generate_to(Cli::command(), &man)
-        .with_context(|| format!("writing man pages into {}", man.display()))?;
-    for shell in [
-        clap_complete::Shell::Bash,
-        clap_complete::Shell::Zsh,
-        clap_complete::Shell::Fish,
-    ] {
-        clap_complete::generate_to(shell, &mut visible_command(), BIN_NAME, &completions)
-            .with_context(|| {
-                format!("writing {shell} completions into {}", completions.display())
-            })?;
-    }
-    Ok(())
 }
