@@ -782,7 +782,8 @@ fn libvirt_domains_are_named_counted_exactly_and_throttled_in_their_own_cgroups(
         ),
         (5000, 0, 0, 50_000_000),
         "SIGTERM puts the domain's own iotune back, with the cap the operator added while \
-         overkvm held it: {after:?}"
+         overkvm held it: {after:?}\n{}",
+        daemon.log()
     );
     assert!(
         daemon

@@ -133,11 +133,6 @@ impl QemuThrottle {
         t
     }
 
-    /// The six rates that limit (not the bursts): what a read back must show.
-    fn rates(&self) -> [u64; 6] {
-        std::array::from_fn(|i| self.get(SETTINGS[i].0))
-    }
-
     /// What `vm list`, `throttle status`, top and the metrics show of it.
     pub fn shown(&self, disk: &str) -> DiskLimits {
         let n = |k: &str| Some(self.get(k)).filter(|&v| v > 0);
@@ -171,9 +166,36 @@ impl QemuThrottle {
         a
     }
 
-    /// `virsh blkdeviotune DOMAIN TARGET --live --total-bytes-sec N ...`: every setting, so
-    /// that libvirt keeps none of the values it had (it merges unset groups from the old ones).
-    pub fn virsh_arguments(&self, domain: &str, target: &str) -> Vec<String> {
+    /// The families (see [`family`]) whose values differ between `self` and `other`.
+    fn families_differing(&self, other: &QemuThrottle) -> Vec<String> {
+        let mut f: Vec<String> = SETTINGS
+            .iter()
+            .filter(|(k, _)| self.get(k) != other.get(k))
+            .map(|(k, _)| family(k))
+            .collect();
+        f.dedup();
+        f
+    }
+
+    /// `virsh blkdeviotune DOMAIN TARGET --live ...` taking the disk from `now` (its settings as
+    /// just read) to `self`: every member of each family that changes, and the group when it
+    /// changes. libvirt keeps each family it is not given as it is at that moment, so a family
+    /// someone else sets meanwhile (an operator's bandwidth cap while overkvm limits IOPS) is
+    /// not overwritten with the value overkvm read before. None when nothing changes.
+    pub fn virsh_arguments(
+        &self,
+        now: &QemuThrottle,
+        domain: &str,
+        target: &str,
+    ) -> Option<Vec<String>> {
+        let families = self.families_differing(now);
+        let group = self
+            .group
+            .as_ref()
+            .filter(|g| now.group.as_ref() != Some(*g));
+        if families.is_empty() && group.is_none() {
+            return None;
+        }
         let mut a: Vec<String> = vec![
             "blkdeviotune".into(),
             domain.into(),
@@ -181,15 +203,25 @@ impl QemuThrottle {
             "--live".into(),
         ];
         for (q, l) in SETTINGS {
-            a.push(format!("--{}", l.replace('_', "-")));
-            a.push(self.get(q).to_string());
+            if families.contains(&family(q)) {
+                a.push(format!("--{}", l.replace('_', "-")));
+                a.push(self.get(q).to_string());
+            }
         }
-        if let Some(g) = &self.group {
+        if let Some(g) = group {
             a.push("--group-name".into());
             a.push(g.clone());
         }
-        a
+        Some(a)
     }
+}
+
+/// The family of a setting: the settings libvirt sets together (`iops_rd_max` → `iops_max`).
+/// Given one member of a family, `virsh blkdeviotune` sets the whole family (the members not
+/// given to 0, as QEMU takes a total or per-direction rates, never both) and keeps every family
+/// it is not given.
+fn family(setting: &str) -> String {
+    setting.replacen("_rd", "", 1).replacen("_wr", "", 1)
 }
 
 /// How QMP names a disk: by its `-drive` id (`device`) or by its guest device (`qdev`, for
@@ -547,6 +579,20 @@ pub fn adopt(
         changed.push("group".into());
     }
     (own, changed)
+}
+
+/// What overkvm takes to be on a disk after writing `wrote` and reading `read` back: its own
+/// values for every setting, and the group as the disk reports it (QEMU names one when none is
+/// given). Not the read values: a setting someone else changes between the write and the read
+/// would then look like overkvm's, and be undone at release. None (unread): the original goes
+/// back verbatim.
+pub fn written_as(wrote: &QemuThrottle, read: Option<QemuThrottle>) -> Option<QemuThrottle> {
+    read.map(|mut w| {
+        for (k, _) in SETTINGS {
+            w.set(k, wrote.get(k));
+        }
+        w
+    })
 }
 
 /// The settings [`adopt`] took over, with the values they read now (`iops_wr=300`).
@@ -974,7 +1020,8 @@ impl QemuSide {
     }
 
     /// Writes a disk's settings through its owner and reads them back; after a failure,
-    /// writes through the same owner wait [`WRITE_BACKOFF`].
+    /// writes through the same owner wait [`WRITE_BACKOFF`], so a failing monitor is not
+    /// hammered every tick.
     pub fn write(
         &mut self,
         control: &Control,
@@ -990,6 +1037,19 @@ impl QemuSide {
                 WRITE_BACKOFF.as_secs_f64()
             );
         }
+        self.put_back(control, disk, t)
+    }
+
+    /// [`Self::write`] without waiting out the backoff: for putting a disk's own settings back,
+    /// which happens once per hold (a release, the shutdown, `throttle reset`) and must not be
+    /// skipped because a limit write failed a moment before.
+    pub fn put_back(
+        &mut self,
+        control: &Control,
+        disk: &DiskRef,
+        t: &QemuThrottle,
+    ) -> anyhow::Result<()> {
+        let key = control.describe();
         let r = Self::write_now(control, disk, t);
         if r.is_err() {
             if self.backoff.len() > 4096 {
@@ -1003,34 +1063,50 @@ impl QemuSide {
     }
 
     fn write_now(control: &Control, disk: &DiskRef, t: &QemuThrottle) -> anyhow::Result<()> {
-        let back = match control {
+        let (back, checked) = match control {
             Control::Qmp { socket } => {
+                // QMP takes every rate at once, and overkvm is the socket's one client.
                 let mut q = qmp(socket)?;
                 q.execute("block_set_io_throttle", Some(t.qmp_arguments(disk)))?;
                 let reply = q.execute("query-block", None)?;
-                disks_from_query_block(&reply)
+                let back = disks_from_query_block(&reply)
                     .into_iter()
                     .find(|d| d.disk == *disk)
                     .map(|d| d.throttle)
-                    .with_context(|| format!("disk {} is gone", disk.name()))?
+                    .with_context(|| format!("disk {} is gone", disk.name()))?;
+                (back, SETTINGS[..6].iter().map(|(k, _)| family(k)).collect())
             }
             Control::Libvirt { domain } => {
-                virsh(&t.virsh_arguments(domain, disk.name()))?;
-                parse_virsh_blkdeviotune(&virsh(&[
-                    "blkdeviotune".into(),
-                    domain.clone(),
-                    disk.name().into(),
-                    "--live".into(),
-                ])?)
+                let read = || -> anyhow::Result<QemuThrottle> {
+                    Ok(parse_virsh_blkdeviotune(&virsh(&[
+                        "blkdeviotune".into(),
+                        domain.clone(),
+                        disk.name().into(),
+                        "--live".into(),
+                    ])?))
+                };
+                let now = read()?;
+                let Some(args) = t.virsh_arguments(&now, domain, disk.name()) else {
+                    return Ok(());
+                };
+                virsh(&args)?;
+                (read()?, t.families_differing(&now))
             }
         };
-        if back.rates() != t.rates() {
+        // Only what was written is checked: a family someone else set in between is theirs.
+        let wrong: Vec<&str> = SETTINGS[..6]
+            .iter()
+            .map(|(k, _)| *k)
+            .filter(|k| checked.contains(&family(k)) && back.get(k) != t.get(k))
+            .collect();
+        if !wrong.is_empty() {
             bail!(
-                "{} disk {}: wrote {:?} but it reports {:?}",
+                "{} disk {}: wrote {:?} but it reports {:?} ({} differ)",
                 control.describe(),
                 disk.name(),
                 t.values,
-                back.values
+                back.values,
+                wrong.join(", ")
             );
         }
         Ok(())
@@ -1108,7 +1184,7 @@ pub fn restore(records: &[QemuLimitRecord]) -> Vec<String> {
             continue;
         }
         let back = side.own_settings(r);
-        if let Err(e) = side.write(&r.control, &r.disk, &back) {
+        if let Err(e) = side.put_back(&r.control, &r.disk, &back) {
             // It may have exited meanwhile.
             if is_running(r.pid, r.start_time) {
                 failed.push(format!(
@@ -1404,7 +1480,9 @@ mod tests {
         let virsh = "total_bytes_sec: 0\nread_bytes_sec : 0\ntotal_iops_sec : 500\n\
             total_iops_sec_max: 900\ntotal_iops_sec_max_length: 0\ngroup_name   : g1\nsize_iops_sec: x\n";
         assert_eq!(parse_virsh_blkdeviotune(virsh), want);
-        let args = want.virsh_arguments("web", "vda");
+        let args = want
+            .virsh_arguments(&QemuThrottle::default(), "web", "vda")
+            .unwrap();
         assert_eq!(&args[..4], ["blkdeviotune", "web", "vda", "--live"]);
         let at = args.iter().position(|a| a == "--total-iops-sec").unwrap();
         assert_eq!(args[at + 1], "500");
@@ -1415,9 +1493,61 @@ mod tests {
         assert_eq!(
             args[at + 1],
             "0",
-            "every setting is given, so libvirt merges none"
+            "a family is given whole: libvirt sets its members not given to 0 anyway"
+        );
+        assert!(
+            !args.iter().any(|a| a.contains("bytes")),
+            "the byte families do not change: {args:?}"
         );
         assert_eq!(args[args.len() - 2..], ["--group-name", "g1"]);
+        assert_eq!(want.virsh_arguments(&want, "web", "vda"), None);
+    }
+
+    /// The race a libvirt test run found: overkvm limits IOPS inside a domain's own total while
+    /// the operator adds a bandwidth cap with `virsh blkdeviotune` at the same moment. The cap
+    /// is theirs, whichever side of overkvm's write and read back it lands on.
+    #[test]
+    fn an_operators_change_during_a_limit_write_stays_theirs() {
+        let own = t(&[("iops", 5000)]);
+        let limit = engage(
+            &own,
+            &Limits {
+                riops: Some(283),
+                wiops: Some(20),
+                ..Limits::default()
+            },
+        );
+        assert_eq!(limit, t(&[("iops_rd", 283), ("iops_wr", 20)]));
+        // Written: the IOPS family only, so a cap set just before the write (after overkvm
+        // read the disk) is not overwritten with the value read before it.
+        let args = limit.virsh_arguments(&own, "web", "vda").unwrap();
+        assert_eq!(
+            args[4..],
+            [
+                "--total-iops-sec",
+                "0",
+                "--read-iops-sec",
+                "283",
+                "--write-iops-sec",
+                "20"
+            ]
+        );
+        // The cap lands between the write and the read back: overkvm's record of the disk is
+        // what it wrote, so at release the cap reads as someone else's and stays.
+        let with_cap = t(&[("iops_rd", 283), ("iops_wr", 20), ("bps_wr", 50_000_000)]);
+        let written = written_as(&limit, Some(with_cap.clone()));
+        assert_eq!(written.as_ref(), Some(&limit));
+        let (back, changed) = adopt(&own, written.as_ref(), &with_cap);
+        assert_eq!(back, t(&[("iops", 5000), ("bps_wr", 50_000_000)]));
+        assert_eq!(changed, ["bps_wr"]);
+        // And putting it back writes the IOPS family only: the cap is not touched.
+        let args = back.virsh_arguments(&with_cap, "web", "vda").unwrap();
+        assert!(!args.iter().any(|a| a.contains("bytes")), "{args:?}");
+        // QEMU names a group when none is given: that name is what overkvm takes to be there.
+        let mut named = limit.clone();
+        named.group = Some("/machine/peripheral/virtio-disk0/virtio-backend".into());
+        assert_eq!(written_as(&limit, Some(named.clone())), Some(named));
+        assert_eq!(written_as(&limit, None), None, "unread: original goes back");
     }
 
     #[test]

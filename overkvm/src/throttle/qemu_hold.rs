@@ -295,9 +295,8 @@ impl ThrottleService {
                     self.qemu_failed(vm, &info.name, pid, f.start_time, &control, e);
                     return;
                 }
-                // As the same reader will see it at the next write or the release (None:
-                // unread, and the original goes back verbatim).
-                self.state.qemu[i].written = self.qemu.disk_now(&control, d);
+                self.state.qemu[i].written =
+                    qemu_actuator::written_as(&t, self.qemu.disk_now(&control, d));
                 written.push(format!("{} {}", d.name(), t.shown("").text().trim_start()));
             }
             if !written.is_empty() {
@@ -418,7 +417,7 @@ impl ThrottleService {
         let mut done = Vec::new();
         for r in recs {
             let back = self.qemu.own_settings(&r);
-            match self.qemu.write(&r.control, &r.disk, &back) {
+            match self.qemu.put_back(&r.control, &r.disk, &back) {
                 Ok(()) => done.push(r),
                 Err(e) => {
                     if !qemu_actuator::is_running(q.pid, q.start_time) {
