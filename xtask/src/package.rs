@@ -85,6 +85,12 @@ pub fn run(args: &PackageArgs) -> anyhow::Result<Built> {
         CARGO_GENERATE_RPM_VERSION,
         "builds the RPM",
     )?;
+    // cargo-deb works out the package's Depends (libc6 ...) with dpkg-shlibdeps; without it
+    // it only warns and ships a package that depends on nothing.
+    crate::setup::debian_package(
+        "dpkg-dev",
+        "dpkg-shlibdeps: the .deb's library dependencies",
+    )?;
     crate::build()?;
     let root = crate::workspace_root();
     let release = root.join("target/release");
