@@ -412,7 +412,7 @@ fn packaged_unit_passes_systemd_analyze_verify_and_man_pages_render() {
 }
 
 #[test]
-fn rpm_holds_the_listed_files_config_noreplace_and_scriptlets() {
+fn rpm_holds_the_listed_files_config_noreplace_and_scriptlets_and_installs_into_a_root() {
     if !have("rpm") || !have("dpkg-deb") {
         overkvm_tests::skipped(module_path!(), "no rpm (or no dpkg-deb)");
         return;
@@ -464,6 +464,41 @@ fn rpm_holds_the_listed_files_config_noreplace_and_scriptlets() {
     assert!(
         info.contains("Version     : 0.1.0") && info.contains("Release     : 1"),
         "{info}"
+    );
+
+    // rpm itself into an empty root (dependencies and scriptlets aside: there is no system
+    // there): install, edit the config, upgrade (kept), erase (kept as .rpmsave).
+    let v2 = build_packages(2);
+    let root = TempDir::new("rpm-root");
+    let rpm = |args: &[&str], pkg: Option<&Path>| {
+        let mut c = Command::new("rpm");
+        c.arg("--root").arg(&root.0).args(args);
+        if let Some(p) = pkg {
+            c.arg(p);
+        }
+        output(&mut c)
+    };
+    rpm(&["--initdb"], None);
+    rpm(&["-i", "--nodeps", "--noscripts"], Some(&pkgs.rpm));
+    let conf = root.join("etc/overkvm/overkvm.toml");
+    assert_eq!(
+        fs::read(&conf).unwrap(),
+        fs::read(workspace().join("packaging/overkvm.toml")).unwrap()
+    );
+    let edited = format!("{}\n# edited\n", fs::read_to_string(&conf).unwrap());
+    fs::write(&conf, &edited).unwrap();
+    rpm(&["-U", "--nodeps", "--noscripts"], Some(&v2.rpm));
+    assert_eq!(
+        rpm(&["-q", "overkvm"], None).trim(),
+        "overkvm-0.1.0-2.x86_64"
+    );
+    assert_eq!(fs::read_to_string(&conf).unwrap(), edited);
+    assert!(root.join("usr/bin/overkvm-io").is_file());
+    rpm(&["-e", "--noscripts", "overkvm"], None);
+    assert!(!root.join("usr/bin/overkvm-io").exists());
+    assert_eq!(
+        fs::read_to_string(root.join("etc/overkvm/overkvm.toml.rpmsave")).unwrap(),
+        edited
     );
 }
 
