@@ -2,8 +2,9 @@
 //!
 //! The binary `overkvm-io` is a thin front-end over this library; integration tests drive the
 //! same code. Data flows one way: `bpf` loads the kernel programs, `sample` turns their maps into
-//! snapshots and deltas, `report` joins deltas with `identity`, `devices` and `host`, and
-//! the front-ends (`top`, later the exporter and the throttle) consume reports.
+//! snapshots and deltas, `report` joins deltas with `identity`, `devices` and `host`,
+//! `pipeline` makes one `Tick` of it per interval, and its consumers (`top`, the exporter in
+//! `export`, the `throttle`) all read that one tick.
 
 pub mod bpf;
 pub mod calibrate;

@@ -12,7 +12,7 @@ use std::{
     time::SystemTime,
 };
 
-use overkvm_common::{Health, IoKey, OP_COUNT, Op};
+use overkvm_common::{Health, OP_COUNT, Op};
 use serde::Serialize;
 
 mod held;
@@ -162,12 +162,6 @@ pub struct ProcessRow {
     /// Latency histograms of the interval by `Op` (for the exporter; not in JSON).
     #[serde(skip)]
     pub latency: Box<[Histogram; OP_COUNT]>,
-}
-
-impl ProcessRow {
-    pub fn is_vm(&self) -> bool {
-        self.vm.is_some()
-    }
 }
 
 /// The cgroup that owns I/O on one device (the block controller's view: what io.max limits,
@@ -966,20 +960,21 @@ fn row_order(a: &ProcessRow, b: &ProcessRow) -> std::cmp::Ordering {
     }
 }
 
-/// Key helper for tests and consumers.
-pub fn key(tgid: u32, dev: u32, cgroup_id: u64, op: Op) -> IoKey {
-    IoKey {
-        tgid,
-        dev,
-        cgroup_id,
-        op: op as u8,
-        _pad: [0; 7],
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use overkvm_common::IoKey;
+
     use super::*;
+
+    fn key(tgid: u32, dev: u32, cgroup_id: u64, op: Op) -> IoKey {
+        IoKey {
+            tgid,
+            dev,
+            cgroup_id,
+            op: op as u8,
+            _pad: [0; 7],
+        }
+    }
 
     #[test]
     fn op_counts_keep_flush_and_discard_apart_from_reads() {

@@ -19,7 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use overkvm::throttle::policy::jain_index;
+use overkvm::throttle::budget::jain_index;
 use overkvm_common::Health;
 use overkvm_tests::{
     guest::{self, Guest, GuestSpec, START_MARKER, TempDir},

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use overkvm::throttle::policy::jain_index;
+use overkvm::throttle::budget::jain_index;
 use overkvm_tests::{
     skip_unless_kernel,
     throttling::{

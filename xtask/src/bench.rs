@@ -1,5 +1,5 @@
-//! `cargo xtask bench [io|scale|throttle|all]`: the benchmarks of issue 7 (and the throttle
-//! figures of issue 5). Prints progress and figures, checks the targets (PASS/MISS) and writes
+//! `cargo xtask bench [io|scale|throttle|all]`: what overkvm costs per I/O and at scale, and how
+//! the throttle holds a budget and a latency target. Prints progress and figures, checks the targets (PASS/MISS) and writes
 //! BENCHMARKS.md: the machine, the load, the exact commands, every run's raw numbers, medians
 //! and spread. Everything it sets up (loop devices, processes, the tracefs mount, the sysctl)
 //! is undone on exit, on errors and on Ctrl-C.

@@ -170,8 +170,9 @@ pub fn pve_config_name(conf: &str) -> Option<String> {
         .filter(|n| !n.is_empty())
 }
 
-// A tiny, tolerant reader for libvirt's status XML: we need three values from a file we don't
-// control the size or exact formatting of, so string search beats a full parser here.
+// A tiny, tolerant reader for libvirt's status XML: a few values (the pid, uuid and id of a
+// domain, its disks' sources and <iotune>) from a file whose size and formatting we do not
+// control, so string search beats a full parser here.
 
 /// Text of the first `<tag>` element (entities decoded, trimmed); `None` if absent or unclosed.
 pub fn element_text(xml: &str, tag: &str) -> Option<String> {

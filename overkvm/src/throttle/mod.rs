@@ -2,17 +2,21 @@
 //! responsible through cgroup `io.max` (v2) or `blkio.throttle.*` (v1), or QEMU's own disk
 //! throttling where a cgroup cannot hold a VM, then let go.
 //!
-//! `aggregate` sums each VM's use (pure), `policy` decides (pure), `host::cgroup::limits`
+//! `aggregate` sums each VM's use (pure), `policy` decides (pure: `budget` divides a budget
+//! among the guests, `latency` finds the budget that meets a latency target), `host::cgroup::limits`
 //! writes cgroup files, `qemu_actuator` picks the actuator per VM (pure) and sets QEMU limits
 //! through the monitor's owner, `state` records every change so a crash can be undone.
-//! `ThrottleService` is the thin layer joining them to the daemon's ticks.
+//! `ThrottleService` joins them to the daemon's ticks; it also still holds the cgroup and QEMU
+//! bookkeeping that belongs behind one actuator seam (not yet split out).
 //!
 //! Every decision (engage, each limit set, tightened, relaxed or removed, release) and every
 //! fault handled is logged at the default level (target `overkvm::throttle`), one line each,
 //! rate-limited per VM and device by `ratelimit` so that a flapping device cannot flood the log.
 
 pub mod aggregate;
+pub mod budget;
 pub mod command;
+pub mod latency;
 pub mod policy;
 pub mod qemu_actuator;
 mod qemu_hold;
@@ -32,10 +36,8 @@ use overkvm_common::make_dev;
 
 use self::{
     aggregate::{DeviceUse, VmUse},
-    policy::{
-        Budget, DeviceController, DirLimits, GuestUse, Knobs, LatencyController, LatencyKnobs,
-        LatencySample,
-    },
+    budget::{Budget, DeviceController, DirLimits, GuestUse, Knobs},
+    latency::{LatencyController, LatencyKnobs, LatencySample},
     qemu_actuator::QemuSide,
     ratelimit::{LogLimiter, Verdict},
     sharing::SharingMemory,

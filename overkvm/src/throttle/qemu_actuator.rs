@@ -13,8 +13,9 @@
 //!
 //! An operator's (or Nova's, or Proxmox's) limits on a disk are read before overkvm first
 //! touches it and recorded in the state file with overkvm's own; overkvm then writes the
-//! tighter of the two per field ([`engage`]) and puts the operator's settings back verbatim
-//! when it lets go, on SIGTERM, at the next start after a crash and with `throttle reset`.
+//! tighter of the two per field ([`engage`]) and puts the operator's settings back when it lets
+//! go, on SIGTERM, at the next start after a crash and with `throttle reset`, with what someone
+//! else changed while overkvm held the disk kept as theirs ([`adopt`]).
 //!
 //! The choice of actuator ([`choose`]), the combination of limits ([`engage`]), the split over
 //! several disks ([`split`]) and the parsers are pure; `QemuSide` is the thin layer that talks
