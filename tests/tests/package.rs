@@ -9,6 +9,7 @@ use std::{
     fs,
     path::{Path, PathBuf},
     process::{Command, Stdio},
+    sync::OnceLock,
     time::Duration,
 };
 
@@ -25,16 +26,28 @@ fn workspace() -> PathBuf {
         .to_path_buf()
 }
 
-/// The packages of one `cargo xtask package` run, copied aside (cargo-deb removes the .deb
-/// of another revision from its output directory).
+/// The packages of one `cargo xtask package` run.
 struct Packages {
     deb: PathBuf,
     rpm: PathBuf,
-    _dir: TempDir,
+}
+
+/// The packages of revision 1 and 2, each built once per run of this file (its tests run one
+/// after another in one process).
+fn packages(revision: u32) -> &'static Packages {
+    static BUILT: [OnceLock<Packages>; 2] = [OnceLock::new(), OnceLock::new()];
+    let slot = match revision {
+        1 => &BUILT[0],
+        2 => &BUILT[1],
+        _ => panic!("revision {revision}: only 1 and 2 are built"),
+    };
+    slot.get_or_init(|| build_packages(revision))
 }
 
 /// Runs `cargo xtask package --revision N` (the normal build: binary, eBPF programs, man pages,
-/// completions, both packages) and takes the two paths it prints.
+/// completions, both packages) and takes the two paths it prints. They are copied into
+/// target/package-tests/rev-N: cargo-deb removes the .deb of another revision from its output
+/// directory.
 fn build_packages(revision: u32) -> Packages {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(cargo)
@@ -51,7 +64,9 @@ fn build_packages(revision: u32) -> Packages {
     };
     assert!(deb.extension().is_some_and(|x| x == "deb"), "{deb:?}");
     assert!(rpm.extension().is_some_and(|x| x == "rpm"), "{rpm:?}");
-    let dir = TempDir::new("packages");
+    let dir = overkvm_tests::target_dir().join(format!("package-tests/rev-{revision}"));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
     let aside = |p: &Path| {
         let to = dir.join(p.file_name().expect("a package file name"));
         fs::copy(p, &to).unwrap_or_else(|e| panic!("copying {}: {e}", p.display()));
@@ -60,7 +75,6 @@ fn build_packages(revision: u32) -> Packages {
     Packages {
         deb: aside(deb),
         rpm: aside(rpm),
-        _dir: dir,
     }
 }
 
@@ -215,7 +229,7 @@ fn deb_holds_the_listed_files_conffiles_and_maintainer_scripts() {
         overkvm_tests::skipped(module_path!(), "no dpkg-deb");
         return;
     }
-    let pkgs = build_packages(1);
+    let pkgs = packages(1);
     let deb = Unpacked::new(&pkgs.deb);
     let bin = deb.root().join("usr/bin/overkvm-io");
 
@@ -352,7 +366,7 @@ fn packaged_unit_passes_systemd_analyze_verify_and_man_pages_render() {
             return;
         }
     }
-    let pkgs = build_packages(1);
+    let pkgs = packages(1);
     let deb = Unpacked::new(&pkgs.deb);
     let root = deb.root();
     // The unit's dependencies (sysinit.target, ...) come from this host's systemd, next to
@@ -417,7 +431,7 @@ fn rpm_holds_the_listed_files_config_noreplace_and_scriptlets_and_installs_into_
         overkvm_tests::skipped(module_path!(), "no rpm (or no dpkg-deb)");
         return;
     }
-    let pkgs = build_packages(1);
+    let pkgs = packages(1);
     // The binary's --help names the commands, hence the man pages: take it from the .deb of
     // the same build (rpm2cpio may be absent).
     let deb = Unpacked::new(&pkgs.deb);
@@ -468,7 +482,7 @@ fn rpm_holds_the_listed_files_config_noreplace_and_scriptlets_and_installs_into_
 
     // rpm itself into an empty root (dependencies and scriptlets aside: there is no system
     // there): install, edit the config, upgrade (kept), erase (kept as .rpmsave).
-    let v2 = build_packages(2);
+    let v2 = packages(2);
     let root = TempDir::new("rpm-root");
     let rpm = |args: &[&str], pkg: Option<&Path>| {
         let mut c = Command::new("rpm");
@@ -573,8 +587,8 @@ fn deb_installs_upgrades_keeping_the_edited_conffile_and_purges_leaving_no_limit
         overkvm_tests::skipped(module_path!(), "an overkvm is installed here already");
         return;
     }
-    let v1 = build_packages(1);
-    let v2 = build_packages(2);
+    let v1 = packages(1);
+    let v2 = packages(2);
 
     let installed = Installed;
     dpkg(&["-i"], Some(&v1.deb));
