@@ -564,21 +564,30 @@ pub struct Rows {
     pub cgroups: Vec<CgroupRow>,
 }
 
+/// One process's counts on one device (one cgroup part of a kernel thread's), as `join`
+/// accumulates them.
+#[derive(Default)]
+struct ProcAcc {
+    /// Ops per owning cgroup id, to name the main one.
+    owners: BTreeMap<u64, u64>,
+    counts: OpCounts,
+    bio_counts: OpCounts,
+    hist: Histogram,
+    by_op: Box<[Histogram; OP_COUNT]>,
+}
+
+/// (tgid, dev, cgroup part) -> its counts; the request/bio choice is made later, per device.
+type PerProcess = BTreeMap<(u32, u32, Option<u64>), ProcAcc>;
+/// (cgroup id, dev) -> (request counts, bio counts).
+type PerCgroup = BTreeMap<(u64, u32), (OpCounts, OpCounts)>;
+
 /// Joins an interval's counts with what the host said about them (pure).
 ///
 /// Request counts are used on blk-mq devices, bio counts on bio-based ones. A process's
 /// `io_cgroup` is the cgroup charged for most of its ops; its name is its identity's comm,
 /// else the one the kernel recorded (`kernel_comms`), else "?".
 pub fn join(delta: &Delta, names: &Names, kernel_comms: &HashMap<u32, String>) -> Rows {
-    struct Acc {
-        /// Ops per owning cgroup id, to name the main one.
-        owners: BTreeMap<u64, u64>,
-        counts: OpCounts,
-        bio_counts: OpCounts,
-        hist: Histogram,
-        by_op: Box<[Histogram; OP_COUNT]>,
-    }
-    let seen = |tgid: u32| names.processes.get(&tgid).cloned().unwrap_or_default();
+    let (per_proc, per_cgroup) = accumulate(delta, names);
     let device = |dev: u32| {
         names
             .devices
@@ -586,6 +595,17 @@ pub fn join(delta: &Delta, names: &Names, kernel_comms: &HashMap<u32, String>) -
             .cloned()
             .unwrap_or_else(|| Arc::new(DeviceInfo::unknown(dev)))
     };
+    let (processes, devices) = process_rows(per_proc, names, kernel_comms, &device);
+    Rows {
+        devices,
+        processes,
+        cgroups: cgroup_rows(per_cgroup, names, &device),
+    }
+}
+
+/// Sums the interval's requests, bios and latencies per process and device, and per cgroup and
+/// device.
+fn accumulate(delta: &Delta, names: &Names) -> (PerProcess, PerCgroup) {
     // A kernel thread's I/O is kept apart per owning cgroup (the part), so that each part can
     // go to the VM owning that cgroup; user processes have one part.
     let part = |tgid: u32, cgroup_id: u64| {
@@ -596,45 +616,44 @@ pub fn join(delta: &Delta, names: &Names, kernel_comms: &HashMap<u32, String>) -
             .is_some_and(|p| p.kernel_thread)
             .then_some(cgroup_id)
     };
-    // (tgid, dev, cgroup part) -> accumulators; the request/bio choice is made per device.
-    let mut per_proc: BTreeMap<(u32, u32, Option<u64>), Acc> = BTreeMap::new();
-    let mut per_cgroup: BTreeMap<(u64, u32), (OpCounts, OpCounts)> = BTreeMap::new();
-    let new_acc = || Acc {
-        owners: BTreeMap::new(),
-        counts: OpCounts::default(),
-        bio_counts: OpCounts::default(),
-        hist: Histogram::default(),
-        by_op: Box::default(),
-    };
+    let mut per_proc = PerProcess::new();
+    let mut per_cgroup = PerCgroup::new();
     for (k, c) in &delta.requests {
-        let key = (k.tgid, k.dev, part(k.tgid, k.cgroup_id));
-        let acc = per_proc.entry(key).or_insert_with(new_acc);
+        let acc = per_proc
+            .entry((k.tgid, k.dev, part(k.tgid, k.cgroup_id)))
+            .or_default();
         acc.counts.add(k.op(), *c);
         *acc.owners.entry(k.cgroup_id).or_default() += c.ops;
-        per_cgroup
-            .entry((k.cgroup_id, k.dev))
-            .or_default()
-            .0
-            .add(k.op(), *c);
+        let cg = per_cgroup.entry((k.cgroup_id, k.dev)).or_default();
+        cg.0.add(k.op(), *c);
     }
     for (k, c) in &delta.bios {
-        let key = (k.tgid, k.dev, part(k.tgid, k.cgroup_id));
-        let acc = per_proc.entry(key).or_insert_with(new_acc);
+        let acc = per_proc
+            .entry((k.tgid, k.dev, part(k.tgid, k.cgroup_id)))
+            .or_default();
         acc.bio_counts.add(k.op(), *c);
         *acc.owners.entry(k.cgroup_id).or_default() += c.ops;
-        per_cgroup
-            .entry((k.cgroup_id, k.dev))
-            .or_default()
-            .1
-            .add(k.op(), *c);
+        let cg = per_cgroup.entry((k.cgroup_id, k.dev)).or_default();
+        cg.1.add(k.op(), *c);
     }
     for (k, h) in &delta.latency {
-        let key = (k.tgid, k.dev, part(k.tgid, k.cgroup_id));
-        let acc = per_proc.entry(key).or_insert_with(new_acc);
+        let acc = per_proc
+            .entry((k.tgid, k.dev, part(k.tgid, k.cgroup_id)))
+            .or_default();
         acc.hist.merge(h);
         acc.by_op[k.op() as usize].merge(h);
     }
+    (per_proc, per_cgroup)
+}
 
+/// A row per process and device, and the devices' totals (the sum of their processes' rows).
+fn process_rows(
+    per_proc: PerProcess,
+    names: &Names,
+    kernel_comms: &HashMap<u32, String>,
+    device: &dyn Fn(u32) -> Arc<DeviceInfo>,
+) -> (Vec<ProcessRow>, Vec<DeviceRow>) {
+    let seen = |tgid: u32| names.processes.get(&tgid).cloned().unwrap_or_default();
     let mut devices: BTreeMap<u32, (Arc<DeviceInfo>, OpCounts)> = BTreeMap::new();
     let mut processes = Vec::with_capacity(per_proc.len());
     for ((tgid, dev, _), acc) in per_proc {
@@ -663,7 +682,30 @@ pub fn join(delta: &Delta, names: &Names, kernel_comms: &HashMap<u32, String>) -
             .and_then(|(id, _)| names.cgroups.get(id).cloned());
         processes.push(row);
     }
+    let devices = devices
+        .into_values()
+        .map(|(info, counts)| DeviceRow {
+            device: info.name.clone(),
+            major: info.major,
+            minor: info.minor,
+            disk: info.disk.clone(),
+            source: if info.request_based {
+                CountSource::Request
+            } else {
+                CountSource::Bio
+            },
+            counts,
+        })
+        .collect();
+    (processes, devices)
+}
 
+/// A row per cgroup and device with I/O, busiest first.
+fn cgroup_rows(
+    per_cgroup: PerCgroup,
+    names: &Names,
+    device: &dyn Fn(u32) -> Arc<DeviceInfo>,
+) -> Vec<CgroupRow> {
     let mut cgroups = Vec::with_capacity(per_cgroup.len());
     for ((id, dev), (req, bio)) in per_cgroup {
         let info = device(dev);
@@ -689,27 +731,7 @@ pub fn join(delta: &Delta, names: &Names, kernel_comms: &HashMap<u32, String>) -
         });
     }
     cgroups.sort_by_key(|c| std::cmp::Reverse(c.counts.total_ops()));
-
-    let devices = devices
-        .into_values()
-        .map(|(info, counts)| DeviceRow {
-            device: info.name.clone(),
-            major: info.major,
-            minor: info.minor,
-            disk: info.disk.clone(),
-            source: if info.request_based {
-                CountSource::Request
-            } else {
-                CountSource::Bio
-            },
-            counts,
-        })
-        .collect();
-    Rows {
-        devices,
-        processes,
-        cgroups,
-    }
+    cgroups
 }
 
 /// Kernel-side losses and map use of the interval (pure).

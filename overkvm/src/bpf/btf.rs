@@ -221,6 +221,318 @@ struct Member {
     type_id: u32,
 }
 
+/// Where a blob's sections lie, from its header (checked: magic, version, bounds).
+struct Layout {
+    big_endian: bool,
+    type_start: usize,
+    type_len: usize,
+    str_start: usize,
+    str_len: usize,
+}
+
+impl Layout {
+    fn of(data: &[u8]) -> Result<Layout, BtfError> {
+        let big_endian = match data.get(..2) {
+            Some([0x9f, 0xeb]) => false,
+            Some([0xeb, 0x9f]) => true,
+            Some(&[a, b]) => {
+                return Err(BtfError::BadMagic {
+                    found: u16::from_le_bytes([a, b]),
+                });
+            }
+            _ => {
+                return Err(BtfError::Truncated(format!(
+                    "{} bytes, not even a magic number",
+                    data.len()
+                )));
+            }
+        };
+        if data.len() < HEADER_LEN {
+            return Err(BtfError::Truncated(format!(
+                "{} bytes, shorter than the {HEADER_LEN}-byte header",
+                data.len()
+            )));
+        }
+        // Record positions are kept as u32 (vmlinux BTF is a few MB).
+        if u32::try_from(data.len()).is_err() {
+            return Err(BtfError::Malformed(format!(
+                "{} bytes is more than BTF can describe",
+                data.len()
+            )));
+        }
+        let version = data[2];
+        if version != VERSION {
+            return Err(BtfError::UnsupportedVersion { version });
+        }
+        // The header is complete here, so these reads succeed; unwrap_or keeps it panic-free.
+        let hdr = |i: usize| read_u32(data, 4 + 4 * i, big_endian).unwrap_or(0) as u64;
+        let (hdr_len, type_off, type_len, str_off, str_len) =
+            (hdr(0), hdr(1), hdr(2), hdr(3), hdr(4));
+        if hdr_len < HEADER_LEN as u64 {
+            return Err(BtfError::Malformed(format!(
+                "header length {hdr_len} is shorter than {HEADER_LEN}"
+            )));
+        }
+        let blob_len = data.len() as u64;
+        let section = |name: &str, off: u64, len: u64| -> Result<(usize, usize), BtfError> {
+            // u64 sums of u32 values cannot overflow.
+            let start = hdr_len + off;
+            if start + len > blob_len {
+                return Err(BtfError::Truncated(format!(
+                    "{name} section at {start}..{} lies beyond the {blob_len}-byte blob",
+                    start + len
+                )));
+            }
+            Ok((start as usize, len as usize))
+        };
+        let (type_start, type_len) = section("type", type_off, type_len)?;
+        let (str_start, str_len) = section("string", str_off, str_len)?;
+        // A final NUL means every in-range offset has a terminator: checking `off < str_len`
+        // is then enough for names.
+        if data[str_start..str_start + str_len]
+            .last()
+            .is_some_and(|&b| b != 0)
+        {
+            return Err(BtfError::Malformed(
+                "the string section does not end with a NUL byte".to_string(),
+            ));
+        }
+        Ok(Layout {
+            big_endian,
+            type_start,
+            type_len,
+            str_start,
+            str_len,
+        })
+    }
+}
+
+/// The string section while types are indexed: names checked and read.
+struct Names<'a> {
+    strs: &'a [u8],
+}
+
+impl Names<'_> {
+    fn beyond(&self, off: u32, what: &dyn Fn() -> String) -> BtfError {
+        BtfError::Malformed(format!(
+            "{} has name offset {off}, beyond the {}-byte string section",
+            what(),
+            self.strs.len()
+        ))
+    }
+
+    fn read(&self, off: u32, what: &dyn Fn() -> String) -> Result<&[u8], BtfError> {
+        read_str(self.strs, off).ok_or_else(|| self.beyond(off, what))
+    }
+
+    /// Member and parameter names are only read at lookup: checking the range suffices.
+    fn check(&self, off: u32, what: &dyn Fn() -> String) -> Result<(), BtfError> {
+        if off == 0 || (off as usize) < self.strs.len() {
+            Ok(())
+        } else {
+            Err(self.beyond(off, what))
+        }
+    }
+}
+
+/// What [`Btf`] keeps of the type records, built one record at a time.
+struct Index {
+    types: Vec<TypeRec>,
+    by_name: HashMap<Box<str>, NameEntry>,
+    enumerators: HashMap<Box<str>, i64>,
+    /// Types may refer to later ids, so references are checked once all are counted:
+    /// (highest referenced id, the id referring to it).
+    max_ref: (u32, u32),
+}
+
+impl Index {
+    fn sized_for(type_len: usize) -> Index {
+        let mut types = Vec::with_capacity(type_len / 16 + 1);
+        types.push(TypeRec::VOID);
+        // Sized for vmlinux's proportions (about half the types named, one enumerator per
+        // six types) so the maps are not rehashed over and over while filling.
+        Index {
+            types,
+            by_name: HashMap::with_capacity(type_len / 64),
+            enumerators: HashMap::with_capacity(type_len / 256),
+            max_ref: (0, 0),
+        }
+    }
+
+    /// Reads the record at `pos` (its trailing data included), indexes it and returns where
+    /// the next one starts.
+    fn add_record(
+        &mut self,
+        word: &dyn Fn(usize) -> u32,
+        names: &Names,
+        pos: usize,
+        type_end: usize,
+    ) -> Result<usize, BtfError> {
+        // At most type_len / 12 + 1 records, and type_len fits in u32.
+        let id = self.types.len() as u32;
+        if type_end - pos < TYPE_LEN {
+            return Err(BtfError::Truncated(format!(
+                "type {id} starts {} bytes before the end of the type section, needs \
+                 {TYPE_LEN}",
+                type_end - pos
+            )));
+        }
+        let extra = pos + TYPE_LEN;
+        let rec = TypeRec {
+            info: word(pos + 4),
+            size_type: word(pos + 8),
+            extra: extra as u32,
+            next_same_name: 0,
+        };
+        let k = rec.kind();
+        let vlen = rec.vlen() as usize;
+        let trailing = kind::trailing_len(k, vlen).ok_or(BtfError::UnknownKind { id, kind: k })?;
+        if type_end - extra < trailing {
+            return Err(BtfError::Truncated(format!(
+                "type {id} ({}) with vlen {vlen} needs {trailing} more bytes, only {} remain \
+                 in the type section",
+                kind::name(k),
+                type_end - extra
+            )));
+        }
+        self.visit_trailing(word, names, &rec, id)?;
+        let name = names.read(word(pos), &|| format!("type {id}"))?;
+        self.index_name(name, id);
+        self.types.push(rec);
+        Ok(extra + trailing)
+    }
+
+    fn refer(&mut self, to: u32, from: u32) {
+        if to > self.max_ref.0 {
+            self.max_ref = (to, from);
+        }
+    }
+
+    /// The record's trailing data: the ids it refers to, the names of members and
+    /// parameters (range-checked), and enumerators (recorded).
+    fn visit_trailing(
+        &mut self,
+        word: &dyn Fn(usize) -> u32,
+        names: &Names,
+        rec: &TypeRec,
+        id: u32,
+    ) -> Result<(), BtfError> {
+        let (k, vlen, extra) = (rec.kind(), rec.vlen() as usize, rec.extra as usize);
+        match k {
+            kind::PTR
+            | kind::TYPEDEF
+            | kind::VOLATILE
+            | kind::CONST
+            | kind::RESTRICT
+            | kind::FUNC
+            | kind::VAR
+            | kind::DECL_TAG
+            | kind::TYPE_TAG => self.refer(rec.size_type, id),
+            kind::ARRAY => {
+                self.refer(word(extra), id);
+                self.refer(word(extra + 4), id);
+            }
+            kind::STRUCT | kind::UNION => {
+                for j in 0..vlen {
+                    let m = extra + 12 * j;
+                    names.check(word(m), &|| format!("member {j} of type {id}"))?;
+                    self.refer(word(m + 4), id);
+                }
+            }
+            kind::FUNC_PROTO => {
+                self.refer(rec.size_type, id);
+                for j in 0..vlen {
+                    let p = extra + 8 * j;
+                    names.check(word(p), &|| format!("parameter {j} of type {id}"))?;
+                    self.refer(word(p + 4), id);
+                }
+            }
+            kind::DATASEC => {
+                for j in 0..vlen {
+                    self.refer(word(extra + 12 * j), id);
+                }
+            }
+            kind::ENUM | kind::ENUM64 => self.add_enumerators(word, names, rec, id)?,
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// An enum's enumerators by name (the first of a name wins).
+    fn add_enumerators(
+        &mut self,
+        word: &dyn Fn(usize) -> u32,
+        names: &Names,
+        rec: &TypeRec,
+        id: u32,
+    ) -> Result<(), BtfError> {
+        let k = rec.kind();
+        let step = if k == kind::ENUM { 8 } else { 12 };
+        for j in 0..rec.vlen() as usize {
+            let e = rec.extra as usize + step * j;
+            let name = names.read(word(e), &|| format!("enumerator {j} of type {id}"))?;
+            let value = if k == kind::ENUM {
+                let raw = word(e + 4);
+                // kind_flag marks a signed enum (Linux 6.0+); without it the value is unsigned.
+                if rec.kind_flag() {
+                    raw as i32 as i64
+                } else {
+                    raw as i64
+                }
+            } else {
+                (((word(e + 8) as u64) << 32) | word(e + 4) as u64) as i64
+            };
+            if let Ok(name) = std::str::from_utf8(name)
+                && !name.is_empty()
+                && !self.enumerators.contains_key(name)
+            {
+                self.enumerators.insert(name.into(), value);
+            }
+        }
+        Ok(())
+    }
+
+    /// Chains type `id` to the others of its name. Names that are not UTF-8 can never match a
+    /// `&str` query: not indexed.
+    fn index_name(&mut self, name: &[u8], id: u32) {
+        let Ok(name) = std::str::from_utf8(name) else {
+            return;
+        };
+        if name.is_empty() {
+            return;
+        }
+        match self.by_name.get_mut(name) {
+            Some(entry) => {
+                if let Some(prev) = self.types.get_mut(entry.last as usize) {
+                    prev.next_same_name = id;
+                }
+                entry.last = id;
+            }
+            None => {
+                self.by_name.insert(
+                    name.into(),
+                    NameEntry {
+                        first: id,
+                        last: id,
+                    },
+                );
+            }
+        }
+    }
+
+    fn check_references(&self) -> Result<(), BtfError> {
+        if self.max_ref.0 as usize >= self.types.len() {
+            return Err(BtfError::Malformed(format!(
+                "type {} refers to type id {}, but there are only {} types",
+                self.max_ref.1,
+                self.max_ref.0,
+                self.types.len() - 1
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// A parsed BTF blob with a name index, for offset, enumerator and type-name lookups.
 pub struct Btf {
     data: Vec<u8>,
@@ -301,244 +613,34 @@ impl Btf {
     }
 
     fn parse_owned(data: Vec<u8>, source: String) -> Result<Btf, BtfError> {
-        let big_endian = match data.get(..2) {
-            Some([0x9f, 0xeb]) => false,
-            Some([0xeb, 0x9f]) => true,
-            Some(&[a, b]) => {
-                return Err(BtfError::BadMagic {
-                    found: u16::from_le_bytes([a, b]),
-                });
-            }
-            _ => {
-                return Err(BtfError::Truncated(format!(
-                    "{} bytes, not even a magic number",
-                    data.len()
-                )));
-            }
+        let layout = Layout::of(&data)?;
+        let names = Names {
+            strs: &data[layout.str_start..layout.str_start + layout.str_len],
         };
-        if data.len() < HEADER_LEN {
-            return Err(BtfError::Truncated(format!(
-                "{} bytes, shorter than the {HEADER_LEN}-byte header",
-                data.len()
-            )));
-        }
-        // Record positions are kept as u32 (vmlinux BTF is a few MB).
-        if u32::try_from(data.len()).is_err() {
-            return Err(BtfError::Malformed(format!(
-                "{} bytes is more than BTF can describe",
-                data.len()
-            )));
-        }
-        let version = data[2];
-        if version != VERSION {
-            return Err(BtfError::UnsupportedVersion { version });
-        }
-        // The header is complete here, so these reads succeed; unwrap_or keeps it panic-free.
-        let hdr = |i: usize| read_u32(&data, 4 + 4 * i, big_endian).unwrap_or(0) as u64;
-        let (hdr_len, type_off, type_len, str_off, str_len) =
-            (hdr(0), hdr(1), hdr(2), hdr(3), hdr(4));
-        if hdr_len < HEADER_LEN as u64 {
-            return Err(BtfError::Malformed(format!(
-                "header length {hdr_len} is shorter than {HEADER_LEN}"
-            )));
-        }
-        let blob_len = data.len() as u64;
-        let section = |name: &str, off: u64, len: u64| -> Result<(usize, usize), BtfError> {
-            // u64 sums of u32 values cannot overflow.
-            let start = hdr_len + off;
-            if start + len > blob_len {
-                return Err(BtfError::Truncated(format!(
-                    "{name} section at {start}..{} lies beyond the {blob_len}-byte blob",
-                    start + len
-                )));
-            }
-            Ok((start as usize, len as usize))
-        };
-        let (type_start, type_len) = section("type", type_off, type_len)?;
-        let (str_start, str_len) = section("string", str_off, str_len)?;
-        let strs = &data[str_start..str_start + str_len];
-        // A final NUL means every in-range offset has a terminator: checking `off < str_len`
-        // is then enough for names.
-        if strs.last().is_some_and(|&b| b != 0) {
-            return Err(BtfError::Malformed(
-                "the string section does not end with a NUL byte".to_string(),
-            ));
-        }
-
-        let bad_name = |off: u32, what: &dyn Fn() -> String| {
-            BtfError::Malformed(format!(
-                "{} has name offset {off}, beyond the {str_len}-byte string section",
-                what()
-            ))
-        };
-        let str_name = |off: u32, what: &dyn Fn() -> String| -> Result<&[u8], BtfError> {
-            read_str(strs, off).ok_or_else(|| bad_name(off, what))
-        };
-        // Member and parameter names are only read at lookup: checking the range suffices.
-        let check_name = |off: u32, what: &dyn Fn() -> String| -> Result<(), BtfError> {
-            if off == 0 || (off as usize) < str_len {
-                Ok(())
-            } else {
-                Err(bad_name(off, what))
-            }
-        };
-
-        let mut types = Vec::with_capacity(type_len / 16 + 1);
-        types.push(TypeRec::VOID);
-        // Sized for vmlinux's proportions (about half the types named, one enumerator per
-        // six types) so the maps are not rehashed over and over while filling.
-        let mut by_name: HashMap<Box<str>, NameEntry> = HashMap::with_capacity(type_len / 64);
-        let mut enumerators: HashMap<Box<str>, i64> = HashMap::with_capacity(type_len / 256);
-        // Types may refer to later ids, so references are checked once all are counted.
-        let mut max_ref: (u32, u32) = (0, 0); // (referenced id, referring id)
-
-        let type_end = type_start + type_len;
-        let mut pos = type_start;
+        let mut ix = Index::sized_for(layout.type_len);
+        let big_endian = layout.big_endian;
+        let word = |off: usize| read_u32(&data, off, big_endian).unwrap_or(0);
+        let type_end = layout.type_start + layout.type_len;
+        let mut pos = layout.type_start;
         while pos < type_end {
-            // At most type_len / 12 + 1 records, and type_len fits in u32.
-            let id = types.len() as u32;
-            if type_end - pos < TYPE_LEN {
-                return Err(BtfError::Truncated(format!(
-                    "type {id} starts {} bytes before the end of the type section, needs \
-                     {TYPE_LEN}",
-                    type_end - pos
-                )));
-            }
-            let word = |off: usize| read_u32(&data, off, big_endian).unwrap_or(0);
-            let rec_name_off = word(pos);
-            let info = word(pos + 4);
-            let size_type = word(pos + 8);
-            let extra = pos + TYPE_LEN;
-            let rec = TypeRec {
-                info,
-                size_type,
-                extra: extra as u32,
-                next_same_name: 0,
-            };
-            let k = rec.kind();
-            let vlen = rec.vlen() as usize;
-            let trailing =
-                kind::trailing_len(k, vlen).ok_or(BtfError::UnknownKind { id, kind: k })?;
-            if type_end - extra < trailing {
-                return Err(BtfError::Truncated(format!(
-                    "type {id} ({}) with vlen {vlen} needs {trailing} more bytes, only {} remain \
-                     in the type section",
-                    kind::name(k),
-                    type_end - extra
-                )));
-            }
-            let mut refer = |to: u32| {
-                if to > max_ref.0 {
-                    max_ref = (to, id);
-                }
-            };
-            match k {
-                kind::PTR
-                | kind::TYPEDEF
-                | kind::VOLATILE
-                | kind::CONST
-                | kind::RESTRICT
-                | kind::FUNC
-                | kind::FUNC_PROTO
-                | kind::VAR
-                | kind::DECL_TAG
-                | kind::TYPE_TAG => refer(size_type),
-                kind::ARRAY => {
-                    refer(word(extra));
-                    refer(word(extra + 4));
-                }
-                kind::STRUCT | kind::UNION => {
-                    for j in 0..vlen {
-                        let m = extra + 12 * j;
-                        check_name(word(m), &|| format!("member {j} of type {id}"))?;
-                        refer(word(m + 4));
-                    }
-                }
-                _ => {}
-            }
-            match k {
-                kind::FUNC_PROTO => {
-                    for j in 0..vlen {
-                        let p = extra + 8 * j;
-                        check_name(word(p), &|| format!("parameter {j} of type {id}"))?;
-                        refer(word(p + 4));
-                    }
-                }
-                kind::DATASEC => {
-                    for j in 0..vlen {
-                        refer(word(extra + 12 * j));
-                    }
-                }
-                kind::ENUM | kind::ENUM64 => {
-                    let step = if k == kind::ENUM { 8 } else { 12 };
-                    for j in 0..vlen {
-                        let e = extra + step * j;
-                        let name = str_name(word(e), &|| format!("enumerator {j} of type {id}"))?;
-                        let value = if k == kind::ENUM {
-                            let raw = word(e + 4);
-                            // kind_flag marks a signed enum (Linux 6.0+); without it the
-                            // value is unsigned.
-                            if rec.kind_flag() {
-                                raw as i32 as i64
-                            } else {
-                                raw as i64
-                            }
-                        } else {
-                            (((word(e + 8) as u64) << 32) | word(e + 4) as u64) as i64
-                        };
-                        if let Ok(name) = std::str::from_utf8(name)
-                            && !name.is_empty()
-                            && !enumerators.contains_key(name)
-                        {
-                            enumerators.insert(name.into(), value);
-                        }
-                    }
-                }
-                _ => {}
-            }
-            let name = str_name(rec_name_off, &|| format!("type {id}"))?;
-            // Names that are not UTF-8 can never match a `&str` query: not indexed.
-            if let Ok(name) = std::str::from_utf8(name)
-                && !name.is_empty()
-            {
-                match by_name.get_mut(name) {
-                    Some(entry) => {
-                        if let Some(prev) = types.get_mut(entry.last as usize) {
-                            prev.next_same_name = id;
-                        }
-                        entry.last = id;
-                    }
-                    None => {
-                        by_name.insert(
-                            name.into(),
-                            NameEntry {
-                                first: id,
-                                last: id,
-                            },
-                        );
-                    }
-                }
-            }
-            types.push(rec);
-            pos = extra + trailing;
+            pos = ix.add_record(&word, &names, pos, type_end)?;
         }
-        if max_ref.0 as usize >= types.len() {
-            return Err(BtfError::Malformed(format!(
-                "type {} refers to type id {}, but there are only {} types",
-                max_ref.1,
-                max_ref.0,
-                types.len() - 1
-            )));
-        }
+        ix.check_references()?;
+        let Index {
+            types,
+            by_name,
+            enumerators,
+            ..
+        } = ix;
         Ok(Btf {
-            data,
             big_endian,
-            str_start,
-            str_len,
+            str_start: layout.str_start,
+            str_len: layout.str_len,
             types,
             by_name,
             enumerators,
             source,
+            data,
         })
     }
 

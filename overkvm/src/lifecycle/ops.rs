@@ -507,6 +507,7 @@ fn launch(
     timeout: Duration,
 ) -> anyhow::Result<Started> {
     let t = Instant::now();
+    let deadline = t + timeout;
     let cgroup = if no_cgroup {
         None
     } else {
@@ -521,6 +522,36 @@ fn launch(
         cgroup: cgroup.clone(),
         armed: true,
     };
+    daemonize(
+        def,
+        paths,
+        qemu_bin,
+        accel,
+        cgroup.as_ref(),
+        (deadline, timeout),
+    )?;
+    let (pid, start_time) = record_started(def, paths, accel, cgroup.as_ref())?;
+    let status = wait_for_qmp(paths, pid, start_time, (deadline, timeout))?;
+    guard.armed = false;
+    Ok(Started {
+        pid,
+        cgroup,
+        ready_after: t.elapsed(),
+        status,
+    })
+}
+
+/// Runs qemu with `-daemonize` (in the VM's cgroup from its first instruction): the process
+/// started exits once the daemon has initialised (its pidfile written) or failed; its status
+/// and qemu.log say which.
+fn daemonize(
+    def: &VmDefinition,
+    paths: &VmPaths,
+    qemu_bin: &Path,
+    accel: Accel,
+    cgroup: Option<&VmCgroup>,
+    (deadline, timeout): (Instant, Duration),
+) -> anyhow::Result<()> {
     let log = File::create(paths.qemu_log())
         .with_context(|| format!("creating {}", paths.qemu_log().display()))?;
     let mut cmd = Command::new(qemu_bin);
@@ -529,15 +560,12 @@ fn launch(
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
-    if let Some(cg) = &cgroup {
+    if let Some(cg) = cgroup {
         cgroup::join_before_exec(&mut cmd, &cg.dir().join("cgroup.procs"))?;
     }
-    // With -daemonize the process we start exits once the daemon has initialised (its
-    // pidfile written) or failed; its status and qemu.log say which.
     let mut parent = cmd
         .spawn()
         .with_context(|| format!("running {}", qemu_bin.display()))?;
-    let deadline = t + timeout;
     let status = loop {
         if let Some(st) = parent.try_wait()? {
             break st;
@@ -559,6 +587,17 @@ fn launch(
             tail(&paths.qemu_log(), 20)
         );
     }
+    Ok(())
+}
+
+/// The daemon's pid and start time, checked alive and in its cgroup, recorded in the VM's run
+/// record.
+fn record_started(
+    def: &VmDefinition,
+    paths: &VmPaths,
+    accel: Accel,
+    cgroup: Option<&VmCgroup>,
+) -> anyhow::Result<(u32, u64)> {
     let pid = state::read_pidfile(&paths.pidfile()).with_context(|| {
         format!(
             "qemu started but wrote no pidfile {}; qemu said:{}",
@@ -579,11 +618,11 @@ fn launch(
         start_time: view.start_time,
         started_at: crate::report::rfc3339(SystemTime::now()),
         accel: accel.name().to_string(),
-        cgroup: cgroup.as_ref().map(|c| c.path.clone()),
-        cgroup_root: cgroup.as_ref().map(|c| c.root.clone()),
+        cgroup: cgroup.map(|c| c.path.clone()),
+        cgroup_root: cgroup.map(|c| c.root.clone()),
     };
     state::write_record(&paths.run_record(), &record)?;
-    if let Some(cg) = &cgroup
+    if let Some(cg) = cgroup
         && !cg.pids().contains(&pid)
     {
         bail!(
@@ -591,15 +630,24 @@ fn launch(
             cg.path
         );
     }
+    Ok((pid, view.start_time))
+}
 
-    // QMP: the socket exists once qemu listens; the guest may still be booting.
-    let status = loop {
+/// Waits until QMP answers `query-status` (the socket exists once qemu listens; the guest
+/// may still be booting) and returns the status. `timeout` is what the deadline was set from.
+fn wait_for_qmp(
+    paths: &VmPaths,
+    pid: u32,
+    start_time: u64,
+    (deadline, timeout): (Instant, Duration),
+) -> anyhow::Result<String> {
+    loop {
         let attempt =
             Qmp::connect(&paths.qmp_socket(), Duration::from_secs(2)).and_then(|mut q| q.status());
         match attempt {
-            Ok(s) => break s,
+            Ok(s) => return Ok(s),
             Err(e) => {
-                if gone(pid, Some(view.start_time)) {
+                if gone(pid, Some(start_time)) {
                     bail!(
                         "the VM's qemu (pid {pid}) exited during start; console:{}",
                         tail(&paths.serial_log(), 20)
@@ -615,14 +663,7 @@ fn launch(
                 sleep(Duration::from_millis(50));
             }
         }
-    };
-    guard.armed = false;
-    Ok(Started {
-        pid,
-        cgroup,
-        ready_after: t.elapsed(),
-        status,
-    })
+    }
 }
 
 /// One QMP command on a fresh connection; `Closed` counts as done for `quit`.

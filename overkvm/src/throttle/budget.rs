@@ -195,6 +195,59 @@ fn differs(old: u64, new: u64, deadband: f64) -> bool {
     (n - o).abs() > deadband * o.max(1.0)
 }
 
+/// What becomes of one guest's cap in a step.
+enum CapChange {
+    Set(DirLimits),
+    Drop,
+}
+
+/// Whether use is over the budget (engage) and well under it (release).
+fn over_and_low(budget: Budget, (used_r, used_w): (f64, f64), k: &Knobs) -> (bool, bool) {
+    match budget {
+        Budget::Total(b) => {
+            let u = used_r + used_w;
+            (u > k.engage_above * b, u < k.release_below * b)
+        }
+        Budget::PerDirection { read, write } => {
+            let o = read.is_some_and(|b| used_r > k.engage_above * b)
+                || write.is_some_and(|b| used_w > k.engage_above * b);
+            let l = read.is_none_or(|b| used_r < k.release_below * b)
+                && write.is_none_or(|b| used_w < k.release_below * b);
+            (o, l)
+        }
+    }
+}
+
+/// A capped guest's next cap toward `new`: tightened at once, relaxed by at most `relax_step`
+/// per tick. With a total budget the bound is on the total, so the read/write split can
+/// follow the guest's mix at once without loosening the cap.
+fn next_limit(budget: Budget, cur: DirLimits, new: DirLimits, k: &Knobs) -> DirLimits {
+    if matches!(budget, Budget::Total(_)) {
+        let cur_t = cur.read.saturating_add(cur.write) as f64;
+        let new_t = new.read.saturating_add(new.write) as f64;
+        let max_t = cur_t * (1.0 + k.relax_step);
+        if new_t <= max_t {
+            return new;
+        }
+        let scale = max_t / new_t;
+        return DirLimits {
+            read: round_limit(new.read as f64 * scale, k.floor),
+            write: round_limit(new.write as f64 * scale, k.floor),
+        };
+    }
+    let step = |c: u64, n: u64| -> u64 {
+        if n <= c {
+            n
+        } else {
+            n.min(((c as f64) * (1.0 + k.relax_step)).ceil() as u64)
+        }
+    };
+    DirLimits {
+        read: step(cur.read, new.read),
+        write: step(cur.write, new.write),
+    }
+}
+
 impl DeviceController {
     /// One control step. `background` is use by processes that cannot be limited (non-VM);
     /// it is subtracted from the budget before the guests share it.
@@ -205,21 +258,11 @@ impl DeviceController {
         background: (f64, f64),
         k: &Knobs,
     ) -> Decision {
-        let used_r: f64 = guests.values().map(|g| g.read).sum::<f64>() + background.0;
-        let used_w: f64 = guests.values().map(|g| g.write).sum::<f64>() + background.1;
-        let (over, low) = match budget {
-            Budget::Total(b) => {
-                let u = used_r + used_w;
-                (u > k.engage_above * b, u < k.release_below * b)
-            }
-            Budget::PerDirection { read, write } => {
-                let o = read.is_some_and(|b| used_r > k.engage_above * b)
-                    || write.is_some_and(|b| used_w > k.engage_above * b);
-                let l = read.is_none_or(|b| used_r < k.release_below * b)
-                    && write.is_none_or(|b| used_w < k.release_below * b);
-                (o, l)
-            }
-        };
+        let used = (
+            guests.values().map(|g| g.read).sum::<f64>() + background.0,
+            guests.values().map(|g| g.write).sum::<f64>() + background.1,
+        );
+        let (over, low) = over_and_low(budget, used, k);
         self.over_ticks = if over { self.over_ticks + 1 } else { 0 };
         self.low_ticks = if low { self.low_ticks + 1 } else { 0 };
 
@@ -244,88 +287,73 @@ impl DeviceController {
         // Guests gone from the device lose their limits. Under a latency window a guest
         // absent for a tick may only have been held back (a low limit, a throttle slice): its
         // limit stays until the window is released (a stopped VM's cgroup goes with it).
-        let gone: Vec<String> = self
-            .limits
-            .keys()
-            .filter(|g| !guests.contains_key(*g) && !k.hold_quiet_caps)
-            .cloned()
-            .collect();
-        for g in gone {
-            self.limits.remove(&g);
-            decision.clear.push(g);
+        if !k.hold_quiet_caps {
+            let gone: Vec<String> = self
+                .limits
+                .keys()
+                .filter(|g| !guests.contains_key(*g))
+                .cloned()
+                .collect();
+            for g in gone {
+                self.limits.remove(&g);
+                decision.clear.push(g);
+            }
         }
         for (name, want) in targets {
-            match (self.limits.get(&name).copied(), want) {
-                (None, None) => {}
-                (Some(cur), None) => {
-                    // Under its share now. After a few such ticks: far above its use, drop
-                    // the cap; otherwise let it grow by the relax step (cut fast, relax slowly).
-                    let under = self.under_ticks.entry(name.clone()).or_insert(0);
-                    *under += 1;
-                    if *under < RELAX_AFTER_TICKS || k.hold_quiet_caps {
-                        continue;
-                    }
-                    let g = &guests[&name];
-                    let used = g.read + g.write;
-                    if (cur.read.saturating_add(cur.write)) as f64 >= 2.0 * used.max(k.floor) {
-                        self.limits.remove(&name);
-                        decision.clear.push(name);
-                    } else {
-                        let grow = |c: u64| ((c as f64) * (1.0 + k.relax_step)).ceil() as u64;
-                        let grown = DirLimits {
-                            read: grow(cur.read),
-                            write: grow(cur.write),
-                        };
-                        self.limits.insert(name.clone(), grown);
-                        decision.set.insert(name, grown);
-                    }
-                }
+            let change = match (self.limits.get(&name).copied(), want) {
+                (None, None) => continue,
+                (Some(cur), None) => self.under_its_share(&name, cur, &guests[&name], k),
                 (None, Some(new)) => {
                     self.under_ticks.remove(&name);
-                    self.limits.insert(name.clone(), new);
-                    decision.set.insert(name, new);
+                    Some(CapChange::Set(new))
                 }
                 (Some(cur), Some(new)) => {
                     self.under_ticks.remove(&name);
-                    // Tighten at once; relax by at most relax_step per tick. With a total
-                    // budget the bound is on the total, so the read/write split can follow
-                    // the guest's mix at once without loosening the cap.
-                    let step = |c: u64, n: u64| -> u64 {
-                        if n <= c {
-                            n
-                        } else {
-                            n.min(((c as f64) * (1.0 + k.relax_step)).ceil() as u64)
-                        }
-                    };
-                    let next = if matches!(budget, Budget::Total(_)) {
-                        let cur_t = cur.read.saturating_add(cur.write) as f64;
-                        let new_t = new.read.saturating_add(new.write) as f64;
-                        let max_t = cur_t * (1.0 + k.relax_step);
-                        if new_t > max_t {
-                            let scale = max_t / new_t;
-                            DirLimits {
-                                read: round_limit(new.read as f64 * scale, k.floor),
-                                write: round_limit(new.write as f64 * scale, k.floor),
-                            }
-                        } else {
-                            new
-                        }
-                    } else {
-                        DirLimits {
-                            read: step(cur.read, new.read),
-                            write: step(cur.write, new.write),
-                        }
-                    };
-                    if differs(cur.read, next.read, k.deadband)
-                        || differs(cur.write, next.write, k.deadband)
-                    {
-                        self.limits.insert(name.clone(), next);
-                        decision.set.insert(name, next);
-                    }
+                    let next = next_limit(budget, cur, new, k);
+                    (differs(cur.read, next.read, k.deadband)
+                        || differs(cur.write, next.write, k.deadband))
+                    .then_some(CapChange::Set(next))
                 }
+            };
+            match change {
+                Some(CapChange::Drop) => {
+                    self.limits.remove(&name);
+                    decision.clear.push(name);
+                }
+                Some(CapChange::Set(l)) => {
+                    self.limits.insert(name.clone(), l);
+                    decision.set.insert(name, l);
+                }
+                None => {}
             }
         }
         decision
+    }
+
+    /// A capped guest now under its share. After a few such ticks: far above its use, its
+    /// cap goes; otherwise it grows by the relax step (cut fast, relax slowly). None: no
+    /// change yet.
+    fn under_its_share(
+        &mut self,
+        name: &str,
+        cur: DirLimits,
+        g: &GuestUse,
+        k: &Knobs,
+    ) -> Option<CapChange> {
+        let under = self.under_ticks.entry(name.to_string()).or_insert(0);
+        *under += 1;
+        if *under < RELAX_AFTER_TICKS || k.hold_quiet_caps {
+            return None;
+        }
+        let used = g.read + g.write;
+        if (cur.read.saturating_add(cur.write)) as f64 >= 2.0 * used.max(k.floor) {
+            return Some(CapChange::Drop);
+        }
+        let grow = |c: u64| ((c as f64) * (1.0 + k.relax_step)).ceil() as u64;
+        Some(CapChange::Set(DirLimits {
+            read: grow(cur.read),
+            write: grow(cur.write),
+        }))
     }
 
     /// Forgets one guest (another VM took its name): its limit goes, and what was learned of
