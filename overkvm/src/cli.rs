@@ -1,10 +1,15 @@
 //! Command-line interface: clap's definitions, and their mapping onto the library's plain
 //! option structs. It lives in the binary: nothing in the library knows clap or this module.
 
-use std::{marker::PhantomData, path::PathBuf, time::Duration};
+use std::{
+    marker::PhantomData,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
+use anyhow::Context as _;
 use clap::{
-    Args, Parser, Subcommand,
+    Args, CommandFactory as _, Parser, Subcommand,
     builder::{PossibleValue, PossibleValuesParser, TypedValueParser},
 };
 use overkvm::{
@@ -63,10 +68,13 @@ impl<T: Choice> TypedValueParser for ChoiceParser<T> {
     }
 }
 
+/// The binary's name: in help, man pages and completions.
+const BIN_NAME: &str = "overkvm-io";
+
 /// See which VM does the disk I/O on a KVM host, per process, device and operation, from the
 /// kernel's block layer (eBPF). Needs root.
 #[derive(Debug, Parser)]
-#[command(name = "overkvm-io", version, propagate_version = true)]
+#[command(name = BIN_NAME, version, propagate_version = true)]
 pub struct Cli {
     /// More logging (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
@@ -108,6 +116,14 @@ pub enum Command {
     /// suggest a [[device]] block. Read-only by default; stops early when other processes'
     /// I/O on the device slows down.
     Calibrate(CalibrateArgs),
+    /// Write the man pages and the bash, zsh and fish completions of this command line into
+    /// a directory (`cargo xtask package` runs it, so a package's pages are its binary's own
+    /// help).
+    #[command(hide = true)]
+    PackageFiles {
+        /// Gets `man/` (one page per command) and `completions/`.
+        out_dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -585,6 +601,71 @@ pub fn parse_interval(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(v))
 }
 
+/// [`Cli`] without its hidden subcommands, for clap_complete, which (unlike `--help` and
+/// clap_mangen) would offer them.
+fn visible_command() -> clap::Command {
+    let full = Cli::command();
+    let mut cmd = clap::Command::new(BIN_NAME)
+        .propagate_version(full.is_propagate_version_set())
+        .subcommand_required(full.is_subcommand_required_set())
+        .args(full.get_arguments().cloned())
+        .subcommands(full.get_subcommands().filter(|s| !s.is_hide_set()).cloned());
+    if let Some(about) = full.get_about() {
+        cmd = cmd.about(about.clone());
+    }
+    // Where the derive's `version` takes it from (clap's strings here are 'static).
+    if full.get_version().is_some() {
+        cmd = cmd.version(env!("CARGO_PKG_VERSION"));
+    }
+    cmd
+}
+
+/// The completion script for a shell, and the file name that shell's completion directory
+/// wants.
+fn completion(shell: clap_complete::Shell) -> (String, String) {
+    use clap_complete::Generator as _;
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut visible_command(), BIN_NAME, &mut script);
+    let mut script = String::from_utf8_lossy(&script).into_owned();
+    if shell == clap_complete::Shell::Bash {
+        // clap_complete 4.6.12 spells the case arms of a hyphenated binary's subcommands
+        // `overkvm__subcmd__io__subcmd__serve)` while its loop computes
+        // `overkvm__io__subcmd__serve`: no option after a subcommand would ever complete
+        // (clap-rs/clap#6421). The arms are spelled as the loop does.
+        script = script.replace(
+            &BIN_NAME.replace('-', "__subcmd__"),
+            &BIN_NAME.replace('-', "__"),
+        );
+    }
+    (shell.file_name(BIN_NAME), script)
+}
+
+/// `overkvm-io package-files DIR`: man pages (`man/overkvm-io.1`, `man/overkvm-io-serve.1`, ...)
+/// and completions (`completions/overkvm-io.bash`, `_overkvm-io`, `overkvm-io.fish`), all
+/// rendered from [`Cli`], the one definition of the command line.
+pub fn write_package_files(out_dir: &Path) -> anyhow::Result<()> {
+    let man = out_dir.join("man");
+    let completions = out_dir.join("completions");
+    for dir in [&man, &completions] {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    clap_mangen::generate_to(Cli::command(), &man)
+        .with_context(|| format!("writing man pages into {}", man.display()))?;
+    for shell in SHELLS {
+        let (name, script) = completion(shell);
+        let path = completions.join(name);
+        std::fs::write(&path, script).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// The shells the packages ship completions for.
+const SHELLS: [clap_complete::Shell; 3] = [
+    clap_complete::Shell::Bash,
+    clap_complete::Shell::Zsh,
+    clap_complete::Shell::Fish,
+];
+
 #[cfg(test)]
 mod tests {
     use clap::CommandFactory;
@@ -594,6 +675,76 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+        visible_command().debug_assert();
+    }
+
+    /// The completions offer every command an operator can see, and not `package-files`.
+    #[test]
+    fn completions_leave_out_hidden_commands() {
+        let visible: Vec<String> = Cli::command()
+            .get_subcommands()
+            .filter(|s| !s.is_hide_set())
+            .map(|s| s.get_name().to_string())
+            .collect();
+        assert!(visible.contains(&"serve".to_string()));
+        assert_eq!(
+            visible_command()
+                .get_subcommands()
+                .map(|s| s.get_name().to_string())
+                .collect::<Vec<_>>(),
+            visible
+        );
+        for shell in SHELLS {
+            let (_, script) = completion(shell);
+            assert!(!script.contains("package-files"), "{shell}");
+            for name in &visible {
+                assert!(script.contains(name.as_str()), "{shell}: {name}");
+            }
+        }
+    }
+
+    /// What bash offers for a command line (the script sourced in a real bash).
+    fn bash_completes(words: &[&str]) -> Vec<String> {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("overkvm-io.bash");
+        std::fs::write(&file, completion(clap_complete::Shell::Bash).1).unwrap();
+        let cword = words.len() - 1;
+        let program = format!(
+            "source {file}; COMP_WORDS=({words}); COMP_CWORD={cword}; \
+             _overkvm__io overkvm-io '{cur}' '{prev}'; printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+            file = file.display(),
+            words = words.join(" "),
+            cur = words[cword],
+            prev = words[cword - 1],
+        );
+        let out = std::process::Command::new("bash")
+            .args(["-c", &program])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn bash_completes_commands_and_their_options() {
+        assert_eq!(bash_completes(&["overkvm-io", "se"]), ["serve"]);
+        assert_eq!(
+            bash_completes(&["overkvm-io", "serve", "--li"]),
+            ["--listen"]
+        );
+        assert_eq!(
+            bash_completes(&["overkvm-io", "throttle", "reset", "--con"]),
+            ["--config"]
+        );
+        assert!(bash_completes(&["overkvm-io", "pack"]).is_empty());
     }
 
     #[test]

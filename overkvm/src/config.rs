@@ -372,6 +372,23 @@ mod tests {
         assert_eq!(c.vms.len(), 3);
     }
 
+    /// The packages' /etc/overkvm/overkvm.toml: valid, and it sets nothing (no budget, so the
+    /// service only exports metrics until an operator adds one); the budget it shows in its
+    /// comments (the lines indented under `#`) is valid once uncommented.
+    #[test]
+    fn packaged_config_sets_no_budget_and_its_example_is_valid() {
+        let text = include_str!("../../packaging/overkvm.toml");
+        assert_eq!(Config::parse(text).unwrap(), Config::default());
+        let example: String = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("#   "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let c = Config::parse(&example).unwrap();
+        assert_eq!(c.devices.len(), 1, "{example}");
+        assert_eq!(c.devices[0].iops, Some(30000));
+    }
+
     #[test]
     fn minimal_file_works() {
         let c = Config::parse("[[device]]\ndevice = \"loop0\"\niops = 3000\n").unwrap();

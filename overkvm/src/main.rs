@@ -34,6 +34,7 @@ fn main() {
         Command::Vm(VmCommand::Destroy(a)) => lifecycle::ops::destroy(&a.options()),
         Command::Overcommit(args) => lifecycle::overcommit::run(&args.options()),
         Command::Calibrate(args) => calibrate::run(&args.options()),
+        Command::PackageFiles { out_dir } => cli::write_package_files(out_dir),
         Command::Check(args) if let Some(seconds) = args.parity => {
             match check::run_parity(seconds, args.json) {
                 Ok(true) => Ok(()),

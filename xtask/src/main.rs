@@ -3,6 +3,7 @@
 
 mod bench;
 mod fuzz;
+mod package;
 mod repeat;
 mod setup;
 
@@ -55,6 +56,13 @@ enum Task {
     /// target for --seconds; prints executions and crashes and writes them into BENCHMARKS.md.
     /// Installs cargo-fuzz when missing.
     Fuzz(fuzz::FuzzArgs),
+    /// Build the Debian package and the RPM of overkvm: the release binary with its eBPF
+    /// programs in /usr/bin, the systemd unit (enabled and started by the .deb), the config
+    /// /etc/overkvm/overkvm.toml (no budgets: metrics only until edited) and
+    /// /etc/default/overkvm, the Prometheus rules, alerts and scrape example and the Grafana
+    /// dashboard in /usr/share/overkvm, man pages and bash, zsh and fish completions.
+    /// Installs cargo-deb and cargo-generate-rpm when missing. Prints the two packages' paths.
+    Package(package::PackageArgs),
 }
 
 fn main() -> ExitCode {
@@ -101,6 +109,14 @@ fn run(x: Xtask) -> anyhow::Result<()> {
             bench::run(&args)
         }
         Task::Fuzz(args) => fuzz::run(&args),
+        Task::Package(args) => {
+            let built = package::run(&args)?;
+            eprintln!("==> built:");
+            // stdout: only the paths, for scripts and the package test.
+            println!("{}", built.deb.display());
+            println!("{}", built.rpm.display());
+            Ok(())
+        }
         Task::Test { filter, repeat } => {
             setup::toolchain()?;
             setup::test_packages()?;

@@ -127,6 +127,31 @@ fn codename() -> Option<String> {
         .map(|v| v.trim_matches('"').to_string())
 }
 
+/// Installs one Debian package with apt-get (as root) unless it is installed, saying why.
+pub fn debian_package(pkg: &str, why: &str) -> anyhow::Result<()> {
+    if installed(pkg) {
+        return Ok(());
+    }
+    if Command::new("apt-get").arg("--version").output().is_err() {
+        bail!("{pkg} is missing ({why}) and there is no apt-get to install it");
+    }
+    eprintln!("==> installing the Debian package {pkg} ({why})");
+    let sudo = !crate::is_root();
+    let apt = |args: &[&str]| {
+        let mut c = Command::new(if sudo { "sudo" } else { "apt-get" });
+        if sudo {
+            c.arg("apt-get");
+        }
+        c.env("DEBIAN_FRONTEND", "noninteractive").args(args);
+        c
+    };
+    run(apt(&["update", "-qq"]), "apt-get update")?;
+    run(
+        apt(&["install", "-y", "-qq", "--no-install-recommends", pkg]),
+        "apt-get install",
+    )
+}
+
 /// Installs the missing test packages with apt-get (as root).
 pub fn test_packages() -> anyhow::Result<()> {
     install_test_packages()?;
