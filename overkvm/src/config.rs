@@ -164,6 +164,116 @@ pub struct ExportConfig {
     pub max_vms: Option<usize>,
 }
 
+/// `[policy]`'s values within their ranges, and consistent with each other.
+fn check_policy(p: &Policy) -> anyhow::Result<()> {
+    let check_frac = |v: Option<f64>, name: &str, lo: f64, hi: f64| -> anyhow::Result<()> {
+        if let Some(v) = v
+            && !(v.is_finite() && v >= lo && v <= hi)
+        {
+            anyhow::bail!("[policy] {name} = {v} is out of range ({lo} to {hi})");
+        }
+        Ok(())
+    };
+    check_frac(p.engage_above, "engage_above", 0.1, 10.0)?;
+    check_frac(p.release_below, "release_below", 0.0, 1.0)?;
+    check_frac(p.deadband, "deadband", 0.0, 0.9)?;
+    check_frac(p.relax_step, "relax_step", 0.01, 10.0)?;
+    if let (Some(e), Some(r)) = (p.engage_above, p.release_below)
+        && r >= e
+    {
+        anyhow::bail!("[policy] release_below ({r}) must be below engage_above ({e})");
+    }
+    if p.engage_ticks == Some(0) || p.release_ticks == Some(0) {
+        anyhow::bail!("[policy] engage_ticks and release_ticks must be at least 1");
+    }
+    if p.floor_iops == Some(0) {
+        anyhow::bail!(
+            "[policy] floor_iops must be at least 1 (a limit of 0 is refused by the kernel)"
+        );
+    }
+    Ok(())
+}
+
+/// One `[[device]]` budget: what is wrong with it, if anything (`duplicate`: an earlier one
+/// names the same device).
+fn check_device(v: &DeviceBudgetSpec, duplicate: bool) -> Result<(), String> {
+    if v.device.trim().is_empty() {
+        return Err("device is empty".into());
+    }
+    let has_iops = v.iops.is_some() || v.read_iops.is_some() || v.write_iops.is_some();
+    let has_bps = v.bps.is_some() || v.read_bps.is_some() || v.write_bps.is_some();
+    if !has_iops && !has_bps && v.latency_target.is_none() {
+        return Err("needs a budget: iops (or read_iops/write_iops), bps or latency_target".into());
+    }
+    if let Some(t) = v.latency_target
+        && !(Duration::from_micros(50)..=Duration::from_secs(10)).contains(&t)
+    {
+        return Err(format!(
+            "latency_target {} is out of range (50us to 10s)",
+            humantime::format_duration(t)
+        ));
+    }
+    if let Some(p) = v.latency_percentile {
+        if v.latency_target.is_none() {
+            return Err("latency_percentile needs a latency_target to apply to".into());
+        }
+        if !(p.is_finite() && (50.0..=99.9).contains(&p)) {
+            return Err(format!(
+                "latency_percentile {p} is out of range (50 to 99.9)"
+            ));
+        }
+    }
+    if v.iops.is_some() && (v.read_iops.is_some() || v.write_iops.is_some()) {
+        return Err("give either iops (total) or read_iops/write_iops, not both".into());
+    }
+    if v.bps.is_some() && (v.read_bps.is_some() || v.write_bps.is_some()) {
+        return Err("give either bps (total) or read_bps/write_bps, not both".into());
+    }
+    for (name, val) in [
+        ("iops", v.iops),
+        ("read_iops", v.read_iops),
+        ("write_iops", v.write_iops),
+        ("bps", v.bps),
+        ("read_bps", v.read_bps),
+        ("write_bps", v.write_bps),
+    ] {
+        if val == Some(0) {
+            return Err(format!("{name} must be positive"));
+        }
+    }
+    if duplicate {
+        return Err("the same device has two budgets".into());
+    }
+    Ok(())
+}
+
+/// One `[[vm]]` rule: what is wrong with it, if anything.
+fn check_vm_rule(v: &VmRule) -> Result<(), String> {
+    let sel = [v.name.is_some(), v.uuid.is_some(), v.manager.is_some()]
+        .iter()
+        .filter(|b| **b)
+        .count();
+    if sel != 1 {
+        return Err("needs exactly one of name, uuid or manager".into());
+    }
+    if let Some(m) = &v.manager
+        && !matches!(
+            m.as_str(),
+            "qemu" | "libvirt" | "nova" | "proxmox" | "kubevirt"
+        )
+    {
+        return Err(format!(
+            "manager {m:?} is not one of qemu, libvirt, nova, proxmox, kubevirt"
+        ));
+    }
+    if let Some(w) = v.weight
+        && !(w.is_finite() && w > 0.0 && w <= 1000.0)
+    {
+        return Err(format!("weight {w} must be between 0 and 1000"));
+    }
+    Ok(())
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
@@ -207,130 +317,25 @@ impl Config {
                 None => anyhow::anyhow!("{}", e.message()),
             }
         })?;
-        let p = &raw.policy;
-        let check_frac = |v: Option<f64>, name: &str, lo: f64, hi: f64| -> anyhow::Result<()> {
-            if let Some(v) = v
-                && !(v.is_finite() && v >= lo && v <= hi)
-            {
-                anyhow::bail!("[policy] {name} = {v} is out of range ({lo} to {hi})");
-            }
-            Ok(())
-        };
-        check_frac(p.engage_above, "engage_above", 0.1, 10.0)?;
-        check_frac(p.release_below, "release_below", 0.0, 1.0)?;
-        check_frac(p.deadband, "deadband", 0.0, 0.9)?;
-        check_frac(p.relax_step, "relax_step", 0.01, 10.0)?;
-        if let (Some(e), Some(r)) = (p.engage_above, p.release_below)
-            && r >= e
-        {
-            anyhow::bail!("[policy] release_below ({r}) must be below engage_above ({e})");
-        }
-        if p.engage_ticks == Some(0) || p.release_ticks == Some(0) {
-            anyhow::bail!("[policy] engage_ticks and release_ticks must be at least 1");
-        }
-        if p.floor_iops == Some(0) {
-            anyhow::bail!(
-                "[policy] floor_iops must be at least 1 (a limit of 0 is refused by the kernel)"
-            );
-        }
-
+        check_policy(&raw.policy)?;
         if raw.export.max_vms == Some(0) {
             anyhow::bail!("[export] max_vms must be at least 1");
         }
-
-        let mut devices = Vec::new();
+        let mut devices: Vec<DeviceBudgetSpec> = Vec::new();
         for d in &raw.device {
             let line = line_of(text, d.span().start);
             let v = d.get_ref();
-            let fail =
-                |msg: String| anyhow::anyhow!("line {line}: [[device]] {:?}: {msg}", v.device);
-            if v.device.trim().is_empty() {
-                return Err(fail("device is empty".into()));
-            }
-            let has_iops = v.iops.is_some() || v.read_iops.is_some() || v.write_iops.is_some();
-            let has_bps = v.bps.is_some() || v.read_bps.is_some() || v.write_bps.is_some();
-            if !has_iops && !has_bps && v.latency_target.is_none() {
-                return Err(fail(
-                    "needs a budget: iops (or read_iops/write_iops), bps or latency_target".into(),
-                ));
-            }
-            if let Some(t) = v.latency_target
-                && !(Duration::from_micros(50)..=Duration::from_secs(10)).contains(&t)
-            {
-                return Err(fail(format!(
-                    "latency_target {} is out of range (50us to 10s)",
-                    humantime::format_duration(t)
-                )));
-            }
-            if let Some(p) = v.latency_percentile {
-                if v.latency_target.is_none() {
-                    return Err(fail(
-                        "latency_percentile needs a latency_target to apply to".into(),
-                    ));
-                }
-                if !(p.is_finite() && (50.0..=99.9).contains(&p)) {
-                    return Err(fail(format!(
-                        "latency_percentile {p} is out of range (50 to 99.9)"
-                    )));
-                }
-            }
-            if v.iops.is_some() && (v.read_iops.is_some() || v.write_iops.is_some()) {
-                return Err(fail(
-                    "give either iops (total) or read_iops/write_iops, not both".into(),
-                ));
-            }
-            if v.bps.is_some() && (v.read_bps.is_some() || v.write_bps.is_some()) {
-                return Err(fail(
-                    "give either bps (total) or read_bps/write_bps, not both".into(),
-                ));
-            }
-            for (name, val) in [
-                ("iops", v.iops),
-                ("read_iops", v.read_iops),
-                ("write_iops", v.write_iops),
-                ("bps", v.bps),
-                ("read_bps", v.read_bps),
-                ("write_bps", v.write_bps),
-            ] {
-                if val == Some(0) {
-                    return Err(fail(format!("{name} must be positive")));
-                }
-            }
-            if devices
-                .iter()
-                .any(|o: &DeviceBudgetSpec| o.device.trim() == v.device.trim())
-            {
-                return Err(fail("the same device has two budgets".into()));
-            }
+            let same = devices.iter().any(|o| o.device.trim() == v.device.trim());
+            check_device(v, same)
+                .map_err(|msg| anyhow::anyhow!("line {line}: [[device]] {:?}: {msg}", v.device))?;
             devices.push(v.clone());
         }
         let mut vms = Vec::new();
         for r in &raw.vm {
             let line = line_of(text, r.span().start);
-            let v = r.get_ref();
-            let sel = [v.name.is_some(), v.uuid.is_some(), v.manager.is_some()]
-                .iter()
-                .filter(|b| **b)
-                .count();
-            if sel != 1 {
-                anyhow::bail!("line {line}: [[vm]] needs exactly one of name, uuid or manager");
-            }
-            if let Some(m) = &v.manager
-                && !matches!(
-                    m.as_str(),
-                    "qemu" | "libvirt" | "nova" | "proxmox" | "kubevirt"
-                )
-            {
-                anyhow::bail!(
-                    "line {line}: [[vm]] manager {m:?} is not one of qemu, libvirt, nova, proxmox, kubevirt"
-                );
-            }
-            if let Some(w) = v.weight
-                && !(w.is_finite() && w > 0.0 && w <= 1000.0)
-            {
-                anyhow::bail!("line {line}: [[vm]] weight {w} must be between 0 and 1000");
-            }
-            vms.push(v.clone());
+            check_vm_rule(r.get_ref())
+                .map_err(|msg| anyhow::anyhow!("line {line}: [[vm]] {msg}"))?;
+            vms.push(r.get_ref().clone());
         }
         Ok(Config {
             policy: raw.policy,
