@@ -126,18 +126,24 @@ pub fn run(args: &PackageArgs) -> anyhow::Result<Built> {
         .context("cargo deb did not name the package it wrote")?;
 
     eprintln!("==> the RPM (cargo generate-rpm)");
+    // `-o` names the file itself: given a directory that does not exist yet (a clean clone),
+    // cargo generate-rpm writes the package under that directory's name.
     let rpm_dir = root.join("target/generate-rpm");
-    let mut c = crate::cargo();
-    c.args(["generate-rpm", "-p", "overkvm", "-s"])
-        .arg(format!("release = \"{revision}\""))
-        .arg("-o")
-        .arg(&rpm_dir);
-    crate::check(c, "cargo generate-rpm")?;
+    if rpm_dir.is_file() {
+        std::fs::remove_file(&rpm_dir)?;
+    }
+    std::fs::create_dir_all(&rpm_dir).with_context(|| format!("creating {}", rpm_dir.display()))?;
     let version = env!("CARGO_PKG_VERSION");
     let rpm = rpm_dir.join(format!(
         "overkvm-{version}-{revision}.{}.rpm",
         std::env::consts::ARCH
     ));
+    let mut c = crate::cargo();
+    c.args(["generate-rpm", "-p", "overkvm", "-s"])
+        .arg(format!("release = \"{revision}\""))
+        .arg("-o")
+        .arg(&rpm);
+    crate::check(c, "cargo generate-rpm")?;
     if !rpm.is_file() {
         bail!("cargo generate-rpm did not write {}", rpm.display());
     }
