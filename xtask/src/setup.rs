@@ -96,6 +96,11 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("bpftrace", "bpftrace"),
     ("bpftool", "bpftool"),
     ("strace", "strace"),
+    // tests/tests/package.rs: the RPM's contents and an install into an empty root, the
+    // packaged unit checked by systemd-analyze (systemd need not run), the man pages rendered.
+    ("rpm", "rpm"),
+    ("systemd", "systemd-analyze"),
+    ("man-db", "man"),
     // libvirt for tests/tests/libvirt.rs: the daemon with its qemu driver and virsh, nothing
     // they merely recommend (dnsmasq, firewall, storage backends...).
     ("libvirt-daemon", "libvirtd"),
