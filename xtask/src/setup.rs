@@ -101,6 +101,8 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("rpm", "rpm"),
     ("systemd", "systemd-analyze"),
     ("man-db", "man"),
+    // tests/tests/systemd_unit.rs: the Debian root (with systemd) its guest boots.
+    ("mmdebstrap", "mmdebstrap"),
     // libvirt for tests/tests/libvirt.rs: the daemon with its qemu driver and virsh, nothing
     // they merely recommend (dnsmasq, firewall, storage backends...).
     ("libvirt-daemon", "libvirtd"),
