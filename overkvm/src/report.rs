@@ -747,6 +747,11 @@ pub fn health_report(delta: &Delta, snap: &Snapshot) -> HealthReport {
             health.events.insert(h.name(), v);
         }
     }
+    if snap.counted_after_prune != 0 {
+        health
+            .events
+            .insert("counted_after_prune", snap.counted_after_prune);
+    }
     if snap.early_names_dropped != 0 {
         health
             .events
