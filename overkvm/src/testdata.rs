@@ -36,6 +36,7 @@ pub fn process(comm: &str, pid: u32, device: &str, reads: u64, writes: u64) -> P
         kernel_thread: false,
         kernel_submitted_ops: 0,
         latency: Box::default(),
+        target: None,
     }
 }
 

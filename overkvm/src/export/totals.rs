@@ -554,6 +554,7 @@ pub(crate) mod tests {
             kernel_thread: false,
             kernel_submitted_ops: 0,
             latency,
+            target: None,
         }
     }
 

@@ -71,10 +71,7 @@ pub fn write_table(out: &mut impl Write, r: &Report) -> io::Result<()> {
             stats::rate(d.counts.write_ops, iv),
             mb(d.counts.read_bytes, secs),
             mb(d.counts.write_bytes, secs),
-            match d.source {
-                crate::report::CountSource::Request => "request",
-                crate::report::CountSource::Bio => "bio",
-            }
+            d.source.name()
         )?;
     }
     writeln!(out)?;

@@ -1,0 +1,249 @@
+//! Reads QEMU's counters of the VM disks that no host block device sees (see `backing`), off
+//! the sampling thread.
+//!
+//! One worker thread per QMP socket. Each interval the pipeline pokes every worker; a worker
+//! still busy with the previous poke (a hung or slow QEMU) misses this one, so a VM gets at
+//! most one request per interval and the interval never waits for QEMU: the pipeline takes
+//! whatever readings arrived since the last tick from a channel, without blocking. A reading
+//! carries cumulative counters; the report turns two readings into the interval's counts
+//! (`report::qemu_rows`), so a missed poke delays counts, never loses them.
+//!
+//! Which monitors overkvm may use: its own VMs' sockets (it started them) and sockets the
+//! operator named explicitly (`--qmp`). A monitor serves one client at a time, so every poll
+//! is a short connection (greeting, capabilities, one command) and the monitor is free again
+//! for overkvm's lifecycle commands and for the throttle. The backing (which disks are
+//! networked, and their targets) is read once per qemu process and again only when the set
+//! of protocol nodes changes (hotplug, a block job): in steady state, one `query-blockstats`.
+
+use std::{
+    collections::{HashMap, HashSet},
+    path::{Path, PathBuf},
+    sync::mpsc::{self, Receiver, Sender, SyncSender, TrySendError},
+    thread,
+    time::{Duration, Instant},
+};
+
+use super::{
+    backing::{self, BlockNode, DiskCounters, Mount},
+    qmp::Qmp,
+};
+
+/// Bound on each read and write of one poll: a monitor that does not answer within it is
+/// given up for this interval.
+const QMP_TIMEOUT: Duration = Duration::from_secs(1);
+/// How often the list of overkvm's own running VMs is read again.
+const SOCKETS_REFRESH: Duration = Duration::from_secs(5);
+
+/// One guest disk QEMU counts for overkvm.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetDiskReading {
+    /// The disk as the VM's configuration names it (`drive-virtio-disk0`, `virtio-disk0`).
+    pub disk: String,
+    /// Where its data lives, credentials stripped (`nbd://127.0.0.1:10809/export`).
+    pub target: String,
+    pub counters: DiskCounters,
+}
+
+/// One poll of one VM's monitor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QemuReading {
+    /// The qemu process behind the socket (the socket's peer).
+    pub pid: u32,
+    /// Only the disks whose I/O no host block device sees.
+    pub disks: Vec<NetDiskReading>,
+}
+
+/// What a worker knows of its qemu between polls.
+#[derive(Default)]
+struct Known {
+    pid: u32,
+    /// The protocol nodes the backing was read for.
+    nodes: HashSet<String>,
+    /// Network disk → target.
+    network: HashMap<String, String>,
+}
+
+/// The pid of the process at the other end of a unix socket (`SO_PEERCRED`).
+fn peer_pid(qmp: &Qmp) -> Option<u32> {
+    let fd = qmp.as_raw_fd();
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid for writes of the sizes given; `fd` is an open socket.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (r == 0 && cred.pid > 0).then_some(cred.pid as u32)
+}
+
+/// The mount holding `file` as qemu `pid` sees it (its mount namespace and working directory).
+fn mount_in(pid: u32, mounts: &[Mount], file: &str) -> Option<Mount> {
+    let abs = if file.starts_with('/') {
+        PathBuf::from(file)
+    } else {
+        std::fs::read_link(format!("/proc/{pid}/cwd"))
+            .ok()?
+            .join(file)
+    };
+    backing::mount_of(mounts, abs.to_str()?).cloned()
+}
+
+/// One poll: a short connection, `query-blockstats`, and `query-named-block-nodes` when the
+/// qemu or its protocol nodes changed.
+fn poll(socket: &Path, known: &mut Known) -> anyhow::Result<QemuReading> {
+    let mut qmp = Qmp::connect(socket, QMP_TIMEOUT)?;
+    let pid = peer_pid(&qmp).ok_or_else(|| anyhow::anyhow!("no peer pid on the socket"))?;
+    let stats = backing::parse_blockstats(&qmp.execute("query-blockstats", None)?);
+    let nodes: HashSet<String> = stats
+        .iter()
+        .filter_map(|e| e.protocol_node.clone())
+        .collect();
+    if pid != known.pid || nodes != known.nodes {
+        let named: HashMap<String, BlockNode> =
+            backing::parse_named_nodes(&qmp.execute("query-named-block-nodes", None)?);
+        let mountinfo =
+            std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap_or_default();
+        let mounts = backing::parse_mountinfo(&mountinfo);
+        known.network = backing::network_disks(&stats, &named, |f| mount_in(pid, &mounts, f));
+        known.pid = pid;
+        known.nodes = nodes;
+    }
+    let disks = stats
+        .into_iter()
+        .filter_map(|e| {
+            let target = known.network.get(&e.disk)?.clone();
+            Some(NetDiskReading {
+                disk: e.disk,
+                target,
+                counters: e.counters,
+            })
+        })
+        .collect();
+    Ok(QemuReading { pid, disks })
+}
+
+fn worker(socket: PathBuf, pokes: Receiver<()>, out: Sender<QemuReading>) {
+    let mut known = Known::default();
+    let mut failing = false;
+    while pokes.recv().is_ok() {
+        match poll(&socket, &mut known) {
+            Ok(r) => {
+                failing = false;
+                if out.send(r).is_err() {
+                    return;
+                }
+            }
+            // Logged once per failure streak: a stopped VM's socket fails every interval.
+            Err(e) if !failing => {
+                failing = true;
+                log::debug!("QEMU counters from {}: {e:#}", socket.display());
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// Which QEMU monitors overkvm reads network disks' counters from.
+#[derive(Clone, Debug, Default)]
+pub struct QemuSources {
+    /// QMP sockets the operator named (`--qmp`): overkvm may use them.
+    pub explicit: Vec<PathBuf>,
+    /// overkvm's own running VMs (their monitors are overkvm's).
+    pub own_vms: bool,
+}
+
+/// The workers, one per socket, and the channel their readings arrive on.
+pub struct QemuCounters {
+    explicit: Vec<PathBuf>,
+    state_dir: Option<PathBuf>,
+    workers: HashMap<PathBuf, SyncSender<()>>,
+    readings: Receiver<QemuReading>,
+    sender: Sender<QemuReading>,
+    sockets_read: Option<Instant>,
+}
+
+impl QemuCounters {
+    /// Polls the monitors `sources` names.
+    pub fn new(sources: &QemuSources) -> QemuCounters {
+        let (sender, readings) = mpsc::channel();
+        QemuCounters {
+            explicit: sources.explicit.clone(),
+            state_dir: sources
+                .own_vms
+                .then(|| crate::lifecycle::state_dir(None).ok())
+                .flatten(),
+            workers: HashMap::new(),
+            readings,
+            sender,
+            sockets_read: None,
+        }
+    }
+
+    /// The sockets to poll now: the explicit ones and those of overkvm's running VMs.
+    fn sockets(&self) -> Vec<PathBuf> {
+        let mut out = self.explicit.clone();
+        if let Some(dir) = &self.state_dir
+            && let Ok((vms, _)) = crate::lifecycle::load_all(dir)
+        {
+            let running: HashSet<String> = crate::lifecycle::list::running(&vms)
+                .into_iter()
+                .map(|(name, _)| name)
+                .collect();
+            out.extend(
+                vms.iter()
+                    .filter(|(d, _)| running.contains(&d.name))
+                    .map(|(_, p)| p.qmp_socket()),
+            );
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// Readings that arrived since the last call (never waits), then pokes every worker for
+    /// the next interval.
+    pub fn tick(&mut self) -> Vec<QemuReading> {
+        let got: Vec<QemuReading> = self.readings.try_iter().collect();
+        if self
+            .sockets_read
+            .is_none_or(|t| t.elapsed() >= SOCKETS_REFRESH)
+        {
+            self.sockets_read = Some(Instant::now());
+            let want = self.sockets();
+            // Dropping a worker's poke sender ends its thread after its current poll.
+            self.workers.retain(|s, _| want.contains(s));
+            for s in want {
+                if !self.workers.contains_key(&s) {
+                    let (poke, pokes) = mpsc::sync_channel(1);
+                    let out = self.sender.clone();
+                    let socket = s.clone();
+                    let spawned = thread::Builder::new()
+                        .name("overkvm-qemu".into())
+                        .spawn(move || worker(socket, pokes, out));
+                    match spawned {
+                        Ok(_) => {
+                            self.workers.insert(s, poke);
+                        }
+                        Err(e) => log::warn!("starting a QEMU counter thread: {e}"),
+                    }
+                }
+            }
+        }
+        for poke in self.workers.values() {
+            // Full: the worker has not taken the last poke yet (its QEMU is slow): skip.
+            match poke.try_send(()) {
+                Ok(()) | Err(TrySendError::Full(())) | Err(TrySendError::Disconnected(())) => {}
+            }
+        }
+        got
+    }
+}
