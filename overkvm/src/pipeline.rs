@@ -12,7 +12,7 @@ use std::{sync::Arc, time::Instant};
 
 use crate::{
     bpf::Programs,
-    qemu::counters::{QemuCounters, QemuSources},
+    qemu::counters::{QemuCounters, SocketList},
     report::{ReportBuilder, pid_alive},
     sample::{Sampler, Snapshot, delta},
     tick::{ProgramStat, Tick},
@@ -50,12 +50,10 @@ impl Pipeline {
     }
 
     /// Also counts, from QEMU's own counters, the VM disks whose I/O no host block device
-    /// sees (network storage), from the monitors `sources` names. Their rows carry
-    /// `source: "qemu"`.
-    pub fn count_qemu_disks(&mut self, sources: &QemuSources) {
-        if sources.own_vms || !sources.explicit.is_empty() {
-            self.qemu = Some(QemuCounters::new(sources));
-        }
+    /// sees (network storage), from the monitors `sockets` lists
+    /// (`lifecycle::list::qemu_sockets`). Their rows carry `source: "qemu"`.
+    pub fn count_qemu_disks(&mut self, sockets: SocketList) {
+        self.qemu = Some(QemuCounters::new(sockets));
     }
 
     /// The loaded programs (hook mode, attached tracepoints, map capacities).

@@ -227,6 +227,10 @@ pub struct Report {
     /// The live self-check against `/proc/diskstats`, per disk with I/O since overkvm
     /// started (see `parity`): overkvm minus diskstats is 0 whenever the disk is idle.
     pub parity: Vec<DeviceParity>,
+    /// Per storage target (`nbd://host:port/export`, `rbd:pool/image`), what this host's
+    /// VMs did on it by QEMU's counters: the network disks' `devices` (busiest first).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub storage: Vec<DeviceRow>,
 }
 
 impl Report {
@@ -479,6 +483,7 @@ impl ReportBuilder {
                 h
             },
             parity,
+            storage: Vec::new(),
         }
     }
 
@@ -493,9 +498,10 @@ impl ReportBuilder {
             return;
         }
         let mut qemu = std::mem::take(&mut self.qemu);
-        let rows = qemu.rows(readings, |pid| self.seen(pid), |pid| proc::alive(pid));
+        let rows = qemu.rows(readings, |pid| self.seen(pid), proc::alive);
         self.qemu = qemu;
         if !rows.is_empty() {
+            report.storage = qemu_rows::storage_rows(&rows);
             report.processes.extend(rows);
             report.processes.sort_by(row_order);
         }

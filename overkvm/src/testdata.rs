@@ -85,6 +85,7 @@ pub fn report_with(processes: Vec<ProcessRow>) -> Report {
         cgroups: Vec::new(),
         health: HealthReport::default(),
         parity: Vec::new(),
+        storage: Vec::new(),
     }
 }
 

@@ -16,6 +16,7 @@ use std::{
 
 use overkvm_tests::{
     guest::{self, Guest, GuestSpec, TempDir},
+    serving::{Serve, metric, scrape},
     skip_unless_kernel, workspace_bin,
 };
 use serde_json::{Value, json};
@@ -186,6 +187,9 @@ fn an_nbd_disk_is_counted_from_qemus_counters() {
     let mut lines = Vec::new();
     vm.wait_for_console("READY", Duration::from_secs(240))
         .expect("guest boot");
+    // The daemon too, started with the guest idle: its counters start from the idle disk.
+    let socket_arg = socket.to_string_lossy().into_owned();
+    let mut serve = Serve::start(&work.path().join("serve.log"), &["--qmp", &socket_arg]);
     // Four intervals with the guest idle: a tick reports the reading its predecessor asked
     // for, so from here on every row counts from a reading of the idle disk, which is also
     // what the test reads now (one line may have been on its way when the queue was drained,
@@ -220,6 +224,8 @@ fn an_nbd_disk_is_counted_from_qemus_counters() {
         }
     }
     let after = vm.qmp("query-blockstats", None).expect("query-blockstats");
+    let body = scrape(serve.addr).expect("GET /metrics");
+    serve.terminate();
     let console = vm.console();
     let _ = vm.qmp("quit", None);
     let _ = top.kill();
@@ -230,8 +236,18 @@ fn an_nbd_disk_is_counted_from_qemus_counters() {
 
     let mut sums = json!({});
     let mut targets = Vec::new();
+    let mut storage_ops = 0;
     for (i, line) in lines.iter().enumerate() {
         let v: Value = serde_json::from_str(line).expect("one JSON object per line");
+        if i >= idle_lines
+            && let Some(st) = v["storage"].as_array()
+        {
+            for d in st {
+                assert_eq!(d["device"], target.as_str(), "{d}");
+                assert_eq!(d["source"], "qemu", "{d}");
+                storage_ops += d["read_ops"].as_u64().unwrap() + d["write_ops"].as_u64().unwrap();
+            }
+        }
         for p in v["processes"].as_array().unwrap() {
             if p["source"] != "qemu" {
                 continue;
@@ -311,6 +327,52 @@ fn an_nbd_disk_is_counted_from_qemus_counters() {
         // the flush. So the guest's writes are QEMU's plus its flushes.
         [g_rd, g_wr - g_fl, g_fl, g_rd_sect * 512, g_wr_sect * 512],
         "overkvm against the guest's /proc/diskstats"
+    );
+    // /metrics: the same families, with source="qemu", and the disk's target on its info.
+    let vm_series = |family: &str, op: &str| {
+        metric(
+            &body,
+            &format!(
+                "{family}{{vm=\"overkvm-netdisk\",device=\"nbd0\",op=\"{op}\",source=\"qemu\"}}"
+            ),
+        )
+        .unwrap_or_else(|| panic!("no {family} {op} for nbd0 in /metrics:\n{body}")) as u64
+    };
+    assert_eq!(
+        [
+            vm_series("overkvm_vm_io_operations_total", "read"),
+            vm_series("overkvm_vm_io_operations_total", "write"),
+            vm_series("overkvm_vm_io_operations_total", "flush"),
+            vm_series("overkvm_vm_io_bytes_total", "read"),
+            vm_series("overkvm_vm_io_bytes_total", "write"),
+        ],
+        [
+            q("rd_operations"),
+            q("wr_operations"),
+            q("flush_operations"),
+            q("rd_bytes"),
+            q("wr_bytes")
+        ],
+        "/metrics against query-blockstats"
+    );
+    assert_eq!(
+        metric(
+            &body,
+            &format!(
+                "overkvm_vm_disk_info{{vm=\"overkvm-netdisk\",device=\"nbd0\",source=\"qemu\",target=\"{target}\"}}"
+            )
+        ),
+        Some(1.0),
+        "{body}"
+    );
+    assert!(
+        !body.contains("device=\"local0\""),
+        "the local disk is not QEMU-counted: {body}"
+    );
+    assert_eq!(
+        storage_ops,
+        n(got, "read_ops") + n(got, "write_ops"),
+        "the storage target's rows sum its disks"
     );
     assert!(n(got, "write_ops") >= WRITES + FLUSHED_WRITES);
     assert!(n(got, "read_ops") >= READS);

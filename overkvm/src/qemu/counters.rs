@@ -131,6 +131,11 @@ fn poll(socket: &Path, known: &mut Known) -> anyhow::Result<QemuReading> {
     Ok(QemuReading { pid, disks })
 }
 
+/// One reading of the network disks behind `socket`, now (for `vm list`).
+pub fn read_once(socket: &Path) -> anyhow::Result<QemuReading> {
+    poll(socket, &mut Known::default())
+}
+
 fn worker(socket: PathBuf, pokes: Receiver<()>, out: Sender<QemuReading>) {
     let mut known = Known::default();
     let mut failing = false;
@@ -161,10 +166,13 @@ pub struct QemuSources {
     pub own_vms: bool,
 }
 
+/// The QMP sockets to read now (asked every [`SOCKETS_REFRESH`]): overkvm's own running VMs
+/// are known to `lifecycle`, which builds this from [`QemuSources`].
+pub type SocketList = Box<dyn Fn() -> Vec<PathBuf> + Send>;
+
 /// The workers, one per socket, and the channel their readings arrive on.
 pub struct QemuCounters {
-    explicit: Vec<PathBuf>,
-    state_dir: Option<PathBuf>,
+    sockets: SocketList,
     workers: HashMap<PathBuf, SyncSender<()>>,
     readings: Receiver<QemuReading>,
     sender: Sender<QemuReading>,
@@ -172,41 +180,16 @@ pub struct QemuCounters {
 }
 
 impl QemuCounters {
-    /// Polls the monitors `sources` names.
-    pub fn new(sources: &QemuSources) -> QemuCounters {
+    /// Polls the monitors `sockets` names.
+    pub fn new(sockets: SocketList) -> QemuCounters {
         let (sender, readings) = mpsc::channel();
         QemuCounters {
-            explicit: sources.explicit.clone(),
-            state_dir: sources
-                .own_vms
-                .then(|| crate::lifecycle::state_dir(None).ok())
-                .flatten(),
+            sockets,
             workers: HashMap::new(),
             readings,
             sender,
             sockets_read: None,
         }
-    }
-
-    /// The sockets to poll now: the explicit ones and those of overkvm's running VMs.
-    fn sockets(&self) -> Vec<PathBuf> {
-        let mut out = self.explicit.clone();
-        if let Some(dir) = &self.state_dir
-            && let Ok((vms, _)) = crate::lifecycle::load_all(dir)
-        {
-            let running: HashSet<String> = crate::lifecycle::list::running(&vms)
-                .into_iter()
-                .map(|(name, _)| name)
-                .collect();
-            out.extend(
-                vms.iter()
-                    .filter(|(d, _)| running.contains(&d.name))
-                    .map(|(_, p)| p.qmp_socket()),
-            );
-        }
-        out.sort();
-        out.dedup();
-        out
     }
 
     /// Readings that arrived since the last call (never waits), then pokes every worker for
@@ -218,7 +201,9 @@ impl QemuCounters {
             .is_none_or(|t| t.elapsed() >= SOCKETS_REFRESH)
         {
             self.sockets_read = Some(Instant::now());
-            let want = self.sockets();
+            let mut want = (self.sockets)();
+            want.sort();
+            want.dedup();
             // Dropping a worker's poke sender ends its thread after its current poll.
             self.workers.retain(|s, _| want.contains(s));
             for s in want {

@@ -7,9 +7,9 @@
 //! maps, counting starts when overkvm starts); a qemu process that went away takes its
 //! baselines with it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
-use super::{CountSource, OpCounts, ProcessRow, Seen, VmRef, round2};
+use super::{CountSource, DeviceRow, OpCounts, ProcessRow, Seen, VmRef, round2};
 use crate::qemu::{backing::DiskCounters, counters::QemuReading};
 
 /// Last cumulative counters per (qemu pid, disk).
@@ -19,6 +19,11 @@ pub struct QemuBaselines {
 }
 
 impl QemuBaselines {
+    /// Per storage target, the sum of `rows` on it (see [`storage_rows`]).
+    pub fn storage_of(rows: &[ProcessRow]) -> Vec<DeviceRow> {
+        storage_rows(rows)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.last.is_empty()
     }
@@ -53,6 +58,29 @@ impl QemuBaselines {
             .retain(|k, _| alive(k.0) && (!polled.contains(&k.0) || fresh.contains(k)));
         out
     }
+}
+
+/// Per storage target, the sum of the rows on it, busiest first.
+pub fn storage_rows(rows: &[ProcessRow]) -> Vec<DeviceRow> {
+    let mut by_target: BTreeMap<&str, OpCounts> = BTreeMap::new();
+    for r in rows {
+        if let Some(t) = &r.target {
+            by_target.entry(t).or_default().merge(&r.counts);
+        }
+    }
+    let mut out: Vec<DeviceRow> = by_target
+        .into_iter()
+        .map(|(t, counts)| DeviceRow {
+            device: t.to_string(),
+            major: 0,
+            minor: 0,
+            disk: t.to_string(),
+            source: CountSource::Qemu,
+            counts,
+        })
+        .collect();
+    out.sort_by_key(|d| std::cmp::Reverse(d.counts.total_ops()));
+    out
 }
 
 fn row(pid: u32, disk: &str, target: &str, c: &DiskCounters, seen: Seen) -> ProcessRow {
@@ -172,6 +200,10 @@ mod tests {
         // (30 × 100 µs + 10 × 300 µs) / 41 ops.
         assert_eq!(r.lat_avg_us, Some(round2(6000.0 / 41.0)));
         // An idle interval and a missed one give no row; the counts come with the next reading.
+        let storage = storage_rows(&rows);
+        assert_eq!(storage.len(), 1);
+        assert_eq!(storage[0].device, "nbd://127.0.0.1:10809/exp");
+        assert_eq!(storage[0].counts.total_ops(), 41);
         assert!(b.rows(&[], vm, |_| true).is_empty());
         assert!(
             b.rows(&[reading(9, "drive-virtio-disk0", 130, 60, 3)], vm, |_| {

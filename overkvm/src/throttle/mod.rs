@@ -487,7 +487,8 @@ impl ThrottleService {
             self.step_device(i, report, secs);
         }
         self.throttled_seconds += secs * self.applied.len() as f64;
-        let view = self.view();
+        let mut view = self.view();
+        view.storage = crate::tick::StorageUse::of(report);
         if !self.dry_run
             && let Ok(json) = serde_json::to_vec(&view)
         {
@@ -1025,6 +1026,8 @@ impl ThrottleService {
                 .into_iter()
                 .map(|(vm, disks)| crate::tick::VmQemuLimits { vm, disks })
                 .collect(),
+            // Filled from the interval's report in `on_tick`.
+            storage: Vec::new(),
         }
     }
 
