@@ -232,3 +232,114 @@ impl QemuCounters {
         got
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::{BufRead as _, BufReader, Write as _},
+        os::unix::net::UnixListener,
+        sync::{
+            Arc,
+            atomic::{AtomicUsize, Ordering},
+        },
+    };
+
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    fn only(socket: PathBuf) -> SocketList {
+        Box::new(move || vec![socket.clone()])
+    }
+
+    /// A monitor that accepts and never says a word: every tick still returns at once.
+    #[test]
+    fn a_hung_monitor_never_stalls_the_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("hung.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        let held = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let h = Arc::clone(&held);
+        thread::spawn(move || {
+            for s in listener.incoming().flatten() {
+                h.lock().unwrap().push(s);
+            }
+        });
+        let mut c = QemuCounters::new(only(sock));
+        for _ in 0..5 {
+            let t = Instant::now();
+            assert!(c.tick().is_empty());
+            assert!(
+                t.elapsed() < Duration::from_millis(100),
+                "{:?}",
+                t.elapsed()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        // Pokes while the worker waits on the hung monitor are dropped, not queued up.
+        assert!(
+            held.lock().unwrap().len() <= 2,
+            "{}",
+            held.lock().unwrap().len()
+        );
+    }
+
+    /// A monitor with one NBD disk: readings arrive on later ticks, one request per poke, and
+    /// the backing is asked once.
+    #[test]
+    fn readings_of_a_network_disk_arrive_on_later_ticks() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("q.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        let (stats, nodes) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (s2, n2) = (Arc::clone(&stats), Arc::clone(&nodes));
+        thread::spawn(move || {
+            for s in listener.incoming().flatten() {
+                let mut w = s.try_clone().unwrap();
+                let mut r = BufReader::new(s);
+                writeln!(w, r#"{{"QMP": {{"version": {{}}, "capabilities": []}}}}"#).unwrap();
+                let mut line = String::new();
+                while r.read_line(&mut line).unwrap_or(0) > 0 {
+                    let v: Value = serde_json::from_str(&line).unwrap();
+                    line.clear();
+                    let reply = match v["execute"].as_str().unwrap() {
+                        "query-blockstats" => {
+                            let n = s2.fetch_add(1, Ordering::SeqCst) as u64;
+                            json!([{"device": "nbd0", "node-name": "top",
+                                    "stats": {"rd_operations": 10 * n, "flush_operations": n},
+                                    "parent": {"node-name": "proto", "stats": {}}}])
+                        }
+                        "query-named-block-nodes" => {
+                            n2.fetch_add(1, Ordering::SeqCst);
+                            json!([{"node-name": "proto", "drv": "nbd",
+                                    "file": "nbd://10.0.0.9:10809/vm7"}])
+                        }
+                        _ => json!({}),
+                    };
+                    writeln!(w, "{}", json!({"return": reply, "id": v["id"]})).unwrap();
+                }
+            }
+        });
+        let mut c = QemuCounters::new(only(sock));
+        let mut got = Vec::new();
+        for _ in 0..6 {
+            got.extend(c.tick());
+            thread::sleep(Duration::from_millis(150));
+        }
+        got.extend(c.tick());
+        assert!(got.len() >= 3, "{got:?}");
+        assert_eq!(got[0].pid, std::process::id(), "the socket's peer");
+        assert_eq!(got[0].disks[0].disk, "nbd0");
+        assert_eq!(got[0].disks[0].target, "nbd://10.0.0.9:10809/vm7");
+        assert!(
+            stats.load(Ordering::SeqCst) <= 7,
+            "one request per tick at most"
+        );
+        assert_eq!(nodes.load(Ordering::SeqCst), 1, "the backing is read once");
+        let rd: Vec<u64> = got
+            .iter()
+            .map(|r| r.disks[0].counters.rd_operations)
+            .collect();
+        assert!(rd.windows(2).all(|w| w[0] < w[1]), "{rd:?}");
+    }
+}
