@@ -1,5 +1,6 @@
 //! A VM disk on network storage: a real TCG guest whose /dev/vda is an NBD export that
-//! `qemu-nbd` serves over TCP on loopback. No host block device sees that I/O, so overkvm must
+//! `qemu-nbd` serves over TCP on loopback, or an iSCSI LUN of Debian's userspace target `tgtd`
+//! reached by QEMU's libiscsi driver. No host block device sees that I/O, so overkvm must
 //! count it from QEMU's own counters: `overkvm-io top -b --json --qmp SOCKET` reports the disk
 //! in the VM's rows with `source: "qemu"`, the disk's `-drive` id and the NBD target, and its
 //! sums over the intervals equal QMP `query-blockstats` and the guest's own /proc/diskstats
@@ -71,6 +72,113 @@ impl Drop for NbdServer {
     }
 }
 
+const IQN: &str = "iqn.2026-12.org.overkvm:netdisk";
+
+/// tgtd serving one raw image as LUN 1 of [`IQN`] on a loopback port, with its own control
+/// socket (`-C`); the target, the LUN and the daemon are removed on drop.
+struct IscsiTarget {
+    child: Child,
+    port: u16,
+    control: String,
+}
+
+impl IscsiTarget {
+    fn tgtadm(control: &str, args: &[&str]) -> bool {
+        Command::new("tgtadm")
+            .args(["-C", control, "--lld", "iscsi"])
+            .args(args)
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    fn start(image: &std::path::Path) -> IscsiTarget {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free loopback port")
+            .port();
+        // Its control socket is /var/run/tgtd/socket.N: one per test run, by the port.
+        let control = (100 + u32::from(port) % 800).to_string();
+        std::fs::create_dir_all("/var/run/tgtd").expect("/var/run/tgtd");
+        let child = Command::new("tgtd")
+            .args(["-f", "-C", &control, "--iscsi"])
+            .arg(format!("portal=127.0.0.1:{port}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting tgtd");
+        let mut t = IscsiTarget {
+            child,
+            port,
+            control,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(st)) = t.child.try_wait() {
+                panic!("tgtd exited at start: {st}");
+            }
+            assert!(Instant::now() < deadline, "tgtd did not listen on {port}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let image = image.to_string_lossy();
+        for args in [
+            &["--op", "new", "--mode", "target", "--tid", "1", "-T", IQN][..],
+            &[
+                "--op",
+                "new",
+                "--mode",
+                "logicalunit",
+                "--tid",
+                "1",
+                "--lun",
+                "1",
+                "-b",
+                &image,
+            ],
+            &[
+                "--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL",
+            ],
+        ] {
+            assert!(Self::tgtadm(&t.control, args), "tgtadm {args:?}");
+        }
+        t
+    }
+}
+
+impl Drop for IscsiTarget {
+    fn drop(&mut self) {
+        // tgtd ignores SIGTERM while it has targets: remove them, then the daemon.
+        let c = self.control.clone();
+        Self::tgtadm(
+            &c,
+            &[
+                "--op",
+                "delete",
+                "--mode",
+                "logicalunit",
+                "--tid",
+                "1",
+                "--lun",
+                "1",
+            ],
+        );
+        Self::tgtadm(&c, &["--op", "delete", "--mode", "target", "--tid", "1"]);
+        Self::tgtadm(&c, &["--op", "delete", "--mode", "system"]);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !matches!(self.child.try_wait(), Ok(Some(_))) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Which server holds the guest's vda.
+enum Backend {
+    Nbd,
+    Iscsi,
+}
+
 /// The `stats` of device `device` in a query-blockstats reply.
 fn stats_of(reply: &Value, device: &str) -> Value {
     reply
@@ -103,15 +211,29 @@ fn guest_diskstats(console: &str, tag: &str) -> [u64; 5] {
 #[test]
 fn an_nbd_disk_is_counted_from_qemus_counters() {
     skip_unless_kernel!();
-    if let Some(reason) = guest::missing_tools() {
-        overkvm_tests::skipped(module_path!(), &reason);
-        return;
-    }
     if Command::new("qemu-nbd").arg("--version").output().is_err() {
         overkvm_tests::skipped(
             module_path!(),
             "qemu-nbd missing (apt-get install qemu-utils)",
         );
+        return;
+    }
+    network_disk_is_counted(Backend::Nbd);
+}
+
+#[test]
+fn an_iscsi_disk_is_counted_from_qemus_counters() {
+    skip_unless_kernel!();
+    if Command::new("tgtadm").arg("--help").output().is_err() {
+        overkvm_tests::skipped(module_path!(), "tgtd missing (apt-get install tgt)");
+        return;
+    }
+    network_disk_is_counted(Backend::Iscsi);
+}
+
+fn network_disk_is_counted(backend: Backend) {
+    if let Some(reason) = guest::missing_tools() {
+        overkvm_tests::skipped(module_path!(), &reason);
         return;
     }
     let _kernel = guest::guest_kernel().expect("guest kernel");
@@ -127,8 +249,19 @@ fn an_nbd_disk_is_counted_from_qemus_counters() {
             .expect("qemu-img");
         assert!(st.success());
     }
-    let nbd = NbdServer::start(&image);
-    let target = format!("nbd://127.0.0.1:{}/exp", nbd.port);
+    // The server lives until the end of the test (dropped after the guest).
+    let (server, target): (Box<dyn std::any::Any>, String) = match backend {
+        Backend::Nbd => {
+            let s = NbdServer::start(&image);
+            let url = format!("nbd://127.0.0.1:{}/exp", s.port);
+            (Box::new(s), url)
+        }
+        Backend::Iscsi => {
+            let s = IscsiTarget::start(&image);
+            let url = format!("iscsi://127.0.0.1:{}/{IQN}/1", s.port);
+            (Box::new(s), url)
+        }
+    };
 
     // The guest waits, idle, until the host writes `G` into the first byte of its local disk
     // (vdb): both sides then start from counters of an idle disk.
@@ -377,5 +510,6 @@ fn an_nbd_disk_is_counted_from_qemus_counters() {
     assert!(n(got, "write_ops") >= WRITES + FLUSHED_WRITES);
     assert!(n(got, "read_ops") >= READS);
     assert!(n(got, "flush_ops") >= FLUSHED_WRITES);
-    drop(nbd);
+    drop(vm);
+    drop(server);
 }

@@ -414,12 +414,15 @@ fn json_target(drv: &str, json: &str) -> String {
             format!("rbd:{}/{ns}{}", s("pool"), s("image"))
         }
         "nbd" => format!("nbd://{}/{}", server(node.get("server")), s("export")),
-        "iscsi" => format!(
-            "iscsi://{}/{}/{}",
-            s("portal"),
-            s("target"),
-            node.get("lun").map_or(String::new(), |l| l.to_string())
-        ),
+        "iscsi" => {
+            // QEMU 7.2 writes the LUN as a string in file names, as a number in options.
+            let lun = match node.get("lun") {
+                Some(Value::String(l)) => l.clone(),
+                Some(Value::Number(l)) => l.to_string(),
+                _ => String::new(),
+            };
+            format!("iscsi://{}/{}/{lun}", s("portal"), s("target"))
+        }
         "nfs" => format!("nfs://{}{}", server(node.get("server")), s("path")),
         "gluster" => {
             let first = node
@@ -636,6 +639,12 @@ mod tests {
                 "iscsi",
                 r#"json:{"file":{"driver":"iscsi","portal":"10.0.0.1:3260","target":"iqn.x:t","lun":2,"user":"u","password-secret":"secret"}}"#,
                 "iscsi://10.0.0.1:3260/iqn.x:t/2",
+            ),
+            (
+                "iscsi",
+                // QEMU 7.2's own file name of a `-drive file=iscsi://…` protocol node.
+                r#"json:{"lun": "1", "portal": "127.0.0.1:13260", "driver": "iscsi", "transport": "tcp", "target": "iqn.2026-12.org.overkvm:disk"}"#,
+                "iscsi://127.0.0.1:13260/iqn.2026-12.org.overkvm:disk/1",
             ),
             (
                 "nbd",
