@@ -518,7 +518,11 @@ impl ThrottleService {
         } = aggregate::device_use(
             report,
             secs,
-            |row| table.get(make_dev(row.major, row.minor)).disk_dev == disk,
+            // A disk QEMU counts (network storage) is on no host device: never in a budget.
+            |row| {
+                row.source != crate::report::CountSource::Qemu
+                    && table.get(make_dev(row.major, row.minor)).disk_dev == disk
+            },
             |pid| crate::host::proc::block_cgroup(pid, api?),
         );
         self.count_host_cached(disk, &mut vms, &mut bg_iops, &mut bg_bps, flusher);
