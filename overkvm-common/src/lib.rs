@@ -19,6 +19,9 @@ pub mod maps {
     /// Indexes of `IO_STATS` free for new keys: a queue of `u32` that userspace fills at load
     /// and refills with the slots of pruned keys.
     pub const FREE_SLOTS: &str = "FREE_SLOTS";
+    /// The generation of each `IO_STATS` slot (`KeySlot.index -> u32`, a shared array): moved
+    /// on by userspace when it prunes the slot's key, after which nothing counts into the slot.
+    pub const SLOT_GENERATIONS: &str = "SLOT_GENERATIONS";
     /// Who asked last for a flush on each request queue: `queue id -> FlushOwner`.
     pub const FLUSH_OWNERS: &str = "FLUSH_OWNERS";
     /// Notices to userspace's naming thread, as `ProcessNotice` records: a process's first I/O
@@ -264,10 +267,13 @@ pub struct KeySlot {
 /// Per-CPU value of `IO_STATS`: the key's counters and the latency histogram of its completed
 /// requests, in one slot, which a completion reaches by index.
 ///
-/// `generation` is written by userspace alone, in every CPU's copy, each time it recycles the
-/// slot for a new key. A completion records its latency only if the generation it carried since
-/// the start still matches, so an I/O that outlives its key's pruning is counted as lost
-/// (`Health::LatencyLost`) rather than charged to the slot's next owner.
+/// The slot's generation is kept apart, in `SLOT_GENERATIONS`, written by userspace alone
+/// when it prunes the slot's key. A completion or flush counts into the slot only if the
+/// generation it carried since the start still matches, so an I/O that outlives its key's
+/// pruning is counted as lost (`Health::LatencyLost`) rather than charged to the slot's next
+/// owner. Apart, because userspace must stop the counting before it reads the slot a last time:
+/// a generation inside these per-CPU values could only be changed by overwriting the counters,
+/// and an increment landing between that read and that write would vanish.
 ///
 /// Bucket counts are `u32` to keep the per-CPU value small (the map holds one copy per CPU):
 /// they wrap after 2^32 completions of one key in one bucket on one CPU, and userspace takes
@@ -284,8 +290,6 @@ pub struct IoStats {
     /// the start path pays nothing for them.
     pub flushes: u64,
     pub flush_lat_sum_ns: u64,
-    pub generation: u32,
-    pub _pad: u32,
     /// Completions per log2 bucket (see `lat_bucket`).
     pub lat: [u32; LAT_BUCKETS as usize],
 }
@@ -297,8 +301,6 @@ impl Default for IoStats {
             lat_sum_ns: 0,
             flushes: 0,
             flush_lat_sum_ns: 0,
-            generation: 0,
-            _pad: 0,
             lat: [0; LAT_BUCKETS as usize],
         }
     }
@@ -462,12 +464,15 @@ pub enum Health {
     /// The notification of a new process to userspace (`NEW_TGIDS`) found the ring buffer
     /// full (informational: the process is still named at the next interval if it lives).
     NameNoticeLost = 9,
+    /// Fallback mode: a request was issued at a tag whose in-flight entry an earlier request
+    /// left behind (its end was not seen); the new request's entry replaced it.
+    InflightStale = 10,
 }
 
-pub const HEALTH_SLOTS: u32 = 10;
+pub const HEALTH_SLOTS: u32 = 11;
 
 impl Health {
-    pub const ALL: [Health; 10] = [
+    pub const ALL: [Health; 11] = [
         Health::StatsFull,
         Health::BioStatsFull,
         Health::LatencyLost,
@@ -478,6 +483,7 @@ impl Health {
         Health::NoStartTime,
         Health::FlushUnattributed,
         Health::NameNoticeLost,
+        Health::InflightStale,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -492,6 +498,7 @@ impl Health {
             Health::NoStartTime => "no_start_time",
             Health::FlushUnattributed => "flush_unattributed",
             Health::NameNoticeLost => "name_notice_lost",
+            Health::InflightStale => "inflight_stale",
         }
     }
 
@@ -525,6 +532,9 @@ pub struct KernelLayout {
     /// `bio.bi_iter.bi_size`, both offsets added.
     pub bio_size: u32,
     pub bio_blkg: u32,
+    /// `bio.bi_next`: the next bio of a request (fallback mode walks a front-merged request to
+    /// the bio that allocated it).
+    pub bio_next: u32,
     /// `struct block_device.bd_dev`
     pub bdev_dev: u32,
     /// `struct blkcg_gq.blkcg`
@@ -572,6 +582,7 @@ impl KernelLayout {
         bio_bdev: ABSENT,
         bio_size: ABSENT,
         bio_blkg: ABSENT,
+        bio_next: ABSENT,
         bdev_dev: ABSENT,
         blkg_blkcg: ABSENT,
         blkcg_cgroup: ABSENT,
@@ -791,7 +802,7 @@ mod tests {
     fn struct_sizes_are_stable() {
         assert_eq!(core::mem::size_of::<IoKey>(), 24);
         assert_eq!(core::mem::size_of::<IoCounters>(), 32);
-        assert_eq!(core::mem::size_of::<IoStats>(), 224);
+        assert_eq!(core::mem::size_of::<IoStats>(), 216);
         assert_eq!(core::mem::size_of::<FlushOwner>(), 16);
         assert_eq!(core::mem::size_of::<KeySlot>(), 8);
         assert_eq!(core::mem::size_of::<Inflight>(), 16);

@@ -4,7 +4,7 @@
 //! never used for attribution.
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::btf_tracepoint, programs::BtfTracePointContext};
-use overkvm_common::{Health, flush_charge};
+use overkvm_common::{Health, KeySlot, flush_charge};
 
 use crate::{
     kernel::{KPtr, in_flush_sequence, off, read, read_addr, rq_ident, rq_queue_id},
@@ -94,36 +94,66 @@ pub fn io_done(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
+/// Bios a request is searched for the one that allocated it (`rq_getrq`).
+const FRONT_MERGES: usize = 4;
+
+/// Fallback: takes the submitter of a request about to be issued, from the bio that allocated
+/// it, with that bio's size. It is the head bio unless bios were front-merged in front of it
+/// (plug and scheduler merges), then one of the first few.
+#[inline(always)]
+fn take_allocating_bio(rq: KPtr) -> Option<(KeySlot, u32)> {
+    // The typed pointer reads the bio's fields; its numeric value (a second read: the
+    // verifier forbids arithmetic on typed pointers) names the bio's entry.
+    let (mut bio, mut addr): (KPtr, u64) = (read(rq, off!(rq_bio))?, read_addr(rq, off!(rq_bio)));
+    for _ in 0..FRONT_MERGES {
+        if addr == 0 {
+            return None;
+        }
+        if let Some(slot) = bio_take(addr) {
+            return Some((slot, read(bio, off!(bio_size)).unwrap_or(0)));
+        }
+        addr = read_addr(bio, off!(bio_next));
+        bio = read(bio, off!(bio_next))?;
+    }
+    None
+}
+
 /// `block_rq_issue(struct request *rq)`, fallback: the request goes to the driver. Moves the
-/// submitter of its head bio (from `rq_getrq`) to the request's slot, so the completion finds
-/// it. A requeued request is issued again and keeps its slot.
+/// submitter of the bio that allocated it (from `rq_getrq`) to the request's slot, so the
+/// completion finds it. A requeued request is issued again: its bio was taken at its first
+/// issue, and it keeps its slot.
+///
+/// The bio is looked up before the tag: an entry at the tag is a requeue only when no bio of
+/// the request has one. An entry left at the tag by an earlier request whose end was missed
+/// used to pass for a requeue: the new request then lost the bytes merged into it, left its
+/// bio's entry behind, and its completion took the stale key.
 #[btf_tracepoint(function = "block_rq_issue")]
 pub fn rq_issue(ctx: BtfTracePointContext) -> i32 {
     let rq: KPtr = ctx.arg(0);
     let Some((queue, tag)) = rq_ident(rq) else {
         return 0;
     };
-    if inflight_holds(queue, tag) {
-        return 0;
-    }
-    let head = read_addr(rq, off!(rq_bio));
-    if head == 0 {
+    if read_addr(rq, off!(rq_bio)) == 0 {
         // Flush and passthrough requests carry no bio and were never counted at getrq.
         return 0;
     }
-    if let Some(slot) = bio_take(head) {
-        // `rq_getrq` counted the head bio's bytes; bios merged into the request since then
-        // (plug and elevator back merges, e.g. writeback) are in its length now, and the
-        // request only reaches here once.
-        let len: u32 = read(rq, off!(rq_data_len)).unwrap_or(0);
-        let head_ptr: KPtr = read(rq, off!(rq_bio)).unwrap_or(core::ptr::null());
-        let head_len: u32 = read(head_ptr, off!(bio_size)).unwrap_or(0);
-        if len > head_len {
-            add_bytes(&slot, (len - head_len) as u64);
+    match take_allocating_bio(rq) {
+        Some((slot, counted)) => {
+            // `rq_getrq` counted the allocating bio's bytes; bios merged into the request
+            // since then (plug and elevator merges, e.g. writeback) are in its length now, and
+            // the request only reaches here once.
+            let len: u32 = read(rq, off!(rq_data_len)).unwrap_or(0);
+            if len > counted {
+                add_bytes(&slot, (len - counted) as u64);
+            }
+            if inflight_holds(queue, tag) {
+                health(Health::InflightStale);
+            }
+            // Replaces an entry of the same request queue and tag, stale or not.
+            inflight_put(queue, tag, slot);
         }
-        inflight_put(queue, tag, slot);
-    } else {
-        health(Health::InflightMiss);
+        None if inflight_holds(queue, tag) => {}
+        None => health(Health::InflightMiss),
     }
     0
 }

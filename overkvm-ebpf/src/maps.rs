@@ -29,6 +29,10 @@ pub static IO_STATS: PerCpuArray<IoStats> = PerCpuArray::with_max_entries(capaci
 #[map]
 pub static FREE_SLOTS: Queue<u32> = Queue::with_max_entries(capacity::IO_STATS, 0);
 
+/// Shared: one generation per slot, written by userspace alone (see `IoStats`).
+#[map]
+pub static SLOT_GENERATIONS: Array<u32> = Array::with_max_entries(capacity::IO_STATS, 0);
+
 /// The last key of one op on this CPU and its slot. Kernel-side only.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -127,13 +131,17 @@ fn lookup_or_add(key: &IoKey) -> Option<KeySlot> {
         health(Health::StatsFull);
         return None;
     };
+    let Some(generation) = SLOT_GENERATIONS.get(index) else {
+        health(Health::StatsFull);
+        return None;
+    };
     let Some(v) = IO_STATS.get_ptr_mut(index) else {
         health(Health::StatsFull);
         return None;
     };
     let slot = KeySlot {
         index,
-        generation: unsafe { (*v).generation },
+        generation: *generation,
     };
     if IO_KEYS.insert(key, slot, BPF_NOEXIST as u64).is_ok() {
         // The name of the process, for when it has exited before userspace reads it. Only this
@@ -161,8 +169,10 @@ fn lookup_or_add(key: &IoKey) -> Option<KeySlot> {
 /// This CPU's copy of `slot`, if the slot still belongs to the key that took it.
 #[inline(always)]
 fn stats(slot: &KeySlot) -> Option<*mut IoStats> {
-    let v = IO_STATS.get_ptr_mut(slot.index)?;
-    (unsafe { (*v).generation } == slot.generation).then_some(v)
+    if *SLOT_GENERATIONS.get(slot.index)? != slot.generation {
+        return None;
+    }
+    IO_STATS.get_ptr_mut(slot.index)
 }
 
 /// Counts one request of `bytes` for `key`; returns the key's slot for its in-flight entry.
@@ -347,16 +357,38 @@ pub fn inflight_take(queue: u32, tag: u32) -> Option<KeySlot> {
     }
 }
 
-/// Fallback mode: remembers the key slot of the bio at `ptr` until its request is issued.
+/// Fallback mode: remembers the key slot of the bio at `ptr` until its request is issued, in
+/// the first free entry among its probes (a plug holds dozens of bios at once: with one entry
+/// per hash, some of them met every few thousand bios). All held: overwrites the first one,
+/// counting a collision (that bio's request then counts a miss).
 #[inline(always)]
 pub fn bio_put(ptr: u64, slot: KeySlot) {
-    let Some(e) = BIO_INFLIGHT.get_ptr_mut(bio_slot(ptr)) else {
-        return;
+    let h = bio_slot(ptr);
+    let mut target = None;
+    for i in 0..PROBES {
+        let Some(e) = BIO_INFLIGHT.get_ptr_mut((h + i) & (INFLIGHT_SLOTS - 1)) else {
+            return;
+        };
+        let held = unsafe { (*e).ptr };
+        if held == ptr {
+            target = Some(e);
+            break;
+        }
+        if held == 0 && target.is_none() {
+            target = Some(e);
+        }
+    }
+    let e = match target {
+        Some(e) => e,
+        None => {
+            health(Health::InflightCollision);
+            let Some(e) = BIO_INFLIGHT.get_ptr_mut(h) else {
+                return;
+            };
+            e
+        }
     };
     unsafe {
-        if (*e).ptr != 0 && (*e).ptr != ptr {
-            health(Health::InflightCollision);
-        }
         (*e).slot = slot;
         (*e).ptr = ptr;
     }
@@ -368,12 +400,13 @@ pub fn bio_take(ptr: u64) -> Option<KeySlot> {
     if ptr == 0 {
         return None;
     }
-    let e = BIO_INFLIGHT.get_ptr_mut(bio_slot(ptr))?;
-    unsafe {
-        if (*e).ptr != ptr {
-            return None;
+    let h = bio_slot(ptr);
+    for i in 0..PROBES {
+        let e = BIO_INFLIGHT.get_ptr_mut((h + i) & (INFLIGHT_SLOTS - 1))?;
+        if unsafe { (*e).ptr } == ptr {
+            unsafe { (*e).ptr = 0 };
+            return Some(unsafe { (*e).slot });
         }
-        (*e).ptr = 0;
-        Some((*e).slot)
     }
+    None
 }

@@ -23,6 +23,10 @@ pub use qemu_rows::QemuBaselines;
 /// Health event: rows of a process inside exec released unnamed (see `held`).
 pub use held::EXPIRED_EVENT as EXEC_NAMING_EXPIRED;
 
+/// Health event: counts that reached a dead process's slot while its key was pruned (see
+/// `Sampler::prune`).
+pub const COUNTED_AFTER_PRUNE: &str = "counted_after_prune";
+
 use crate::{
     devices::{DeviceInfo, DeviceTable},
     host::cgroup::CgroupNames,
@@ -795,6 +799,11 @@ pub fn health_report(delta: &Delta, snap: &Snapshot) -> HealthReport {
         if v != 0 {
             health.events.insert(h.name(), v);
         }
+    }
+    if snap.counted_after_prune != 0 {
+        health
+            .events
+            .insert(COUNTED_AFTER_PRUNE, snap.counted_after_prune);
     }
     if snap.early_names_dropped != 0 {
         health

@@ -10,7 +10,9 @@ use std::{
 };
 
 use anyhow::Context as _;
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, Queue};
+use aya::maps::{
+    Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, Queue,
+};
 use overkvm_common::{HEALTH_SLOTS, IoCounters, IoKey, IoStats, KeySlot, LAT_BUCKETS, Op, maps};
 
 use crate::{
@@ -157,6 +159,9 @@ pub struct Snapshot {
     /// New processes that could not be kept for naming since the previous snapshot (counted,
     /// not silent: such a process is named only if it lives until the next interval).
     pub early_names_dropped: u64,
+    /// Completions and flushes counted for exited processes in the instant their keys were
+    /// pruned, after their final values were read (see `Sampler::prune`): in no row, counted.
+    pub counted_after_prune: u64,
     pub health: [u64; HEALTH_SLOTS as usize],
     /// Entries and capacity of each counting map, by the name metrics and JSON show.
     pub fill: Vec<(&'static str, MapFill)>,
@@ -188,6 +193,7 @@ impl Snapshot {
             early_names: HashMap::new(),
             execed: Default::default(),
             early_names_dropped: 0,
+            counted_after_prune: 0,
             health: [0; HEALTH_SLOTS as usize],
             fill: Vec::new(),
             read_errors: 0,
@@ -277,13 +283,49 @@ pub fn flush_key(key: &IoKey) -> IoKey {
     }
 }
 
+/// What a snapshot saw of a slot: the counts that can still grow after its process exited
+/// (completions and flushes of requests it left in flight) and its requests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Seen {
+    ops: u64,
+    completions: u64,
+    flushes: u64,
+}
+
+impl Seen {
+    fn of(t: &SlotTotals) -> Seen {
+        Seen {
+            ops: t.requests.ops,
+            completions: t.latency.total(),
+            flushes: t.flushes,
+        }
+    }
+
+    /// Counts in `self` that `earlier` had not seen.
+    fn beyond(&self, earlier: &Seen) -> u64 {
+        self.ops.saturating_sub(earlier.ops)
+            + self.completions.saturating_sub(earlier.completions)
+            + self.flushes.saturating_sub(earlier.flushes)
+    }
+}
+
+/// A slot pruned last round, and what its key's final snapshot saw of it.
+struct Retiring {
+    index: u32,
+    seen: Seen,
+}
+
 /// Reads snapshots from the loaded programs.
 pub struct Sampler {
     programs: Programs,
-    /// `IO_STATS` slots of keys pruned last round, already reset to a new generation: handed
-    /// back to the kernel next round, so that requests still in flight when their key was
-    /// pruned have completed (and are counted lost by generation if not).
-    quarantine: Vec<u32>,
+    /// Slots of keys pruned last round: out of `IO_KEYS`, their generation moved on, so the
+    /// programs count nothing more into them. Read a last time, reset and handed back to the
+    /// kernel next round (a program that checked the old generation just before has long
+    /// finished by then).
+    retiring: Vec<Retiring>,
+    /// Counts that reached a slot between its final read and its new generation (see
+    /// `retire`), reported with the next snapshot.
+    counted_after_prune: std::cell::Cell<u64>,
     /// Map writes of pruning that failed since the last snapshot (a slot then stays out of
     /// circulation); the next snapshot reports them with its read errors.
     recycle_errors: std::cell::Cell<u64>,
@@ -317,7 +359,8 @@ impl Sampler {
         };
         Sampler {
             programs,
-            quarantine: Vec::new(),
+            retiring: Vec::new(),
+            counted_after_prune: std::cell::Cell::new(0),
             recycle_errors: std::cell::Cell::new(0),
             early,
         }
@@ -346,33 +389,37 @@ impl Sampler {
     /// host that starts many short-lived processes. Deltas stay right: a key missing from the
     /// next snapshot contributes nothing. Returns how many entries were deleted.
     ///
-    /// An entry whose value changed since `snap` is kept (a new process reusing the PID).
+    /// An entry whose value changed since `snap` is kept (a new process reusing the PID, or a
+    /// completion or flush of the dead one: the next snapshot reports it).
+    ///
+    /// A request key leaves in two steps. Now: out of `IO_KEYS`, and its slot's generation
+    /// moves on, so that nothing counts into the slot any more (completions still in flight
+    /// are counted lost by generation). Next round (`retire`): the slot is read a last time,
+    /// reset and handed back. What landed between the check against `snap` and the new
+    /// generation is counted (`counted_after_prune`), never silently dropped.
     pub fn prune(&mut self, snap: &Snapshot, alive: impl Fn(u32) -> bool) -> usize {
         let dead = |k: &IoKey| k.tgid != 0 && !alive(k.tgid);
         let mut deleted = 0;
-        self.recycle_quarantined();
-        let cpus = self.programs.cpus;
+        self.retire();
         let ebpf = self.programs.ebpf_mut();
         let mut freed = Vec::new();
         if let Some(stats) = ebpf.map(maps::IO_STATS)
             && let Ok(stats) = PerCpuArray::<&MapData, IoStats>::try_from(stats)
         {
-            // Keys whose slot still holds exactly what `snap` saw: nothing counted since.
-            let no_latency = RawLatency::default();
             for (key, seen) in snap.requests.iter().filter(|(k, _)| dead(k)) {
                 let Some(slot) = snap.slots.get(key) else {
                     continue;
                 };
-                let seen_lat = snap.latency.get(key).unwrap_or(&no_latency);
-                let seen_flushes = snap.flushes.get(key).copied().unwrap_or(0);
-                let unchanged = stats.get(&slot.index, 0).is_ok_and(|per_cpu| {
-                    let t = fold_stats(per_cpu.iter());
-                    t.requests.ops == seen.ops
-                        && t.latency.total() == seen_lat.total()
-                        && t.flushes == seen_flushes
-                });
+                let seen = Seen {
+                    ops: seen.ops,
+                    completions: snap.latency.get(key).map_or(0, RawLatency::total),
+                    flushes: snap.flushes.get(key).copied().unwrap_or(0),
+                };
+                let unchanged = stats
+                    .get(&slot.index, 0)
+                    .is_ok_and(|per_cpu| Seen::of(&fold_stats(per_cpu.iter())) == seen);
                 if unchanged {
-                    freed.push((*key, *slot));
+                    freed.push((*key, *slot, seen));
                 }
             }
         }
@@ -380,34 +427,33 @@ impl Sampler {
         if let Some(keys) = ebpf.map_mut(maps::IO_KEYS)
             && let Ok(mut keys) = BpfHashMap::<&mut MapData, IoKey, KeySlot>::try_from(keys)
         {
-            for (key, slot) in freed {
+            for (key, slot, seen) in freed {
                 if keys.remove(&key).is_ok() {
                     deleted += 1;
-                    removed.push(slot);
+                    removed.push((slot, seen));
                 }
             }
         }
-        // A new generation at once: the kernel's per-CPU key caches may still name the slot,
-        // and must stop counting into it now.
-        if let Some(stats) = ebpf.map_mut(maps::IO_STATS)
-            && let Ok(mut stats) = PerCpuArray::<&mut MapData, IoStats>::try_from(stats)
+        // A new generation at once: the kernel's per-CPU key caches, in-flight entries and
+        // flush owners may still name the slot, and must stop counting into it now.
+        if let Some(generations) = ebpf.map_mut(maps::SLOT_GENERATIONS)
+            && let Ok(mut generations) = Array::<&mut MapData, u32>::try_from(generations)
         {
-            for slot in removed {
-                let fresh = IoStats {
-                    generation: slot.generation.wrapping_add(1),
-                    ..IoStats::default()
-                };
-                let values = PerCpuValues::try_from(vec![fresh; cpus]);
-                match values.map(|v| stats.set(slot.index, v, 0)) {
-                    Ok(Ok(())) => self.quarantine.push(slot.index),
-                    // Left out of circulation rather than handed out with stale counts.
-                    _ => self.recycle_errors.set(self.recycle_errors.get() + 1),
+            for (slot, seen) in removed {
+                match generations.set(slot.index, slot.generation.wrapping_add(1), 0) {
+                    Ok(()) => self.retiring.push(Retiring {
+                        index: slot.index,
+                        seen,
+                    }),
+                    // Left out of circulation rather than handed out while still counted into.
+                    Err(_) => self.recycle_errors.set(self.recycle_errors.get() + 1),
                 }
             }
         }
         if let Some(map) = ebpf.map_mut(maps::BIO_STATS)
             && let Ok(mut table) = PerCpuHashMap::<&mut MapData, IoKey, IoCounters>::try_from(map)
         {
+            // Bios are counted only in their submitter's context: a dead process adds none.
             for (key, seen) in snap.bios.iter().filter(|(k, _)| dead(k)) {
                 let unchanged = table
                     .get(key, 0)
@@ -420,16 +466,37 @@ impl Sampler {
         deleted
     }
 
-    /// Hands the slots pruned last round (already reset) back to the kernel's free queue.
-    fn recycle_quarantined(&mut self) {
-        if self.quarantine.is_empty() {
+    /// Second step of pruning: the slots pruned last round are read a last time (what landed
+    /// after their final snapshot is counted), reset, and handed back to the kernel's free
+    /// queue.
+    fn retire(&mut self) {
+        if self.retiring.is_empty() {
             return;
         }
+        let cpus = self.programs.cpus;
         let ebpf = self.programs.ebpf_mut();
+        let mut reset = Vec::new();
+        if let Some(stats) = ebpf.map_mut(maps::IO_STATS)
+            && let Ok(mut stats) = PerCpuArray::<&mut MapData, IoStats>::try_from(stats)
+        {
+            for r in self.retiring.drain(..) {
+                if let Ok(per_cpu) = stats.get(&r.index, 0) {
+                    let late = Seen::of(&fold_stats(per_cpu.iter())).beyond(&r.seen);
+                    self.counted_after_prune
+                        .set(self.counted_after_prune.get() + late);
+                }
+                let values = PerCpuValues::try_from(vec![IoStats::default(); cpus]);
+                match values.map(|v| stats.set(r.index, v, 0)) {
+                    Ok(Ok(())) => reset.push(r.index),
+                    // Left out of circulation rather than handed out with stale counts.
+                    _ => self.recycle_errors.set(self.recycle_errors.get() + 1),
+                }
+            }
+        }
         if let Some(free) = ebpf.map_mut(maps::FREE_SLOTS)
             && let Ok(mut free) = Queue::<&mut MapData, u32>::try_from(free)
         {
-            for index in self.quarantine.drain(..) {
+            for index in reset {
                 if free.push(index, 0).is_err() {
                     self.recycle_errors.set(self.recycle_errors.get() + 1);
                 }
@@ -537,6 +604,7 @@ impl Sampler {
             }
         }
         snap.read_errors = read_errors + self.recycle_errors.take();
+        snap.counted_after_prune = self.counted_after_prune.take();
         if let Some(early) = &self.early {
             let named = early.take();
             snap.early_names = named.idents;

@@ -73,6 +73,7 @@ pub fn kernel_layout(btf: &Btf) -> anyhow::Result<LayoutReport> {
     layout.bio_opf = offset(btf, "bio", "bi_opf")?;
     layout.bio_bdev = offset(btf, "bio", "bi_bdev")?;
     layout.bio_size = offset(btf, "bio", "bi_iter.bi_size")?;
+    layout.bio_next = offset(btf, "bio", "bi_next")?;
     layout.bdev_dev = offset(btf, "block_device", "bd_dev")?;
     // Optional: without them bios are counted on every device.
     match (
@@ -412,6 +413,7 @@ mod tests {
             l.bio_opf,
             l.bio_bdev,
             l.bio_size,
+            l.bio_next,
             l.bdev_dev,
             l.rq_q,
             l.rq_mq_hctx,

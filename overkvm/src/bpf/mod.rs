@@ -238,7 +238,12 @@ impl Programs {
         } else {
             1
         };
-        for map in [maps::IO_KEYS, maps::IO_STATS, maps::FREE_SLOTS] {
+        for map in [
+            maps::IO_KEYS,
+            maps::IO_STATS,
+            maps::FREE_SLOTS,
+            maps::SLOT_GENERATIONS,
+        ] {
             loader.map_max_entries(map, io_stats_capacity);
         }
         loader.map_max_entries(maps::BIO_STATS, bio_stats_capacity);

@@ -275,6 +275,14 @@ pub const EXEC_NAMING_EXPIRED: Metric = Metric {
     help: "Rows of a process caught inside exec (empty command line) held for their name and released unnamed after 4 intervals.",
 };
 
+pub const COUNTED_AFTER_PRUNE: Metric = Metric {
+    name: "counted_after_prune",
+    kind: Kind::Counter,
+    unit: None,
+    labels: &[],
+    help: "Completions and flushes of exited processes counted in the instant their keys were pruned, after their final values were read: in no row.",
+};
+
 pub const SAMPLE_DURATION: Metric = Metric {
     name: "sample_duration",
     kind: Kind::Gauge,
@@ -513,6 +521,7 @@ pub const ALL: &[Metric] = &[
     KERNEL_EVENTS,
     MAP_READ_ERRORS,
     EXEC_NAMING_EXPIRED,
+    COUNTED_AFTER_PRUNE,
     SAMPLE_DURATION,
     RENDER_DURATION,
     TICKS,

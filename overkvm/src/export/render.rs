@@ -451,6 +451,9 @@ fn encode_self_families(t: &Totals, enc: &mut DescriptorEncoder) -> fmt::Result 
     if let Some(mut m) = family(enc, &names::EXEC_NAMING_EXPIRED, true)? {
         m.encode_counter::<NoLabelSet, _, f64>(&s.exec_naming_expired, None)?;
     }
+    if let Some(mut m) = family(enc, &names::COUNTED_AFTER_PRUNE, true)? {
+        m.encode_counter::<NoLabelSet, _, f64>(&s.counted_after_prune, None)?;
+    }
     if let Some(mut m) = family(enc, &names::SAMPLE_DURATION, s.ticks > 0)? {
         m.encode_gauge(&s.sample_seconds)?;
     }

@@ -213,6 +213,7 @@ pub struct SelfStats {
     pub read_errors: u64,
     /// Rows of a process inside exec released unnamed (`report::held`).
     pub exec_naming_expired: u64,
+    pub counted_after_prune: u64,
     pub sample_seconds: f64,
     pub render_seconds: f64,
     pub throttle: Option<ThrottleView>,
@@ -329,6 +330,12 @@ impl Totals {
             .health
             .events
             .get(crate::report::EXEC_NAMING_EXPIRED)
+            .copied()
+            .unwrap_or(0);
+        self.stats.counted_after_prune += report
+            .health
+            .events
+            .get(crate::report::COUNTED_AFTER_PRUNE)
             .copied()
             .unwrap_or(0);
         self.stats.programs.clone_from(&tick.programs);
