@@ -257,6 +257,11 @@ pub struct GuestSpec {
     /// A disk attached as virtio (`/dev/vda` in the guest) with `cache=none,aio=native`:
     /// qcow2, or raw when the file name ends in `.img` or `.raw`.
     pub disk: Option<PathBuf>,
+    /// Instead of `disk`: a whole qemu `-drive` value for `/dev/vda` (a network disk such as
+    /// `file=nbd://127.0.0.1:PORT/export,format=raw,if=virtio`).
+    pub disk_drive: Option<String>,
+    /// More `-drive` values, after vda's (`/dev/vdb`, ...).
+    pub extra_drives: Vec<String>,
     /// Shell (busybox sh) run by /init once everything is set up; its exit status is the
     /// guest's [`GuestOutcome::status`].
     pub script: String,
@@ -274,6 +279,8 @@ impl Default for GuestSpec {
             name: "overkvm-guest".to_string(),
             uuid: random_uuid(),
             disk: None,
+            disk_drive: None,
+            extra_drives: Vec::new(),
             script: "true".to_string(),
             memory_mb: 256,
             files: Vec::new(),
@@ -456,7 +463,10 @@ fn overlay_initramfs(spec: &GuestSpec, base: &Base) -> Result<Vec<u8>> {
     let init = INIT_TEMPLATE
         .replace("@@MODULES@@", &base.modules.join(" "))
         .replace("@@ABSENT_MODULES@@", &base.absent.join(" "))
-        .replace("@@DISK@@", flag(spec.disk.is_some()))
+        .replace(
+            "@@DISK@@",
+            flag(spec.disk.is_some() || spec.disk_drive.is_some()),
+        )
         .replace("@@CGROUP2@@", flag(spec.cgroup2));
     let mut cpio = Cpio::new();
     cpio.file("init", 0o755, init.as_bytes());
@@ -656,6 +666,12 @@ impl Guest {
                     if raw { "raw" } else { "qcow2" }
                 ),
             ]);
+        }
+        if let Some(drive) = &spec.disk_drive {
+            cmd.args(["-drive", drive]);
+        }
+        for drive in &spec.extra_drives {
+            cmd.args(["-drive", drive]);
         }
         let log = File::create(&qemu_log)?;
         cmd.current_dir(&workdir)

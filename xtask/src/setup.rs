@@ -101,6 +101,8 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("rpm", "rpm"),
     ("systemd", "systemd-analyze"),
     ("man-db", "man"),
+    // tests/tests/netdisk.rs: an iSCSI target (userspace tgtd) for QEMU's libiscsi driver.
+    ("tgt", "tgtd"),
     // libvirt for tests/tests/libvirt.rs: the daemon with its qemu driver and virsh, nothing
     // they merely recommend (dnsmasq, firewall, storage backends...).
     ("libvirt-daemon", "libvirtd"),
