@@ -216,7 +216,31 @@ pub struct TopArgs {
     #[arg(long, value_name = "DURATION", default_value = "1m", value_parser = parse_duration, requires = "prometheus")]
     pub window: Duration,
     #[command(flatten)]
+    pub qemu: QemuArgs,
+    #[command(flatten)]
     pub hooks: HookArgs,
+}
+
+/// Where overkvm reads QEMU's own counters of VM disks that no host block device sees
+/// (network storage: rbd, iscsi, nbd, gluster, nfs, a file on an NFS mount).
+#[derive(Debug, Args)]
+pub struct QemuArgs {
+    /// A VM's QMP socket overkvm may use to read its network disks' counters (repeatable).
+    /// overkvm's own VMs are read without it; never name a monitor libvirt or Proxmox owns.
+    #[arg(long = "qmp", value_name = "SOCKET")]
+    pub qmp: Vec<PathBuf>,
+    /// Do not read QEMU's counters of overkvm's own VMs.
+    #[arg(long)]
+    pub no_qemu_counters: bool,
+}
+
+impl QemuArgs {
+    pub fn sources(&self) -> overkvm::qemu::counters::QemuSources {
+        overkvm::qemu::counters::QemuSources {
+            explicit: self.qmp.clone(),
+            own_vms: !self.no_qemu_counters,
+        }
+    }
 }
 
 impl HookArgs {
@@ -250,6 +274,7 @@ impl TopArgs {
             http_config: self.http_config.clone(),
             window: self.window,
             load: self.hooks.options(),
+            qemu: self.qemu.sources(),
         }
     }
 }
@@ -301,6 +326,8 @@ pub struct ServeArgs {
     #[arg(long)]
     pub bpf_stats: bool,
     #[command(flatten)]
+    pub qemu: QemuArgs,
+    #[command(flatten)]
     pub hooks: HookArgs,
 }
 
@@ -319,6 +346,7 @@ impl ServeArgs {
             max_vms: self.max_vms,
             bpf_stats: self.bpf_stats,
             load: self.hooks.options(),
+            qemu: self.qemu.sources(),
         }
     }
 }

@@ -12,6 +12,7 @@ use std::{sync::Arc, time::Instant};
 
 use crate::{
     bpf::Programs,
+    qemu::counters::{QemuCounters, SocketList},
     report::{ReportBuilder, pid_alive},
     sample::{Sampler, Snapshot, delta},
     tick::{ProgramStat, Tick},
@@ -25,6 +26,8 @@ pub struct Pipeline {
     mode: String,
     /// Recursion misses of all programs at the last tick.
     recursion_misses: u64,
+    /// QEMU's counters of VM disks no host block device sees, when enabled.
+    qemu: Option<QemuCounters>,
 }
 
 /// Health event: tracepoint runs the kernel skipped (see `bpf::RunStats::recursion_misses`).
@@ -42,7 +45,15 @@ impl Pipeline {
             prev,
             mode,
             recursion_misses: 0,
+            qemu: None,
         })
+    }
+
+    /// Also counts, from QEMU's own counters, the VM disks whose I/O no host block device
+    /// sees (network storage), from the monitors `sockets` lists
+    /// (`lifecycle::list::qemu_sockets`). Their rows carry `source: "qemu"`.
+    pub fn count_qemu_disks(&mut self, sockets: SocketList) {
+        self.qemu = Some(QemuCounters::new(sockets));
     }
 
     /// The loaded programs (hook mode, attached tracepoints, map capacities).
@@ -64,6 +75,11 @@ impl Pipeline {
         let mut report = self
             .builder
             .build(&delta(&self.prev, &cur), &self.mode, &cur);
+        if let Some(q) = &mut self.qemu {
+            // Never waits: what QEMU answered since the last tick (see `qemu::counters`).
+            let readings = q.tick();
+            self.builder.add_qemu_rows(&mut report, &readings);
+        }
         let programs: Vec<ProgramStat> = self
             .sampler
             .programs()

@@ -16,6 +16,9 @@ use overkvm_common::{Health, OP_COUNT, Op};
 use serde::Serialize;
 
 mod held;
+mod qemu_rows;
+
+pub use qemu_rows::QemuBaselines;
 
 /// Health event: rows of a process inside exec released unnamed (see `held`).
 pub use held::EXPIRED_EVENT as EXEC_NAMING_EXPIRED;
@@ -91,6 +94,20 @@ pub enum CountSource {
     Request,
     /// Bios (bio-based devices such as zram, md, dm), as io.max counts them.
     Bio,
+    /// QEMU's own counters of a VM disk that no host block device sees (network storage):
+    /// the guest's requests (`query-blockstats`, `virsh domstats --block`).
+    Qemu,
+}
+
+impl CountSource {
+    /// The name JSON and metrics use.
+    pub fn name(self) -> &'static str {
+        match self {
+            CountSource::Request => "request",
+            CountSource::Bio => "bio",
+            CountSource::Qemu => "qemu",
+        }
+    }
 }
 
 /// The VM a row belongs to.
@@ -166,6 +183,10 @@ pub struct ProcessRow {
     /// Latency histograms of the interval by `Op` (for the exporter; not in JSON).
     #[serde(skip)]
     pub latency: Box<[Histogram; OP_COUNT]>,
+    /// For `source: "qemu"` rows, the storage the disk lands on, credentials stripped
+    /// (`nbd://host:port/export`, `rbd:pool/image`); `device` is then the guest's disk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
 }
 
 /// The cgroup that owns I/O on one device (the block controller's view: what io.max limits,
@@ -210,6 +231,10 @@ pub struct Report {
     /// The live self-check against `/proc/diskstats`, per disk with I/O since overkvm
     /// started (see `parity`): overkvm minus diskstats is 0 whenever the disk is idle.
     pub parity: Vec<DeviceParity>,
+    /// Per storage target (`nbd://host:port/export`, `rbd:pool/image`), what this host's
+    /// VMs did on it by QEMU's counters: the network disks' `devices` (busiest first).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub storage: Vec<DeviceRow>,
 }
 
 impl Report {
@@ -356,6 +381,8 @@ pub struct ReportBuilder {
     parity: ParityCheck,
     /// Rows of processes caught inside their exec, waiting to be named.
     held: held::HeldRows,
+    /// QEMU's counters of network disks at their last reading (see `qemu_rows`).
+    qemu: QemuBaselines,
 }
 
 /// A process's identity as last resolved, and for how many intervals it has been gone.
@@ -389,6 +416,7 @@ impl ReportBuilder {
             recent: HashMap::new(),
             parity: ParityCheck::new(),
             held: held::HeldRows::default(),
+            qemu: QemuBaselines::default(),
         }
     }
 
@@ -459,6 +487,27 @@ impl ReportBuilder {
                 h
             },
             parity,
+            storage: Vec::new(),
+        }
+    }
+
+    /// Adds the rows of VM disks QEMU counts (network storage, see `qemu::backing`) from
+    /// the readings that arrived in this interval, named like the kernel's rows.
+    pub fn add_qemu_rows(
+        &mut self,
+        report: &mut Report,
+        readings: &[crate::qemu::counters::QemuReading],
+    ) {
+        if readings.is_empty() && self.qemu.is_empty() {
+            return;
+        }
+        let mut qemu = std::mem::take(&mut self.qemu);
+        let rows = qemu.rows(readings, |pid| self.seen(pid), proc::alive);
+        self.qemu = qemu;
+        if !rows.is_empty() {
+            report.storage = qemu_rows::storage_rows(&rows);
+            report.processes.extend(rows);
+            report.processes.sort_by(row_order);
         }
     }
 
@@ -805,6 +854,7 @@ fn process_row(
         kernel_thread: tgid == 0 || ident.as_ref().is_some_and(|p| p.kernel_thread),
         kernel_submitted_ops: 0,
         latency: Box::default(),
+        target: None,
     }
 }
 
@@ -1078,6 +1128,7 @@ mod tests {
             kernel_thread: kernel,
             kernel_submitted_ops: 0,
             latency: Box::default(),
+            target: None,
         }
     }
 

@@ -50,6 +50,8 @@ pub struct ServeOptions {
     pub bpf_stats: bool,
     /// The kernel programs.
     pub load: LoadOptions,
+    /// Where QEMU's counters of network disks are read.
+    pub qemu: crate::qemu::counters::QemuSources,
 }
 
 /// Default address of `/metrics`: loopback only, port 9746.
@@ -167,6 +169,7 @@ async fn serve(
     };
 
     let mut pipeline = Pipeline::new(programs)?;
+    pipeline.count_qemu_disks(crate::lifecycle::list::qemu_sockets(&args.qemu));
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;

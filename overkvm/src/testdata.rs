@@ -36,6 +36,7 @@ pub fn process(comm: &str, pid: u32, device: &str, reads: u64, writes: u64) -> P
         kernel_thread: false,
         kernel_submitted_ops: 0,
         latency: Box::default(),
+        target: None,
     }
 }
 
@@ -84,6 +85,7 @@ pub fn report_with(processes: Vec<ProcessRow>) -> Report {
         cgroups: Vec::new(),
         health: HealthReport::default(),
         parity: Vec::new(),
+        storage: Vec::new(),
     }
 }
 

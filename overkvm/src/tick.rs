@@ -99,6 +99,48 @@ pub struct ThrottleView {
     /// QEMU's own limits on the VMs' disks (only VMs that have some), re-read every 30 s.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub qemu_limits: Vec<VmQemuLimits>,
+    /// Network storage this host's VMs used in the last interval, by QEMU's counters. No
+    /// budget covers it (budgets name host block devices).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub storage: Vec<StorageUse>,
+}
+
+/// What this host's VMs did on one network storage target in an interval.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct StorageUse {
+    /// `nbd://host:port/export`, `rbd:pool/image`, credentials stripped.
+    pub target: String,
+    pub read_iops: f64,
+    pub write_iops: f64,
+    /// The VMs whose disks are on it.
+    pub vms: Vec<String>,
+}
+
+impl StorageUse {
+    /// Per target of the report's QEMU-counted rows: rates over the interval and the VMs.
+    pub fn of(report: &Report) -> Vec<StorageUse> {
+        let secs = report.interval_s.max(1e-3);
+        report
+            .storage
+            .iter()
+            .map(|d| {
+                let mut vms: Vec<String> = report
+                    .processes
+                    .iter()
+                    .filter(|p| p.target.as_deref() == Some(d.device.as_str()))
+                    .filter_map(|p| p.vm.as_ref().map(|v| v.name.clone()))
+                    .collect();
+                vms.sort();
+                vms.dedup();
+                StorageUse {
+                    target: d.device.clone(),
+                    read_iops: d.counts.read_ops as f64 / secs,
+                    write_iops: d.counts.write_ops as f64 / secs,
+                    vms,
+                }
+            })
+            .collect()
+    }
 }
 
 /// One tick of the daemon.
@@ -175,6 +217,24 @@ mod tests {
         assert!((t.lateness_max_seconds - 0.25).abs() < 1e-9);
         assert!((t.duration_seconds - 0.005).abs() < 1e-9);
         assert!((t.duration_max_seconds - 0.020).abs() < 1e-9);
+    }
+
+    #[test]
+    fn storage_use_is_per_target_with_its_vms() {
+        let mut r = crate::testdata::report_with(vec![]);
+        r.interval_s = 2.0;
+        for (vm, disk, reads) in [("web01", "d0", 40), ("db02", "d1", 20)] {
+            let mut p = crate::testdata::vm_process(vm, 1, disk, reads, 10);
+            p.source = crate::report::CountSource::Qemu;
+            p.target = Some("rbd:pool/img".into());
+            r.processes.push(p);
+        }
+        r.storage = crate::report::QemuBaselines::storage_of(&r.processes);
+        let s = StorageUse::of(&r);
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].target, "rbd:pool/img");
+        assert_eq!((s[0].read_iops, s[0].write_iops), (30.0, 10.0));
+        assert_eq!(s[0].vms, ["db02", "web01"]);
     }
 
     #[test]

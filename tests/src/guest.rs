@@ -257,6 +257,11 @@ pub struct GuestSpec {
     /// A disk attached as virtio (`/dev/vda` in the guest) with `cache=none,aio=native`:
     /// qcow2, or raw when the file name ends in `.img` or `.raw`.
     pub disk: Option<PathBuf>,
+    /// Instead of `disk`: a whole qemu `-drive` value for `/dev/vda` (a network disk such as
+    /// `file=nbd://127.0.0.1:PORT/export,format=raw,if=virtio`).
+    pub disk_drive: Option<String>,
+    /// More `-drive` values, after vda's (`/dev/vdb`, ...).
+    pub extra_drives: Vec<String>,
     /// Shell (busybox sh) run by /init once everything is set up; its exit status is the
     /// guest's [`GuestOutcome::status`].
     pub script: String,
@@ -266,8 +271,6 @@ pub struct GuestSpec {
     pub files: Vec<(PathBuf, String)>,
     /// Mount cgroup2 at /sys/fs/cgroup and enable `+io +memory` in its subtree_control.
     pub cgroup2: bool,
-    /// More disks after [`GuestSpec::disk`] (`/dev/vdb`, `/dev/vdc`, ...), attached the same way.
-    pub extra_disks: Vec<PathBuf>,
     /// Boot a real system: once the script has mounted a root file system at `/newroot` and
     /// exited 0, /init moves /proc, /sys and /dev there and execs `switch_root /newroot
     /// /sbin/init` (systemd becomes PID 1). That system must print the
@@ -281,11 +284,12 @@ impl Default for GuestSpec {
             name: "overkvm-guest".to_string(),
             uuid: random_uuid(),
             disk: None,
+            disk_drive: None,
+            extra_drives: Vec::new(),
             script: "true".to_string(),
             memory_mb: 256,
             files: Vec::new(),
             cgroup2: false,
-            extra_disks: Vec::new(),
             switch_root: false,
         }
     }
@@ -465,7 +469,10 @@ fn overlay_initramfs(spec: &GuestSpec, base: &Base) -> Result<Vec<u8>> {
     let init = INIT_TEMPLATE
         .replace("@@MODULES@@", &base.modules.join(" "))
         .replace("@@ABSENT_MODULES@@", &base.absent.join(" "))
-        .replace("@@DISK@@", flag(spec.disk.is_some()))
+        .replace(
+            "@@DISK@@",
+            flag(spec.disk.is_some() || spec.disk_drive.is_some()),
+        )
         .replace("@@CGROUP2@@", flag(spec.cgroup2))
         .replace("@@SWITCH_ROOT@@", flag(spec.switch_root));
     let mut cpio = Cpio::new();
@@ -654,7 +661,7 @@ impl Guest {
         .args(["-pidfile", &pid_path.to_string_lossy()])
         .args(["-serial", &format!("file:{}", qemu_opt(&console_path))])
         .args(["-monitor", "none", "-nic", "none"]);
-        for disk in spec.disk.iter().chain(&spec.extra_disks) {
+        if let Some(disk) = &spec.disk {
             let disk =
                 fs::canonicalize(disk).with_context(|| format!("disk {}", disk.display()))?;
             let raw = disk.extension().is_some_and(|e| e == "img" || e == "raw");
@@ -666,6 +673,12 @@ impl Guest {
                     if raw { "raw" } else { "qcow2" }
                 ),
             ]);
+        }
+        if let Some(drive) = &spec.disk_drive {
+            cmd.args(["-drive", drive]);
+        }
+        for drive in &spec.extra_drives {
+            cmd.args(["-drive", drive]);
         }
         let log = File::create(&qemu_log)?;
         cmd.current_dir(&workdir)

@@ -95,7 +95,10 @@ fn packaged_unit_under_systemd_installs_throttles_stops_restarts_and_purges() {
     let spec = GuestSpec {
         name: "overkvm-systemd".into(),
         disk: Some(disk),
-        extra_disks: vec![data],
+        extra_drives: vec![format!(
+            "file={},if=virtio,cache=none,aio=native,format=raw",
+            data.display()
+        )],
         script: PREPARE_ROOT.into(),
         memory_mb: 1024,
         files,

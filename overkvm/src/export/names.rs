@@ -103,11 +103,17 @@ pub mod label {
     pub const REASON: &str = "reason";
     /// How an attempt ended: `success` or `failure`.
     pub const RESULT: &str = "result";
+    /// `qemu` on the series of a VM disk that overkvm counts from QEMU's own counters
+    /// (network storage no host block device sees); absent on eBPF-counted devices, whose
+    /// series keep the labels they always had.
+    pub const SOURCE: &str = "source";
+    /// Where a network disk's data lives, credentials stripped (`rbd:pool/image`).
+    pub const TARGET: &str = "target";
 }
 
 use label::*;
 
-const VM_DEV_OP: &[&str] = &[VM, DEVICE, OP];
+const VM_DEV_OP: &[&str] = &[VM, DEVICE, OP, SOURCE];
 
 pub const VM_IO_OPERATIONS: Metric = Metric {
     name: "vm_io_operations",
@@ -139,6 +145,14 @@ pub const VM_INFO: Metric = Metric {
     unit: None,
     labels: &[VM, UUID, MANAGER, PID, CGROUP, NAMESPACE],
     help: "A VM known to the exporter (1), with its UUID, manager, qemu PID and cgroup (and namespace on KubeVirt).",
+};
+
+pub const VM_DISK_INFO: Metric = Metric {
+    name: "vm_disk_info",
+    kind: Kind::Gauge,
+    unit: None,
+    labels: &[VM, DEVICE, SOURCE, TARGET],
+    help: "A VM disk counted from QEMU's own counters because no host block device sees its I/O (1), with its storage target.",
 };
 
 pub const DEVICE_IO_OPERATIONS: Metric = Metric {
@@ -491,6 +505,7 @@ pub const ALL: &[Metric] = &[
     VM_IO_BYTES,
     VM_IO_LATENCY,
     VM_INFO,
+    VM_DISK_INFO,
     DEVICE_IO_OPERATIONS,
     DEVICE_IO_BYTES,
     DEVICE_PARITY_DIFFERENCE,

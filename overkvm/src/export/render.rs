@@ -253,7 +253,7 @@ fn encode_vm_families(t: &Totals, shape: Shape, enc: &mut DescriptorEncoder) -> 
                     if c.ops == 0 {
                         continue;
                     }
-                    let l = [(VM, Lv(&vm.label)), (DEVICE, Lv(dev)), (OP, Lv(op.name()))];
+                    let l = vm_dev_op(&vm.label, dev, d, op);
                     counter(&mut m, &l, c.ops)?;
                 }
             }
@@ -267,7 +267,7 @@ fn encode_vm_families(t: &Totals, shape: Shape, enc: &mut DescriptorEncoder) -> 
                     if c.ops == 0 && c.bytes == 0 {
                         continue;
                     }
-                    let l = [(VM, Lv(&vm.label)), (DEVICE, Lv(dev)), (OP, Lv(op.name()))];
+                    let l = vm_dev_op(&vm.label, dev, d, op);
                     counter(&mut m, &l, c.bytes)?;
                 }
             }
@@ -281,7 +281,7 @@ fn encode_vm_families(t: &Totals, shape: Shape, enc: &mut DescriptorEncoder) -> 
                     if h.count() == 0 {
                         continue;
                     }
-                    let l = [(VM, Lv(&vm.label)), (DEVICE, Lv(dev)), (OP, Lv(op.name()))];
+                    let l = vm_dev_op(&vm.label, dev, d, op);
                     histogram(&mut m, &l, h, shape)?;
                 }
             }
@@ -307,7 +307,39 @@ fn encode_vm_families(t: &Totals, shape: Shape, enc: &mut DescriptorEncoder) -> 
             gauge(&mut m, &l, 1i64)?;
         }
     }
+    let has_disk_info = any_vm_device(&|d| d.qemu_target.is_some());
+    if let Some(mut m) = family(enc, &names::VM_DISK_INFO, has_disk_info)? {
+        for vm in &vms {
+            for (dev, d) in &vm.devices {
+                if let Some(target) = &d.qemu_target {
+                    let l = [
+                        (VM, Lv(&vm.label)),
+                        (DEVICE, Lv(dev)),
+                        (SOURCE, Lv("qemu")),
+                        (TARGET, Lv(target)),
+                    ];
+                    gauge(&mut m, &l, 1i64)?;
+                }
+            }
+        }
+    }
     Ok(())
+}
+
+/// The labels of a VM's series on one device and op: `source="qemu"` only where QEMU's
+/// counters are the account, so the series of eBPF-counted devices keep their labels.
+fn vm_dev_op<'a>(
+    vm: &'a str,
+    dev: &'a str,
+    d: &super::totals::VmDevice,
+    op: Op,
+) -> Vec<(&'static str, Lv<'a>)> {
+    use names::label::*;
+    let mut l = vec![(VM, Lv(vm)), (DEVICE, Lv(dev)), (OP, Lv(op.name()))];
+    if d.qemu_target.is_some() {
+        l.push((SOURCE, Lv("qemu")));
+    }
+    l
 }
 
 /// Per device, and per process name when per-process series are on.
@@ -706,6 +738,51 @@ mod tests {
         );
     }
 
+    /// A disk QEMU counts keeps the VM families and gets `source="qemu"` and one info series
+    /// with its target; an eBPF-counted device of the same VM keeps its labels.
+    #[test]
+    fn a_qemu_counted_disk_is_labelled_with_its_source_and_target() {
+        let procs = FakeProcs::default();
+        let mut t = Totals::new(retention());
+        let mut net = row(100, Some("web"), "drive-virtio-disk0", 7, 3);
+        net.source = crate::report::CountSource::Qemu;
+        net.major = 0;
+        net.target = Some("rbd:pool/image".into());
+        t.apply(
+            &tick(
+                Instant::now(),
+                vec![row(100, Some("web"), "vda", 10, 4), net],
+            ),
+            &procs,
+        );
+        let text = render_with(t, LatencyBuckets::Compact);
+        assert_eq!(
+            sample(
+                &text,
+                r#"overkvm_vm_io_operations_total{vm="web",device="drive-virtio-disk0",op="read",source="qemu"}"#
+            ),
+            Some("7".into()),
+            "{text}"
+        );
+        assert_eq!(
+            sample(
+                &text,
+                r#"overkvm_vm_io_operations_total{vm="web",device="vda",op="read"}"#
+            ),
+            Some("10".into()),
+            "{text}"
+        );
+        assert_eq!(
+            sample(
+                &text,
+                r#"overkvm_vm_disk_info{vm="web",device="drive-virtio-disk0",source="qemu",target="rbd:pool/image"}"#
+            ),
+            Some("1".into()),
+            "{text}"
+        );
+        assert_eq!(text.matches("overkvm_vm_disk_info{").count(), 1);
+    }
+
     #[test]
     fn full_buckets_keep_every_log2_bucket() {
         let procs = FakeProcs::default();
@@ -871,6 +948,7 @@ mod tests {
                     ..Default::default()
                 }],
             }],
+            storage: vec![],
         });
         t.apply(&tk, &procs);
         let text = render(t);

@@ -94,10 +94,15 @@ impl LatencyTotals {
 pub struct VmDevice {
     pub io: OpTotals,
     pub latency: [LatencyTotals; OP_COUNT],
+    /// Set for a disk QEMU counts (`source: "qemu"`): its storage target.
+    pub qemu_target: Option<String>,
 }
 
 impl VmDevice {
     fn add(&mut self, row: &ProcessRow) {
+        if row.source == crate::report::CountSource::Qemu {
+            self.qemu_target = row.target.clone();
+        }
         add_counts(&mut self.io, &row.counts);
         for (t, h) in self.latency.iter_mut().zip(row.latency.iter()) {
             t.add(h);
@@ -561,6 +566,7 @@ pub(crate) mod tests {
             kernel_thread: false,
             kernel_submitted_ops: 0,
             latency,
+            target: None,
         }
     }
 
@@ -601,6 +607,7 @@ pub(crate) mod tests {
                 cgroups: Vec::new(),
                 health: HealthReport::default(),
                 parity: Vec::new(),
+                storage: Vec::new(),
             }),
             health_total: [0; HEALTH_SLOTS as usize],
             maps: Vec::new(),

@@ -86,6 +86,24 @@ pub struct VmRow {
     /// status XML for its domains; None where they cannot be read without going behind a
     /// manager's back.
     pub qemu_limits: Option<Vec<DiskLimits>>,
+    /// Disks no host block device sees (network storage), whose I/O QEMU counts: the disk
+    /// and its storage target (overkvm's own VMs, read over their QMP socket).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub network_disks: Vec<NetworkDisk>,
+}
+
+/// A VM disk on network storage.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct NetworkDisk {
+    pub disk: String,
+    pub target: String,
+}
+
+/// Read and write operations QEMU counted on a VM's network disks, summed.
+fn network_ops(r: &crate::qemu::counters::QemuReading) -> (u64, u64) {
+    r.disks.iter().fold((0, 0), |(rd, wr), d| {
+        (rd + d.counters.rd_operations, wr + d.counters.wr_operations)
+    })
 }
 
 /// IOPS between two readings of a cgroup's counters, summed over devices.
@@ -170,6 +188,7 @@ fn foreign_rows(
                     }
                     _ => None,
                 },
+                network_disks: Vec::new(),
             };
             (row, own)
         })
@@ -181,6 +200,8 @@ fn foreign_rows(
 pub fn rows(vms: &[(VmDefinition, VmPaths)], limits: &[ActiveLimit], measure: bool) -> Vec<VmRow> {
     let mut rows = Vec::new();
     let mut cgroups: Vec<Option<VmCgroup>> = Vec::new();
+    // overkvm's running VMs' QMP sockets, by row: their network disks are read there.
+    let mut sockets: Vec<Option<std::path::PathBuf>> = Vec::new();
     let api = crate::host::cgroup::limits::Actuator::for_host().ok();
     for (def, paths) in vms {
         let found = state::inspect(def, paths);
@@ -216,7 +237,9 @@ pub fn rows(vms: &[(VmDefinition, VmPaths)], limits: &[ActiveLimit], measure: bo
                 .cloned()
                 .collect(),
             qemu_limits: record.and_then(|_| qemu_limits::of_own_vm(&paths.qmp_socket())),
+            network_disks: Vec::new(),
         });
+        sockets.push(record.map(|_| paths.qmp_socket()));
     }
     let guests = super::overcommit::guests(vms);
     let block_cgroup = |pid| {
@@ -234,7 +257,29 @@ pub fn rows(vms: &[(VmDefinition, VmPaths)], limits: &[ActiveLimit], measure: bo
         }));
         rows.push(row);
     }
-    if measure && cgroups.iter().any(Option::is_some) {
+    let net = |i: usize| {
+        sockets
+            .get(i)
+            .cloned()
+            .flatten()
+            .and_then(|s| crate::qemu::counters::read_once(&s).ok())
+            .filter(|r| !r.disks.is_empty())
+    };
+    let net_before: Vec<_> = (0..rows.len()).map(net).collect();
+    for (row, r) in rows.iter_mut().zip(&net_before) {
+        if let Some(r) = r {
+            row.network_disks = r
+                .disks
+                .iter()
+                .map(|d| NetworkDisk {
+                    disk: d.disk.clone(),
+                    target: d.target.clone(),
+                })
+                .collect();
+        }
+    }
+    let measure_net = net_before.iter().any(Option::is_some);
+    if measure && (cgroups.iter().any(Option::is_some) || measure_net) {
         let before: Vec<_> = cgroups
             .iter()
             .map(|c| c.as_ref().and_then(|c| c.io_ops().ok()))
@@ -248,6 +293,21 @@ pub fn rows(vms: &[(VmDefinition, VmPaths)], limits: &[ActiveLimit], measure: bo
             {
                 rows[i].iops = Some(iops_between(b, &a, secs));
             }
+        }
+        // Network disks' I/O passes no cgroup's block counters: QEMU's counts are added.
+        for (i, b) in net_before.iter().enumerate() {
+            let (Some(b), Some(a)) = (b, net(i)) else {
+                continue;
+            };
+            let ((rb, wb), (ra, wa)) = (network_ops(b), network_ops(&a));
+            let (r, w) = (
+                ra.saturating_sub(rb) as f64 / secs,
+                wa.saturating_sub(wb) as f64 / secs,
+            );
+            let iops = rows[i].iops.get_or_insert_with(Iops::default);
+            iops.read += r;
+            iops.write += w;
+            iops.total += r + w;
         }
     }
     rows
@@ -287,6 +347,15 @@ pub fn write_table(rows: &[VmRow], out: &mut impl std::io::Write) -> std::io::Re
                 sanitize(&limits.join(", "))
             }
         )?;
+        // Network disks under their VM: IOPS above include them (QEMU's counts).
+        for d in &r.network_disks {
+            writeln!(
+                out,
+                "  └ {} on {} (network storage, counted by QEMU)",
+                sanitize(&d.disk),
+                sanitize(&d.target)
+            )?;
+        }
     }
     Ok(())
 }
@@ -332,6 +401,34 @@ pub fn running(vms: &[(VmDefinition, VmPaths)]) -> Vec<(String, u32)> {
             (f.state == VmState::Running).then(|| (d.name.clone(), f.pid.unwrap_or(0)))
         })
         .collect()
+}
+
+/// The QMP sockets whose VMs' network disks overkvm reads QEMU's counters of: the operator's
+/// explicit ones and, unless turned off, those of overkvm's own running VMs (re-listed on
+/// each call, so a VM started later is found).
+pub fn qemu_sockets(
+    sources: &crate::qemu::counters::QemuSources,
+) -> crate::qemu::counters::SocketList {
+    let explicit = sources.explicit.clone();
+    let state_dir = sources
+        .own_vms
+        .then(|| super::state_dir(None).ok())
+        .flatten();
+    Box::new(move || {
+        let mut out = explicit.clone();
+        if let Some(dir) = &state_dir
+            && let Ok((vms, _)) = super::load_all(dir)
+        {
+            let running: std::collections::HashSet<String> =
+                running(&vms).into_iter().map(|(name, _)| name).collect();
+            out.extend(
+                vms.iter()
+                    .filter(|(d, _)| running.contains(&d.name))
+                    .map(|(_, p)| p.qmp_socket()),
+            );
+        }
+        out
+    })
 }
 
 #[cfg(test)]
@@ -417,6 +514,10 @@ mod tests {
                 iops: Some(500),
                 ..DiskLimits::default()
             }]),
+            network_disks: vec![NetworkDisk {
+                disk: "drive-virtio-disk1".into(),
+                target: "rbd:pool/img\u{1b}[2J".into(),
+            }],
         };
         let mut out = Vec::new();
         write_table(std::slice::from_ref(&row), &mut out).unwrap();
@@ -424,6 +525,10 @@ mod tests {
         assert!(text.contains("crashed"), "{text}");
         assert!(text.contains("loop0 r=200 w=max iops"), "{text}");
         assert!(text.contains("qemu vda iops=500"), "{text}");
+        assert!(
+            text.contains("└ drive-virtio-disk1 on rbd:pool/img\\x1b[2J (network storage"),
+            "{text}"
+        );
         // The same limit held by QEMU says so (and on which disks).
         let mut held = row.clone();
         held.limits[0].qemu_disks = Some(vec!["vda".into(), "vdb".into()]);

@@ -211,6 +211,11 @@ impl Qmp {
         }
     }
 
+    /// The connection's socket (for `SO_PEERCRED`: which process serves the monitor).
+    pub fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.writer)
+    }
+
     /// `query-status`: the run state (`running`, `paused`, `shutdown`, ...).
     pub fn status(&mut self) -> Result<String, QmpError> {
         let v = self.execute("query-status", None)?;

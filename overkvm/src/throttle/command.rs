@@ -84,6 +84,16 @@ pub fn status(config: Option<&Path>, json: bool) -> anyhow::Result<()> {
                     println!("qemu   vm {:<20} {}", sanitize(&q.vm), sanitize(&d.text()));
                 }
             }
+            // Network storage: counted by QEMU, outside every device budget.
+            for s in &v.storage {
+                println!(
+                    "storage {:<40} R {:>8.0} IOPS  W {:>8.0} IOPS  VMs {}  (network, no budget)",
+                    sanitize(&s.target),
+                    s.read_iops,
+                    s.write_iops,
+                    sanitize(&s.vms.join(", "))
+                );
+            }
             for p in &v.problems {
                 println!("problem: {}", sanitize(p));
             }

@@ -487,7 +487,8 @@ impl ThrottleService {
             self.step_device(i, report, secs);
         }
         self.throttled_seconds += secs * self.applied.len() as f64;
-        let view = self.view();
+        let mut view = self.view();
+        view.storage = crate::tick::StorageUse::of(report);
         if !self.dry_run
             && let Ok(json) = serde_json::to_vec(&view)
         {
@@ -517,7 +518,11 @@ impl ThrottleService {
         } = aggregate::device_use(
             report,
             secs,
-            |row| table.get(make_dev(row.major, row.minor)).disk_dev == disk,
+            // A disk QEMU counts (network storage) is on no host device: never in a budget.
+            |row| {
+                row.source != crate::report::CountSource::Qemu
+                    && table.get(make_dev(row.major, row.minor)).disk_dev == disk
+            },
             |pid| crate::host::proc::block_cgroup(pid, api?),
         );
         self.count_host_cached(disk, &mut vms, &mut bg_iops, &mut bg_bps, flusher);
@@ -1025,6 +1030,8 @@ impl ThrottleService {
                 .into_iter()
                 .map(|(vm, disks)| crate::tick::VmQemuLimits { vm, disks })
                 .collect(),
+            // Filled from the interval's report in `on_tick`.
+            storage: Vec::new(),
         }
     }
 

@@ -71,11 +71,30 @@ pub fn write_table(out: &mut impl Write, r: &Report) -> io::Result<()> {
             stats::rate(d.counts.write_ops, iv),
             mb(d.counts.read_bytes, secs),
             mb(d.counts.write_bytes, secs),
-            match d.source {
-                crate::report::CountSource::Request => "request",
-                crate::report::CountSource::Bio => "bio",
-            }
+            d.source.name()
         )?;
+    }
+    if !r.storage.is_empty() {
+        writeln!(out)?;
+        writeln!(
+            out,
+            "{:<40} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8}  COUNTS",
+            "STORAGE", "IO/s", "R/s", "W/s", "F/s", "RMB/s", "WMB/s"
+        )?;
+        for d in &r.storage {
+            writeln!(
+                out,
+                "{:<40} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>8.1} {:>8.1}  {}",
+                fit(&sanitize(&d.device), 40),
+                stats::rate(d.counts.total_ops(), iv),
+                stats::rate(d.counts.read_ops, iv),
+                stats::rate(d.counts.write_ops, iv),
+                stats::rate(d.counts.flush_ops, iv),
+                mb(d.counts.read_bytes, secs),
+                mb(d.counts.write_bytes, secs),
+                d.source.name()
+            )?;
+        }
     }
     writeln!(out)?;
     writeln!(
@@ -102,7 +121,11 @@ pub fn write_table(out: &mut impl Write, r: &Report) -> io::Result<()> {
             mb(p.counts.write_bytes, secs),
             opt(p.lat_avg_us),
             opt(p.lat_p99_us),
-            fit(&sanitize(&p.cgroup), 60),
+            // A disk QEMU counts has no cgroup of its own on the host: where it lands instead.
+            match &p.target {
+                Some(t) => fit(&format!("qemu {}", sanitize(t)), 60),
+                None => fit(&sanitize(&p.cgroup), 60),
+            },
         )?;
     }
     writeln!(out)

@@ -69,6 +69,8 @@ pub struct TopOptions {
     pub http_config: Option<std::path::PathBuf>,
     /// The kernel programs (local view).
     pub load: LoadOptions,
+    /// Where QEMU's counters of network disks are read (local view).
+    pub qemu: crate::qemu::counters::QemuSources,
 }
 
 /// Runs `top`: the interactive view when stdout is a terminal, else (or with -b or --json)
@@ -95,6 +97,7 @@ fn run_batch(args: &TopOptions, opts: &LoadOptions) -> anyhow::Result<()> {
         log::warn!("{note}");
     }
     let mut pipeline = Pipeline::new(programs)?;
+    pipeline.count_qemu_disks(crate::lifecycle::list::qemu_sockets(&args.qemu));
     let mut done = 0u64;
     let stdout = std::io::stdout();
     loop {
@@ -167,6 +170,7 @@ fn run_interactive(args: &TopOptions, opts: LoadOptions) -> anyhow::Result<()> {
     let (events_tx, events) = mpsc::channel();
     let (control, control_rx) = mpsc::channel();
     let delay = args.delay;
+    let qemu = args.qemu.clone();
     let sampler_events = events_tx.clone();
     // Dropped when the sampler thread ends, whichever way.
     let (sampler_alive, sampler_ended) = mpsc::channel::<()>();
@@ -177,7 +181,7 @@ fn run_interactive(args: &TopOptions, opts: LoadOptions) -> anyhow::Result<()> {
             // The panic hook has restored the terminal and printed the message; the view
             // still has to learn that no more reports will come.
             let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                sample_loop(&opts, delay, &sampler_events, &control_rx)
+                sample_loop(&opts, &qemu, delay, &sampler_events, &control_rx)
             }));
             let failed = match ran {
                 Ok(Ok(())) => return,
@@ -268,6 +272,7 @@ const SAMPLER_GRACE: Duration = Duration::from_secs(1);
 /// Samples every `delay` until the view goes away, sending a report per interval.
 fn sample_loop(
     opts: &LoadOptions,
+    qemu: &crate::qemu::counters::QemuSources,
     mut delay: Duration,
     events: &Sender<ViewEvent>,
     control: &Receiver<SamplerControl>,
@@ -280,6 +285,7 @@ fn sample_loop(
         return Ok(());
     }
     let mut pipeline = Pipeline::new(programs)?;
+    pipeline.count_qemu_disks(crate::lifecycle::list::qemu_sockets(qemu));
     let mut taken = Instant::now();
     let mut paused = false;
     loop {

@@ -170,13 +170,23 @@ fn group(
     };
     let row = |parts: &[&ProcessRow], sources: Vec<usize>, kind: RowKind| {
         let mut counts = OpCounts::default();
+        // Keyed by name too: every disk QEMU counts (`source: "qemu"`) has no device number.
         let mut devs = BTreeMap::new();
         for p in parts {
             counts.merge(&p.counts);
-            devs.insert((p.major, p.minor), p.device.as_str());
+            // A network disk's storage is shared with other hosts this view cannot see: its
+            // share is of what this host does on it, the disk's own ops.
+            let ops_on_it = match p.source {
+                crate::report::CountSource::Qemu => p.counts.total_ops(),
+                _ => device_ops.get(&(p.major, p.minor)).copied().unwrap_or(0),
+            };
+            devs.insert(
+                (p.major, p.minor, p.device.as_str()),
+                (p.device.as_str(), ops_on_it),
+            );
         }
         let (lat_avg_us, lat_p99_us) = merged_latency(parts);
-        let mut raw_devices: Vec<&str> = devs.values().copied().collect();
+        let mut raw_devices: Vec<&str> = devs.values().map(|(name, _)| *name).collect();
         raw_devices.sort_unstable();
         TopRow {
             key: key.clone(),
@@ -188,10 +198,7 @@ fn group(
             pid: first.pid,
             devices: raw_devices.iter().map(|d| sanitize(d)).collect(),
             counts,
-            device_ops: devs
-                .keys()
-                .map(|k| device_ops.get(k).copied().unwrap_or(0))
-                .sum(),
+            device_ops: devs.values().map(|(_, ops)| ops).sum(),
             interval_s,
             lat_avg_us,
             lat_p99_us,
@@ -387,6 +394,26 @@ mod tests {
         tick::BudgetUse,
         top::testdata::{process, report_with, vm_process},
     };
+
+    /// Disks QEMU counts have no device number: two of them stay two devices, and their
+    /// share is of their own ops (their storage's other users are on other hosts).
+    #[test]
+    fn network_disks_of_a_vm_stay_apart() {
+        let mut r = crate::testdata::report_with(vec![]);
+        for (disk, reads) in [("nbd0", 30), ("rbd1", 10)] {
+            let mut p = crate::testdata::vm_process("web01", 4242, disk, reads, 0);
+            p.source = crate::report::CountSource::Qemu;
+            p.major = 0;
+            p.minor = 0;
+            p.target = Some(format!("nbd://h/{disk}"));
+            r.processes.push(p);
+        }
+        let g = groups(&r, None);
+        assert_eq!(g.len(), 1);
+        assert_eq!(g[0].merged.devices, ["nbd0", "rbd1"]);
+        assert_eq!(g[0].merged.iops_share(), Some(100.0));
+        assert_eq!(g[0].per_device.len(), 2);
+    }
 
     #[test]
     fn rates_and_shares() {

@@ -120,7 +120,11 @@ fn local_header_lines(app: &App, area: Rect) -> Vec<Line<'static>> {
             Style::new().fg(Color::DarkGray),
         ));
     }
-    if devices.is_empty() {
+    // Network storage QEMU counts for the VMs: the target, and the same figures.
+    for d in report.storage.iter().take(MAX_DEVICE_LINES) {
+        lines.push(storage_line(d, report));
+    }
+    if devices.is_empty() && report.storage.is_empty() {
         lines.push(Line::styled(
             "no block I/O in this interval",
             Style::new().fg(Color::DarkGray),
@@ -235,6 +239,27 @@ fn device_line(d: &DeviceRow, report: &Report, app: &App) -> Line<'static> {
         Style::new().fg(Color::DarkGray),
     ));
     Line::from(spans)
+}
+
+/// One storage target's line: what this host's VMs did on it, by QEMU's counters.
+fn storage_line(d: &DeviceRow, report: &Report) -> Line<'static> {
+    let secs = report.interval_s;
+    let c = &d.counts;
+    Line::from(vec![
+        Span::styled(
+            format!("{:<28}", fit(&sanitize(&d.device), 28)),
+            Style::new().add_modifier(Modifier::BOLD),
+        ),
+        Span::raw(format!(
+            " R {:>7}/s {:>6} MB/s   W {:>7}/s {:>6} MB/s   F {:>6}/s   ",
+            fmt_rate(per_second(c.read_ops, secs)),
+            fmt_mbs(mb_per_second(c.read_bytes, secs)),
+            fmt_rate(per_second(c.write_ops, secs)),
+            fmt_mbs(mb_per_second(c.write_bytes, secs)),
+            fmt_rate(per_second(c.flush_ops, secs)),
+        )),
+        Span::styled("network storage (QEMU)", Style::new().fg(Color::DarkGray)),
+    ])
 }
 
 /// A warning when overkvm's device totals and `/proc/diskstats` disagree on an idle disk
