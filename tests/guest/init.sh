@@ -2,7 +2,8 @@
 # /init of the overkvm test guests (busybox sh, PID 1).
 # Template: tests/src/guest.rs replaces the @@...@@ fields before packing it into the initramfs.
 # The test's script runs last; its exit status is reported on the console as
-# "OVERKVM-GUEST-EXIT <status>", then the guest powers off (qemu exits).
+# "OVERKVM-GUEST-EXIT <status>", then the guest powers off (qemu exits); or, when the guest
+# boots a real system (GuestSpec::switch_root), /init becomes that system's init.
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root
 umask 022
@@ -43,6 +44,16 @@ echo "OVERKVM-GUEST-START uptime=$up"
 cd /
 sh /overkvm/script.sh
 status=$?
+if [ "@@SWITCH_ROOT@@" = 1 ] && [ "$status" = 0 ]; then
+    # The script mounted a root file system at /newroot: hand the machine to its init
+    # (systemd), which finds /proc, /sys and /dev already mounted.
+    for m in /dev /proc /sys; do
+        mount --move "$m" "/newroot$m" || echo "overkvm-init: moving $m to /newroot failed"
+    done
+    exec switch_root /newroot /sbin/init
+    echo "overkvm-init: switch_root failed"
+    status=125
+fi
 echo "OVERKVM-GUEST-EXIT $status"
 # The serial port sends what the tty queued from interrupts; give it a moment so the marker
 # is not cut off by the power-off.

@@ -271,6 +271,11 @@ pub struct GuestSpec {
     pub files: Vec<(PathBuf, String)>,
     /// Mount cgroup2 at /sys/fs/cgroup and enable `+io +memory` in its subtree_control.
     pub cgroup2: bool,
+    /// Boot a real system: once the script has mounted a root file system at `/newroot` and
+    /// exited 0, /init moves /proc, /sys and /dev there and execs `switch_root /newroot
+    /// /sbin/init` (systemd becomes PID 1). That system must print the
+    /// `OVERKVM-GUEST-EXIT <status>` line itself and power off.
+    pub switch_root: bool,
 }
 
 impl Default for GuestSpec {
@@ -285,6 +290,7 @@ impl Default for GuestSpec {
             memory_mb: 256,
             files: Vec::new(),
             cgroup2: false,
+            switch_root: false,
         }
     }
 }
@@ -467,7 +473,8 @@ fn overlay_initramfs(spec: &GuestSpec, base: &Base) -> Result<Vec<u8>> {
             "@@DISK@@",
             flag(spec.disk.is_some() || spec.disk_drive.is_some()),
         )
-        .replace("@@CGROUP2@@", flag(spec.cgroup2));
+        .replace("@@CGROUP2@@", flag(spec.cgroup2))
+        .replace("@@SWITCH_ROOT@@", flag(spec.switch_root));
     let mut cpio = Cpio::new();
     cpio.file("init", 0o755, init.as_bytes());
     cpio.dir("overkvm", 0o755);
@@ -972,7 +979,7 @@ impl TempDir {
     }
 }
 
-struct RemoveOnDrop(PathBuf);
+pub(crate) struct RemoveOnDrop(pub(crate) PathBuf);
 
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
@@ -981,12 +988,12 @@ impl Drop for RemoveOnDrop {
 }
 
 /// An exclusive flock held until drop.
-struct FileLock {
+pub(crate) struct FileLock {
     _file: File,
 }
 
 impl FileLock {
-    fn exclusive(path: &Path) -> Result<FileLock> {
+    pub(crate) fn exclusive(path: &Path) -> Result<FileLock> {
         let file = OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -1002,7 +1009,7 @@ impl FileLock {
     }
 }
 
-fn run(cmd: &mut Command) -> Result<String> {
+pub(crate) fn run(cmd: &mut Command) -> Result<String> {
     let out = cmd
         .stdin(Stdio::null())
         .output()
@@ -1018,7 +1025,7 @@ fn run(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension(format!("tmp-{}-{}", std::process::id(), unique()));
     fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
     fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
@@ -1029,7 +1036,7 @@ fn qemu_opt(path: &Path) -> String {
     path.to_string_lossy().replace(',', ",,")
 }
 
-fn find_in_path(tool: &str) -> Option<PathBuf> {
+pub(crate) fn find_in_path(tool: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .map(|dir| dir.join(tool))
@@ -1071,7 +1078,7 @@ fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-fn unique() -> String {
+pub(crate) fn unique() -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -1087,20 +1094,20 @@ fn random_uuid() -> String {
 }
 
 /// FNV-1a, 64 bit: a content hash for cache file names.
-struct Fnv(u64);
+pub(crate) struct Fnv(u64);
 
 impl Fnv {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Fnv(0xcbf2_9ce4_8422_2325)
     }
 
-    fn write(&mut self, bytes: &[u8]) {
+    pub(crate) fn write(&mut self, bytes: &[u8]) {
         for &b in (bytes.len() as u64).to_le_bytes().iter().chain(bytes) {
             self.0 = (self.0 ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
         }
     }
 
-    fn finish(&self) -> u64 {
+    pub(crate) fn finish(&self) -> u64 {
         self.0
     }
 }

@@ -14,6 +14,7 @@ use std::{
 };
 
 use overkvm_tests::{
+    packages::{Packages, build_packages},
     serving::TempDir,
     skip_unless_kernel,
     throttling::{Daemon, V1Scenario, any_limit, greedy_vm, wait_until},
@@ -26,12 +27,6 @@ fn workspace() -> PathBuf {
         .to_path_buf()
 }
 
-/// The packages of one `cargo xtask package` run.
-struct Packages {
-    deb: PathBuf,
-    rpm: PathBuf,
-}
-
 /// The packages of revision 1 and 2, each built once per run of this file (its tests run one
 /// after another in one process).
 fn packages(revision: u32) -> &'static Packages {
@@ -41,41 +36,7 @@ fn packages(revision: u32) -> &'static Packages {
         2 => &BUILT[1],
         _ => panic!("revision {revision}: only 1 and 2 are built"),
     };
-    slot.get_or_init(|| build_packages(revision))
-}
-
-/// Runs `cargo xtask package --revision N` (the normal build: binary, eBPF programs, man pages,
-/// completions, both packages) and takes the two paths it prints. They are copied into
-/// target/package-tests/rev-N: cargo-deb removes the .deb of another revision from its output
-/// directory.
-fn build_packages(revision: u32) -> Packages {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = Command::new(cargo)
-        .current_dir(workspace())
-        .args(["xtask", "package", "--revision", &revision.to_string()])
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("starting cargo xtask package");
-    assert!(out.status.success(), "cargo xtask package failed");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let paths: Vec<PathBuf> = stdout.lines().map(PathBuf::from).collect();
-    let [deb, rpm] = paths.as_slice() else {
-        panic!("cargo xtask package printed {stdout:?}, not two paths");
-    };
-    assert!(deb.extension().is_some_and(|x| x == "deb"), "{deb:?}");
-    assert!(rpm.extension().is_some_and(|x| x == "rpm"), "{rpm:?}");
-    let dir = overkvm_tests::target_dir().join(format!("package-tests/rev-{revision}"));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).unwrap();
-    let aside = |p: &Path| {
-        let to = dir.join(p.file_name().expect("a package file name"));
-        fs::copy(p, &to).unwrap_or_else(|e| panic!("copying {}: {e}", p.display()));
-        to
-    };
-    Packages {
-        deb: aside(deb),
-        rpm: aside(rpm),
-    }
+    slot.get_or_init(|| build_packages("package", revision))
 }
 
 fn output(cmd: &mut Command) -> String {

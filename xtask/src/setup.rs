@@ -101,6 +101,8 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("rpm", "rpm"),
     ("systemd", "systemd-analyze"),
     ("man-db", "man"),
+    // tests/tests/systemd_unit.rs: the Debian root (with systemd) its guest boots.
+    ("mmdebstrap", "mmdebstrap"),
     // tests/tests/netdisk.rs: an iSCSI target (userspace tgtd) for QEMU's libiscsi driver.
     ("tgt", "tgtd"),
     // libvirt for tests/tests/libvirt.rs: the daemon with its qemu driver and virsh, nothing
