@@ -67,6 +67,8 @@ pub mod programs {
     pub const RQ_ISSUE: &str = "rq_issue";
     /// Fallback: `block:block_rq_complete`, (part of) a request completed.
     pub const RQ_COMPLETE: &str = "rq_complete";
+    /// Fallback: `block:block_rq_requeue`, an issued request goes back to be issued again.
+    pub const RQ_REQUEUE: &str = "rq_requeue";
     /// `sched:sched_process_exec`: a process finished an exec (its new command line is in
     /// place); a process that did I/O is re-named.
     pub const PROC_EXEC: &str = "proc_exec";
@@ -496,7 +498,7 @@ pub enum Health {
     /// left behind (its end was not seen); the new request's entry replaced it.
     InflightStale = 10,
     /// Fallback mode: a device flush was issued and counted by `/proc/diskstats`, but its
-    /// `block_rq_complete` never reached the hook (seen on Linux 6.18 about once in 60,000
+    /// `block_rq_complete` never reached the hook (seen on Linux 6.18 20 times in 324,938
     /// loop-device flushes under concurrent syncs, while `block_rq_issue` saw every one). Found
     /// when the same flush request is issued again, and charged then to its owner at issue,
     /// with no latency. A flush lost this way as a device's last one stays uncounted.
@@ -606,6 +608,11 @@ pub struct KernelLayout {
     /// 1: count bios on every device; 0: only on bio-based devices (zram, md, dm), where
     /// they are the only count. On blk-mq devices the request hooks already count the same I/O.
     pub all_bios: u32,
+    /// 1: record each request's latency (the default); 0: counts only. Latency is what needs
+    /// an in-flight entry handed from the submitting CPU to the completing one, the larger
+    /// share of the cost per I/O (see BENCHMARKS.md); without it the completion hook only
+    /// charges device flushes.
+    pub latency: u32,
     pub ops: OpCodes,
 }
 
@@ -639,6 +646,7 @@ impl KernelLayout {
         rq_start_time_ns: ABSENT,
         rq_flags: ABSENT,
         all_bios: 1,
+        latency: 1,
         ops: OpCodes::LINUX_DEFAULT,
     };
 }

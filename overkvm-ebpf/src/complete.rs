@@ -88,7 +88,9 @@ fn completed(rq: KPtr, fallback: bool) -> bool {
         device_flush(rq, fallback);
         return true;
     }
-    if !in_flush_sequence(rq) {
+    // Without latency (6.5+ hooks only: `io_start` then keeps no entry) a request's end has
+    // nothing to take.
+    if (fallback || off!(latency) != 0) && !in_flush_sequence(rq) {
         finish(rq, fallback);
     }
     false
@@ -184,6 +186,18 @@ pub fn rq_complete(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     if completed(rq, true) {
+        flush_completed(arg_addr(&ctx, 0));
+    }
+    0
+}
+
+/// `block_rq_requeue(struct request *rq)`, fallback: a driver gave an issued request back (its
+/// queue was full) to be issued again. A device flush then leaves its in-flight entry, or its
+/// second issue would take the first for a completion never seen. Rare: only on requeues.
+#[btf_tracepoint(function = "block_rq_requeue")]
+pub fn rq_requeue(ctx: BtfTracePointContext) -> i32 {
+    let rq: KPtr = ctx.arg(0);
+    if read_addr(rq, off!(rq_bio)) == 0 && is_device_flush(rq) {
         flush_completed(arg_addr(&ctx, 0));
     }
     0

@@ -74,7 +74,7 @@ pub fn io_start(ctx: BtfTracePointContext) -> i32 {
     if (timed || asks)
         && let Some((queue, tag)) = rq_ident(rq)
     {
-        if timed {
+        if timed && off!(latency) != 0 {
             inflight_put(queue, tag, slot);
         }
         if asks {

@@ -80,6 +80,14 @@ pub fn run(args: &ServeOptions) -> anyhow::Result<()> {
         Some(path) => Config::load(path)?,
         None => Config::default(),
     };
+    if !args.load.latency
+        && let Some(d) = config.devices.iter().find(|d| d.latency_target.is_some())
+    {
+        anyhow::bail!(
+            "the budget of {} has a latency_target, which needs latency: drop --no-latency",
+            d.device
+        );
+    }
     let web = args
         .web_config
         .as_deref()

@@ -111,6 +111,7 @@ fn exact_on_loop(mode: HookMode) {
         mode: Some(mode),
         bio: true,
         all_bios: true,
+        ..LoadOptions::default()
     }) {
         Ok(p) => p,
         Err(e) => panic!("loading programs in mode {mode}: {e:#}"),

@@ -361,7 +361,9 @@ fn has_tool(name: &str) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-fn parity(mode: HookMode) {
+/// Every workload's device totals against `/proc/diskstats`, with the programs in `mode`,
+/// recording latency or (`latency` false, `--no-latency`) counts only.
+fn parity(mode: HookMode, latency: bool) {
     skip_unless_kernel!();
     for tool in ["fio", "mkfs.xfs", "mkfs.ext4"] {
         assert!(
@@ -372,13 +374,17 @@ fn parity(mode: HookMode) {
     let mut sampler = Sampler::new(
         Programs::load(&LoadOptions {
             mode: Some(mode),
+            latency,
             ..LoadOptions::default()
         })
         .expect("loading the programs"),
     );
     let mut builder = ReportBuilder::new();
     let mut failures = Vec::new();
-    eprintln!("mode {mode}: overkvm device totals vs /proc/diskstats (ops, sectors)");
+    eprintln!(
+        "mode {mode}{}: overkvm device totals vs /proc/diskstats (ops, sectors)",
+        if latency { "" } else { ", no latency" }
+    );
     for w in WORKLOADS {
         let target = match make_target(w.on) {
             Ok(t) => t,
@@ -440,6 +446,26 @@ fn parity(mode: HookMode) {
         if !losses.is_empty() || missed > 0 {
             eprintln!("  kernel health events: {losses:?}, program runs skipped: {missed}");
         }
+        if !latency {
+            // Counts only: no request kept an entry, so none could be missed, and no row
+            // has a latency.
+            let timed: Vec<_> = report
+                .processes
+                .iter()
+                .filter(|p| p.device == disk && p.lat_avg_us.is_some())
+                .map(|p| p.comm.clone())
+                .collect();
+            assert!(
+                timed.is_empty(),
+                "{}: latency recorded for {timed:?}",
+                w.name
+            );
+            assert!(
+                !report.health.events.contains_key("inflight_miss"),
+                "{}: {losses:?}",
+                w.name
+            );
+        }
         // A workload that did nothing of its kind would prove nothing.
         assert!(
             want.reads + want.writes + want.discards > 0,
@@ -458,13 +484,35 @@ fn parity(mode: HookMode) {
 #[test]
 fn device_totals_equal_diskstats_io_start_done() {
     overkvm_tests::skip_unless_io_start_done!();
-    parity(HookMode::IoStartDone);
+    parity(HookMode::IoStartDone, true);
 }
 
 #[test]
 fn device_totals_equal_diskstats_request_fallback() {
     skip_unless_kernel!();
-    parity(HookMode::RequestFallback);
+    parity(HookMode::RequestFallback, true);
+}
+
+/// `--no-latency` needs the 6.5+ hooks: the fallback ones hand every request over anyway.
+#[test]
+fn no_latency_is_refused_on_the_fallback_hooks() {
+    skip_unless_kernel!();
+    let loaded = Programs::load(&LoadOptions {
+        mode: Some(HookMode::RequestFallback),
+        latency: false,
+        ..LoadOptions::default()
+    });
+    let Err(e) = loaded else {
+        panic!("the fallback hooks loaded without latency");
+    };
+    assert!(format!("{e:#}").contains("--no-latency"), "{e:#}");
+}
+
+/// `--no-latency`: the cheaper counts-only programs count exactly the same.
+#[test]
+fn device_totals_equal_diskstats_without_latency() {
+    overkvm_tests::skip_unless_io_start_done!();
+    parity(HookMode::IoStartDone, false);
 }
 
 /// Many flushes in flight at once on one device, from many submitters: 8 fio jobs on a raw loop

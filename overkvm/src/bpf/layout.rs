@@ -38,7 +38,10 @@ pub fn hooks_available(btf: &Btf) -> HookSupport {
     let has = |tp: &str| btf.has_type(&format!("btf_trace_{tp}"));
     HookSupport {
         io_start_done: has("block_io_start") && has("block_io_done"),
-        rq_fallback: has("block_getrq") && has("block_rq_issue") && has("block_rq_complete"),
+        rq_fallback: has("block_getrq")
+            && has("block_rq_issue")
+            && has("block_rq_complete")
+            && has("block_rq_requeue"),
         bio_queue: has("block_bio_queue"),
         block_split: has("block_split"),
     }

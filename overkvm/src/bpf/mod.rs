@@ -69,6 +69,7 @@ impl HookMode {
                 (programs::RQ_GETRQ, "block_getrq"),
                 (programs::RQ_ISSUE, "block_rq_issue"),
                 (programs::RQ_COMPLETE, "block_rq_complete"),
+                (programs::RQ_REQUEUE, "block_rq_requeue"),
             ],
         }
     }
@@ -103,6 +104,9 @@ pub struct LoadOptions {
     /// Count bios on blk-mq devices too (by default only on bio-based ones, where they are the
     /// only count; on blk-mq devices the request hooks count the same I/O).
     pub all_bios: bool,
+    /// Record each request's latency (default). Off, only counts, bytes and device flushes are
+    /// kept, for about half the cost per I/O (see `KernelLayout::latency`).
+    pub latency: bool,
 }
 
 impl Default for LoadOptions {
@@ -111,6 +115,7 @@ impl Default for LoadOptions {
             mode: None,
             bio: true,
             all_bios: false,
+            latency: true,
         }
     }
 }
@@ -213,6 +218,14 @@ impl Programs {
         };
         let mut report = layout::kernel_layout(&kernel_btf)?;
         report.layout.all_bios = u32::from(opts.all_bios);
+        if !opts.latency && mode == HookMode::RequestFallback {
+            bail!(
+                "--no-latency needs the block_io_start/block_io_done hooks (Linux 6.5+); the \
+                 fallback hooks of this kernel hand every request from its issue to its \
+                 completion anyway"
+            );
+        }
+        report.layout.latency = u32::from(opts.latency);
 
         // Maps of the mode not in use are shrunk to one entry: no memory for nothing.
         let mut loader = EbpfLoader::new();
@@ -220,6 +233,9 @@ impl Programs {
         if mode != HookMode::RequestFallback {
             loader.map_max_entries(maps::BIO_INFLIGHT, 1);
             loader.map_max_entries(maps::FLUSH_INFLIGHT, 1);
+        }
+        if !opts.latency {
+            loader.map_max_entries(maps::INFLIGHT, 1);
         }
         let cpus = aya::util::nr_cpus()
             .map_err(|(path, e)| anyhow!("reading the number of possible CPUs from {path}: {e}"))?;
