@@ -39,7 +39,7 @@ pub struct ListOptions {
 }
 
 /// Where libvirt keeps its running domains' pidfiles and status XML.
-const LIBVIRT_RUN: &str = "/run/libvirt/qemu";
+const LIBVIRT_RUN: &str = crate::qemu::libvirt::RUN_DIR;
 /// Where Proxmox keeps its VM configs.
 const PVE_QEMU: &str = "/etc/pve/qemu-server";
 
@@ -403,19 +403,23 @@ pub fn running(vms: &[(VmDefinition, VmPaths)]) -> Vec<(String, u32)> {
         .collect()
 }
 
-/// The QMP sockets whose VMs' network disks overkvm reads QEMU's counters of: the operator's
-/// explicit ones and, unless turned off, those of overkvm's own running VMs (re-listed on
-/// each call, so a VM started later is found).
-pub fn qemu_sockets(
+/// Where overkvm reads QEMU's counters of VMs' network disks: the operator's explicit QMP
+/// sockets and, unless turned off, those of overkvm's own running VMs (re-listed on each call,
+/// so a VM started later is found) and libvirt's domains (through libvirt, once its run
+/// directory exists).
+pub fn qemu_sources(
     sources: &crate::qemu::counters::QemuSources,
-) -> crate::qemu::counters::SocketList {
+) -> crate::qemu::counters::SourceList {
+    use crate::qemu::counters::CounterSource;
     let explicit = sources.explicit.clone();
+    let libvirt = sources.libvirt;
     let state_dir = sources
         .own_vms
         .then(|| super::state_dir(None).ok())
         .flatten();
     Box::new(move || {
-        let mut out = explicit.clone();
+        let mut out: Vec<CounterSource> =
+            explicit.iter().cloned().map(CounterSource::Qmp).collect();
         if let Some(dir) = &state_dir
             && let Ok((vms, _)) = super::load_all(dir)
         {
@@ -424,8 +428,12 @@ pub fn qemu_sockets(
             out.extend(
                 vms.iter()
                     .filter(|(d, _)| running.contains(&d.name))
-                    .map(|(_, p)| p.qmp_socket()),
+                    .map(|(_, p)| CounterSource::Qmp(p.qmp_socket())),
             );
+        }
+        let libvirt_run = Path::new(crate::qemu::libvirt::RUN_DIR);
+        if libvirt && libvirt_run.is_dir() {
+            out.push(CounterSource::Libvirt(libvirt_run.to_path_buf()));
         }
         out
     })
