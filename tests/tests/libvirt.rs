@@ -1096,6 +1096,23 @@ fn libvirt_domain_with_an_nbd_disk_is_counted_through_libvirt() {
         .unwrap_or_else(|| panic!("no vm_info for {name}:\n{body}"));
     assert!(info.contains("manager=\"libvirt\""), "{info}");
     assert!(info.contains(&format!("pid=\"{}\"", dom.pid())), "{info}");
+    // `vm list` names the network disk and its target under the domain, through libvirt too.
+    let out = Command::new(workspace_bin("overkvm-io"))
+        .args(["vm", "list", "--json", "--no-iops", "--state-dir"])
+        .arg(work.join("vms"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "vm list: {out:?}");
+    let rows: Value = serde_json::from_slice(&out.stdout).expect("vm list --json");
+    let row = rows
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["name"] == name.as_str()))
+        .unwrap_or_else(|| panic!("{name} not in vm list: {rows}"));
+    assert_eq!(
+        row["network_disks"],
+        serde_json::json!([{"disk": "vda", "target": target}]),
+        "{row}"
+    );
     drop(daemon);
     drop(dom);
     drop(libvirt);

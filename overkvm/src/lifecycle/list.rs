@@ -87,7 +87,8 @@ pub struct VmRow {
     /// manager's back.
     pub qemu_limits: Option<Vec<DiskLimits>>,
     /// Disks no host block device sees (network storage), whose I/O QEMU counts: the disk
-    /// and its storage target (overkvm's own VMs, read over their QMP socket).
+    /// and its storage target (overkvm's own VMs read over their QMP socket, libvirt's
+    /// domains through libvirt).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub network_disks: Vec<NetworkDisk>,
 }
@@ -257,15 +258,33 @@ pub fn rows(vms: &[(VmDefinition, VmPaths)], limits: &[ActiveLimit], measure: bo
         }));
         rows.push(row);
     }
-    let net = |i: usize| {
-        sockets
-            .get(i)
-            .cloned()
-            .flatten()
-            .and_then(|s| crate::qemu::counters::read_once(&s).ok())
-            .filter(|r| !r.disks.is_empty())
+    // overkvm's VMs over their QMP socket; libvirt's domains through libvirt, all at once.
+    let libvirt_rows = rows
+        .iter()
+        .any(|r| r.manager == Manager::Libvirt.name() || r.manager == Manager::Nova.name());
+    let read_net = |rows: &[VmRow]| -> Vec<Option<crate::qemu::counters::QemuReading>> {
+        let mut libvirt: std::collections::HashMap<u32, _> = if libvirt_rows {
+            crate::qemu::libvirt::read_once(Path::new(LIBVIRT_RUN))
+                .unwrap_or_default()
+                .into_iter()
+                .map(|r| (r.pid, r))
+                .collect()
+        } else {
+            Default::default()
+        };
+        (0..rows.len())
+            .map(|i| {
+                sockets
+                    .get(i)
+                    .cloned()
+                    .flatten()
+                    .and_then(|s| crate::qemu::counters::read_once(&s).ok())
+                    .or_else(|| rows[i].pid.and_then(|p| libvirt.remove(&p)))
+                    .filter(|r| !r.disks.is_empty())
+            })
+            .collect()
     };
-    let net_before: Vec<_> = (0..rows.len()).map(net).collect();
+    let net_before = read_net(&rows);
     for (row, r) in rows.iter_mut().zip(&net_before) {
         if let Some(r) = r {
             row.network_disks = r
@@ -295,8 +314,9 @@ pub fn rows(vms: &[(VmDefinition, VmPaths)], limits: &[ActiveLimit], measure: bo
             }
         }
         // Network disks' I/O passes no cgroup's block counters: QEMU's counts are added.
-        for (i, b) in net_before.iter().enumerate() {
-            let (Some(b), Some(a)) = (b, net(i)) else {
+        let net_after = read_net(&rows);
+        for (i, (b, a)) in net_before.iter().zip(net_after).enumerate() {
+            let (Some(b), Some(a)) = (b, a) else {
                 continue;
             };
             let ((rb, wb), (ra, wa)) = (network_ops(b), network_ops(&a));

@@ -307,6 +307,11 @@ pub fn poll(run_dir: &Path, known: &mut Known) -> anyhow::Result<Vec<QemuReading
     Ok(readings(&known.domains, &stats))
 }
 
+/// One reading of every libvirt domain's network disks, now (for `vm list`).
+pub fn read_once(run_dir: &Path) -> anyhow::Result<Vec<QemuReading>> {
+    poll(run_dir, &mut Known::default())
+}
+
 /// Joins the domains' network disks with their counters.
 fn readings(
     domains: &HashMap<String, DomainFacts>,
