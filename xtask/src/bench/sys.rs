@@ -485,16 +485,32 @@ impl Daemon {
     /// Starts it and waits until its programs are attached ("metrics on" printed and program
     /// fds open).
     pub fn start(bin: &Path, interval: &str, log: &Path) -> anyhow::Result<Daemon> {
+        Self::start_with(bin, interval, log, &[])
+    }
+
+    /// [`Daemon::start`] with more arguments (`--qmp SOCKET`...). The command recorded for
+    /// the report shows the first few of a long list and how many there are.
+    pub fn start_with(
+        bin: &Path,
+        interval: &str,
+        log: &Path,
+        extra: &[String],
+    ) -> anyhow::Result<Daemon> {
         let port = free_port()?;
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-        let args = [
+        let mut args = vec![
             "serve".to_string(),
             "--listen".into(),
             addr.to_string(),
             "-i".into(),
             interval.into(),
         ];
-        let command = format!("{} {}", bin.display(), args.join(" "));
+        args.extend_from_slice(extra);
+        let shown = 5 + extra.len().min(4);
+        let mut command = format!("{} {}", bin.display(), args[..shown].join(" "));
+        if args.len() > shown {
+            command.push_str(&format!(" ... ({} arguments in all)", args.len()));
+        }
         let child = Command::new(bin)
             .args(&args)
             .stdin(Stdio::null())
