@@ -269,12 +269,18 @@ fn refresh(run_dir: &Path, known: &mut Known) {
 
 /// Runs `virsh` against the system daemon with a timeout; its stdout.
 fn virsh(args: &[&str]) -> anyhow::Result<String> {
+    // The daemon whose status XML under /run/libvirt/qemu named the domains, unless the
+    // operator's environment names another.
+    let uri = std::env::var("LIBVIRT_DEFAULT_URI").unwrap_or_else(|_| "qemu:///system".into());
+    virsh_at(&uri, VIRSH_TIMEOUT, args)
+}
+
+/// Runs `virsh -c URI ARGS`, killed after `timeout` (a hung libvirtd must cost a pool worker
+/// that long, no more); its stdout.
+fn virsh_at(uri: &str, timeout: Duration, args: &[&str]) -> anyhow::Result<String> {
     let mut cmd = Command::new("timeout");
-    cmd.arg(VIRSH_TIMEOUT.as_secs().to_string()).arg("virsh");
-    if std::env::var_os("LIBVIRT_DEFAULT_URI").is_none() {
-        // The daemon whose status XML under /run/libvirt/qemu named the domains.
-        cmd.args(["-c", "qemu:///system"]);
-    }
+    cmd.arg(format!("{}", timeout.as_secs_f64()))
+        .args(["virsh", "-c", uri]);
     let out = cmd
         .args(args)
         .stdin(Stdio::null())
@@ -402,6 +408,42 @@ mod tests {
         ] {
             assert!(network_disks(bad, mounts).is_empty(), "{bad}");
         }
+    }
+
+    /// A libvirtd that accepts and never answers: virsh is killed at its timeout, an error.
+    #[test]
+    fn a_hung_libvirtd_costs_one_timeout() {
+        let has_virsh = Command::new("virsh")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !has_virsh {
+            eprintln!("skipped: no virsh here (libvirt-clients)");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("libvirt-sock");
+        let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let h = std::sync::Arc::clone(&held);
+        std::thread::spawn(move || {
+            for s in listener.incoming().flatten() {
+                h.lock().unwrap().push(s);
+            }
+        });
+        let uri = format!("qemu+unix:///system?socket={}", sock.display());
+        let t = std::time::Instant::now();
+        let r = virsh_at(&uri, Duration::from_millis(800), &["domstats", "--block"]);
+        let took = t.elapsed();
+        assert!(r.is_err(), "{r:?}");
+        assert!(took < Duration::from_secs(3), "{took:?}");
+        assert_eq!(
+            held.lock().unwrap().len(),
+            1,
+            "virsh did reach the hung daemon"
+        );
     }
 
     /// `virsh domstats --block` of libvirt 9.0: two domains, one with a network disk.
