@@ -492,7 +492,8 @@ fn net_part(
         "scale: overkvm-io serve -i 1 --qmp x{} ({n} network-disk VMs, {hung} of them hung)",
         n + hung
     ));
-    let mut daemon = Daemon::start_with(&ctx.overkvm, "1", &tmp.join("daemon-net.log"), &extra)?;
+    let mut daemon =
+        Daemon::start_with(&ctx.overkvm, "1", &tmp.join("daemon-net.log"), &extra, None)?;
     let metrics_up = daemon.wait_metrics(Duration::from_secs(10))?;
     sys::sleep(WARMUP)?;
     // Ticks the daemon made over the window, from its own counter (one scrape at each end).
