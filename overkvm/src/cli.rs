@@ -238,6 +238,10 @@ pub struct QemuArgs {
     /// Do not read QEMU's counters of overkvm's own VMs.
     #[arg(long)]
     pub no_qemu_counters: bool,
+    /// Do not read libvirt domains' network disk counters through libvirt (`virsh domstats
+    /// --block`, run only while some running domain has a disk no host block device sees).
+    #[arg(long)]
+    pub no_libvirt_counters: bool,
 }
 
 impl QemuArgs {
@@ -245,6 +249,7 @@ impl QemuArgs {
         overkvm::qemu::counters::QemuSources {
             explicit: self.qmp.clone(),
             own_vms: !self.no_qemu_counters,
+            libvirt: !self.no_libvirt_counters,
         }
     }
 }

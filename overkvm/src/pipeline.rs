@@ -12,7 +12,7 @@ use std::{sync::Arc, time::Instant};
 
 use crate::{
     bpf::Programs,
-    qemu::counters::{QemuCounters, SocketList},
+    qemu::counters::{QemuCounters, SourceList},
     report::{ReportBuilder, pid_alive},
     sample::{Sampler, Snapshot, delta},
     tick::{ProgramStat, Tick},
@@ -50,10 +50,10 @@ impl Pipeline {
     }
 
     /// Also counts, from QEMU's own counters, the VM disks whose I/O no host block device
-    /// sees (network storage), from the monitors `sockets` lists
-    /// (`lifecycle::list::qemu_sockets`). Their rows carry `source: "qemu"`.
-    pub fn count_qemu_disks(&mut self, sockets: SocketList) {
-        self.qemu = Some(QemuCounters::new(sockets));
+    /// sees (network storage), from the sources `sources` lists
+    /// (`lifecycle::list::qemu_sources`). Their rows carry `source: "qemu"`.
+    pub fn count_qemu_disks(&mut self, sources: SourceList) {
+        self.qemu = Some(QemuCounters::new(sources));
     }
 
     /// The loaded programs (hook mode, attached tracepoints, map capacities).

@@ -177,7 +177,7 @@ async fn serve(
     };
 
     let mut pipeline = Pipeline::new(programs)?;
-    pipeline.count_qemu_disks(crate::lifecycle::list::qemu_sockets(&args.qemu));
+    pipeline.count_qemu_disks(crate::lifecycle::list::qemu_sources(&args.qemu));
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;

@@ -25,6 +25,7 @@ use std::{
 use overkvm_tests::{
     devices::MountedFs,
     guest::{self, GuestSpec},
+    netstore::NbdServer,
     serving::{TempDir, metric, metrics_addr, scrape, vm_ops},
     skip_unless_kernel,
     throttling::{v1_limits, wait_until, write_config},
@@ -208,6 +209,18 @@ impl Drop for Libvirt {
     }
 }
 
+/// A raw disk of [`DISK_BLOCKS`] written in full first, so no guest I/O lands on unallocated
+/// extents.
+fn zeroed_raw_disk(disk: &Path) {
+    let st = Command::new("dd")
+        .args(["if=/dev/zero", "bs=4096", "conv=fsync", "status=none"])
+        .arg(format!("of={}", disk.display()))
+        .arg(format!("count={DISK_BLOCKS}"))
+        .status()
+        .unwrap();
+    assert!(st.success(), "writing {}", disk.display());
+}
+
 /// A defined and started domain: destroyed and undefined on drop.
 struct Domain {
     name: String,
@@ -230,20 +243,8 @@ impl Domain {
         cache: &str,
         script: Option<String>,
     ) -> Domain {
-        let uuid = format!(
-            "{:08x}-7e57-4b1d-8a1e-{:012x}",
-            std::process::id(),
-            name.len() as u64 * 7919 + name.bytes().map(u64::from).sum::<u64>()
-        );
-        // A raw disk written in full first, so no guest I/O lands on unallocated extents.
         let disk = fs_dir.join(format!("{name}.img"));
-        let st = Command::new("dd")
-            .args(["if=/dev/zero", "bs=4096", "conv=fsync", "status=none"])
-            .arg(format!("of={}", disk.display()))
-            .arg(format!("count={DISK_BLOCKS}"))
-            .status()
-            .unwrap();
-        assert!(st.success(), "writing {}", disk.display());
+        zeroed_raw_disk(&disk);
         let script = script.unwrap_or_else(|| format!(
             "dd if=/dev/urandom of=/dev/vda bs=4096 count={GUEST_WRITES} oflag=direct 2>/dev/null || echo IO-FAILED\n\
              echo WRITES-DONE\n\
@@ -252,10 +253,29 @@ impl Domain {
              while true; do dd if=/dev/vda of=/dev/null bs=4096 count=2000 iflag=direct 2>/dev/null; done\n",
             go = String::from_utf8_lossy(GO)
         ));
+        let disks = format!(
+            "<disk type='file' device='disk'>\n\
+               <driver name='qemu' type='raw' cache='{cache}' io='{io}'/>\n\
+               <source file='{disk}'/>\n\
+               <target dev='vda' bus='virtio'/>\n\
+             </disk>\n",
+            disk = disk.display(),
+            io = if cache == "none" { "native" } else { "threads" },
+        );
+        Self::launch(name, work, disk, &disks, script)
+    }
+
+    /// Defines and starts domain `name` with the `<disk>` elements `disks`, running `script`;
+    /// `flag_disk` is the host file of the disk the guest polls for the go-ahead ([`Self::go`]).
+    fn launch(name: &str, work: &Path, flag_disk: PathBuf, disks: &str, script: String) -> Domain {
+        let uuid = format!(
+            "{:08x}-7e57-4b1d-8a1e-{:012x}",
+            std::process::id(),
+            name.len() as u64 * 7919 + name.bytes().map(u64::from).sum::<u64>()
+        );
         let spec = GuestSpec {
             name: name.into(),
             uuid: uuid.clone(),
-            disk: Some(disk.clone()),
             script,
             memory_mb: 160,
             ..GuestSpec::default()
@@ -279,11 +299,7 @@ impl Domain {
                <on_crash>destroy</on_crash>\n\
                <devices>\n\
                  <emulator>/usr/bin/qemu-system-x86_64</emulator>\n\
-                 <disk type='file' device='disk'>\n\
-                   <driver name='qemu' type='raw' cache='{cache}' io='{io}'/>\n\
-                   <source file='{disk}'/>\n\
-                   <target dev='vda' bus='virtio'/>\n\
-                 </disk>\n\
+                 {disks}\
                  <serial type='file'><source path='{console}'/><target port='0'/></serial>\n\
                  <memballoon model='none'/>\n\
                </devices>\n\
@@ -291,9 +307,7 @@ impl Domain {
             kernel = kernel.vmlinuz.display(),
             initrd = initrd.display(),
             args = guest::kernel_args(),
-            disk = disk.display(),
             console = console.display(),
-            io = if cache == "none" { "native" } else { "threads" },
         );
         let xml_path = work.join(format!("{name}.xml"));
         fs::write(&xml_path, xml).unwrap();
@@ -301,7 +315,7 @@ impl Domain {
         let d = Domain {
             name: name.into(),
             uuid,
-            disk,
+            disk: flag_disk,
             console,
         };
         virsh_ok(&["start", name]);
@@ -905,4 +919,202 @@ fn libvirt_writeback_domain_is_held_through_qemu_on_v1() {
     );
     drop(dom);
     drop(libvirt);
+}
+
+/// `virsh domstats --block NAME` for disk `dev`, read here, apart from overkvm's parser: each
+/// `block.N.FIELD=VALUE` of the block whose `block.N.name` is `dev`.
+fn domstats_of(name: &str, dev: &str) -> std::collections::HashMap<String, u64> {
+    let text = virsh_ok(&["domstats", "--block", name]);
+    let fields: Vec<(&str, &str)> = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("block.")?.split_once('='))
+        .collect();
+    let idx = fields
+        .iter()
+        .find_map(|(k, v)| (*v == dev).then(|| k.strip_suffix(".name")).flatten())
+        .unwrap_or_else(|| panic!("no {dev} in domstats of {name}:\n{text}"));
+    fields
+        .iter()
+        .filter_map(|(k, v)| {
+            let field = k.strip_prefix(idx)?.strip_prefix('.')?;
+            Some((field.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+/// A libvirt domain whose vda is an NBD export (`qemu-nbd` over TCP on loopback; QEMU's own
+/// NBD client, no host block device) is counted through libvirt: `/metrics` carries the disk
+/// as libvirt names it (`vda`) with `source="qemu"` and its target, and its counts over the
+/// guest's known I/O equal `virsh domstats --block` (reads, writes, flushes, bytes). The
+/// domain's second disk is a local file on the host's root disk, itself named `vda` on this
+/// machine: both `vda` series exist for the VM, apart.
+#[test]
+fn libvirt_domain_with_an_nbd_disk_is_counted_through_libvirt() {
+    skip_unless_kernel!();
+    if let Some(reason) = tools_missing() {
+        overkvm_tests::skipped(module_path!(), &reason);
+        return;
+    }
+    if Command::new("qemu-nbd").arg("--version").output().is_err() {
+        overkvm_tests::skipped(
+            module_path!(),
+            "qemu-nbd missing (apt-get install qemu-utils)",
+        );
+        return;
+    }
+    const WRITES: u64 = 300;
+    const READS: u64 = 200;
+    const FLUSHED_WRITES: u64 = 5;
+    let work = TempDir::new("libvirt-nbd");
+    let _kernel = guest::guest_kernel().expect("guest kernel");
+    let image = work.join("export.img");
+    zeroed_raw_disk(&image);
+    let nbd = NbdServer::start(&image);
+    let target = format!("nbd://127.0.0.1:{}/exp", nbd.port);
+    let local = work.join("local.img");
+    zeroed_raw_disk(&local);
+    let libvirt = Libvirt::start();
+    let daemon = Daemon::start(work.join("serve.log"), None);
+
+    let name = format!("ovk-lvnbd{}", std::process::id());
+    let script = format!(
+        "echo READY\n\
+         while ! dd if=/dev/vdb bs=4096 skip={FLAG_BLOCK} count=1 iflag=direct 2>/dev/null | grep -q {go}; do usleep 100000; done\n\
+         dd if=/dev/urandom of=/dev/vda bs=4096 count={WRITES} oflag=direct 2>/dev/null || echo IO-FAILED\n\
+         dd if=/dev/vda of=/dev/null bs=4096 count={READS} iflag=direct 2>/dev/null || echo IO-FAILED\n\
+         for i in $(seq {FLUSHED_WRITES}); do\n\
+           dd if=/dev/zero of=/dev/vda bs=4096 count=1 seek=$i oflag=direct conv=fsync 2>/dev/null || echo IO-FAILED\n\
+         done\n\
+         echo IO-DONE\n\
+         sleep 600\n",
+        go = String::from_utf8_lossy(GO)
+    );
+    // cache='writeback': the guest sees a write cache, so its fsyncs reach QEMU as flushes.
+    let disks = format!(
+        "<disk type='network' device='disk'>\n\
+           <driver name='qemu' type='raw' cache='writeback'/>\n\
+           <source protocol='nbd' name='exp'><host name='127.0.0.1' port='{port}'/></source>\n\
+           <target dev='vda' bus='virtio'/>\n\
+         </disk>\n\
+         <disk type='file' device='disk'>\n\
+           <driver name='qemu' type='raw' cache='none' io='native'/>\n\
+           <source file='{local}'/>\n\
+           <target dev='vdb' bus='virtio'/>\n\
+         </disk>\n",
+        port = nbd.port,
+        local = local.display(),
+    );
+    let dom = Domain::launch(&name, &work.0, local.clone(), &disks, script);
+    assert!(
+        wait_until(Duration::from_secs(120), || dom
+            .console_text()
+            .contains("READY")),
+        "the guest did not boot:\n{}",
+        dom.console_text()
+    );
+    let series = |body: &str, family: &str, op: &str| {
+        metric(
+            body,
+            &format!("{family}{{vm=\"{name}\",device=\"vda\",op=\"{op}\",source=\"qemu\"}}"),
+        )
+        .unwrap_or(0.0) as u64
+    };
+    let counted = |body: &str| {
+        [
+            series(body, "overkvm_vm_io_operations_total", "read"),
+            series(body, "overkvm_vm_io_operations_total", "write"),
+            series(body, "overkvm_vm_io_operations_total", "flush"),
+            series(body, "overkvm_vm_io_bytes_total", "read"),
+            series(body, "overkvm_vm_io_bytes_total", "write"),
+        ]
+    };
+    let libvirt_says = || {
+        let s = domstats_of(&name, "vda");
+        let f = |k: &str| s.get(k).copied().unwrap_or(0);
+        [
+            f("rd.reqs"),
+            f("wr.reqs"),
+            f("fl.reqs"),
+            f("rd.bytes"),
+            f("wr.bytes"),
+        ]
+    };
+    // The guest is idle now. Four intervals: a reading of the idle disk has reached the
+    // report (a tick reports what its predecessor asked for), so both sides stand still.
+    std::thread::sleep(Duration::from_secs(2));
+    let (ours0, theirs0) = (counted(&daemon.body()), libvirt_says());
+    dom.go();
+    assert!(
+        wait_until(Duration::from_secs(180), || dom
+            .console_text()
+            .contains("IO-DONE")),
+        "the guest's I/O did not finish:\n{}",
+        dom.console_text()
+    );
+    assert!(
+        !dom.console_text().contains("IO-FAILED"),
+        "{}",
+        dom.console_text()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let body = daemon.body();
+    let (ours1, theirs1) = (counted(&body), libvirt_says());
+    let ours: Vec<u64> = ours1.iter().zip(&ours0).map(|(a, b)| a - b).collect();
+    let theirs: Vec<u64> = theirs1.iter().zip(&theirs0).map(|(a, b)| a - b).collect();
+    eprintln!(
+        "{name} vda on {target}: overkvm [reads, writes, flushes, read bytes, write bytes] \
+         {ours:?}, virsh domstats --block {theirs:?}"
+    );
+    assert_eq!(ours, theirs, "overkvm against virsh domstats --block");
+    assert!(
+        theirs[0] >= READS && theirs[1] >= WRITES + FLUSHED_WRITES,
+        "{theirs:?}"
+    );
+    assert!(theirs[2] >= FLUSHED_WRITES, "{theirs:?}");
+    assert_eq!(
+        dom.blkstat("flush_operations"),
+        theirs1[2],
+        "domblkstat agrees"
+    );
+    assert_eq!(
+        metric(
+            &body,
+            &format!(
+                "overkvm_vm_disk_info{{vm=\"{name}\",device=\"vda\",source=\"qemu\",target=\"{target}\"}}"
+            )
+        ),
+        Some(1.0),
+        "{body}"
+    );
+    assert!(
+        !body.contains("device=\"vdb\""),
+        "the local disk is eBPF's, counted on the host device: {body}"
+    );
+    let info = body
+        .lines()
+        .find(|l| l.starts_with("overkvm_vm_info{") && l.contains(&format!("vm=\"{name}\"")))
+        .unwrap_or_else(|| panic!("no vm_info for {name}:\n{body}"));
+    assert!(info.contains("manager=\"libvirt\""), "{info}");
+    assert!(info.contains(&format!("pid=\"{}\"", dom.pid())), "{info}");
+    // `vm list` names the network disk and its target under the domain, through libvirt too.
+    let out = Command::new(workspace_bin("overkvm-io"))
+        .args(["vm", "list", "--json", "--no-iops", "--state-dir"])
+        .arg(work.join("vms"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "vm list: {out:?}");
+    let rows: Value = serde_json::from_slice(&out.stdout).expect("vm list --json");
+    let row = rows
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["name"] == name.as_str()))
+        .unwrap_or_else(|| panic!("{name} not in vm list: {rows}"));
+    assert_eq!(
+        row["network_disks"],
+        serde_json::json!([{"disk": "vda", "target": target}]),
+        "{row}"
+    );
+    drop(daemon);
+    drop(dom);
+    drop(libvirt);
+    drop(nbd);
 }

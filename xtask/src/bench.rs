@@ -71,6 +71,12 @@ pub struct BenchArgs {
     /// scale: seconds over which the daemon's CPU and RSS are measured.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     pub window: u64,
+    /// scale: VMs with a network disk read over QMP (stand-ins answering at once).
+    #[arg(long, default_value_t = 300)]
+    pub net_vms: usize,
+    /// scale: besides them, VMs whose QMP monitor accepts and never answers.
+    #[arg(long, default_value_t = 10)]
+    pub hung_vms: usize,
     /// scale: VMs present for the scrape latency measurement.
     #[arg(long, default_value_t = 1000)]
     pub scrape_vms: usize,
@@ -110,12 +116,14 @@ impl BenchArgs {
         if self.runs(Which::Scale) {
             let _ = write!(
                 s,
-                " --vms {} --trickle-iops {} --busy {} --busy-iops {} --window {} --scrape-vms {} --scrapes {}",
+                " --vms {} --trickle-iops {} --busy {} --busy-iops {} --window {} --net-vms {} --hung-vms {} --scrape-vms {} --scrapes {}",
                 self.vms,
                 self.trickle_iops,
                 self.busy,
                 self.busy_iops,
                 self.window,
+                self.net_vms,
+                self.hung_vms,
                 self.scrape_vms,
                 self.scrapes
             );
@@ -130,6 +138,8 @@ pub struct Ctx {
     /// between runs.
     pub overkvm: PathBuf,
     pub iogen: PathBuf,
+    /// A qemu stand-in with a QMP monitor and one network disk (tests/src/bin/qmpvm.rs).
+    pub qmpvm: PathBuf,
     pub machine: sys::Machine,
     pub invocation: String,
     _bins: sys::TempDir,
@@ -231,7 +241,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     ));
     if args.runs(Which::Scale) || args.runs(Which::Http) {
-        sys::progress("building iogen (waits while another cargo holds the build lock)");
+        sys::progress("building iogen and qmpvm (waits while another cargo holds the build lock)");
         let mut c = crate::cargo();
         c.args([
             "build",
@@ -240,8 +250,10 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             "overkvm-tests",
             "--bin",
             "iogen",
+            "--bin",
+            "qmpvm",
         ]);
-        crate::check(c, "cargo build iogen")?;
+        crate::check(c, "cargo build iogen qmpvm")?;
     }
     let bins = sys::TempDir::new("bin")?;
     let pin = |name: &str| -> anyhow::Result<PathBuf> {
@@ -255,6 +267,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let ctx = Ctx {
         overkvm: pin("overkvm-io")?,
         iogen: pin("iogen")?,
+        qmpvm: pin("qmpvm")?,
         machine: sys::Machine::probe(&root),
         invocation: args.invocation(),
         _bins: bins,

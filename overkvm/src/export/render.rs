@@ -247,13 +247,13 @@ fn encode_vm_families(t: &Totals, shape: Shape, enc: &mut DescriptorEncoder) -> 
     // that counts. An op's series appear with its first operation (histograms: completion).
     if let Some(mut m) = family(enc, &names::VM_IO_OPERATIONS, has_vm_ops)? {
         for vm in &vms {
-            for (dev, d) in &vm.devices {
+            for (key, d) in &vm.devices {
                 for op in Op::ALL {
                     let c = d.io[op as usize];
                     if c.ops == 0 {
                         continue;
                     }
-                    let l = vm_dev_op(&vm.label, dev, d, op);
+                    let l = vm_dev_op(&vm.label, key, op);
                     counter(&mut m, &l, c.ops)?;
                 }
             }
@@ -261,13 +261,13 @@ fn encode_vm_families(t: &Totals, shape: Shape, enc: &mut DescriptorEncoder) -> 
     }
     if let Some(mut m) = family(enc, &names::VM_IO_BYTES, has_vm_bytes)? {
         for vm in &vms {
-            for (dev, d) in &vm.devices {
+            for (key, d) in &vm.devices {
                 for op in BYTE_OPS {
                     let c = d.io[op as usize];
                     if c.ops == 0 && c.bytes == 0 {
                         continue;
                     }
-                    let l = vm_dev_op(&vm.label, dev, d, op);
+                    let l = vm_dev_op(&vm.label, key, op);
                     counter(&mut m, &l, c.bytes)?;
                 }
             }
@@ -275,13 +275,13 @@ fn encode_vm_families(t: &Totals, shape: Shape, enc: &mut DescriptorEncoder) -> 
     }
     if let Some(mut m) = family(enc, &names::VM_IO_LATENCY, has_vm_latency)? {
         for vm in &vms {
-            for (dev, d) in &vm.devices {
+            for (key, d) in &vm.devices {
                 for op in Op::ALL {
                     let h = &d.latency[op as usize];
                     if h.count() == 0 {
                         continue;
                     }
-                    let l = vm_dev_op(&vm.label, dev, d, op);
+                    let l = vm_dev_op(&vm.label, key, op);
                     histogram(&mut m, &l, h, shape)?;
                 }
             }
@@ -310,11 +310,11 @@ fn encode_vm_families(t: &Totals, shape: Shape, enc: &mut DescriptorEncoder) -> 
     let has_disk_info = any_vm_device(&|d| d.qemu_target.is_some());
     if let Some(mut m) = family(enc, &names::VM_DISK_INFO, has_disk_info)? {
         for vm in &vms {
-            for (dev, d) in &vm.devices {
+            for (key, d) in &vm.devices {
                 if let Some(target) = &d.qemu_target {
                     let l = [
                         (VM, Lv(&vm.label)),
-                        (DEVICE, Lv(dev)),
+                        (DEVICE, Lv(&key.name)),
                         (SOURCE, Lv("qemu")),
                         (TARGET, Lv(target)),
                     ];
@@ -330,13 +330,12 @@ fn encode_vm_families(t: &Totals, shape: Shape, enc: &mut DescriptorEncoder) -> 
 /// counters are the account, so the series of eBPF-counted devices keep their labels.
 fn vm_dev_op<'a>(
     vm: &'a str,
-    dev: &'a str,
-    d: &super::totals::VmDevice,
+    dev: &'a super::totals::DeviceKey,
     op: Op,
 ) -> Vec<(&'static str, Lv<'a>)> {
     use names::label::*;
-    let mut l = vec![(VM, Lv(vm)), (DEVICE, Lv(dev)), (OP, Lv(op.name()))];
-    if d.qemu_target.is_some() {
+    let mut l = vec![(VM, Lv(vm)), (DEVICE, Lv(&dev.name)), (OP, Lv(op.name()))];
+    if dev.qemu {
         l.push((SOURCE, Lv("qemu")));
     }
     l
@@ -781,6 +780,53 @@ mod tests {
             "{text}"
         );
         assert_eq!(text.matches("overkvm_vm_disk_info{").count(), 1);
+    }
+
+    /// A libvirt domain's network disk is named by its target (`vda`), which can be a host
+    /// device's name too: the two keep apart series, each with its own counts, and only the
+    /// QEMU-counted one has `source="qemu"` and an info series.
+    #[test]
+    fn a_qemu_disk_named_like_a_host_device_keeps_its_own_series() {
+        let procs = FakeProcs::default();
+        let mut t = Totals::new(retention());
+        let mut net = row(100, Some("web"), "vda", 7, 3);
+        net.source = crate::report::CountSource::Qemu;
+        net.major = 0;
+        net.target = Some("nbd://127.0.0.1:10809/exp".into());
+        for at in [Instant::now(), Instant::now() + Duration::from_secs(1)] {
+            t.apply(
+                &tick(at, vec![row(100, Some("web"), "vda", 10, 4), net.clone()]),
+                &procs,
+            );
+        }
+        let text = render_with(t, LatencyBuckets::Compact);
+        let ops = |labels: &str| {
+            sample(
+                &text,
+                &format!("overkvm_vm_io_operations_total{{{labels}}}"),
+            )
+        };
+        assert_eq!(
+            ops(r#"vm="web",device="vda",op="read""#),
+            Some("20".into()),
+            "{text}"
+        );
+        assert_eq!(
+            ops(r#"vm="web",device="vda",op="write""#),
+            Some("8".into()),
+            "{text}"
+        );
+        assert_eq!(
+            ops(r#"vm="web",device="vda",op="read",source="qemu""#),
+            Some("14".into()),
+            "{text}"
+        );
+        assert_eq!(
+            ops(r#"vm="web",device="vda",op="write",source="qemu""#),
+            Some("6".into()),
+            "{text}"
+        );
+        assert_eq!(text.matches("overkvm_vm_disk_info{").count(), 1, "{text}");
     }
 
     #[test]

@@ -89,6 +89,35 @@ impl LatencyTotals {
     }
 }
 
+/// The key of a VM's series on one device: the device's name and whether QEMU counted it.
+/// A disk QEMU counts is named as the VM's configuration names it, and a libvirt target
+/// (`vda`) can be spelt like a host device: with the source in the key their counts can never
+/// be summed into one series, and their labels differ by `source="qemu"`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DeviceKey {
+    pub name: String,
+    /// Counted from QEMU's own counters (`CountSource::Qemu`), not at the host's block layer.
+    pub qemu: bool,
+}
+
+impl DeviceKey {
+    /// The key of a report row's device.
+    pub fn of(row: &ProcessRow) -> DeviceKey {
+        DeviceKey {
+            name: row.device.clone(),
+            qemu: row.source == crate::report::CountSource::Qemu,
+        }
+    }
+
+    /// A host block device counted by eBPF.
+    pub fn host(name: &str) -> DeviceKey {
+        DeviceKey {
+            name: name.to_string(),
+            qemu: false,
+        }
+    }
+}
+
 /// One VM's counters on one device.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct VmDevice {
@@ -120,7 +149,7 @@ pub struct VmSeries {
     /// The qemu process last seen for the VM.
     pub pid: u32,
     pub cgroup: String,
-    pub devices: BTreeMap<String, VmDevice>,
+    pub devices: BTreeMap<DeviceKey, VmDevice>,
     last_alive: Instant,
     /// Operations per tick, exponentially decayed (half-life `ACTIVITY_HALF_LIFE_TICKS`):
     /// what the cap on exported VMs ranks by.
@@ -287,7 +316,7 @@ impl Totals {
                 let series = self.vm_series(key, vm, row, now);
                 series
                     .devices
-                    .entry(row.device.clone())
+                    .entry(DeviceKey::of(row))
                     .or_default()
                     .add(row);
                 series.activity += row.counts.total_ops() as f64;
@@ -300,7 +329,7 @@ impl Totals {
                 if let Some(series) = self.vms.get_mut(&entry.vm) {
                     series
                         .devices
-                        .entry(row.device.clone())
+                        .entry(DeviceKey::of(row))
                         .or_default()
                         .add(row);
                     series.activity += row.counts.total_ops() as f64;
@@ -628,7 +657,7 @@ pub(crate) mod tests {
 
     fn reads(t: &Totals, label: &str, device: &str) -> Option<u64> {
         let vm = t.vms().into_iter().find(|v| v.label == label)?;
-        Some(vm.devices.get(device)?.io[Op::Read as usize].ops)
+        Some(vm.devices.get(&DeviceKey::host(device))?.io[Op::Read as usize].ops)
     }
 
     fn secs(t0: Instant, s: u64) -> Instant {
@@ -653,7 +682,7 @@ pub(crate) mod tests {
             &procs,
         );
         let vm = t.vms()[0];
-        let vda = &vm.devices["vda"];
+        let vda = &vm.devices[&DeviceKey::host("vda")];
         assert_eq!(
             vda.io[Op::Read as usize],
             Counters {
@@ -692,7 +721,10 @@ pub(crate) mod tests {
             &procs,
         );
         assert_eq!(reads(&t, "web", "vda"), Some(14));
-        assert_eq!(t.vms()[0].devices["vda"].io[Op::Write as usize].ops, 3);
+        assert_eq!(
+            t.vms()[0].devices[&DeviceKey::host("vda")].io[Op::Write as usize].ops,
+            3
+        );
         // Harvested once: the PID is forgotten, a later exited row is not the VM's.
         t.apply(
             &tick(secs(t0, 2), vec![exited(row(100, None, "vda", 50, 0))]),

@@ -39,7 +39,7 @@ pub struct ListOptions {
 }
 
 /// Where libvirt keeps its running domains' pidfiles and status XML.
-const LIBVIRT_RUN: &str = "/run/libvirt/qemu";
+const LIBVIRT_RUN: &str = crate::qemu::libvirt::RUN_DIR;
 /// Where Proxmox keeps its VM configs.
 const PVE_QEMU: &str = "/etc/pve/qemu-server";
 
@@ -87,7 +87,8 @@ pub struct VmRow {
     /// manager's back.
     pub qemu_limits: Option<Vec<DiskLimits>>,
     /// Disks no host block device sees (network storage), whose I/O QEMU counts: the disk
-    /// and its storage target (overkvm's own VMs, read over their QMP socket).
+    /// and its storage target (overkvm's own VMs read over their QMP socket, libvirt's
+    /// domains through libvirt).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub network_disks: Vec<NetworkDisk>,
 }
@@ -257,15 +258,33 @@ pub fn rows(vms: &[(VmDefinition, VmPaths)], limits: &[ActiveLimit], measure: bo
         }));
         rows.push(row);
     }
-    let net = |i: usize| {
-        sockets
-            .get(i)
-            .cloned()
-            .flatten()
-            .and_then(|s| crate::qemu::counters::read_once(&s).ok())
-            .filter(|r| !r.disks.is_empty())
+    // overkvm's VMs over their QMP socket; libvirt's domains through libvirt, all at once.
+    let libvirt_rows = rows
+        .iter()
+        .any(|r| r.manager == Manager::Libvirt.name() || r.manager == Manager::Nova.name());
+    let read_net = |rows: &[VmRow]| -> Vec<Option<crate::qemu::counters::QemuReading>> {
+        let mut libvirt: std::collections::HashMap<u32, _> = if libvirt_rows {
+            crate::qemu::libvirt::read_once(Path::new(LIBVIRT_RUN))
+                .unwrap_or_default()
+                .into_iter()
+                .map(|r| (r.pid, r))
+                .collect()
+        } else {
+            Default::default()
+        };
+        (0..rows.len())
+            .map(|i| {
+                sockets
+                    .get(i)
+                    .cloned()
+                    .flatten()
+                    .and_then(|s| crate::qemu::counters::read_once(&s).ok())
+                    .or_else(|| rows[i].pid.and_then(|p| libvirt.remove(&p)))
+                    .filter(|r| !r.disks.is_empty())
+            })
+            .collect()
     };
-    let net_before: Vec<_> = (0..rows.len()).map(net).collect();
+    let net_before = read_net(&rows);
     for (row, r) in rows.iter_mut().zip(&net_before) {
         if let Some(r) = r {
             row.network_disks = r
@@ -295,8 +314,9 @@ pub fn rows(vms: &[(VmDefinition, VmPaths)], limits: &[ActiveLimit], measure: bo
             }
         }
         // Network disks' I/O passes no cgroup's block counters: QEMU's counts are added.
-        for (i, b) in net_before.iter().enumerate() {
-            let (Some(b), Some(a)) = (b, net(i)) else {
+        let net_after = read_net(&rows);
+        for (i, (b, a)) in net_before.iter().zip(net_after).enumerate() {
+            let (Some(b), Some(a)) = (b, a) else {
                 continue;
             };
             let ((rb, wb), (ra, wa)) = (network_ops(b), network_ops(&a));
@@ -403,19 +423,23 @@ pub fn running(vms: &[(VmDefinition, VmPaths)]) -> Vec<(String, u32)> {
         .collect()
 }
 
-/// The QMP sockets whose VMs' network disks overkvm reads QEMU's counters of: the operator's
-/// explicit ones and, unless turned off, those of overkvm's own running VMs (re-listed on
-/// each call, so a VM started later is found).
-pub fn qemu_sockets(
+/// Where overkvm reads QEMU's counters of VMs' network disks: the operator's explicit QMP
+/// sockets and, unless turned off, those of overkvm's own running VMs (re-listed on each call,
+/// so a VM started later is found) and libvirt's domains (through libvirt, once its run
+/// directory exists).
+pub fn qemu_sources(
     sources: &crate::qemu::counters::QemuSources,
-) -> crate::qemu::counters::SocketList {
+) -> crate::qemu::counters::SourceList {
+    use crate::qemu::counters::CounterSource;
     let explicit = sources.explicit.clone();
+    let libvirt = sources.libvirt;
     let state_dir = sources
         .own_vms
         .then(|| super::state_dir(None).ok())
         .flatten();
     Box::new(move || {
-        let mut out = explicit.clone();
+        let mut out: Vec<CounterSource> =
+            explicit.iter().cloned().map(CounterSource::Qmp).collect();
         if let Some(dir) = &state_dir
             && let Ok((vms, _)) = super::load_all(dir)
         {
@@ -424,8 +448,12 @@ pub fn qemu_sockets(
             out.extend(
                 vms.iter()
                     .filter(|(d, _)| running.contains(&d.name))
-                    .map(|(_, p)| p.qmp_socket()),
+                    .map(|(_, p)| CounterSource::Qmp(p.qmp_socket())),
             );
+        }
+        let libvirt_run = Path::new(crate::qemu::libvirt::RUN_DIR);
+        if libvirt && libvirt_run.is_dir() {
+            out.push(CounterSource::Libvirt(libvirt_run.to_path_buf()));
         }
         out
     })

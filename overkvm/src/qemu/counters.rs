@@ -1,38 +1,55 @@
 //! Reads QEMU's counters of the VM disks that no host block device sees (see `backing`), off
 //! the sampling thread.
 //!
-//! One worker thread per QMP socket. Each interval the pipeline pokes every worker; a worker
-//! still busy with the previous poke (a hung or slow QEMU) misses this one, so a VM gets at
-//! most one request per interval and the interval never waits for QEMU: the pipeline takes
+//! A small pool of worker threads ([`POOL_THREADS`]) serves every source, however many VMs
+//! there are: each interval the pipeline hands the pool one job per source that is idle (its
+//! previous job answered) and not resting after a failure. A source whose job is still out (a
+//! hung or slow QEMU, a stuck libvirtd) is skipped, so a VM gets at most one request per
+//! interval; every read has a timeout, so a hung source holds one worker for that long at
+//! most and then rests for [`FAILURE_REST`]; and the interval never waits: the pipeline takes
 //! whatever readings arrived since the last tick from a channel, without blocking. A reading
 //! carries cumulative counters; the report turns two readings into the interval's counts
-//! (`report::qemu_rows`), so a missed poke delays counts, never loses them.
+//! (`report::qemu_rows`), so a missed interval delays counts, never loses them.
 //!
-//! Which monitors overkvm may use: its own VMs' sockets (it started them) and sockets the
-//! operator named explicitly (`--qmp`). A monitor serves one client at a time, so every poll
-//! is a short connection (greeting, capabilities, one command) and the monitor is free again
-//! for overkvm's lifecycle commands and for the throttle. The backing (which disks are
-//! networked, and their targets) is read once per qemu process and again only when the set
-//! of protocol nodes changes (hotplug, a block job): in steady state, one `query-blockstats`.
+//! Which sources overkvm may use: its own VMs' QMP sockets (it started them), sockets the
+//! operator named explicitly (`--qmp`), and libvirt's domains through libvirt itself (one
+//! `virsh domstats --block` for all of them, see `libvirt`; never libvirt's monitor). A QMP
+//! monitor serves one client at a time, so every poll is a short connection (greeting,
+//! capabilities, one command) and the monitor is free again for overkvm's lifecycle commands
+//! and for the throttle. The backing (which disks are networked, and their targets) is read
+//! once per qemu process and again only when the set of protocol nodes changes (hotplug, a
+//! block job): in steady state, one `query-blockstats`.
 
 use std::{
     collections::{HashMap, HashSet},
     path::{Path, PathBuf},
-    sync::mpsc::{self, Receiver, Sender, SyncSender, TrySendError},
+    sync::{
+        Arc, Mutex,
+        mpsc::{self, Receiver, Sender},
+    },
     thread,
     time::{Duration, Instant},
 };
 
 use super::{
     backing::{self, BlockNode, DiskCounters, Mount},
+    libvirt,
     qmp::Qmp,
 };
 
 /// Bound on each read and write of one poll: a monitor that does not answer within it is
 /// given up for this interval.
 const QMP_TIMEOUT: Duration = Duration::from_secs(1);
-/// How often the list of overkvm's own running VMs is read again.
+/// How often the list of sources (overkvm's own running VMs, libvirt's presence) is read again.
 const SOCKETS_REFRESH: Duration = Duration::from_secs(5);
+/// Worker threads shared by all sources. A healthy poll takes about a millisecond of a
+/// worker (a QMP round trip; libvirt's one virsh run for all domains a few tens), so a few
+/// serve hundreds of VMs within an interval, and this many hung sources at once are needed
+/// to hold back the others for one [`QMP_TIMEOUT`].
+pub const POOL_THREADS: usize = 4;
+/// How long a source that failed (no answer within its timeout, a closed socket) is left
+/// alone: a hung QEMU must not take a worker for a whole timeout every interval.
+pub const FAILURE_REST: Duration = Duration::from_secs(10);
 
 /// One guest disk QEMU counts for overkvm.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -86,7 +103,7 @@ fn peer_pid(qmp: &Qmp) -> Option<u32> {
 }
 
 /// The mount holding `file` as qemu `pid` sees it (its mount namespace and working directory).
-fn mount_in(pid: u32, mounts: &[Mount], file: &str) -> Option<Mount> {
+pub(super) fn mount_in(pid: u32, mounts: &[Mount], file: &str) -> Option<Mount> {
     let abs = if file.starts_with('/') {
         PathBuf::from(file)
     } else {
@@ -136,100 +153,217 @@ pub fn read_once(socket: &Path) -> anyhow::Result<QemuReading> {
     poll(socket, &mut Known::default())
 }
 
-fn worker(socket: PathBuf, pokes: Receiver<()>, out: Sender<QemuReading>) {
-    let mut known = Known::default();
-    let mut failing = false;
-    while pokes.recv().is_ok() {
-        match poll(&socket, &mut known) {
-            Ok(r) => {
-                failing = false;
-                if out.send(r).is_err() {
-                    return;
-                }
-            }
-            // Logged once per failure streak: a stopped VM's socket fails every interval.
-            Err(e) if !failing => {
-                failing = true;
-                log::debug!("QEMU counters from {}: {e:#}", socket.display());
-            }
-            Err(_) => {}
+/// Where counters are read: one VM's QMP monitor, or libvirt (all its domains at once).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum CounterSource {
+    Qmp(PathBuf),
+    /// libvirt's domains, from its status XML directory and `virsh domstats`.
+    Libvirt(PathBuf),
+}
+
+/// What a source keeps between its polls (it travels with the job).
+enum SourceState {
+    Qmp(Known),
+    Libvirt(libvirt::Known),
+}
+
+impl SourceState {
+    fn new(source: &CounterSource) -> SourceState {
+        match source {
+            CounterSource::Qmp(_) => SourceState::Qmp(Known::default()),
+            CounterSource::Libvirt(_) => SourceState::Libvirt(libvirt::Known::default()),
         }
     }
 }
 
-/// Which QEMU monitors overkvm reads network disks' counters from.
+/// One poll of one source, handed to the pool.
+struct Job {
+    source: CounterSource,
+    state: SourceState,
+}
+
+/// A job's answer, with the state handed back.
+struct Done {
+    source: CounterSource,
+    state: SourceState,
+    result: anyhow::Result<Vec<QemuReading>>,
+}
+
+fn run(job: Job) -> Done {
+    let Job { source, mut state } = job;
+    let result = match (&source, &mut state) {
+        (CounterSource::Qmp(socket), SourceState::Qmp(known)) => {
+            poll(socket, known).map(|r| vec![r])
+        }
+        (CounterSource::Libvirt(dir), SourceState::Libvirt(known)) => libvirt::poll(dir, known),
+        _ => Err(anyhow::anyhow!("a source's state of another kind")),
+    };
+    Done {
+        source,
+        state,
+        result,
+    }
+}
+
+fn pool_worker(jobs: Arc<Mutex<Receiver<Job>>>, done: Sender<Done>) {
+    loop {
+        // The lock is held only while waiting for the next job, never during a poll.
+        let job = match jobs.lock() {
+            Ok(rx) => rx.recv(),
+            Err(_) => return,
+        };
+        let Ok(job) = job else { return };
+        if done.send(run(job)).is_err() {
+            return;
+        }
+    }
+}
+
+/// Which QEMU counters overkvm reads of network disks.
 #[derive(Clone, Debug, Default)]
 pub struct QemuSources {
     /// QMP sockets the operator named (`--qmp`): overkvm may use them.
     pub explicit: Vec<PathBuf>,
     /// overkvm's own running VMs (their monitors are overkvm's).
     pub own_vms: bool,
+    /// libvirt's domains, through libvirt.
+    pub libvirt: bool,
 }
 
-/// The QMP sockets to read now (asked every [`SOCKETS_REFRESH`]): overkvm's own running VMs
-/// are known to `lifecycle`, which builds this from [`QemuSources`].
-pub type SocketList = Box<dyn Fn() -> Vec<PathBuf> + Send>;
+/// The sources to read now (asked every [`SOCKETS_REFRESH`]): overkvm's own running VMs are
+/// known to `lifecycle`, which builds this from [`QemuSources`].
+pub type SourceList = Box<dyn Fn() -> Vec<CounterSource> + Send>;
 
-/// The workers, one per socket, and the channel their readings arrive on.
+/// A source between its jobs.
+enum Slot {
+    /// Ready for the next interval's job.
+    Idle(SourceState),
+    /// Its job is with the pool.
+    Busy,
+    /// Failed: left alone until then.
+    Resting(SourceState, Instant),
+}
+
+/// The pool, each source's slot and the channel answers arrive on.
 pub struct QemuCounters {
-    sockets: SocketList,
-    workers: HashMap<PathBuf, SyncSender<()>>,
-    readings: Receiver<QemuReading>,
-    sender: Sender<QemuReading>,
-    sockets_read: Option<Instant>,
+    sources: SourceList,
+    slots: HashMap<CounterSource, Slot>,
+    /// Sources whose last poll failed (their failure is logged once per streak).
+    failing: HashSet<CounterSource>,
+    jobs: Sender<Job>,
+    jobs_rx: Arc<Mutex<Receiver<Job>>>,
+    done: Receiver<Done>,
+    done_tx: Sender<Done>,
+    threads: usize,
+    sources_read: Option<Instant>,
 }
 
 impl QemuCounters {
-    /// Polls the monitors `sockets` names.
-    pub fn new(sockets: SocketList) -> QemuCounters {
-        let (sender, readings) = mpsc::channel();
+    /// Polls the sources `sources` lists.
+    pub fn new(sources: SourceList) -> QemuCounters {
+        let (jobs, jobs_rx) = mpsc::channel();
+        let (done_tx, done) = mpsc::channel();
         QemuCounters {
-            sockets,
-            workers: HashMap::new(),
-            readings,
-            sender,
-            sockets_read: None,
+            sources,
+            slots: HashMap::new(),
+            failing: HashSet::new(),
+            jobs,
+            jobs_rx: Arc::new(Mutex::new(jobs_rx)),
+            done,
+            done_tx,
+            threads: 0,
+            sources_read: None,
         }
     }
 
-    /// Readings that arrived since the last call (never waits), then pokes every worker for
-    /// the next interval.
+    /// Worker threads started so far (at most [`POOL_THREADS`]).
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Readings that arrived since the last call (never waits), then hands the pool one job
+    /// per idle source for the next interval.
     pub fn tick(&mut self) -> Vec<QemuReading> {
-        let got: Vec<QemuReading> = self.readings.try_iter().collect();
-        if self
-            .sockets_read
-            .is_none_or(|t| t.elapsed() >= SOCKETS_REFRESH)
-        {
-            self.sockets_read = Some(Instant::now());
-            let mut want = (self.sockets)();
-            want.sort();
-            want.dedup();
-            // Dropping a worker's poke sender ends its thread after its current poll.
-            self.workers.retain(|s, _| want.contains(s));
-            for s in want {
-                if !self.workers.contains_key(&s) {
-                    let (poke, pokes) = mpsc::sync_channel(1);
-                    let out = self.sender.clone();
-                    let socket = s.clone();
-                    let spawned = thread::Builder::new()
-                        .name("overkvm-qemu".into())
-                        .spawn(move || worker(socket, pokes, out));
-                    match spawned {
-                        Ok(_) => {
-                            self.workers.insert(s, poke);
-                        }
-                        Err(e) => log::warn!("starting a QEMU counter thread: {e}"),
+        let now = Instant::now();
+        let mut got = Vec::new();
+        for d in self.done.try_iter() {
+            // A source dropped from the list while its job was out: its answer is dropped too.
+            let Some(slot) = self.slots.get_mut(&d.source) else {
+                continue;
+            };
+            match d.result {
+                Ok(r) => {
+                    self.failing.remove(&d.source);
+                    got.extend(r);
+                    *slot = Slot::Idle(d.state);
+                }
+                Err(e) => {
+                    // Logged once per failure streak: a stopped VM's socket fails every time.
+                    if self.failing.insert(d.source.clone()) {
+                        log::debug!("QEMU counters from {:?}: {e:#}", d.source);
                     }
+                    *slot = Slot::Resting(d.state, now + FAILURE_REST);
                 }
             }
         }
-        for poke in self.workers.values() {
-            // Full: the worker has not taken the last poke yet (its QEMU is slow): skip.
-            match poke.try_send(()) {
-                Ok(()) | Err(TrySendError::Full(())) | Err(TrySendError::Disconnected(())) => {}
+        if self
+            .sources_read
+            .is_none_or(|t| t.elapsed() >= SOCKETS_REFRESH)
+        {
+            self.sources_read = Some(now);
+            let want: HashSet<CounterSource> = (self.sources)().into_iter().collect();
+            self.slots.retain(|s, _| want.contains(s));
+            self.failing.retain(|s| want.contains(s));
+            for s in want {
+                let state = SourceState::new(&s);
+                self.slots.entry(s).or_insert(Slot::Idle(state));
+            }
+            self.grow_pool();
+        }
+        for (source, slot) in &mut self.slots {
+            let ready = match slot {
+                Slot::Idle(_) => true,
+                Slot::Resting(_, until) => *until <= now,
+                Slot::Busy => false,
+            };
+            if !ready {
+                continue;
+            }
+            let state = match std::mem::replace(slot, Slot::Busy) {
+                Slot::Idle(st) | Slot::Resting(st, _) => st,
+                Slot::Busy => unreachable!("checked above"),
+            };
+            if self
+                .jobs
+                .send(Job {
+                    source: source.clone(),
+                    state,
+                })
+                .is_err()
+            {
+                // Every worker is gone (none could start): nothing will answer.
+                *slot = Slot::Resting(SourceState::new(source), now + FAILURE_REST);
             }
         }
         got
+    }
+
+    /// Starts workers up to [`POOL_THREADS`], no more than there are sources.
+    fn grow_pool(&mut self) {
+        while self.threads < POOL_THREADS.min(self.slots.len()) {
+            let jobs = Arc::clone(&self.jobs_rx);
+            let done = self.done_tx.clone();
+            match thread::Builder::new()
+                .name("overkvm-qemu".into())
+                .spawn(move || pool_worker(jobs, done))
+            {
+                Ok(_) => self.threads += 1,
+                Err(e) => {
+                    log::warn!("starting a QEMU counter thread: {e}");
+                    break;
+                }
+            }
+        }
     }
 }
 
@@ -238,59 +372,34 @@ mod tests {
     use std::{
         io::{BufRead as _, BufReader, Write as _},
         os::unix::net::UnixListener,
-        sync::{
-            Arc,
-            atomic::{AtomicUsize, Ordering},
-        },
+        sync::atomic::{AtomicUsize, Ordering},
     };
 
     use serde_json::{Value, json};
 
     use super::*;
 
-    fn only(socket: PathBuf) -> SocketList {
-        Box::new(move || vec![socket.clone()])
+    fn only(socket: PathBuf) -> SourceList {
+        Box::new(move || vec![CounterSource::Qmp(socket.clone())])
     }
 
-    /// A monitor that accepts and never says a word: every tick still returns at once.
-    #[test]
-    fn a_hung_monitor_never_stalls_the_interval() {
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("hung.sock");
-        let listener = UnixListener::bind(&sock).unwrap();
-        let held = Arc::new(std::sync::Mutex::new(Vec::new()));
+    /// A monitor that accepts connections and never says a word; the connections it got.
+    fn hung_monitor(sock: &Path) -> Arc<Mutex<Vec<std::os::unix::net::UnixStream>>> {
+        let listener = UnixListener::bind(sock).unwrap();
+        let held = Arc::new(Mutex::new(Vec::new()));
         let h = Arc::clone(&held);
         thread::spawn(move || {
             for s in listener.incoming().flatten() {
                 h.lock().unwrap().push(s);
             }
         });
-        let mut c = QemuCounters::new(only(sock));
-        for _ in 0..5 {
-            let t = Instant::now();
-            assert!(c.tick().is_empty());
-            assert!(
-                t.elapsed() < Duration::from_millis(100),
-                "{:?}",
-                t.elapsed()
-            );
-            thread::sleep(Duration::from_millis(50));
-        }
-        // Pokes while the worker waits on the hung monitor are dropped, not queued up.
-        assert!(
-            held.lock().unwrap().len() <= 2,
-            "{}",
-            held.lock().unwrap().len()
-        );
+        held
     }
 
-    /// A monitor with one NBD disk: readings arrive on later ticks, one request per poke, and
-    /// the backing is asked once.
-    #[test]
-    fn readings_of_a_network_disk_arrive_on_later_ticks() {
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("q.sock");
-        let listener = UnixListener::bind(&sock).unwrap();
+    /// A monitor with one NBD disk whose read count grows by 10 per `query-blockstats`; counts
+    /// the `query-blockstats` and `query-named-block-nodes` it answered.
+    fn nbd_monitor(sock: &Path) -> (Arc<AtomicUsize>, Arc<AtomicUsize>) {
+        let listener = UnixListener::bind(sock).unwrap();
         let (stats, nodes) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let (s2, n2) = (Arc::clone(&stats), Arc::clone(&nodes));
         thread::spawn(move || {
@@ -316,10 +425,95 @@ mod tests {
                         }
                         _ => json!({}),
                     };
-                    writeln!(w, "{}", json!({"return": reply, "id": v["id"]})).unwrap();
+                    if writeln!(w, "{}", json!({"return": reply, "id": v["id"]})).is_err() {
+                        break;
+                    }
                 }
             }
         });
+        (stats, nodes)
+    }
+
+    /// A monitor that accepts and never says a word: every tick still returns at once.
+    #[test]
+    fn a_hung_monitor_never_stalls_the_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("hung.sock");
+        let held = hung_monitor(&sock);
+        let mut c = QemuCounters::new(only(sock));
+        for _ in 0..5 {
+            let t = Instant::now();
+            assert!(c.tick().is_empty());
+            assert!(
+                t.elapsed() < Duration::from_millis(100),
+                "{:?}",
+                t.elapsed()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        // Ticks while the pool waits on the hung monitor send it nothing more.
+        assert!(
+            held.lock().unwrap().len() <= 1,
+            "{}",
+            held.lock().unwrap().len()
+        );
+    }
+
+    /// Many VMs share a few threads; monitors that never answer (more of them than threads)
+    /// hold no tick and keep the healthy ones from being read only until their timeout, and
+    /// are then left alone while they rest.
+    #[test]
+    fn many_sources_share_a_small_pool_and_hung_ones_rest() {
+        const GOOD: usize = 40;
+        const HUNG: usize = POOL_THREADS + 2;
+        let dir = tempfile::tempdir().unwrap();
+        let mut sources = Vec::new();
+        let mut good = Vec::new();
+        let mut hung = Vec::new();
+        for i in 0..GOOD {
+            let sock = dir.path().join(format!("good{i}.sock"));
+            good.push(nbd_monitor(&sock).0);
+            sources.push(CounterSource::Qmp(sock));
+        }
+        for i in 0..HUNG {
+            let sock = dir.path().join(format!("hung{i}.sock"));
+            hung.push(hung_monitor(&sock));
+            sources.push(CounterSource::Qmp(sock));
+        }
+        let list = sources.clone();
+        let mut c = QemuCounters::new(Box::new(move || list.clone()));
+        let start = Instant::now();
+        let mut per_pid_disks = 0;
+        let mut ticks = 0;
+        // Two timeouts for the hung ones to fail (each worker may take two in turn), then a
+        // second of healthy ticks.
+        while start.elapsed() < QMP_TIMEOUT * 2 + Duration::from_secs(1) {
+            let t = Instant::now();
+            per_pid_disks += c.tick().iter().map(|r| r.disks.len()).sum::<usize>();
+            assert!(t.elapsed() < Duration::from_millis(50), "{:?}", t.elapsed());
+            ticks += 1;
+            thread::sleep(Duration::from_millis(100));
+        }
+        assert!(c.threads() <= POOL_THREADS, "{} threads", c.threads());
+        // Each healthy monitor answered most ticks after the hung ones failed: at least 5.
+        for (i, g) in good.iter().enumerate() {
+            let n = g.load(Ordering::SeqCst);
+            assert!(n >= 5, "good monitor {i} read {n} times in {ticks} ticks");
+            assert!(n <= ticks, "at most one request per tick: {n} > {ticks}");
+        }
+        assert!(per_pid_disks >= GOOD * 5, "{per_pid_disks}");
+        for h in &hung {
+            assert_eq!(h.lock().unwrap().len(), 1, "a failed source rests");
+        }
+    }
+
+    /// A monitor with one NBD disk: readings arrive on later ticks, one request per tick, and
+    /// the backing is asked once.
+    #[test]
+    fn readings_of_a_network_disk_arrive_on_later_ticks() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("q.sock");
+        let (stats, nodes) = nbd_monitor(&sock);
         let mut c = QemuCounters::new(only(sock));
         let mut got = Vec::new();
         for _ in 0..6 {

@@ -99,36 +99,18 @@ pub fn from_query_block(reply: &Value) -> Vec<DiskLimits> {
 /// The `<disk>` elements of a libvirt domain XML that have a `<target dev=...>`: (target,
 /// the disk element's body, the `<iotune>` body or "" when it has none).
 pub fn libvirt_disks(xml: &str) -> Vec<(&str, &str, &str)> {
-    let Some(at) = managers::find_start_tag(xml, "domain").map(|(at, _, _)| at) else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    let mut rest = &xml[at..];
-    while let Some((_, tag, after)) = managers::find_start_tag(rest, "disk") {
-        if tag.ends_with('/') {
-            rest = after;
-            continue;
-        }
-        let Some(end) = after.find("</disk>") else {
-            break;
-        };
-        let disk = &after[..end];
-        rest = &after[end..];
-        let Some(target) = managers::find_start_tag(disk, "target")
-            .and_then(|(_, t, _)| managers::attribute(t, "dev"))
-            .filter(|d| !d.is_empty())
-        else {
-            continue;
-        };
-        let iotune = match managers::find_start_tag(disk, "iotune") {
-            Some((_, t, body)) if !t.ends_with('/') => {
-                body.find("</iotune>").map_or(body, |e| &body[..e])
-            }
-            _ => "",
-        };
-        out.push((target, disk, iotune));
-    }
-    out
+    super::libvirt::domain_disks(xml)
+        .into_iter()
+        .map(|d| {
+            let iotune = match managers::find_start_tag(d.body, "iotune") {
+                Some((_, t, body)) if !t.ends_with('/') => {
+                    body.find("</iotune>").map_or(body, |e| &body[..e])
+                }
+                _ => "",
+            };
+            (d.target, d.body, iotune)
+        })
+        .collect()
 }
 
 /// Limits from a libvirt domain XML (a status XML holds the live definition): the `<iotune>`

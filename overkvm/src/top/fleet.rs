@@ -67,6 +67,10 @@ pub struct FleetRow {
     pub instance: String,
     pub vm: String,
     pub device: String,
+    /// `qemu` for a disk QEMU counts (network storage, named as the VM's configuration names
+    /// it), None for a host block device.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
     /// All operations per second (reads, writes, discards, flushes, other).
     pub iops: f64,
     pub read_iops: f64,
@@ -150,7 +154,9 @@ fn gauge(by: &str, m: &names::Metric) -> String {
 impl Queries {
     pub fn new(window: Duration) -> Queries {
         let w = range(window);
-        let by = "instance, vm, device";
+        // With `source`: a disk QEMU counts may be named like a host device (a libvirt `vda`)
+        // and must not be summed with it.
+        let by = "instance, vm, device, source";
         let lat = names::VM_IO_LATENCY.exposed();
         Queries {
             ops: format!(
@@ -205,13 +211,15 @@ impl Answers {
     }
 }
 
-type RowId = (String, String, String);
+/// Host, VM, device and source (`""` for a host block device, `qemu` for a QEMU-counted disk).
+type RowId = (String, String, String, String);
 
 fn row_id(s: &Sample) -> RowId {
     (
         s.label("instance").to_string(),
         s.label("vm").to_string(),
         s.label("device").to_string(),
+        s.label("source").to_string(),
     )
 }
 
@@ -299,11 +307,17 @@ pub fn join(a: &Answers) -> Vec<FleetRow> {
         .collect();
     acc.into_iter()
         .filter(|(_, e)| e.ops > 0.0 || e.read_bytes + e.write_bytes > 0.0 || !e.limits.is_empty())
-        .map(|((instance, vm, device), e)| {
-            let dev_total = device_ops
-                .get(&(instance.as_str(), device.as_str()))
-                .copied()
-                .unwrap_or(0.0);
+        .map(|((instance, vm, device, source), e)| {
+            // A QEMU-counted disk has no host device: its share is of its own ops (its
+            // storage's other users are elsewhere), as in the local view.
+            let dev_total = if source.is_empty() {
+                device_ops
+                    .get(&(instance.as_str(), device.as_str()))
+                    .copied()
+                    .unwrap_or(0.0)
+            } else {
+                e.ops
+            };
             let qemu_limits: Vec<DiskLimits> = qemu
                 .get(&(instance.as_str(), vm.as_str()))
                 .map(|d| d.values().cloned().collect())
@@ -323,6 +337,7 @@ pub fn join(a: &Answers) -> Vec<FleetRow> {
                 instance,
                 vm,
                 device,
+                source: (!source.is_empty()).then_some(source),
                 iops: e.ops,
                 read_iops: e.read_ops,
                 write_iops: e.write_ops,
@@ -803,6 +818,40 @@ mod tests {
         assert!(web.qemu_limits.is_empty());
     }
 
+    /// A libvirt domain's network disk `vda` (source="qemu") and the host's own `vda` stay
+    /// two rows; the network disk's share is of its own ops, not the host device's.
+    #[test]
+    fn a_qemu_disk_named_like_a_host_device_is_its_own_row() {
+        let host = vm("h1:9746", "web01", "vda");
+        let mut net = host.clone();
+        net.push(("source", "qemu".into()));
+        let a = Answers {
+            ops: vec![
+                at(with(&host, &[("op", "read")]), 100.0),
+                at(with(&net, &[("op", "read")]), 40.0),
+            ],
+            device_ops: vec![sample(&[("instance", "h1:9746"), ("device", "vda")], 400.0)],
+            ..Answers::default()
+        };
+        let mut rows = join(&a);
+        sort_rows(&mut rows, SortOrder::DEFAULT);
+        assert_eq!(rows.len(), 2, "{rows:?}");
+        let (h, q) = (&rows[0], &rows[1]);
+        assert_eq!(
+            (h.iops, h.source.as_deref(), h.iops_share),
+            (100.0, None, Some(25.0))
+        );
+        assert_eq!(
+            (q.iops, q.source.as_deref(), q.iops_share),
+            (40.0, Some("qemu"), Some(100.0))
+        );
+        assert!(
+            Queries::new(Duration::from_secs(60))
+                .ops
+                .contains("device, source")
+        );
+    }
+
     #[test]
     fn hosts_sum_their_vms() {
         let a = answers();
@@ -847,7 +896,7 @@ mod tests {
         let q = Queries::new(Duration::from_secs(60));
         assert_eq!(
             q.ops,
-            "sum by (instance, vm, device, op) (rate(overkvm_vm_io_operations_total[60000ms]))"
+            "sum by (instance, vm, device, source, op) (rate(overkvm_vm_io_operations_total[60000ms]))"
         );
         assert!(q.bytes.contains("rate(overkvm_vm_io_bytes_total[60000ms])"));
         assert!(

@@ -97,7 +97,7 @@ fn run_batch(args: &TopOptions, opts: &LoadOptions) -> anyhow::Result<()> {
         log::warn!("{note}");
     }
     let mut pipeline = Pipeline::new(programs)?;
-    pipeline.count_qemu_disks(crate::lifecycle::list::qemu_sockets(&args.qemu));
+    pipeline.count_qemu_disks(crate::lifecycle::list::qemu_sources(&args.qemu));
     let mut done = 0u64;
     let stdout = std::io::stdout();
     loop {
@@ -285,7 +285,7 @@ fn sample_loop(
         return Ok(());
     }
     let mut pipeline = Pipeline::new(programs)?;
-    pipeline.count_qemu_disks(crate::lifecycle::list::qemu_sockets(qemu));
+    pipeline.count_qemu_disks(crate::lifecycle::list::qemu_sources(qemu));
     let mut taken = Instant::now();
     let mut paused = false;
     loop {

@@ -9,6 +9,7 @@ pub fn fleet_row(instance: &str, vm: &str, device: &str, reads: f64, writes: f64
         instance: instance.into(),
         vm: vm.into(),
         device: device.into(),
+        source: None,
         iops: reads + writes,
         read_iops: reads,
         write_iops: writes,

@@ -1,7 +1,8 @@
 //! The daemon at scale: 300 processes that look like VMs, each trickling direct I/O, plus 10
-//! busy ones (CPU and RSS of `overkvm-io serve -i 1`); then 1000 VMs on 2 devices that did a
-//! few I/Os and sit idle, while `/metrics` is scraped sequentially (latency p50/p99); and the
-//! kernel memory of overkvm's maps.
+//! busy ones (CPU and RSS of `overkvm-io serve -i 1`); then 300 VMs whose disk is on network
+//! storage, read over QMP, plus 10 whose monitor never answers (CPU, threads, ticks kept,
+//! scrape time); then 1000 VMs on 2 devices that did a few I/Os and sit idle, while `/metrics`
+//! is scraped sequentially (latency p50/p99); and the kernel memory of overkvm's maps.
 
 use std::{
     collections::BTreeSet,
@@ -371,7 +372,11 @@ pub fn run(ctx: &Ctx, args: &BenchArgs) -> anyhow::Result<Section> {
         (use300.rss_max_kib > 0).then_some(use300.rss_max_kib <= 64 * 1024),
     ));
 
-    // Part 2: 1000 idle VMs on 2 devices; scrape latency.
+    // Part 2: VMs with network disks, counted from QEMU's counters over QMP.
+    sys::check_interrupt()?;
+    net_part(ctx, args, &tmp.0, &mut md, &mut targets)?;
+
+    // Part 3: 1000 idle VMs on 2 devices; scrape latency.
     sys::check_interrupt()?;
     scrape_part(ctx, args, &qemu, &tmp.0, &mut md, &mut targets)?;
     let load_end = sys::loadavg();
@@ -382,6 +387,218 @@ pub fn run(ctx: &Ctx, args: &BenchArgs) -> anyhow::Result<Section> {
         markdown: md,
         targets,
     })
+}
+
+/// Sequential OpenMetrics scrapes: their latencies in ms, the last body, and the errors.
+fn scrapes(d: &Daemon, n: u64) -> anyhow::Result<(Vec<f64>, String, u64)> {
+    let mut lat_ms = Vec::new();
+    let mut last = String::new();
+    let mut errors = 0;
+    for _ in 0..n {
+        sys::check_interrupt()?;
+        match sys::http_get(
+            d.addr,
+            "/metrics",
+            sys::ACCEPT_OPENMETRICS,
+            Duration::from_secs(10),
+        ) {
+            Ok((200, body, took)) => {
+                lat_ms.push(took.as_secs_f64() * 1000.0);
+                last = String::from_utf8_lossy(&body).into_owned();
+            }
+            _ => errors += 1,
+        }
+    }
+    Ok((lat_ms, last, errors))
+}
+
+/// Threads of process `pid` whose name is `comm`.
+fn threads_named(pid: u32, comm: &str) -> usize {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| {
+                    fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == comm)
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// `overkvm_ticks_total` of an exposition.
+fn ticks_total(exposition: &str) -> Option<f64> {
+    stats::metric_lines(exposition, &["overkvm_ticks_total "])
+        .first()
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+}
+
+/// VMs whose one disk is on network storage: `qmpvm` stand-ins (a QMP monitor each, named
+/// `qemu-system-x86_64`, answering `query-blockstats` at once), plus some whose monitor never
+/// answers, all named to the daemon with `--qmp`. What it costs to read QEMU's counters of
+/// every VM each interval, and whether hung monitors cost ticks.
+fn net_part(
+    ctx: &Ctx,
+    args: &BenchArgs,
+    tmp: &Path,
+    md: &mut String,
+    targets: &mut Vec<Target>,
+) -> anyhow::Result<()> {
+    const OPS_PER_S: u64 = 20;
+    let (n, hung) = (args.net_vms, args.hung_vms);
+    let dir = tmp.join("net");
+    fs::create_dir_all(&dir)?;
+    let qemu = dir.join(QEMU);
+    fs::copy(&ctx.qmpvm, &qemu)
+        .with_context(|| format!("copying {} (built?)", ctx.qmpvm.display()))?;
+    let socket = |i: usize| dir.join(format!("vm{i:03}.qmp"));
+    let mut procs = Procs::default();
+    let cmds: Vec<Command> = (0..n + hung)
+        .map(|i| {
+            let mut c = Command::new(&qemu);
+            c.arg(socket(i)).arg(OPS_PER_S.to_string());
+            if i >= n {
+                c.arg("--hang");
+            }
+            c.args([
+                "-name",
+                &format!("guest=net{i:03},debug-threads=on"),
+                "-uuid",
+            ])
+            .arg(format!("00000000-0000-4000-8001-{i:012}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+            c
+        })
+        .collect();
+    let example = cmds.first().map(shell_line).unwrap_or_default();
+    spawn_all(&mut procs, cmds)?;
+    let t0 = Instant::now();
+    while !(0..n + hung).all(|i| socket(i).exists()) {
+        if t0.elapsed() > Duration::from_secs(30) {
+            anyhow::bail!("the QMP stand-ins did not all bind their sockets within 30 s");
+        }
+        sys::sleep(Duration::from_millis(100))?;
+    }
+    let extra: Vec<String> = (0..n + hung)
+        .flat_map(|i| {
+            [
+                "--qmp".to_string(),
+                socket(i).to_string_lossy().into_owned(),
+            ]
+        })
+        .collect();
+    progress(format!(
+        "scale: overkvm-io serve -i 1 --qmp x{} ({n} network-disk VMs, {hung} of them hung)",
+        n + hung
+    ));
+    let mut daemon =
+        Daemon::start_with(&ctx.overkvm, "1", &tmp.join("daemon-net.log"), &extra, None)?;
+    let metrics_up = daemon.wait_metrics(Duration::from_secs(10))?;
+    sys::sleep(WARMUP)?;
+    // Ticks the daemon made over the window, from its own counter (one scrape at each end).
+    let (ticks0, at0) = (scrapes(&daemon, 1)?.1, Instant::now());
+    let used = measure(&mut daemon, Duration::from_secs(args.window))?;
+    let (ticks1, at1) = (scrapes(&daemon, 1)?.1, Instant::now());
+    let ticks = match (ticks_total(&ticks0), ticks_total(&ticks1)) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
+    let ticks_span = (at1 - at0).as_secs_f64();
+    let (lat_ms, body, errors) = if metrics_up {
+        scrapes(&daemon, args.scrapes)?
+    } else {
+        (Vec::new(), String::new(), 0)
+    };
+    let pool = threads_named(daemon.pid(), "overkvm-qemu");
+    let all_threads = fs::read_dir(format!("/proc/{}/task", daemon.pid()))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    let disk_info = body
+        .lines()
+        .filter(|l| l.starts_with("overkvm_vm_disk_info{") && l.contains("source=\"qemu\""))
+        .count();
+    let (exited, bad) = procs.exited();
+    let self_lines = stats::metric_lines(&body, &SELF_METRICS);
+    let daemon_cmd = daemon.command.clone();
+    daemon.stop();
+    drop(procs);
+
+    let p = |q: f64| percentile(&lat_ms, q).map_or("n/a".into(), |v| format!("{v:.2} ms"));
+    let cpu = used.cpu_pct.map_or("n/a".into(), |c| format!("{c:.2}%"));
+    progress(format!(
+        "scale: network disks: daemon {cpu} of a core, {pool} QMP threads, {disk_info} of {n} \
+         disks on /metrics, scrape p50 {} p99 {}",
+        p(50.0),
+        p(99.0)
+    ));
+    let _ = writeln!(
+        md,
+        "### {n} VMs with network disks (+ {hung} whose QMP monitor never answers), daemon at -i 1\n\n\
+         - daemon: `{daemon_cmd}`\n\
+         - VM stand-ins: copies of `qmpvm` (tests/src/bin/qmpvm.rs) named `{QEMU}`, one process \
+         and one QMP socket each; their one disk's file child is an NBD node, its counters grow \
+         at {OPS_PER_S} reads and {OPS_PER_S} writes a second; no guest, no I/O (cost only: \
+         the counts are checked against real QEMUs and libvirt in tests/tests/netdisk.rs and \
+         libvirt.rs). {hung} more accept a connection and never answer. First one: `{example}`\n\
+         - measured after a {} s warm-up over {:.1} s, as above; then {} sequential OpenMetrics \
+         scrapes\n",
+        WARMUP.as_secs(),
+        used.wall_s,
+        args.scrapes
+    );
+    let _ = writeln!(
+        md,
+        "| daemon CPU (% of one core) | RSS max | threads (QMP pool) | ticks in {ticks_span:.0} s | \
+         network disks on /metrics | scrape p50 | scrape p99 | scrape errors | stand-ins exited early |\n\
+         |---|---|---|---|---|---|---|---|---|"
+    );
+    let _ = writeln!(
+        md,
+        "| {cpu} | {:.1} MiB | {all_threads} ({pool}) | {} | {disk_info} of {n} | {} | {} | {errors} | {exited}{} |\n",
+        mib(used.rss_max_kib),
+        ticks.map_or("n/a".into(), |t| format!("{t:.0}")),
+        p(50.0),
+        p(99.0),
+        bad.map_or(String::new(), |st| format!(" (first: {st})")),
+    );
+    let _ = writeln!(
+        md,
+        "Daemon CPU by thread: {}.\n",
+        used.threads
+            .iter()
+            .map(|(n, c)| format!("`{n}` {c:.2}%"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    if !self_lines.is_empty() {
+        let _ = writeln!(
+            md,
+            "Its own figures at the end (from /metrics):\n\n```\n{}\n```\n",
+            self_lines.join("\n")
+        );
+    }
+    targets.push(Target::new(
+        "scale: every network disk of 300 VMs counted on /metrics",
+        &format!("{n} of {n}"),
+        format!("{disk_info} of {n}"),
+        Some(disk_info == n),
+    ));
+    targets.push(Target::new(
+        "scale: QEMU counters of 300 VMs read by at most 4 threads",
+        "<= 4",
+        pool.to_string(),
+        Some(pool <= 4),
+    ));
+    // One tick a second at -i 1: hung monitors must not cost any.
+    let want_ticks = ticks_span.floor() - 1.0;
+    targets.push(Target::new(
+        "scale: no interval lost to hung QMP monitors",
+        &format!(">= {want_ticks:.0} ticks in {ticks_span:.0} s"),
+        ticks.map_or("n/a".into(), |t| format!("{t:.0}")),
+        ticks.map(|t| t >= want_ticks),
+    ));
+    Ok(())
 }
 
 fn scrape_part(

@@ -485,7 +485,7 @@ impl Daemon {
     /// Starts it and waits until its programs are attached ("metrics on" printed and program
     /// fds open).
     pub fn start(bin: &Path, interval: &str, log: &Path) -> anyhow::Result<Daemon> {
-        Daemon::start_on(bin, interval, log, None)
+        Daemon::start_with(bin, interval, log, &[], None)
     }
 
     /// `start`, with the daemon's threads kept on `cpu` when given.
@@ -495,16 +495,33 @@ impl Daemon {
         log: &Path,
         cpu: Option<usize>,
     ) -> anyhow::Result<Daemon> {
+        Daemon::start_with(bin, interval, log, &[], cpu)
+    }
+
+    /// [`Daemon::start_on`] with more arguments (`--qmp SOCKET`...). The command recorded
+    /// for the report shows the first few of a long list and how many there are.
+    pub fn start_with(
+        bin: &Path,
+        interval: &str,
+        log: &Path,
+        extra: &[String],
+        cpu: Option<usize>,
+    ) -> anyhow::Result<Daemon> {
         let port = free_port()?;
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-        let args = [
+        let mut args = vec![
             "serve".to_string(),
             "--listen".into(),
             addr.to_string(),
             "-i".into(),
             interval.into(),
         ];
-        let command = format!("{} {}", bin.display(), args.join(" "));
+        args.extend_from_slice(extra);
+        let shown = 5 + extra.len().min(4);
+        let mut command = format!("{} {}", bin.display(), args[..shown].join(" "));
+        if args.len() > shown {
+            command.push_str(&format!(" ... ({} arguments in all)", args.len()));
+        }
         let mut cmd = Command::new(bin);
         cmd.args(&args)
             .stdin(Stdio::null())
