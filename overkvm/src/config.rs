@@ -225,15 +225,19 @@ fn check_storage(v: &DeviceBudgetSpec, duplicate: bool) -> Result<(), String> {
         return Err("a [[storage]] budget names a target, not a device".into());
     }
     let Some(t) = &v.target else {
-        return Err("needs a target (rbd:POOL, nfs://SERVER/EXPORT, iscsi://PORTAL/IQN, \
+        return Err(
+            "needs a target (rbd:POOL, nfs://SERVER/EXPORT, iscsi://PORTAL/IQN, \
                     nbd://HOST:PORT[/EXPORT])"
-            .into());
+                .into(),
+        );
     };
     crate::storage_target::StorageTarget::parse(t)?;
     if v.latency_percentile.is_some() {
-        return Err("latency_percentile does not apply to storage: QEMU counts a mean time \
+        return Err(
+            "latency_percentile does not apply to storage: QEMU counts a mean time \
                     per operation, not a distribution, so latency_target is held by the mean"
-            .into());
+                .into(),
+        );
     }
     if duplicate {
         return Err("the same target has two budgets".into());
@@ -616,7 +620,9 @@ max_vm = 10
             "[[storage]]\ntarget = \"rbd:p\"\nlatency_target = \"5ms\"\nlatency_percentile = 99\n",
         );
         assert!(e.contains("mean"), "{e}");
-        let e = err("[[storage]]\ntarget = \"rbd:p\"\niops = 1\n[[storage]]\ntarget = \"rbd:p\"\niops = 2\n");
+        let e = err(
+            "[[storage]]\ntarget = \"rbd:p\"\niops = 1\n[[storage]]\ntarget = \"rbd:p\"\niops = 2\n",
+        );
         assert!(e.contains("line 4") && e.contains("two budgets"), "{e}");
     }
 

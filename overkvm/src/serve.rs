@@ -165,7 +165,9 @@ async fn serve(
     let mut throttle = if !config.has_budgets() {
         None
     } else {
-        Some(ThrottleService::start(&config, args.dry_run)?)
+        let mut t = ThrottleService::start(&config, args.dry_run)?;
+        t.use_qmp_sockets(&args.qemu.explicit);
+        Some(t)
     };
 
     let mut pipeline = Pipeline::new(programs)?;

@@ -28,7 +28,14 @@ pub struct StorageTarget {
 
 /// Schemes a budget may name: the ones `qemu::backing` produces for network disks.
 const SCHEMES: &[&str] = &[
-    "rbd", "nfs", "iscsi", "nbd", "nbd+unix", "gluster", "gluster+tcp", "ssh",
+    "rbd",
+    "nfs",
+    "iscsi",
+    "nbd",
+    "nbd+unix",
+    "gluster",
+    "gluster+tcp",
+    "ssh",
 ];
 
 /// The port a protocol uses when a URL leaves it out: `nbd://h/e` and `nbd://h:10809/e` are
@@ -59,7 +66,9 @@ impl StorageTarget {
             return Err("target is empty".into());
         }
         if t.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(format!("target {t:?} contains a space or a control character"));
+            return Err(format!(
+                "target {t:?} contains a space or a control character"
+            ));
         }
         if t.contains(['?', '#']) {
             return Err(format!(
@@ -97,7 +106,10 @@ impl StorageTarget {
         };
         match parsed.scheme.as_str() {
             "rbd" => {
-                need(!parsed.path.is_empty(), "a pool: rbd:POOL or rbd:POOL/IMAGE")?;
+                need(
+                    !parsed.path.is_empty(),
+                    "a pool: rbd:POOL or rbd:POOL/IMAGE",
+                )?;
                 if t.contains(':') && t.matches(':').count() > 1 {
                     return Err(format!(
                         "target {t:?} has rbd options (`:id=`, `:conf=`...): name only the \
@@ -107,18 +119,33 @@ impl StorageTarget {
             }
             "nfs" => {
                 need(!parsed.server.is_empty(), "a server: nfs://SERVER/EXPORT")?;
-                need(!parsed.path.is_empty(), "an export path: nfs://SERVER/EXPORT")?;
+                need(
+                    !parsed.path.is_empty(),
+                    "an export path: nfs://SERVER/EXPORT",
+                )?;
             }
             "iscsi" => {
-                need(!parsed.server.is_empty(), "a portal: iscsi://HOST[:PORT]/IQN")?;
-                need(!parsed.path.is_empty(), "a target IQN: iscsi://HOST[:PORT]/IQN")?;
-                need(parsed.path.len() <= 2, "at most an IQN and a LUN after the portal")?;
+                need(
+                    !parsed.server.is_empty(),
+                    "a portal: iscsi://HOST[:PORT]/IQN",
+                )?;
+                need(
+                    !parsed.path.is_empty(),
+                    "a target IQN: iscsi://HOST[:PORT]/IQN",
+                )?;
+                need(
+                    parsed.path.len() <= 2,
+                    "at most an IQN and a LUN after the portal",
+                )?;
                 if let Some(lun) = parsed.path.get(1) {
                     need(lun.parse::<u16>().is_ok(), "a numeric LUN after the IQN")?;
                 }
             }
             "nbd+unix" => need(!parsed.path.is_empty(), "an export: nbd+unix:///EXPORT")?,
-            _ => need(!parsed.server.is_empty(), "a server: SCHEME://HOST[:PORT]/...")?,
+            _ => need(
+                !parsed.server.is_empty(),
+                "a server: SCHEME://HOST[:PORT]/...",
+            )?,
         }
         Ok(parsed)
     }
@@ -130,7 +157,11 @@ impl StorageTarget {
             let scheme = scheme.to_ascii_lowercase();
             let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
             let authority = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-            (scheme.clone(), Self::server(&scheme, authority)?, components(path))
+            (
+                scheme.clone(),
+                Self::server(&scheme, authority)?,
+                components(path),
+            )
         } else {
             let (scheme, body) = t.split_once(':')?;
             if scheme.is_empty() || !scheme.chars().all(|c| c.is_ascii_alphanumeric()) {
@@ -239,36 +270,78 @@ mod tests {
     fn an_nfs_export_covers_the_files_under_it() {
         let b = "nfs://filer1/export/vms";
         assert!(covers(b, "nfs://filer1/export/vms/a/disk.qcow2"));
-        assert!(covers(b, "nfs://FILER1/export/vms/disk.qcow2"), "host names");
-        assert!(covers("nfs://filer1/export/vms/", "nfs://filer1/export/vms/d"));
-        assert!(!covers(b, "nfs://filer1/export/vms2/disk.qcow2"), "components");
+        assert!(
+            covers(b, "nfs://FILER1/export/vms/disk.qcow2"),
+            "host names"
+        );
+        assert!(covers(
+            "nfs://filer1/export/vms/",
+            "nfs://filer1/export/vms/d"
+        ));
+        assert!(
+            !covers(b, "nfs://filer1/export/vms2/disk.qcow2"),
+            "components"
+        );
         assert!(!covers(b, "nfs://filer2/export/vms/disk.qcow2"));
-        assert!(!covers(b, "nfs://filer1/export/Vms/d"), "paths are case-sensitive");
+        assert!(
+            !covers(b, "nfs://filer1/export/Vms/d"),
+            "paths are case-sensitive"
+        );
     }
 
     #[test]
     fn an_iscsi_target_covers_its_luns_on_its_portal() {
         let b = "iscsi://10.0.0.1/iqn.2010-01.com.example:store";
-        assert!(covers(b, "iscsi://10.0.0.1:3260/iqn.2010-01.com.example:store/1"));
-        assert!(covers(b, "iscsi://10.0.0.1:3260/iqn.2010-01.com.example:store/7"));
-        assert!(!covers(b, "iscsi://10.0.0.1:3261/iqn.2010-01.com.example:store/1"));
-        assert!(!covers(b, "iscsi://10.0.0.1/iqn.2010-01.com.example:store2/1"));
+        assert!(covers(
+            b,
+            "iscsi://10.0.0.1:3260/iqn.2010-01.com.example:store/1"
+        ));
+        assert!(covers(
+            b,
+            "iscsi://10.0.0.1:3260/iqn.2010-01.com.example:store/7"
+        ));
+        assert!(!covers(
+            b,
+            "iscsi://10.0.0.1:3261/iqn.2010-01.com.example:store/1"
+        ));
+        assert!(!covers(
+            b,
+            "iscsi://10.0.0.1/iqn.2010-01.com.example:store2/1"
+        ));
         let lun = "iscsi://10.0.0.1:3260/iqn.2010-01.com.example:store/1";
         assert!(covers(lun, lun));
-        assert!(!covers(lun, "iscsi://10.0.0.1:3260/iqn.2010-01.com.example:store/2"));
+        assert!(!covers(
+            lun,
+            "iscsi://10.0.0.1:3260/iqn.2010-01.com.example:store/2"
+        ));
     }
 
     #[test]
     fn an_nbd_server_covers_its_exports_and_an_export_itself() {
         assert!(covers("nbd://127.0.0.1:10809", "nbd://127.0.0.1:10809/exp"));
-        assert!(covers("nbd://127.0.0.1", "nbd://127.0.0.1:10809/exp"), "port");
-        assert!(covers("nbd://127.0.0.1:10809/exp", "nbd://127.0.0.1:10809/exp"));
-        assert!(!covers("nbd://127.0.0.1:10809/exp", "nbd://127.0.0.1:10809/exp2"));
-        assert!(!covers("nbd://127.0.0.1:10809", "nbd://127.0.0.1:10810/exp"));
+        assert!(
+            covers("nbd://127.0.0.1", "nbd://127.0.0.1:10809/exp"),
+            "port"
+        );
+        assert!(covers(
+            "nbd://127.0.0.1:10809/exp",
+            "nbd://127.0.0.1:10809/exp"
+        ));
+        assert!(!covers(
+            "nbd://127.0.0.1:10809/exp",
+            "nbd://127.0.0.1:10809/exp2"
+        ));
+        assert!(!covers(
+            "nbd://127.0.0.1:10809",
+            "nbd://127.0.0.1:10810/exp"
+        ));
         assert!(covers("nbd+unix:///exp", "nbd+unix:///exp"));
         assert!(covers("nbd://[::1]:10809", "nbd://[::1]:10809/e"));
         assert!(!covers("nbd://[::1]:10809", "nbd://[::2]:10809/e"));
-        assert!(covers("gluster://srv/vol", "gluster+tcp://srv:24007/vol/img"));
+        assert!(covers(
+            "gluster://srv/vol",
+            "gluster+tcp://srv:24007/vol/img"
+        ));
     }
 
     #[test]
@@ -291,7 +364,10 @@ mod tests {
     fn malformed_targets_are_refused_with_a_reason() {
         let err = |t: &str| StorageTarget::parse(t).unwrap_err();
         assert!(err("").contains("empty"));
-        assert!(err("loop0").contains("not a storage target"), "a device name");
+        assert!(
+            err("loop0").contains("not a storage target"),
+            "a device name"
+        );
         assert!(err("/dev/rbd0").contains("not a storage target"));
         assert!(err("ftp://h/x").contains("unknown scheme"));
         assert!(err("rbd:").contains("needs a pool"));
