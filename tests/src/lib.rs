@@ -5,6 +5,7 @@ pub mod devices;
 pub mod diskstats;
 pub mod guest;
 pub mod iogen;
+pub mod netstore;
 pub mod packages;
 pub mod prometheus;
 pub mod rootfs;

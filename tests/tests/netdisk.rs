@@ -17,6 +17,7 @@ use std::{
 
 use overkvm_tests::{
     guest::{self, Guest, GuestSpec, TempDir},
+    netstore::NbdServer,
     serving::{Serve, metric, scrape},
     skip_unless_kernel, workspace_bin,
 };
@@ -27,50 +28,6 @@ const READS: u64 = 200;
 /// Writes each followed by fsync on the device: one flush each (the disk has a write cache).
 const FLUSHED_WRITES: u64 = 5;
 const INTERVAL_S: f64 = 0.5;
-
-/// qemu-nbd serving one raw image on loopback; killed on drop.
-struct NbdServer {
-    child: Child,
-    port: u16,
-}
-
-impl NbdServer {
-    fn start(image: &std::path::Path) -> NbdServer {
-        // A port the kernel just handed out; qemu-nbd binds it right after.
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free loopback port")
-            .port();
-        let child = Command::new("qemu-nbd")
-            .args(["-f", "raw", "-x", "exp", "-b", "127.0.0.1", "-t", "-p"])
-            .arg(port.to_string())
-            .arg(image)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("starting qemu-nbd");
-        let mut server = NbdServer { child, port };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Ok(Some(st)) = server.child.try_wait() {
-                panic!("qemu-nbd exited at start: {st}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "qemu-nbd did not listen on {port}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        server
-    }
-}
-
-impl Drop for NbdServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 const IQN: &str = "iqn.2026-12.org.overkvm:netdisk";
 
@@ -253,7 +210,7 @@ fn network_disk_is_counted(backend: Backend) {
     let (server, target): (Box<dyn std::any::Any>, String) = match backend {
         Backend::Nbd => {
             let s = NbdServer::start(&image);
-            let url = format!("nbd://127.0.0.1:{}/exp", s.port);
+            let url = s.url();
             (Box::new(s), url)
         }
         Backend::Iscsi => {
