@@ -9,6 +9,8 @@
 //!    server) sets QEMU limits on both disks, and holds the pair's total reads per second at
 //!    the budget, shared fairly (equal weights).
 //! 3. SIGTERM: no QEMU limit is left on either disk, and the state file is gone.
+//! 4. Started again and killed with `kill -9` while engaged: `throttle reset` puts both disks
+//!    back from the state file alone.
 
 use std::{
     path::Path,
@@ -214,6 +216,36 @@ fn a_shared_nbd_budget_holds_two_guests_fairly_and_leaves_nothing_behind() {
         text.contains("nbd://127.0.0.1:") && text.contains("in QEMU through QMP"),
         "{text}"
     );
+
+    // 4. A crash while engaged: the record alone undoes it.
+    let daemon = Daemon::start_with(&config, &log, &["--qmp", &qa, "--qmp", &qb]);
+    assert!(
+        wait_until(Duration::from_secs(60), || limited(&a) && limited(&b)),
+        "QEMU limits on both disks again:\n{}",
+        log_text()
+    );
+    daemon.kill9();
+    assert!(
+        limited(&a) && limited(&b),
+        "kill -9 leaves the limits in QEMU"
+    );
+    let out = Command::new(overkvm_tests::workspace_bin("overkvm-io"))
+        .args(["throttle", "reset", "--config"])
+        .arg(&config)
+        .output()
+        .expect("throttle reset");
+    assert!(
+        out.status.success(),
+        "throttle reset: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (name, vm) in [("a", &a), ("b", &b)] {
+        let t = throttle(vm);
+        for k in SETTINGS {
+            assert_eq!(t[k].as_u64(), Some(0), "{name} {k} left after reset: {t}");
+        }
+    }
+    assert!(!state.exists(), "state file left after reset");
     drop(a);
     drop(b);
     drop(server);
