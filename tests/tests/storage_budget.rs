@@ -194,6 +194,24 @@ fn a_shared_nbd_budget_holds_two_guests_fairly_and_leaves_nothing_behind() {
         held[1],
         log_text()
     );
+    let out = Command::new(overkvm_tests::workspace_bin("overkvm-io"))
+        .args(["throttle", "status", "--config"])
+        .arg(&config)
+        .output()
+        .expect("throttle status");
+    let status = String::from_utf8_lossy(&out.stdout);
+    let budget_name = format!("nbd://127.0.0.1:{}", server.port);
+    for want in [
+        format!("storage {budget_name}"),
+        "ENGAGED".to_string(),
+        "(in QEMU: nbd0)".to_string(),
+        format!("(network, budget {budget_name})"),
+    ] {
+        assert!(
+            status.contains(&want),
+            "no {want:?} in throttle status:\n{status}"
+        );
+    }
     let recorded = std::fs::read_to_string(&state).expect("the state file while engaged");
     assert_eq!(
         recorded.matches("\"disk\"").count(),

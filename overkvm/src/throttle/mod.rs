@@ -1045,6 +1045,7 @@ impl ThrottleService {
                 .iter()
                 .map(|m| BudgetUse {
                     device: m.info.name.clone(),
+                    storage: m.storage.is_some(),
                     iops_budget: match m.iops {
                         Some(Budget::Total(b)) => Some(b as u64),
                         Some(Budget::PerDirection { read, write }) => {
@@ -1055,7 +1056,11 @@ impl ThrottleService {
                     iops_used: m.used_iops,
                     engaged: m.ctl_iops.engaged || m.ctl_bps.engaged,
                     latency_target_us: m.latency.map(|(t, _)| t),
-                    latency_percentile: m.latency.map(|(_, q)| q * 100.0),
+                    // A storage budget's latency is a mean, at no percentile.
+                    latency_percentile: m
+                        .latency
+                        .filter(|_| m.storage.is_none())
+                        .map(|(_, q)| q * 100.0),
                     latency_us: m
                         .latency
                         .and(m.ctl_latency.latency_us)
