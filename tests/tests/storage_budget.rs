@@ -9,8 +9,9 @@
 //!    server) sets QEMU limits on both disks, and holds the pair's total reads per second at
 //!    the budget, shared fairly (equal weights).
 //! 3. SIGTERM: no QEMU limit is left on either disk, and the state file is gone.
-//! 4. Started again and killed with `kill -9` while engaged: `throttle reset` puts both disks
-//!    back from the state file alone.
+//! 4. Started again with guest a at weight 2: the pair is held at the budget 2:1. Then
+//!    killed with `kill -9` while engaged: `throttle reset` puts both disks back from the
+//!    state file alone.
 
 use std::{
     path::Path,
@@ -30,7 +31,7 @@ use serde_json::Value;
 /// The pair's reads per second may be this far from the budget: the controller adapts the
 /// limits tick by tick around it, QEMU's leaky bucket holds each exactly.
 const TOLERANCE: f64 = 0.2;
-/// Each guest's share may differ from the other's by this factor at most (equal weights).
+/// Each guest's share may differ from what its weight gives it by this factor at most.
 const FAIRNESS: f64 = 1.35;
 /// The window each rate is measured over.
 const WINDOW: Duration = Duration::from_secs(10);
@@ -235,11 +236,34 @@ fn a_shared_nbd_budget_holds_two_guests_fairly_and_leaves_nothing_behind() {
         "{text}"
     );
 
-    // 4. A crash while engaged: the record alone undoes it.
+    // 4. Weights, then a crash while engaged: the record alone undoes it.
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("\n[[vm]]\nname = \"overkvm-sb-a\"\nweight = 2\n");
+    std::fs::write(&config, text).unwrap();
     let daemon = Daemon::start_with(&config, &log, &["--qmp", &qa, "--qmp", &qb]);
     assert!(
         wait_until(Duration::from_secs(60), || limited(&a) && limited(&b)),
         "QEMU limits on both disks again:\n{}",
+        log_text()
+    );
+    sleep(Duration::from_secs(8));
+    let weighted = rates(&[&a, &b]);
+    let total: f64 = weighted.iter().sum();
+    let ratio = weighted[0] / weighted[1];
+    eprintln!(
+        "weighted 2:1: a {:.0}/s, b {:.0}/s ({ratio:.2}x), total {total:.0}/s, budget {budget}",
+        weighted[0], weighted[1]
+    );
+    assert!(
+        (total - budget).abs() <= budget * TOLERANCE,
+        "weighted: the pair read {total:.0}/s, budget {budget}:\n{}",
+        log_text()
+    );
+    assert!(
+        (2.0 / FAIRNESS..=2.0 * FAIRNESS).contains(&ratio),
+        "weight 2: a {:.0}/s, b {:.0}/s:\n{}",
+        weighted[0],
+        weighted[1],
         log_text()
     );
     daemon.kill9();

@@ -1345,6 +1345,14 @@ mod tests {
         let mut svc = bare_service(dir.path().join("throttle.json"));
         let fake = Arc::new(FakeWriter::default());
         svc.act = Some(fake.clone());
+        svc.config.vms.push(crate::config::VmRule {
+            name: Some("a".into()),
+            uuid: None,
+            manager: None,
+            weight: Some(2.0),
+            reservation_iops: None,
+            exempt: false,
+        });
         let target = crate::storage_target::StorageTarget::parse("nbd://127.0.0.1:10809").unwrap();
         svc.devices.push(Managed {
             info: Arc::new(storage::budget_key(0, &target)),
@@ -1365,7 +1373,7 @@ mod tests {
             r
         };
         // Pids above pid_max: no qemu of theirs can be reached.
-        for _ in 0..6 {
+        for _ in 0..12 {
             let rows = vec![
                 row("a", u32::MAX - 1, "nbd://127.0.0.1:10809/exp", 400),
                 row("b", u32::MAX - 2, "nbd://127.0.0.1:10809/exp", 400),
@@ -1379,6 +1387,14 @@ mod tests {
         assert_eq!(view.budgets[0].device, "nbd://127.0.0.1:10809");
         assert_eq!(view.budgets[0].iops_used, 800.0, "a and b only");
         assert!(view.budgets[0].engaged);
+        // The controller's shares follow the weights as on a device (2:1 here).
+        let held = |vm: &str| {
+            let l = &svc.devices[0].ctl_iops.limits[vm];
+            l.write as f64
+        };
+        let (a, b) = (held("a"), held("b"));
+        assert!(a + b <= 300.0 * 1.02 && a + b >= 300.0 * 0.9, "a={a} b={b}");
+        assert!((1.8..=2.2).contains(&(a / b)), "weight 2: a={a} b={b}");
         assert!(fake.limits.lock().unwrap().is_empty(), "no cgroup limit");
         assert!(svc.applied.is_empty());
         assert!(
