@@ -1340,8 +1340,10 @@ mod tests {
     #[test]
     fn a_storage_budget_counts_its_targets_disks_and_never_limits_a_cgroup() {
         let dir = tempfile::tempdir().unwrap();
-        let config =
-            Config::parse("[[storage]]\ntarget = \"nbd://127.0.0.1:10809\"\niops = 300\n").unwrap();
+        let config = Config::parse(
+            "[[storage]]\ntarget = \"nbd://127.0.0.1:10809\"\niops = 300\nbps = 3000000\n",
+        )
+        .unwrap();
         let mut svc = bare_service(dir.path().join("throttle.json"));
         let fake = Arc::new(FakeWriter::default());
         svc.act = Some(fake.clone());
@@ -1357,7 +1359,7 @@ mod tests {
         svc.devices.push(Managed {
             info: Arc::new(storage::budget_key(0, &target)),
             iops: iops_budget(&config.storage[0]),
-            bps: None,
+            bps: bps_budget(&config.storage[0]),
             ctl_iops: DeviceController::default(),
             ctl_bps: DeviceController::default(),
             used_iops: 0.0,
@@ -1395,6 +1397,20 @@ mod tests {
         let (a, b) = (held("a"), held("b"));
         assert!(a + b <= 300.0 * 1.02 && a + b >= 300.0 * 0.9, "a={a} b={b}");
         assert!((1.8..=2.2).contains(&(a / b)), "weight 2: a={a} b={b}");
+        // Bytes too: a and b write 1.6 MB/s each, 3 MB/s between them; a's weighted share
+        // (2 MB/s) covers its use, b is held to the rest.
+        let m = &svc.devices[0];
+        assert!(m.ctl_bps.engaged);
+        assert!(
+            !m.ctl_bps.limits.contains_key("a"),
+            "{:?}",
+            m.ctl_bps.limits
+        );
+        let b_bps = m.ctl_bps.limits["b"].write as f64;
+        assert!(
+            (1.6e6 + b_bps) <= 3.0e6 * 1.02 && b_bps >= 1.0e6,
+            "b held to {b_bps} B/s"
+        );
         assert!(fake.limits.lock().unwrap().is_empty(), "no cgroup limit");
         assert!(svc.applied.is_empty());
         assert!(
