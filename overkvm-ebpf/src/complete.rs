@@ -7,10 +7,10 @@ use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::btf_tracepoint, programs::BtfT
 use overkvm_common::{Health, KeySlot, flush_charge};
 
 use crate::{
-    kernel::{KPtr, in_flush_sequence, off, read, read_addr, rq_ident, rq_queue_id},
+    kernel::{KPtr, arg_addr, in_flush_sequence, off, read, read_addr, rq_ident, rq_queue_id},
     maps::{
-        add_bytes, bio_take, count_flush, count_latency, flush_owner, health, inflight_holds,
-        inflight_peek, inflight_put, inflight_take,
+        add_bytes, bio_take, count_flush, count_latency, flush_completed, flush_issued,
+        flush_owner, health, inflight_holds, inflight_peek, inflight_put, inflight_take,
     },
     submit::op_codes,
 };
@@ -72,17 +72,26 @@ fn device_flush(rq: KPtr, fallback: bool) {
     }
 }
 
-/// Sorts a completion: a device flush, a step of a flush sequence (ignored, as the kernel's
-/// own statistics ignore it), or the end of a request started at submission.
+/// True when `rq` is the flush machinery's own `REQ_OP_FLUSH` request.
 #[inline(always)]
-fn completed(rq: KPtr, fallback: bool) {
+fn is_device_flush(rq: KPtr) -> bool {
     let codes = op_codes();
-    let opf: u32 = read(rq, off!(rq_cmd_flags)).unwrap_or(0);
-    if opf & codes.op_mask == codes.flush {
+    read::<u32>(rq, off!(rq_cmd_flags)).is_some_and(|opf| opf & codes.op_mask == codes.flush)
+}
+
+/// Sorts a completion: a device flush, a step of a flush sequence (ignored, as the kernel's
+/// own statistics ignore it), or the end of a request started at submission. True for a
+/// device flush.
+#[inline(always)]
+fn completed(rq: KPtr, fallback: bool) -> bool {
+    if is_device_flush(rq) {
         device_flush(rq, fallback);
-    } else if !in_flush_sequence(rq) {
+        return true;
+    }
+    if !in_flush_sequence(rq) {
         finish(rq, fallback);
     }
+    false
 }
 
 /// `block_io_done(struct request *rq)`, Linux 6.5+: called once per request when its
@@ -90,7 +99,7 @@ fn completed(rq: KPtr, fallback: bool) {
 /// and for the flush machinery's own flush requests (see `completed`).
 #[btf_tracepoint(function = "block_io_done")]
 pub fn io_done(ctx: BtfTracePointContext) -> i32 {
-    completed(ctx.arg(0), false);
+    let _ = completed(ctx.arg(0), false);
     0
 }
 
@@ -101,10 +110,10 @@ const FRONT_MERGES: usize = 4;
 /// it, with that bio's size. It is the head bio unless bios were front-merged in front of it
 /// (plug and scheduler merges), then one of the first few.
 #[inline(always)]
-fn take_allocating_bio(rq: KPtr) -> Option<(KeySlot, u32)> {
-    // The typed pointer reads the bio's fields; its numeric value (a second read: the
+fn take_allocating_bio(rq: KPtr, head: u64) -> Option<(KeySlot, u32)> {
+    // The typed pointer reads the bio's fields; its numeric value `head` (read apart: the
     // verifier forbids arithmetic on typed pointers) names the bio's entry.
-    let (mut bio, mut addr): (KPtr, u64) = (read(rq, off!(rq_bio))?, read_addr(rq, off!(rq_bio)));
+    let (mut bio, mut addr): (KPtr, u64) = (read(rq, off!(rq_bio))?, head);
     for _ in 0..FRONT_MERGES {
         if addr == 0 {
             return None;
@@ -130,14 +139,18 @@ fn take_allocating_bio(rq: KPtr) -> Option<(KeySlot, u32)> {
 #[btf_tracepoint(function = "block_rq_issue")]
 pub fn rq_issue(ctx: BtfTracePointContext) -> i32 {
     let rq: KPtr = ctx.arg(0);
+    let head = read_addr(rq, off!(rq_bio));
+    if head == 0 {
+        // Flush and passthrough requests carry no bio and were never counted at getrq.
+        if is_device_flush(rq) {
+            flush_issue(arg_addr(&ctx, 0), rq);
+        }
+        return 0;
+    }
     let Some((queue, tag)) = rq_ident(rq) else {
         return 0;
     };
-    if read_addr(rq, off!(rq_bio)) == 0 {
-        // Flush and passthrough requests carry no bio and were never counted at getrq.
-        return 0;
-    }
-    match take_allocating_bio(rq) {
+    match take_allocating_bio(rq, head) {
         Some((slot, counted)) => {
             // `rq_getrq` counted the allocating bio's bytes; bios merged into the request
             // since then (plug and elevator merges, e.g. writeback) are in its length now, and
@@ -170,6 +183,23 @@ pub fn rq_complete(ctx: BtfTracePointContext) -> i32 {
         health(Health::PartialCompletion);
         return 0;
     }
-    completed(rq, true);
+    if completed(rq, true) {
+        flush_completed(arg_addr(&ctx, 0));
+    }
     0
+}
+
+/// Fallback: the flush machinery issued its flush request to the driver. It is remembered in
+/// flight with the queue's latest requester, and a previous issue of the same request whose
+/// completion the hook never saw is charged now (see `Health::FlushCompletionUnseen`): the
+/// kernel counted that flush in `/proc/diskstats`.
+#[inline(always)]
+fn flush_issue(addr: u64, rq: KPtr) {
+    let owner = rq_queue_id(rq).and_then(flush_owner);
+    if let Some(slot) = flush_issued(addr, owner) {
+        health(Health::FlushCompletionUnseen);
+        if !count_flush(&slot, 0) {
+            health(Health::FlushUnattributed);
+        }
+    }
 }

@@ -14,9 +14,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, Queue, RingBuf},
 };
 use overkvm_common::{
-    BioInflight, FLUSH_OWNER_SLOTS, FlushOwner, HEALTH_SLOTS, Health, INFLIGHT_SLOTS, Inflight,
-    IoCounters, IoKey, IoStats, KeySlot, NOTICE_NEW_KEY, OP_COUNT, ProcessNotice, bio_slot,
-    capacity, inflight_slot, lat_bucket,
+    BioInflight, FLUSH_INFLIGHT_SLOTS, FLUSH_OWNER_SLOTS, FlushInflight, FlushOwner, HEALTH_SLOTS,
+    Health, INFLIGHT_SLOTS, Inflight, IoCounters, IoKey, IoStats, KeySlot, NOTICE_NEW_KEY,
+    OP_COUNT, ProcessNotice, bio_slot, capacity, flush_inflight_slot, inflight_slot, lat_bucket,
 };
 
 #[map]
@@ -62,6 +62,10 @@ pub static HEALTH: PerCpuArray<u64> = PerCpuArray::with_max_entries(HEALTH_SLOTS
 // Shared: the flush completes on any CPU.
 #[map]
 pub static FLUSH_OWNERS: Array<FlushOwner> = Array::with_max_entries(FLUSH_OWNER_SLOTS, 0);
+
+// Shared: a flush is issued on one CPU and completes on any.
+#[map]
+pub static FLUSH_INFLIGHT: Array<FlushInflight> = Array::with_max_entries(FLUSH_INFLIGHT_SLOTS, 0);
 
 /// Notices for userspace's naming thread (`ProcessNotice`): new keys (a process's first I/O on
 /// a device, per op), written only on the slow path that creates a key, so a few per process,
@@ -220,6 +224,39 @@ pub fn flush_owner(queue: u32) -> Option<KeySlot> {
     unsafe { ((*e).queue == queue.wrapping_add(1)).then(|| (*e).slot) }
 }
 
+/// Fallback mode: the device flush request at `ptr` was issued, for `owner`. Returns the owner
+/// of its previous issue when that one's completion was never seen (its entry is still held).
+#[inline(always)]
+pub fn flush_issued(ptr: u64, owner: Option<KeySlot>) -> Option<KeySlot> {
+    let e = FLUSH_INFLIGHT.get_ptr_mut(flush_inflight_slot(ptr))?;
+    unsafe {
+        // Both read whatever the entry holds (volatile, so the compiler keeps them apart from
+        // the test): a slot read only when the pointers match let the verifier walk a path on
+        // which the compiler's copy of it was never loaded.
+        let held = core::ptr::read_volatile(core::ptr::addr_of!((*e).ptr));
+        let held_slot = core::ptr::read_volatile(core::ptr::addr_of!((*e).slot));
+        let unseen = (held == ptr).then_some(held_slot);
+        match owner {
+            Some(slot) => {
+                (*e).slot = slot;
+                (*e).ptr = ptr;
+            }
+            None => (*e).ptr = 0,
+        }
+        unseen
+    }
+}
+
+/// Fallback mode: the device flush request at `ptr` completed; its entry is freed.
+#[inline(always)]
+pub fn flush_completed(ptr: u64) {
+    if let Some(e) = FLUSH_INFLIGHT.get_ptr_mut(flush_inflight_slot(ptr))
+        && unsafe { (*e).ptr } == ptr
+    {
+        unsafe { (*e).ptr = 0 };
+    }
+}
+
 /// Adds `bytes` (no op) to `key`: a bio merged into a request already counted.
 #[inline(always)]
 pub fn add_key_bytes(key: &IoKey, bytes: u64) {
@@ -285,53 +322,66 @@ pub fn count_bio(key: &IoKey, bytes: u64) {
 /// them share a hash; probing a few neighbours keeps them apart.
 const PROBES: u32 = 4;
 
-/// Claims an in-flight entry for request (`queue`, `tag`): its own stale one or a free one
-/// among its probes, else (all held by other live requests) its first, counting a collision.
+/// The entry among the `PROBES` of `map` from `h` that `owns` accepts (the caller's own), else
+/// the first `free` one, else (all held by other live requests or bios) the first, counting a
+/// collision: the overwritten one then counts a miss at its end.
 #[inline(always)]
-pub fn inflight_put(queue: u32, tag: u32, slot: KeySlot) {
-    let h = inflight_slot(queue, tag);
+fn claim<T>(
+    map: &Array<T>,
+    h: u32,
+    owns: impl Fn(&T) -> bool,
+    free: impl Fn(&T) -> bool,
+) -> Option<*mut T> {
     let mut target = None;
     for i in 0..PROBES {
-        let Some(e) = INFLIGHT.get_ptr_mut((h + i) & (INFLIGHT_SLOTS - 1)) else {
-            return;
-        };
-        let (t, q) = unsafe { ((*e).tag, (*e).queue) };
-        if t == tag && q == queue {
-            target = Some(e);
-            break;
+        let e = map.get_ptr_mut((h + i) & (INFLIGHT_SLOTS - 1))?;
+        let held = unsafe { &*e };
+        if owns(held) {
+            return Some(e);
         }
-        if t == 0 && target.is_none() {
+        if target.is_none() && free(held) {
             target = Some(e);
         }
     }
-    let e = match target {
-        Some(e) => e,
-        None => {
-            health(Health::InflightCollision);
-            let Some(e) = INFLIGHT.get_ptr_mut(h) else {
-                return;
-            };
-            e
+    if target.is_none() {
+        health(Health::InflightCollision);
+    }
+    target.or_else(|| map.get_ptr_mut(h))
+}
+
+/// The entry among the `PROBES` of `map` from `h` that `owns` accepts.
+#[inline(always)]
+fn find<T>(map: &Array<T>, h: u32, owns: impl Fn(&T) -> bool) -> Option<*mut T> {
+    for i in 0..PROBES {
+        let e = map.get_ptr_mut((h + i) & (INFLIGHT_SLOTS - 1))?;
+        if owns(unsafe { &*e }) {
+            return Some(e);
         }
-    };
-    unsafe {
-        (*e).queue = queue;
-        (*e).slot = slot;
-        (*e).tag = tag;
+    }
+    None
+}
+
+/// Claims an in-flight entry for request (`queue`, `tag`): its own stale one or a free one
+/// among its probes (see `claim`).
+#[inline(always)]
+pub fn inflight_put(queue: u32, tag: u32, slot: KeySlot) {
+    let h = inflight_slot(queue, tag);
+    let owns = |e: &Inflight| e.tag == tag && e.queue == queue;
+    if let Some(e) = claim(&INFLIGHT, h, owns, |e| e.tag == 0) {
+        unsafe {
+            (*e).queue = queue;
+            (*e).slot = slot;
+            (*e).tag = tag;
+        }
     }
 }
 
 /// The in-flight entry of request (`queue`, `tag`), if it holds one.
 #[inline(always)]
 fn inflight_find(queue: u32, tag: u32) -> Option<*mut Inflight> {
-    let h = inflight_slot(queue, tag);
-    for i in 0..PROBES {
-        let e = INFLIGHT.get_ptr_mut((h + i) & (INFLIGHT_SLOTS - 1))?;
-        if unsafe { (*e).tag == tag && (*e).queue == queue } {
-            return Some(e);
-        }
-    }
-    None
+    find(&INFLIGHT, inflight_slot(queue, tag), |e| {
+        e.tag == tag && e.queue == queue
+    })
 }
 
 /// The key slot of request (`queue`, `tag`) without taking it: a device flush borrows the tag
@@ -359,38 +409,19 @@ pub fn inflight_take(queue: u32, tag: u32) -> Option<KeySlot> {
 
 /// Fallback mode: remembers the key slot of the bio at `ptr` until its request is issued, in
 /// the first free entry among its probes (a plug holds dozens of bios at once: with one entry
-/// per hash, some of them met every few thousand bios). All held: overwrites the first one,
-/// counting a collision (that bio's request then counts a miss).
+/// per hash, some of them met every few thousand bios); see `claim`.
 #[inline(always)]
 pub fn bio_put(ptr: u64, slot: KeySlot) {
-    let h = bio_slot(ptr);
-    let mut target = None;
-    for i in 0..PROBES {
-        let Some(e) = BIO_INFLIGHT.get_ptr_mut((h + i) & (INFLIGHT_SLOTS - 1)) else {
-            return;
-        };
-        let held = unsafe { (*e).ptr };
-        if held == ptr {
-            target = Some(e);
-            break;
+    if let Some(e) = claim(
+        &BIO_INFLIGHT,
+        bio_slot(ptr),
+        |e| e.ptr == ptr,
+        |e| e.ptr == 0,
+    ) {
+        unsafe {
+            (*e).slot = slot;
+            (*e).ptr = ptr;
         }
-        if held == 0 && target.is_none() {
-            target = Some(e);
-        }
-    }
-    let e = match target {
-        Some(e) => e,
-        None => {
-            health(Health::InflightCollision);
-            let Some(e) = BIO_INFLIGHT.get_ptr_mut(h) else {
-                return;
-            };
-            e
-        }
-    };
-    unsafe {
-        (*e).slot = slot;
-        (*e).ptr = ptr;
     }
 }
 
@@ -400,13 +431,9 @@ pub fn bio_take(ptr: u64) -> Option<KeySlot> {
     if ptr == 0 {
         return None;
     }
-    let h = bio_slot(ptr);
-    for i in 0..PROBES {
-        let e = BIO_INFLIGHT.get_ptr_mut((h + i) & (INFLIGHT_SLOTS - 1))?;
-        if unsafe { (*e).ptr } == ptr {
-            unsafe { (*e).ptr = 0 };
-            return Some(unsafe { (*e).slot });
-        }
+    let e = find(&BIO_INFLIGHT, bio_slot(ptr), |e| e.ptr == ptr)?;
+    unsafe {
+        (*e).ptr = 0;
+        Some((*e).slot)
     }
-    None
 }

@@ -171,15 +171,6 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Fill of the map shown as `name` (zero when there is no such map).
-    pub fn map_fill(&self, name: &str) -> MapFill {
-        self.fill
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, f)| *f)
-            .unwrap_or_default()
-    }
-
     pub fn empty() -> Snapshot {
         Snapshot {
             at: Instant::now(),

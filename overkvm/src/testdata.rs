@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use crate::{
-    identity::Manager,
+    identity::{Manager, ProcessIdentity, VmIdentity},
     report::{CountSource, DeviceRow, HealthReport, OpCounts, ProcessRow, Report, VmRef},
 };
 
@@ -51,6 +51,33 @@ pub fn vm_process(name: &str, pid: u32, device: &str, reads: u64, writes: u64) -
             namespace: None,
         }),
         ..process("", pid, device, reads, writes)
+    }
+}
+
+/// What the resolver knows of a plain QEMU process `pid`: named `vm` when given, in `cgroup`;
+/// `complete` false for one read inside its exec.
+pub fn qemu_identity(
+    pid: u32,
+    start_time: u64,
+    cgroup: &str,
+    vm: Option<&str>,
+    complete: bool,
+) -> ProcessIdentity {
+    ProcessIdentity {
+        pid,
+        start_time,
+        comm: "qemu-system-x86".into(),
+        cgroup: cgroup.into(),
+        vm: vm.map(|name| VmIdentity {
+            name: name.into(),
+            uuid: None,
+            manager: Manager::Qemu,
+            vmid: None,
+            display_name: None,
+            namespace: None,
+        }),
+        kernel_thread: false,
+        complete,
     }
 }
 

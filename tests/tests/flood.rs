@@ -126,8 +126,14 @@ fn fork_storm_is_bounded_counted_and_spares_long_lived_vms() {
             }
         }
         dropped += d.health[Health::StatsFull as usize];
-        peak_entries = peak_entries.max(cur.map_fill("io_stats").entries);
-        capacity = cur.map_fill("io_stats").capacity;
+        let fill = cur
+            .fill
+            .iter()
+            .find(|(name, _)| *name == "io_stats")
+            .map(|(_, f)| *f)
+            .expect("the snapshot reports io_stats' fill");
+        peak_entries = peak_entries.max(fill.entries);
+        capacity = fill.capacity;
         sampler.prune(&cur, pid_alive);
         prev = cur;
         ticks += 1;

@@ -46,9 +46,13 @@ pub struct BenchArgs {
     /// Which benchmark to run.
     #[arg(value_enum, default_value = "all")]
     pub which: Which,
-    /// io: interleaved rounds of A B C; throttle: runs of the throttle test.
+    /// throttle, http and latency: runs of each.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
     pub rounds: u64,
+    /// io: interleaved, paired rounds (A, B, C, D, then B', C', D'); 9 or more give a 95%
+    /// interval of the median paired ratio.
+    #[arg(long, default_value_t = 9, value_parser = clap::value_parser!(u64).range(1..))]
+    pub io_rounds: u64,
     /// io: seconds each fio run measures (after a 1 s ramp).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub seconds: u64,
@@ -93,11 +97,15 @@ impl BenchArgs {
             Which::All => "all",
         };
         let mut s = format!("cargo xtask bench {which}");
-        if self.runs(Which::Io) || self.runs(Which::Throttle) || self.runs(Which::Http) {
+        if self.runs(Which::Throttle) || self.runs(Which::Http) {
             let _ = write!(s, " --rounds {}", self.rounds);
         }
         if self.runs(Which::Io) {
-            let _ = write!(s, " --seconds {}", self.seconds);
+            let _ = write!(
+                s,
+                " --io-rounds {} --seconds {}",
+                self.io_rounds, self.seconds
+            );
         }
         if self.runs(Which::Scale) {
             let _ = write!(

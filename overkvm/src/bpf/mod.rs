@@ -219,6 +219,7 @@ impl Programs {
         loader.override_global(programs::LAYOUT_GLOBAL, &report.layout, true);
         if mode != HookMode::RequestFallback {
             loader.map_max_entries(maps::BIO_INFLIGHT, 1);
+            loader.map_max_entries(maps::FLUSH_INFLIGHT, 1);
         }
         let cpus = aya::util::nr_cpus()
             .map_err(|(path, e)| anyhow!("reading the number of possible CPUs from {path}: {e}"))?;

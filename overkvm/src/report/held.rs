@@ -93,30 +93,18 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::{
-        identity::{Manager, ProcessIdentity, VmIdentity},
-        testdata,
-    };
+    use crate::{identity::Manager, testdata};
 
     /// What the resolver says of pid 50: inside its exec (half) or whole, named `web01`.
     fn seen(complete: bool, alive: bool) -> Seen {
         Seen {
-            ident: Some(Arc::new(ProcessIdentity {
-                pid: 50,
-                start_time: 9,
-                comm: "qemu-system-x86".into(),
-                cgroup: "/machine/web01".into(),
-                vm: complete.then(|| VmIdentity {
-                    name: "web01".into(),
-                    uuid: None,
-                    manager: Manager::Qemu,
-                    vmid: None,
-                    display_name: None,
-                    namespace: None,
-                }),
-                kernel_thread: false,
+            ident: Some(Arc::new(testdata::qemu_identity(
+                50,
+                9,
+                "/machine/web01",
+                complete.then_some("web01"),
                 complete,
-            })),
+            ))),
             alive,
         }
     }

@@ -128,10 +128,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::{
-        identity::{Manager, ProcessIdentity, VmIdentity},
-        qemu::counters::NetDiskReading,
-    };
+    use crate::{qemu::counters::NetDiskReading, testdata};
 
     fn reading(pid: u32, disk: &str, rd: u64, wr: u64, fl: u64) -> QemuReading {
         QemuReading {
@@ -155,22 +152,13 @@ mod tests {
 
     fn vm(pid: u32) -> Seen {
         Seen {
-            ident: Some(Arc::new(ProcessIdentity {
+            ident: Some(Arc::new(testdata::qemu_identity(
                 pid,
-                start_time: 7,
-                comm: "qemu-system-x86".into(),
-                cgroup: "/".into(),
-                vm: Some(VmIdentity {
-                    name: "web01".into(),
-                    uuid: None,
-                    manager: Manager::Qemu,
-                    vmid: None,
-                    display_name: None,
-                    namespace: None,
-                }),
-                kernel_thread: false,
-                complete: true,
-            })),
+                7,
+                "/",
+                Some("web01"),
+                true,
+            ))),
             alive: true,
         }
     }

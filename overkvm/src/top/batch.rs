@@ -2,7 +2,11 @@
 
 use std::io::{self, Write};
 
-use crate::{report::Report, stats, text::sanitize};
+use crate::{
+    report::{DeviceRow, Report},
+    stats,
+    text::sanitize,
+};
 
 /// Cuts to at most `width` characters, marking the cut with '+'.
 pub fn fit(s: &str, width: usize) -> String {
@@ -27,6 +31,69 @@ fn mb(bytes: u64, secs: f64) -> f64 {
 
 fn opt(v: Option<f64>) -> String {
     v.map(|v| format!("{v:.0}")).unwrap_or_else(|| "-".into())
+}
+
+/// The shape of a table of device rows.
+struct DeviceTable {
+    title: &'static str,
+    /// Width of the name column.
+    name: usize,
+    /// Whether it has a flushes column.
+    flushes: bool,
+}
+
+/// Block devices of the host, counted by the kernel hooks.
+const DEVICES: DeviceTable = DeviceTable {
+    title: "DEVICE",
+    name: 12,
+    flushes: false,
+};
+
+/// Network storage QEMU counts (long target names; QEMU's flushes are the guest's own).
+const STORAGE: DeviceTable = DeviceTable {
+    title: "STORAGE",
+    name: 40,
+    flushes: true,
+};
+
+/// One table of device rows, in the given order.
+fn device_table(
+    out: &mut impl Write,
+    t: &DeviceTable,
+    rows: &[DeviceRow],
+    secs: f64,
+) -> io::Result<()> {
+    let iv = std::time::Duration::from_secs_f64(secs.max(0.0));
+    let w = t.name;
+    let flush_head = if t.flushes {
+        format!(" {:>9}", "F/s")
+    } else {
+        String::new()
+    };
+    writeln!(
+        out,
+        "{:<w$} {:>9} {:>9} {:>9}{flush_head} {:>8} {:>8}  COUNTS",
+        t.title, "IO/s", "R/s", "W/s", "RMB/s", "WMB/s"
+    )?;
+    for d in rows {
+        let flushes = if t.flushes {
+            format!(" {:>9.0}", stats::rate(d.counts.flush_ops, iv))
+        } else {
+            String::new()
+        };
+        writeln!(
+            out,
+            "{:<w$} {:>9.0} {:>9.0} {:>9.0}{flushes} {:>8.1} {:>8.1}  {}",
+            fit(&sanitize(&d.device), w),
+            stats::rate(d.counts.total_ops(), iv),
+            stats::rate(d.counts.read_ops, iv),
+            stats::rate(d.counts.write_ops, iv),
+            mb(d.counts.read_bytes, secs),
+            mb(d.counts.write_bytes, secs),
+            d.source.name()
+        )?;
+    }
+    Ok(())
 }
 
 /// Writes one interval as text, processes in the report's order (see `sort::order_processes`).
@@ -56,45 +123,10 @@ pub fn write_table(out: &mut impl Write, r: &Report) -> io::Result<()> {
             r.health.read_errors
         )?;
     }
-    writeln!(
-        out,
-        "{:<12} {:>9} {:>9} {:>9} {:>8} {:>8}  {:<7}",
-        "DEVICE", "IO/s", "R/s", "W/s", "RMB/s", "WMB/s", "COUNTS"
-    )?;
-    for d in &r.devices {
-        writeln!(
-            out,
-            "{:<12} {:>9.0} {:>9.0} {:>9.0} {:>8.1} {:>8.1}  {:<7}",
-            fit(&sanitize(&d.device), 12),
-            stats::rate(d.counts.total_ops(), iv),
-            stats::rate(d.counts.read_ops, iv),
-            stats::rate(d.counts.write_ops, iv),
-            mb(d.counts.read_bytes, secs),
-            mb(d.counts.write_bytes, secs),
-            d.source.name()
-        )?;
-    }
+    device_table(out, &DEVICES, &r.devices, secs)?;
     if !r.storage.is_empty() {
         writeln!(out)?;
-        writeln!(
-            out,
-            "{:<40} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8}  COUNTS",
-            "STORAGE", "IO/s", "R/s", "W/s", "F/s", "RMB/s", "WMB/s"
-        )?;
-        for d in &r.storage {
-            writeln!(
-                out,
-                "{:<40} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>8.1} {:>8.1}  {}",
-                fit(&sanitize(&d.device), 40),
-                stats::rate(d.counts.total_ops(), iv),
-                stats::rate(d.counts.read_ops, iv),
-                stats::rate(d.counts.write_ops, iv),
-                stats::rate(d.counts.flush_ops, iv),
-                mb(d.counts.read_bytes, secs),
-                mb(d.counts.write_bytes, secs),
-                d.source.name()
-            )?;
-        }
+        device_table(out, &STORAGE, &r.storage, secs)?;
     }
     writeln!(out)?;
     writeln!(

@@ -1,9 +1,15 @@
 //! Cost per I/O and IOPS kept: fio on a loop device over /dev/shm with nothing attached (A),
-//! with `overkvm-io serve` (B) and with the peer, bpftrace counting per PID (C), interleaved.
+//! with `overkvm-io serve` (B), with the one-program peer, bpftrace counting per PID (C), and
+//! with the "same work" peer, bpftrace counting per PID with a latency histogram (D), in
+//! interleaved rounds whose order rotates, so each round's B, C and D pair with its own A.
 //!
 //! The kernel's BPF run-time statistics cost every program run two clock reads, more for a tool
 //! with several programs than for one with one: IOPS are measured with them off (as production
-//! runs), and the cost per I/O in separate runs of B and C with them on (B', C').
+//! runs), and the cost per I/O in separate runs with them on (B', C', D').
+//!
+//! The attached tool runs on CPU 0 and fio on CPU 1 (when there are two): the programs run in
+//! fio's context on submission and wherever the device completes, the daemon's own work never
+//! shares fio's CPU, and every run places them alike.
 
 use std::{collections::BTreeMap, fmt::Write as _, fs, process::Command, time::Duration};
 
@@ -20,10 +26,13 @@ enum Cfg {
     A,
     B,
     C,
+    D,
     /// B with BPF run-time statistics on, for the cost per I/O.
     BCost,
     /// C with BPF run-time statistics on.
     CCost,
+    /// D with BPF run-time statistics on.
+    DCost,
 }
 
 impl Cfg {
@@ -31,19 +40,35 @@ impl Cfg {
         match self {
             Cfg::A => "A: nothing attached",
             Cfg::B => "B: overkvm-io serve",
-            Cfg::C => "C: peer (bpftrace)",
+            Cfg::C => "C: one-program peer (bpftrace)",
+            Cfg::D => "D: same-work peer (bpftrace)",
             Cfg::BCost => "B': overkvm-io serve, BPF stats on",
-            Cfg::CCost => "C': peer, BPF stats on",
+            Cfg::CCost => "C': one-program peer, BPF stats on",
+            Cfg::DCost => "D': same-work peer, BPF stats on",
         }
     }
 
     /// Runs measuring BPF cost (statistics on); the others measure IOPS.
     fn cost(self) -> bool {
-        matches!(self, Cfg::BCost | Cfg::CCost)
+        matches!(self, Cfg::BCost | Cfg::CCost | Cfg::DCost)
     }
 }
 
-const CONFIGS: [Cfg; 5] = [Cfg::A, Cfg::B, Cfg::C, Cfg::BCost, Cfg::CCost];
+/// The IOPS configurations of one round, rotated by round so no config always runs first or
+/// last (a drift within the round then spreads over all of them), then the cost runs.
+fn round_order(round: u64) -> Vec<Cfg> {
+    let mut iops = [Cfg::A, Cfg::B, Cfg::C, Cfg::D];
+    iops.rotate_left(((round.saturating_sub(1)) % 4) as usize);
+    let mut order = iops.to_vec();
+    order.extend([Cfg::BCost, Cfg::CCost, Cfg::DCost]);
+    order
+}
+
+/// CPUs of the attached tool and of fio, when the machine has two or more.
+fn cpu_plan() -> Option<(usize, usize)> {
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (n >= 2).then_some((0, 1))
+}
 const RAMP_S: u64 = 1;
 const SIZE_MIB: u64 = 512;
 /// Program types that run on kernel events (other people's tracers slow every config alike).
@@ -87,8 +112,8 @@ impl Run {
     }
 }
 
-fn fio_args(dev: &str, seconds: u64) -> Vec<String> {
-    [
+fn fio_args(dev: &str, seconds: u64, cpu: Option<usize>) -> Vec<String> {
+    let mut args: Vec<String> = [
         "--name=randread",
         &format!("--filename={dev}"),
         "--rw=randread",
@@ -106,7 +131,11 @@ fn fio_args(dev: &str, seconds: u64) -> Vec<String> {
     ]
     .iter()
     .map(|s| s.to_string())
-    .collect()
+    .collect();
+    if let Some(cpu) = cpu {
+        args.push(format!("--cpus_allowed={cpu}"));
+    }
+    args
 }
 
 pub fn run(ctx: &Ctx, args: &BenchArgs) -> anyhow::Result<Section> {
@@ -124,19 +153,27 @@ pub fn run(ctx: &Ctx, args: &BenchArgs) -> anyhow::Result<Section> {
     let dev = LoopDev::new(SIZE_MIB, "io")?;
     let dev_name = dev.name();
     let disks = sys::whole_disks();
-    let fio = fio_args(&dev.path.to_string_lossy(), args.seconds);
+    let cpus = cpu_plan();
+    let fio = fio_args(&dev.path.to_string_lossy(), args.seconds, cpus.map(|c| c.1));
     let mut daemon_cmd = String::new();
     let mut runs = Vec::new();
-    for round in 1..=args.rounds {
-        for cfg in CONFIGS {
+    for round in 1..=args.io_rounds {
+        for cfg in round_order(round) {
             sys::check_interrupt()?;
             let load1 = sys::load1();
             progress(format!(
                 "io: round {round}/{}, {} (load {load1:.2})",
-                args.rounds,
+                args.io_rounds,
                 cfg.label()
             ));
-            let r = one_run(ctx, &tmp.0, &fio, &dev_name, &disks, cfg, &mut daemon_cmd)
+            let place = RunPlace {
+                tmp: &tmp.0,
+                fio: &fio,
+                dev_name: &dev_name,
+                disks: &disks,
+                tool_cpu: cpus.map(|c| c.0),
+            };
+            let r = one_run(ctx, &place, cfg, &mut daemon_cmd)
                 .with_context(|| format!("round {round}, {}", cfg.label()))?;
             let run = Run { round, load1, ..r };
             progress(format!(
@@ -177,28 +214,37 @@ pub fn run(ctx: &Ctx, args: &BenchArgs) -> anyhow::Result<Section> {
         &runs,
         &fio,
         &daemon_cmd,
+        cpus,
         &started,
         &load_start,
         &load_end,
     ))
 }
 
-fn one_run(
-    ctx: &Ctx,
-    tmp: &std::path::Path,
-    fio: &[String],
-    dev_name: &str,
-    disks: &std::collections::BTreeSet<String>,
-    cfg: Cfg,
-    daemon_cmd: &mut String,
-) -> anyhow::Result<Run> {
+/// Where every run happens: the same for all of them.
+struct RunPlace<'a> {
+    tmp: &'a std::path::Path,
+    fio: &'a [String],
+    dev_name: &'a str,
+    disks: &'a std::collections::BTreeSet<String>,
+    tool_cpu: Option<usize>,
+}
+
+fn one_run(ctx: &Ctx, place: &RunPlace, cfg: Cfg, daemon_cmd: &mut String) -> anyhow::Result<Run> {
+    let RunPlace {
+        tmp,
+        fio,
+        dev_name,
+        disks,
+        tool_cpu,
+    } = *place;
     // Attach, and know which programs are the attached tool's.
     let mut daemon = None;
     let mut peer = None;
     let owner = match cfg {
         Cfg::A => None,
         Cfg::B | Cfg::BCost => {
-            let d = Daemon::start(&ctx.overkvm, "1", &tmp.join("daemon.log"))?;
+            let d = Daemon::start_on(&ctx.overkvm, "1", &tmp.join("daemon.log"), tool_cpu)?;
             if !d.wait_metrics(Duration::from_secs(5))? {
                 progress("io:   (/metrics does not answer; measuring the programs anyway)");
             }
@@ -207,8 +253,13 @@ fn one_run(
             daemon = Some(d);
             Some(pid)
         }
-        Cfg::C | Cfg::CCost => {
-            let b = Bpftrace::start(&tmp.join("bpftrace.out"))?;
+        Cfg::C | Cfg::CCost | Cfg::D | Cfg::DCost => {
+            let program = if matches!(cfg, Cfg::C | Cfg::CCost) {
+                sys::PEER_PROGRAM
+            } else {
+                sys::SAME_WORK_PROGRAM
+            };
+            let b = Bpftrace::start(program, &tmp.join("bpftrace.out"), tool_cpu)?;
             let pid = b.pid();
             peer = Some(b);
             Some(pid)
@@ -329,6 +380,93 @@ fn per_program(runs: &[&Run]) -> Vec<(String, f64, f64, f64)> {
         .collect()
 }
 
+/// A median paired ratio (a config's IOPS over the same round's A, in percent) with its 95%
+/// interval.
+struct Kept {
+    ratios: Vec<f64>,
+    median: Option<f64>,
+    ci: Option<stats::MedianCi>,
+}
+
+impl Kept {
+    fn of(runs: &[Run], cfg: Cfg) -> Kept {
+        let rounds: std::collections::BTreeSet<u64> = runs.iter().map(|r| r.round).collect();
+        let ratios: Vec<f64> = rounds
+            .into_iter()
+            .filter_map(|round| {
+                let get = |c: Cfg| {
+                    runs.iter()
+                        .find(|r| r.round == round && r.cfg == c)
+                        .map(|r| r.fio.iops)
+                };
+                percent(get(cfg)?, get(Cfg::A)?)
+            })
+            .collect();
+        Kept {
+            median: median(&ratios),
+            ci: stats::median_ci(&ratios, 0.95),
+            ratios,
+        }
+    }
+
+    fn text(&self) -> String {
+        match (self.median, self.ci) {
+            (Some(m), Some(ci)) => format!(
+                "{m:.1}% ({:.1}-{:.1}, width {:.1} points, {:.1}% interval)",
+                ci.low,
+                ci.high,
+                ci.width(),
+                100.0 * ci.coverage
+            ),
+            (Some(m), None) => format!("{m:.1}% (too few rounds for a 95% interval)"),
+            _ => "n/a".into(),
+        }
+    }
+}
+
+fn targets(
+    ours: Option<f64>,
+    one: Option<f64>,
+    same: Option<f64>,
+    kept: &[Kept; 3],
+) -> Vec<Target> {
+    let [kb, kc, _] = kept;
+    vec![
+        Target::new(
+            "io: ns per I/O, all overkvm programs <= half the one-program peer's",
+            "<= peer / 2",
+            format!("{} vs {} / 2", fmt_ns(ours), fmt_ns(one)),
+            ours.zip(one).map(|(o, p)| o <= p / 2.0),
+        ),
+        Target::new(
+            "io: ns per I/O, all overkvm programs <= the same-work peer's",
+            "<= same-work peer",
+            format!("{} vs {}", fmt_ns(ours), fmt_ns(same)),
+            ours.zip(same).map(|(o, p)| o <= p),
+        ),
+        Target::new(
+            "io: IOPS kept with overkvm-io serve >= 97% (median paired ratio)",
+            ">= 97%",
+            kb.text(),
+            kb.median.map(|k| k >= 97.0),
+        ),
+        Target::new(
+            "io: 95% interval of IOPS kept narrower than 5 points",
+            "< 5 points",
+            kb.ci
+                .map(|ci| format!("{:.1} points", ci.width()))
+                .unwrap_or_else(|| "no interval".into()),
+            kb.ci.map(|ci| ci.width() < 5.0),
+        ),
+        Target::new(
+            "io: IOPS kept with overkvm >= with the one-program peer",
+            ">= peer",
+            format!("{} vs {}", fmt_pct(kb.median), fmt_pct(kc.median)),
+            kb.median.zip(kc.median).map(|(b, c)| b >= c),
+        ),
+    ]
+}
+
 #[allow(clippy::too_many_arguments)]
 fn report(
     ctx: &Ctx,
@@ -336,59 +474,28 @@ fn report(
     runs: &[Run],
     fio: &[String],
     daemon_cmd: &str,
+    cpus: Option<(usize, usize)>,
     started: &str,
     load_start: &str,
     load_end: &str,
 ) -> Section {
     let of = |c: Cfg| runs.iter().filter(|r| r.cfg == c).collect::<Vec<_>>();
     let iops = |c: Cfg| of(c).iter().map(|r| r.fio.iops).collect::<Vec<_>>();
-    let (a, b, c) = (iops(Cfg::A), iops(Cfg::B), iops(Cfg::C));
-    let (ma, mb, mc) = (median(&a), median(&b), median(&c));
-    let kept_b = ma.and_then(|ma| mb.and_then(|mb| percent(mb, ma)));
-    let kept_c = ma.and_then(|ma| mc.and_then(|mc| percent(mc, ma)));
-    let ns_list = |c: Cfg| {
-        of(c)
-            .iter()
-            .filter_map(|r| r.ns_per_io())
-            .collect::<Vec<_>>()
+    let ns = |c: Cfg| {
+        median(
+            &of(c)
+                .iter()
+                .filter_map(|r| r.ns_per_io())
+                .collect::<Vec<_>>(),
+        )
     };
-    let ours = median(&ns_list(Cfg::BCost));
-    let peer = median(&ns_list(Cfg::CCost));
-    // Paired ratios: each round's B and C against the same round's A.
-    let paired = |c: Cfg| {
-        (1..=args.rounds)
-            .filter_map(|round| {
-                let get = |cfg: Cfg| {
-                    runs.iter()
-                        .find(|r| r.round == round && r.cfg == cfg)
-                        .map(|r| r.fio.iops)
-                };
-                percent(get(c)?, get(Cfg::A)?)
-            })
-            .collect::<Vec<_>>()
-    };
-    let (paired_b, paired_c) = (paired(Cfg::B), paired(Cfg::C));
-
-    let targets = vec![
-        Target::new(
-            "io: ns per I/O, all overkvm programs <= the peer's",
-            "<= peer",
-            format!("{} vs {}", fmt_ns(ours), fmt_ns(peer)),
-            ours.zip(peer).map(|(o, p)| o <= p),
-        ),
-        Target::new(
-            "io: IOPS kept with overkvm-io serve >= 95%",
-            ">= 95%",
-            fmt_pct(kept_b),
-            kept_b.map(|k| k >= 95.0),
-        ),
-        Target::new(
-            "io: IOPS kept with overkvm >= with the peer",
-            ">= peer",
-            format!("{} vs {}", fmt_pct(kept_b), fmt_pct(kept_c)),
-            kept_b.zip(kept_c).map(|(b, c)| b >= c),
-        ),
+    let (ours, one, same) = (ns(Cfg::BCost), ns(Cfg::CCost), ns(Cfg::DCost));
+    let kept = [
+        Kept::of(runs, Cfg::B),
+        Kept::of(runs, Cfg::C),
+        Kept::of(runs, Cfg::D),
     ];
+    let targets = targets(ours, one, same, &kept);
     let noisy = runs.iter().any(|r| !r.foreign.is_empty());
 
     let mut md = String::new();
@@ -400,13 +507,28 @@ fn report(
     let _ = writeln!(
         md,
         "Setup: a loop device over a {SIZE_MIB} MiB file in /dev/shm (filled with data), \
-         {} interleaved rounds of A B C B' C', each run {} s after a {RAMP_S} s ramp. A, B and C \
-         run with `kernel.bpf_stats_enabled=0`, as production does (`serve` leaves the \
-         statistics off unless given `--bpf-stats`: they cost every BPF program two clock reads \
-         per run, which would tax a tool with several programs more than the one-program peer): \
-         their IOPS give \"IOPS kept\". B' and C' repeat B and C with the statistics on, for \
-         the nanoseconds per I/O. The sysctl is restored after the section.\n",
-        args.rounds, args.seconds
+         {} rounds; each round runs A, B, C and D (in an order rotated by round, so each of \
+         them pairs with its own round's A) and then B', C' and D', each run {} s after a \
+         {RAMP_S} s ramp. A to D run with `kernel.bpf_stats_enabled=0`, as production does \
+         (`serve` leaves the statistics off unless given `--bpf-stats`: they cost every BPF \
+         program two clock reads per run, which would tax a tool with several programs more \
+         than a one-program peer): their IOPS give \"IOPS kept\", the median over rounds of \
+         each round's ratio to A, with a distribution-free 95% interval from the order \
+         statistics. B', C' and D' repeat B, C and D with the statistics on, for the \
+         nanoseconds per I/O. The sysctl is restored after the section.\n",
+        args.io_rounds, args.seconds
+    );
+    let _ = writeln!(
+        md,
+        "- CPUs: {}",
+        match cpus {
+            Some((tool, fio_cpu)) => format!(
+                "the attached tool (daemon or bpftrace) is pinned to CPU {tool} and fio to CPU \
+                 {fio_cpu} (`--cpus_allowed`); the programs run in fio's context at submission \
+                 and wherever the loop device's worker completes"
+            ),
+            None => "one CPU: nothing pinned".into(),
+        }
     );
     let _ = writeln!(md, "- fio: `fio {}`", fio.join(" "));
     let _ = writeln!(
@@ -419,6 +541,7 @@ fn report(
         }
     );
     let _ = writeln!(md, "- C: `bpftrace -e '{}'`", sys::PEER_PROGRAM);
+    let _ = writeln!(md, "- D: `bpftrace -e '{}'`", sys::SAME_WORK_PROGRAM);
     let _ = writeln!(
         md,
         "- BPF cost: `bpftool prog show -j` before and after each fio run; Σ Δrun_time_ns of the \
@@ -427,64 +550,35 @@ fn report(
          the I/Os the hooks saw; on a quiet machine that is fio's own count plus its ramp). \
          \"per fio I/O\" divides by fio's post-ramp count instead (an upper bound).\n"
     );
+    runs_table(&mut md, runs);
     let _ = writeln!(
         md,
-        "| round | config | load1 | IOPS | fio I/Os | I/Os on the loop device | I/Os all disks | BPF ns per I/O | per fio I/O |"
-    );
-    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|");
-    for r in runs {
-        let _ = writeln!(
-            md,
-            "| {} | {} | {:.2} | {:.0} | {} | {} | {} | {} | {} |",
-            r.round,
-            r.cfg.label(),
-            r.load1,
-            r.fio.iops,
-            r.fio.ios,
-            r.dev_ios,
-            r.all_ios,
-            if r.cfg.cost() {
-                fmt_ns(r.ns_per_io())
-            } else {
-                "-".into()
-            },
-            if r.cfg.cost() {
-                fmt_ns(r.ns_per_fio_io())
-            } else {
-                "-".into()
-            },
-        );
-    }
-    let _ = writeln!(md);
-    let _ = writeln!(
-        md,
-        "| config | median IOPS | min | max | spread (max-min)/median | IOPS kept (median/median A) | paired per round | BPF ns per I/O (median of B', C') |"
+        "| config | median IOPS | min | max | spread (max-min)/median | IOPS kept: median paired ratio (95% interval) | paired per round | BPF ns per I/O (median of the cost runs) |"
     );
     let _ = writeln!(md, "|---|---|---|---|---|---|---|---|");
-    for (cfg, v, kept, paired, ns) in [
-        (Cfg::A, &a, Some(100.0), Vec::new(), None),
-        (Cfg::B, &b, kept_b, paired_b.clone(), ours),
-        (Cfg::C, &c, kept_c, paired_c.clone(), peer),
+    for (cfg, k, ns) in [
+        (Cfg::A, None, None),
+        (Cfg::B, Some(&kept[0]), ours),
+        (Cfg::C, Some(&kept[1]), one),
+        (Cfg::D, Some(&kept[2]), same),
     ] {
-        let s = spread(v);
+        let v = iops(cfg);
+        let s = spread(&v);
         let _ = writeln!(
             md,
             "| {} | {:.0} | {:.0} | {:.0} | {} | {} | {} | {} |",
             cfg.label(),
-            median(v).unwrap_or(f64::NAN),
+            median(&v).unwrap_or(f64::NAN),
             s.map(|s| s.min).unwrap_or(f64::NAN),
             s.map(|s| s.max).unwrap_or(f64::NAN),
             fmt_pct(s.map(|s| s.range_pct)),
-            fmt_pct(kept),
-            if paired.is_empty() {
-                "-".into()
-            } else {
-                paired
-                    .iter()
-                    .map(|p| format!("{p:.1}%"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            },
+            k.map_or("-".into(), Kept::text),
+            k.map_or("-".into(), |k| k
+                .ratios
+                .iter()
+                .map(|p| format!("{p:.1}%"))
+                .collect::<Vec<_>>()
+                .join(", ")),
             if cfg == Cfg::A {
                 "-".into()
             } else {
@@ -493,39 +587,12 @@ fn report(
         );
     }
     let _ = writeln!(md);
-    let _ = writeln!(
-        md,
-        "Per program (medians over the runs; events per I/O = Δrun_cnt / block I/Os):\n"
-    );
-    let _ = writeln!(
-        md,
-        "| who | program | ns per event | events per I/O | ns per I/O |"
-    );
-    let _ = writeln!(md, "|---|---|---|---|---|");
-    let mut costliest: Option<(String, f64)> = None;
-    for (who, cfg) in [("overkvm", Cfg::BCost), ("peer", Cfg::CCost)] {
-        for (name, per_event, per_io_events, per_io) in per_program(&of(cfg)) {
-            let _ = writeln!(
-                md,
-                "| {who} | {name} | {per_event:.0} | {per_io_events:.2} | {per_io:.0} |"
-            );
-            if cfg == Cfg::BCost && costliest.as_ref().is_none_or(|(_, c)| per_io > *c) {
-                costliest = Some((name.clone(), per_io));
-            }
-        }
-    }
-    let _ = writeln!(md);
-    if let Some((name, ns)) = &costliest {
-        let _ = writeln!(
-            md,
-            "Costliest overkvm program per I/O: `{name}` ({ns:.0} ns per I/O).\n"
-        );
-    }
+    programs_table(&mut md, runs);
     if noisy {
         let _ = writeln!(
             md,
             "Note: other people's tracing programs ran during some runs (listed below); they \
-             slow A, B and C alike but add noise.\n"
+             slow every config alike but add noise.\n"
         );
         for r in runs.iter().filter(|r| !r.foreign.is_empty()) {
             let _ = writeln!(
@@ -543,5 +610,94 @@ fn report(
         name: "io",
         markdown: md,
         targets,
+    }
+}
+
+/// Every run, in the order they ran.
+fn runs_table(md: &mut String, runs: &[Run]) {
+    let _ = writeln!(
+        md,
+        "| round | config | load1 | IOPS | fio I/Os | I/Os on the loop device | I/Os all disks | BPF ns per I/O | per fio I/O |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|");
+    for r in runs {
+        let cost = |v: Option<f64>| if r.cfg.cost() { fmt_ns(v) } else { "-".into() };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.2} | {:.0} | {} | {} | {} | {} | {} |",
+            r.round,
+            r.cfg.label(),
+            r.load1,
+            r.fio.iops,
+            r.fio.ios,
+            r.dev_ios,
+            r.all_ios,
+            cost(r.ns_per_io()),
+            cost(r.ns_per_fio_io()),
+        );
+    }
+    let _ = writeln!(md);
+}
+
+/// Each program's cost, and overkvm's costliest.
+fn programs_table(md: &mut String, runs: &[Run]) {
+    let _ = writeln!(
+        md,
+        "Per program (medians over the runs; events per I/O = Δrun_cnt / block I/Os):\n"
+    );
+    let _ = writeln!(
+        md,
+        "| who | program | ns per event | events per I/O | ns per I/O |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|");
+    let mut costliest: Option<(String, f64)> = None;
+    for (who, cfg) in [
+        ("overkvm", Cfg::BCost),
+        ("one-program peer", Cfg::CCost),
+        ("same-work peer", Cfg::DCost),
+    ] {
+        let of: Vec<&Run> = runs.iter().filter(|r| r.cfg == cfg).collect();
+        for (name, per_event, per_io_events, per_io) in per_program(&of) {
+            let _ = writeln!(
+                md,
+                "| {who} | {name} | {per_event:.0} | {per_io_events:.2} | {per_io:.0} |"
+            );
+            if cfg == Cfg::BCost && costliest.as_ref().is_none_or(|(_, c)| per_io > *c) {
+                costliest = Some((name.clone(), per_io));
+            }
+        }
+    }
+    let _ = writeln!(md);
+    if let Some((name, ns)) = &costliest {
+        let _ = writeln!(
+            md,
+            "Costliest overkvm program per I/O: `{name}` ({ns:.0} ns per I/O).\n"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_round_runs_each_config_once_and_rotates_who_goes_first() {
+        let firsts: Vec<Cfg> = (1..=4).map(|r| round_order(r)[0]).collect();
+        assert_eq!(firsts, [Cfg::A, Cfg::B, Cfg::C, Cfg::D]);
+        for round in 1..=9 {
+            let order = round_order(round);
+            assert_eq!(order.len(), 7);
+            for cfg in [
+                Cfg::A,
+                Cfg::B,
+                Cfg::C,
+                Cfg::D,
+                Cfg::BCost,
+                Cfg::CCost,
+                Cfg::DCost,
+            ] {
+                assert_eq!(order.iter().filter(|c| **c == cfg).count(), 1, "{cfg:?}");
+            }
+        }
     }
 }

@@ -20,6 +20,51 @@ pub fn median(values: &[f64]) -> Option<f64> {
     })
 }
 
+/// A distribution-free confidence interval of the median: the order statistics x(k) and
+/// x(n+1-k) with the largest k whose two-sided coverage, from the binomial(n, 1/2) law of how
+/// many values fall below the median, is at least `level` (0.95: for 9 values x(2)..x(8),
+/// 96.1%). None when no pair of order statistics reaches the level (fewer than 6 values at
+/// 95%) or a value is not a number.
+pub fn median_ci(values: &[f64], level: f64) -> Option<MedianCi> {
+    let v = sorted(values)?;
+    let n = v.len();
+    // P(B <= j) for B ~ binomial(n, 1/2), accumulated.
+    let mut below = Vec::with_capacity(n + 1);
+    let (mut c, mut acc) = (1.0f64, 0.0f64);
+    for j in 0..=n {
+        if j > 0 {
+            c = c * (n + 1 - j) as f64 / j as f64;
+        }
+        acc += c / 2f64.powi(n as i32);
+        below.push(acc);
+    }
+    // Coverage of [x(k), x(n+1-k)] is 1 - 2 P(B <= k-1).
+    (1..=n / 2)
+        .rev()
+        .map(|k| (k, 1.0 - 2.0 * below[k - 1]))
+        .find(|&(_, cov)| cov >= level)
+        .map(|(k, coverage)| MedianCi {
+            low: v[k - 1],
+            high: v[n - k],
+            coverage,
+        })
+}
+
+/// See `median_ci`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MedianCi {
+    pub low: f64,
+    pub high: f64,
+    /// The interval's exact coverage (at least the level asked for).
+    pub coverage: f64,
+}
+
+impl MedianCi {
+    pub fn width(&self) -> f64 {
+        self.high - self.low
+    }
+}
+
 fn sorted(values: &[f64]) -> Option<Vec<f64>> {
     if values.iter().any(|v| v.is_nan()) {
         return None;
@@ -399,6 +444,26 @@ pub fn merge_report(header: &str, existing: Option<&str>, new: &[(&str, String)]
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn median_ci_takes_the_order_statistics_the_binomial_law_allows() {
+        // 9 values: P(B <= 1) = 10/512, so x(2)..x(8) covers 1 - 20/512 = 96.09%; x(3)..x(7)
+        // would cover only 1 - 92/512 = 82%.
+        let v = [9.0, 1.0, 8.0, 2.0, 7.0, 3.0, 6.0, 4.0, 5.0];
+        let ci = median_ci(&v, 0.95).unwrap();
+        assert_eq!((ci.low, ci.high), (2.0, 8.0));
+        assert!((ci.coverage - (1.0 - 20.0 / 512.0)).abs() < 1e-12);
+        assert_eq!(ci.width(), 6.0);
+        // 6 values: x(1)..x(6) covers 1 - 2/64 = 96.9%; 5 values reach only 93.75%.
+        let six = median_ci(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 0.95).unwrap();
+        assert_eq!((six.low, six.high), (1.0, 6.0));
+        assert_eq!(median_ci(&[1.0, 2.0, 3.0, 4.0, 5.0], 0.95), None);
+        assert_eq!(median_ci(&[1.0, f64::NAN, 3.0, 4.0, 5.0, 6.0], 0.95), None);
+        // 20 values: x(6)..x(15) (P(B <= 5) = 0.0207).
+        let twenty: Vec<f64> = (1..=20).map(f64::from).collect();
+        let ci = median_ci(&twenty, 0.95).unwrap();
+        assert_eq!((ci.low, ci.high), (6.0, 15.0));
+    }
 
     #[test]
     fn bench_and_fuzz_keep_each_others_sections() {

@@ -485,6 +485,16 @@ impl Daemon {
     /// Starts it and waits until its programs are attached ("metrics on" printed and program
     /// fds open).
     pub fn start(bin: &Path, interval: &str, log: &Path) -> anyhow::Result<Daemon> {
+        Daemon::start_on(bin, interval, log, None)
+    }
+
+    /// `start`, with the daemon's threads kept on `cpu` when given.
+    pub fn start_on(
+        bin: &Path,
+        interval: &str,
+        log: &Path,
+        cpu: Option<usize>,
+    ) -> anyhow::Result<Daemon> {
         let port = free_port()?;
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
         let args = [
@@ -495,11 +505,15 @@ impl Daemon {
             interval.into(),
         ];
         let command = format!("{} {}", bin.display(), args.join(" "));
-        let child = Command::new(bin)
-            .args(&args)
+        let mut cmd = Command::new(bin);
+        cmd.args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(fs::File::create(log)?)
+            .stderr(fs::File::create(log)?);
+        if let Some(cpu) = cpu {
+            pin_to_cpu(&mut cmd, cpu);
+        }
+        let child = cmd
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
         let mut d = Daemon {
@@ -579,15 +593,44 @@ pub struct Bpftrace {
     out: PathBuf,
 }
 
+/// The one-program peer: a count per PID, the least a per-process tool can do.
 pub const PEER_PROGRAM: &str = "tracepoint:block:block_io_start { @[pid] = count(); }";
 
+/// The "same work" peer, as biotop does it: a count per PID at the start, and a latency
+/// histogram from the start to the end of each request (named by device and sector, which a
+/// request that completes whole keeps).
+pub const SAME_WORK_PROGRAM: &str = "tracepoint:block:block_io_start { @ios[pid] = count(); \
+     @start[args->dev, args->sector] = nsecs; } \
+     tracepoint:block:block_io_done /@start[args->dev, args->sector]/ { \
+     @lat = hist(nsecs - @start[args->dev, args->sector]); \
+     delete(@start[args->dev, args->sector]); }";
+
+/// Keeps the child's threads on `cpu` (set between fork and exec).
+pub fn pin_to_cpu(cmd: &mut Command, cpu: usize) {
+    // SAFETY: only async-signal-safe libc calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 impl Bpftrace {
-    pub fn start(out: &Path) -> anyhow::Result<Bpftrace> {
+    /// Runs `program`, on `cpu` when given, until dropped.
+    pub fn start(program: &str, out: &Path, cpu: Option<usize>) -> anyhow::Result<Bpftrace> {
         let mut cmd = Command::new("bpftrace");
-        cmd.args(["-e", PEER_PROGRAM])
+        cmd.args(["-e", program])
             .stdin(Stdio::null())
             .stdout(fs::File::create(out)?)
             .stderr(Stdio::from(fs::File::options().append(true).open(out)?));
+        if let Some(cpu) = cpu {
+            pin_to_cpu(&mut cmd, cpu);
+        }
         // bpftrace raises RLIMIT_MEMLOCK itself and complains when it cannot; give the child an
         // unlimited one when we may, else the hard limit (kernels since 5.11 charge BPF memory
         // to the memory cgroup, not to this limit).
