@@ -231,8 +231,9 @@ pub struct TopArgs {
 /// (network storage: rbd, iscsi, nbd, gluster, nfs, a file on an NFS mount).
 #[derive(Debug, Args)]
 pub struct QemuArgs {
-    /// A VM's QMP socket overkvm may use to read its network disks' counters (repeatable).
-    /// overkvm's own VMs are read without it; never name a monitor libvirt or Proxmox owns.
+    /// A VM's QMP socket overkvm may use to read its network disks' counters and, in `serve`
+    /// with budgets, to set its QEMU limits (repeatable). overkvm's own VMs are reached
+    /// without it; never name a monitor libvirt or Proxmox owns.
     #[arg(long = "qmp", value_name = "SOCKET")]
     pub qmp: Vec<PathBuf>,
     /// Do not read QEMU's counters of overkvm's own VMs.

@@ -92,11 +92,20 @@ pub enum ActuatorMode {
     Qemu,
 }
 
-/// One device's budget. Budgets apply to whole disks, by name, /dev path or "MAJ:MIN".
+/// One budget: of a local device (`[[device]]`: whole disks, by name, /dev path or
+/// "MAJ:MIN") or of a storage target VMs reach over the network (`[[storage]]`: a Ceph pool,
+/// an NFS export, an iSCSI target, an NBD server or export; see `storage_target`). The two
+/// share every budget figure; each names its subject with its own key.
 #[derive(Clone, Debug, Default, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceBudgetSpec {
+    /// `[[device]]`: the local device.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub device: String,
+    /// `[[storage]]`: the storage target, as `top` shows disks' targets (`rbd:volumes`,
+    /// `nbd://10.0.0.5:10809`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
     /// Total (read + write) IOPS budget.
     pub iops: Option<u64>,
     pub read_iops: Option<u64>,
@@ -197,9 +206,47 @@ fn check_policy(p: &Policy) -> anyhow::Result<()> {
 /// One `[[device]]` budget: what is wrong with it, if anything (`duplicate`: an earlier one
 /// names the same device).
 fn check_device(v: &DeviceBudgetSpec, duplicate: bool) -> Result<(), String> {
+    if v.target.is_some() {
+        return Err("a storage target's budget is a [[storage]] table, not a [[device]]".into());
+    }
     if v.device.trim().is_empty() {
         return Err("device is empty".into());
     }
+    if duplicate {
+        return Err("the same device has two budgets".into());
+    }
+    check_figures(v)
+}
+
+/// One `[[storage]]` budget: what is wrong with it, if anything (`duplicate`: an earlier one
+/// names the same target).
+fn check_storage(v: &DeviceBudgetSpec, duplicate: bool) -> Result<(), String> {
+    if !v.device.is_empty() {
+        return Err("a [[storage]] budget names a target, not a device".into());
+    }
+    let Some(t) = &v.target else {
+        return Err(
+            "needs a target (rbd:POOL, nfs://SERVER/EXPORT, iscsi://PORTAL/IQN, \
+                    nbd://HOST:PORT[/EXPORT])"
+                .into(),
+        );
+    };
+    crate::storage_target::StorageTarget::parse(t)?;
+    if v.latency_percentile.is_some() {
+        return Err(
+            "latency_percentile does not apply to storage: QEMU counts a mean time \
+                    per operation, not a distribution, so latency_target is held by the mean"
+                .into(),
+        );
+    }
+    if duplicate {
+        return Err("the same target has two budgets".into());
+    }
+    check_figures(v)
+}
+
+/// The figures of a budget, device or storage: what is wrong with them, if anything.
+fn check_figures(v: &DeviceBudgetSpec) -> Result<(), String> {
     let has_iops = v.iops.is_some() || v.read_iops.is_some() || v.write_iops.is_some();
     let has_bps = v.bps.is_some() || v.read_bps.is_some() || v.write_bps.is_some();
     if !has_iops && !has_bps && v.latency_target.is_none() {
@@ -241,9 +288,6 @@ fn check_device(v: &DeviceBudgetSpec, duplicate: bool) -> Result<(), String> {
             return Err(format!("{name} must be positive"));
         }
     }
-    if duplicate {
-        return Err("the same device has two budgets".into());
-    }
     Ok(())
 }
 
@@ -284,6 +328,8 @@ struct RawConfig {
     #[serde(default)]
     device: Vec<Spanned<DeviceBudgetSpec>>,
     #[serde(default)]
+    storage: Vec<Spanned<DeviceBudgetSpec>>,
+    #[serde(default)]
     vm: Vec<Spanned<VmRule>>,
 }
 
@@ -293,6 +339,8 @@ pub struct Config {
     pub policy: Policy,
     pub export: ExportConfig,
     pub devices: Vec<DeviceBudgetSpec>,
+    /// `[[storage]]` budgets, each with its `target` set.
+    pub storage: Vec<DeviceBudgetSpec>,
     pub vms: Vec<VmRule>,
 }
 
@@ -330,6 +378,22 @@ impl Config {
                 .map_err(|msg| anyhow::anyhow!("line {line}: [[device]] {:?}: {msg}", v.device))?;
             devices.push(v.clone());
         }
+        let mut storage: Vec<DeviceBudgetSpec> = Vec::new();
+        for d in &raw.storage {
+            let line = line_of(text, d.span().start);
+            let v = d.get_ref();
+            let same = storage.iter().any(|o| o.target == v.target);
+            check_storage(v, same).map_err(|msg| {
+                anyhow::anyhow!(
+                    "line {line}: [[storage]] {:?}: {msg}",
+                    v.target.as_deref().unwrap_or("")
+                )
+            })?;
+            storage.push(DeviceBudgetSpec {
+                target: v.target.as_ref().map(|t| t.trim().to_string()),
+                ..v.clone()
+            });
+        }
         let mut vms = Vec::new();
         for r in &raw.vm {
             let line = line_of(text, r.span().start);
@@ -341,8 +405,14 @@ impl Config {
             policy: raw.policy,
             export: raw.export,
             devices,
+            storage,
             vms,
         })
+    }
+
+    /// Whether any budget is configured (the throttle runs only then).
+    pub fn has_budgets(&self) -> bool {
+        !self.devices.is_empty() || !self.storage.is_empty()
     }
 
     /// The rule that applies to a VM: name and uuid rules before manager rules.
@@ -515,6 +585,45 @@ max_vm = 10
         assert!(e.contains("50 to 99.9"), "{e}");
         let e = err("[[device]]\ndevice = \"loop0\"\nlatency_target = \"fast\"\n");
         assert!(e.contains("line 3") && e.contains("not a duration"), "{e}");
+    }
+
+    #[test]
+    fn storage_budgets_name_a_target_and_are_checked() {
+        let c = Config::parse(
+            "[[storage]]\ntarget = \"rbd:volumes\"\niops = 20000\nwrite_bps = 400000000\n\
+             [[storage]]\ntarget = \" nbd://10.0.0.5:10809 \"\nlatency_target = \"20ms\"\n",
+        )
+        .unwrap();
+        assert!(c.devices.is_empty() && c.has_budgets());
+        assert_eq!(c.storage.len(), 2);
+        assert_eq!(c.storage[0].target.as_deref(), Some("rbd:volumes"));
+        assert_eq!(c.storage[0].iops, Some(20000));
+        assert_eq!(c.storage[1].target.as_deref(), Some("nbd://10.0.0.5:10809"));
+        let json = serde_json::to_value(&c.storage[0]).unwrap();
+        assert_eq!(json["target"], "rbd:volumes");
+        assert!(json.get("device").is_none(), "{json}");
+        assert!(!Config::default().has_budgets());
+
+        let e = err("[[storage]]\niops = 5\n");
+        assert!(e.contains("line 1") && e.contains("needs a target"), "{e}");
+        let e = err("[[storage]]\ntarget = \"iscsi://10.0.0.1\"\niops = 5\n");
+        assert!(e.contains("line 1") && e.contains("IQN"), "{e}");
+        let e = err("[[storage]]\ntarget = \"loop0\"\niops = 5\n");
+        assert!(e.contains("not a storage target"), "{e}");
+        let e = err("[[storage]]\ntarget = \"rbd:p\"\n");
+        assert!(e.contains("needs a budget"), "{e}");
+        let e = err("[[storage]]\ndevice = \"vda\"\niops = 5\n");
+        assert!(e.contains("not a device"), "{e}");
+        let e = err("[[device]]\ntarget = \"rbd:p\"\niops = 5\n");
+        assert!(e.contains("[[storage]] table"), "{e}");
+        let e = err(
+            "[[storage]]\ntarget = \"rbd:p\"\nlatency_target = \"5ms\"\nlatency_percentile = 99\n",
+        );
+        assert!(e.contains("mean"), "{e}");
+        let e = err(
+            "[[storage]]\ntarget = \"rbd:p\"\niops = 1\n[[storage]]\ntarget = \"rbd:p\"\niops = 2\n",
+        );
+        assert!(e.contains("line 4") && e.contains("two budgets"), "{e}");
     }
 
     #[test]

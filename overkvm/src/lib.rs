@@ -28,6 +28,7 @@ pub mod sample;
 pub mod serve;
 pub mod stats;
 pub mod status_file;
+pub mod storage_target;
 #[cfg(test)]
 mod testdata;
 pub mod text;

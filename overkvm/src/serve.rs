@@ -170,10 +170,12 @@ async fn serve(
     eprintln!("overkvm-io serve: metrics on {scheme}://{bound}/metrics");
     let server = http.spawn(exporter.clone().serve(listener, web));
 
-    let mut throttle = if config.devices.is_empty() {
+    let mut throttle = if !config.has_budgets() {
         None
     } else {
-        Some(ThrottleService::start(&config, args.dry_run)?)
+        let mut t = ThrottleService::start(&config, args.dry_run)?;
+        t.use_qmp_sockets(&args.qemu.explicit);
+        Some(t)
     };
 
     let mut pipeline = Pipeline::new(programs)?;

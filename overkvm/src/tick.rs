@@ -63,7 +63,11 @@ pub struct VmQemuLimits {
 /// A device budget and how much of it the last interval used.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct BudgetUse {
+    /// The device, or for a storage budget its target.
     pub device: String,
+    /// A `[[storage]]` budget: `device` is a storage target, its latency QEMU's mean.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub storage: bool,
     pub iops_budget: Option<u64>,
     pub iops_used: f64,
     /// The controller is holding guests to the budget.

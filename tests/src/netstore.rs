@@ -1,28 +1,36 @@
-//! Network storage servers for tests, on loopback: what a VM disk that no host block device
-//! sees is served by.
+//! Network storage served on loopback for tests of VM disks that no host block device sees:
+//! `qemu-nbd` over TCP.
 
 use std::{
     net::{TcpListener, TcpStream},
+    path::Path,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
-/// qemu-nbd serving one raw image on loopback; killed on drop.
+/// qemu-nbd serving one raw image as export `exp` on loopback; killed on drop.
 pub struct NbdServer {
     child: Child,
-    /// The loopback TCP port; the export is named `exp` (`nbd://127.0.0.1:PORT/exp`).
     pub port: u16,
 }
 
 impl NbdServer {
-    pub fn start(image: &std::path::Path) -> NbdServer {
+    /// One client at a time (qemu-nbd's default).
+    pub fn start(image: &Path) -> NbdServer {
+        NbdServer::start_shared(image, 1)
+    }
+
+    /// Up to `clients` clients at once (`-e`): several guests on the same export.
+    pub fn start_shared(image: &Path, clients: u32) -> NbdServer {
         // A port the kernel just handed out; qemu-nbd binds it right after.
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free loopback port")
             .port();
         let child = Command::new("qemu-nbd")
-            .args(["-f", "raw", "-x", "exp", "-b", "127.0.0.1", "-t", "-p"])
+            .args(["-f", "raw", "-x", "exp", "-b", "127.0.0.1", "-t", "-e"])
+            .arg(clients.to_string())
+            .arg("-p")
             .arg(port.to_string())
             .arg(image)
             .stdin(Stdio::null())
@@ -42,6 +50,11 @@ impl NbdServer {
             std::thread::sleep(Duration::from_millis(20));
         }
         server
+    }
+
+    /// `nbd://127.0.0.1:PORT/exp`, as QEMU's `-drive file=` takes it.
+    pub fn url(&self) -> String {
+        format!("nbd://127.0.0.1:{}/exp", self.port)
     }
 }
 

@@ -118,7 +118,16 @@ pub struct Daemon(pub Child);
 impl Daemon {
     /// Starts the daemon and waits until its throttle is up (leftovers reconciled).
     pub fn start(config: &Path, log_path: &Path) -> Daemon {
-        let d = Daemon::spawn(config, log_path);
+        Daemon::start_with(config, log_path, &[])
+    }
+
+    pub fn spawn(config: &Path, log: &Path) -> Daemon {
+        Daemon::spawn_with(config, log, &[])
+    }
+
+    /// As [`Daemon::start`], with more `serve` arguments (`--qmp SOCKET`).
+    pub fn start_with(config: &Path, log_path: &Path, args: &[&str]) -> Daemon {
+        let d = Daemon::spawn_with(config, log_path, args);
         let ready = wait_until(Duration::from_secs(20), || {
             fs::read_to_string(log_path).is_ok_and(|l| l.contains("throttling "))
         });
@@ -130,11 +139,13 @@ impl Daemon {
         d
     }
 
-    pub fn spawn(config: &Path, log: &Path) -> Daemon {
+    pub fn spawn_with(config: &Path, log: &Path, args: &[&str]) -> Daemon {
         let log = fs::File::create(log).unwrap();
         Daemon(
             Command::new(workspace_bin("overkvm-io"))
-                .args(["serve", "--listen", "127.0.0.1:0", "-i", "0.5", "--config"])
+                .args(["serve", "--listen", "127.0.0.1:0", "-i", "0.5"])
+                .args(args)
+                .arg("--config")
                 .arg(config)
                 .env("RUST_LOG", "info")
                 .stdout(Stdio::null())

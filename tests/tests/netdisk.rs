@@ -210,7 +210,7 @@ fn network_disk_is_counted(backend: Backend) {
     let (server, target): (Box<dyn std::any::Any>, String) = match backend {
         Backend::Nbd => {
             let s = NbdServer::start(&image);
-            let url = format!("nbd://127.0.0.1:{}/exp", s.port);
+            let url = s.url();
             (Box::new(s), url)
         }
         Backend::Iscsi => {

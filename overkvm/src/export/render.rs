@@ -964,6 +964,7 @@ mod tests {
         tk.throttle = Some(ThrottleView {
             dry_run: true,
             budgets: vec![BudgetUse {
+                storage: false,
                 device: "vda".into(),
                 iops_budget: Some(1000),
                 iops_used: 1200.5,

@@ -618,6 +618,7 @@ mod tests {
         let view = ThrottleView {
             budgets: vec![
                 BudgetUse {
+                    storage: false,
                     device: "loop0".into(),
                     iops_budget: Some(3000),
                     iops_used: 2700.0,
@@ -625,6 +626,7 @@ mod tests {
                     ..BudgetUse::default()
                 },
                 BudgetUse {
+                    storage: false,
                     device: "sdz".into(),
                     iops_budget: Some(100),
                     iops_used: 150.0,

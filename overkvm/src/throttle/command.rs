@@ -31,8 +31,9 @@ pub fn status(config: Option<&Path>, json: bool) -> anyhow::Result<()> {
         Some(v) => {
             for b in &v.budgets {
                 println!(
-                    "device {:<10} budget {:>8} IOPS  used {:>8.0} IOPS  {}",
-                    b.device,
+                    "{} {:<10} budget {:>8} IOPS  used {:>8.0} IOPS  {}",
+                    if b.storage { "storage" } else { "device" },
+                    sanitize(&b.device),
                     b.iops_budget
                         .map(|v| v.to_string())
                         .unwrap_or_else(|| "-".into()),
@@ -49,9 +50,10 @@ pub fn status(config: Option<&Path>, json: bool) -> anyhow::Result<()> {
                             .unwrap_or_else(|| "-".into())
                     };
                     println!(
-                        "       {:<10} latency p{} {} (target {})  capacity at target {}{}",
+                        "       {:<10} latency {} {} (target {})  capacity at target {}{}",
                         "",
-                        b.latency_percentile.unwrap_or(95.0),
+                        b.latency_percentile
+                            .map_or_else(|| "mean".to_string(), |p| format!("p{p}")),
                         ms(b.latency_us),
                         ms(Some(t)),
                         iops(b.capacity_iops),
@@ -84,14 +86,29 @@ pub fn status(config: Option<&Path>, json: bool) -> anyhow::Result<()> {
                     println!("qemu   vm {:<20} {}", sanitize(&q.vm), sanitize(&d.text()));
                 }
             }
-            // Network storage: counted by QEMU, outside every device budget.
+            // Network storage: counted by QEMU, in the storage budgets that cover it.
             for s in &v.storage {
+                let budgets: Vec<&str> = v
+                    .budgets
+                    .iter()
+                    .filter(|b| {
+                        b.storage
+                            && crate::storage_target::StorageTarget::parse(&b.device)
+                                .is_ok_and(|t| t.covers(&s.target))
+                    })
+                    .map(|b| b.device.as_str())
+                    .collect();
                 println!(
-                    "storage {:<40} R {:>8.0} IOPS  W {:>8.0} IOPS  VMs {}  (network, no budget)",
+                    "storage {:<40} R {:>8.0} IOPS  W {:>8.0} IOPS  VMs {}  (network, {})",
                     sanitize(&s.target),
                     s.read_iops,
                     s.write_iops,
-                    sanitize(&s.vms.join(", "))
+                    sanitize(&s.vms.join(", ")),
+                    if budgets.is_empty() {
+                        "no budget".to_string()
+                    } else {
+                        format!("budget {}", sanitize(&budgets.join(", ")))
+                    }
                 );
             }
             for p in &v.problems {
@@ -103,7 +120,7 @@ pub fn status(config: Option<&Path>, json: bool) -> anyhow::Result<()> {
         for b in &st.budgets {
             println!(
                 "budget {} iops={:?} latency_target={:?}",
-                b.device,
+                sanitize(b.target.as_deref().unwrap_or(&b.device)),
                 b.iops,
                 b.latency_target
                     .map(|t| humantime::format_duration(t).to_string())

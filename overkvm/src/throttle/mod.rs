@@ -23,6 +23,7 @@ mod qemu_hold;
 pub mod ratelimit;
 pub mod sharing;
 pub mod state;
+pub mod storage;
 
 use std::{
     collections::{BTreeMap, HashSet, VecDeque},
@@ -42,6 +43,7 @@ use self::{
     ratelimit::{LogLimiter, Verdict},
     sharing::SharingMemory,
     state::{MovedProcess, ThrottleState},
+    storage::StorageBudget,
 };
 use crate::{
     config::{ActuatorMode, Config, DeviceBudgetSpec},
@@ -119,6 +121,8 @@ struct Managed {
     /// Latency target (µs) and the quantile (0-1) it applies to.
     latency: Option<(f64, f64)>,
     ctl_latency: LatencyController,
+    /// Set for a `[[storage]]` budget: `info` is then its key (`storage::budget_key`).
+    storage: Option<StorageBudget>,
 }
 
 struct Applied {
@@ -248,6 +252,25 @@ impl ThrottleService {
                     .latency_target
                     .map(|t| (t.as_secs_f64() * 1e6, spec.latency_quantile())),
                 ctl_latency: LatencyController::default(),
+                storage: None,
+            });
+        }
+        for (n, spec) in config.storage.iter().enumerate() {
+            let target = crate::storage_target::StorageTarget::parse(
+                spec.target.as_deref().unwrap_or_default(),
+            )
+            .map_err(|e| anyhow::anyhow!("budget for storage: {e}"))?;
+            devices.push(Managed {
+                info: Arc::new(storage::budget_key(n, &target)),
+                iops: iops_budget(spec),
+                bps: bps_budget(spec),
+                ctl_iops: DeviceController::default(),
+                ctl_bps: DeviceController::default(),
+                used_iops: 0.0,
+                // QEMU's mean per operation stands for the latency (`check_storage`).
+                latency: spec.latency_target.map(|t| (t.as_secs_f64() * 1e6, 0.5)),
+                ctl_latency: LatencyController::default(),
+                storage: Some(StorageBudget::new(target)),
             });
         }
         let act = match Actuator::for_host() {
@@ -294,6 +317,12 @@ impl ThrottleService {
             if dry_run { " (dry run)" } else { "" }
         );
         Ok(svc)
+    }
+
+    /// QMP sockets the operator named (`serve --qmp`): VMs started with one are held through
+    /// it like overkvm's own (their network disks' budgets need it: no cgroup holds them).
+    pub fn use_qmp_sockets(&mut self, sockets: &[PathBuf]) {
+        self.qemu.given_sockets = sockets.to_vec();
     }
 
     /// Removes what a previous run left (after a crash or kill -9).
@@ -508,6 +537,18 @@ impl ThrottleService {
 
     fn step_device(&mut self, i: usize, report: &Report, secs: f64) {
         let disk = self.devices[i].info.dev;
+        let qemu_counted =
+            |row: &crate::report::ProcessRow| row.source == crate::report::CountSource::Qemu;
+        if let Some(s) = self.devices[i].storage.as_mut() {
+            for row in report.processes.iter().filter(|r| qemu_counted(r)) {
+                if s.covers(row.target.as_deref()) {
+                    s.note(row.pid, &row.device);
+                }
+            }
+            let qemu = &self.qemu;
+            s.retain(|pid| qemu.cached(pid).is_some());
+        }
+        let storage = self.devices[i].storage.as_ref();
         let (table, api) = (&mut self.table, self.act.as_ref().map(|a| a.api()));
         let DeviceUse {
             mut vms,
@@ -518,26 +559,46 @@ impl ThrottleService {
         } = aggregate::device_use(
             report,
             secs,
-            // A disk QEMU counts (network storage) is on no host device: never in a budget.
-            |row| {
-                row.source != crate::report::CountSource::Qemu
-                    && table.get(make_dev(row.major, row.minor)).disk_dev == disk
+            // A disk QEMU counts (network storage) is on no host device: only in a storage
+            // budget that covers its target, never in a device's.
+            |row| match storage {
+                Some(s) => qemu_counted(row) && s.covers(row.target.as_deref()),
+                None => {
+                    !qemu_counted(row) && table.get(make_dev(row.major, row.minor)).disk_dev == disk
+                }
             },
             |pid| crate::host::proc::block_cgroup(pid, api?),
         );
-        self.count_host_cached(disk, &mut vms, &mut bg_iops, &mut bg_bps, flusher);
+        let observed = match storage {
+            Some(s) => {
+                let rows: Vec<(Option<f64>, u64)> = report
+                    .processes
+                    .iter()
+                    .filter(|r| qemu_counted(r) && s.covers(r.target.as_deref()))
+                    .map(|r| (r.lat_avg_us, r.completions))
+                    .collect();
+                let completions = rows.iter().map(|r| r.1).sum();
+                (storage::mean_latency_us(rows), completions)
+            }
+            None => {
+                let q = self.devices[i].latency.map_or(0.5, |(_, q)| q);
+                (
+                    crate::stats::quantile_us(&device_latency, q),
+                    device_latency.count(),
+                )
+            }
+        };
+        if self.devices[i].storage.is_none() {
+            self.count_host_cached(disk, &mut vms, &mut bg_iops, &mut bg_bps, flusher);
+        }
         let guests = |bytes: bool| -> BTreeMap<String, GuestUse> {
             vms.iter()
                 .map(|(n, u)| (n.clone(), self.guest_use(u, n, bytes)))
                 .collect()
         };
         let (iops_guests, bps_guests) = (guests(false), guests(true));
-        let mut touched = self.control_step(
-            i,
-            (&iops_guests, bg_iops),
-            (&bps_guests, bg_bps),
-            &device_latency,
-        );
+        let mut touched =
+            self.control_step(i, (&iops_guests, bg_iops), (&bps_guests, bg_bps), observed);
         touched.extend(self.not_in_place(i, &vms));
         touched.sort();
         touched.dedup();
@@ -569,12 +630,13 @@ impl ThrottleService {
 
     /// One tick of device `i`'s controllers (IOPS with its latency target, bytes): returns
     /// the VMs whose limits they changed, and logs when throttling engages or lets go.
+    /// `observed`: the latency (µs) the target applies to and the completions it is from.
     fn control_step(
         &mut self,
         i: usize,
         (iops_guests, bg_iops): (&BTreeMap<String, GuestUse>, (f64, f64)),
         (bps_guests, bg_bps): (&BTreeMap<String, GuestUse>, (f64, f64)),
-        device_latency: &crate::sample::Histogram,
+        (latency_us, completions): (Option<f64>, u64),
     ) -> Vec<String> {
         let knobs = self.knobs.clone();
         let byte_knobs = Knobs {
@@ -589,12 +651,12 @@ impl ThrottleService {
             iops_guests.values().map(|g| g.read + g.write).sum::<f64>() + bg_iops.0 + bg_iops.1;
         let mut touched: Vec<String> = Vec::new();
         if m.iops.is_some() || m.latency.is_some() {
-            let sample = m.latency.map(|(target_us, q)| {
+            let sample = m.latency.map(|(target_us, _)| {
                 (
                     target_us,
                     LatencySample {
-                        latency_us: crate::stats::quantile_us(device_latency, q),
-                        completions: device_latency.count(),
+                        latency_us,
+                        completions,
                         iops: m.used_iops,
                     },
                 )
@@ -728,6 +790,10 @@ impl ThrottleService {
         self.note_restart(&key, &info, pid);
         if let Some(reason) = self.qemu_choice(i, vm, usage) {
             self.enforce_qemu(i, vm, usage, want, reason);
+            return;
+        }
+        if self.devices[i].storage.is_some() {
+            // No cgroup limit can hold I/O no host device sees: `qemu_choice` said why.
             return;
         }
         if let Some(q) = self.applied.get(&key).and_then(|a| a.qemu.clone()) {
@@ -979,6 +1045,7 @@ impl ThrottleService {
                 .iter()
                 .map(|m| BudgetUse {
                     device: m.info.name.clone(),
+                    storage: m.storage.is_some(),
                     iops_budget: match m.iops {
                         Some(Budget::Total(b)) => Some(b as u64),
                         Some(Budget::PerDirection { read, write }) => {
@@ -989,7 +1056,11 @@ impl ThrottleService {
                     iops_used: m.used_iops,
                     engaged: m.ctl_iops.engaged || m.ctl_bps.engaged,
                     latency_target_us: m.latency.map(|(t, _)| t),
-                    latency_percentile: m.latency.map(|(_, q)| q * 100.0),
+                    // A storage budget's latency is a mean, at no percentile.
+                    latency_percentile: m
+                        .latency
+                        .filter(|_| m.storage.is_none())
+                        .map(|(_, q)| q * 100.0),
                     latency_us: m
                         .latency
                         .and(m.ctl_latency.latency_us)
@@ -1101,7 +1172,12 @@ pub struct Status {
 
 pub fn status(config: &Config) -> anyhow::Result<Status> {
     Ok(Status {
-        budgets: config.devices.clone(),
+        budgets: config
+            .devices
+            .iter()
+            .chain(&config.storage)
+            .cloned()
+            .collect(),
         daemon: status_file::read_status(config),
         recorded: ThrottleState::load(&state_path(config))?,
     })
@@ -1214,6 +1290,7 @@ mod tests {
             used_iops: 0.0,
             latency: None,
             ctl_latency: LatencyController::default(),
+            storage: None,
         });
         let tick = |svc: &mut ThrottleService, ops: u64| {
             let rows = ["a", "b"]
@@ -1257,6 +1334,94 @@ mod tests {
         std::fs::remove_dir_all(&sysfs).unwrap();
     }
 
+    /// A storage budget sums the QEMU-counted disks its target covers (and no other I/O),
+    /// engages over its budget, and never writes a cgroup limit: a VM whose QEMU overkvm
+    /// cannot reach is reported as not limited.
+    #[test]
+    fn a_storage_budget_counts_its_targets_disks_and_never_limits_a_cgroup() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::parse(
+            "[[storage]]\ntarget = \"nbd://127.0.0.1:10809\"\niops = 300\nbps = 3000000\n",
+        )
+        .unwrap();
+        let mut svc = bare_service(dir.path().join("throttle.json"));
+        let fake = Arc::new(FakeWriter::default());
+        svc.act = Some(fake.clone());
+        svc.config.vms.push(crate::config::VmRule {
+            name: Some("a".into()),
+            uuid: None,
+            manager: None,
+            weight: Some(2.0),
+            reservation_iops: None,
+            exempt: false,
+        });
+        let target = crate::storage_target::StorageTarget::parse("nbd://127.0.0.1:10809").unwrap();
+        svc.devices.push(Managed {
+            info: Arc::new(storage::budget_key(0, &target)),
+            iops: iops_budget(&config.storage[0]),
+            bps: bps_budget(&config.storage[0]),
+            ctl_iops: DeviceController::default(),
+            ctl_bps: DeviceController::default(),
+            used_iops: 0.0,
+            latency: None,
+            ctl_latency: LatencyController::default(),
+            storage: Some(StorageBudget::new(target)),
+        });
+        let row = |n: &str, pid: u32, target: &str, ops: u64| {
+            let mut r = crate::testdata::vm_process(n, pid, "nbd0", 0, ops);
+            (r.major, r.minor) = (0, 0);
+            r.source = crate::report::CountSource::Qemu;
+            r.target = Some(target.into());
+            r
+        };
+        // Pids above pid_max: no qemu of theirs can be reached.
+        for _ in 0..12 {
+            let rows = vec![
+                row("a", u32::MAX - 1, "nbd://127.0.0.1:10809/exp", 400),
+                row("b", u32::MAX - 2, "nbd://127.0.0.1:10809/exp", 400),
+                // Another server, and a local disk: not the budget's.
+                row("c", u32::MAX - 3, "nbd://127.0.0.1:10810/exp", 5000),
+                crate::testdata::vm_process("d", u32::MAX - 4, "vda", 0, 5000),
+            ];
+            svc.on_tick(&crate::testdata::report_with(rows));
+        }
+        let view = svc.view();
+        assert_eq!(view.budgets[0].device, "nbd://127.0.0.1:10809");
+        assert_eq!(view.budgets[0].iops_used, 800.0, "a and b only");
+        assert!(view.budgets[0].engaged);
+        // The controller's shares follow the weights as on a device (2:1 here).
+        let held = |vm: &str| {
+            let l = &svc.devices[0].ctl_iops.limits[vm];
+            l.write as f64
+        };
+        let (a, b) = (held("a"), held("b"));
+        assert!(a + b <= 300.0 * 1.02 && a + b >= 300.0 * 0.9, "a={a} b={b}");
+        assert!((1.8..=2.2).contains(&(a / b)), "weight 2: a={a} b={b}");
+        // Bytes too: a and b write 1.6 MB/s each, 3 MB/s between them; a's weighted share
+        // (2 MB/s) covers its use, b is held to the rest.
+        let m = &svc.devices[0];
+        assert!(m.ctl_bps.engaged);
+        assert!(
+            !m.ctl_bps.limits.contains_key("a"),
+            "{:?}",
+            m.ctl_bps.limits
+        );
+        let b_bps = m.ctl_bps.limits["b"].write as f64;
+        assert!(
+            (1.6e6 + b_bps) <= 3.0e6 * 1.02 && b_bps >= 1.0e6,
+            "b held to {b_bps} B/s"
+        );
+        assert!(fake.limits.lock().unwrap().is_empty(), "no cgroup limit");
+        assert!(svc.applied.is_empty());
+        assert!(
+            view.problems
+                .iter()
+                .any(|p| p.contains("VM a on nbd://127.0.0.1:10809") && p.contains("not limited")),
+            "{:?}",
+            view.problems
+        );
+    }
+
     /// A held VM restarted (its qemu exits, a new one with the same name and uuid starts in a
     /// new cgroup) is the same VM: its limit moves to the new cgroup at once, even where its
     /// value stays within the deadband, and none is left on the old one or on record.
@@ -1278,6 +1443,7 @@ mod tests {
             used_iops: 0.0,
             latency: None,
             ctl_latency: LatencyController::default(),
+            storage: None,
         });
         // PIDs above pid_max: no process of this host is taken for these VMs.
         let vm = |n: &str, pid: u32, cg: &str, exited: bool| {

@@ -642,6 +642,9 @@ struct Cached {
 pub struct QemuSide {
     /// overkvm's VM state directory (its VMs' QMP sockets are under it).
     pub vm_state_dir: PathBuf,
+    /// QMP sockets the operator gave overkvm (`serve --qmp`): a qemu started with one of
+    /// them is reached through it, for limits as for counters.
+    pub given_sockets: Vec<PathBuf>,
     pub libvirt_run: PathBuf,
     pub pve_dir: PathBuf,
     cache: HashMap<u32, Cached>,
@@ -660,6 +663,7 @@ impl Default for QemuSide {
         QemuSide {
             vm_state_dir: crate::lifecycle::state_dir(None)
                 .unwrap_or_else(|_| PathBuf::from(crate::lifecycle::definition::DEFAULT_STATE_DIR)),
+            given_sockets: Vec::new(),
             libvirt_run: PathBuf::from("/run/libvirt/qemu"),
             pve_dir: PathBuf::from("/etc/pve/qemu-server"),
             cache: HashMap::new(),
@@ -923,6 +927,7 @@ impl QemuSide {
             Manager::Qemu => {
                 facts.control = self
                     .own_qmp_socket(vm, pid)
+                    .or_else(|| self.given_qmp_socket(pid))
                     .map(|socket| Control::Qmp { socket });
             }
             Manager::Kubevirt => return facts,
@@ -954,6 +959,19 @@ impl QemuSide {
             .iter()
             .any(|s| Path::new(s) == socket)
             .then_some(socket)
+    }
+
+    /// A socket of `serve --qmp` that qemu `pid` was started with (its command line names
+    /// it: the socket is this qemu's monitor, not another's at the same path later).
+    fn given_qmp_socket(&self, pid: u32) -> Option<PathBuf> {
+        if self.given_sockets.is_empty() {
+            return None;
+        }
+        let args = read_args(pid)?;
+        self.given_sockets
+            .iter()
+            .find(|g| args.qmp_sockets.iter().any(|s| Path::new(s) == g.as_path()))
+            .cloned()
     }
 
     /// The libvirt domain `vm` when libvirt's status XML says qemu `pid` runs it.

@@ -6,7 +6,9 @@ use std::{collections::BTreeMap, time::Instant};
 
 use super::{
     Applied, ThrottleService, VmUse,
-    qemu_actuator::{self, ActuatorFacts, Choice, Control, DiskRef, QemuLimitRecord, QemuSide},
+    qemu_actuator::{
+        self, ActuatorFacts, Choice, Control, DiskRef, QemuDisk, QemuLimitRecord, QemuSide, VmFacts,
+    },
 };
 use crate::{
     config::ActuatorMode,
@@ -106,6 +108,16 @@ impl ThrottleService {
         }
     }
 
+    /// The disks of the VM run by `pid` (its `facts`) that budget `i` is about: those on the
+    /// device, or those on the storage target.
+    fn budget_disks<'a>(&self, i: usize, pid: u32, f: &'a VmFacts) -> Vec<&'a QemuDisk> {
+        let m = &self.devices[i];
+        match &m.storage {
+            Some(s) => s.disks_of(pid, f),
+            None => f.disks_on(m.info.dev),
+        }
+    }
+
     /// Whether QEMU holds `vm` on device `i` (and why), from the pure [`qemu_actuator::choose`].
     pub(super) fn qemu_choice(
         &mut self,
@@ -119,8 +131,28 @@ impl ThrottleService {
             .map(|u| u.pid)
             .filter(|p| *p != 0)
             .or_else(|| applied.and_then(|a| a.qemu.as_ref()).map(|q| q.pid))?;
+        if let Some(s) = &self.devices[i].storage {
+            let reachable = self
+                .qemu
+                .cached(pid)
+                .is_some_and(|f| f.control.is_some() && !self.budget_disks(i, pid, f).is_empty());
+            if reachable {
+                return Some(super::storage::WHY_QEMU);
+            }
+            let target = s.target.to_string();
+            self.problem(
+                &format!("noqemu-{vm}"),
+                format!(
+                    "VM {vm} on {target}: overkvm cannot set its QEMU limits (only its own VMs \
+                     and VMs whose QMP socket it was given with --qmp, over QMP, and libvirt \
+                     domains through virsh), and no cgroup limit holds network storage: it is \
+                     not limited"
+                ),
+            );
+            return None;
+        }
         let f = self.qemu.cached(pid)?;
-        let disks = f.disks_on(dev);
+        let disks = self.budget_disks(i, pid, f);
         let cgroup = usage
             .and_then(|u| u.cgroup.clone())
             .or_else(|| applied.map(|a| a.cgroup.clone()));
@@ -178,8 +210,8 @@ impl ThrottleService {
         let Some(control) = f.control.clone() else {
             return;
         };
-        let disks: Vec<DiskRef> = f
-            .disks_on(info.dev)
+        let disks: Vec<DiskRef> = self
+            .budget_disks(i, pid, &f)
             .iter()
             .map(|d| d.disk.clone())
             .collect();

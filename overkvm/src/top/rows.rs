@@ -497,6 +497,7 @@ mod tests {
     fn throttle_and_budget_texts() {
         let view = ThrottleView {
             budgets: vec![BudgetUse {
+                storage: false,
                 device: "vda".into(),
                 iops_budget: Some(1000),
                 iops_used: 620.0,
@@ -524,6 +525,7 @@ mod tests {
         assert_eq!(budget_text("vda", None), "no budget");
         let latency = ThrottleView {
             budgets: vec![BudgetUse {
+                storage: false,
                 device: "vdb".into(),
                 engaged: true,
                 latency_target_us: Some(10_000.0),

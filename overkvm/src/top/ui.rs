@@ -732,6 +732,7 @@ mod tests {
         let mut app = sample_app();
         app.set_throttle(Some(ThrottleView {
             budgets: vec![BudgetUse {
+                storage: false,
                 device: "vda".into(),
                 iops_budget: Some(20000),
                 iops_used: 13850.0,
