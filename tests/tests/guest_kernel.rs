@@ -449,6 +449,7 @@ okvm_section uname /tmp/uname
             "block_getrq",
             "block_rq_issue",
             "block_rq_complete",
+            "block_rq_requeue",
             "sched_process_exec"
         ]
     );
