@@ -67,8 +67,12 @@ pub mod programs {
     pub const RQ_ISSUE: &str = "rq_issue";
     /// Fallback: `block:block_rq_complete`, (part of) a request completed.
     pub const RQ_COMPLETE: &str = "rq_complete";
-    /// Fallback: `block:block_rq_requeue`, an issued request goes back to be issued again.
+    /// `block:block_rq_requeue` (both modes), an issued request goes back to be issued again:
+    /// a requeued device flush leaves `FLUSH_INFLIGHT`.
     pub const RQ_REQUEUE: &str = "rq_requeue";
+    /// Linux 6.5+ mode: `block:block_rq_issue`, for the flush machinery's own flush requests
+    /// only (`FLUSH_INFLIGHT`); every other request returns after one read.
+    pub const FLUSH_ISSUE: &str = "flush_issue_hook";
     /// `sched:sched_process_exec`: a process finished an exec (its new command line is in
     /// place); a process that did I/O is re-named.
     pub const PROC_EXEC: &str = "proc_exec";
@@ -442,8 +446,8 @@ pub fn flush_inflight_slot(ptr: u64) -> u32 {
     bio_slot(ptr) & (FLUSH_INFLIGHT_SLOTS - 1)
 }
 
-/// Fallback mode: a device flush issued to the driver and its owner at that moment, until its
-/// completion is seen. The kernel's flush machinery issues one flush at a time per flush queue,
+/// A device flush issued to the driver and its owner at that moment, until its completion is
+/// seen (both modes). The kernel's flush machinery issues one flush at a time per flush queue,
 /// always with the same `flush_rq`, so an entry still held when that request is issued again
 /// is a completion the hook never saw (see `Health::FlushCompletionUnseen`).
 #[repr(C)]
@@ -497,11 +501,12 @@ pub enum Health {
     /// Fallback mode: a request was issued at a tag whose in-flight entry an earlier request
     /// left behind (its end was not seen); the new request's entry replaced it.
     InflightStale = 10,
-    /// Fallback mode: a device flush was issued and counted by `/proc/diskstats`, but its
-    /// `block_rq_complete` never reached the hook (seen on Linux 6.18 20 times in 324,938
-    /// loop-device flushes under concurrent syncs, while `block_rq_issue` saw every one). Found
-    /// when the same flush request is issued again, and charged then to its owner at issue,
-    /// with no latency. A flush lost this way as a device's last one stays uncounted.
+    /// A device flush was issued and counted by `/proc/diskstats`, but its completion
+    /// (`block_rq_complete`, or `block_io_done` in the 6.5+ mode) never reached the hook (seen on
+    /// Linux 6.18 in the fallback mode 20 times in 324,938 loop-device flushes under concurrent
+    /// syncs while `block_rq_issue` saw every one, and in the 6.5+ mode about once in 20,000).
+    /// Found when the same flush request is issued again, and charged then to its owner at
+    /// issue, with no latency. A flush lost this way as a device's last one stays uncounted.
     FlushCompletionUnseen = 11,
 }
 

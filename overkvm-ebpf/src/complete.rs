@@ -101,7 +101,23 @@ fn completed(rq: KPtr, fallback: bool) -> bool {
 /// and for the flush machinery's own flush requests (see `completed`).
 #[btf_tracepoint(function = "block_io_done")]
 pub fn io_done(ctx: BtfTracePointContext) -> i32 {
-    let _ = completed(ctx.arg(0), false);
+    if completed(ctx.arg(0), false) {
+        flush_completed(arg_addr(&ctx, 0));
+    }
+    0
+}
+
+/// `block_rq_issue(struct request *rq)`, Linux 6.5+ mode: only the flush machinery's own
+/// flush request (no bio) matters here; every other request leaves after one read. Its issue
+/// is remembered so that a completion `block_io_done` never reports is still counted, as in
+/// the fallback mode (see `flush_issue`): this mode lost such a flush too, silently, about
+/// once in 20,000 on Linux 6.18.
+#[btf_tracepoint(function = "block_rq_issue")]
+pub fn flush_issue_hook(ctx: BtfTracePointContext) -> i32 {
+    let rq: KPtr = ctx.arg(0);
+    if is_device_flush(rq) && read_addr(rq, off!(rq_bio)) == 0 {
+        flush_issue(arg_addr(&ctx, 0), rq, false);
+    }
     0
 }
 
@@ -145,7 +161,7 @@ pub fn rq_issue(ctx: BtfTracePointContext) -> i32 {
     if head == 0 {
         // Flush and passthrough requests carry no bio and were never counted at getrq.
         if is_device_flush(rq) {
-            flush_issue(arg_addr(&ctx, 0), rq);
+            flush_issue(arg_addr(&ctx, 0), rq, true);
         }
         return 0;
     }
@@ -191,8 +207,8 @@ pub fn rq_complete(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-/// `block_rq_requeue(struct request *rq)`, fallback: a driver gave an issued request back (its
-/// queue was full) to be issued again. A device flush then leaves its in-flight entry, or its
+/// `block_rq_requeue(struct request *rq)`, both modes: a driver gave an issued request back
+/// (its queue was full) to be issued again. A device flush then leaves its in-flight entry, or its
 /// second issue would take the first for a completion never seen. Rare: only on requeues.
 #[btf_tracepoint(function = "block_rq_requeue")]
 pub fn rq_requeue(ctx: BtfTracePointContext) -> i32 {
@@ -203,13 +219,17 @@ pub fn rq_requeue(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-/// Fallback: the flush machinery issued its flush request to the driver. It is remembered in
-/// flight with the queue's latest requester, and a previous issue of the same request whose
-/// completion the hook never saw is charged now (see `Health::FlushCompletionUnseen`): the
-/// kernel counted that flush in `/proc/diskstats`.
+/// The flush machinery issued its flush request to the driver. It is remembered in flight with
+/// the owner its completion would charge (`flush_charge`), and a previous issue of the same
+/// request whose completion the hook never saw is charged now (see
+/// `Health::FlushCompletionUnseen`): the kernel counted that flush in `/proc/diskstats`.
 #[inline(always)]
-fn flush_issue(addr: u64, rq: KPtr) {
-    let owner = rq_queue_id(rq).and_then(flush_owner);
+fn flush_issue(addr: u64, rq: KPtr, fallback: bool) {
+    let owner = flush_charge(
+        fallback,
+        || rq_ident(rq).and_then(|(queue, tag)| inflight_peek(queue, tag)),
+        || rq_queue_id(rq).and_then(flush_owner),
+    );
     if let Some(slot) = flush_issued(addr, owner) {
         health(Health::FlushCompletionUnseen);
         if !count_flush(&slot, 0) {

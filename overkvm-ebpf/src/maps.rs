@@ -224,7 +224,7 @@ pub fn flush_owner(queue: u32) -> Option<KeySlot> {
     unsafe { ((*e).queue == queue.wrapping_add(1)).then(|| (*e).slot) }
 }
 
-/// Fallback mode: the device flush request at `ptr` was issued, for `owner`. Returns the owner
+/// The device flush request at `ptr` was issued, for `owner`. Returns the owner
 /// of its previous issue when that one's completion was never seen (its entry is still held).
 #[inline(always)]
 pub fn flush_issued(ptr: u64, owner: Option<KeySlot>) -> Option<KeySlot> {
@@ -247,7 +247,7 @@ pub fn flush_issued(ptr: u64, owner: Option<KeySlot>) -> Option<KeySlot> {
     }
 }
 
-/// Fallback mode: the device flush request at `ptr` completed; its entry is freed.
+/// The device flush request at `ptr` completed; its entry is freed.
 #[inline(always)]
 pub fn flush_completed(ptr: u64) {
     if let Some(e) = FLUSH_INFLIGHT.get_ptr_mut(flush_inflight_slot(ptr))

@@ -361,6 +361,11 @@ impl Sampler {
         &self.programs
     }
 
+    /// The programs, to attach or detach one (`parity.rs` hides completions from a hook).
+    pub fn programs_mut(&mut self) -> &mut Programs {
+        &mut self.programs
+    }
+
     /// Attaches the bio hook once a bio-based device exists (see `Programs::refresh_bio_hook`),
     /// logging which devices made it so; call once per interval. A failure is logged, not fatal:
     /// requests are still counted.

@@ -648,6 +648,101 @@ fn concurrent_flushes_counted_once_request_fallback() {
     concurrent_flushes(HookMode::RequestFallback);
 }
 
+/// The recovery of a device flush whose completion the hook never sees, made certain: the kernel
+/// on this machine now and then ends one of the flush machinery's flushes without
+/// `block_io_done` (or `block_rq_complete`) reaching the hook, while `/proc/diskstats` counts it.
+/// Here the completion program is detached for a stretch of O_DSYNC writes, so that every
+/// flush of that stretch completes unseen. Each is charged when the same flush request is
+/// issued again (the last one at the first flush after the program is back), so the device's
+/// flushes still equal `/proc/diskstats`, and `flush_completion_unseen` counts at least the
+/// stretch's flushes, as `/proc/diskstats` counted them.
+#[test]
+fn unseen_flush_completions_are_recovered_io_start_done() {
+    use aya::programs::BtfTracePoint;
+    use overkvm_common::programs;
+    overkvm_tests::skip_unless_io_start_done!();
+    assert!(
+        has_tool("fio"),
+        "fio is missing: `cargo xtask setup --test-deps` installs it"
+    );
+    let mut sampler = Sampler::new(
+        Programs::load(&LoadOptions {
+            mode: Some(HookMode::IoStartDone),
+            ..LoadOptions::default()
+        })
+        .expect("loading the programs"),
+    );
+    let mut builder = ReportBuilder::new();
+    let lo = LoopDevice::new(64).expect("loop device");
+    let disk = lo.name();
+    let dsync = |ios: &str| {
+        fio(
+            &lo.path,
+            &[
+                "--rw=randwrite",
+                "--bs=4k",
+                "--direct=1",
+                "--sync=dsync",
+                "--size=32M",
+                ios,
+            ],
+        )
+    };
+    let (d0, s0) = quiet_snapshot(&sampler, &disk);
+    dsync("--number_ios=100");
+    let hidden_from = settle(&disk);
+    fn done(s: &mut Sampler) -> &mut BtfTracePoint {
+        s.programs_mut()
+            .ebpf_mut()
+            .program_mut(programs::IO_DONE)
+            .expect("the completion program")
+            .try_into()
+            .expect("a tp_btf program")
+    }
+    done(&mut sampler)
+        .unload()
+        .expect("detaching block_io_done");
+    dsync("--number_ios=100");
+    let hidden = settle(&disk).since(hidden_from);
+    let btf = aya::Btf::from_sys_fs().expect("the kernel's BTF");
+    let prog = done(&mut sampler);
+    prog.load("block_io_done", &btf)
+        .expect("loading block_io_done again");
+    prog.attach().expect("attaching block_io_done again");
+    dsync("--number_ios=100");
+    let (d1, s1) = quiet_snapshot(&sampler, &disk);
+    let want = d1.since(d0);
+    let report = builder.build(&delta(&s0, &s1), HookMode::IoStartDone.name(), &s1);
+    let got = report
+        .devices
+        .iter()
+        .find(|r| r.device == disk)
+        .map(|r| DiskCounts::of_report(&r.counts))
+        .unwrap_or_default();
+    let unseen = report
+        .health
+        .events
+        .get("flush_completion_unseen")
+        .copied()
+        .unwrap_or(0);
+    eprintln!(
+        "{disk}: diskstats f={} (hidden stretch {}), overkvm f={}, flush_completion_unseen \
+         {unseen}, health {:?}",
+        want.flushes, hidden.flushes, got.flushes, report.health.events
+    );
+    assert!(
+        hidden.flushes >= 100,
+        "the hidden stretch flushed only {hidden:?}"
+    );
+    assert_eq!(got, want, "device totals vs /proc/diskstats");
+    // Health events are the host's: another device may add one of its own now and then.
+    assert!(
+        unseen >= hidden.flushes,
+        "{unseen} flushes recovered, {} hidden",
+        hidden.flushes
+    );
+}
+
 /// Where the fallback mode used to lose a flush, made certain: a device flush borrows the tag of
 /// the first request waiting for it, and in the fallback mode that request (a sync's empty
 /// preflush, never issued) holds no in-flight entry, so whatever sits at the tag is stale. Such

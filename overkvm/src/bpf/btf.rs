@@ -1070,6 +1070,8 @@ pub(crate) mod test_builder {
         for name in [
             "btf_trace_block_io_start",
             "btf_trace_block_io_done",
+            "btf_trace_block_rq_issue",
+            "btf_trace_block_rq_requeue",
             "btf_trace_block_bio_queue",
         ] {
             b.typedef(name, proto_p);

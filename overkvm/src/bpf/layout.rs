@@ -23,7 +23,8 @@ pub struct LayoutReport {
 /// every raw tracepoint, which is what `tp_btf` programs attach to).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HookSupport {
-    /// `block_io_start` and `block_io_done` (Linux 6.5+).
+    /// `block_io_start` and `block_io_done` (Linux 6.5+), with `block_rq_issue` and
+    /// `block_rq_requeue` for the flush machinery's own requests.
     pub io_start_done: bool,
     /// `block_getrq`, `block_rq_issue` and `block_rq_complete`.
     pub rq_fallback: bool,
@@ -37,7 +38,10 @@ pub struct HookSupport {
 pub fn hooks_available(btf: &Btf) -> HookSupport {
     let has = |tp: &str| btf.has_type(&format!("btf_trace_{tp}"));
     HookSupport {
-        io_start_done: has("block_io_start") && has("block_io_done"),
+        io_start_done: has("block_io_start")
+            && has("block_io_done")
+            && has("block_rq_issue")
+            && has("block_rq_requeue"),
         rq_fallback: has("block_getrq")
             && has("block_rq_issue")
             && has("block_rq_complete")

@@ -64,6 +64,8 @@ impl HookMode {
                 (programs::IO_DONE, "block_io_done"),
                 (programs::BIO_BACKMERGE, "block_bio_backmerge"),
                 (programs::BIO_FRONTMERGE, "block_bio_frontmerge"),
+                (programs::FLUSH_ISSUE, "block_rq_issue"),
+                (programs::RQ_REQUEUE, "block_rq_requeue"),
             ],
             HookMode::RequestFallback => &[
                 (programs::RQ_GETRQ, "block_getrq"),
@@ -232,7 +234,6 @@ impl Programs {
         loader.override_global(programs::LAYOUT_GLOBAL, &report.layout, true);
         if mode != HookMode::RequestFallback {
             loader.map_max_entries(maps::BIO_INFLIGHT, 1);
-            loader.map_max_entries(maps::FLUSH_INFLIGHT, 1);
         }
         if !opts.latency {
             loader.map_max_entries(maps::INFLIGHT, 1);
