@@ -17,6 +17,8 @@ use std::collections::HashMap;
 
 use serde_json::Value;
 
+use super::limits::DiskRef;
+
 /// QEMU protocol drivers that do their I/O through the host kernel's files: their I/O reaches
 /// a host block device unless the file lives on a network file system. Every other protocol
 /// driver (nbd, rbd, iscsi, gluster, nfs, ssh, http(s), nvme over vfio, ...) talks to its
@@ -126,6 +128,9 @@ pub struct BlockstatsEntry {
     /// `drive-virtio-disk0`), else the qdev id (`virtio-disk0` from
     /// `/machine/peripheral/virtio-disk0/virtio-backend`).
     pub disk: String,
+    /// The disk as `query-block` names it (its device, else its whole qdev path): how the
+    /// throttle finds the disk it limits.
+    pub named: DiskRef,
     /// The node at the bottom of the `parent` (file child) chain: the protocol node that does
     /// the I/O. The device's own node when it has no file child.
     pub protocol_node: Option<String>,
@@ -149,9 +154,13 @@ pub fn parse_blockstats(reply: &Value) -> Vec<BlockstatsEntry> {
     };
     list.iter()
         .filter_map(|e| {
-            let disk = match e.get("device").and_then(Value::as_str) {
-                Some(d) if !d.is_empty() => d.to_string(),
-                _ => qdev_id(e.get("qdev").and_then(Value::as_str)?).to_string(),
+            let named = match e.get("device").and_then(Value::as_str) {
+                Some(d) if !d.is_empty() => DiskRef::Device(d.to_string()),
+                _ => DiskRef::Qdev(e.get("qdev").and_then(Value::as_str)?.to_string()),
+            };
+            let disk = match &named {
+                DiskRef::Device(d) => d.clone(),
+                DiskRef::Qdev(q) => qdev_id(q).to_string(),
             };
             let mut node = e;
             // A chain deeper than this is not a real configuration: stop rather than loop.
@@ -163,6 +172,7 @@ pub fn parse_blockstats(reply: &Value) -> Vec<BlockstatsEntry> {
             }
             Some(BlockstatsEntry {
                 disk,
+                named,
                 protocol_node: node
                     .get("node-name")
                     .and_then(Value::as_str)
