@@ -137,6 +137,15 @@ pub struct BlockstatsEntry {
     pub counters: DiskCounters,
 }
 
+/// The counters of one guest disk in a `query-blockstats` reply, the disk named as
+/// `query-block` names it.
+pub fn counters_of(reply: &Value, disk: &DiskRef) -> Option<DiskCounters> {
+    parse_blockstats(reply)
+        .into_iter()
+        .find(|e| e.named == *disk)
+        .map(|e| e.counters)
+}
+
 /// The qdev id inside a qdev path (`/machine/peripheral/ID/virtio-backend` → `ID`), or the
 /// path itself when it has another shape.
 fn qdev_id(qdev: &str) -> &str {
@@ -724,5 +733,49 @@ mod tests {
         assert_eq!(parse_blockstats(&json!([top])).len(), 1);
         assert!(parse_mountinfo("garbage\n1 2 3\n").is_empty());
         assert_eq!(unescape_octal("a\\04"), "a\\04");
+    }
+
+    #[test]
+    fn guest_counters_are_found_by_device_or_qdev() {
+        let v = json!([
+            {"device": "disk0", "qdev": "vd0", "stats": {"rd_operations": 3, "wr_operations": 4, "rd_bytes": 5, "wr_bytes": 6}},
+            {"device": "", "qdev": "q1", "stats": {"wr_operations": 9}}
+        ]);
+        assert_eq!(
+            counters_of(&v, &DiskRef::Device("disk0".into())).map(|c| [
+                c.rd_operations,
+                c.wr_operations,
+                c.rd_bytes,
+                c.wr_bytes
+            ]),
+            Some([3, 4, 5, 6])
+        );
+        assert_eq!(
+            counters_of(&v, &DiskRef::Qdev("q1".into())).map(|c| c.wr_operations),
+            Some(9)
+        );
+        assert_eq!(counters_of(&v, &DiskRef::Device("q1".into())), None);
+    }
+
+    #[test]
+    fn blockstats_of_a_device() {
+        let v = json!([
+            {"device": "disk0", "stats": {"rd_operations": 300, "wr_operations": 301, "flush_operations": 2}},
+            {"device": "", "stats": {"rd_operations": 1}}
+        ]);
+        let disk0 = DiskRef::Device("disk0".into());
+        let d = counters_of(&v, &disk0).unwrap();
+        assert_eq!((d.rd_operations, d.wr_operations, d.ops()), (300, 301, 603));
+        assert_eq!(counters_of(&v, &DiskRef::Device("nope".into())), None);
+        assert_eq!(counters_of(&json!({}), &disk0), None);
+    }
+
+    /// A reply with counters near u64::MAX made the total overflow (a panic in debug builds).
+    #[test]
+    fn blockstats_total_saturates() {
+        let v =
+            json!([{"device": "disk0", "stats": {"rd_operations": u64::MAX, "wr_operations": 1}}]);
+        let d = counters_of(&v, &DiskRef::Device("disk0".into())).unwrap();
+        assert_eq!(d.ops(), u64::MAX);
     }
 }

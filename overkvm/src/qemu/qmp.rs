@@ -226,42 +226,6 @@ impl Qmp {
     }
 }
 
-/// Guest-side operation counts of one disk from `query-blockstats` (`stats`, the device's
-/// view: what the guest asked for; the `parent` protocol node adds qcow2 metadata and COW).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct GuestDiskOps {
-    pub rd_operations: u64,
-    pub wr_operations: u64,
-    pub flush_operations: u64,
-    pub unmap_operations: u64,
-}
-
-impl GuestDiskOps {
-    /// All four counts, saturating: the values are whatever qemu's reply said.
-    pub fn total(&self) -> u64 {
-        self.rd_operations
-            .saturating_add(self.wr_operations)
-            .saturating_add(self.flush_operations)
-            .saturating_add(self.unmap_operations)
-    }
-}
-
-/// The counters of the entry whose `device` is `device` in a `query-blockstats` reply.
-pub fn disk_ops(blockstats: &Value, device: &str) -> Option<GuestDiskOps> {
-    let entry = blockstats
-        .as_array()?
-        .iter()
-        .find(|e| e.get("device").and_then(Value::as_str) == Some(device))?;
-    let s = entry.get("stats")?;
-    let n = |k: &str| s.get(k).and_then(Value::as_u64).unwrap_or(0);
-    Some(GuestDiskOps {
-        rd_operations: n("rd_operations"),
-        wr_operations: n("wr_operations"),
-        flush_operations: n("flush_operations"),
-        unmap_operations: n("unmap_operations"),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -383,28 +347,5 @@ mod tests {
             desc: "no".into(),
         };
         assert_eq!(refused.to_string(), "qemu refused: GenericError: no");
-    }
-
-    #[test]
-    fn blockstats_of_a_device() {
-        let v = json!([
-            {"device": "disk0", "stats": {"rd_operations": 300, "wr_operations": 301, "flush_operations": 2}},
-            {"device": "", "stats": {"rd_operations": 1}}
-        ]);
-        let d = disk_ops(&v, "disk0").unwrap();
-        assert_eq!(
-            (d.rd_operations, d.wr_operations, d.total()),
-            (300, 301, 603)
-        );
-        assert_eq!(disk_ops(&v, "nope"), None);
-        assert_eq!(disk_ops(&json!({}), "disk0"), None);
-    }
-
-    /// A reply with counters near u64::MAX made `total` overflow (a panic in debug builds).
-    #[test]
-    fn blockstats_total_saturates() {
-        let v =
-            json!([{"device": "disk0", "stats": {"rd_operations": u64::MAX, "wr_operations": 1}}]);
-        assert_eq!(disk_ops(&v, "disk0").unwrap().total(), u64::MAX);
     }
 }

@@ -33,14 +33,13 @@ use std::{
 use anyhow::{Context as _, bail};
 use overkvm_common::make_dev;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use crate::host::cgroup::limits::Limits;
 use crate::{
     config::ActuatorMode,
     identity::{Manager, managers},
     qemu::{
-        backing::{DiskCounters, parse_blockstats},
+        backing::{DiskCounters, counters_of},
         libvirt::{self, DomainStats},
         limits::{
             DiskLimits, DiskRef, QemuDisk, QemuThrottle, SETTINGS, disks_from_libvirt_xml,
@@ -89,15 +88,6 @@ impl Control {
             Control::Libvirt { domain } => format!("libvirt domain {domain}"),
         }
     }
-}
-
-/// Guest-side counters of one disk from a `query-blockstats` reply, matched as `query-block`
-/// names it: (read ops, write ops, read bytes, write bytes).
-pub fn blockstats_of(reply: &Value, disk: &DiskRef) -> Option<[u64; 4]> {
-    parse_blockstats(reply)
-        .iter()
-        .find(|e| e.named == *disk)
-        .map(|e| ops_and_bytes(&e.counters))
 }
 
 /// The counters the throttle's guest rates are made of: (read ops, write ops, read bytes,
@@ -822,7 +812,7 @@ impl QemuSide {
                 let reply = qmp(socket).ok()?.execute("query-blockstats", None).ok()?;
                 disks
                     .iter()
-                    .map(|d| blockstats_of(&reply, d))
+                    .map(|d| counters_of(&reply, d).map(|c| ops_and_bytes(&c)))
                     .collect::<Option<_>>()?
             }
             Control::Libvirt { domain } => {
@@ -883,8 +873,6 @@ pub fn restore(records: &[QemuLimitRecord]) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
-    use serde_json::json;
-
     use super::*;
 
     fn t(pairs: &[(&str, u64)]) -> QemuThrottle {
@@ -1144,23 +1132,6 @@ mod tests {
         named.group = Some("/machine/peripheral/virtio-disk0/virtio-backend".into());
         assert_eq!(written_as(&limit, Some(named.clone())), Some(named));
         assert_eq!(written_as(&limit, None), None, "unread: original goes back");
-    }
-
-    #[test]
-    fn guest_counters_are_found_by_device_or_qdev() {
-        let v = json!([
-            {"device": "disk0", "qdev": "vd0", "stats": {"rd_operations": 3, "wr_operations": 4, "rd_bytes": 5, "wr_bytes": 6}},
-            {"device": "", "qdev": "q1", "stats": {"wr_operations": 9}}
-        ]);
-        assert_eq!(
-            blockstats_of(&v, &DiskRef::Device("disk0".into())),
-            Some([3, 4, 5, 6])
-        );
-        assert_eq!(
-            blockstats_of(&v, &DiskRef::Qdev("q1".into())),
-            Some([0, 9, 0, 0])
-        );
-        assert_eq!(blockstats_of(&v, &DiskRef::Device("q1".into())), None);
     }
 
     #[test]
