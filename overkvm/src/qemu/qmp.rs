@@ -13,7 +13,7 @@
 use std::{
     io::{self, BufRead as _, BufReader, Read as _, Write as _},
     os::unix::net::UnixStream,
-    path::Path,
+    path::{Path, PathBuf},
     time::Duration,
 };
 
@@ -224,6 +224,24 @@ impl Qmp {
             .map(str::to_string)
             .ok_or_else(|| QmpError::Protocol(format!("query-status returned {}", quote(&v))))
     }
+}
+
+/// One of overkvm's own running VMs: its name, its uuid and the pid of its qemu.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OwnVm {
+    pub name: String,
+    pub uuid: Option<String>,
+    pub pid: u32,
+}
+
+/// overkvm's own VMs, whose QMP monitors are overkvm's. The VM lifecycle lists them; it hands
+/// this to whoever needs their monitors (the throttle's QEMU actuator), so that a service does
+/// not import a command's module.
+pub trait OwnVms: Send {
+    /// The VMs that run now (read again on each call: a VM started later is found).
+    fn running(&self) -> Vec<OwnVm>;
+    /// The QMP socket of the VM named `name`; None when no VM can have that name.
+    fn qmp_socket(&self, name: &str) -> Option<PathBuf>;
 }
 
 #[cfg(test)]

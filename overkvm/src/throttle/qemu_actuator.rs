@@ -45,7 +45,7 @@ use crate::{
             DiskLimits, DiskRef, QemuDisk, QemuThrottle, SETTINGS, disks_from_libvirt_xml,
             disks_from_query_block, family,
         },
-        qmp::Qmp,
+        qmp::{OwnVms, Qmp},
     },
     report::VmRef,
 };
@@ -320,8 +320,8 @@ struct Cached {
 
 /// The impure side: reads VMs' disks, sets and restores QEMU limits, reads guest counters.
 pub struct QemuSide {
-    /// overkvm's VM state directory (its VMs' QMP sockets are under it).
-    pub vm_state_dir: PathBuf,
+    /// overkvm's own VMs (their QMP sockets are overkvm's), when the daemon gave them.
+    pub own_vms: Option<Box<dyn OwnVms>>,
     /// QMP sockets the operator gave overkvm (`serve --qmp`): a qemu started with one of
     /// them is reached through it, for limits as for counters.
     pub given_sockets: Vec<PathBuf>,
@@ -341,8 +341,7 @@ pub struct QemuSide {
 impl Default for QemuSide {
     fn default() -> Self {
         QemuSide {
-            vm_state_dir: crate::lifecycle::state_dir(None)
-                .unwrap_or_else(|_| PathBuf::from(crate::lifecycle::definition::DEFAULT_STATE_DIR)),
+            own_vms: None,
             given_sockets: Vec::new(),
             libvirt_run: PathBuf::from("/run/libvirt/qemu"),
             pve_dir: PathBuf::from("/etc/pve/qemu-server"),
@@ -448,22 +447,16 @@ impl QemuSide {
         self.last_discovery = Some(Instant::now());
         self.prune();
         let mut found: Vec<(VmRef, u32)> = Vec::new();
-        if let Ok((vms, _)) = crate::lifecycle::load_all(&self.vm_state_dir) {
-            for (name, pid) in crate::lifecycle::list::running(&vms) {
-                let uuid = vms
-                    .iter()
-                    .find(|(d, _)| d.name == name)
-                    .map(|(d, _)| d.uuid.clone());
-                found.push((
-                    VmRef {
-                        name,
-                        uuid,
-                        manager: Manager::Qemu,
-                        namespace: None,
-                    },
-                    pid,
-                ));
-            }
+        for own in self.own_vms.iter().flat_map(|o| o.running()) {
+            found.push((
+                VmRef {
+                    name: own.name,
+                    uuid: own.uuid,
+                    manager: Manager::Qemu,
+                    namespace: None,
+                },
+                own.pid,
+            ));
         }
         if let Ok(dir) = std::fs::read_dir(&self.libvirt_run) {
             for e in dir.flatten().take(4096) {
@@ -609,9 +602,7 @@ impl QemuSide {
 
     /// The QMP socket of overkvm's own VM `vm`, when qemu `pid` was started with it.
     fn own_qmp_socket(&self, vm: &str, pid: u32) -> Option<PathBuf> {
-        crate::lifecycle::definition::validate_name(vm).ok()?;
-        let socket =
-            crate::lifecycle::definition::VmPaths::new(&self.vm_state_dir, vm).qmp_socket();
+        let socket = self.own_vms.as_ref()?.qmp_socket(vm)?;
         read_args(pid)?
             .qmp_sockets
             .iter()
