@@ -458,12 +458,19 @@ mod tests {
 
     use super::*;
 
-    fn t(pairs: &[(&str, u64)]) -> QemuThrottle {
-        let mut t = QemuThrottle::default();
-        for (k, v) in pairs {
-            t.set(k, *v);
+    impl QemuThrottle {
+        /// The settings `pairs`, by QMP name (for tests here and in the throttle's).
+        pub(crate) fn of(pairs: &[(&str, u64)]) -> QemuThrottle {
+            let mut t = QemuThrottle::default();
+            for (k, v) in pairs {
+                t.set(k, *v);
+            }
+            t
         }
-        t
+    }
+
+    fn t(pairs: &[(&str, u64)]) -> QemuThrottle {
+        QemuThrottle::of(pairs)
     }
 
     #[test]

@@ -867,11 +867,7 @@ mod tests {
     use super::*;
 
     fn t(pairs: &[(&str, u64)]) -> QemuThrottle {
-        let mut t = QemuThrottle::default();
-        for (k, v) in pairs {
-            t.set(k, *v);
-        }
-        t
+        QemuThrottle::of(pairs)
     }
 
     fn iops(r: Option<u64>, w: Option<u64>) -> Limits {
