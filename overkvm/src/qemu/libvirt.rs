@@ -230,6 +230,18 @@ pub struct Known {
     domains: HashMap<String, DomainFacts>,
 }
 
+/// Domain `name`'s status XML in `run_dir`; None for a name that is not a plain file name, no
+/// file, or one over `MAX_STATUS_XML` (1 MiB).
+pub fn status_xml(run_dir: &Path, name: &str) -> Option<String> {
+    if !managers::is_safe_file_stem(name) {
+        return None;
+    }
+    match crate::host::read_capped(&run_dir.join(format!("{name}.xml")), MAX_STATUS_XML) {
+        Ok((raw, false)) => Some(String::from_utf8_lossy(&raw).into_owned()),
+        _ => None,
+    }
+}
+
 /// Brings `known` up to date with the status XMLs in `run_dir`: one `stat` per domain, a
 /// read and parse only of those that changed.
 fn refresh(run_dir: &Path, known: &mut Known) {
@@ -253,10 +265,9 @@ fn refresh(run_dir: &Path, known: &mut Known) {
         if known.domains.get(name).is_some_and(|f| f.stamp == stamp) {
             continue;
         }
-        let Ok((raw, false)) = crate::host::read_capped(&path, MAX_STATUS_XML) else {
+        let Some(xml) = status_xml(run_dir, name) else {
             continue;
         };
-        let xml = String::from_utf8_lossy(&raw);
         let Some(pid) = managers::domstatus_pid(&xml) else {
             continue;
         };

@@ -437,15 +437,7 @@ pub fn of_own_vm(qmp_socket: &Path) -> Option<Vec<DiskLimits>> {
 /// QEMU limits of libvirt domain `name` run by qemu `pid`, from libvirt's status XML (None when
 /// there is none, or it belongs to another process).
 pub fn of_libvirt_domain(run_dir: &Path, name: &str, pid: u32) -> Option<Vec<DiskLimits>> {
-    if !managers::is_safe_file_stem(name) {
-        return None;
-    }
-    let (raw, truncated) =
-        crate::host::read_capped(&run_dir.join(format!("{name}.xml")), 1 << 20).ok()?;
-    if truncated {
-        return None;
-    }
-    let xml = String::from_utf8_lossy(&raw);
+    let xml = super::libvirt::status_xml(run_dir, name)?;
     if domstatus_pid(&xml).is_some_and(|p| p != pid) {
         return None;
     }

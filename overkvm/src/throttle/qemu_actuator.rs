@@ -343,7 +343,7 @@ impl Default for QemuSide {
         QemuSide {
             own_vms: None,
             given_sockets: Vec::new(),
-            libvirt_run: PathBuf::from("/run/libvirt/qemu"),
+            libvirt_run: PathBuf::from(libvirt::RUN_DIR),
             pve_dir: PathBuf::from("/etc/pve/qemu-server"),
             cache: HashMap::new(),
             counters: HashMap::new(),
@@ -630,13 +630,7 @@ impl QemuSide {
     }
 
     fn libvirt_xml(&self, domain: &str) -> Option<String> {
-        if !managers::is_safe_file_stem(domain) {
-            return None;
-        }
-        let (raw, truncated) =
-            crate::host::read_capped(&self.libvirt_run.join(format!("{domain}.xml")), 1 << 20)
-                .ok()?;
-        (!truncated).then(|| String::from_utf8_lossy(&raw).into_owned())
+        libvirt::status_xml(&self.libvirt_run, domain)
     }
 
     /// The VM's disks as they are now (no cache).
