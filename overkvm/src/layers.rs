@@ -179,6 +179,24 @@ fn the_library_does_not_know_the_command_line() {
     }
 }
 
+/// A service never imports a command's module: the throttle (run by `serve`) does not reach
+/// into the VM lifecycle (`vm ...`); what it needs of overkvm's own VMs is handed to it
+/// (`qemu::qmp::OwnVms`).
+#[test]
+fn services_do_not_import_commands() {
+    let mods = modules(&src());
+    let known: BTreeSet<&str> = mods.keys().map(String::as_str).collect();
+    for (service, command) in [("throttle", "lifecycle")] {
+        for f in &mods[service] {
+            assert!(
+                !references(&code(f), &known).contains(command),
+                "{} imports {command}",
+                f.display()
+            );
+        }
+    }
+}
+
 #[test]
 fn one_module_drives_the_sampler() {
     let drivers: Vec<String> = modules(&src())

@@ -84,12 +84,12 @@ proptest! {
         }
         // The throttle's reading of the same XML (every disk, with its cache mode and every
         // iotune setting), and of `virsh blkdeviotune` output.
-        for d in crate::throttle::qemu_actuator::disks_from_libvirt_xml(&xml) {
+        for d in crate::qemu::limits::disks_from_libvirt_xml(&xml) {
             prop_assert!(!d.disk.name().is_empty());
             let t = crate::throttle::qemu_actuator::engage(&d.throttle, &Default::default());
             prop_assert_eq!(t, d.throttle);
         }
-        let _ = crate::throttle::qemu_actuator::parse_virsh_blkdeviotune(&xml);
+        let _ = crate::qemu::limits::parse_virsh_blkdeviotune(&xml);
     }
 
     #[test]

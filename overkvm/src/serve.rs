@@ -175,6 +175,7 @@ async fn serve(
     } else {
         let mut t = ThrottleService::start(&config, args.dry_run)?;
         t.use_qmp_sockets(&args.qemu.explicit);
+        t.use_own_vms(Box::new(crate::lifecycle::list::StateDirVms::from_env()));
         Some(t)
     };
 

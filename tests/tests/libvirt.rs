@@ -721,7 +721,7 @@ fn libvirt_domains_are_named_counted_exactly_and_throttled_in_their_own_cgroups(
     // Nova sets a flavor's quota), nothing into its cgroup; SIGTERM puts the 5000 back.
     let kept = &domains[0];
     let iotune = || {
-        overkvm::throttle::qemu_actuator::parse_virsh_blkdeviotune(&virsh_ok(&[
+        overkvm::qemu::limits::parse_virsh_blkdeviotune(&virsh_ok(&[
             "blkdeviotune",
             &kept.name,
             "vda",
@@ -812,13 +812,11 @@ fn libvirt_domains_are_named_counted_exactly_and_throttled_in_their_own_cgroups(
 
 /// Guest write requests of a domain's vda so far (`virsh domstats --block`).
 fn domain_writes(name: &str) -> u64 {
-    let stats = overkvm::throttle::qemu_actuator::parse_domstats_block(&virsh_ok(&[
-        "domstats", "--block", name,
-    ]));
+    let stats = overkvm::qemu::libvirt::parse_domstats(&virsh_ok(&["domstats", "--block", name]));
     stats
         .get(name)
-        .and_then(|d| d.get("vda"))
-        .map(|c| c[1])
+        .and_then(|d| d.iter().find(|(disk, _)| disk == "vda"))
+        .map(|(_, c)| c.wr_operations)
         .unwrap_or_else(|| panic!("no vda in domstats of {name}: {stats:?}"))
 }
 
@@ -879,7 +877,7 @@ fn libvirt_writeback_domain_is_held_through_qemu_on_v1() {
     );
     let mut daemon = Daemon::start(work.join("serve.log"), Some(&config));
     let iotune = || {
-        overkvm::throttle::qemu_actuator::parse_virsh_blkdeviotune(&virsh_ok(&[
+        overkvm::qemu::limits::parse_virsh_blkdeviotune(&virsh_ok(&[
             "blkdeviotune",
             &name,
             "vda",

@@ -19,7 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use overkvm::qemu::qmp::{Qmp, disk_ops};
+use overkvm::qemu::{backing::counters_of, limits::DiskRef, qmp::Qmp};
 use overkvm_tests::{
     devices::{LoopDevice, MountedFs},
     guest::{self, GuestSpec, TempDir},
@@ -382,7 +382,7 @@ fn three_guests_staggered_named_counted_and_cleaned_up() {
             .expect("query-blockstats");
         guest_ops.insert(
             n.clone(),
-            disk_ops(&stats, "disk0").expect("disk0 in blockstats"),
+            counters_of(&stats, &DiskRef::Device("disk0".into())).expect("disk0 in blockstats"),
         );
     }
     let lines = top.finish(Duration::from_secs(3));
@@ -419,14 +419,14 @@ fn three_guests_staggered_named_counted_and_cleaned_up() {
             )
         });
         let g = guest_ops[n];
-        let ratio = (r + w + other) as f64 / g.total().max(1) as f64;
+        let ratio = (r + w + other) as f64 / g.ops().max(1) as f64;
         eprintln!(
             "{n}: guest issued r={GUEST_READS} w={GUEST_WRITES}; QMP blockstats r={} w={} flush={} \
              (total {}); host {loop_name} r={r} w={w} flush+discard={other}; host/guest ops ratio {ratio:.2}",
             g.rd_operations,
             g.wr_operations,
             g.flush_operations,
-            g.total()
+            g.ops()
         );
         assert!(
             g.rd_operations >= GUEST_READS && g.wr_operations >= GUEST_WRITES,

@@ -23,7 +23,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use overkvm::qemu::qmp::Qmp;
+use overkvm::qemu::{limits::DiskRef, qmp::Qmp};
 use overkvm_tests::{
     devices::MountedFs,
     guest::{self, GuestSpec, TempDir},
@@ -183,7 +183,7 @@ fn qmp(socket: &Path, cmd: &str, args: Option<Value>) -> Value {
 /// Guest write operations on the VM's disk so far (QEMU's count).
 fn guest_writes(socket: &Path) -> u64 {
     let v = qmp(socket, "query-blockstats", None);
-    overkvm::qemu::qmp::disk_ops(&v, "disk0")
+    overkvm::qemu::backing::counters_of(&v, &DiskRef::Device("disk0".into()))
         .expect("disk0 in query-blockstats")
         .wr_operations
 }

@@ -10,7 +10,12 @@
 //! manager's layout (a libvirt machine, a Proxmox scope, a pod's container), never when it sits
 //! in a cgroup that would count other processes' I/O too (the root, a user session).
 
-use std::{collections::BTreeMap, path::Path, thread::sleep, time::Duration};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    thread::sleep,
+    time::Duration,
+};
 
 use serde::Serialize;
 
@@ -421,6 +426,46 @@ pub fn running(vms: &[(VmDefinition, VmPaths)]) -> Vec<(String, u32)> {
             (f.state == VmState::Running).then(|| (d.name.clone(), f.pid.unwrap_or(0)))
         })
         .collect()
+}
+
+/// overkvm's own VMs in a state directory, for the throttle (which holds them through their
+/// QMP sockets and does not import the lifecycle).
+pub struct StateDirVms {
+    pub dir: PathBuf,
+}
+
+impl StateDirVms {
+    /// The state directory `OVERKVM_STATE_DIR` names, or the default.
+    pub fn from_env() -> StateDirVms {
+        StateDirVms {
+            dir: super::state_dir(None)
+                .unwrap_or_else(|_| PathBuf::from(super::definition::DEFAULT_STATE_DIR)),
+        }
+    }
+}
+
+impl crate::qemu::qmp::OwnVms for StateDirVms {
+    fn running(&self) -> Vec<crate::qemu::qmp::OwnVm> {
+        let Ok((vms, _)) = super::load_all(&self.dir) else {
+            return Vec::new();
+        };
+        running(&vms)
+            .into_iter()
+            .map(|(name, pid)| crate::qemu::qmp::OwnVm {
+                uuid: vms
+                    .iter()
+                    .find(|(d, _)| d.name == name)
+                    .map(|(d, _)| d.uuid.clone()),
+                name,
+                pid,
+            })
+            .collect()
+    }
+
+    fn qmp_socket(&self, name: &str) -> Option<PathBuf> {
+        super::definition::validate_name(name).ok()?;
+        Some(VmPaths::new(&self.dir, name).qmp_socket())
+    }
 }
 
 /// Where overkvm reads QEMU's counters of VMs' network disks: the operator's explicit QMP

@@ -17,6 +17,8 @@ use std::collections::HashMap;
 
 use serde_json::Value;
 
+use super::limits::DiskRef;
+
 /// QEMU protocol drivers that do their I/O through the host kernel's files: their I/O reaches
 /// a host block device unless the file lives on a network file system. Every other protocol
 /// driver (nbd, rbd, iscsi, gluster, nfs, ssh, http(s), nvme over vfio, ...) talks to its
@@ -126,10 +128,22 @@ pub struct BlockstatsEntry {
     /// `drive-virtio-disk0`), else the qdev id (`virtio-disk0` from
     /// `/machine/peripheral/virtio-disk0/virtio-backend`).
     pub disk: String,
+    /// The disk as `query-block` names it (its device, else its whole qdev path): how the
+    /// throttle finds the disk it limits.
+    pub named: DiskRef,
     /// The node at the bottom of the `parent` (file child) chain: the protocol node that does
     /// the I/O. The device's own node when it has no file child.
     pub protocol_node: Option<String>,
     pub counters: DiskCounters,
+}
+
+/// The counters of one guest disk in a `query-blockstats` reply, the disk named as
+/// `query-block` names it.
+pub fn counters_of(reply: &Value, disk: &DiskRef) -> Option<DiskCounters> {
+    parse_blockstats(reply)
+        .into_iter()
+        .find(|e| e.named == *disk)
+        .map(|e| e.counters)
 }
 
 /// The qdev id inside a qdev path (`/machine/peripheral/ID/virtio-backend` → `ID`), or the
@@ -149,9 +163,13 @@ pub fn parse_blockstats(reply: &Value) -> Vec<BlockstatsEntry> {
     };
     list.iter()
         .filter_map(|e| {
-            let disk = match e.get("device").and_then(Value::as_str) {
-                Some(d) if !d.is_empty() => d.to_string(),
-                _ => qdev_id(e.get("qdev").and_then(Value::as_str)?).to_string(),
+            let named = match e.get("device").and_then(Value::as_str) {
+                Some(d) if !d.is_empty() => DiskRef::Device(d.to_string()),
+                _ => DiskRef::Qdev(e.get("qdev").and_then(Value::as_str)?.to_string()),
+            };
+            let disk = match &named {
+                DiskRef::Device(d) => d.clone(),
+                DiskRef::Qdev(q) => qdev_id(q).to_string(),
             };
             let mut node = e;
             // A chain deeper than this is not a real configuration: stop rather than loop.
@@ -163,6 +181,7 @@ pub fn parse_blockstats(reply: &Value) -> Vec<BlockstatsEntry> {
             }
             Some(BlockstatsEntry {
                 disk,
+                named,
                 protocol_node: node
                     .get("node-name")
                     .and_then(Value::as_str)
@@ -714,5 +733,49 @@ mod tests {
         assert_eq!(parse_blockstats(&json!([top])).len(), 1);
         assert!(parse_mountinfo("garbage\n1 2 3\n").is_empty());
         assert_eq!(unescape_octal("a\\04"), "a\\04");
+    }
+
+    #[test]
+    fn guest_counters_are_found_by_device_or_qdev() {
+        let v = json!([
+            {"device": "disk0", "qdev": "vd0", "stats": {"rd_operations": 3, "wr_operations": 4, "rd_bytes": 5, "wr_bytes": 6}},
+            {"device": "", "qdev": "q1", "stats": {"wr_operations": 9}}
+        ]);
+        assert_eq!(
+            counters_of(&v, &DiskRef::Device("disk0".into())).map(|c| [
+                c.rd_operations,
+                c.wr_operations,
+                c.rd_bytes,
+                c.wr_bytes
+            ]),
+            Some([3, 4, 5, 6])
+        );
+        assert_eq!(
+            counters_of(&v, &DiskRef::Qdev("q1".into())).map(|c| c.wr_operations),
+            Some(9)
+        );
+        assert_eq!(counters_of(&v, &DiskRef::Device("q1".into())), None);
+    }
+
+    #[test]
+    fn blockstats_of_a_device() {
+        let v = json!([
+            {"device": "disk0", "stats": {"rd_operations": 300, "wr_operations": 301, "flush_operations": 2}},
+            {"device": "", "stats": {"rd_operations": 1}}
+        ]);
+        let disk0 = DiskRef::Device("disk0".into());
+        let d = counters_of(&v, &disk0).unwrap();
+        assert_eq!((d.rd_operations, d.wr_operations, d.ops()), (300, 301, 603));
+        assert_eq!(counters_of(&v, &DiskRef::Device("nope".into())), None);
+        assert_eq!(counters_of(&json!({}), &disk0), None);
+    }
+
+    /// A reply with counters near u64::MAX made the total overflow (a panic in debug builds).
+    #[test]
+    fn blockstats_total_saturates() {
+        let v =
+            json!([{"device": "disk0", "stats": {"rd_operations": u64::MAX, "wr_operations": 1}}]);
+        let d = counters_of(&v, &DiskRef::Device("disk0".into())).unwrap();
+        assert_eq!(d.ops(), u64::MAX);
     }
 }

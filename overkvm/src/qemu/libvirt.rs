@@ -8,6 +8,10 @@
 //! disk's `<source>` becomes the protocol node QEMU would report (a network disk's protocol
 //! and URL, a file, a block device), so the rule and the credential stripping exist once.
 //! Parsing is pure; [`poll`] is the thin layer that reads files and runs virsh.
+//!
+//! [`virsh`] is overkvm's one way to run libvirt's client, with a timeout on every call: the
+//! counters' polls here and the throttle's reads and writes of a domain's limits
+//! ([`blkdeviotune`], [`domstats`]).
 
 use std::{
     collections::HashMap,
@@ -21,6 +25,7 @@ use anyhow::{Context as _, bail};
 use super::{
     backing::{self, Backing, BlockNode, DiskCounters, Mount},
     counters::{NetDiskReading, QemuReading},
+    limits::{QemuThrottle, parse_virsh_blkdeviotune},
 };
 use crate::identity::managers;
 
@@ -28,7 +33,8 @@ use crate::identity::managers;
 pub const RUN_DIR: &str = "/run/libvirt/qemu";
 /// Longest status XML read (a domain with hundreds of disks stays far below).
 const MAX_STATUS_XML: usize = 1 << 20;
-/// One `virsh domstats` run: a hung libvirtd costs a pool worker this long, never the interval.
+/// One `virsh domstats` run of the counters: a hung libvirtd costs a pool worker this long,
+/// never the interval.
 const VIRSH_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// One `<disk>` of a domain XML that has a `<target dev=...>`.
@@ -139,11 +145,14 @@ pub fn network_disks(
         .collect()
 }
 
+/// QEMU's counters of libvirt domains' disks: domain → (disk as libvirt names it, counters).
+pub type DomainStats = HashMap<String, Vec<(String, DiskCounters)>>;
+
 /// `virsh domstats --block` output: per domain, per disk (`block.N.name`), QEMU's counters as
 /// libvirt passes them on (`rd.reqs`, `rd.bytes`, `rd.times` in ns, `wr.*`, `fl.reqs`,
 /// `fl.times`). libvirt does not pass on discard counters: they stay 0.
-pub fn parse_domstats(text: &str) -> HashMap<String, Vec<(String, DiskCounters)>> {
-    let mut out: HashMap<String, Vec<(String, DiskCounters)>> = HashMap::new();
+pub fn parse_domstats(text: &str) -> DomainStats {
+    let mut out = DomainStats::new();
     let mut domain: Option<String> = None;
     let mut blocks: std::collections::BTreeMap<u32, (Option<String>, DiskCounters)> =
         Default::default();
@@ -221,6 +230,18 @@ pub struct Known {
     domains: HashMap<String, DomainFacts>,
 }
 
+/// Domain `name`'s status XML in `run_dir`; None for a name that is not a plain file name, no
+/// file, or one over `MAX_STATUS_XML` (1 MiB).
+pub fn status_xml(run_dir: &Path, name: &str) -> Option<String> {
+    if !managers::is_safe_file_stem(name) {
+        return None;
+    }
+    match crate::host::read_capped(&run_dir.join(format!("{name}.xml")), MAX_STATUS_XML) {
+        Ok((raw, false)) => Some(String::from_utf8_lossy(&raw).into_owned()),
+        _ => None,
+    }
+}
+
 /// Brings `known` up to date with the status XMLs in `run_dir`: one `stat` per domain, a
 /// read and parse only of those that changed.
 fn refresh(run_dir: &Path, known: &mut Known) {
@@ -244,10 +265,9 @@ fn refresh(run_dir: &Path, known: &mut Known) {
         if known.domains.get(name).is_some_and(|f| f.stamp == stamp) {
             continue;
         }
-        let Ok((raw, false)) = crate::host::read_capped(&path, MAX_STATUS_XML) else {
+        let Some(xml) = status_xml(run_dir, name) else {
             continue;
         };
-        let xml = String::from_utf8_lossy(&raw);
         let Some(pid) = managers::domstatus_pid(&xml) else {
             continue;
         };
@@ -267,25 +287,27 @@ fn refresh(run_dir: &Path, known: &mut Known) {
     known.domains.retain(|n, _| seen.contains(n));
 }
 
-/// Runs `virsh` against the system daemon with a timeout; its stdout.
-fn virsh(args: &[&str]) -> anyhow::Result<String> {
+/// Runs `virsh ARGS` against the system daemon, killed after `timeout`; its stdout. Every call
+/// has a timeout: libvirtd runs one job per domain at a time and may hang, and whoever waits on
+/// it (a counter pool worker, the throttle's control tick) must lose that long, never forever.
+pub fn virsh(timeout: Duration, args: &[impl AsRef<str>]) -> anyhow::Result<String> {
     // The daemon whose status XML under /run/libvirt/qemu named the domains, unless the
     // operator's environment names another.
     let uri = std::env::var("LIBVIRT_DEFAULT_URI").unwrap_or_else(|_| "qemu:///system".into());
-    virsh_at(&uri, VIRSH_TIMEOUT, args)
+    virsh_at(&uri, timeout, args)
 }
 
-/// Runs `virsh -c URI ARGS`, killed after `timeout` (a hung libvirtd must cost a pool worker
-/// that long, no more); its stdout.
-fn virsh_at(uri: &str, timeout: Duration, args: &[&str]) -> anyhow::Result<String> {
+/// Runs `virsh -c URI ARGS`, killed after `timeout`; its stdout, or an error with its stderr.
+fn virsh_at(uri: &str, timeout: Duration, args: &[impl AsRef<str>]) -> anyhow::Result<String> {
+    let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
     let mut cmd = Command::new("timeout");
     cmd.arg(format!("{}", timeout.as_secs_f64()))
         .args(["virsh", "-c", uri]);
     let out = cmd
-        .args(args)
+        .args(&args)
         .stdin(Stdio::null())
         .output()
-        .context("running virsh (libvirt's client, to read libvirt domains' disk counters)")?;
+        .context("running virsh (libvirt's client, to read libvirt domains' disks and change their QEMU limits)")?;
     if !out.status.success() {
         bail!(
             "virsh {}: {}",
@@ -296,6 +318,23 @@ fn virsh_at(uri: &str, timeout: Duration, args: &[&str]) -> anyhow::Result<Strin
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// A domain's disk's QEMU limits as libvirt reports them now (`virsh blkdeviotune DOMAIN
+/// TARGET --live`).
+pub fn blkdeviotune(timeout: Duration, domain: &str, target: &str) -> anyhow::Result<QemuThrottle> {
+    Ok(parse_virsh_blkdeviotune(&virsh(
+        timeout,
+        &["blkdeviotune", domain, target, "--live"],
+    )?))
+}
+
+/// QEMU's counters of the disks of `domains` (by name), all in one `virsh domstats --block`
+/// run however many domains there are: domain → disk → counters.
+pub fn domstats(timeout: Duration, domains: &[String]) -> anyhow::Result<DomainStats> {
+    let mut args: Vec<&str> = vec!["domstats", "--block"];
+    args.extend(domains.iter().map(String::as_str));
+    Ok(parse_domstats(&virsh(timeout, &args)?))
+}
+
 /// One poll of every libvirt domain with a disk QEMU counts: the status XMLs that changed,
 /// then, only when some domain has such a disk, one `virsh domstats --block` for all of them
 /// (`--nowait`: a domain whose monitor is busy is left out rather than waited for).
@@ -304,12 +343,10 @@ pub fn poll(run_dir: &Path, known: &mut Known) -> anyhow::Result<Vec<QemuReading
     if known.domains.values().all(|d| d.network.is_empty()) {
         return Ok(Vec::new());
     }
-    let stats = parse_domstats(&virsh(&[
-        "domstats",
-        "--block",
-        "--list-active",
-        "--nowait",
-    ])?);
+    let stats = parse_domstats(&virsh(
+        VIRSH_TIMEOUT,
+        &["domstats", "--block", "--list-active", "--nowait"],
+    )?);
     Ok(readings(&known.domains, &stats))
 }
 
@@ -319,10 +356,7 @@ pub fn read_once(run_dir: &Path) -> anyhow::Result<Vec<QemuReading>> {
 }
 
 /// Joins the domains' network disks with their counters.
-fn readings(
-    domains: &HashMap<String, DomainFacts>,
-    stats: &HashMap<String, Vec<(String, DiskCounters)>>,
-) -> Vec<QemuReading> {
+fn readings(domains: &HashMap<String, DomainFacts>, stats: &DomainStats) -> Vec<QemuReading> {
     domains
         .iter()
         .filter(|(_, f)| !f.network.is_empty())
@@ -489,5 +523,22 @@ mod tests {
         assert_eq!(r[0].disks.len(), 1, "only the network disk: {r:?}");
         assert_eq!(r[0].disks[0].disk, "vda");
         assert_eq!(r[0].disks[0].counters.rd_operations, 120);
+    }
+
+    #[test]
+    fn domstats_are_read_per_domain_and_disk() {
+        let text = "Domain: 'web'\n  block.count=2\n  block.0.name=vda\n  block.0.path=/v/a.img\n\
+            block.0.rd.reqs=10\n  block.0.rd.bytes=40960\n  block.0.wr.reqs=5\n  block.0.wr.bytes=20480\n\
+            block.1.name=vdb\n  block.1.wr.reqs=x\n\nDomain: 'db'\n  block.count=0\n\
+            block.7.rd.reqs=3\n";
+        let s = parse_domstats(text);
+        let c = |disk: &str| {
+            let c = s["web"].iter().find(|(n, _)| n == disk).unwrap().1;
+            [c.rd_operations, c.wr_operations, c.rd_bytes, c.wr_bytes]
+        };
+        assert_eq!(c("vda"), [10, 5, 40960, 20480]);
+        assert_eq!(c("vdb"), [0, 0, 0, 0]);
+        assert!(s["db"].is_empty(), "a block without a name is left out");
+        assert!(parse_domstats("garbage\nblock.x.name=1\n").is_empty());
     }
 }

@@ -2,19 +2,283 @@
 //! limits of the throttle daemon. OpenStack Nova (`quota:disk_*_sec`, written as libvirt
 //! `<iotune>`) and Proxmox (`iops_rd`, `mbps_wr`...) limit disks this way, inside qemu.
 //!
-//! Read only, and only through their owner: overkvm's own VMs over their QMP socket
-//! (`query-block`), libvirt's domains from the live definition libvirt keeps in its status XML
-//! (`/run/libvirt/qemu/NAME.xml`, `<disk>` → `<iotune>`), Proxmox VMs from their config
-//! (`/etc/pve/qemu-server/VMID.conf`, which `qm set` updates when it changes a running VM's
-//! limits): libvirt and Proxmox own their VMs' monitors, so overkvm never talks to them. The
-//! parsers are pure.
+//! One model of a VM's disks and their settings ([`QemuDisk`], [`QemuThrottle`]) for everyone
+//! who reads or writes them: the throttle's QEMU actuator, `vm list`, the status file, top and
+//! the exporter (which show [`DiskLimits`], the six rates of a [`QemuThrottle`]). Read and
+//! written only through their owner: overkvm's own VMs over their QMP socket (`query-block`,
+//! `block_set_io_throttle`), libvirt's domains from the live definition libvirt keeps in its
+//! status XML (`/run/libvirt/qemu/NAME.xml`, `<disk>` → `<iotune>`) and with `virsh
+//! blkdeviotune`, Proxmox VMs (read only) from their config (`/etc/pve/qemu-server/VMID.conf`,
+//! which `qm set` updates when it changes a running VM's limits): libvirt and Proxmox own their
+//! VMs' monitors, so overkvm never talks to them. The parsers and the argument builders are
+//! pure.
 
-use std::{path::Path, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::Path,
+    time::Duration,
+};
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::identity::managers::{self, domstatus_pid};
+
+/// QMP's name of each numeric throttle setting, and libvirt's (`<iotune>` element, and the
+/// `virsh blkdeviotune` option with `-` for `_`).
+pub const SETTINGS: [(&str, &str); 19] = [
+    ("bps", "total_bytes_sec"),
+    ("bps_rd", "read_bytes_sec"),
+    ("bps_wr", "write_bytes_sec"),
+    ("iops", "total_iops_sec"),
+    ("iops_rd", "read_iops_sec"),
+    ("iops_wr", "write_iops_sec"),
+    ("bps_max", "total_bytes_sec_max"),
+    ("bps_rd_max", "read_bytes_sec_max"),
+    ("bps_wr_max", "write_bytes_sec_max"),
+    ("iops_max", "total_iops_sec_max"),
+    ("iops_rd_max", "read_iops_sec_max"),
+    ("iops_wr_max", "write_iops_sec_max"),
+    ("bps_max_length", "total_bytes_sec_max_length"),
+    ("bps_rd_max_length", "read_bytes_sec_max_length"),
+    ("bps_wr_max_length", "write_bytes_sec_max_length"),
+    ("iops_max_length", "total_iops_sec_max_length"),
+    ("iops_rd_max_length", "read_iops_sec_max_length"),
+    ("iops_wr_max_length", "write_iops_sec_max_length"),
+    ("iops_size", "size_iops_sec"),
+];
+
+/// Every throttle setting of one disk, by QMP name; absent is 0 (QEMU's "unlimited"). A burst
+/// length of 1 is QEMU's default and is kept absent too.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QemuThrottle {
+    #[serde(default)]
+    pub values: BTreeMap<String, u64>,
+    /// QEMU throttle group (disks of one VM sharing limits), libvirt's `group_name`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+}
+
+impl QemuThrottle {
+    pub fn get(&self, k: &str) -> u64 {
+        self.values.get(k).copied().unwrap_or(0)
+    }
+
+    pub fn set(&mut self, k: &str, v: u64) {
+        if v == 0 || (k.ends_with("_length") && v <= 1) {
+            self.values.remove(k);
+        } else {
+            self.values.insert(k.to_string(), v);
+        }
+    }
+
+    /// From QMP-named numbers (a `query-block` entry's `inserted`).
+    fn from_qmp(inserted: &Value) -> QemuThrottle {
+        let mut t = QemuThrottle::default();
+        for (k, _) in SETTINGS {
+            t.set(k, inserted.get(k).and_then(Value::as_u64).unwrap_or(0));
+        }
+        t.group = inserted
+            .get("group")
+            .and_then(Value::as_str)
+            .filter(|g| !g.is_empty())
+            .map(str::to_string);
+        t
+    }
+
+    /// From libvirt-named values (`<iotune>` children, or `virsh blkdeviotune` lines).
+    fn from_libvirt(get: impl Fn(&str) -> Option<String>) -> QemuThrottle {
+        let mut t = QemuThrottle::default();
+        for (q, l) in SETTINGS {
+            t.set(q, get(l).and_then(|v| v.trim().parse().ok()).unwrap_or(0));
+        }
+        t.group = get("group_name")
+            .map(|g| g.trim().to_string())
+            .filter(|g| !g.is_empty());
+        t
+    }
+
+    /// What `vm list`, `throttle status`, top and the metrics show of it.
+    pub fn shown(&self, disk: &str) -> DiskLimits {
+        let n = |k: &str| Some(self.get(k)).filter(|&v| v > 0);
+        DiskLimits {
+            disk: disk.to_string(),
+            iops: n("iops"),
+            iops_rd: n("iops_rd"),
+            iops_wr: n("iops_wr"),
+            bps: n("bps"),
+            bps_rd: n("bps_rd"),
+            bps_wr: n("bps_wr"),
+        }
+    }
+
+    /// Arguments of `block_set_io_throttle` for a disk: the six rates are mandatory, the rest
+    /// is sent when set (QEMU's defaults otherwise: no burst, length 1).
+    pub fn qmp_arguments(&self, disk: &DiskRef) -> Value {
+        let mut a = match disk {
+            DiskRef::Device(d) => json!({ "device": d }),
+            DiskRef::Qdev(q) => json!({ "id": q }),
+        };
+        for (i, (k, _)) in SETTINGS.iter().enumerate() {
+            let v = self.get(k);
+            if i < 6 || v > 0 {
+                a[*k] = json!(v);
+            }
+        }
+        if let Some(g) = &self.group {
+            a["group"] = json!(g);
+        }
+        a
+    }
+
+    /// The families (see [`family`]) whose values differ between `self` and `other`.
+    pub fn families_differing(&self, other: &QemuThrottle) -> Vec<String> {
+        let mut f: Vec<String> = SETTINGS
+            .iter()
+            .filter(|(k, _)| self.get(k) != other.get(k))
+            .map(|(k, _)| family(k))
+            .collect();
+        f.dedup();
+        f
+    }
+
+    /// `virsh blkdeviotune DOMAIN TARGET --live ...` taking the disk from `now` (its settings as
+    /// just read) to `self`: every member of each family that changes, and the group when it
+    /// changes. libvirt keeps each family it is not given as it is at that moment, so a family
+    /// someone else sets meanwhile (an operator's bandwidth cap while overkvm limits IOPS) is
+    /// not overwritten with the value overkvm read before. None when nothing changes.
+    pub fn virsh_arguments(
+        &self,
+        now: &QemuThrottle,
+        domain: &str,
+        target: &str,
+    ) -> Option<Vec<String>> {
+        let families = self.families_differing(now);
+        let group = self
+            .group
+            .as_ref()
+            .filter(|g| now.group.as_ref() != Some(*g));
+        if families.is_empty() && group.is_none() {
+            return None;
+        }
+        let mut a: Vec<String> = vec![
+            "blkdeviotune".into(),
+            domain.into(),
+            target.into(),
+            "--live".into(),
+        ];
+        for (q, l) in SETTINGS {
+            if families.contains(&family(q)) {
+                a.push(format!("--{}", l.replace('_', "-")));
+                a.push(self.get(q).to_string());
+            }
+        }
+        if let Some(g) = group {
+            a.push("--group-name".into());
+            a.push(g.clone());
+        }
+        Some(a)
+    }
+}
+
+/// The family of a setting: the settings libvirt sets together (`iops_rd_max` → `iops_max`).
+/// Given one member of a family, `virsh blkdeviotune` sets the whole family (the members not
+/// given to 0, as QEMU takes a total or per-direction rates, never both) and keeps every family
+/// it is not given.
+pub fn family(setting: &str) -> String {
+    setting.replacen("_rd", "", 1).replacen("_wr", "", 1)
+}
+
+/// How QMP names a disk: by its `-drive` id (`device`) or by its guest device (`qdev`, for
+/// `-blockdev` disks).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskRef {
+    Device(String),
+    Qdev(String),
+}
+
+impl DiskRef {
+    pub fn name(&self) -> &str {
+        match self {
+            DiskRef::Device(s) | DiskRef::Qdev(s) => s,
+        }
+    }
+}
+
+/// One disk of a VM as QEMU (or libvirt) shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QemuDisk {
+    /// QMP's name for it, or libvirt's target (`vda`).
+    pub disk: DiskRef,
+    /// The image file or block device on the host, when known.
+    pub file: Option<String>,
+    /// The host page cache is between the guest and the disk (`cache=writeback`,
+    /// `writethrough`, `unsafe`): writes reach the disk from the kernel's flusher threads.
+    pub host_cache: bool,
+    pub throttle: QemuThrottle,
+}
+
+/// Disks of a `query-block` reply (entries without a medium are left out).
+pub fn disks_from_query_block(reply: &Value) -> Vec<QemuDisk> {
+    let Some(list) = reply.as_array() else {
+        return Vec::new();
+    };
+    list.iter()
+        .filter_map(|b| {
+            let ins = b.get("inserted")?;
+            let disk = match b.get("device").and_then(Value::as_str) {
+                Some(d) if !d.is_empty() => DiskRef::Device(d.to_string()),
+                _ => DiskRef::Qdev(b.get("qdev").and_then(Value::as_str)?.to_string()),
+            };
+            Some(QemuDisk {
+                disk,
+                file: ins.get("file").and_then(Value::as_str).map(str::to_string),
+                // `cache.direct` is O_DIRECT on the image: no host page cache.
+                host_cache: !ins
+                    .get("cache")
+                    .and_then(|c| c.get("direct"))
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false),
+                throttle: QemuThrottle::from_qmp(ins),
+            })
+        })
+        .collect()
+}
+
+/// Disks of a libvirt domain XML (status XML: the live definition), named by their target.
+/// A disk without `cache=` runs with QEMU's default, writeback.
+pub fn disks_from_libvirt_xml(xml: &str) -> Vec<QemuDisk> {
+    libvirt_disks(xml)
+        .into_iter()
+        .map(|(target, disk, iotune)| {
+            let file = managers::find_start_tag(disk, "source").and_then(|(_, t, _)| {
+                managers::attribute(t, "file")
+                    .or_else(|| managers::attribute(t, "dev"))
+                    .map(str::to_string)
+            });
+            let cache = managers::find_start_tag(disk, "driver")
+                .and_then(|(_, t, _)| managers::attribute(t, "cache"))
+                .unwrap_or("default");
+            QemuDisk {
+                disk: DiskRef::Device(target.to_string()),
+                file,
+                host_cache: !matches!(cache, "none" | "directsync"),
+                throttle: QemuThrottle::from_libvirt(|k| managers::element_text(iotune, k)),
+            }
+        })
+        .collect()
+}
+
+/// `virsh blkdeviotune DOMAIN TARGET` output (`total_iops_sec: 500` lines).
+pub fn parse_virsh_blkdeviotune(text: &str) -> QemuThrottle {
+    let map: HashMap<&str, &str> = text
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim(), v.trim()))
+        .collect();
+    QemuThrottle::from_libvirt(|k| map.get(k).map(|v| v.to_string()))
+}
 
 /// QEMU's limits on one disk; `None` where unlimited (QEMU and libvirt write 0 for that).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,29 +334,15 @@ fn nonzero(v: Option<u64>) -> Option<u64> {
 /// Limits from a `query-block` reply: one entry per disk with a medium, named by its device
 /// (`-drive id`) or, for `-blockdev` disks, its qdev path. Disks without limits are left out.
 pub fn from_query_block(reply: &Value) -> Vec<DiskLimits> {
-    let Some(list) = reply.as_array() else {
-        return Vec::new();
-    };
-    list.iter()
-        .filter_map(|b| {
-            let ins = b.get("inserted")?;
-            let n = |k: &str| nonzero(ins.get(k).and_then(Value::as_u64));
-            let name = b
-                .get("device")
-                .and_then(Value::as_str)
-                .filter(|d| !d.is_empty())
-                .or_else(|| b.get("qdev").and_then(Value::as_str))?;
-            let l = DiskLimits {
-                disk: name.to_string(),
-                iops: n("iops"),
-                iops_rd: n("iops_rd"),
-                iops_wr: n("iops_wr"),
-                bps: n("bps"),
-                bps_rd: n("bps_rd"),
-                bps_wr: n("bps_wr"),
-            };
-            (!l.is_unlimited()).then_some(l)
-        })
+    shown_limits(disks_from_query_block(reply))
+}
+
+/// The limits of `disks` as [`DiskLimits`] shows them, without the unlimited disks.
+fn shown_limits(disks: Vec<QemuDisk>) -> Vec<DiskLimits> {
+    disks
+        .into_iter()
+        .map(|d| d.throttle.shown(d.disk.name()))
+        .filter(|l| !l.is_unlimited())
         .collect()
 }
 
@@ -116,24 +366,7 @@ pub fn libvirt_disks(xml: &str) -> Vec<(&str, &str, &str)> {
 /// Limits from a libvirt domain XML (a status XML holds the live definition): the `<iotune>`
 /// of each `<disk>`, named by its `<target dev=...>`. Disks without limits are left out.
 pub fn from_libvirt_xml(xml: &str) -> Vec<DiskLimits> {
-    libvirt_disks(xml)
-        .into_iter()
-        .filter_map(|(target, _, iotune)| {
-            let n = |k: &str| {
-                nonzero(managers::element_text(iotune, k).and_then(|t| t.trim().parse().ok()))
-            };
-            let l = DiskLimits {
-                disk: target.to_string(),
-                iops: n("total_iops_sec"),
-                iops_rd: n("read_iops_sec"),
-                iops_wr: n("write_iops_sec"),
-                bps: n("total_bytes_sec"),
-                bps_rd: n("read_bytes_sec"),
-                bps_wr: n("write_bytes_sec"),
-            };
-            (!l.is_unlimited()).then_some(l)
-        })
-        .collect()
+    shown_limits(disks_from_libvirt_xml(xml))
 }
 
 /// Disk keys of a Proxmox VM config that can carry throttling (`scsi0`, `virtio3`...).
@@ -204,15 +437,7 @@ pub fn of_own_vm(qmp_socket: &Path) -> Option<Vec<DiskLimits>> {
 /// QEMU limits of libvirt domain `name` run by qemu `pid`, from libvirt's status XML (None when
 /// there is none, or it belongs to another process).
 pub fn of_libvirt_domain(run_dir: &Path, name: &str, pid: u32) -> Option<Vec<DiskLimits>> {
-    if !managers::is_safe_file_stem(name) {
-        return None;
-    }
-    let (raw, truncated) =
-        crate::host::read_capped(&run_dir.join(format!("{name}.xml")), 1 << 20).ok()?;
-    if truncated {
-        return None;
-    }
-    let xml = String::from_utf8_lossy(&raw);
+    let xml = super::libvirt::status_xml(run_dir, name)?;
     if domstatus_pid(&xml).is_some_and(|p| p != pid) {
         return None;
     }
@@ -224,6 +449,109 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    impl QemuThrottle {
+        /// The settings `pairs`, by QMP name (for tests here and in the throttle's).
+        pub(crate) fn of(pairs: &[(&str, u64)]) -> QemuThrottle {
+            let mut t = QemuThrottle::default();
+            for (k, v) in pairs {
+                t.set(k, *v);
+            }
+            t
+        }
+    }
+
+    fn t(pairs: &[(&str, u64)]) -> QemuThrottle {
+        QemuThrottle::of(pairs)
+    }
+
+    #[test]
+    fn disks_are_read_from_query_block() {
+        let reply = json!([
+            {"device": "disk0", "qdev": "vd0", "inserted": {"file": "/var/lib/overkvm/vms/a/disk.qcow2",
+              "cache": {"writeback": true, "direct": false, "no-flush": false},
+              "iops": 0, "iops_rd": 500, "iops_wr": 0, "bps": 0, "bps_rd": 0, "bps_wr": 0,
+              "iops_rd_max": 0, "iops_rd_max_length": 1, "group": "disk0"}},
+            {"device": "", "qdev": "/machine/peripheral/virtio-disk1/virtio-backend",
+             "inserted": {"file": "/dev/sdb", "cache": {"direct": true}}},
+            {"device": "ide1-cd0", "locked": false},
+            "garbage"
+        ]);
+        let d = disks_from_query_block(&reply);
+        assert_eq!(d.len(), 2);
+        assert_eq!(d[0].disk, DiskRef::Device("disk0".into()));
+        assert!(d[0].host_cache);
+        let mut want = t(&[("iops_rd", 500)]);
+        want.group = Some("disk0".into());
+        assert_eq!(d[0].throttle, want);
+        assert_eq!(
+            d[1].disk,
+            DiskRef::Qdev("/machine/peripheral/virtio-disk1/virtio-backend".into())
+        );
+        assert!(!d[1].host_cache);
+        assert!(disks_from_query_block(&json!({"x": 1})).is_empty());
+        let a = d[0].throttle.qmp_arguments(&d[0].disk);
+        assert_eq!(
+            a,
+            json!({"device": "disk0", "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0,
+                   "iops_rd": 500, "iops_wr": 0, "group": "disk0"})
+        );
+        assert_eq!(
+            d[1].throttle.qmp_arguments(&d[1].disk)["id"],
+            "/machine/peripheral/virtio-disk1/virtio-backend"
+        );
+    }
+
+    #[test]
+    fn disks_are_read_from_libvirt_xml_and_virsh() {
+        let xml = "<domstatus state='running' pid='42'><domain type='qemu' id='3'><devices>\n\
+            <disk type='file' device='disk'><driver name='qemu' type='raw' cache='none' io='native'/>\n\
+            <source file='/v/a.img'/><target dev='vda' bus='virtio'/>\n\
+            <iotune><total_iops_sec>500</total_iops_sec><total_iops_sec_max>900</total_iops_sec_max>\n\
+            <group_name>g1</group_name></iotune></disk>\n\
+            <disk type='block' device='disk'><driver name='qemu' type='raw'/>\n\
+            <source dev='/dev/sdb'/><target dev='vdb' bus='virtio'/></disk>\n\
+            <disk type='file'><target dev=''/></disk>\n\
+            </devices></domain></domstatus>";
+        let d = disks_from_libvirt_xml(xml);
+        assert_eq!(d.len(), 2);
+        assert_eq!(d[0].disk.name(), "vda");
+        assert_eq!(d[0].file.as_deref(), Some("/v/a.img"));
+        assert!(!d[0].host_cache);
+        let mut want = t(&[("iops", 500), ("iops_max", 900)]);
+        want.group = Some("g1".into());
+        assert_eq!(d[0].throttle, want);
+        assert_eq!(d[1].file.as_deref(), Some("/dev/sdb"));
+        assert!(d[1].host_cache, "no cache= is QEMU's writeback");
+        assert!(d[1].throttle.values.is_empty());
+        for bad in ["", "<domain>", "<domain><disk><target dev='x'/>"] {
+            assert!(disks_from_libvirt_xml(bad).is_empty(), "{bad}");
+        }
+        let virsh = "total_bytes_sec: 0\nread_bytes_sec : 0\ntotal_iops_sec : 500\n\
+            total_iops_sec_max: 900\ntotal_iops_sec_max_length: 0\ngroup_name   : g1\nsize_iops_sec: x\n";
+        assert_eq!(parse_virsh_blkdeviotune(virsh), want);
+        let args = want
+            .virsh_arguments(&QemuThrottle::default(), "web", "vda")
+            .unwrap();
+        assert_eq!(&args[..4], ["blkdeviotune", "web", "vda", "--live"]);
+        let at = args.iter().position(|a| a == "--total-iops-sec").unwrap();
+        assert_eq!(args[at + 1], "500");
+        let at = args
+            .iter()
+            .position(|a| a == "--read-iops-sec-max")
+            .unwrap();
+        assert_eq!(
+            args[at + 1],
+            "0",
+            "a family is given whole: libvirt sets its members not given to 0 anyway"
+        );
+        assert!(
+            !args.iter().any(|a| a.contains("bytes")),
+            "the byte families do not change: {args:?}"
+        );
+        assert_eq!(args[args.len() - 2..], ["--group-name", "g1"]);
+        assert_eq!(want.virsh_arguments(&want, "web", "vda"), None);
+    }
 
     #[test]
     fn query_block_limits_are_read_per_disk_and_zero_is_unlimited() {

@@ -13,7 +13,7 @@
 use std::{
     io::{self, BufRead as _, BufReader, Read as _, Write as _},
     os::unix::net::UnixStream,
-    path::Path,
+    path::{Path, PathBuf},
     time::Duration,
 };
 
@@ -226,40 +226,22 @@ impl Qmp {
     }
 }
 
-/// Guest-side operation counts of one disk from `query-blockstats` (`stats`, the device's
-/// view: what the guest asked for; the `parent` protocol node adds qcow2 metadata and COW).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct GuestDiskOps {
-    pub rd_operations: u64,
-    pub wr_operations: u64,
-    pub flush_operations: u64,
-    pub unmap_operations: u64,
+/// One of overkvm's own running VMs: its name, its uuid and the pid of its qemu.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OwnVm {
+    pub name: String,
+    pub uuid: Option<String>,
+    pub pid: u32,
 }
 
-impl GuestDiskOps {
-    /// All four counts, saturating: the values are whatever qemu's reply said.
-    pub fn total(&self) -> u64 {
-        self.rd_operations
-            .saturating_add(self.wr_operations)
-            .saturating_add(self.flush_operations)
-            .saturating_add(self.unmap_operations)
-    }
-}
-
-/// The counters of the entry whose `device` is `device` in a `query-blockstats` reply.
-pub fn disk_ops(blockstats: &Value, device: &str) -> Option<GuestDiskOps> {
-    let entry = blockstats
-        .as_array()?
-        .iter()
-        .find(|e| e.get("device").and_then(Value::as_str) == Some(device))?;
-    let s = entry.get("stats")?;
-    let n = |k: &str| s.get(k).and_then(Value::as_u64).unwrap_or(0);
-    Some(GuestDiskOps {
-        rd_operations: n("rd_operations"),
-        wr_operations: n("wr_operations"),
-        flush_operations: n("flush_operations"),
-        unmap_operations: n("unmap_operations"),
-    })
+/// overkvm's own VMs, whose QMP monitors are overkvm's. The VM lifecycle lists them; it hands
+/// this to whoever needs their monitors (the throttle's QEMU actuator), so that a service does
+/// not import a command's module.
+pub trait OwnVms: Send {
+    /// The VMs that run now (read again on each call: a VM started later is found).
+    fn running(&self) -> Vec<OwnVm>;
+    /// The QMP socket of the VM named `name`; None when no VM can have that name.
+    fn qmp_socket(&self, name: &str) -> Option<PathBuf>;
 }
 
 #[cfg(test)]
@@ -383,28 +365,5 @@ mod tests {
             desc: "no".into(),
         };
         assert_eq!(refused.to_string(), "qemu refused: GenericError: no");
-    }
-
-    #[test]
-    fn blockstats_of_a_device() {
-        let v = json!([
-            {"device": "disk0", "stats": {"rd_operations": 300, "wr_operations": 301, "flush_operations": 2}},
-            {"device": "", "stats": {"rd_operations": 1}}
-        ]);
-        let d = disk_ops(&v, "disk0").unwrap();
-        assert_eq!(
-            (d.rd_operations, d.wr_operations, d.total()),
-            (300, 301, 603)
-        );
-        assert_eq!(disk_ops(&v, "nope"), None);
-        assert_eq!(disk_ops(&json!({}), "disk0"), None);
-    }
-
-    /// A reply with counters near u64::MAX made `total` overflow (a panic in debug builds).
-    #[test]
-    fn blockstats_total_saturates() {
-        let v =
-            json!([{"device": "disk0", "stats": {"rd_operations": u64::MAX, "wr_operations": 1}}]);
-        assert_eq!(disk_ops(&v, "disk0").unwrap().total(), u64::MAX);
     }
 }

@@ -325,6 +325,11 @@ impl ThrottleService {
         self.qemu.given_sockets = sockets.to_vec();
     }
 
+    /// overkvm's own VMs (listed by the VM lifecycle): they are held through their QMP sockets.
+    pub fn use_own_vms(&mut self, vms: Box<dyn crate::qemu::qmp::OwnVms>) {
+        self.qemu.own_vms = Some(vms);
+    }
+
     /// Removes what a previous run left (after a crash or kill -9).
     fn reconcile(&mut self) -> anyhow::Result<()> {
         let old = match ThrottleState::load(&self.state_path) {

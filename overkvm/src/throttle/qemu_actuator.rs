@@ -17,29 +17,36 @@
 //! go, on SIGTERM, at the next start after a crash and with `throttle reset`, with what someone
 //! else changed while overkvm held the disk kept as theirs ([`adopt`]).
 //!
-//! The choice of actuator ([`choose`]), the combination of limits ([`engage`]), the split over
-//! several disks ([`split`]) and the parsers are pure; `QemuSide` is the thin layer that talks
-//! to QMP and virsh, with a cache of what each VM's disks are (re-read every
-//! [`FACTS_REFRESH`], never on every tick).
+//! The choice of actuator ([`choose`]), the combination of limits ([`engage`]) and the split
+//! over several disks ([`split`]) are pure; `QemuSide` is the thin layer that talks to QMP and
+//! virsh, with a cache of what each VM's disks are (re-read every [`FACTS_REFRESH`], never on
+//! every tick). What QEMU and libvirt answer is parsed in `qemu` (`limits`, `backing`,
+//! `libvirt`), once for every user.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     os::unix::fs::{FileTypeExt as _, MetadataExt as _},
     path::{Path, PathBuf},
-    process::Command,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
 use overkvm_common::make_dev;
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
 
 use crate::host::cgroup::limits::Limits;
 use crate::{
     config::ActuatorMode,
     identity::{Manager, managers},
-    qemu::{limits::DiskLimits, qmp::Qmp},
+    qemu::{
+        backing::{DiskCounters, counters_of},
+        libvirt::{self, DomainStats},
+        limits::{
+            DiskLimits, DiskRef, QemuDisk, QemuThrottle, SETTINGS, disks_from_libvirt_xml,
+            disks_from_query_block, family,
+        },
+        qmp::{OwnVms, Qmp},
+    },
     report::VmRef,
 };
 
@@ -53,194 +60,16 @@ pub const FACTS_REFRESH: Duration = Duration::from_secs(30);
 pub const RESTART_WATCH: Duration = Duration::from_secs(60);
 pub const RESTART_REFRESH: Duration = Duration::from_secs(2);
 
-/// Timeout of one QMP exchange and of one virsh run.
+/// Timeout of one QMP exchange.
 const QMP_TIMEOUT: Duration = Duration::from_secs(2);
-const VIRSH_TIMEOUT_S: &str = "5";
+/// Timeout of one virsh run of the throttle (reading or writing a domain's limits, its
+/// counters): these run on the control tick, which a hung libvirtd must delay by this long at
+/// most, never stop. Longer than the counters' own: libvirt takes a domain's job lock for a
+/// `blkdeviotune --live`, which may wait for another job on that domain to end.
+const VIRSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// After a failed write through a monitor's owner, writes through it wait this long: a hung
 /// libvirtd must not stall every control tick by a virsh timeout.
 const WRITE_BACKOFF: Duration = Duration::from_secs(10);
-
-/// QMP's name of each numeric throttle setting, and libvirt's (`<iotune>` element, and the
-/// `virsh blkdeviotune` option with `-` for `_`).
-pub const SETTINGS: [(&str, &str); 19] = [
-    ("bps", "total_bytes_sec"),
-    ("bps_rd", "read_bytes_sec"),
-    ("bps_wr", "write_bytes_sec"),
-    ("iops", "total_iops_sec"),
-    ("iops_rd", "read_iops_sec"),
-    ("iops_wr", "write_iops_sec"),
-    ("bps_max", "total_bytes_sec_max"),
-    ("bps_rd_max", "read_bytes_sec_max"),
-    ("bps_wr_max", "write_bytes_sec_max"),
-    ("iops_max", "total_iops_sec_max"),
-    ("iops_rd_max", "read_iops_sec_max"),
-    ("iops_wr_max", "write_iops_sec_max"),
-    ("bps_max_length", "total_bytes_sec_max_length"),
-    ("bps_rd_max_length", "read_bytes_sec_max_length"),
-    ("bps_wr_max_length", "write_bytes_sec_max_length"),
-    ("iops_max_length", "total_iops_sec_max_length"),
-    ("iops_rd_max_length", "read_iops_sec_max_length"),
-    ("iops_wr_max_length", "write_iops_sec_max_length"),
-    ("iops_size", "size_iops_sec"),
-];
-
-/// Every throttle setting of one disk, by QMP name; absent is 0 (QEMU's "unlimited"). A burst
-/// length of 1 is QEMU's default and is kept absent too.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct QemuThrottle {
-    #[serde(default)]
-    pub values: BTreeMap<String, u64>,
-    /// QEMU throttle group (disks of one VM sharing limits), libvirt's `group_name`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub group: Option<String>,
-}
-
-impl QemuThrottle {
-    pub fn get(&self, k: &str) -> u64 {
-        self.values.get(k).copied().unwrap_or(0)
-    }
-
-    pub fn set(&mut self, k: &str, v: u64) {
-        if v == 0 || (k.ends_with("_length") && v <= 1) {
-            self.values.remove(k);
-        } else {
-            self.values.insert(k.to_string(), v);
-        }
-    }
-
-    /// From QMP-named numbers (a `query-block` entry's `inserted`).
-    fn from_qmp(inserted: &Value) -> QemuThrottle {
-        let mut t = QemuThrottle::default();
-        for (k, _) in SETTINGS {
-            t.set(k, inserted.get(k).and_then(Value::as_u64).unwrap_or(0));
-        }
-        t.group = inserted
-            .get("group")
-            .and_then(Value::as_str)
-            .filter(|g| !g.is_empty())
-            .map(str::to_string);
-        t
-    }
-
-    /// From libvirt-named values (`<iotune>` children, or `virsh blkdeviotune` lines).
-    fn from_libvirt(get: impl Fn(&str) -> Option<String>) -> QemuThrottle {
-        let mut t = QemuThrottle::default();
-        for (q, l) in SETTINGS {
-            t.set(q, get(l).and_then(|v| v.trim().parse().ok()).unwrap_or(0));
-        }
-        t.group = get("group_name")
-            .map(|g| g.trim().to_string())
-            .filter(|g| !g.is_empty());
-        t
-    }
-
-    /// What `vm list`, `throttle status`, top and the metrics show of it.
-    pub fn shown(&self, disk: &str) -> DiskLimits {
-        let n = |k: &str| Some(self.get(k)).filter(|&v| v > 0);
-        DiskLimits {
-            disk: disk.to_string(),
-            iops: n("iops"),
-            iops_rd: n("iops_rd"),
-            iops_wr: n("iops_wr"),
-            bps: n("bps"),
-            bps_rd: n("bps_rd"),
-            bps_wr: n("bps_wr"),
-        }
-    }
-
-    /// Arguments of `block_set_io_throttle` for a disk: the six rates are mandatory, the rest
-    /// is sent when set (QEMU's defaults otherwise: no burst, length 1).
-    pub fn qmp_arguments(&self, disk: &DiskRef) -> Value {
-        let mut a = match disk {
-            DiskRef::Device(d) => json!({ "device": d }),
-            DiskRef::Qdev(q) => json!({ "id": q }),
-        };
-        for (i, (k, _)) in SETTINGS.iter().enumerate() {
-            let v = self.get(k);
-            if i < 6 || v > 0 {
-                a[*k] = json!(v);
-            }
-        }
-        if let Some(g) = &self.group {
-            a["group"] = json!(g);
-        }
-        a
-    }
-
-    /// The families (see [`family`]) whose values differ between `self` and `other`.
-    fn families_differing(&self, other: &QemuThrottle) -> Vec<String> {
-        let mut f: Vec<String> = SETTINGS
-            .iter()
-            .filter(|(k, _)| self.get(k) != other.get(k))
-            .map(|(k, _)| family(k))
-            .collect();
-        f.dedup();
-        f
-    }
-
-    /// `virsh blkdeviotune DOMAIN TARGET --live ...` taking the disk from `now` (its settings as
-    /// just read) to `self`: every member of each family that changes, and the group when it
-    /// changes. libvirt keeps each family it is not given as it is at that moment, so a family
-    /// someone else sets meanwhile (an operator's bandwidth cap while overkvm limits IOPS) is
-    /// not overwritten with the value overkvm read before. None when nothing changes.
-    pub fn virsh_arguments(
-        &self,
-        now: &QemuThrottle,
-        domain: &str,
-        target: &str,
-    ) -> Option<Vec<String>> {
-        let families = self.families_differing(now);
-        let group = self
-            .group
-            .as_ref()
-            .filter(|g| now.group.as_ref() != Some(*g));
-        if families.is_empty() && group.is_none() {
-            return None;
-        }
-        let mut a: Vec<String> = vec![
-            "blkdeviotune".into(),
-            domain.into(),
-            target.into(),
-            "--live".into(),
-        ];
-        for (q, l) in SETTINGS {
-            if families.contains(&family(q)) {
-                a.push(format!("--{}", l.replace('_', "-")));
-                a.push(self.get(q).to_string());
-            }
-        }
-        if let Some(g) = group {
-            a.push("--group-name".into());
-            a.push(g.clone());
-        }
-        Some(a)
-    }
-}
-
-/// The family of a setting: the settings libvirt sets together (`iops_rd_max` → `iops_max`).
-/// Given one member of a family, `virsh blkdeviotune` sets the whole family (the members not
-/// given to 0, as QEMU takes a total or per-direction rates, never both) and keeps every family
-/// it is not given.
-fn family(setting: &str) -> String {
-    setting.replacen("_rd", "", 1).replacen("_wr", "", 1)
-}
-
-/// How QMP names a disk: by its `-drive` id (`device`) or by its guest device (`qdev`, for
-/// `-blockdev` disks).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DiskRef {
-    Device(String),
-    Qdev(String),
-}
-
-impl DiskRef {
-    pub fn name(&self) -> &str {
-        match self {
-            DiskRef::Device(s) | DiskRef::Qdev(s) => s,
-        }
-    }
-}
 
 /// Who can change a VM's QEMU limits for overkvm.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -261,159 +90,10 @@ impl Control {
     }
 }
 
-/// One disk of a VM as QEMU (or libvirt) shows it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct QemuDisk {
-    /// QMP's name for it, or libvirt's target (`vda`).
-    pub disk: DiskRef,
-    /// The image file or block device on the host, when known.
-    pub file: Option<String>,
-    /// The host page cache is between the guest and the disk (`cache=writeback`,
-    /// `writethrough`, `unsafe`): writes reach the disk from the kernel's flusher threads.
-    pub host_cache: bool,
-    pub throttle: QemuThrottle,
-}
-
-/// Disks of a `query-block` reply (entries without a medium are left out).
-pub fn disks_from_query_block(reply: &Value) -> Vec<QemuDisk> {
-    let Some(list) = reply.as_array() else {
-        return Vec::new();
-    };
-    list.iter()
-        .filter_map(|b| {
-            let ins = b.get("inserted")?;
-            let disk = match b.get("device").and_then(Value::as_str) {
-                Some(d) if !d.is_empty() => DiskRef::Device(d.to_string()),
-                _ => DiskRef::Qdev(b.get("qdev").and_then(Value::as_str)?.to_string()),
-            };
-            Some(QemuDisk {
-                disk,
-                file: ins.get("file").and_then(Value::as_str).map(str::to_string),
-                // `cache.direct` is O_DIRECT on the image: no host page cache.
-                host_cache: !ins
-                    .get("cache")
-                    .and_then(|c| c.get("direct"))
-                    .and_then(Value::as_bool)
-                    .unwrap_or(false),
-                throttle: QemuThrottle::from_qmp(ins),
-            })
-        })
-        .collect()
-}
-
-/// Disks of a libvirt domain XML (status XML: the live definition), named by their target.
-/// A disk without `cache=` runs with QEMU's default, writeback.
-pub fn disks_from_libvirt_xml(xml: &str) -> Vec<QemuDisk> {
-    crate::qemu::limits::libvirt_disks(xml)
-        .into_iter()
-        .map(|(target, disk, iotune)| {
-            let file = managers::find_start_tag(disk, "source").and_then(|(_, t, _)| {
-                managers::attribute(t, "file")
-                    .or_else(|| managers::attribute(t, "dev"))
-                    .map(str::to_string)
-            });
-            let cache = managers::find_start_tag(disk, "driver")
-                .and_then(|(_, t, _)| managers::attribute(t, "cache"))
-                .unwrap_or("default");
-            QemuDisk {
-                disk: DiskRef::Device(target.to_string()),
-                file,
-                host_cache: !matches!(cache, "none" | "directsync"),
-                throttle: QemuThrottle::from_libvirt(|k| managers::element_text(iotune, k)),
-            }
-        })
-        .collect()
-}
-
-/// `virsh blkdeviotune DOMAIN TARGET` output (`total_iops_sec: 500` lines).
-pub fn parse_virsh_blkdeviotune(text: &str) -> QemuThrottle {
-    let map: HashMap<&str, &str> = text
-        .lines()
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim(), v.trim()))
-        .collect();
-    QemuThrottle::from_libvirt(|k| map.get(k).map(|v| v.to_string()))
-}
-
-/// Guest counters per domain and disk: (read ops, write ops, read bytes, write bytes).
-pub type DomainStats = HashMap<String, HashMap<String, [u64; 4]>>;
-
-/// `virsh domstats --block` output (`Domain: 'NAME'`, then `block.N.name=vda`,
-/// `block.N.rd.reqs=...` lines).
-pub fn parse_domstats_block(text: &str) -> DomainStats {
-    let mut out = DomainStats::new();
-    let mut domain: Option<String> = None;
-    // Per domain: block index → (name, counters).
-    let mut blocks: BTreeMap<u32, (Option<String>, [u64; 4])> = BTreeMap::new();
-    let mut flush = |domain: &Option<String>,
-                     blocks: &mut BTreeMap<u32, (Option<String>, [u64; 4])>| {
-        if let Some(d) = domain {
-            let disks = out.entry(d.clone()).or_default();
-            for (_, (name, c)) in std::mem::take(blocks) {
-                if let Some(n) = name {
-                    disks.insert(n, c);
-                }
-            }
-        }
-        blocks.clear();
-    };
-    for line in text.lines().map(str::trim) {
-        if let Some(rest) = line.strip_prefix("Domain:") {
-            flush(&domain, &mut blocks);
-            domain = Some(rest.trim().trim_matches(['\'', '"']).to_string());
-            continue;
-        }
-        let Some((key, value)) = line.split_once('=') else {
-            continue;
-        };
-        let Some(rest) = key.strip_prefix("block.") else {
-            continue;
-        };
-        let Some((idx, field)) = rest.split_once('.') else {
-            continue;
-        };
-        let Ok(idx) = idx.parse::<u32>() else {
-            continue;
-        };
-        if blocks.len() > 1024 && !blocks.contains_key(&idx) {
-            continue;
-        }
-        let b = blocks.entry(idx).or_default();
-        let slot = match field {
-            "name" => {
-                b.0 = Some(value.to_string());
-                continue;
-            }
-            "rd.reqs" => 0,
-            "wr.reqs" => 1,
-            "rd.bytes" => 2,
-            "wr.bytes" => 3,
-            _ => continue,
-        };
-        b.1[slot] = value.trim().parse().unwrap_or(0);
-    }
-    flush(&domain, &mut blocks);
-    out
-}
-
-/// Guest-side counters of one disk from `query-blockstats`, matched by device or qdev name:
-/// (read ops, write ops, read bytes, write bytes).
-pub fn blockstats_of(reply: &Value, disk: &DiskRef) -> Option<[u64; 4]> {
-    let entry = reply.as_array()?.iter().find(|e| {
-        let key = match disk {
-            DiskRef::Device(_) => "device",
-            DiskRef::Qdev(_) => "qdev",
-        };
-        e.get(key).and_then(Value::as_str) == Some(disk.name())
-    })?;
-    let s = entry.get("stats")?;
-    let n = |k: &str| s.get(k).and_then(Value::as_u64).unwrap_or(0);
-    Some([
-        n("rd_operations"),
-        n("wr_operations"),
-        n("rd_bytes"),
-        n("wr_bytes"),
-    ])
+/// The counters the throttle's guest rates are made of: (read ops, write ops, read bytes,
+/// write bytes).
+fn ops_and_bytes(c: &DiskCounters) -> [u64; 4] {
+    [c.rd_operations, c.wr_operations, c.rd_bytes, c.wr_bytes]
 }
 
 /// What decides the actuator of one VM on one device.
@@ -640,8 +320,8 @@ struct Cached {
 
 /// The impure side: reads VMs' disks, sets and restores QEMU limits, reads guest counters.
 pub struct QemuSide {
-    /// overkvm's VM state directory (its VMs' QMP sockets are under it).
-    pub vm_state_dir: PathBuf,
+    /// overkvm's own VMs (their QMP sockets are overkvm's), when the daemon gave them.
+    pub own_vms: Option<Box<dyn OwnVms>>,
     /// QMP sockets the operator gave overkvm (`serve --qmp`): a qemu started with one of
     /// them is reached through it, for limits as for counters.
     pub given_sockets: Vec<PathBuf>,
@@ -661,10 +341,9 @@ pub struct QemuSide {
 impl Default for QemuSide {
     fn default() -> Self {
         QemuSide {
-            vm_state_dir: crate::lifecycle::state_dir(None)
-                .unwrap_or_else(|_| PathBuf::from(crate::lifecycle::definition::DEFAULT_STATE_DIR)),
+            own_vms: None,
             given_sockets: Vec::new(),
-            libvirt_run: PathBuf::from("/run/libvirt/qemu"),
+            libvirt_run: PathBuf::from(libvirt::RUN_DIR),
             pve_dir: PathBuf::from("/etc/pve/qemu-server"),
             cache: HashMap::new(),
             counters: HashMap::new(),
@@ -685,28 +364,6 @@ fn host_disk_of(file: &str, table: &mut crate::devices::DeviceTable) -> Option<u
     };
     let info = table.get(make_dev(libc::major(raw), libc::minor(raw)));
     info.present.then_some(info.disk_dev)
-}
-
-/// Runs virsh with a timeout; its stdout, or an error with its stderr.
-fn virsh(args: &[String]) -> anyhow::Result<String> {
-    let mut cmd = Command::new("timeout");
-    cmd.arg(VIRSH_TIMEOUT_S).arg("virsh");
-    if std::env::var_os("LIBVIRT_DEFAULT_URI").is_none() {
-        // The system daemon: the one whose status XML under /run/libvirt/qemu named the domain.
-        cmd.args(["-c", "qemu:///system"]);
-    }
-    let out = cmd
-        .args(args)
-        .output()
-        .context("running virsh (libvirt's client, needed to change a domain's QEMU limits)")?;
-    if !out.status.success() {
-        bail!(
-            "virsh {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// The start time of a process that runs (a zombie does not: a daemonized qemu killed in a
@@ -790,22 +447,16 @@ impl QemuSide {
         self.last_discovery = Some(Instant::now());
         self.prune();
         let mut found: Vec<(VmRef, u32)> = Vec::new();
-        if let Ok((vms, _)) = crate::lifecycle::load_all(&self.vm_state_dir) {
-            for (name, pid) in crate::lifecycle::list::running(&vms) {
-                let uuid = vms
-                    .iter()
-                    .find(|(d, _)| d.name == name)
-                    .map(|(d, _)| d.uuid.clone());
-                found.push((
-                    VmRef {
-                        name,
-                        uuid,
-                        manager: Manager::Qemu,
-                        namespace: None,
-                    },
-                    pid,
-                ));
-            }
+        for own in self.own_vms.iter().flat_map(|o| o.running()) {
+            found.push((
+                VmRef {
+                    name: own.name,
+                    uuid: own.uuid,
+                    manager: Manager::Qemu,
+                    namespace: None,
+                },
+                own.pid,
+            ));
         }
         if let Ok(dir) = std::fs::read_dir(&self.libvirt_run) {
             for e in dir.flatten().take(4096) {
@@ -951,9 +602,7 @@ impl QemuSide {
 
     /// The QMP socket of overkvm's own VM `vm`, when qemu `pid` was started with it.
     fn own_qmp_socket(&self, vm: &str, pid: u32) -> Option<PathBuf> {
-        crate::lifecycle::definition::validate_name(vm).ok()?;
-        let socket =
-            crate::lifecycle::definition::VmPaths::new(&self.vm_state_dir, vm).qmp_socket();
+        let socket = self.own_vms.as_ref()?.qmp_socket(vm)?;
         read_args(pid)?
             .qmp_sockets
             .iter()
@@ -981,13 +630,7 @@ impl QemuSide {
     }
 
     fn libvirt_xml(&self, domain: &str) -> Option<String> {
-        if !managers::is_safe_file_stem(domain) {
-            return None;
-        }
-        let (raw, truncated) =
-            crate::host::read_capped(&self.libvirt_run.join(format!("{domain}.xml")), 1 << 20)
-                .ok()?;
-        (!truncated).then(|| String::from_utf8_lossy(&raw).into_owned())
+        libvirt::status_xml(&self.libvirt_run, domain)
     }
 
     /// The VM's disks as they are now (no cache).
@@ -1096,19 +739,12 @@ impl QemuSide {
                 (back, SETTINGS[..6].iter().map(|(k, _)| family(k)).collect())
             }
             Control::Libvirt { domain } => {
-                let read = || -> anyhow::Result<QemuThrottle> {
-                    Ok(parse_virsh_blkdeviotune(&virsh(&[
-                        "blkdeviotune".into(),
-                        domain.clone(),
-                        disk.name().into(),
-                        "--live".into(),
-                    ])?))
-                };
+                let read = || libvirt::blkdeviotune(VIRSH_TIMEOUT, domain, disk.name());
                 let now = read()?;
                 let Some(args) = t.virsh_arguments(&now, domain, disk.name()) else {
                     return Ok(());
                 };
-                virsh(&args)?;
+                libvirt::virsh(VIRSH_TIMEOUT, &args)?;
                 (read()?, t.families_differing(&now))
             }
         };
@@ -1137,10 +773,8 @@ impl QemuSide {
         if domains.is_empty() {
             return DomainStats::new();
         }
-        let mut args: Vec<String> = vec!["domstats".into(), "--block".into()];
-        args.extend(domains.iter().cloned());
-        match virsh(&args) {
-            Ok(text) => parse_domstats_block(&text),
+        match libvirt::domstats(VIRSH_TIMEOUT, domains) {
+            Ok(stats) => stats,
             Err(e) => {
                 log::debug!("{e:#}");
                 DomainStats::new()
@@ -1163,14 +797,18 @@ impl QemuSide {
                 let reply = qmp(socket).ok()?.execute("query-blockstats", None).ok()?;
                 disks
                     .iter()
-                    .map(|d| blockstats_of(&reply, d))
+                    .map(|d| counters_of(&reply, d).map(|c| ops_and_bytes(&c)))
                     .collect::<Option<_>>()?
             }
             Control::Libvirt { domain } => {
                 let of = libvirt.get(domain)?;
                 disks
                     .iter()
-                    .map(|d| of.get(d.name()).copied())
+                    .map(|d| {
+                        of.iter()
+                            .find(|(name, _)| name == d.name())
+                            .map(|(_, c)| ops_and_bytes(c))
+                    })
                     .collect::<Option<_>>()?
             }
         };
@@ -1223,11 +861,7 @@ mod tests {
     use super::*;
 
     fn t(pairs: &[(&str, u64)]) -> QemuThrottle {
-        let mut t = QemuThrottle::default();
-        for (k, v) in pairs {
-            t.set(k, *v);
-        }
-        t
+        QemuThrottle::of(pairs)
     }
 
     fn iops(r: Option<u64>, w: Option<u64>) -> Limits {
@@ -1434,94 +1068,6 @@ mod tests {
         assert_eq!(split(&l, 0), l);
     }
 
-    #[test]
-    fn disks_are_read_from_query_block() {
-        let reply = json!([
-            {"device": "disk0", "qdev": "vd0", "inserted": {"file": "/var/lib/overkvm/vms/a/disk.qcow2",
-              "cache": {"writeback": true, "direct": false, "no-flush": false},
-              "iops": 0, "iops_rd": 500, "iops_wr": 0, "bps": 0, "bps_rd": 0, "bps_wr": 0,
-              "iops_rd_max": 0, "iops_rd_max_length": 1, "group": "disk0"}},
-            {"device": "", "qdev": "/machine/peripheral/virtio-disk1/virtio-backend",
-             "inserted": {"file": "/dev/sdb", "cache": {"direct": true}}},
-            {"device": "ide1-cd0", "locked": false},
-            "garbage"
-        ]);
-        let d = disks_from_query_block(&reply);
-        assert_eq!(d.len(), 2);
-        assert_eq!(d[0].disk, DiskRef::Device("disk0".into()));
-        assert!(d[0].host_cache);
-        let mut want = t(&[("iops_rd", 500)]);
-        want.group = Some("disk0".into());
-        assert_eq!(d[0].throttle, want);
-        assert_eq!(
-            d[1].disk,
-            DiskRef::Qdev("/machine/peripheral/virtio-disk1/virtio-backend".into())
-        );
-        assert!(!d[1].host_cache);
-        assert!(disks_from_query_block(&json!({"x": 1})).is_empty());
-        let a = d[0].throttle.qmp_arguments(&d[0].disk);
-        assert_eq!(
-            a,
-            json!({"device": "disk0", "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0,
-                   "iops_rd": 500, "iops_wr": 0, "group": "disk0"})
-        );
-        assert_eq!(
-            d[1].throttle.qmp_arguments(&d[1].disk)["id"],
-            "/machine/peripheral/virtio-disk1/virtio-backend"
-        );
-    }
-
-    #[test]
-    fn disks_are_read_from_libvirt_xml_and_virsh() {
-        let xml = "<domstatus state='running' pid='42'><domain type='qemu' id='3'><devices>\n\
-            <disk type='file' device='disk'><driver name='qemu' type='raw' cache='none' io='native'/>\n\
-            <source file='/v/a.img'/><target dev='vda' bus='virtio'/>\n\
-            <iotune><total_iops_sec>500</total_iops_sec><total_iops_sec_max>900</total_iops_sec_max>\n\
-            <group_name>g1</group_name></iotune></disk>\n\
-            <disk type='block' device='disk'><driver name='qemu' type='raw'/>\n\
-            <source dev='/dev/sdb'/><target dev='vdb' bus='virtio'/></disk>\n\
-            <disk type='file'><target dev=''/></disk>\n\
-            </devices></domain></domstatus>";
-        let d = disks_from_libvirt_xml(xml);
-        assert_eq!(d.len(), 2);
-        assert_eq!(d[0].disk.name(), "vda");
-        assert_eq!(d[0].file.as_deref(), Some("/v/a.img"));
-        assert!(!d[0].host_cache);
-        let mut want = t(&[("iops", 500), ("iops_max", 900)]);
-        want.group = Some("g1".into());
-        assert_eq!(d[0].throttle, want);
-        assert_eq!(d[1].file.as_deref(), Some("/dev/sdb"));
-        assert!(d[1].host_cache, "no cache= is QEMU's writeback");
-        assert!(d[1].throttle.values.is_empty());
-        for bad in ["", "<domain>", "<domain><disk><target dev='x'/>"] {
-            assert!(disks_from_libvirt_xml(bad).is_empty(), "{bad}");
-        }
-        let virsh = "total_bytes_sec: 0\nread_bytes_sec : 0\ntotal_iops_sec : 500\n\
-            total_iops_sec_max: 900\ntotal_iops_sec_max_length: 0\ngroup_name   : g1\nsize_iops_sec: x\n";
-        assert_eq!(parse_virsh_blkdeviotune(virsh), want);
-        let args = want
-            .virsh_arguments(&QemuThrottle::default(), "web", "vda")
-            .unwrap();
-        assert_eq!(&args[..4], ["blkdeviotune", "web", "vda", "--live"]);
-        let at = args.iter().position(|a| a == "--total-iops-sec").unwrap();
-        assert_eq!(args[at + 1], "500");
-        let at = args
-            .iter()
-            .position(|a| a == "--read-iops-sec-max")
-            .unwrap();
-        assert_eq!(
-            args[at + 1],
-            "0",
-            "a family is given whole: libvirt sets its members not given to 0 anyway"
-        );
-        assert!(
-            !args.iter().any(|a| a.contains("bytes")),
-            "the byte families do not change: {args:?}"
-        );
-        assert_eq!(args[args.len() - 2..], ["--group-name", "g1"]);
-        assert_eq!(want.virsh_arguments(&want, "web", "vda"), None);
-    }
-
     /// The race a libvirt test run found: overkvm limits IOPS inside a domain's own total while
     /// the operator adds a bandwidth cap with `virsh blkdeviotune` at the same moment. The cap
     /// is theirs, whichever side of overkvm's write and read back it lands on.
@@ -1570,23 +1116,6 @@ mod tests {
     }
 
     #[test]
-    fn guest_counters_are_found_by_device_or_qdev() {
-        let v = json!([
-            {"device": "disk0", "qdev": "vd0", "stats": {"rd_operations": 3, "wr_operations": 4, "rd_bytes": 5, "wr_bytes": 6}},
-            {"device": "", "qdev": "q1", "stats": {"wr_operations": 9}}
-        ]);
-        assert_eq!(
-            blockstats_of(&v, &DiskRef::Device("disk0".into())),
-            Some([3, 4, 5, 6])
-        );
-        assert_eq!(
-            blockstats_of(&v, &DiskRef::Qdev("q1".into())),
-            Some([0, 9, 0, 0])
-        );
-        assert_eq!(blockstats_of(&v, &DiskRef::Device("q1".into())), None);
-    }
-
-    #[test]
     fn own_process_runs_and_a_missing_one_does_not() {
         let me = std::process::id();
         let st = running_start_time(me).unwrap();
@@ -1594,19 +1123,6 @@ mod tests {
         assert!(is_running(me, st));
         assert!(!is_running(me, st + 1));
         assert!(!is_running(u32::MAX - 1, st));
-    }
-
-    #[test]
-    fn domstats_are_read_per_domain_and_disk() {
-        let text = "Domain: 'web'\n  block.count=2\n  block.0.name=vda\n  block.0.path=/v/a.img\n\
-            block.0.rd.reqs=10\n  block.0.rd.bytes=40960\n  block.0.wr.reqs=5\n  block.0.wr.bytes=20480\n\
-            block.1.name=vdb\n  block.1.wr.reqs=x\n\nDomain: 'db'\n  block.count=0\n\
-            block.7.rd.reqs=3\n";
-        let s = parse_domstats_block(text);
-        assert_eq!(s["web"]["vda"], [10, 5, 40960, 20480]);
-        assert_eq!(s["web"]["vdb"], [0, 0, 0, 0]);
-        assert!(s["db"].is_empty(), "a block without a name is left out");
-        assert!(parse_domstats_block("garbage\nblock.x.name=1\n").is_empty());
     }
 
     #[test]

@@ -6,9 +6,7 @@ use std::{collections::BTreeMap, time::Instant};
 
 use super::{
     Applied, ThrottleService, VmUse,
-    qemu_actuator::{
-        self, ActuatorFacts, Choice, Control, DiskRef, QemuDisk, QemuLimitRecord, QemuSide, VmFacts,
-    },
+    qemu_actuator::{self, ActuatorFacts, Choice, Control, QemuLimitRecord, QemuSide, VmFacts},
 };
 use crate::{
     config::ActuatorMode,
@@ -17,6 +15,7 @@ use crate::{
         cgroup::{IoController, limits::Limits},
         proc::block_cgroup,
     },
+    qemu::limits::{DiskRef, QemuDisk},
 };
 
 /// Where a QEMU-held limit is: the VM's qemu process (pid and start time) and its disks.
@@ -548,7 +547,7 @@ mod tests {
             disk: DiskRef::Device(disk.into()),
             major: 7,
             minor: 0,
-            original: qemu_actuator::QemuThrottle::default(),
+            original: crate::qemu::limits::QemuThrottle::default(),
             written: None,
         };
         assert!(svc.state.note_qemu(record("vda")));

@@ -19,8 +19,12 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use overkvm_common::make_dev;
 
-use super::qemu_actuator::{DiskRef, QemuDisk, VmFacts};
-use crate::{devices::DeviceInfo, storage_target::StorageTarget};
+use super::qemu_actuator::VmFacts;
+use crate::{
+    devices::DeviceInfo,
+    qemu::limits::{DiskRef, QemuDisk},
+    storage_target::StorageTarget,
+};
 
 /// Why QEMU holds a VM on a storage budget, for the decision lines.
 pub const WHY_QEMU: &str = "network storage: only QEMU sees its I/O";
@@ -122,7 +126,7 @@ pub fn mean_latency_us(rows: impl IntoIterator<Item = (Option<f64>, u64)>) -> Op
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{identity::Manager, throttle::qemu_actuator::QemuThrottle};
+    use crate::{identity::Manager, qemu::limits::QemuThrottle};
 
     fn disk(d: DiskRef) -> (QemuDisk, Option<u32>) {
         (
