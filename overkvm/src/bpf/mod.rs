@@ -193,60 +193,52 @@ pub fn preflight() -> anyhow::Result<()> {
     Ok(())
 }
 
-impl Programs {
-    /// Loads and attaches the programs for this kernel.
-    pub fn load(opts: &LoadOptions) -> anyhow::Result<Programs> {
-        preflight()?;
-        raise_memlock_limit();
-        let kernel_btf = Btf::from_sys_fs().context("reading the kernel's BTF")?;
-        let support = layout::hooks_available(&kernel_btf);
-        let mode = match opts.mode {
-            Some(m) => {
-                let ok = match m {
-                    HookMode::IoStartDone => support.io_start_done,
-                    HookMode::RequestFallback => support.rq_fallback,
-                };
-                if !ok {
-                    bail!("this kernel has no tracepoints for hook mode {m}");
-                }
-                m
+/// The hook mode asked for (checked against the kernel) or the best one it has; refuses
+/// `--no-latency` where the fallback hooks would be used.
+fn choose_mode(opts: &LoadOptions, support: &HookSupport) -> anyhow::Result<HookMode> {
+    let mode = match opts.mode {
+        Some(m) => {
+            let ok = match m {
+                HookMode::IoStartDone => support.io_start_done,
+                HookMode::RequestFallback => support.rq_fallback,
+            };
+            if !ok {
+                bail!("this kernel has no tracepoints for hook mode {m}");
             }
-            None => HookMode::pick(&support).ok_or_else(|| {
-                anyhow!(
-                    "this kernel has neither block_io_start/block_io_done nor \
-                     block_getrq/block_rq_issue/block_rq_complete tracepoints"
-                )
-            })?,
-        };
-        let mut report = layout::kernel_layout(&kernel_btf)?;
-        report.layout.all_bios = u32::from(opts.all_bios);
-        if !opts.latency && mode == HookMode::RequestFallback {
-            bail!(
-                "--no-latency needs the block_io_start/block_io_done hooks (Linux 6.5+); the \
-                 fallback hooks of this kernel hand every request from its issue to its \
-                 completion anyway"
-            );
+            m
         }
-        report.layout.latency = u32::from(opts.latency);
+        None => HookMode::pick(support).ok_or_else(|| {
+            anyhow!(
+                "this kernel has neither block_io_start/block_io_done nor \
+                 block_getrq/block_rq_issue/block_rq_complete tracepoints"
+            )
+        })?,
+    };
+    if !opts.latency && mode == HookMode::RequestFallback {
+        bail!(
+            "--no-latency needs the block_io_start/block_io_done hooks (Linux 6.5+); the \
+             fallback hooks of this kernel hand every request from its issue to its \
+             completion anyway"
+        );
+    }
+    Ok(mode)
+}
 
-        // Maps of the mode not in use are shrunk to one entry: no memory for nothing.
-        let mut loader = EbpfLoader::new();
-        loader.override_global(programs::LAYOUT_GLOBAL, &report.layout, true);
-        if mode != HookMode::RequestFallback {
-            loader.map_max_entries(maps::BIO_INFLIGHT, 1);
-        }
-        if !opts.latency {
-            loader.map_max_entries(maps::INFLIGHT, 1);
-        }
-        let cpus = aya::util::nr_cpus()
-            .map_err(|(path, e)| anyhow!("reading the number of possible CPUs from {path}: {e}"))?;
-        let io_stats_capacity = scaled_capacity(
+/// Entries of the maps whose size depends on the host (its CPUs) and the options.
+struct MapSizes {
+    io_stats: u32,
+    bio_stats: u32,
+}
+
+impl MapSizes {
+    fn new(opts: &LoadOptions, cpus: usize) -> MapSizes {
+        let io_stats = scaled_capacity(
             capacity::IO_STATS,
             size_of::<IoKey>() + size_of::<KeySlot>(),
             size_of::<IoStats>(),
             cpus,
         );
-        let bio_stats_capacity = if opts.bio {
+        let bio_stats = if opts.bio {
             scaled_capacity(
                 capacity::BIO_STATS,
                 size_of::<IoKey>(),
@@ -256,57 +248,109 @@ impl Programs {
         } else {
             1
         };
+        MapSizes {
+            io_stats,
+            bio_stats,
+        }
+    }
+
+    /// Sizes the maps; those of a mode or feature not in use are shrunk to one entry: no
+    /// memory for nothing.
+    fn apply(&self, loader: &mut EbpfLoader, mode: HookMode, opts: &LoadOptions) {
+        if mode != HookMode::RequestFallback {
+            loader.map_max_entries(maps::BIO_INFLIGHT, 1);
+        }
+        if !opts.latency {
+            loader.map_max_entries(maps::INFLIGHT, 1);
+        }
         for map in [
             maps::IO_KEYS,
             maps::IO_STATS,
             maps::FREE_SLOTS,
             maps::SLOT_GENERATIONS,
         ] {
-            loader.map_max_entries(map, io_stats_capacity);
+            loader.map_max_entries(map, self.io_stats);
         }
-        loader.map_max_entries(maps::BIO_STATS, bio_stats_capacity);
+        loader.map_max_entries(maps::BIO_STATS, self.bio_stats);
+    }
+}
+
+/// Hands out every slot but 0 (an unset in-flight entry names slot 0).
+fn fill_free_slots(ebpf: &mut Ebpf, capacity: u32) -> anyhow::Result<()> {
+    let mut free: aya::maps::Queue<_, u32> = ebpf
+        .map_mut(maps::FREE_SLOTS)
+        .context("map FREE_SLOTS missing")?
+        .try_into()
+        .context("opening map FREE_SLOTS")?;
+    for index in 1..capacity {
+        free.push(index, 0).context("filling FREE_SLOTS")?;
+    }
+    Ok(())
+}
+
+/// Loads (verifies) the mode's programs and, with bio counting, the bio hooks, so a kernel
+/// that rejects one fails at start rather than when a bio-based device appears.
+fn verify_programs(
+    ebpf: &mut Ebpf,
+    mode: HookMode,
+    opts: &LoadOptions,
+    support: &HookSupport,
+    btf: &aya::Btf,
+) -> anyhow::Result<()> {
+    let mut hooks: Vec<(&'static str, &'static str)> = mode.hooks().to_vec();
+    if opts.bio {
+        if !support.bio_queue {
+            bail!("this kernel has no block_bio_queue tracepoint (use --no-bio)");
+        }
+        hooks.push((programs::BIO_QUEUE, "block_bio_queue"));
+        if support.block_split {
+            hooks.push((programs::BIO_SPLIT, "block_split"));
+        }
+    }
+    for (prog_name, tracepoint) in &hooks {
+        let prog: &mut BtfTracePoint = ebpf
+            .program_mut(prog_name)
+            .ok_or_else(|| anyhow!("program {prog_name} missing from the eBPF object"))?
+            .try_into()?;
+        prog.load(tracepoint, btf)
+            .with_context(|| format!("verifying program {prog_name} for {tracepoint}"))?;
+    }
+    Ok(())
+}
+
+impl Programs {
+    /// Loads and attaches the programs for this kernel.
+    pub fn load(opts: &LoadOptions) -> anyhow::Result<Programs> {
+        preflight()?;
+        raise_memlock_limit();
+        let kernel_btf = Btf::from_sys_fs().context("reading the kernel's BTF")?;
+        let support = layout::hooks_available(&kernel_btf);
+        let mode = choose_mode(opts, &support)?;
+        let mut report = layout::kernel_layout(&kernel_btf)?;
+        report.layout.all_bios = u32::from(opts.all_bios);
+        report.layout.latency = u32::from(opts.latency);
+
+        let mut loader = EbpfLoader::new();
+        loader.override_global(programs::LAYOUT_GLOBAL, &report.layout, true);
+        let cpus = aya::util::nr_cpus()
+            .map_err(|(path, e)| anyhow!("reading the number of possible CPUs from {path}: {e}"))?;
+        let sizes = MapSizes::new(opts, cpus);
+        sizes.apply(&mut loader, mode, opts);
         let mut ebpf = loader
             .load(OBJECT)
             .context("loading the eBPF object into the kernel")?;
-
-        // Hand out every slot but 0 (an unset in-flight entry names slot 0).
-        let mut free: aya::maps::Queue<_, u32> = ebpf
-            .map_mut(maps::FREE_SLOTS)
-            .context("map FREE_SLOTS missing")?
-            .try_into()
-            .context("opening map FREE_SLOTS")?;
-        for index in 1..io_stats_capacity {
-            free.push(index, 0).context("filling FREE_SLOTS")?;
-        }
+        fill_free_slots(&mut ebpf, sizes.io_stats)?;
 
         let aya_btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF for aya")?;
-        let mut hooks: Vec<(&'static str, &'static str)> = mode.hooks().to_vec();
-        if opts.bio {
-            if !support.bio_queue {
-                bail!("this kernel has no block_bio_queue tracepoint (use --no-bio)");
-            }
-            // Verified now, so a kernel that rejects it fails at start, not later.
-            hooks.push((programs::BIO_QUEUE, "block_bio_queue"));
-            if support.block_split {
-                hooks.push((programs::BIO_SPLIT, "block_split"));
-            }
-        }
-        for (prog_name, tracepoint) in &hooks {
-            let prog: &mut BtfTracePoint = ebpf
-                .program_mut(prog_name)
-                .ok_or_else(|| anyhow!("program {prog_name} missing from the eBPF object"))?
-                .try_into()?;
-            prog.load(tracepoint, &aya_btf)
-                .with_context(|| format!("verifying program {prog_name} for {tracepoint}"))?;
-        }
+        verify_programs(&mut ebpf, mode, opts, &support, &aya_btf)?;
         let mut programs = Programs {
             ebpf,
             mode,
             attached: Vec::new(),
             notes: report.notes,
             cpus,
-            io_stats_capacity,
-            bio_stats_capacity,
+            io_stats_capacity: sizes.io_stats,
+            bio_stats_capacity: sizes.bio_stats,
             bio_pending: opts.bio,
             split_hook: support.block_split,
         };
