@@ -28,6 +28,15 @@ fuzz_target!(|data: &[u8]| {
     }
     assert!(p.interval.is_none_or(|d| !d.is_zero()));
     assert!(p.engage_ticks != Some(0) && p.release_ticks != Some(0) && p.floor_iops != Some(0));
+    let l = &c.latency;
+    assert!(within(l.release_below, f64::MIN_POSITIVE, 1.0));
+    assert!(within(l.setpoint, f64::MIN_POSITIVE, 1.0));
+    assert!(within(l.min_fraction, f64::MIN_POSITIVE, 1.0));
+    if let (Some(r), Some(s)) = (l.release_below, l.setpoint) {
+        assert!(r < s);
+    }
+    assert!(l.engage_ticks != Some(0) && l.release_ticks != Some(0));
+    assert!(l.min_completions != Some(0) && l.floor_iops != Some(0));
     for (i, d) in c.devices.iter().enumerate() {
         assert!(!d.device.trim().is_empty());
         let budgets = [

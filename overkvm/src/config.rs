@@ -79,6 +79,107 @@ pub struct Policy {
     pub actuator: Option<ActuatorMode>,
 }
 
+/// `[latency]`: the latency controller's knobs an operator tunes (the controller engages on a
+/// device with a `latency_target`). Each defaults, when unset, to the value in
+/// `throttle::latency::LatencyKnobs::default()`; the controller's other knobs are internal
+/// tuning and stay fixed. Counts are in ticks (`[policy] interval`). Checked on the way in
+/// (`RawLatencyPolicy`), so every value here is within its range.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(try_from = "RawLatencyPolicy")]
+pub struct LatencyPolicy {
+    /// Ticks a device's latency must stay over its target before the controller engages
+    /// (default 2).
+    pub engage_ticks: Option<u32>,
+    /// Ticks of latency well under the target (see `release_below`) with the guests not held
+    /// back, or of an idle device, before the controller lets go (default 10).
+    pub release_ticks: Option<u32>,
+    /// "Well under the target": below this fraction of it (default 0.5).
+    pub release_below: Option<f64>,
+    /// A tick with fewer completions than this on the device says nothing about its latency
+    /// and is not judged (default 32).
+    pub min_completions: Option<u64>,
+    /// A rate meets the target when its latency is at most this fraction of the target
+    /// (default 0.9): the controller aims a little under the target, not at it.
+    pub setpoint: Option<f64>,
+    /// The controller never holds a device's guests, together, below this many IOPS
+    /// (default 20).
+    pub floor_iops: Option<u64>,
+    /// Nor below this fraction of the rate the device delivered when the controller engaged
+    /// (default 0.25): a target missed even at a small share of that rate is missed for
+    /// another reason (a slow host, a failing disk), and starving the guests would not meet it.
+    pub min_fraction: Option<f64>,
+    /// Ticks not judged after a cut, while the device's queue (a rate limiter's backlog)
+    /// drains (default 3); 0 judges the next tick.
+    pub drain_ticks: Option<u32>,
+}
+
+/// `[latency]` as written: integers as signed, so that a negative value is reported with its
+/// key rather than as a type mismatch.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLatencyPolicy {
+    engage_ticks: Option<i64>,
+    release_ticks: Option<i64>,
+    release_below: Option<f64>,
+    min_completions: Option<i64>,
+    setpoint: Option<f64>,
+    floor_iops: Option<i64>,
+    min_fraction: Option<f64>,
+    drain_ticks: Option<i64>,
+}
+
+impl TryFrom<RawLatencyPolicy> for LatencyPolicy {
+    type Error = String;
+
+    fn try_from(r: RawLatencyPolicy) -> Result<Self, String> {
+        /// A whole number in `min..=max`, or what is wrong with it.
+        fn whole<T: TryFrom<i64>>(
+            v: Option<i64>,
+            name: &str,
+            min: i64,
+            max: i64,
+        ) -> Result<Option<T>, String> {
+            match v {
+                None => Ok(None),
+                Some(v) if (min..=max).contains(&v) => T::try_from(v).map(Some).map_err(|_| {
+                    format!("[latency] {name} = {v} is out of range ({min} to {max})")
+                }),
+                Some(v) if v < min => Err(format!("[latency] {name} = {v} must be at least {min}")),
+                Some(v) => Err(format!("[latency] {name} = {v} must be at most {max}")),
+            }
+        }
+        /// A fraction in (0, 1], or what is wrong with it.
+        fn fraction(v: Option<f64>, name: &str) -> Result<Option<f64>, String> {
+            match v {
+                Some(f) if !(f.is_finite() && f > 0.0 && f <= 1.0) => Err(format!(
+                    "[latency] {name} = {f} must be a fraction above 0 and at most 1"
+                )),
+                v => Ok(v),
+            }
+        }
+        let ticks = i64::from(u32::MAX);
+        let p = LatencyPolicy {
+            engage_ticks: whole(r.engage_ticks, "engage_ticks", 1, ticks)?,
+            release_ticks: whole(r.release_ticks, "release_ticks", 1, ticks)?,
+            release_below: fraction(r.release_below, "release_below")?,
+            min_completions: whole(r.min_completions, "min_completions", 1, i64::MAX)?,
+            setpoint: fraction(r.setpoint, "setpoint")?,
+            floor_iops: whole(r.floor_iops, "floor_iops", 1, i64::MAX)?,
+            min_fraction: fraction(r.min_fraction, "min_fraction")?,
+            drain_ticks: whole(r.drain_ticks, "drain_ticks", 0, ticks)?,
+        };
+        if let (Some(r), Some(s)) = (p.release_below, p.setpoint)
+            && r >= s
+        {
+            return Err(format!(
+                "[latency] release_below ({r}) must be below setpoint ({s}): latency at the \
+                 rate the controller holds must not already count as well under the target"
+            ));
+        }
+        Ok(p)
+    }
+}
+
 /// `[policy] actuator`.
 #[derive(Clone, Copy, Debug, Default, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -324,6 +425,8 @@ struct RawConfig {
     #[serde(default)]
     policy: Policy,
     #[serde(default)]
+    latency: LatencyPolicy,
+    #[serde(default)]
     export: ExportConfig,
     #[serde(default)]
     device: Vec<Spanned<DeviceBudgetSpec>>,
@@ -337,6 +440,7 @@ struct RawConfig {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Config {
     pub policy: Policy,
+    pub latency: LatencyPolicy,
     pub export: ExportConfig,
     pub devices: Vec<DeviceBudgetSpec>,
     /// `[[storage]]` budgets, each with its `target` set.
@@ -403,6 +507,7 @@ impl Config {
         }
         Ok(Config {
             policy: raw.policy,
+            latency: raw.latency,
             export: raw.export,
             devices,
             storage,
@@ -624,6 +729,76 @@ max_vm = 10
             "[[storage]]\ntarget = \"rbd:p\"\niops = 1\n[[storage]]\ntarget = \"rbd:p\"\niops = 2\n",
         );
         assert!(e.contains("line 4") && e.contains("two budgets"), "{e}");
+    }
+
+    #[test]
+    fn latency_section_parses() {
+        assert_eq!(Config::parse("").unwrap().latency, LatencyPolicy::default());
+        let c = Config::parse(
+            "[latency]\nengage_ticks = 3\nrelease_ticks = 20\nrelease_below = 0.4\n\
+             min_completions = 8\nsetpoint = 0.95\nfloor_iops = 50\nmin_fraction = 0.1\n\
+             drain_ticks = 0\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.latency,
+            LatencyPolicy {
+                engage_ticks: Some(3),
+                release_ticks: Some(20),
+                release_below: Some(0.4),
+                min_completions: Some(8),
+                setpoint: Some(0.95),
+                floor_iops: Some(50),
+                min_fraction: Some(0.1),
+                drain_ticks: Some(0),
+            }
+        );
+        // A fraction may be 1, and written as an integer.
+        let c = Config::parse("[latency]\nmin_fraction = 1\n").unwrap();
+        assert_eq!(c.latency.min_fraction, Some(1.0));
+    }
+
+    #[test]
+    fn latency_section_errors_name_the_key() {
+        for (text, want) in [
+            ("engage_ticks = 0", "engage_ticks = 0 must be at least 1"),
+            ("engage_ticks = -2", "engage_ticks = -2 must be at least 1"),
+            ("release_ticks = 0", "release_ticks = 0 must be at least 1"),
+            (
+                "release_ticks = 5000000000",
+                "release_ticks = 5000000000 must be at most",
+            ),
+            ("drain_ticks = -1", "drain_ticks = -1 must be at least 0"),
+            (
+                "min_completions = 0",
+                "min_completions = 0 must be at least 1",
+            ),
+            ("floor_iops = 0", "floor_iops = 0 must be at least 1"),
+            ("floor_iops = -20", "floor_iops = -20 must be at least 1"),
+            ("setpoint = 0", "setpoint = 0 must be a fraction"),
+            ("setpoint = 1.5", "setpoint = 1.5 must be a fraction"),
+            (
+                "release_below = -0.5",
+                "release_below = -0.5 must be a fraction",
+            ),
+            ("min_fraction = 0", "min_fraction = 0 must be a fraction"),
+            (
+                "min_fraction = nan",
+                "min_fraction = NaN must be a fraction",
+            ),
+            (
+                "setpoint = 0.5\nrelease_below = 0.6",
+                "release_below (0.6) must be below setpoint (0.5)",
+            ),
+        ] {
+            let e = err(&format!("[latency]\n{text}\n"));
+            assert!(e.contains(&format!("[latency] {want}")), "{text}: {e}");
+            assert!(e.contains("line "), "{text}: {e}");
+        }
+        let e = err("[latency]\nforget = 0.01\n");
+        assert!(e.contains("line 2") && e.contains("forget"), "{e}");
+        let e = err("[latency]\nengage_ticks = 1.5\n");
+        assert!(e.contains("line 2"), "{e}");
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //! in a cgroup that would count other processes' I/O too (the root, a user session).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     path::{Path, PathBuf},
     thread::sleep,
     time::Duration,
@@ -27,8 +27,12 @@ use super::{
 };
 use crate::{config::Config, host::cgroup::counters::IoOps, text::sanitize, tick::ActiveLimit};
 use crate::{
+    host::cgroup::limits::Actuator,
     identity::Manager,
-    qemu::limits::{self as qemu_limits, DiskLimits},
+    qemu::{
+        counters::QemuReading,
+        limits::{self as qemu_limits, DiskLimits},
+    },
 };
 
 /// `vm list` (the command line fills it in).
@@ -106,7 +110,7 @@ pub struct NetworkDisk {
 }
 
 /// Read and write operations QEMU counted on a VM's network disks, summed.
-fn network_ops(r: &crate::qemu::counters::QemuReading) -> (u64, u64) {
+fn network_ops(r: &QemuReading) -> (u64, u64) {
     r.disks.iter().fold((0, 0), |(rd, wr), d| {
         (rd + d.counters.rd_operations, wr + d.counters.wr_operations)
     })
@@ -201,74 +205,100 @@ fn foreign_rows(
         .collect()
 }
 
-/// Builds the rows (measuring IOPS over one second unless `measure` is false): overkvm's VMs
-/// first, then every other VM on the host.
-pub fn rows(vms: &[(VmDefinition, VmPaths)], limits: &[ActiveLimit], measure: bool) -> Vec<VmRow> {
-    let mut rows = Vec::new();
-    let mut cgroups: Vec<Option<VmCgroup>> = Vec::new();
-    // overkvm's running VMs' QMP sockets, by row: their network disks are read there.
-    let mut sockets: Vec<Option<std::path::PathBuf>> = Vec::new();
-    let api = crate::host::cgroup::limits::Actuator::for_host().ok();
-    for (def, paths) in vms {
-        let found = state::inspect(def, paths);
-        let record = found
-            .record
-            .as_ref()
-            .filter(|_| found.state == VmState::Running);
-        let cg = record.and_then(|r| {
-            Some(VmCgroup {
-                api: api.as_ref()?.api,
-                root: r.cgroup_root.clone()?,
-                path: r.cgroup.clone()?,
-            })
-        });
-        cgroups.push(cg);
-        rows.push(VmRow {
-            name: def.name.clone(),
-            manager: OVERKVM.into(),
-            namespace: None,
-            state: found.state,
-            pid: found.pid,
-            uuid: Some(def.uuid.clone()),
-            uptime_s: record.and_then(|r| state::uptime_s(r.start_time)),
-            accel: record.map(|r| r.accel.clone()),
-            cgroup: record.and_then(|r| r.cgroup.clone()),
-            memory_mib: def.memory_mib,
-            vcpus: def.vcpus,
-            overlay: Some(def.overlay.display().to_string()),
-            iops: None,
-            limits: limits
-                .iter()
-                .filter(|l| l.vm == def.name)
-                .cloned()
-                .collect(),
-            qemu_limits: record.and_then(|_| qemu_limits::of_own_vm(&paths.qmp_socket())),
-            network_disks: Vec::new(),
-        });
-        sockets.push(record.map(|_| paths.qmp_socket()));
-    }
-    let guests = super::overcommit::guests(vms);
-    let block_cgroup = |pid| {
-        api.as_ref()
-            .and_then(|a| crate::host::proc::block_cgroup(pid, a.api))
+/// A row of one of overkvm's VMs, with the cgroup to measure it by and the QMP socket to read
+/// its network disks from (both only while it runs).
+fn own_row(
+    (def, paths): &(VmDefinition, VmPaths),
+    limits: &[ActiveLimit],
+    api: Option<&Actuator>,
+) -> (VmRow, Option<VmCgroup>, Option<PathBuf>) {
+    let found = state::inspect(def, paths);
+    let record = found
+        .record
+        .as_ref()
+        .filter(|_| found.state == VmState::Running);
+    let cgroup = record.and_then(|r| {
+        Some(VmCgroup {
+            api: api?.api,
+            root: r.cgroup_root.clone()?,
+            path: r.cgroup.clone()?,
+        })
+    });
+    let row = VmRow {
+        name: def.name.clone(),
+        manager: OVERKVM.into(),
+        namespace: None,
+        state: found.state,
+        pid: found.pid,
+        uuid: Some(def.uuid.clone()),
+        uptime_s: record.and_then(|r| state::uptime_s(r.start_time)),
+        accel: record.map(|r| r.accel.clone()),
+        cgroup: record.and_then(|r| r.cgroup.clone()),
+        memory_mib: def.memory_mib,
+        vcpus: def.vcpus,
+        overlay: Some(def.overlay.display().to_string()),
+        iops: None,
+        limits: limits
+            .iter()
+            .filter(|l| l.vm == def.name)
+            .cloned()
+            .collect(),
+        qemu_limits: record.and_then(|_| qemu_limits::of_own_vm(&paths.qmp_socket())),
+        network_disks: Vec::new(),
     };
-    for (row, own) in foreign_rows(&guests, limits, block_cgroup) {
-        cgroups.push(own.and_then(|path| {
-            let a = api.as_ref()?;
-            Some(VmCgroup {
-                api: a.api,
-                root: a.root.clone(),
-                path,
-            })
-        }));
-        rows.push(row);
+    (row, cgroup, record.map(|_| paths.qmp_socket()))
+}
+
+/// Every VM's row, with the cgroup to measure each by and, for overkvm's running VMs, the QMP
+/// socket their network disks are read over (index for index).
+struct Listing {
+    rows: Vec<VmRow>,
+    cgroups: Vec<Option<VmCgroup>>,
+    sockets: Vec<Option<PathBuf>>,
+}
+
+impl Listing {
+    /// overkvm's VMs first, then every other VM on the host.
+    fn gather(vms: &[(VmDefinition, VmPaths)], limits: &[ActiveLimit]) -> Listing {
+        let api = Actuator::for_host().ok();
+        let mut l = Listing {
+            rows: Vec::new(),
+            cgroups: Vec::new(),
+            sockets: Vec::new(),
+        };
+        for vm in vms {
+            let (row, cgroup, socket) = own_row(vm, limits, api.as_ref());
+            l.rows.push(row);
+            l.cgroups.push(cgroup);
+            l.sockets.push(socket);
+        }
+        let guests = super::overcommit::guests(vms);
+        let block_cgroup = |pid| {
+            api.as_ref()
+                .and_then(|a| crate::host::proc::block_cgroup(pid, a.api))
+        };
+        for (row, own) in foreign_rows(&guests, limits, block_cgroup) {
+            l.cgroups.push(own.and_then(|path| {
+                let a = api.as_ref()?;
+                Some(VmCgroup {
+                    api: a.api,
+                    root: a.root.clone(),
+                    path,
+                })
+            }));
+            l.rows.push(row);
+        }
+        l
     }
-    // overkvm's VMs over their QMP socket; libvirt's domains through libvirt, all at once.
-    let libvirt_rows = rows
-        .iter()
-        .any(|r| r.manager == Manager::Libvirt.name() || r.manager == Manager::Nova.name());
-    let read_net = |rows: &[VmRow]| -> Vec<Option<crate::qemu::counters::QemuReading>> {
-        let mut libvirt: std::collections::HashMap<u32, _> = if libvirt_rows {
+
+    /// QEMU's counters of each row's network disks (None for a VM without any): overkvm's
+    /// VMs over their QMP socket; libvirt's domains through libvirt, all at once.
+    fn read_network(&self) -> Vec<Option<QemuReading>> {
+        let libvirt_rows = self
+            .rows
+            .iter()
+            .any(|r| r.manager == Manager::Libvirt.name() || r.manager == Manager::Nova.name());
+        let mut libvirt: HashMap<u32, QemuReading> = if libvirt_rows {
             crate::qemu::libvirt::read_once(Path::new(LIBVIRT_RUN))
                 .unwrap_or_default()
                 .into_iter()
@@ -277,65 +307,87 @@ pub fn rows(vms: &[(VmDefinition, VmPaths)], limits: &[ActiveLimit], measure: bo
         } else {
             Default::default()
         };
-        (0..rows.len())
+        (0..self.rows.len())
             .map(|i| {
-                sockets
+                self.sockets
                     .get(i)
                     .cloned()
                     .flatten()
                     .and_then(|s| crate::qemu::counters::read_once(&s).ok())
-                    .or_else(|| rows[i].pid.and_then(|p| libvirt.remove(&p)))
+                    .or_else(|| self.rows[i].pid.and_then(|p| libvirt.remove(&p)))
                     .filter(|r| !r.disks.is_empty())
             })
             .collect()
-    };
-    let net_before = read_net(&rows);
-    for (row, r) in rows.iter_mut().zip(&net_before) {
-        if let Some(r) = r {
-            row.network_disks = r
-                .disks
-                .iter()
-                .map(|d| NetworkDisk {
-                    disk: d.disk.clone(),
-                    target: d.target.clone(),
-                })
-                .collect();
-        }
     }
-    let measure_net = net_before.iter().any(Option::is_some);
-    if measure && (cgroups.iter().any(Option::is_some) || measure_net) {
-        let before: Vec<_> = cgroups
+
+    /// Measures IOPS over `IOPS_WINDOW`: each row's cgroup counters, plus QEMU's counts of
+    /// its network disks (`net_before`: read just before).
+    fn measure(&mut self, net_before: &[Option<QemuReading>]) {
+        let before: Vec<_> = self
+            .cgroups
             .iter()
             .map(|c| c.as_ref().and_then(|c| c.io_ops().ok()))
             .collect();
         let t = std::time::Instant::now();
         sleep(IOPS_WINDOW);
         let secs = t.elapsed().as_secs_f64();
-        for (i, cg) in cgroups.iter().enumerate() {
+        for (i, cg) in self.cgroups.iter().enumerate() {
             if let (Some(cg), Some(b)) = (cg, &before[i])
                 && let Ok(a) = cg.io_ops()
             {
-                rows[i].iops = Some(iops_between(b, &a, secs));
+                self.rows[i].iops = Some(iops_between(b, &a, secs));
             }
         }
         // Network disks' I/O passes no cgroup's block counters: QEMU's counts are added.
-        let net_after = read_net(&rows);
+        let net_after = self.read_network();
         for (i, (b, a)) in net_before.iter().zip(net_after).enumerate() {
-            let (Some(b), Some(a)) = (b, a) else {
-                continue;
-            };
-            let ((rb, wb), (ra, wa)) = (network_ops(b), network_ops(&a));
-            let (r, w) = (
-                ra.saturating_sub(rb) as f64 / secs,
-                wa.saturating_sub(wb) as f64 / secs,
-            );
-            let iops = rows[i].iops.get_or_insert_with(Iops::default);
-            iops.read += r;
-            iops.write += w;
-            iops.total += r + w;
+            if let (Some(b), Some(a)) = (b, a) {
+                add_network_iops(&mut self.rows[i], b, &a, secs);
+            }
         }
     }
-    rows
+}
+
+/// A VM's network disks, as QEMU reports them.
+fn network_disks(r: &QemuReading) -> Vec<NetworkDisk> {
+    r.disks
+        .iter()
+        .map(|d| NetworkDisk {
+            disk: d.disk.clone(),
+            target: d.target.clone(),
+        })
+        .collect()
+}
+
+/// Adds the operations QEMU counted on a row's network disks between two readings `secs`
+/// apart to its IOPS.
+fn add_network_iops(row: &mut VmRow, before: &QemuReading, after: &QemuReading, secs: f64) {
+    let ((rb, wb), (ra, wa)) = (network_ops(before), network_ops(after));
+    let (r, w) = (
+        ra.saturating_sub(rb) as f64 / secs,
+        wa.saturating_sub(wb) as f64 / secs,
+    );
+    let iops = row.iops.get_or_insert_with(Iops::default);
+    iops.read += r;
+    iops.write += w;
+    iops.total += r + w;
+}
+
+/// Builds the rows (measuring IOPS over one second unless `measure` is false): overkvm's VMs
+/// first, then every other VM on the host.
+pub fn rows(vms: &[(VmDefinition, VmPaths)], limits: &[ActiveLimit], measure: bool) -> Vec<VmRow> {
+    let mut listing = Listing::gather(vms, limits);
+    let net_before = listing.read_network();
+    for (row, r) in listing.rows.iter_mut().zip(&net_before) {
+        if let Some(r) = r {
+            row.network_disks = network_disks(r);
+        }
+    }
+    let measure_net = net_before.iter().any(Option::is_some);
+    if measure && (listing.cgroups.iter().any(Option::is_some) || measure_net) {
+        listing.measure(&net_before);
+    }
+    listing.rows
 }
 
 /// Writes the text table.
@@ -539,6 +591,62 @@ mod tests {
         // A counter that went backwards (cgroup re-created) counts nothing.
         let i = iops_between(&b, &a, 1.0);
         assert_eq!(i.total, 0.0);
+    }
+
+    /// A network disk's operations, as QEMU counted them over the window, add to whatever
+    /// the VM's cgroup counted (or stand alone without one).
+    #[test]
+    fn network_disks_and_their_iops() {
+        use crate::qemu::{backing::DiskCounters, counters::NetDiskReading};
+        let reading = |rd: u64, wr: u64| QemuReading {
+            pid: 42,
+            disks: ["vdb", "vdc"]
+                .iter()
+                .map(|d| NetDiskReading {
+                    disk: d.to_string(),
+                    target: format!("nbd://10.0.0.5:10809/{d}"),
+                    counters: DiskCounters {
+                        rd_operations: rd,
+                        wr_operations: wr,
+                        ..DiskCounters::default()
+                    },
+                })
+                .collect(),
+        };
+        let (before, after) = (reading(100, 10), reading(300, 60));
+        assert_eq!(
+            network_disks(&before),
+            ["vdb", "vdc"]
+                .map(|d| NetworkDisk {
+                    disk: d.into(),
+                    target: format!("nbd://10.0.0.5:10809/{d}"),
+                })
+                .to_vec()
+        );
+        let (mut row, ..) = foreign_rows(&[guest(42, "a", Manager::Qemu, false)], &[], |_| None)
+            .pop()
+            .unwrap();
+        add_network_iops(&mut row, &before, &after, 2.0);
+        let want = Iops {
+            read: 200.0,
+            write: 50.0,
+            total: 250.0,
+        };
+        assert_eq!(row.iops, Some(want));
+        row.iops = Some(Iops {
+            read: 1.0,
+            write: 2.0,
+            total: 3.0,
+        });
+        add_network_iops(&mut row, &before, &after, 2.0);
+        assert_eq!(
+            row.iops,
+            Some(Iops {
+                read: 201.0,
+                write: 52.0,
+                total: 253.0
+            })
+        );
     }
 
     #[test]

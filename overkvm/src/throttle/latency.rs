@@ -4,18 +4,25 @@
 
 /// Knobs of the latency controller (defaults in `Default`). Counts are in ticks (the sampling
 /// interval: 1 s by default).
+///
+/// The ones an operator has a reason to change are set in the config's `[latency]` section
+/// (`config::LatencyPolicy`, mapped by `throttle::latency_knobs`): `engage_ticks`,
+/// `release_ticks`, `release_below`, `min_completions`, `setpoint`, `floor` (as `floor_iops`),
+/// `min_fraction` and `drain_ticks`. The others are the search's internal tuning (how it
+/// brackets, probes and smooths the knee), fixed here: they have no meaning to an operator
+/// apart from the algorithm, and the tests of the controller hold them together.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LatencyKnobs {
-    /// Ticks the device's latency must stay above target before it engages.
+    /// Ticks the device's latency must stay above target before it engages. `[latency]`.
     pub engage_ticks: u32,
-    /// Ticks of "well under target and not held back" (or idle) before it lets go.
+    /// Ticks of "well under target and not held back" (or idle) before it lets go. `[latency]`.
     pub release_ticks: u32,
-    /// "Well under": below this fraction of the target.
+    /// "Well under": below this fraction of the target. `[latency]`.
     pub release_below: f64,
-    /// A tick with fewer completions than this says nothing about latency (held).
+    /// A tick with fewer completions than this says nothing about latency (held). `[latency]`.
     pub min_completions: u64,
     /// A rate counts as meeting the target when its latency is at most this fraction of it:
-    /// the probes above the knee then land near the target rather than far over it.
+    /// the probes above the knee then land near the target rather than far over it. `[latency]`.
     pub setpoint: f64,
     /// Per tick, the lowest rate known to miss the target is forgotten upwards by this much
     /// (times the speed-up), so the controller probes again (the device may have become
@@ -30,7 +37,7 @@ pub struct LatencyKnobs {
     pub ramp: f64,
     /// Delivered ≥ this × window: the window, not demand, is what limits the guests.
     pub binding: f64,
-    /// The window never goes below this many IOPS in total.
+    /// The window never goes below this many IOPS in total. `[latency] floor_iops`.
     pub floor: f64,
     /// A miss with nothing known to meet the target cuts the rate by `T/L`, but never below
     /// this fraction (a rate-limited device's latency jumps far over the target just past
@@ -39,7 +46,7 @@ pub struct LatencyKnobs {
     /// Ticks not judged after a cut: a device's queue (a rate limiter's backlog) drains only
     /// at the difference between its capacity and the new rate, so the first ticks after a
     /// cut still miss at a rate that meets the target. Measured in the 6.1 guest on a disk
-    /// QEMU limits: 1-1.5 s.
+    /// QEMU limits: 1-1.5 s. `[latency]`: another device's queue drains at another pace.
     pub drain_ticks: u32,
     /// Bounds of the forgetting's speed-up: doubled by a probe that met the target above the
     /// last miss, halved by a probe that missed.
@@ -48,7 +55,7 @@ pub struct LatencyKnobs {
     /// The window never goes below this fraction of the rate the device delivered when the
     /// controller engaged: a target missed even at a small share of that rate is not missed
     /// because of the rate (a slow host, a failing disk), and starving the guests would not
-    /// meet it.
+    /// meet it. `[latency]`.
     pub min_fraction: f64,
     /// A miss after a cut is not taken for the rate's fault when the window is at least
     /// `1.5·close` under the rate delivered at the last miss that moved it and the latency is

@@ -70,6 +70,24 @@ pub fn knobs(config: &Config) -> Knobs {
     }
 }
 
+/// The latency controller's knobs: `[latency]`'s, defaults for the rest (`LatencyKnobs` says
+/// which are internal tuning, fixed).
+pub fn latency_knobs(config: &Config) -> LatencyKnobs {
+    let l = &config.latency;
+    let d = LatencyKnobs::default();
+    LatencyKnobs {
+        engage_ticks: l.engage_ticks.unwrap_or(d.engage_ticks),
+        release_ticks: l.release_ticks.unwrap_or(d.release_ticks),
+        release_below: l.release_below.unwrap_or(d.release_below),
+        min_completions: l.min_completions.unwrap_or(d.min_completions),
+        setpoint: l.setpoint.unwrap_or(d.setpoint),
+        floor: l.floor_iops.map(|f| f as f64).unwrap_or(d.floor),
+        min_fraction: l.min_fraction.unwrap_or(d.min_fraction),
+        drain_ticks: l.drain_ticks.unwrap_or(d.drain_ticks),
+        ..d
+    }
+}
+
 fn iops_budget(s: &DeviceBudgetSpec) -> Option<Budget> {
     match (s.iops, s.read_iops, s.write_iops) {
         (Some(t), _, _) => Some(Budget::Total(t as f64)),
@@ -644,6 +662,7 @@ impl ThrottleService {
         (latency_us, completions): (Option<f64>, u64),
     ) -> Vec<String> {
         let knobs = self.knobs.clone();
+        let lat_knobs = latency_knobs(&self.config);
         let byte_knobs = Knobs {
             // The floor is in IOPS; for bandwidth keep guests above ~1 MB/s so they never
             // time out (QEMU's guidance is about 2 MB/s per disk).
@@ -674,7 +693,7 @@ impl ThrottleService {
                 iops_guests,
                 bg_iops,
                 &knobs,
-                &LatencyKnobs::default(),
+                &lat_knobs,
             );
             if was_engaged != m.ctl_latency.engaged {
                 log::info!(
@@ -1193,6 +1212,39 @@ mod tests {
     use std::fs;
 
     use super::*;
+
+    /// Without `[latency]` the controller runs on exactly its built-in knobs; with it, the
+    /// keys given replace theirs and nothing else moves.
+    #[test]
+    fn latency_knobs_are_the_defaults_unless_configured() {
+        assert_eq!(latency_knobs(&Config::default()), LatencyKnobs::default());
+        let c = Config::parse("[policy]\nengage_ticks = 5\n").unwrap();
+        assert_eq!(latency_knobs(&c), LatencyKnobs::default());
+        // The shipped example writes out every `[latency]` key at its default.
+        let c = Config::parse(include_str!("../../../examples/overkvm.toml")).unwrap();
+        assert!(c.latency.engage_ticks.is_some() && c.latency.drain_ticks.is_some());
+        assert_eq!(latency_knobs(&c), LatencyKnobs::default());
+        let c = Config::parse(
+            "[latency]\nengage_ticks = 3\nrelease_ticks = 20\nrelease_below = 0.4\n\
+             min_completions = 8\nsetpoint = 0.95\nfloor_iops = 50\nmin_fraction = 0.1\n\
+             drain_ticks = 1\n",
+        )
+        .unwrap();
+        assert_eq!(
+            latency_knobs(&c),
+            LatencyKnobs {
+                engage_ticks: 3,
+                release_ticks: 20,
+                release_below: 0.4,
+                min_completions: 8,
+                setpoint: 0.95,
+                floor: 50.0,
+                min_fraction: 0.1,
+                drain_ticks: 1,
+                ..LatencyKnobs::default()
+            }
+        );
+    }
 
     pub(super) fn bare_service(state_path: PathBuf) -> ThrottleService {
         ThrottleService {
