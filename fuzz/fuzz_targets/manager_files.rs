@@ -8,9 +8,11 @@ use overkvm::identity::managers::{
     domain_id_attr, domain_uuid, domstatus_pid, element_text, parse_pidfile, pve_config_name,
 };
 use overkvm::identity::qemu::normalize_uuid;
-use overkvm::qemu::limits::{from_libvirt_xml, from_pve_config};
+use overkvm::qemu::limits::{
+    disks_from_libvirt_xml, from_libvirt_xml, from_pve_config, parse_virsh_blkdeviotune,
+};
 use overkvm::host::cgroup::limits::Limits;
-use overkvm::throttle::qemu_actuator::{disks_from_libvirt_xml, engage, parse_virsh_blkdeviotune};
+use overkvm::throttle::qemu_actuator::engage;
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
