@@ -363,6 +363,17 @@ fn has_tool(name: &str) -> bool {
 
 /// Every workload's device totals against `/proc/diskstats`, with the programs in `mode`,
 /// recording latency or (`latency` false, `--no-latency`) counts only.
+/// A sampler over freshly loaded programs in hook mode `mode`, everything else by default.
+fn sampler_in(mode: HookMode) -> Sampler {
+    Sampler::new(
+        Programs::load(&LoadOptions {
+            mode: Some(mode),
+            ..LoadOptions::default()
+        })
+        .expect("loading the programs"),
+    )
+}
+
 fn parity(mode: HookMode, latency: bool) {
     skip_unless_kernel!();
     for tool in ["fio", "mkfs.xfs", "mkfs.ext4"] {
@@ -528,13 +539,7 @@ fn concurrent_flushes(mode: HookMode) {
             "{tool} is missing: `cargo xtask setup --test-deps` installs it"
         );
     }
-    let mut sampler = Sampler::new(
-        Programs::load(&LoadOptions {
-            mode: Some(mode),
-            ..LoadOptions::default()
-        })
-        .expect("loading the programs"),
-    );
+    let mut sampler = sampler_in(mode);
     let mut builder = ReportBuilder::new();
     let jobs: &[(On, &[&str])] = &[
         (
@@ -665,13 +670,7 @@ fn unseen_flush_completions_are_recovered_io_start_done() {
         has_tool("fio"),
         "fio is missing: `cargo xtask setup --test-deps` installs it"
     );
-    let mut sampler = Sampler::new(
-        Programs::load(&LoadOptions {
-            mode: Some(HookMode::IoStartDone),
-            ..LoadOptions::default()
-        })
-        .expect("loading the programs"),
-    );
+    let mut sampler = sampler_in(HookMode::IoStartDone);
     let mut builder = ReportBuilder::new();
     let lo = LoopDevice::new(64).expect("loop device");
     let disk = lo.name();
@@ -759,13 +758,7 @@ fn device_flushes_ignore_stale_entries_at_borrowed_tags_request_fallback() {
         FlushOwner, INFLIGHT_SLOTS, Inflight, IoKey, KeySlot, hw_tag, inflight_slot, maps,
     };
     skip_unless_kernel!();
-    let sampler = Sampler::new(
-        Programs::load(&LoadOptions {
-            mode: Some(HookMode::RequestFallback),
-            ..LoadOptions::default()
-        })
-        .expect("loading the programs"),
-    );
+    let sampler = sampler_in(HookMode::RequestFallback);
     let mut builder = ReportBuilder::new();
     let lo = LoopDevice::new(96).expect("loop device");
     let disk = lo.name();
